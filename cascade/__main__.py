@@ -1,0 +1,47 @@
+"""Entry point: compose the Hydra config, turn it into typed dataclasses, hand it to the driver.
+
+    python -m cascade +stage=4b models=tiny
+    python -m cascade +stage=27b run_dir=/shared/cascade cluster=multinode
+    python -m cascade --help | --cfg job
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cascade.config import Config, ConfigError, register
+
+register()
+log = logging.getLogger("cascade")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://cascade.conf", config_name="config")
+def _hydra_main(dcfg: DictConfig) -> None:
+    if OmegaConf.is_missing(dcfg, "target"):
+        log.error("no stage given: add +stage=<name>; valid stages: %s", ", ".join(dcfg.stages))
+        sys.exit(2)
+    try:
+        cfg: Config = OmegaConf.to_object(dcfg)  # runs Config.__post_init__ checks
+    except ConfigError as e:
+        log.error("config error: %s", e)
+        sys.exit(2)
+    from cascade.driver import run  # heavy imports only after the config is known to be valid
+
+    try:
+        run(cfg)
+    except ConfigError as e:
+        log.error("input error: %s", e)
+        sys.exit(2)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

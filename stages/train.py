@@ -1,0 +1,202 @@
+"""Step 3 of a stage: the sandwich curriculum, each phase a LoRA trained by Ray Train and fused into the weights.
+
+    python -m cascade +stage=4b models=tiny train.num_workers=1
+
+One TorchTrainer job per stage runs the phases not yet committed, in order (one job, not one per phase: a Ray
+Train start costs ~12 s here). Per phase, every worker: loads the previous phase's fused model (the stage's base
+model for P0), wraps it in a PEFT LoRA (all linear layers by default), trains `iters` optimizer steps with loss
+on response tokens only (prompt tokens masked), then rank 0 merges the adapter into the weights and commits the
+fused model (a plain HF directory: config.json, safetensors, tokenizer, chat template) by renaming it into place.
+The driver records each committed phase in the manifest. A kill mid-phase re-runs that phase from its start.
+
+Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*accum + m)*B + j mod N], where
+perm_e is the permutation of epoch e drawn from (seed, phase); worker r takes rows [r*b, (r+1)*b).
+
+The loop is written by hand (about 60 lines) rather than TRL's SFTTrainer: the data order above must not depend
+on the worker count, each phase must fuse and commit inside the same Ray Train job, and a Trainer's set-up
+per phase costs more than the tiny phases themselves on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import ray
+
+from cascade.config import Config
+from cascade.driver import StagePlan
+from cascade.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
+    """Train the phases of `sp` that are not committed (driver side)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    todo = []
+    for ph in sp.phases:
+        name = f"{sp.name}/train/{ph.name}"
+        rec = rd.committed(ph.path, ph.key)
+        if rec is not None and not todo:
+            log.info("[skip] %s (committed, key %s)", name, ph.key)
+            rd.mark(name, "done", key=ph.key, path=ph.path, summary=rec["summary"])
+        else:
+            todo.append(ph)
+            rd.mark(name, "running", key=ph.key, path=ph.path)
+    if not todo:
+        return
+    first = todo[0].index
+    start_model = sp.phases[first - 1].path if first > 0 else sp.base_model
+    t = cfg.train
+    loop_config = {
+        "stage": sp.name,
+        "run_dir": rd.url,
+        "start_model": start_model,
+        "revision": sp.revision if first == 0 else None,
+        "phases": [
+            {"index": p.index, "name": p.name, "iters": p.iters, "lr": p.lr, "key": p.key, "path": p.path,
+             "data": f"{p.dataset_path}/train.jsonl"}
+            for p in todo
+        ],
+        "train": _asdict(t),
+        "seed": cfg.seed,
+        "trust_remote_code": cfg.models.trust_remote_code,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=RunConfig(name=f"{sp.name}-{todo[0].key}", storage_path=rd.path(sp.name, "train", "_work")),
+    )
+    trainer.fit()
+    for ph in todo:
+        rec = rd.committed(ph.path, ph.key)
+        if rec is None:
+            raise RuntimeError(f"{sp.name}/train/{ph.name}: training ended without committing {ph.path}")
+        rd.mark(f"{sp.name}/train/{ph.name}", "done", key=ph.key, path=ph.path, summary=rec["summary"])
+
+
+def _asdict(x: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(x)
+
+
+# -- the worker loop ----------------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict) -> None:
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cascade.chat import collate, encode_example
+    from cascade.generation.backend import cpu_threads
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cpu_threads())
+    t = config["train"]
+    rd = RunDir(config["run_dir"])
+    device = ray.train.torch.get_device()
+    dtype = torch.bfloat16 if (t["bf16"] and device.type == "cuda" and torch.cuda.is_bf16_supported()) else torch.float32
+    model_path, revision = config["start_model"], config["revision"]
+    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=config["trust_remote_code"])
+
+    for ph in config["phases"]:
+        t0 = time.time()
+        seed = config["seed"] * 1_000 + ph["index"]
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, revision=revision, dtype=dtype, use_safetensors=True,
+            trust_remote_code=config["trust_remote_code"],
+        )
+        if t["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        lcfg = t["lora"]
+        targets = lcfg["target_modules"]
+        model = get_peft_model(model, LoraConfig(
+            r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+        ))
+        model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
+        examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ph["lr"],
+                                weight_decay=t["weight_decay"])
+        warm = max(1, t["warmup_steps"])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        order = _Order(len(examples), seed)
+        b, accum = t["batch_size"], t["grad_accum"]
+        losses, tokens = [], 0
+        model.train()
+        for step in range(ph["iters"]):
+            step_loss = 0.0
+            for m in range(accum):
+                base = (step * accum + m) * b * world
+                rows = [examples[order[base + rank * b + j]] for j in range(b)]
+                ids, labels, mask = collate(rows, tok.pad_token_id, device)
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+                (out.loss / accum).backward()
+                step_loss += out.loss.item() / accum
+                tokens += int(mask.sum())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+        seconds = time.time() - t0
+        summary = {
+            "phase": ph["name"], "steps": ph["iters"], "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses, "examples": len(examples),
+            "tokens": tokens * world, "seconds": seconds, "tokens_per_s": tokens * world / seconds,
+            "workers": world,
+        }
+        if rank == 0:
+            _fuse_and_commit(rd, model, tok, ph, summary, config["stage"])
+        if world > 1:
+            dist.barrier()
+        ray.train.report({"phase": ph["index"], "loss": losses[-1], "tokens_per_s": summary["tokens_per_s"]})
+        model_path, revision = ph["path"], None
+
+
+def _fuse_and_commit(rd: RunDir, model: Any, tok: Any, ph: dict, summary: dict, stage: str) -> None:
+    """Merge the LoRA into the weights and commit the fused HF directory at ph['path']."""
+    peft_model = model.module if hasattr(model, "module") else model
+    fused = peft_model.merge_and_unload()
+    staging = rd.staging(f"{stage}-{ph['name']}")
+    local = rd.as_local(staging)
+    fused.save_pretrained(str(local), safe_serialization=True)
+    tok.save_pretrained(str(local))
+    rd.commit_dir(staging, ph["path"], f"{stage}/train/{ph['name']}", ph["key"], summary, record=False)
+
+
+def _load_examples(rd: RunDir, path: str, tok: Any, max_len: int, encode: Any) -> list[dict]:
+    with rd.fs.open(path, "r") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [encode(tok, r["messages"], r["response"], max_len) for r in recs]
+
+
+class _Order:
+    """Sample index for a global position: epoch-wise permutations drawn from the seed."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.perms = n, seed, {}
+
+    def __getitem__(self, pos: int) -> int:
+        import torch
+
+        e = pos // self.n
+        if e not in self.perms:
+            self.perms[e] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
+        return self.perms[e][pos % self.n]
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
