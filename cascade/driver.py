@@ -129,6 +129,8 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str)
     g = cfg.generation
     sampling = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "shard_size")}
     train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1)  # resources only
+    b = cfg.backend  # outputs depend on the engine; hf's batch composition changes the sampled tokens
+    backend_id = (b.name, b.dtype, b.batch_size if b.name == "hf" else None)
     data_ids = {k: (file_digest(cfg.data[k].path), dataclasses.asdict(cfg.data[k])) for k in prompts}
     done: dict[str, StagePlan] = {}
     for stage in needed_stages(cfg):
@@ -146,7 +148,7 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str)
         if sp.teachers:
             for t in sp.teachers:
                 for data in dict.fromkeys(p.data for p in cfg.curriculum):
-                    key = stable_hash("gen", t.key, t.system, sampling, cfg.backend.name, cfg.seed, data_ids[data])
+                    key = stable_hash("gen", t.key, t.system, sampling, backend_id, cfg.seed, data_ids[data])
                     sp.gen_jobs.append(GenJob(t, data, key, rd.path("generations", t.name, data, key)))
             prev = base_key
             for i, ph in enumerate(cfg.curriculum):

@@ -109,6 +109,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
               num_cpus=b.num_cpus, num_gpus=b.num_gpus, max_restarts=g.max_actor_restarts)
         for r in range(g.replicas)
     ]
+    log.info("replicas %s: %s backend, model %s", [f"gen/{stage}/{teacher.name}/{r}" for r in range(g.replicas)],
+             b.name, teacher.model)
     info = ray.get(replicas[0].info.remote())
     sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.n_samples)
     failures: collections.Counter = collections.Counter()

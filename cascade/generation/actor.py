@@ -15,8 +15,12 @@ from cascade.generation.backend import Request, Sampling, make_backend
 
 
 class GenerationWorker:
-    def __init__(self, backend: str, model: str, backend_kwargs: dict[str, Any]) -> None:
+    def __init__(self, name: str, backend: str, model: str, backend_kwargs: dict[str, Any]) -> None:
+        self.name = name
         self.backend = make_backend(backend, model, **backend_kwargs)
+
+    def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
+        return self.name
 
     def info(self) -> dict[str, Any]:
         return self.backend.info()
@@ -31,4 +35,4 @@ def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *
     cls = ray.remote(GenerationWorker)
     return cls.options(
         name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0
-    ).remote(backend, model, backend_kwargs)
+    ).remote(name, backend, model, backend_kwargs)

