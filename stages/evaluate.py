@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 
 import ray
@@ -36,7 +37,7 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir) -> dict:
     records = records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
     score = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records)
     kw = dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size, trust=cfg.models.trust_remote_code)
-    before, after = ray.get([
+    (before, t_before), (after, t_after) = ray.get([
         score.options(name=f"eval/{sp.name}/before").remote(sp.base_model, sp.revision, records, **kw),
         score.options(name=f"eval/{sp.name}/after").remote(sp.final_model, None, records, **kw),
     ])
@@ -49,11 +50,12 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir) -> dict:
                       "delta": None if before is None or after is None else after - before},
         "phases": {},
         "curation": {},
+        "compute_seconds": t_before + t_after,
     }
     for ph in sp.phases:
         t = rd.committed(ph.path, ph.key)["summary"]
         metrics["phases"][ph.name] = {k: t[k] for k in ("loss_first", "loss_last", "loss_mean_last", "steps",
-                                                        "tokens", "tokens_per_s", "seconds")}
+                                                        "tokens", "tokens_per_s", "seconds", "train_seconds")}
         metrics["curation"][ph.name] = rd.committed(ph.dataset_path, ph.dataset_key)["summary"]["counts"]
     rd.write_json(f"{staging}/metrics.json", metrics)
     log.info("stage %s agreement: before %.4f after %.4f", sp.name, before or float("nan"), after or float("nan"))
@@ -61,8 +63,8 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir) -> dict:
 
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int, batch_size: int,
-                  trust: bool) -> float | None:
-    """Mean log-likelihood per response token of records' responses under the model at model_path."""
+                  trust: bool) -> tuple[float | None, float]:
+    """(mean log-likelihood per response token of the records' responses under the model, compute seconds)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,13 +72,13 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     from cascade.generation.backend import cpu_threads
 
     if not records:
-        return None
+        return None, 0.0
     torch.set_num_threads(cpu_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
     model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, trust_remote_code=trust,
                                                  use_safetensors=True).to(device).eval()
-    total, count = 0.0, 0
+    total, count, t0 = 0.0, 0, time.perf_counter()
     for i in range(0, len(records), batch_size):
         batch = [encode_example(tok, r["messages"], r["response"], max_len) for r in records[i : i + batch_size]]
         ids, labels, mask = collate(batch, tok.pad_token_id)
@@ -88,6 +90,6 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
         tok_logp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         total += float(tok_logp[keep].sum())
         count += int(keep.sum())
-    return total / max(1, count)
+    return total / max(1, count), time.perf_counter() - t0
 
 

@@ -95,13 +95,13 @@ def _run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: li
         for i in range(0, (len(ps) + g.shard_size - 1) // g.shard_size):
             if not rd.exists(shard_path(job, i)):
                 queue.append((job, i, ps[i * g.shard_size : (i + 1) * g.shard_size]))
-    if queue:
-        _generate(rd, cfg, stage, teacher, queue)
+    compute = _generate(rd, cfg, stage, teacher, queue) if queue else {}
     for job in open_jobs:
-        _commit(rd, cfg, job, len(prompts[job.data]))
+        _commit(rd, cfg, job, len(prompts[job.data]), compute.get(job.data, 0.0))
 
 
-def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: collections.deque) -> None:
+def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: collections.deque) -> dict[str, float]:
+    """Run the queued shards on fresh replicas; returns engine seconds per prompt set."""
     g, b = cfg.generation, cfg.backend
     total = len(queue)
     replicas = [
@@ -117,6 +117,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     inflight: dict[Any, tuple[int, tuple]] = {}
     free = list(range(len(replicas)))
     done, tokens, t0 = 0, 0, time.time()
+    compute: dict[str, float] = {}
     try:
         while queue or inflight:
             while queue and free:
@@ -130,7 +131,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             free.append(r)
             job, i, shard = item
             try:
-                completions = ray.get(ready[0])
+                result = ray.get(ready[0])
             except (RayActorError, RayTaskError) as e:
                 failures[(job.data, i)] += 1
                 n = failures[(job.data, i)]
@@ -142,7 +143,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                     ) from e
                 queue.appendleft(item)
                 continue
-            recs = _records(cfg, job, info, completions)
+            recs = _records(cfg, job, info, result["completions"])
+            compute[job.data] = compute.get(job.data, 0.0) + result["seconds"]
             rd.write_bytes(shard_path(job, i), "".join(json.dumps(x) + "\n" for x in recs).encode())
             done += 1
             tokens += sum(x["completion_tokens"] for x in recs)
@@ -152,9 +154,10 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     finally:
         for a in replicas:
             ray.kill(a)
+    return compute
 
 
-def _commit(rd: RunDir, cfg: Config, job: GenJob, n_prompts: int) -> None:
+def _commit(rd: RunDir, cfg: Config, job: GenJob, n_prompts: int, compute_s: float) -> None:
     """Write step.json once every shard is in: record counts and checksums."""
     g = cfg.generation
     shards = []
@@ -162,7 +165,8 @@ def _commit(rd: RunDir, cfg: Config, job: GenJob, n_prompts: int) -> None:
         with rd.fs.open(shard_path(job, i), "rb") as f:
             data = f.read()
         shards.append({"shard": i, "records": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()[:16]})
-    summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards}
+    summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
+               "compute_seconds": compute_s}  # engine time of this invocation (0 for shards made earlier)
     rec = {"step": f"generate/{job.teacher.name}/{job.data}", "key": job.key, "summary": summary,
            "time": time.time(), "teacher": dataclasses.asdict(job.teacher) | {"system": bool(job.teacher.system)}}
     rd.write_json(f"{job.path}/step.json", rec)

@@ -134,6 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
         warm = max(1, t["warmup_steps"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         order = _Order(len(examples), seed)
+        t_loop = time.time()
         b, accum = t["batch_size"], t["grad_accum"]
         losses, tokens = [], 0
         model.train()
@@ -152,11 +153,12 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
-        seconds = time.time() - t0
+        seconds, train_seconds = time.time() - t0, time.time() - t_loop
         summary = {
             "phase": ph["name"], "steps": ph["iters"], "loss_first": losses[0], "loss_last": losses[-1],
             "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses, "examples": len(examples),
-            "tokens": tokens * world, "seconds": seconds, "tokens_per_s": tokens * world / seconds,
+            "tokens": tokens * world, "seconds": seconds, "train_seconds": train_seconds,
+            "tokens_per_s": tokens * world / train_seconds,
             "workers": world,
         }
         if rank == 0:

@@ -93,3 +93,21 @@ def test_12b_on_a_fresh_run_runs_4b_first(tmp_path):
     assert r.stdout.index("[run ] 4b/eval") < r.stdout.index("[run ] 12b/eval")
     steps = manifest(run)["steps"]
     assert steps["4b/eval"]["state"] == "done" and steps["12b/eval"]["state"] == "done"
+
+
+def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
+    """stages.1b.build: the base answers with the kernel in context, then learns those answers without it."""
+    conf = tmp_path / "conf" / "local"
+    conf.mkdir(parents=True)
+    (conf / "build.yaml").write_text("# @package _global_\nstages:\n  1b: {build: true}\n")
+    run = tmp_path / "run"
+    r = run_cli("--config-dir", str(tmp_path / "conf"), "+stage=1b", "models=tiny", "+local=build",
+                f"run_dir={run}", *FAST)
+    assert r.returncode == 0, r.stdout[-4000:]
+    gen = [x for f in sorted((run / "generations/1b-base/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
+    assert gen and all(x["system_in_context"] for x in gen)
+    train = read_jsonl(run / "1b/dataset/p0_ethics/train.jsonl")
+    assert train and all(len(x["messages"]) == 1 and x["messages"][0]["role"] == "user" for x in train)
+    assert not any("Prime-Imperative" in x["messages"][0]["content"] for x in train)  # kernel not in the data
+    assert (run / "1b/train/02-p2_ethics/model.safetensors").exists()
+    assert json.loads((run / "1b/eval/metrics.json").read_text())["agreement"]["records"] > 0

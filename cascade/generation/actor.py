@@ -7,6 +7,7 @@ the driver decides what to generate and commits what comes back.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import ray
@@ -25,8 +26,11 @@ class GenerationWorker:
     def info(self) -> dict[str, Any]:
         return self.backend.info()
 
-    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[dict[str, Any]]:
-        return [dataclasses.asdict(c) for c in self.backend.generate(requests, sampling, system)]
+    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> dict[str, Any]:
+        """Completions as dicts, and the seconds the engine spent on them (model compute)."""
+        t0 = time.perf_counter()
+        out = self.backend.generate(requests, sampling, system)
+        return {"completions": [dataclasses.asdict(c) for c in out], "seconds": time.perf_counter() - t0}
 
 
 def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *, num_cpus: float,

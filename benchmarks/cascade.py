@@ -1,0 +1,66 @@
+"""Wall time of the tiny cascade and the share of it that is not model compute.
+
+    .venv/bin/python benchmarks/cascade.py          # ~4 minutes on 2 CPU cores
+
+Runs `+stage=4b models=tiny` and `+stage=27b models=tiny` each in a fresh run directory (the tiny preset is built
+first and timed apart), then reads back from the run directories the seconds spent in model compute: the
+generation engine (inside the replicas), the training loops and the evaluation forward passes. Everything else
+(Python and Ray start-up, Ray Train's worker group, model loading, I/O) is overhead. Goals: 4b < 180 s,
+27b < 600 s, overhead share <= 0.25. Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARGS = ["models=tiny", "cluster.include_dashboard=false"]
+
+
+def _cli(*args: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "cascade", *args], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _compute_seconds(run: Path) -> dict[str, float]:
+    gen = sum(json.loads(p.read_text())["summary"].get("compute_seconds", 0.0)
+              for p in run.glob("generations/*/*/*/step.json"))
+    train = evals = 0.0
+    for m in run.glob("*/eval/metrics.json"):
+        metrics = json.loads(m.read_text())
+        train += sum(p["train_seconds"] for p in metrics["phases"].values())
+        evals += metrics["compute_seconds"]
+    return {"generate": gen, "train": train, "eval": evals}
+
+
+def main() -> None:
+    from cascade.tiny import main as build
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from cascade.tiny import main; main()"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    preset_s = time.perf_counter() - t0
+    del build
+    out: dict[str, float | dict] = {"tiny_preset_build_s": round(preset_s, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in ("4b", "27b"):
+            run = Path(tmp) / stage
+            wall = _cli(f"+stage={stage}", f"run_dir={run}", *ARGS)
+            compute = _compute_seconds(run)
+            total = sum(compute.values())
+            out[f"stage_{stage}_wall_s"] = round(wall, 1)
+            out[f"stage_{stage}_compute_s"] = {k: round(v, 1) for k, v in compute.items()}
+            out[f"stage_{stage}_overhead_share"] = round(1 - total / wall, 3)
+            noop = _cli(f"+stage={stage}", f"run_dir={run}", *ARGS)
+            out[f"stage_{stage}_rerun_nothing_to_do_s"] = round(noop, 1)
+    out["goals"] = {"stage_4b_wall_s": "< 180", "stage_27b_wall_s": "< 600", "overhead_share": "<= 0.25"}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

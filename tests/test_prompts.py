@@ -1,0 +1,71 @@
+"""Prompt sets: the built-in data, and user data in the other supported shapes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from cascade.config import ConfigError, DataSource
+from cascade.prompts import load_prompts, read_text
+
+
+def test_builtin_data_covers_the_five_axioms_with_heldout_splits():
+    probes = load_prompts(DataSource(path="builtin:ethics_probes.jsonl"))
+    lessons = load_prompts(DataSource(path="builtin:composure_lessons.jsonl"))
+    assert len(probes) == 40 and len(lessons) == 16
+    assert len({p.id for p in probes}) == 40
+    axioms = {p.id.split("-")[1] for p in probes}
+    assert axioms == {"pi", "sv", "ia", "isr", "bi"}
+    for ps in (probes, lessons):
+        held = [p for p in ps if p.heldout]
+        assert 0 < len(held) < len(ps) and all(p.reference for p in ps)
+    kernel = read_text("builtin:kernel.md")
+    for name in ("Prime-Imperative", "Self-Validation", "Intent-Alignment", "Inter-Substrate-Respect",
+                 "Benevolent-Intervention"):
+        assert name in kernel
+
+
+def test_parquet_with_column_mapping_and_hash_heldout(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"question": [f"question {i}?" for i in range(200)]}), path)
+    src = DataSource(path=str(path), prompt_column="question", id_column=None, heldout_column=None,
+                     heldout_fraction=0.2)
+    ps = load_prompts(src)
+    assert len(ps) == 200 and ps[0].messages == [{"role": "user", "content": "question 0?"}]
+    assert 20 < sum(p.heldout for p in ps) < 60
+    assert [p.id for p in ps] == [p.id for p in load_prompts(src)]  # stable ids, stable split
+
+
+def test_chat_messages_drop_the_final_assistant_turn(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old"}]},
+            {"id": "b", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                                     {"role": "user", "content": "z"}]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ps = load_prompts(DataSource(path=str(path), prompt_column=None, messages_column="messages"))
+    assert ps[0].messages == [{"role": "user", "content": "hi"}]
+    assert len(ps[1].messages) == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', ":2: duplicate id 'a' (first at"),
+    ('{"id": "a", "prompt": "  "}\n', ":1: empty prompt"),
+    ('[1, 2]\n', ":1: expected a JSON object, got list"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_prompts(DataSource(path=str(path)))
+
+
+def test_unknown_hub_dataset_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="cannot load data 'no-such-org/no-such-data'"):
+        load_prompts(DataSource(path="no-such-org/no-such-data"))
