@@ -106,7 +106,7 @@ class LoraSpec:
 @dataclass
 class TrainConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
-    batch_size: int = 4  # sequences per worker per micro-step
+    batch_size: int = 4  # sequences per micro-step, all workers together (divisible by num_workers)
     grad_accum: int = 4
     max_seq_len: int = 1024
     num_workers: int = 1  # Ray Train workers (DDP: gloo on CPU, nccl on GPU)
@@ -242,6 +242,8 @@ def check(cfg: Config) -> None:
     t = cfg.train
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.num_workers <= 0 or t.max_seq_len <= 0:
         _fail("train.batch_size, grad_accum, num_workers and max_seq_len must be > 0")
+    if t.batch_size % t.num_workers:
+        _fail(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers ({t.num_workers})")
     if cfg.models.preset not in ("real", "tiny"):
         _fail(f"models.preset {cfg.models.preset!r}: valid presets: real, tiny")
     if cfg.models.preset == "tiny":

@@ -101,23 +101,28 @@ def _run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: li
 
 
 def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: collections.deque) -> dict[str, float]:
-    """Run the queued shards on fresh replicas; returns engine seconds per prompt set."""
+    """Run the queued shards on fresh replicas; returns engine seconds per prompt set.
+
+    A replica that fails more often than Ray will restart it (generation.max_actor_restarts) leaves the pool;
+    the step stops when a shard has failed generation.max_shard_failures times or no replica is left.
+    """
     g, b = cfg.generation, cfg.backend
-    total = len(queue)
+    names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(g.replicas)]
     replicas = [
-        spawn(f"gen/{stage}/{teacher.name}/{r}", b.name, teacher.model, _backend_kwargs(cfg, teacher),
-              num_cpus=b.num_cpus, num_gpus=b.num_gpus, max_restarts=g.max_actor_restarts)
-        for r in range(g.replicas)
+        spawn(n, b.name, teacher.model, _backend_kwargs(cfg, teacher), num_cpus=b.num_cpus, num_gpus=b.num_gpus,
+              max_restarts=g.max_actor_restarts, tensor_parallel_size=b.tensor_parallel_size)
+        for n in names
     ]
-    log.info("replicas %s: %s backend, model %s", [f"gen/{stage}/{teacher.name}/{r}" for r in range(g.replicas)],
-             b.name, teacher.model)
+    log.info("replicas %s: %s backend, model %s", names, b.name, teacher.model)
     info = ray.get(replicas[0].info.remote())
     sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.n_samples)
-    failures: collections.Counter = collections.Counter()
+    shard_failures: collections.Counter = collections.Counter()
+    replica_failures: collections.Counter = collections.Counter()
     inflight: dict[Any, tuple[int, tuple]] = {}
     free = list(range(len(replicas)))
-    done, tokens, t0 = 0, 0, time.time()
+    dead: set[int] = set()
     compute: dict[str, float] = {}
+    progress = Progress(stage, teacher.name, len(queue))
     try:
         while queue or inflight:
             while queue and free:
@@ -128,33 +133,74 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 inflight[replicas[r].generate.remote(reqs, sampling, teacher.system)] = (r, item)
             ready, _ = ray.wait(list(inflight), num_returns=1)
             r, item = inflight.pop(ready[0])
-            free.append(r)
             job, i, shard = item
+            where = f"{teacher.name}/{job.data}/shard-{i:05d}"
             try:
                 result = ray.get(ready[0])
             except (RayActorError, RayTaskError) as e:
-                failures[(job.data, i)] += 1
-                n = failures[(job.data, i)]
-                log.warning("shard %s/%s/%05d failed (%d/%d): %s", teacher.name, job.data, i, n,
-                            g.max_shard_failures, type(e).__name__)
+                shard_failures[where] += 1
+                n = shard_failures[where]
+                if isinstance(e, RayActorError):
+                    replica_failures[r] += 1
+                    if replica_failures[r] > g.max_actor_restarts:
+                        dead.add(r)
+                log.warning("shard %s failed on %s (%d/%d): %s", where, names[r], n, g.max_shard_failures,
+                            type(e).__name__)
+                if r not in dead:
+                    free.append(r)
+                if len(dead) == len(replicas):
+                    raise ShardFailed(f"shard {where}: no live replica left ({len(replicas)} died, "
+                                      f"max_actor_restarts={g.max_actor_restarts}); last cause: {e}") from e
                 if n >= g.max_shard_failures:
-                    raise ShardFailed(
-                        f"shard {teacher.name}/{job.data}/shard-{i:05d} failed {n} times; last cause: {e}"
-                    ) from e
+                    raise ShardFailed(f"shard {where} failed {n} times; last cause: {e}") from e
                 queue.appendleft(item)
                 continue
+            free.append(r)
             recs = _records(cfg, job, info, result["completions"])
-            compute[job.data] = compute.get(job.data, 0.0) + result["seconds"]
             rd.write_bytes(shard_path(job, i), "".join(json.dumps(x) + "\n" for x in recs).encode())
-            done += 1
-            tokens += sum(x["completion_tokens"] for x in recs)
-            rate = tokens / max(1e-9, time.time() - t0)
-            log.info("generate %s/%s: shard %d done (%d/%d shards, %.0f tok/s)", teacher.name, job.data, i, done,
-                     total, rate)
+            compute[job.data] = compute.get(job.data, 0.0) + result["seconds"]
+            progress.shard_done(job.data, i, sum(x["completion_tokens"] for x in recs))
     finally:
+        progress.close()
         for a in replicas:
             ray.kill(a)
     return compute
+
+
+class Progress:
+    """Shards done / total and tokens/s: a log line per shard, a progress bar on a terminal, Ray metrics
+    (cascade_generation_tokens, cascade_generation_tokens_per_s, cascade_generation_shards_done/_total, tagged
+    by stage and teacher) for the Ray dashboard's metrics view."""
+
+    def __init__(self, stage: str, teacher: str, total: int) -> None:
+        from ray.util.metrics import Counter, Gauge
+        from tqdm import tqdm
+
+        keys = ("stage", "teacher")
+        self.tags = {"stage": stage, "teacher": teacher}
+        self.tokens_metric = Counter("cascade_generation_tokens", "tokens generated by teachers", tag_keys=keys)
+        self.rate_metric = Gauge("cascade_generation_tokens_per_s", "teacher generation throughput", tag_keys=keys)
+        self.done_metric = Gauge("cascade_generation_shards_done", "shards committed", tag_keys=keys)
+        total_metric = Gauge("cascade_generation_shards_total", "shards to generate", tag_keys=keys)
+        total_metric.set(total, tags=self.tags)
+        self.bar = tqdm(total=total, desc=f"generate {stage}/{teacher}", unit="shard", disable=None)
+        self.teacher, self.total, self.done, self.tokens, self.t0 = teacher, total, 0, 0, time.time()
+
+    def shard_done(self, data: str, shard: int, tokens: int) -> None:
+        self.done += 1
+        self.tokens += tokens
+        elapsed = time.time() - self.t0
+        rate = self.tokens / max(1e-9, elapsed)
+        eta = elapsed / self.done * (self.total - self.done)
+        self.tokens_metric.inc(tokens, tags=self.tags)
+        self.rate_metric.set(rate, tags=self.tags)
+        self.done_metric.set(self.done, tags=self.tags)
+        self.bar.update(1)
+        log.info("generate %s/%s: shard %d done (%d/%d shards, %.0f tok/s, ETA %.0f s)", self.teacher, data, shard,
+                 self.done, self.total, rate, eta)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _commit(rd: RunDir, cfg: Config, job: GenJob, n_prompts: int, compute_s: float) -> None:

@@ -10,7 +10,8 @@ fused model (a plain HF directory: config.json, safetensors, tokenizer, chat tem
 The driver records each committed phase in the manifest. A kill mid-phase re-runs that phase from its start.
 
 Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*accum + m)*B + j mod N], where
-perm_e is the permutation of epoch e drawn from (seed, phase); worker r takes rows [r*b, (r+1)*b).
+B = train.batch_size (global) and perm_e is the permutation of epoch e drawn from (seed, phase); worker r of W
+takes rows [r*B/W, (r+1)*B/W). The order is the same for any worker count, so W is a resource, not an identity.
 
 The loop is written by hand (about 60 lines) rather than TRL's SFTTrainer: the data order above must not depend
 on the worker count, each phase must fuse and commit inside the same Ray Train job, and a Trainer's set-up
@@ -135,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         order = _Order(len(examples), seed)
         t_loop = time.time()
-        b, accum = t["batch_size"], t["grad_accum"]
+        b, accum = t["batch_size"] // world, t["grad_accum"]  # batch_size is global: the same order on any world
         losses, tokens = [], 0
         model.train()
         for step in range(ph["iters"]):

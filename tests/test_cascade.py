@@ -111,3 +111,20 @@ def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
     assert not any("Prime-Imperative" in x["messages"][0]["content"] for x in train)  # kernel not in the data
     assert (run / "1b/train/02-p2_ethics/model.safetensors").exists()
     assert json.loads((run / "1b/eval/metrics.json").read_text())["agreement"]["records"] > 0
+
+
+def test_changed_config_reruns_only_what_it_determines(tiny_4b_run: Path, tmp_path):
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    # a student-only change (and two DDP workers): generations and datasets are reused, training re-runs
+    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", "train.lora.r=4", "train.num_workers=2", *FAST)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "[skip] generate/1b/ethics" in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
+    assert "[run ] 4b/eval" in r.stdout and "world_size=2" in r.stdout
+    summary = json.loads((run / "4b/train/00-p0_ethics/step.json").read_text())["summary"]
+    assert summary["workers"] == 2
+    # a sampling change: the teacher answers again
+    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", "generation.temperature=0.5", *FAST)
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "[skip] generate/1b/ethics" not in r.stdout and "generate 1b/ethics: shard 0 done" in r.stdout
+    recs = read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")
+    assert {x["sampling"]["temperature"] for x in recs} == {0.5}

@@ -34,9 +34,24 @@ class GenerationWorker:
 
 
 def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *, num_cpus: float,
-          num_gpus: float, max_restarts: int) -> Any:
-    """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shard)."""
+          num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1) -> Any:
+    """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shard).
+
+    Replicas spread over nodes. With tensor_parallel_size > 1 a replica first reserves a placement group of
+    that many {GPU: 1} bundles with STRICT_PACK (one node, never spanning two), runs inside it, and vLLM's Ray
+    executor places its tensor-parallel workers in the same group.
+    """
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     cls = ray.remote(GenerationWorker)
-    return cls.options(
-        name=name, num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0
-    ).remote(name, backend, model, backend_kwargs)
+    opts: dict[str, Any] = dict(name=name, max_restarts=max_restarts, max_task_retries=0)
+    if tensor_parallel_size > 1:
+        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK",
+                                      name=f"{name}/pg")
+        ray.get(pg.ready())
+        opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_capture_child_tasks=True))
+        backend_kwargs = {**backend_kwargs, "distributed_executor_backend": "ray"}
+    else:
+        opts.update(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD")
+    return cls.options(**opts).remote(name, backend, model, backend_kwargs)

@@ -26,6 +26,7 @@ class VLLMBackend:
         enforce_eager: bool = False,
         engine_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
+        distributed_executor_backend: str | None = None,
         **_: Any,
     ) -> None:
         from vllm import LLM
@@ -40,6 +41,7 @@ class VLLMBackend:
             max_model_len=max_model_len,
             enforce_eager=enforce_eager,
             seed=seed,
+            distributed_executor_backend=distributed_executor_backend,
             **(engine_kwargs or {}),
         )
         self.tok = self.llm.get_tokenizer()

@@ -1,0 +1,131 @@
+"""Generation survives what dies: a replica killed mid-shard, a node removed from a two-node cluster.
+
+These run the driver's generation step in this process against real Ray (ray.kill of a real actor, a real
+ray.cluster_utils.Cluster node removed), so the test can strike at the moment a shard is in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, read_jsonl, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _log_level(caplog):
+    caplog.set_level("INFO")
+
+
+def _setup(tmp_path: Path, *overrides: str):
+    from cascade.driver import plan
+    from cascade.prompts import load_prompts, read_text
+    from cascade.rundir import RunDir
+    from cascade.tiny import build_preset
+
+    cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path}/run", "generation.shard_size=4",
+                   "backend.batch_size=1", "cluster.auth=false", "cluster.include_dashboard=false", *overrides])
+    build_preset(cfg)
+    rd = RunDir(cfg.run_dir)
+    prompts = {k: load_prompts(cfg.data[k]) for k in ("ethics", "composure")}
+    sp = plan(cfg, rd, prompts, read_text(cfg.kernel))[-1]
+    return cfg, rd, prompts, sp
+
+
+def _run_in_thread(rd, cfg, sp, prompts):
+    from stages import generate
+
+    box: dict = {}
+
+    def target():
+        try:
+            generate.run(rd, cfg, sp, prompts)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    return th, box
+
+
+def _all_prompts_once(run: Path, prompts) -> None:
+    for data, ps in prompts.items():
+        got = [r["prompt_id"] for f in sorted((run / "generations/1b" / data).rglob("shard-*.jsonl"))
+               for r in read_jsonl(f)]
+        assert sorted(got) == sorted(p.id for p in ps), data
+
+
+def test_replica_killed_mid_shard_is_restarted_and_its_shard_requeued(tmp_path, caplog):
+    import ray
+
+    from cascade import cluster
+
+    cfg, rd, prompts, sp = _setup(tmp_path, "generation.replicas=2", "cluster.num_cpus=2")
+    cluster.start(cfg.cluster)
+    try:
+        th, box = _run_in_thread(rd, cfg, sp, prompts)
+        shards = Path(cfg.run_dir) / "generations/1b"
+        wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 2, 300, what="two shards")
+        ray.kill(ray.get_actor("gen/4b/1b/0", namespace="cascade"), no_restart=False)
+        th.join(600)
+        assert not th.is_alive() and "error" not in box, box
+        _all_prompts_once(Path(cfg.run_dir), prompts)
+        assert "failed on gen/4b/1b/0" in caplog.text  # the kill struck a shard in flight, which was redone
+        manifest = rd.manifest()["steps"]
+        assert manifest["generate/1b/ethics"]["state"] == "done"
+    finally:
+        cluster.stop()
+
+
+def test_no_restart_budget_left_fails_naming_the_shard(tmp_path):
+    import ray
+
+    from cascade import cluster
+    from stages.generate import ShardFailed
+
+    cfg, rd, prompts, sp = _setup(tmp_path, "generation.replicas=1", "generation.max_actor_restarts=0",
+                                  "cluster.num_cpus=2")
+    cluster.start(cfg.cluster)
+    try:
+        th, box = _run_in_thread(rd, cfg, sp, prompts)
+        shards = Path(cfg.run_dir) / "generations/1b"
+        wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 1, 300, what="one shard")
+        ray.kill(ray.get_actor("gen/4b/1b/0", namespace="cascade"))
+        th.join(300)
+        assert not th.is_alive()
+        err = box.get("error")
+        assert isinstance(err, ShardFailed), box
+        assert "1b/ethics/shard-" in str(err) and "no live replica" in str(err)
+        # what was committed stays committed; a re-run would resume from it
+        assert len(list(shards.rglob("shard-*.jsonl"))) >= 1
+        assert rd.manifest()["steps"]["generate/1b/ethics"]["state"] == "running"
+    finally:
+        cluster.stop()
+
+
+def test_node_removed_from_two_node_cluster_mid_run(tmp_path, caplog):
+    from ray.cluster_utils import Cluster
+
+    import ray
+
+    cfg, rd, prompts, sp = _setup(tmp_path, "generation.replicas=2")
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    worker = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="cascade")
+    try:
+        th, box = _run_in_thread(rd, cfg, sp, prompts)
+        shards = Path(cfg.run_dir) / "generations/1b"
+        wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 2, 300, what="two shards")
+        c.remove_node(worker)
+        th.join(600)
+        assert not th.is_alive() and "error" not in box, box
+        assert "failed on gen/4b/1b/" in caplog.text  # the replica on the removed node lost its shard
+        _all_prompts_once(Path(cfg.run_dir), prompts)
+    finally:
+        ray.shutdown()
+        c.shutdown()
