@@ -150,7 +150,7 @@ class TinyConfig:
 @dataclass
 class ModelsConfig:
     preset: str = "real"  # real | tiny
-    cache_dir: str = "${oc.env:CASCADE_CACHE,~/.cache/cascade/models}"  # tiny models are built here once, by spec
+    cache_dir: str = "${oc.env:CASCADE_CACHE,'~/.cache/cascade/models'}"  # tiny models are built here once, by spec
     trust_remote_code: bool = False
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
