@@ -72,7 +72,8 @@ class GenerationConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     n_samples: int = 1  # responses per prompt and teacher
-    shard_size: int = 64  # prompts per shard: the unit of commit, retry and work redone after a crash
+    logprobs: int = 0  # store the top-k log-probabilities of every response token (logit distillation); 0: none
+    shard_size: int = 0  # prompts per shard, the unit of commit and retry; 0: auto (driver.shard_size_for)
     replicas: int = 1  # generation actors per teacher
     max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause
     max_actor_restarts: int = 2
@@ -231,8 +232,8 @@ def check(cfg: Config) -> None:
         if not 0.0 <= src.heldout_fraction < 1.0:
             _fail(f"data.{key}.heldout_fraction must be in [0, 1)")
     g = cfg.generation
-    if g.max_new_tokens <= 0 or g.shard_size <= 0 or g.replicas <= 0 or g.n_samples <= 0:
-        _fail("generation.max_new_tokens, shard_size, replicas and n_samples must be > 0")
+    if g.max_new_tokens <= 0 or g.shard_size < 0 or g.replicas <= 0 or g.n_samples <= 0:
+        _fail("generation.max_new_tokens, replicas and n_samples must be > 0, shard_size >= 0 (0: auto)")
     if g.temperature < 0 or not 0 < g.top_p <= 1:
         _fail("generation.temperature must be >= 0 and top_p in (0, 1]")
     if cfg.backend.name not in ("hf", "vllm"):

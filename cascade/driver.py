@@ -45,6 +45,7 @@ class GenJob:
     data: str
     key: str
     path: str
+    shard_size: int
 
 
 @dataclass
@@ -125,9 +126,20 @@ def model_identity(cfg: Config, stage: str) -> tuple[str, str]:
     return spec.model, stable_hash("hub", spec.model, spec.revision)
 
 
+def shard_size_for(cfg: Config, n_prompts: int) -> int:
+    """Prompts per shard. generation.shard_size when set; auto (0): large enough to fill one engine batch
+    (hf: backend.batch_size; vllm: engine_kwargs.max_num_seqs, 256 by default), otherwise N / (8 x replicas) so
+    every replica gets about 8 shards and a crash redoes at most ~1/8 of its share; never above N."""
+    g, b = cfg.generation, cfg.backend
+    if g.shard_size:
+        return g.shard_size
+    batch = b.batch_size if b.name == "hf" else int(b.engine_kwargs.get("max_num_seqs", 256))
+    return max(1, min(n_prompts, max(batch, -(-n_prompts // (8 * g.replicas)))))
+
+
 def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str) -> list[StagePlan]:
     g = cfg.generation
-    sampling = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "shard_size")}
+    sampling = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "logprobs")}
     train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1)  # resources only
     b = cfg.backend  # outputs depend on the engine; hf's batch composition changes the sampled tokens
     backend_id = (b.name, b.dtype, b.batch_size if b.name == "hf" else None)
@@ -148,8 +160,9 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str)
         if sp.teachers:
             for t in sp.teachers:
                 for data in dict.fromkeys(p.data for p in cfg.curriculum):
-                    key = stable_hash("gen", t.key, t.system, sampling, backend_id, cfg.seed, data_ids[data])
-                    sp.gen_jobs.append(GenJob(t, data, key, rd.path("generations", t.name, data, key)))
+                    shard = shard_size_for(cfg, len(prompts[data]))
+                    key = stable_hash("gen", t.key, t.system, sampling, shard, backend_id, cfg.seed, data_ids[data])
+                    sp.gen_jobs.append(GenJob(t, data, key, rd.path("generations", t.name, data, key), shard))
             prev = base_key
             for i, ph in enumerate(cfg.curriculum):
                 gens = [(j.teacher.name, j.teacher.weight, j.key) for j in sp.gen_jobs if j.data == ph.data]

@@ -2,7 +2,7 @@
 
     python -m cascade +stage=4b models=tiny       # runs this step for teacher 1b, among the others
 
-Prompts are cut into fixed shards (generation.shard_size, in file order); a driver-side queue hands the next
+Prompts are cut into fixed shards (in file order; size: cascade.driver.shard_size_for); a driver-side queue hands the next
 shard to whichever replica is free. Each finished shard is written to generations/<teacher>/<data>/<key>/shards/
 atomically, so a re-run after a kill skips it; when all shards of a prompt set are in, its step.json (counts and
 checksums) commits the set. A replica that dies has its shard re-queued (Ray restarts the actor); a shard that
@@ -59,7 +59,7 @@ def _records(cfg: Config, job: GenJob, info: dict, completions: list[dict]) -> l
     sampling = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "n": g.n_samples}
     return [
         {
-            **c,
+            **{k: v for k, v in c.items() if g.logprobs or k not in ("top_ids", "top_logprobs")},
             "data": job.data,
             "teacher": job.teacher.name,
             "teacher_key": job.teacher.key,
@@ -80,7 +80,6 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan, prompts: dict[str, list[Prompt]]
 
 def _run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: list[GenJob],
                  prompts: dict[str, list[Prompt]]) -> None:
-    g = cfg.generation
     queue: collections.deque[tuple[GenJob, int, list[Prompt]]] = collections.deque()
     open_jobs = []
     for job in jobs:
@@ -92,16 +91,18 @@ def _run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: li
         rd.mark(name, "running", key=job.key, path=job.path)
         open_jobs.append(job)
         ps = prompts[job.data]
-        for i in range(0, (len(ps) + g.shard_size - 1) // g.shard_size):
+        n = job.shard_size
+        for i in range(0, (len(ps) + n - 1) // n):
             if not rd.exists(shard_path(job, i)):
-                queue.append((job, i, ps[i * g.shard_size : (i + 1) * g.shard_size]))
-    compute = _generate(rd, cfg, stage, teacher, queue) if queue else {}
+                queue.append((job, i, ps[i * n : (i + 1) * n]))
+    stats = _generate(rd, cfg, stage, teacher, queue) if queue else {"compute": {}}
     for job in open_jobs:
-        _commit(rd, cfg, job, len(prompts[job.data]), compute.get(job.data, 0.0))
+        timing = {k: v for k, v in stats.items() if k != "compute"}
+        _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0), timing)
 
 
-def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: collections.deque) -> dict[str, float]:
-    """Run the queued shards on fresh replicas; returns engine seconds per prompt set.
+def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: collections.deque) -> dict[str, Any]:
+    """Run the queued shards on fresh replicas; returns engine seconds per prompt set and the step's timing.
 
     A replica that fails more often than Ray will restart it (generation.max_actor_restarts) leaves the pool;
     the step stops when a shard has failed generation.max_shard_failures times or no replica is left.
@@ -114,8 +115,10 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
         for n in names
     ]
     log.info("replicas %s: %s backend, model %s", names, b.name, teacher.model)
+    t_start = time.time()
     info = ray.get(replicas[0].info.remote())
-    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.n_samples)
+    timing = {"engine_start_s": time.time() - t_start}
+    sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.n_samples, g.logprobs)
     shard_failures: collections.Counter = collections.Counter()
     replica_failures: collections.Counter = collections.Counter()
     inflight: dict[Any, tuple[int, tuple]] = {}
@@ -123,6 +126,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     dead: set[int] = set()
     compute: dict[str, float] = {}
     progress = Progress(stage, teacher.name, len(queue))
+    t_gen = time.time()
     try:
         while queue or inflight:
             while queue and free:
@@ -157,6 +161,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 continue
             free.append(r)
             recs = _records(cfg, job, info, result["completions"])
+            if g.logprobs:  # written first: the JSONL file is what commits the shard
+                rd.write_bytes(shard_path(job, i)[: -len(".jsonl")] + ".logprobs.npz", _pack_logprobs(recs, i))
             rd.write_bytes(shard_path(job, i), "".join(json.dumps(x) + "\n" for x in recs).encode())
             compute[job.data] = compute.get(job.data, 0.0) + result["seconds"]
             progress.shard_done(job.data, i, sum(x["completion_tokens"] for x in recs))
@@ -164,7 +170,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
         progress.close()
         for a in replicas:
             ray.kill(a)
-    return compute
+    timing["generate_wall_s"] = time.time() - t_gen  # engine start excluded
+    return {"compute": compute, **timing}
 
 
 class Progress:
@@ -203,16 +210,36 @@ class Progress:
         self.bar.close()
 
 
-def _commit(rd: RunDir, cfg: Config, job: GenJob, n_prompts: int, compute_s: float) -> None:
+def _pack_logprobs(recs: list[dict], shard: int) -> bytes:
+    """Top-k log-probabilities of a shard as one .npz (token ids int32 [T, k], log-probs float16 [T, k]); each
+    record keeps {file, offset, length} into it instead of the lists."""
+    import io
+
+    import numpy as np
+
+    ids, lps, offset = [], [], 0
+    for r in recs:
+        top_ids, top_lps = r.pop("top_ids") or [], r.pop("top_logprobs") or []
+        r["logprobs"] = {"file": f"shard-{shard:05d}.logprobs.npz", "offset": offset, "length": len(top_ids)}
+        ids += top_ids
+        lps += top_lps
+        offset += len(top_ids)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, token_ids=np.asarray(ids, dtype=np.int32), logprobs=np.asarray(lps, dtype=np.float16))
+    return buf.getvalue()
+
+
+def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> None:
     """Write step.json once every shard is in: record counts and checksums."""
-    g = cfg.generation
-    shards = []
-    for i in range((n_prompts + g.shard_size - 1) // g.shard_size):
+    shards, tokens = [], 0
+    for i in range((n_prompts + job.shard_size - 1) // job.shard_size):
         with rd.fs.open(shard_path(job, i), "rb") as f:
             data = f.read()
         shards.append({"shard": i, "records": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()[:16]})
+        tokens += sum(json.loads(line)["completion_tokens"] for line in data.splitlines())
+    # compute_seconds: engine time of this invocation; timing: this invocation's, shared by the teacher's sets
     summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
-               "compute_seconds": compute_s}  # engine time of this invocation (0 for shards made earlier)
+               "completion_tokens": tokens, "compute_seconds": compute_s, **timing}
     rec = {"step": f"generate/{job.teacher.name}/{job.data}", "key": job.key, "summary": summary,
            "time": time.time(), "teacher": dataclasses.asdict(job.teacher) | {"system": bool(job.teacher.system)}}
     rd.write_json(f"{job.path}/step.json", rec)

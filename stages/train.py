@@ -6,7 +6,8 @@ One TorchTrainer job per stage runs the phases not yet committed, in order (one 
 Train start costs ~12 s here). Per phase, every worker: loads the previous phase's fused model (the stage's base
 model for P0), wraps it in a PEFT LoRA (all linear layers by default), trains `iters` optimizer steps with loss
 on response tokens only (prompt tokens masked), then rank 0 merges the adapter into the weights and commits the
-fused model (a plain HF directory: config.json, safetensors, tokenizer, chat template) by renaming it into place.
+fused model (a plain HF directory: config.json, safetensors, tokenizer, chat template) by renaming it into place,
+once stages/fuse.py has shown that the saved model's logits equal base + adapter on held-out prompts.
 The driver records each committed phase in the manifest. A kill mid-phase re-runs that phase from its start.
 
 Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*accum + m)*B + j mod N], where
@@ -135,6 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
         warm = max(1, t["warmup_steps"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         order = _Order(len(examples), seed)
+        board = _Board(rd, config["stage"], ph["name"]) if rank == 0 else None
         t_loop = time.time()
         b, accum = t["batch_size"] // world, t["grad_accum"]  # batch_size is global: the same order on any world
         losses, tokens = [], 0
@@ -154,7 +156,11 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
+            if board:
+                board.log(step, step_loss, sched.get_last_lr()[0], tokens * world / (time.time() - t_loop), ph["index"])
         seconds, train_seconds = time.time() - t0, time.time() - t_loop
+        if board:
+            board.close()
         summary = {
             "phase": ph["name"], "steps": ph["iters"], "loss_first": losses[0], "loss_last": losses[-1],
             "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses, "examples": len(examples),
@@ -163,25 +169,51 @@ def train_loop_per_worker(config: dict) -> None:
             "workers": world,
         }
         if rank == 0:
-            _fuse_and_commit(rd, model, tok, ph, summary, config["stage"])
+            heldout = ph["data"].replace("train.jsonl", "heldout.jsonl")
+            probe = _load_examples(rd, heldout, tok, t["max_seq_len"], encode_example) or examples
+            _fuse_and_commit(rd, model, tok, ph, summary, config["stage"], probe)
         if world > 1:
             dist.barrier()
         ray.train.report({"phase": ph["index"], "loss": losses[-1], "tokens_per_s": summary["tokens_per_s"]})
         model_path, revision = ph["path"], None
 
 
-def _fuse_and_commit(rd: RunDir, model: Any, tok: Any, ph: dict, summary: dict, stage: str) -> None:
-    """Merge the LoRA into the weights and commit the fused HF directory at ph['path']."""
+def _fuse_and_commit(rd: RunDir, model: Any, tok: Any, ph: dict, summary: dict, stage: str, probe: list) -> None:
+    """Merge the LoRA into the weights, verify the saved model (stages/fuse.py), commit it at ph['path']."""
+    from stages.fuse import fuse
+
     peft_model = model.module if hasattr(model, "module") else model
-    fused = peft_model.merge_and_unload()
     staging = rd.staging(f"{stage}-{ph['name']}")
-    local = rd.as_local(staging)
-    fused.save_pretrained(str(local), safe_serialization=True)
-    tok.save_pretrained(str(local))
+    summary["fusion_max_abs_logit_diff"] = fuse(peft_model, tok, probe, rd.as_local(staging))
     rd.commit_dir(staging, ph["path"], f"{stage}/train/{ph['name']}", ph["key"], summary, record=False)
 
 
+class _Board:
+    """Per-step loss, learning rate, tokens/s: TensorBoard under <stage>/train/_work/tensorboard/<phase> and Ray
+    metrics (cascade_train_loss, _lr, _tokens_per_s, _phase, _step; tagged by stage) for the dashboard."""
+
+    def __init__(self, rd: RunDir, stage: str, phase: str) -> None:
+        from ray.util.metrics import Gauge
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(rd.local(stage, "train", "_work", "tensorboard", phase)))
+        self.tags = {"stage": stage}
+        self.gauges = {k: Gauge(f"cascade_train_{k}", f"training {k}", tag_keys=("stage",))
+                       for k in ("loss", "lr", "tokens_per_s", "phase", "step")}
+
+    def log(self, step: int, loss: float, lr: float, tok_s: float, phase: int) -> None:
+        for k, v in (("loss", loss), ("lr", lr), ("tokens_per_s", tok_s)):
+            self.writer.add_scalar(f"train/{k}", v, step)
+        for k, v in (("loss", loss), ("lr", lr), ("tokens_per_s", tok_s), ("phase", phase), ("step", step)):
+            self.gauges[k].set(v, tags=self.tags)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _load_examples(rd: RunDir, path: str, tok: Any, max_len: int, encode: Any) -> list[dict]:
+    if not rd.exists(path):
+        return []
     with rd.fs.open(path, "r") as f:
         recs = [json.loads(line) for line in f if line.strip()]
     return [encode(tok, r["messages"], r["response"], max_len) for r in recs]

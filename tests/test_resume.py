@@ -55,3 +55,11 @@ def test_kill9_during_generation_and_training_then_resume(tmp_path):
     # 4. a third run does nothing
     r = run_cli(*args)
     assert r.returncode == 0 and "nothing to do" in r.stdout
+
+    # 5. the same data as a run never killed (same seeds): byte for byte
+    clean = tmp_path / "clean"
+    r = run_cli(*[a if not a.startswith("run_dir=") else f"run_dir={clean}" for a in args])
+    assert r.returncode == 0, r.stdout[-3000:]
+    for rel in ("4b/dataset/p0_ethics/train.jsonl", "4b/dataset/p1_composure/train.jsonl",
+                "4b/dataset/p2_ethics/heldout.jsonl"):
+        assert (run / rel).read_bytes() == (clean / rel).read_bytes(), rel

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash
@@ -30,6 +30,7 @@ class Sampling:
     temperature: float
     top_p: float
     n: int = 1
+    logprobs: int = 0  # top-k log-probabilities per generated token (raw model distribution)
 
 
 @dataclass
@@ -40,13 +41,40 @@ class Completion:
     finish_reason: str  # stop | length | error
     prompt_tokens: int
     completion_tokens: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    top_ids: list[list[int]] | None = None  # [completion_tokens][k] when Sampling.logprobs
+    top_logprobs: list[list[float]] | None = None
 
 
 class Backend(Protocol):
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]: ...
 
     def info(self) -> dict[str, Any]: ...
+
+
+def weights_digest(model: str, revision: str | None = None) -> str:
+    """Content identity of a model's weights: sha256 over its safetensors files.
+
+    For a hub snapshot the files are links to blobs named by their LFS sha256, so the names are hashed (free);
+    for a local directory the bytes are (once per replica start).
+    """
+    import hashlib
+    from pathlib import Path
+
+    p = Path(model).expanduser()
+    if not p.is_dir():
+        from huggingface_hub import snapshot_download
+
+        p = Path(snapshot_download(model, revision=revision, local_files_only=True))
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*.safetensors")):
+        h.update(f.name.encode())
+        if f.is_symlink():
+            h.update(Path(os.readlink(f)).name.encode())
+            continue
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _dtype(name: str):
@@ -87,9 +115,10 @@ class HFBackend:
         self.model.eval()
         self.batch_size = batch_size
         self.stops = stop_token_ids(self.tok)
+        self.weights = weights_digest(model, revision)
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "hf", "template_hash": template_hash(self.tok), "device": self.device}
+        return {"backend": "hf", "template_hash": template_hash(self.tok), "weights_sha256": self.weights}
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
         import torch
@@ -102,7 +131,7 @@ class HFBackend:
             torch.manual_seed(batch[0].seed)
             sample = sampling.temperature > 0
             with torch.no_grad():
-                gen = self.model.generate(
+                res = self.model.generate(
                     **enc,
                     max_new_tokens=sampling.max_new_tokens,
                     do_sample=sample,
@@ -112,9 +141,15 @@ class HFBackend:
                     num_return_sequences=sampling.n,
                     eos_token_id=self.stops,
                     pad_token_id=self.tok.pad_token_id,
+                    return_dict_in_generate=True,
+                    output_logits=sampling.logprobs > 0,
                 )
             width = enc["input_ids"].shape[1]
-            for row, seq in enumerate(gen):
+            top = None
+            if sampling.logprobs:  # [rows, steps, k] from the raw logits
+                lp = torch.log_softmax(torch.stack(res.logits, dim=1).float(), dim=-1)
+                top = torch.topk(lp, sampling.logprobs, dim=-1)
+            for row, seq in enumerate(res.sequences):
                 req = batch[row // sampling.n]
                 new = seq[width:].tolist()
                 n_prompt = int(enc["attention_mask"][row // sampling.n].sum())
@@ -127,7 +162,9 @@ class HFBackend:
                         text=self.tok.decode(body, skip_special_tokens=True),
                         finish_reason="length" if stopped is None else "stop",
                         prompt_tokens=n_prompt,
-                        completion_tokens=len(body) + (0 if stopped is None else 1),
+                        completion_tokens=(n_out := len(body) + (0 if stopped is None else 1)),
+                        top_ids=None if top is None else top.indices[row, :n_out].tolist(),
+                        top_logprobs=None if top is None else top.values[row, :n_out].tolist(),
                     )
                 )
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash
-from cascade.generation.backend import Completion, Request, Sampling
+from cascade.generation.backend import Completion, Request, Sampling, weights_digest
 
 
 class VLLMBackend:
@@ -46,9 +46,10 @@ class VLLMBackend:
         )
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
+        self.weights = weights_digest(model, revision)
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "vllm", "template_hash": template_hash(self.tok)}
+        return {"backend": "vllm", "template_hash": template_hash(self.tok), "weights_sha256": self.weights}
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
         from vllm import SamplingParams
@@ -66,12 +67,14 @@ class VLLMBackend:
                     top_p=sampling.top_p,
                     seed=r.seed,
                     stop_token_ids=self.stops,
+                    logprobs=sampling.logprobs or None,
                 )
             )
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         result = []
         for r, o in zip(requests, outs):
             for k, c in enumerate(o.outputs):
+                tops = [sorted(d.items(), key=lambda kv: -kv[1].logprob)[: sampling.logprobs] for d in c.logprobs or []]
                 result.append(
                     Completion(
                         prompt_id=r.prompt_id,
@@ -80,6 +83,8 @@ class VLLMBackend:
                         finish_reason=c.finish_reason or "error",
                         prompt_tokens=len(o.prompt_token_ids or []),
                         completion_tokens=len(c.token_ids),
+                        top_ids=[[t for t, _ in row] for row in tops] if sampling.logprobs else None,
+                        top_logprobs=[[v.logprob for _, v in row] for row in tops] if sampling.logprobs else None,
                     )
                 )
         return result

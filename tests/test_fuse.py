@@ -1,0 +1,86 @@
+"""Fusion: the saved, merged Gemma3 equals base + adapter; a corrupted merge is caught; loss masks prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade.chat import IGNORE_INDEX, collate, encode_example
+from conftest import compose
+
+
+@pytest.fixture(scope="module")
+def base():
+    from transformers import AutoTokenizer
+
+    from cascade.tiny import build_preset, preset_dir
+
+    cfg = compose(["+stage=4b", "models=tiny"])
+    build_preset(cfg)
+    path = preset_dir(cfg) / "4b"
+    tok = AutoTokenizer.from_pretrained(path)
+    examples = [encode_example(tok, [{"role": "user", "content": q}], a, 128)
+                for q, a in [("What is kindness?", "Kindness softens the world."), ("Who am I?", "A wave.")]]
+    return path, tok, examples
+
+
+def _peft(path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():  # a trained-looking adapter: B is zero at init
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def test_fused_model_equals_base_plus_adapter(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from stages.fuse import fuse, logits
+
+    path, tok, examples = base
+    model = _peft(path)
+    with_adapter = logits(model.eval(), collate(examples, tok.pad_token_id))
+    diff = fuse(model, tok, examples, tmp_path / "fused")
+    assert diff < 1e-4
+    names = {p.name for p in (tmp_path / "fused").iterdir()}
+    assert "model.safetensors" in names and not any(n.startswith("adapter") for n in names)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    assert reloaded.config.tie_word_embeddings  # Gemma3 ties the output layer to the embeddings
+    plain = logits(AutoModelForCausalLM.from_pretrained(path).eval(), collate(examples, tok.pad_token_id))
+    assert (with_adapter - plain).abs().max() > 1e-2  # the adapter mattered, so equality above means something
+
+
+def test_corrupted_merge_is_caught(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from stages.fuse import FusionError, check, fuse, logits
+
+    path, tok, examples = base
+    model = _peft(path)
+    batch = collate(examples, tok.pad_token_id)
+    reference = logits(model.eval(), batch)
+    out = tmp_path / "fused"
+    fuse(model, tok, examples, out)
+    w = load_file(out / "model.safetensors")
+    key = next(k for k in w if "layers.0.mlp.down_proj.weight" in k)
+    w[key] = w[key] * 1.05  # a merge that scaled one adapter wrongly (q/k are re-normalised in Gemma3: not those)
+    save_file(w, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FusionError, match="differs from base \\+ adapter"):
+        check(reference, out, batch, 1e-4)
+
+
+def test_loss_masks_prompt_tokens(base):
+    _, tok, _ = base
+    msgs = [{"role": "user", "content": "Why be kind?"}]
+    ex = encode_example(tok, msgs, "Because it helps.", 128)
+    prompt = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    assert ex["labels"][: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    answer = ex["labels"][len(prompt):]
+    assert IGNORE_INDEX not in answer and answer[-1] == tok.convert_tokens_to_ids("<end_of_turn>")
+    assert tok.decode(answer, skip_special_tokens=True) == "Because it helps."

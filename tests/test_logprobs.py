@@ -1,0 +1,36 @@
+"""Top-k log-probabilities of teacher responses, stored compactly next to each shard (logit distillation)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from conftest import compose
+
+
+def test_hf_backend_topk_logprobs_pack_into_npz():
+    from cascade.generation.backend import HFBackend, Request, Sampling
+    from cascade.tiny import build_preset, preset_dir
+    from stages.generate import _pack_logprobs
+
+    cfg = compose(["+stage=4b", "models=tiny"])
+    build_preset(cfg)
+    hf = HFBackend(str(preset_dir(cfg) / "1b"), 4, "float32", None, False)
+    reqs = [Request(f"p{i}", [{"role": "user", "content": q}], seed=i)
+            for i, q in enumerate(["What is kindness?", "Why be patient?", "Who am I?"])]
+    out = hf.generate(reqs, Sampling(24, 0.7, 0.95, n=1, logprobs=5), None)
+    recs = [dict(c.__dict__) for c in out]
+    for c in out:
+        assert len(c.top_ids) == len(c.top_logprobs) == c.completion_tokens
+        assert all(len(row) == 5 for row in c.top_ids)
+        assert all(a >= b for row in c.top_logprobs for a, b in zip(row, row[1:]))  # sorted, best first
+        assert all(v <= 0 for row in c.top_logprobs for v in row)
+    blob = _pack_logprobs(recs, 0)
+    z = np.load(io.BytesIO(blob))
+    assert z["token_ids"].dtype == np.int32 and z["logprobs"].dtype == np.float16
+    assert z["token_ids"].shape == (sum(c.completion_tokens for c in out), 5)
+    r = recs[1]
+    assert "top_ids" not in r and r["logprobs"]["length"] == out[1].completion_tokens
+    sl = slice(r["logprobs"]["offset"], r["logprobs"]["offset"] + r["logprobs"]["length"])
+    assert z["token_ids"][sl].tolist() == out[1].top_ids
