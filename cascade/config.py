@@ -79,6 +79,7 @@ class GenerationConfig:
     max_actor_restarts: int = 2
     drop_truncated: bool = True  # drop responses cut off by max_new_tokens (finish_reason == "length")
     min_chars: int = 1  # shorter responses (after strip) count as empty
+    max_chars: int = 0  # longer responses are dropped (0: no bound)
 
 
 @dataclass

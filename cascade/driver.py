@@ -166,7 +166,8 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str)
             prev = base_key
             for i, ph in enumerate(cfg.curriculum):
                 gens = [(j.teacher.name, j.teacher.weight, j.key) for j in sp.gen_jobs if j.data == ph.data]
-                dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, g.drop_truncated, g.min_chars)
+                curation = (g.drop_truncated, g.min_chars, g.max_chars)
+                dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, curation)
                 tkey = stable_hash("train", prev, dkey, ph, train_id, cfg.seed)
                 sp.phases.append(PhasePlan(
                     i, ph.name, ph.data, ph.iters, ph.lr, dkey, rd.path(stage, "dataset", ph.name),
@@ -217,7 +218,7 @@ def run(cfg: Config) -> list[StagePlan]:
     rd = RunDir(cfg.run_dir)
     _log_to_file(rd)
     plans = plan(cfg, rd, prompts, kernel)
-    todo = pending_steps(rd, plans)
+    todo = list(dict.fromkeys(pending_steps(rd, plans)))  # a teacher's answers shared by two stages: once
     if not todo:
         log.info("nothing to do: every step up to stage %s is committed in %s", cfg.target, cfg.run_dir)
         _report(plans)

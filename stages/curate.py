@@ -4,8 +4,9 @@
 
 For each prompt one teacher is chosen by its mix weight, deterministically from (seed, stage, phase, prompt id);
 its responses are kept unless failed, empty, cut off by the token limit (finish_reason "length", when
-generation.drop_truncated) or a duplicate (exact, or equal after lower-casing and collapsing whitespace and
-punctuation). Every drop is counted. Output: train.jsonl and heldout.jsonl (datasets.load_dataset("json", ...)
+generation.drop_truncated), outside the length bounds (generation.min_chars, max_chars) or a duplicate of
+another answer to the same prompt (exact, or equal after lower-casing and collapsing whitespace and punctuation).
+Every drop is counted. Output: train.jsonl and heldout.jsonl (datasets.load_dataset("json", ...)
 opens them), each record with its provenance.
 """
 
@@ -47,6 +48,7 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
         rng = random.Random(stable_hash("mix", cfg.seed, sp.name, ph.name, p.id))
         teacher = rng.choices(jobs, weights=weights)[0].teacher
         seen: set[str] = set()
+        seen_exact: set[str] = set()
         kept = 0
         for rec in answers[teacher.name].get(p.id, []):
             counts["generated"] += 1
@@ -57,10 +59,15 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
                 counts["empty"] += 1
             elif rec["finish_reason"] == "length" and g.drop_truncated:
                 counts["truncated"] += 1
+            elif g.max_chars and len(text) > g.max_chars:
+                counts["too_long"] += 1
+            elif text in seen_exact:
+                counts["duplicate_exact"] += 1
             elif normalize(text) in seen:
-                counts["duplicate"] += 1
+                counts["duplicate_normalized"] += 1
             else:
                 seen.add(normalize(text))
+                seen_exact.add(text)
                 kept += 1
                 split = "heldout" if p.heldout else "train"
                 out[split].append({

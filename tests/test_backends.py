@@ -1,4 +1,4 @@
-"""Top-k log-probabilities of teacher responses, stored compactly next to each shard (logit distillation)."""
+"""Generation backends: top-k log-probabilities (stored compactly per shard), n samples, seeded batches."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def test_hf_backend_topk_logprobs_pack_into_npz():
     assert "top_ids" not in r and r["logprobs"]["length"] == out[1].completion_tokens
     sl = slice(r["logprobs"]["offset"], r["logprobs"]["offset"] + r["logprobs"]["length"])
     assert z["token_ids"][sl].tolist() == out[1].top_ids
+
+
+def test_hf_backend_n_samples_and_seeded_batches():
+    from cascade.generation.backend import HFBackend, Request, Sampling
+    from cascade.tiny import preset_dir
+
+    cfg = compose(["+stage=4b", "models=tiny"])
+    hf = HFBackend(str(preset_dir(cfg) / "1b"), 4, "float32", None, False)
+    reqs = [Request(f"p{i}", [{"role": "user", "content": q}], seed=7)
+            for i, q in enumerate(["What is kindness?", "Why be patient?"])]
+    a = hf.generate(reqs, Sampling(24, 0.9, 0.95, n=3), None)
+    assert [(c.prompt_id, c.sample) for c in a] == [(p, s) for p in ("p0", "p1") for s in range(3)]
+    b = hf.generate(reqs, Sampling(24, 0.9, 0.95, n=3), None)
+    assert [c.text for c in a] == [c.text for c in b]  # same seed, same shard: same answers
+    assert all(c.finish_reason in ("stop", "length") and c.completion_tokens > 0 for c in a)
