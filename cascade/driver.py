@@ -140,7 +140,9 @@ def shard_size_for(cfg: Config, n_prompts: int) -> int:
 def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str) -> list[StagePlan]:
     g = cfg.generation
     sampling = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "logprobs")}
-    train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1)  # resources only
+    # resources and fault tolerance do not change what is trained
+    train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
+                                   keep_checkpoints=0, max_failures=0)
     b = cfg.backend  # outputs depend on the engine; hf's batch composition changes the sampled tokens
     backend_id = (b.name, b.dtype, b.batch_size if b.name == "hf" else None)
     data_ids = {k: (file_digest(cfg.data[k].path), dataclasses.asdict(cfg.data[k])) for k in prompts}

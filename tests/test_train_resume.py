@@ -1,0 +1,76 @@
+"""Training resumes mid-phase: after kill -9 of the driver, after a Ray Train worker dies, on more workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, kill9, run_cli, start_cli, wait_for
+
+pytestmark = pytest.mark.slow
+# P1 long enough to be struck mid-phase; a checkpoint every 4 optimizer steps
+ARGS = ["+stage=4b", "models=tiny", "curriculum.1.iters=40", "train.save_every=4", *FAST]
+P1 = "4b/train/01-p1_composure"
+
+
+def _ckpts(run: Path) -> list[Path]:
+    return sorted(run.glob("4b/train/_ckpt/01-*/step-*/meta.json"))
+
+
+def _summary(run: Path, rel: str = P1) -> dict:
+    return json.loads((run / rel / "step.json").read_text())["summary"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    r = run_cli(*ARGS, f"run_dir={run}")
+    assert r.returncode == 0, r.stdout[-4000:]
+    return run
+
+
+def _same_student(a: Path, b: Path) -> None:
+    for rel in (P1, "4b/train/02-p2_ethics"):
+        assert (a / rel / "model.safetensors").read_bytes() == (b / rel / "model.safetensors").read_bytes(), rel
+    assert _summary(a)["losses"] == _summary(b)["losses"]
+
+
+def test_kill9_driver_mid_phase_resumes_to_the_same_adapter(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
+    wait_for(lambda: len(_ckpts(run)) >= 1, 600, proc, "a P1 checkpoint")
+    kill9(proc)
+    assert not (run / P1 / "step.json").exists(), "the kill must land mid-phase"
+    r = run_cli(*ARGS, f"run_dir={run}")
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert _summary(run)["resumed_from_step"] > 0
+    _same_student(run, reference)  # bitwise: CPU, deterministic settings
+
+
+def test_killed_train_worker_is_restarted_from_the_last_checkpoint(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
+    wait_for(lambda: len(_ckpts(run)) >= 1, 600, proc, "a P1 checkpoint")
+    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert pids, "no Ray Train worker process found"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    assert proc.wait(timeout=900) == 0, (tmp_path / "a.log").read_text()[-4000:]
+    assert _summary(run)["resumed_from_step"] > 0
+    _same_student(run, reference)
+
+
+def test_resume_on_two_workers_after_one(tmp_path):
+    run = tmp_path / "run"
+    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
+    wait_for(lambda: len(_ckpts(run)) >= 1, 600, proc, "a P1 checkpoint")
+    kill9(proc)
+    r = run_cli(*ARGS, f"run_dir={run}", "train.num_workers=2")
+    assert r.returncode == 0, r.stdout[-4000:]
+    s = _summary(run)
+    assert s["workers"] == 2 and s["resumed_from_step"] > 0 and len(s["losses"]) == 40
