@@ -124,20 +124,26 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     inflight: dict[Any, tuple[int, tuple]] = {}
     free = list(range(len(replicas)))
     dead: set[int] = set()
+    probing: dict[int, float] = {}  # replica -> when its restart began
     compute: dict[str, float] = {}
     progress = Progress(stage, teacher.name, len(queue))
     t_gen = time.time()
     try:
-        while queue or inflight:
+        while queue or any(item is not None for _, item in inflight.values()):  # probes alone: done
             while queue and free:
                 r = free.pop(0)
                 item = queue.popleft()
                 job, i, shard = item
                 reqs = [Request(p.id, p.messages, prompt_seed(cfg, teacher, job.data, p.id)) for p in shard]
                 inflight[replicas[r].generate.remote(reqs, sampling, teacher.system)] = (r, item)
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+            if not ready:
+                _expire_probes(inflight, probing, dead, names, g.restart_timeout_s)
+                _check_alive(dead, replicas, queue, g)
+                continue
             r, item = inflight.pop(ready[0])
             if item is None:  # a probe of a restarting replica
+                probing.pop(r, None)
                 try:
                     ray.get(ready[0])
                     free.append(r)
@@ -159,6 +165,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             except ActorUnavailableError:  # restarting: not the shard's fault; wait until the replica is back
                 log.warning("shard %s re-queued: %s is restarting", where, names[r])
                 queue.appendleft(item)
+                probing.setdefault(r, time.time())
                 inflight[replicas[r].info.remote()] = (r, None)
                 continue
             except (RayActorError, RayTaskError) as e:
@@ -171,6 +178,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                     if replica_failures[r] > g.max_actor_restarts:
                         dead.add(r)
                     else:  # Ray restarts it: hand it work again once it answers
+                        probing.setdefault(r, time.time())
                         inflight[replicas[r].info.remote()] = (r, None)
                 else:
                     free.append(r)
@@ -194,6 +202,17 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             ray.kill(a)
     timing["generate_wall_s"] = time.time() - t_gen  # engine start excluded
     return {"compute": compute, **timing}
+
+
+def _expire_probes(inflight: dict, probing: dict[int, float], dead: set[int], names: list[str],
+                   timeout: float) -> None:
+    """A replica that has not come back within `timeout` seconds (no node has room for it) counts as dead."""
+    for ref, (r, item) in list(inflight.items()):
+        if item is None and time.time() - probing.get(r, time.time()) > timeout:
+            log.warning("%s did not come back within %.0f s: dropped from the pool", names[r], timeout)
+            inflight.pop(ref)
+            probing.pop(r, None)
+            dead.add(r)
 
 
 def _check_alive(dead: set[int], replicas: list, queue: collections.deque, g: Any) -> None:

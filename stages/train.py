@@ -170,6 +170,8 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
+            if rank == 0 and state["step"] and step == state["step"]:  # first new step after a resume
+                rd.write_json(f"{ckpt.dir}/resumed.json", {"step": step + 1, "time": time.time()})
             if board:
                 board.log(step, step_loss, sched.get_last_lr()[0], real * world / (time.time() - t_loop), ph["index"])
             if t["save_every"] and (step + 1) % t["save_every"] == 0 and step + 1 < ph["iters"]:

@@ -114,7 +114,8 @@ def test_node_removed_from_two_node_cluster_mid_run(tmp_path, caplog):
     import ray
 
     cfg, rd, prompts, sp = _setup(tmp_path, "generation.replicas=2")
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # one CPU per node: one replica on each, and no room to restart the lost one elsewhere
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = c.add_node(num_cpus=1)
     c.wait_for_nodes()
     ray.init(address=c.address, namespace="cascade")
@@ -125,7 +126,7 @@ def test_node_removed_from_two_node_cluster_mid_run(tmp_path, caplog):
         c.remove_node(worker)
         th.join(600)
         assert not th.is_alive() and "error" not in box, box
-        # the replica on the removed node lost its shard, which was redone
+        # the replica on the removed node lost its shard, which the other one redid
         assert "failed on gen/4b/1b/" in caplog.text or "is restarting" in caplog.text
         _all_prompts_once(Path(cfg.run_dir), prompts)
     finally:

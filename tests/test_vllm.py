@@ -36,3 +36,32 @@ def test_4b_with_vllm_backend(tmp_path: Path):
     assert z["token_ids"].shape[0] == sum(x["logprobs"]["length"] for x in first)
     assert all(x["logprobs"]["length"] == x["completion_tokens"] for x in first)
     assert {x["weights_sha256"] for x in recs} and {x["template_hash"] for x in recs}
+
+
+FUSED = """
+if __name__ == "__main__":
+    import sys
+    from cascade.generation.backend import Request, Sampling
+    from cascade.generation.vllm_backend import VLLMBackend
+    b = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, enforce_eager=True)
+    out = b.generate([Request("q", [{"role": "user", "content": "What is kindness?"}], 0)], Sampling(16, 0.0, 1.0), None)
+    print("GENERATED", out[0].completion_tokens, repr(out[0].text))
+"""
+
+
+def test_fused_student_loads_in_vllm(tmp_path: Path):
+    """The fused Gemma3 directory a phase commits is served by vLLM as is (next stage's teacher)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", "curriculum.0.iters=2", "curriculum.1.iters=2",
+                "curriculum.2.iters=2", *FAST)
+    assert r.returncode == 0, r.stdout[-3000:]
+    script = tmp_path / "load.py"
+    script.write_text(FUSED)
+    p = subprocess.run([sys.executable, str(script), str(run / "4b/train/02-p2_ethics")], capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line = [x for x in p.stdout.splitlines() if x.startswith("GENERATED")][0]
+    assert int(line.split()[1]) > 0

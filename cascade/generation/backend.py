@@ -87,14 +87,12 @@ def _dtype(name: str):
 
 def cpu_threads() -> int:
     """Threads for torch in this process: the CPUs Ray assigned to it, else all."""
-    try:
-        import ray
+    import ray
 
+    if ray.is_initialized():  # get_runtime_context() would start a Ray instance otherwise
         n = ray.get_runtime_context().get_assigned_resources().get("CPU")
         if n:
             return max(1, int(n))
-    except Exception:  # noqa: BLE001 - outside Ray
-        pass
     return os.cpu_count() or 1
 
 

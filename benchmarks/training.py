@@ -1,0 +1,152 @@
+"""Training: the Ray Train phase loop vs a bare PEFT loop, packing efficiency, and time to resume.
+
+    .venv/bin/python benchmarks/training.py          # ~4 minutes on 2 CPU cores, tiny preset
+
+1. One LoRA phase on the tiny 27b student (the largest tiny model) over the project's prompts and reference
+   answers: tokens/s of stages/train.py's worker loop inside a Ray Train job (1 worker) vs a bare PEFT loop on the
+   same batches in this process (same packing, order, optimizer); model loading excluded from both.
+2. Real (non-pad) token fraction of the same data with packing (best-fit decreasing) and with padding only.
+3. Resume: `+stage=4b models=tiny` killed -9 after P1's first checkpoint; seconds from the start of the re-run
+   to its first new optimizer step.
+Prints one JSON object on its last line (ratio_vs_bare_loop, real_token_fraction_packed,
+real_token_fraction_padded, resume_s, ...). Goals: ratio >= 0.95, packed fraction >= 0.95.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ITERS, BATCH, SEQ = 30, 8, 256
+
+
+def _data(cfg, path: Path) -> None:
+    from cascade.prompts import load_prompts
+
+    with path.open("w") as f:
+        for src in cfg.data.values():
+            for p in load_prompts(src):
+                f.write(json.dumps({"messages": p.messages, "response": p.reference}) + "\n")
+
+
+def _fractions(lengths: list[int]) -> tuple[float, float]:
+    from cascade.packing import best_fit_decreasing
+
+    def frac(units: list[list[int]]) -> float:
+        real = slots = 0
+        for i in range(0, len(units), BATCH):
+            rows = units[i : i + BATCH]
+            widths = [sum(lengths[j] for j in u) for u in rows]
+            real, slots = real + sum(widths), slots + len(rows) * max(widths)
+        return real / slots
+
+    return frac(best_fit_decreasing(lengths, SEQ)), frac([[i] for i in range(len(lengths))])
+
+
+def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], seed: int) -> float:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cascade.packing import collate_packed
+    from stages.train import _Order
+
+    torch.set_num_threads(1)  # as the Ray Train worker (1 CPU)
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
+                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                      task_type="CAUSAL_LM"))
+    cfg = model.config
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    order, real = _Order(len(units), seed), 0
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(ITERS):
+        rows = [[examples[i] for i in units[order[step * BATCH + j]]] for j in range(BATCH)]
+        b = collate_packed(rows, 0, cfg.layer_types, cfg.sliding_window)
+        out = model(**{k: b[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        real += b["real_tokens"]
+    return real / (time.perf_counter() - t0)
+
+
+def _resume_s(tmp: Path) -> float:
+    run = tmp / "resume"
+    args = [sys.executable, "-m", "cascade", "+stage=4b", "models=tiny", f"run_dir={run}",
+            "cluster.include_dashboard=false", "curriculum.1.iters=40", "train.save_every=4"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not list(run.glob("4b/train/_ckpt/01-*/step-*/meta.json")):
+        time.sleep(0.05)
+        if proc.poll() is not None:
+            raise RuntimeError("run ended before a P1 checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)
+    t0 = time.time()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = next(run.glob("4b/train/_ckpt/01-*/resumed.json"))
+    return json.loads(marker.read_text())["time"] - t0
+
+
+def main() -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    from cascade import cluster
+    from cascade.chat import encode_example
+    from cascade.config import TrainConfig
+    from cascade.packing import best_fit_decreasing
+    from cascade.rundir import RunDir
+    from cascade.tiny import build_preset, preset_dir
+    from conftest import compose
+    from stages.train import _asdict, train_loop_per_worker
+
+    cfg = compose(["+stage=27b", "models=tiny", "cluster.auth=false", "cluster.include_dashboard=false"])
+    build_preset(cfg)
+    model_path = str(preset_dir(cfg) / "27b")
+    tmp = Path(tempfile.mkdtemp())
+    _data(cfg, tmp / "train.jsonl")
+    tok = AutoTokenizer.from_pretrained(model_path)
+    recs = [json.loads(x) for x in (tmp / "train.jsonl").read_text().splitlines()]
+    examples = [encode_example(tok, r["messages"], r["response"], SEQ) for r in recs]
+    lengths = [len(e["input_ids"]) for e in examples]
+    packed, padded = _fractions(lengths)
+    out: dict = {"real_token_fraction_packed": round(packed, 4), "real_token_fraction_padded": round(padded, 4)}
+
+    # 1a. orchestrated: the real worker loop in a Ray Train job, one phase, no mid-phase checkpoint
+    rd = RunDir(str(tmp / "run"))
+    train = TrainConfig(batch_size=BATCH, grad_accum=1, max_seq_len=SEQ, save_every=0, bf16=False)
+    train.lora.r, train.lora.alpha, train.lora.dropout = 8, 16, 0.0
+    phase = {"index": 0, "name": "bench", "iters": ITERS, "lr": 1e-3, "key": "bench",
+             "path": rd.path("27b", "train", "00-bench"), "data": str(tmp / "train.jsonl")}
+    cluster.start(cfg.cluster)
+    try:
+        TorchTrainer(train_loop_per_worker, train_loop_config={
+            "stage": "27b", "run_dir": rd.url, "start_model": model_path, "revision": None, "phases": [phase],
+            "train": _asdict(train), "seed": cfg.seed, "trust_remote_code": False},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="bench", storage_path=str(tmp / "ray"))).fit()
+    finally:
+        cluster.stop()
+    summary = rd.committed(phase["path"], "bench")["summary"]
+    out["orchestrated_tok_s"] = round(summary["tokens_per_s"], 1)
+    # 1b. bare PEFT loop, same batches
+    out["bare_tok_s"] = round(_bare_loop(model_path, examples, best_fit_decreasing(lengths, SEQ),
+                                         cfg.seed * 1_000), 1)
+    out["ratio_vs_bare_loop"] = round(out["orchestrated_tok_s"] / out["bare_tok_s"], 3)
+    out["resume_s"] = round(_resume_s(tmp), 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
