@@ -14,6 +14,7 @@ real_token_fraction_padded, resume_s, ...). Goals: ratio >= 0.95, packed fractio
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -109,7 +110,7 @@ def main() -> None:
     from cascade.rundir import RunDir
     from cascade.tiny import build_preset, preset_dir
     from conftest import compose
-    from stages.train import _asdict, train_loop_per_worker
+    from stages.train import train_loop_per_worker
 
     cfg = compose(["+stage=27b", "models=tiny", "cluster.auth=false", "cluster.include_dashboard=false"])
     build_preset(cfg)
@@ -133,7 +134,7 @@ def main() -> None:
     try:
         TorchTrainer(train_loop_per_worker, train_loop_config={
             "stage": "27b", "run_dir": rd.url, "start_model": model_path, "revision": None, "phases": [phase],
-            "train": _asdict(train), "seed": cfg.seed, "trust_remote_code": False},
+            "train": dataclasses.asdict(train), "seed": cfg.seed, "trust_remote_code": False},
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name="bench", storage_path=str(tmp / "ray"))).fit()
     finally:

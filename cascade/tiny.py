@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import dataclasses
 import json
 import logging
 import os
@@ -46,16 +47,10 @@ def _corpus(cfg: Config) -> tuple[str, list[tuple[list[dict], str]]]:
 def preset_key(cfg: Config) -> str:
     kernel, pairs = _corpus(cfg)
     blob = json.dumps(
-        {"v": BUILD_VERSION, "seed": cfg.seed, "tiny": _asdict(cfg.models.tiny), "kernel": kernel, "pairs": pairs},
+        {"v": BUILD_VERSION, "seed": cfg.seed, "tiny": dataclasses.asdict(cfg.models.tiny), "kernel": kernel, "pairs": pairs},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _asdict(obj: object) -> object:
-    import dataclasses
-
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
 def preset_dir(cfg: Config) -> Path:

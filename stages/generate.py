@@ -127,6 +127,19 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     probing: dict[int, float] = {}  # replica -> when its restart began
     compute: dict[str, float] = {}
     progress = Progress(stage, teacher.name, len(queue))
+
+    def probe(r: int) -> None:  # hand a restarting replica work again once it answers
+        probing.setdefault(r, time.time())
+        inflight[replicas[r].info.remote()] = (r, None)
+
+    def lost(r: int) -> None:  # its actor died under a call: Ray restarts it up to max_actor_restarts times
+        replica_failures[r] += 1
+        if replica_failures[r] > g.max_actor_restarts:
+            dead.add(r)
+            probing.pop(r, None)
+        else:
+            probe(r)
+
     t_gen = time.time()
     try:
         while queue or any(item is not None for _, item in inflight.values()):  # probes alone: done
@@ -143,19 +156,15 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 continue
             r, item = inflight.pop(ready[0])
             if item is None:  # a probe of a restarting replica
-                probing.pop(r, None)
                 try:
                     ray.get(ready[0])
+                    probing.pop(r, None)
                     free.append(r)
                 except ActorUnavailableError:
                     time.sleep(1.0)
-                    inflight[replicas[r].info.remote()] = (r, None)
+                    probe(r)
                 except RayActorError:
-                    replica_failures[r] += 1
-                    if replica_failures[r] > g.max_actor_restarts:
-                        dead.add(r)
-                    else:
-                        inflight[replicas[r].info.remote()] = (r, None)
+                    lost(r)
                 _check_alive(dead, replicas, queue, g)
                 continue
             job, i, shard = item
@@ -165,8 +174,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             except ActorUnavailableError:  # restarting: not the shard's fault; wait until the replica is back
                 log.warning("shard %s re-queued: %s is restarting", where, names[r])
                 queue.appendleft(item)
-                probing.setdefault(r, time.time())
-                inflight[replicas[r].info.remote()] = (r, None)
+                probe(r)
                 continue
             except (RayActorError, RayTaskError) as e:
                 shard_failures[where] += 1
@@ -174,20 +182,13 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 log.warning("shard %s failed on %s (%d/%d): %s", where, names[r], n, g.max_shard_failures,
                             type(e).__name__)
                 if isinstance(e, RayActorError):
-                    replica_failures[r] += 1
-                    if replica_failures[r] > g.max_actor_restarts:
-                        dead.add(r)
-                    else:  # Ray restarts it: hand it work again once it answers
-                        probing.setdefault(r, time.time())
-                        inflight[replicas[r].info.remote()] = (r, None)
+                    lost(r)
                 else:
                     free.append(r)
-                if len(dead) == len(replicas):
-                    raise ShardFailed(f"shard {where}: no live replica left ({len(replicas)} died, "
-                                      f"max_actor_restarts={g.max_actor_restarts}); last cause: {e}") from e
                 if n >= g.max_shard_failures:
                     raise ShardFailed(f"shard {where} failed {n} times; last cause: {e}") from e
                 queue.appendleft(item)
+                _check_alive(dead, replicas, queue, g, e)
                 continue
             free.append(r)
             recs = _records(cfg, job, info, result["completions"])
@@ -215,11 +216,14 @@ def _expire_probes(inflight: dict, probing: dict[int, float], dead: set[int], na
             dead.add(r)
 
 
-def _check_alive(dead: set[int], replicas: list, queue: collections.deque, g: Any) -> None:
+def _check_alive(dead: set[int], replicas: list, queue: collections.deque, g: Any,
+                 cause: BaseException | None = None) -> None:
+    """Stop, naming the next shard, when work is left and every replica is gone for good."""
     if len(dead) == len(replicas) and queue:
         job, i, _ = queue[0]
         raise ShardFailed(f"shard {job.teacher.name}/{job.data}/shard-{i:05d}: no live replica left "
-                          f"({len(replicas)} died, max_actor_restarts={g.max_actor_restarts})")
+                          f"({len(replicas)} died, max_actor_restarts={g.max_actor_restarts})"
+                          + (f"; last cause: {cause}" if cause else "")) from cause
 
 
 class Progress:

@@ -24,6 +24,7 @@ per phase costs more than the tiny phases themselves on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
              "data": f"{p.dataset_path}/train.jsonl"}
             for p in todo
         ],
-        "train": _asdict(t),
+        "train": dataclasses.asdict(t),
         "seed": cfg.seed,
         "trust_remote_code": cfg.models.trust_remote_code,
     }
@@ -88,12 +89,6 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
         if rec is None:
             raise RuntimeError(f"{sp.name}/train/{ph.name}: training ended without committing {ph.path}")
         rd.mark(f"{sp.name}/train/{ph.name}", "done", key=ph.key, path=ph.path, summary=rec["summary"])
-
-
-def _asdict(x: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.asdict(x)
 
 
 # -- the worker loop ----------------------------------------------------------------------------------------------

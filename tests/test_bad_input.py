@@ -29,25 +29,17 @@ def test_missing_model_path_is_named(tmp_path):
     _check_refused(r, "stages.4b.model: model path not found (no config.json): /nonexistent/gemma-4b")
 
 
-def test_malformed_data_file_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "prompt": "one?"}\n{"id": "b", "prompt": "two?"}\n{"id": "c", "prompt": \n', ":3: malformed JSON"),
+    ('{"id": "a", "prompt": "one?"}\n{"id": "b", "question": "two?"}\n',
+     ":2: missing column 'prompt' (columns: id, question)"),
+    ("\n", "empty prompt set: {file} has no prompts"),
+], ids=["malformed-json", "missing-column", "empty-set"])
+def test_bad_data_file_is_named_with_its_line(tmp_path, content, message):
     bad = tmp_path / "probes.jsonl"
-    bad.write_text('{"id": "a", "prompt": "one?"}\n{"id": "b", "prompt": "two?"}\n{"id": "c", "prompt": \n')
+    bad.write_text(content)
     r = run_cli("+stage=4b", "models=tiny", f"data.ethics.path={bad}", f"run_dir={tmp_path}/run")
-    _check_refused(r, f"{bad}:3: malformed JSON")
-
-
-def test_missing_column_names_file_and_line(tmp_path):
-    bad = tmp_path / "probes.jsonl"
-    bad.write_text('{"id": "a", "prompt": "one?"}\n{"id": "b", "question": "two?"}\n')
-    r = run_cli("+stage=4b", "models=tiny", f"data.ethics.path={bad}", f"run_dir={tmp_path}/run")
-    _check_refused(r, f"{bad}:2: missing column 'prompt' (columns: id, question)")
-
-
-def test_empty_prompt_set(tmp_path):
-    empty = tmp_path / "probes.jsonl"
-    empty.write_text("\n")
-    r = run_cli("+stage=4b", "models=tiny", f"data.ethics.path={empty}", f"run_dir={tmp_path}/run")
-    _check_refused(r, f"empty prompt set: {empty} has no prompts")
+    _check_refused(r, message.format(file=bad) if "{file}" in message else f"{bad}{message}")
 
 
 def test_missing_data_file(tmp_path):
