@@ -7,6 +7,7 @@ first user turn, as Gemma's own template does. Responses end with <end_of_turn>.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 # Gemma3's turn format, text only. Used by the tiny tokenizer; real models bring their own template.
@@ -53,6 +54,12 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     if isinstance(eot, int) and eot != tokenizer.unk_token_id:
         ids.add(eot)
     return sorted(i for i in ids if i is not None)
+
+
+def vocab_hash(tokenizer: Any) -> str:
+    """Identity of a tokenizer's vocabulary (token -> id): stored top-k token ids mean the same to another model
+    only when this matches."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
 
 def template_hash(tokenizer: Any) -> str:

@@ -75,6 +75,10 @@ class GenerationConfig:
     logprobs: int = 0  # store the top-k log-probabilities of every response token (logit distillation); 0: none
     shard_size: int = 0  # prompts per shard, the unit of commit and retry; 0: auto (driver.shard_size_for)
     replicas: int = 1  # generation actors per teacher
+    # shards each replica holds at once: while one runs, the next is already in the replica (vllm batches its
+    # prompts into the slots the first one's tail frees; hf starts it without a round trip to the driver). A crash
+    # redoes the shards in flight on that replica; 1: the engine drains at every shard's end.
+    shards_in_flight: int = 2
     max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause
     max_actor_restarts: int = 2
     restart_timeout_s: float = 600.0  # a replica not back this long after a crash (no room left) counts as dead
@@ -124,6 +128,10 @@ class TrainConfig:
     save_every: int = 50  # mid-phase checkpoint every N optimizer steps (0: none)
     keep_checkpoints: int = 2  # last K mid-phase checkpoints kept per phase
     max_failures: int = 2  # Ray Train restarts of a failed worker group (resuming from the last checkpoint)
+    # loss = cross-entropy on the response + distill_weight x cross-entropy against the teachers' stored top-k
+    # distribution at each response token (needs generation.logprobs > 0 and teachers sharing the student's
+    # tokenizer); 0: off
+    distill_weight: float = 0.0
 
 
 @dataclass
@@ -238,8 +246,9 @@ def check(cfg: Config) -> None:
         if not 0.0 <= src.heldout_fraction < 1.0:
             _fail(f"data.{key}.heldout_fraction must be in [0, 1)")
     g = cfg.generation
-    if g.max_new_tokens <= 0 or g.shard_size < 0 or g.replicas <= 0 or g.n_samples <= 0:
-        _fail("generation.max_new_tokens, replicas and n_samples must be > 0, shard_size >= 0 (0: auto)")
+    if min(g.max_new_tokens, g.replicas, g.n_samples, g.shards_in_flight) <= 0 or g.shard_size < 0:
+        _fail("generation.max_new_tokens, replicas, n_samples and shards_in_flight must be > 0, "
+              "shard_size >= 0 (0: auto)")
     if g.temperature < 0 or not 0 < g.top_p <= 1:
         _fail("generation.temperature must be >= 0 and top_p in (0, 1]")
     if cfg.backend.name not in ("hf", "vllm"):
@@ -251,6 +260,11 @@ def check(cfg: Config) -> None:
         _fail("train.batch_size, grad_accum, num_workers and max_seq_len must be > 0")
     if t.batch_size % t.num_workers:
         _fail(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers ({t.num_workers})")
+    if t.distill_weight < 0:
+        _fail("train.distill_weight must be >= 0")
+    if t.distill_weight > 0 and g.logprobs <= 0:
+        _fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
+              "(e.g. 20)")
     if cfg.models.preset not in ("real", "tiny"):
         _fail(f"models.preset {cfg.models.preset!r}: valid presets: real, tiny")
     if cfg.models.preset == "tiny":

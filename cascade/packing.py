@@ -61,5 +61,18 @@ def collate_packed(rows: list[list[dict]], pad_id: int, layer_types: list[str] |
         masks["sliding_attention"] = ((same & (kk <= q)[None] & ((q - kk) < window)[None]) | eye)[:, None]
     types = set(layer_types or ["full_attention"])
     mask = {t: masks[t].to(device) for t in types} if len(types) > 1 else masks[types.pop()].to(device)
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device),
-            "attention_mask": mask, "real_tokens": int((seg >= 0).sum()), "slots": n * width}
+    out = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device),
+           "attention_mask": mask, "real_tokens": int((seg >= 0).sum()), "slots": n * width}
+    if "kd_ids" in rows[0][0]:  # the teachers' top-k ids and log-probs at each position (logit distillation)
+        k = len(rows[0][0]["kd_ids"][0])
+        kd_ids = torch.zeros((n, width, k), dtype=torch.long)
+        kd_lp = torch.zeros((n, width, k), dtype=torch.float32)
+        for r, row in enumerate(rows):
+            at = 0
+            for e in row:
+                m = len(e["input_ids"])
+                kd_ids[r, at : at + m] = torch.tensor(e["kd_ids"], dtype=torch.long)
+                kd_lp[r, at : at + m] = torch.tensor(e["kd_lp"], dtype=torch.float32)
+                at += m
+        out.update(kd_ids=kd_ids.to(device), kd_lp=kd_lp.to(device))
+    return out

@@ -7,7 +7,9 @@ its responses are kept unless failed, empty, cut off by the token limit (finish_
 generation.drop_truncated), outside the length bounds (generation.min_chars, max_chars) or a duplicate of
 another answer to the same prompt (exact, or equal after lower-casing and collapsing whitespace and punctuation).
 Every drop is counted. Output: train.jsonl and heldout.jsonl (datasets.load_dataset("json", ...)
-opens them), each record with its provenance.
+opens them), each record with its provenance. With generation.logprobs a record also points at its stored
+top-k log-probabilities (file, offset, length); with train.distill_weight > 0 the teachers' vocabulary must be
+the student's, or the step stops here, before training.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
     g = cfg.generation
     jobs = [j for j in sp.gen_jobs if j.data == ph.data]
     answers = {j.teacher.name: _load(rd, j.path) for j in jobs}
+    if cfg.train.distill_weight > 0:
+        _check_shared_vocab(cfg, sp, answers)
+    paths = {j.teacher.name: j.path for j in jobs}
     weights = [j.teacher.weight for j in jobs]
     counts: Counter = Counter()
     out = {"train": [], "heldout": []}
@@ -78,6 +83,9 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
                     "response": text,
                     **{k: rec[k] for k in ("data", "teacher", "teacher_key", "sampling", "seed", "sample",
                                            "finish_reason", "prompt_tokens", "completion_tokens")},
+                    **({"logprobs": {**rec["logprobs"], "file": f"{paths[teacher.name]}/shards/"
+                                                                 f"{rec['logprobs']['file']}"},
+                        "vocab_hash": rec.get("vocab_hash")} if "logprobs" in rec else {}),
                 })
         counts["kept"] += kept
         counts[f"teacher/{teacher.name}"] += kept
@@ -89,3 +97,23 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
         with rd.fs.open(f"{staging}/{split}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
     return {"counts": dict(counts), "train": len(out["train"]), "heldout": len(out["heldout"])}
+
+
+def _check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, list[dict]]]) -> None:
+    """Logit distillation compares token ids: every teacher's vocabulary must be the student's."""
+    from transformers import AutoTokenizer
+
+    from cascade.chat import vocab_hash
+
+    student = vocab_hash(AutoTokenizer.from_pretrained(sp.base_model, revision=sp.revision,
+                                                       trust_remote_code=cfg.models.trust_remote_code))
+    for name, by_prompt in answers.items():
+        recs = [r for rs in by_prompt.values() for r in rs]
+        if not all("logprobs" in r for r in recs):
+            raise ConfigError(f"train.distill_weight > 0 needs the teachers' top-k log-probabilities: teacher "
+                              f"{name}'s answers have none (set generation.logprobs > 0)")
+        theirs = {r.get("vocab_hash") for r in recs}
+        if theirs != {student}:
+            raise ConfigError(f"train.distill_weight > 0 needs a shared tokenizer: teacher {name} (vocabulary "
+                              f"{sorted(map(str, theirs))}) and student {sp.name} ({sp.base_model}, vocabulary "
+                              f"{student}) differ; set train.distill_weight=0 for this stage")

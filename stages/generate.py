@@ -5,8 +5,9 @@
 Prompts are cut into fixed shards (in file order; size: cascade.driver.shard_size_for); a driver-side queue hands the next
 shard to whichever replica is free. Each finished shard is written to generations/<teacher>/<data>/<key>/shards/
 atomically, so a re-run after a kill skips it; when all shards of a prompt set are in, its step.json (counts and
-checksums) commits the set. A replica that dies has its shard re-queued (Ray restarts the actor); a shard that
-fails generation.max_shard_failures times stops the step with the shard and the cause named.
+checksums) commits the set. Each replica holds generation.shards_in_flight shards at once, so its engine never
+waits on the driver. A replica that dies has its shards in flight re-queued (Ray restarts the actor); a shard
+that fails generation.max_shard_failures times stops the step with the shard and the cause named.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _records(cfg: Config, job: GenJob, info: dict, completions: list[dict]) -> l
     sampling = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "n": g.n_samples}
     return [
         {
-            **{k: v for k, v in c.items() if g.logprobs or k not in ("top_ids", "top_logprobs")},
+            **{k: v for k, v in c.items() if g.logprobs or k not in ("top_ids", "top_logprobs", "token_ids")},
             "data": job.data,
             "teacher": job.teacher.name,
             "teacher_key": job.teacher.key,
@@ -111,7 +112,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(g.replicas)]
     replicas = [
         spawn(n, b.name, teacher.model, _backend_kwargs(cfg, teacher), num_cpus=b.num_cpus, num_gpus=b.num_gpus,
-              max_restarts=g.max_actor_restarts, tensor_parallel_size=b.tensor_parallel_size)
+              max_restarts=g.max_actor_restarts, tensor_parallel_size=b.tensor_parallel_size,
+              shards_in_flight=g.shards_in_flight)
         for n in names
     ]
     log.info("replicas %s: %s backend, model %s", names, b.name, teacher.model)
@@ -122,15 +124,25 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     shard_failures: collections.Counter = collections.Counter()
     replica_failures: collections.Counter = collections.Counter()
     inflight: dict[Any, tuple[int, tuple]] = {}
-    free = list(range(len(replicas)))
+    # one entry per free slot, replicas interleaved so that work spreads over them first
+    free = [r for _ in range(g.shards_in_flight) for r in range(len(replicas))]
     dead: set[int] = set()
     probing: dict[int, float] = {}  # replica -> when its restart began
     compute: dict[str, float] = {}
+    busy_until = [0.0] * len(replicas)
     progress = Progress(stage, teacher.name, len(queue))
 
     def probe(r: int) -> None:  # hand a restarting replica work again once it answers
         probing.setdefault(r, time.time())
         inflight[replicas[r].info.remote()] = (r, None)
+
+    def requeue(r: int) -> None:  # every shard in flight on r goes back to the queue's front, in order
+        items = sorted((it for ref, (rr, it) in list(inflight.items()) if rr == r and it is not None),
+                       key=lambda it: (it[0].data, it[1]), reverse=True)
+        for ref in [ref for ref, (rr, it) in inflight.items() if rr == r and it is not None]:
+            inflight.pop(ref)
+        queue.extendleft(items)
+        free[:] = [x for x in free if x != r]
 
     def lost(r: int) -> None:  # its actor died under a call: Ray restarts it up to max_actor_restarts times
         replica_failures[r] += 1
@@ -154,12 +166,14 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 _expire_probes(inflight, probing, dead, names, g.restart_timeout_s)
                 _check_alive(dead, replicas, queue, g)
                 continue
+            if ready[0] not in inflight:  # a call of a replica already handled as lost
+                continue
             r, item = inflight.pop(ready[0])
             if item is None:  # a probe of a restarting replica
                 try:
                     ray.get(ready[0])
                     probing.pop(r, None)
-                    free.append(r)
+                    free.extend([r] * g.shards_in_flight)
                 except ActorUnavailableError:
                     time.sleep(1.0)
                     probe(r)
@@ -173,7 +187,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 result = ray.get(ready[0])
             except ActorUnavailableError:  # restarting: not the shard's fault; wait until the replica is back
                 log.warning("shard %s re-queued: %s is restarting", where, names[r])
-                queue.appendleft(item)
+                inflight[ready[0]] = (r, item)
+                requeue(r)
                 probe(r)
                 continue
             except (RayActorError, RayTaskError) as e:
@@ -181,13 +196,15 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 n = shard_failures[where]
                 log.warning("shard %s failed on %s (%d/%d): %s", where, names[r], n, g.max_shard_failures,
                             type(e).__name__)
-                if isinstance(e, RayActorError):
-                    lost(r)
-                else:
-                    free.append(r)
                 if n >= g.max_shard_failures:
                     raise ShardFailed(f"shard {where} failed {n} times; last cause: {e}") from e
-                queue.appendleft(item)
+                if isinstance(e, RayActorError):  # the replica is gone: its other shards in flight go back too
+                    inflight[ready[0]] = (r, item)
+                    requeue(r)
+                    lost(r)
+                else:
+                    queue.appendleft(item)
+                    free.append(r)
                 _check_alive(dead, replicas, queue, g, e)
                 continue
             free.append(r)
@@ -195,7 +212,9 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             if g.logprobs:  # written first: the JSONL file is what commits the shard
                 rd.write_bytes(shard_path(job, i)[: -len(".jsonl")] + ".logprobs.npz", _pack_logprobs(recs, i))
             rd.write_bytes(shard_path(job, i), "".join(json.dumps(x) + "\n" for x in recs).encode())
-            compute[job.data] = compute.get(job.data, 0.0) + result["seconds"]
+            t0, t1 = result["interval"]  # engine-busy seconds: overlapping calls on a replica counted once
+            compute[job.data] = compute.get(job.data, 0.0) + max(0.0, t1 - max(t0, busy_until[r]))
+            busy_until[r] = max(busy_until[r], t1)
             progress.shard_done(job.data, i, sum(x["completion_tokens"] for x in recs))
     finally:
         progress.close()
@@ -263,21 +282,24 @@ class Progress:
 
 
 def _pack_logprobs(recs: list[dict], shard: int) -> bytes:
-    """Top-k log-probabilities of a shard as one .npz (token ids int32 [T, k], log-probs float16 [T, k]); each
-    record keeps {file, offset, length} into it instead of the lists."""
+    """Top-k log-probabilities of a shard as one .npz (top-k token ids int32 [T, k], their log-probs float16
+    [T, k], the sampled token ids int32 [T]); each record keeps {file, offset, length} into it instead of lists."""
     import io
 
     import numpy as np
 
-    ids, lps, offset = [], [], 0
+    ids, lps, sampled, offset = [], [], [], 0
     for r in recs:
         top_ids, top_lps = r.pop("top_ids") or [], r.pop("top_logprobs") or []
+        tokens = r.pop("token_ids", None) or []
         r["logprobs"] = {"file": f"shard-{shard:05d}.logprobs.npz", "offset": offset, "length": len(top_ids)}
         ids += top_ids
         lps += top_lps
+        sampled += tokens[: len(top_ids)]
         offset += len(top_ids)
     buf = io.BytesIO()
-    np.savez_compressed(buf, token_ids=np.asarray(ids, dtype=np.int32), logprobs=np.asarray(lps, dtype=np.float16))
+    np.savez_compressed(buf, token_ids=np.asarray(ids, dtype=np.int32), logprobs=np.asarray(lps, dtype=np.float16),
+                        sampled=np.asarray(sampled, dtype=np.int32))
     return buf.getvalue()
 
 

@@ -17,6 +17,10 @@ Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*
 B = train.batch_size (global) and perm_e is the permutation of epoch e drawn from (seed, phase); worker r of W
 takes rows [r*B/W, (r+1)*B/W). The order is the same for any worker count, so W is a resource, not an identity.
 
+With train.distill_weight > 0 the loss adds, at every response token, the cross-entropy of the student's
+distribution against the teacher's stored top-k distribution (renormalised over its k tokens); the response is
+then the teacher's own sampled tokens, so that positions line up (curate checked the tokenizers match).
+
 The loop is written by hand (about 60 lines) rather than TRL's SFTTrainer: the data order above must not depend
 on the worker count, each phase must fuse and commit inside the same Ray Train job, and a Trainer's set-up
 per phase costs more than the tiny phases themselves on CPU.
@@ -133,7 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
             r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
             target_modules="all-linear" if targets == ["all-linear"] else targets,
         ))
-        examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example)
+        distill = t["distill_weight"]
+        examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example, distill > 0)
         lengths = [len(e["input_ids"]) for e in examples]
         units = best_fit_decreasing(lengths, t["max_seq_len"]) if t["packing"] else [[i] for i in range(len(examples))]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ph["lr"],
@@ -147,30 +152,37 @@ def train_loop_per_worker(config: dict) -> None:
         board = _Board(rd, config["stage"], ph["name"]) if rank == 0 else None
         t_loop = time.time()
         b, accum = t["batch_size"] // world, t["grad_accum"]  # batch_size is global: the same order on any world
-        losses, real, slots = state["losses"], 0, 0
+        losses, kd_losses, real, slots = state["losses"], state.get("distill_losses", []), 0, 0
         model.train()
         for step in range(state["step"], ph["iters"]):
-            step_loss = 0.0
+            step_loss = step_kd = 0.0
             for m in range(accum):
                 base = (step * accum + m) * b * world
                 rows = [[examples[i] for i in units[order[base + rank * b + j]]] for j in range(b)]
                 batch = collate_packed(rows, tok.pad_token_id, getattr(mcfg, "layer_types", None),
                                        getattr(mcfg, "sliding_window", None), device)
                 out = model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
-                (out.loss / accum).backward()
-                step_loss += out.loss.item() / accum
+                loss = out.loss
+                if distill > 0:
+                    kd = distill_loss(out.logits, batch["labels"], batch["kd_ids"], batch["kd_lp"])
+                    loss = loss + distill * kd
+                    step_kd += kd.item() / accum
+                (loss / accum).backward()
+                step_loss += loss.item() / accum
                 real, slots = real + batch["real_tokens"], slots + batch["slots"]
             torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
+            if distill > 0:
+                kd_losses.append(step_kd)
             if rank == 0 and state["step"] and step == state["step"]:  # first new step after a resume
                 rd.write_json(f"{ckpt.dir}/resumed.json", {"step": step + 1, "time": time.time()})
             if board:
                 board.log(step, step_loss, sched.get_last_lr()[0], real * world / (time.time() - t_loop), ph["index"])
             if t["save_every"] and (step + 1) % t["save_every"] == 0 and step + 1 < ph["iters"]:
-                ckpt.save(model, opt, sched, step + 1, losses, state["tokens"] + real * world, world)
+                ckpt.save(model, opt, sched, step + 1, losses, state["tokens"] + real * world, world, kd_losses)
         seconds, train_seconds = time.time() - t0, time.time() - t_loop
         if board:
             board.close()
@@ -181,6 +193,9 @@ def train_loop_per_worker(config: dict) -> None:
             "tokens_per_s": real * world / train_seconds, "real_token_fraction": real / max(1, slots),
             "packing": t["packing"], "workers": world, "resumed_from_step": state["step"],
         }
+        if distill > 0:
+            summary.update(distill_weight=distill, distill_losses=kd_losses, distill_loss_first=kd_losses[0],
+                           distill_loss_last=kd_losses[-1])
         if rank == 0:
             heldout = ph["data"].replace("train.jsonl", "heldout.jsonl")
             probe = _load_examples(rd, heldout, tok, t["max_seq_len"], encode_example) or examples
@@ -233,7 +248,8 @@ class _Checkpoints:
         log.info("resumed %s at step %d (saved with %d workers)", d.name, meta["step"], meta["world"])
         return meta
 
-    def save(self, model: Any, opt: Any, sched: Any, step: int, losses: list, tokens: int, world: int) -> None:
+    def save(self, model: Any, opt: Any, sched: Any, step: int, losses: list, tokens: int, world: int,
+             distill_losses: list) -> None:
         import random
 
         import numpy as np
@@ -260,7 +276,7 @@ class _Checkpoints:
             torch.save(opt.state_dict(), d / "optimizer.pt")
             torch.save(sched.state_dict(), d / "scheduler.pt")
             (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens,
-                                                     "world": world}))
+                                                     "world": world, "distill_losses": distill_losses}))
             self.rd.fs.mv(staging, final, recursive=True)
             for old in self._steps()[: -self.keep]:
                 self.rd.fs.rm(old, recursive=True)
@@ -301,12 +317,51 @@ class _Board:
         self.writer.close()
 
 
-def _load_examples(rd: RunDir, path: str, tok: Any, max_len: int, encode: Any) -> list[dict]:
+def _load_examples(rd: RunDir, path: str, tok: Any, max_len: int, encode: Any, distill: bool = False) -> list[dict]:
     if not rd.exists(path):
         return []
     with rd.fs.open(path, "r") as f:
         recs = [json.loads(line) for line in f if line.strip()]
+    if distill:
+        files: dict[str, Any] = {}
+        return [_encode_distill(rd, tok, r, max_len, files) for r in recs]
     return [encode(tok, r["messages"], r["response"], max_len) for r in recs]
+
+
+def _encode_distill(rd: RunDir, tok: Any, rec: dict, max_len: int, files: dict[str, Any]) -> dict:
+    """A record as the teacher generated it: prompt (masked) + the sampled tokens, and at each response position
+    the teacher's top-k token ids and log-probabilities from the shard's .npz."""
+    import io
+
+    import numpy as np
+
+    from cascade.chat import IGNORE_INDEX, render_prompt
+
+    lp = rec["logprobs"]
+    if lp["file"] not in files:
+        with rd.fs.open(lp["file"], "rb") as f:
+            files[lp["file"]] = dict(np.load(io.BytesIO(f.read())))
+    z, at = files[lp["file"]], slice(lp["offset"], lp["offset"] + lp["length"])
+    prompt = tok(render_prompt(tok, rec["messages"]), add_special_tokens=False)["input_ids"]
+    response = z["sampled"][at].tolist()
+    k, n = z["token_ids"].shape[1], len(prompt)
+    return {"input_ids": (prompt + response)[:max_len], "labels": ([IGNORE_INDEX] * n + response)[:max_len],
+            "kd_ids": ([[0] * k] * n + z["token_ids"][at].tolist())[:max_len],
+            "kd_lp": ([[0.0] * k] * n + z["logprobs"][at].astype(np.float32).tolist())[:max_len]}
+
+
+def distill_loss(logits: Any, labels: Any, kd_ids: Any, kd_lp: Any) -> Any:
+    """Mean over response tokens of -sum_k q_k log p_student(id_k), q the teacher's top-k distribution
+    renormalised over its k tokens. Position t's targets describe the token at t, predicted from t - 1."""
+    import torch
+
+    from cascade.chat import IGNORE_INDEX
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    q = torch.softmax(kd_lp[:, 1:].float(), dim=-1)
+    per_token = -(q * logp.gather(-1, kd_ids[:, 1:])).sum(-1)
+    keep = labels[:, 1:] != IGNORE_INDEX
+    return per_token[keep].mean() if bool(keep.any()) else logits.sum() * 0.0
 
 
 class _Order:

@@ -34,6 +34,8 @@ def test_hf_backend_topk_logprobs_pack_into_npz():
     assert "top_ids" not in r and r["logprobs"]["length"] == out[1].completion_tokens
     sl = slice(r["logprobs"]["offset"], r["logprobs"]["offset"] + r["logprobs"]["length"])
     assert z["token_ids"][sl].tolist() == out[1].top_ids
+    assert z["sampled"][sl].tolist() == out[1].token_ids  # what the teacher sampled, its stop token included
+    assert hf.tok.decode(out[1].token_ids, skip_special_tokens=True) == out[1].text
 
 
 def test_hf_backend_n_samples_and_seeded_batches():

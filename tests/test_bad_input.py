@@ -61,8 +61,8 @@ def test_bad_input_on_a_finished_run_loses_nothing(tiny_4b_run, tmp_path):
     before, steps = _tree_digest(run), manifest(run)["steps"]
     bad = tmp_path / "probes.jsonl"
     bad.write_text("not json\n")
-    r = run_cli("+stage=12b", "models=tiny", f"data.ethics.path={bad}", f"run_dir={run}", *FAST)
+    r = run_cli(*FAST, "+stage=12b", "models=tiny", f"data.ethics.path={bad}", f"run_dir={run}")
     _check_refused(r, f"{bad}:1: malformed JSON")
     assert _tree_digest(run) == before and manifest(run)["steps"] == steps
-    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", *FAST)
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}")
     assert r.returncode == 0 and "nothing to do" in r.stdout

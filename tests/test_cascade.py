@@ -66,7 +66,7 @@ def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
 
 def test_rerun_has_nothing_to_do(tiny_4b_run: Path, tmp_path):
     run = copy_run(tiny_4b_run, tmp_path / "run")
-    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", *FAST)
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}")
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-2000:]
     assert "Ray 2." not in r.stdout  # decided before Ray starts
 
@@ -74,7 +74,7 @@ def test_rerun_has_nothing_to_do(tiny_4b_run: Path, tmp_path):
 def test_12b_on_a_run_with_4b_done_reuses_it(tiny_4b_run: Path, tmp_path):
     run = copy_run(tiny_4b_run, tmp_path / "run")
     before = {p: (run / "4b/train" / p / "step.json").read_text() for p in PHASES}
-    r = run_cli("+stage=12b", "models=tiny", f"run_dir={run}", *FAST)
+    r = run_cli(*FAST, "+stage=12b", "models=tiny", f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
     assert "[run ] 4b/" not in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
     assert before == {p: (run / "4b/train" / p / "step.json").read_text() for p in PHASES}
@@ -88,7 +88,7 @@ def test_12b_on_a_run_with_4b_done_reuses_it(tiny_4b_run: Path, tmp_path):
 
 def test_12b_on_a_fresh_run_runs_4b_first(tmp_path):
     run = tmp_path / "run"
-    r = run_cli("+stage=12b", "models=tiny", f"run_dir={run}", *FAST)
+    r = run_cli(*FAST, "+stage=12b", "models=tiny", f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
     assert r.stdout.index("[run ] 4b/eval") < r.stdout.index("[run ] 12b/eval")
     steps = manifest(run)["steps"]
@@ -101,8 +101,8 @@ def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
     conf.mkdir(parents=True)
     (conf / "build.yaml").write_text("# @package _global_\nstages:\n  1b: {build: true}\n")
     run = tmp_path / "run"
-    r = run_cli("--config-dir", str(tmp_path / "conf"), "+stage=1b", "models=tiny", "+local=build",
-                f"run_dir={run}", *FAST)
+    r = run_cli(*FAST, "--config-dir", str(tmp_path / "conf"), "+stage=1b", "models=tiny", "+local=build",
+                f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
     gen = [x for f in sorted((run / "generations/1b-base/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
     assert gen and all(x["system_in_context"] for x in gen)
@@ -116,14 +116,14 @@ def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
 def test_changed_config_reruns_only_what_it_determines(tiny_4b_run: Path, tmp_path):
     run = copy_run(tiny_4b_run, tmp_path / "run")
     # a student-only change (and two DDP workers): generations and datasets are reused, training re-runs
-    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", "train.lora.r=4", "train.num_workers=2", *FAST)
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "train.lora.r=4", "train.num_workers=2")
     assert r.returncode == 0, r.stdout[-4000:]
     assert "[skip] generate/1b/ethics" in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
     assert "[run ] 4b/eval" in r.stdout and "world_size=2" in r.stdout
     summary = json.loads((run / "4b/train/00-p0_ethics/step.json").read_text())["summary"]
     assert summary["workers"] == 2
     # a sampling change: the teacher answers again
-    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", "generation.temperature=0.5", *FAST)
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "generation.temperature=0.5")
     assert r.returncode == 0, r.stdout[-4000:]
     assert "[skip] generate/1b/ethics" not in r.stdout and "generate 1b/ethics: shard 0 done" in r.stdout
     recs = read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")

@@ -60,6 +60,8 @@ def test_teacher_must_be_below_its_student():
     ("curriculum.0.iters=0", "iters must be > 0"),
     ("backend.name=tgi", "valid backends: hf, vllm"),
     ("target=5b", "unknown stage '5b'; valid stages: 1b, 4b, 12b, 27b"),
+    ("train.distill_weight=0.5", "needs the teachers' top-k log-probabilities: set generation.logprobs"),
+    ("generation.shards_in_flight=0", "shards_in_flight must be > 0"),
 ])
 def test_bad_values_fail_at_composition(override, message):
     with pytest.raises(ConfigError, match=message):

