@@ -250,8 +250,11 @@ def run(cfg: Config) -> list[StagePlan]:
             for ph in sp.phases:
                 rd.step(f"{sp.name}/dataset/{ph.name}", ph.dataset_key, ph.dataset_path,
                         lambda staging, ph=ph: curate.run(staging, cfg, sp, ph, prompts[ph.data], rd))
+            # the base student's score does not wait for the curriculum: it runs while the first phase trains
+            before = None if rd.committed(sp.eval_path, sp.eval_key) else evaluate.start_before(cfg, sp, rd)
             train.run(rd, cfg, sp)
-            rd.step(f"{sp.name}/eval", sp.eval_key, sp.eval_path, lambda staging: evaluate.run(staging, cfg, sp, rd))
+            rd.step(f"{sp.name}/eval", sp.eval_key, sp.eval_path,
+                    lambda staging: evaluate.run(staging, cfg, sp, rd, before))
     finally:
         cluster.stop()
     _report(plans)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-
+from typing import Any
 
 import ray
 
@@ -25,7 +25,21 @@ log = logging.getLogger(__name__)
 METRIC = "mean per-token log-likelihood of held-out teacher responses under the student (nats; higher = closer)"
 
 
-def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir) -> dict:
+def start_before(cfg: Config, sp: StagePlan, rd: RunDir) -> Any:
+    """Score the base student now, as a Ray task that runs while the curriculum trains; run() collects it."""
+    return _scorer(cfg).options(name=f"eval/{sp.name}/before").remote(
+        sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
+
+
+def _scorer(cfg: Config) -> Any:
+    return ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records)
+
+
+def _score_kwargs(cfg: Config) -> dict:
+    return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size, trust=cfg.models.trust_remote_code)
+
+
+def _heldout(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
     records, seen = [], set()
     for ph in sp.phases:
         with rd.fs.open(f"{ph.dataset_path}/heldout.jsonl", "r") as f:
@@ -34,13 +48,16 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir) -> dict:
                 if r["id"] not in seen:
                     seen.add(r["id"])
                     records.append(r)
-    records = records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
-    score = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records)
-    kw = dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size, trust=cfg.models.trust_remote_code)
-    (before, t_before), (after, t_after) = ray.get([
-        score.options(name=f"eval/{sp.name}/before").remote(sp.base_model, sp.revision, records, **kw),
-        score.options(name=f"eval/{sp.name}/after").remote(sp.final_model, None, records, **kw),
-    ])
+    return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
+
+
+def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, before_ref: Any = None) -> dict:
+    records = _heldout(cfg, sp, rd)
+    if before_ref is None:
+        before_ref = start_before(cfg, sp, rd)
+    after_ref = _scorer(cfg).options(name=f"eval/{sp.name}/after").remote(sp.final_model, None, records,
+                                                                          **_score_kwargs(cfg))
+    (before, t_before), (after, t_after) = ray.get([before_ref, after_ref])
     metrics = {
         "stage": sp.name,
         "student": sp.final_model,
