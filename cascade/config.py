@@ -117,6 +117,9 @@ class TrainConfig:
     grad_accum: int = 4
     max_seq_len: int = 1024
     num_workers: int = 1  # Ray Train workers (DDP: gloo on CPU, nccl on GPU)
+    # ddp: every worker holds the whole model; fsdp: each decoder layer's weights sharded over the workers
+    # (torch FSDP2, fully_shard) for students too large for one device (12b, 27b)
+    strategy: str = "ddp"
     use_gpu: bool = False
     cpus_per_worker: int = 1
     bf16: bool = True  # used only where the hardware supports it
@@ -260,6 +263,8 @@ def check(cfg: Config) -> None:
         _fail("train.batch_size, grad_accum, num_workers and max_seq_len must be > 0")
     if t.batch_size % t.num_workers:
         _fail(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers ({t.num_workers})")
+    if t.strategy not in ("ddp", "fsdp"):
+        _fail(f"train.strategy {t.strategy!r}: valid strategies: ddp, fsdp")
     if t.distill_weight < 0:
         _fail("train.distill_weight must be >= 0")
     if t.distill_weight > 0 and g.logprobs <= 0:

@@ -141,12 +141,14 @@ def train_loop_per_worker(config: dict) -> None:
         examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example, distill > 0)
         lengths = [len(e["input_ids"]) for e in examples]
         units = best_fit_decreasing(lengths, t["max_seq_len"]) if t["packing"] else [[i] for i in range(len(examples))]
+        fsdp = t["strategy"] == "fsdp"
+        # DDP when world > 1, or FSDP2 (each decoder layer sharded; the optimizer then sees the shards)
+        model = _fully_shard(model, device) if fsdp else ray.train.torch.prepare_model(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ph["lr"],
                                 weight_decay=t["weight_decay"])
         warm = max(1, t["warmup_steps"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        model = ray.train.torch.prepare_model(model)  # DDP when world > 1; moves to the device
-        ckpt = _Checkpoints(rd, config["stage"], ph, t["keep_checkpoints"], rank)
+        ckpt = _Checkpoints(rd, config["stage"], ph, t["keep_checkpoints"], rank, fsdp)
         state = ckpt.restore(model, opt, sched)  # mid-phase resume: adapter, optimizer, scheduler, RNG, position
         order = _Order(len(units), seed)
         board = _Board(rd, config["stage"], ph["name"]) if rank == 0 else None
@@ -196,6 +198,20 @@ def train_loop_per_worker(config: dict) -> None:
         if distill > 0:
             summary.update(distill_weight=distill, distill_losses=kd_losses, distill_loss_first=kd_losses[0],
                            distill_loss_last=kd_losses[-1])
+        if fsdp:  # rank 0 rebuilds base + adapter whole: the adapter gathered from its shards, the base reloaded
+            adapter = _full_adapter(model)
+            if rank == 0:
+                model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=dtype,
+                                                             use_safetensors=True,
+                                                             trust_remote_code=config["trust_remote_code"])
+                model = get_peft_model(model, LoraConfig(
+                    r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
+                    target_modules="all-linear" if targets == ["all-linear"] else targets,
+                )).to(device)
+                missing = set(adapter) - set(model.state_dict())
+                if missing:
+                    raise RuntimeError(f"FSDP adapter keys not in the rebuilt model: {sorted(missing)[:3]}")
+                model.load_state_dict(adapter, strict=False)
         if rank == 0:
             heldout = ph["data"].replace("train.jsonl", "heldout.jsonl")
             probe = _load_examples(rd, heldout, tok, t["max_seq_len"], encode_example) or examples
@@ -206,13 +222,40 @@ def train_loop_per_worker(config: dict) -> None:
         model_path, revision = ph["path"], None
 
 
+def _fully_shard(model: Any, device: Any) -> Any:
+    """FSDP2: every decoder layer a sharded unit, the rest (embeddings, final norm) the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    for m in model.modules():
+        if type(m).__name__.endswith("DecoderLayer"):
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def _state_options(strict: bool = True) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, strict=strict)
+
+
+def _full_adapter(model: Any) -> dict:
+    """The trainable (LoRA) weights of a sharded model, gathered whole (a collective; filled on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_state_options())
+
+
 class _Checkpoints:
     """Mid-phase checkpoints under <stage>/train/_ckpt/<NN>-<phase>-<key>/step-NNNNNN/, committed by rename:
     adapter (safetensors), optimizer and scheduler (rank 0), RNG states of python, numpy and torch (every rank),
-    meta.json (step = data position, losses, tokens, world size). The last `keep` are kept."""
+    meta.json (step = data position, losses, tokens, world size). The last `keep` are kept. Under FSDP the
+    adapter and optimizer state are gathered whole on save and re-sharded on restore (torch.distributed's
+    full state dicts), so a sharded run resumes on any worker count too."""
 
-    def __init__(self, rd: RunDir, stage: str, ph: dict, keep: int, rank: int) -> None:
-        self.rd, self.keep, self.rank = rd, max(1, keep), rank
+    def __init__(self, rd: RunDir, stage: str, ph: dict, keep: int, rank: int, fsdp: bool = False) -> None:
+        self.rd, self.keep, self.rank, self.fsdp = rd, max(1, keep), rank, fsdp
         self.dir = rd.path(stage, "train", "_ckpt", f"{ph['index']:02d}-{ph['name']}-{ph['key']}")
 
     def _steps(self) -> list[str]:
@@ -234,10 +277,17 @@ class _Checkpoints:
             return {"step": 0, "losses": [], "tokens": 0}
         d = self.rd.as_local(steps[-1])
         meta = json.loads((d / "meta.json").read_text())
-        inner = model.module if hasattr(model, "module") else model
-        device = next(inner.parameters()).device
-        set_peft_model_state_dict(inner, load_file(d / "adapter.safetensors", device=str(device)))
-        opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            set_model_state_dict(model, load_file(d / "adapter.safetensors"), options=_state_options(strict=False))
+            set_optimizer_state_dict(model, opt, torch.load(d / "optimizer.pt", weights_only=True),
+                                     options=_state_options())
+        else:
+            inner = model.module if hasattr(model, "module") else model
+            device = next(inner.parameters()).device
+            set_peft_model_state_dict(inner, load_file(d / "adapter.safetensors", device=str(device)))
+            opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
         sched.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
         rng = d / f"rng-rank{self.rank}.pt"
         if rng.exists():  # a new worker count: ranks without a saved state keep their seeded state
@@ -269,11 +319,16 @@ class _Checkpoints:
                    d / f"rng-rank{self.rank}.pt")
         if dist.is_initialized():
             dist.barrier()
+        if self.fsdp:  # collectives: every rank takes part, rank 0 receives
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            adapter, optim = _full_adapter(model), get_optimizer_state_dict(model, opt, options=_state_options())
         if self.rank == 0:
-            inner = model.module if hasattr(model, "module") else model
-            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(inner).items()},
-                      d / "adapter.safetensors")
-            torch.save(opt.state_dict(), d / "optimizer.pt")
+            if not self.fsdp:
+                inner = model.module if hasattr(model, "module") else model
+                adapter, optim = get_peft_model_state_dict(inner), opt.state_dict()
+            save_file({k: v.contiguous() for k, v in adapter.items()}, d / "adapter.safetensors")
+            torch.save(optim, d / "optimizer.pt")
             torch.save(sched.state_dict(), d / "scheduler.pt")
             (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens,
                                                      "world": world, "distill_losses": distill_losses}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ def test_4b_with_vllm_backend(tmp_path: Path):
     assert r.returncode == 0, r.stdout[-5000:]
     assert "gen/4b/1b/0" in r.stdout  # the replica's actor name, as the dashboard shows it
     recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
-    assert len(recs) == 40 and {x["backend"] for x in recs} == {"vllm"}
-    assert sum(x["finish_reason"] == "stop" for x in recs) > 30
+    probes = Path("data/ethics_probes.jsonl").read_text().splitlines()
+    assert sorted(x["prompt_id"] for x in recs) == sorted(json.loads(p)["id"] for p in probes)  # each once
+    assert {x["backend"] for x in recs} == {"vllm"}
+    assert sum(x["finish_reason"] == "stop" for x in recs) > 0.75 * len(recs)
     assert all(s["state"] == "done" for s in manifest(run)["steps"].values())
     assert read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")
     # top-4 log-probabilities of every response token, one compact .npz per shard
@@ -35,6 +38,7 @@ def test_4b_with_vllm_backend(tmp_path: Path):
     assert z["token_ids"].shape[1] == 4 and z["logprobs"].dtype == np.float16
     assert z["token_ids"].shape[0] == sum(x["logprobs"]["length"] for x in first)
     assert all(x["logprobs"]["length"] == x["completion_tokens"] for x in first)
+    assert z["sampled"].shape[0] == z["token_ids"].shape[0]  # the sampled ids, for logit distillation
     assert {x["weights_sha256"] for x in recs} and {x["template_hash"] for x in recs}
 
 

@@ -12,6 +12,7 @@ engine thus batches the next shard's prompts into the slots the current shard's 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -62,6 +63,7 @@ class VLLMBackend:
         self.weights = weights_digest(model, revision)
         self._lock = threading.Lock()  # one thread at a time adds requests or steps the engine
         self._owner: dict[str, dict] = {}  # request id -> the finished outputs of the call that added it
+        self._ids = itertools.count()
 
     def info(self) -> dict[str, Any]:
         return {"backend": "vllm", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
@@ -69,6 +71,7 @@ class VLLMBackend:
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         prompts = []
         params = []
@@ -87,13 +90,24 @@ class VLLMBackend:
                 )
             )
         mine: dict[str, Any] = {}
+        ids: list[str] = []
+        engine = self.llm.llm_engine
         with self._lock:
-            ids = self.llm.enqueue(prompts, params, use_tqdm=False)
-            self._owner.update({rid: mine for rid in ids})
+            try:
+                for prompt, p in zip(prompts, params):
+                    p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
+                    ids.append(str(next(self._ids)))
+                    engine.add_request(ids[-1], prompt, p)
+                    self._owner[ids[-1]] = mine
+            except BaseException:
+                engine.abort_request(ids[:-1])
+                for rid in ids:
+                    self._owner.pop(rid, None)
+                raise
         while len(mine) < len(ids):
             with self._lock:
                 if len(mine) < len(ids):
-                    for o in self.llm.llm_engine.step():
+                    for o in engine.step():
                         if o.finished:
                             self._owner.pop(o.request_id)[o.request_id] = o
         outs = [mine[rid] for rid in ids]
