@@ -16,6 +16,8 @@ from the newest one and ends with the same adapter as a run never stopped (bitwi
 Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*accum + m)*B + j mod N], where
 B = train.batch_size (global) and perm_e is the permutation of epoch e drawn from (seed, phase); worker r of W
 takes rows [r*B/W, (r+1)*B/W). The order is the same for any worker count, so W is a resource, not an identity.
+With train.strategy=fsdp the model is sharded (FSDP2, one unit per decoder layer) instead of replicated; at the
+end of a phase the adapter is gathered whole and rank 0 fuses it into a freshly loaded base.
 
 With train.distill_weight > 0 the loss adds, at every response token, the cross-entropy of the student's
 distribution against the teacher's stored top-k distribution (renormalised over its k tokens); the response is
@@ -133,10 +135,9 @@ def train_loop_per_worker(config: dict) -> None:
             model.enable_input_require_grads()
         lcfg = t["lora"]
         targets = lcfg["target_modules"]
-        model = get_peft_model(model, LoraConfig(
-            r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
-            target_modules="all-linear" if targets == ["all-linear"] else targets,
-        ))
+        lora = LoraConfig(r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
+                          target_modules="all-linear" if targets == ["all-linear"] else targets)
+        model = get_peft_model(model, lora)
         distill = t["distill_weight"]
         examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example, distill > 0)
         lengths = [len(e["input_ids"]) for e in examples]
@@ -204,10 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
                 model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=dtype,
                                                              use_safetensors=True,
                                                              trust_remote_code=config["trust_remote_code"])
-                model = get_peft_model(model, LoraConfig(
-                    r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
-                    target_modules="all-linear" if targets == ["all-linear"] else targets,
-                )).to(device)
+                model = get_peft_model(model, lora).to(device)
                 missing = set(adapter) - set(model.state_dict())
                 if missing:
                     raise RuntimeError(f"FSDP adapter keys not in the rebuilt model: {sorted(missing)[:3]}")
