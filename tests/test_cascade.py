@@ -101,7 +101,7 @@ def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
     conf.mkdir(parents=True)
     (conf / "build.yaml").write_text("# @package _global_\nstages:\n  1b: {build: true}\n")
     run = tmp_path / "run"
-    r = run_cli(*FAST, "--config-dir", str(tmp_path / "conf"), "+stage=1b", "models=tiny", "+local=build",
+    r = run_cli("--config-dir", str(tmp_path / "conf"), *FAST, "+stage=1b", "models=tiny", "+local=build",
                 f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
     gen = [x for f in sorted((run / "generations/1b-base/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
