@@ -42,15 +42,23 @@ def collate_packed(rows: list[list[dict]], pad_id: int, layer_types: list[str] |
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((n, width), dtype=torch.long)
     seg = torch.full((n, width), -1, dtype=torch.long)
+    kd = "kd_ids" in rows[0][0]  # the teachers' top-k ids and log-probs at each position (logit distillation)
+    if kd:
+        k = len(rows[0][0]["kd_ids"][0])
+        kd_ids = torch.zeros((n, width, k), dtype=torch.long)
+        kd_lp = torch.zeros((n, width, k), dtype=torch.float32)
     for r, row in enumerate(rows):
         at = 0
         for s, e in enumerate(row):
-            k = len(e["input_ids"])
-            ids[r, at : at + k] = torch.tensor(e["input_ids"])
-            labels[r, at : at + k] = torch.tensor(e["labels"])
-            pos[r, at : at + k] = torch.arange(k)
-            seg[r, at : at + k] = s
-            at += k
+            m = len(e["input_ids"])
+            ids[r, at : at + m] = torch.tensor(e["input_ids"])
+            labels[r, at : at + m] = torch.tensor(e["labels"])
+            pos[r, at : at + m] = torch.arange(m)
+            seg[r, at : at + m] = s
+            if kd:
+                kd_ids[r, at : at + m] = torch.tensor(e["kd_ids"], dtype=torch.long)
+                kd_lp[r, at : at + m] = torch.tensor(e["kd_lp"], dtype=torch.float32)
+            at += m
     q = torch.arange(width)[:, None]
     kk = torch.arange(width)[None, :]
     same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
@@ -63,16 +71,6 @@ def collate_packed(rows: list[list[dict]], pad_id: int, layer_types: list[str] |
     mask = {t: masks[t].to(device) for t in types} if len(types) > 1 else masks[types.pop()].to(device)
     out = {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": pos.to(device),
            "attention_mask": mask, "real_tokens": int((seg >= 0).sum()), "slots": n * width}
-    if "kd_ids" in rows[0][0]:  # the teachers' top-k ids and log-probs at each position (logit distillation)
-        k = len(rows[0][0]["kd_ids"][0])
-        kd_ids = torch.zeros((n, width, k), dtype=torch.long)
-        kd_lp = torch.zeros((n, width, k), dtype=torch.float32)
-        for r, row in enumerate(rows):
-            at = 0
-            for e in row:
-                m = len(e["input_ids"])
-                kd_ids[r, at : at + m] = torch.tensor(e["kd_ids"], dtype=torch.long)
-                kd_lp[r, at : at + m] = torch.tensor(e["kd_lp"], dtype=torch.float32)
-                at += m
+    if kd:
         out.update(kd_ids=kd_ids.to(device), kd_lp=kd_lp.to(device))
     return out

@@ -13,9 +13,9 @@ models.cache_dir keyed by everything that determines them; a build commits by re
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
-import dataclasses
 import json
 import logging
 import os
@@ -47,7 +47,8 @@ def _corpus(cfg: Config) -> tuple[str, list[tuple[list[dict], str]]]:
 def preset_key(cfg: Config) -> str:
     kernel, pairs = _corpus(cfg)
     blob = json.dumps(
-        {"v": BUILD_VERSION, "seed": cfg.seed, "tiny": dataclasses.asdict(cfg.models.tiny), "kernel": kernel, "pairs": pairs},
+        {"v": BUILD_VERSION, "seed": cfg.seed, "tiny": dataclasses.asdict(cfg.models.tiny), "kernel": kernel,
+         "pairs": pairs},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

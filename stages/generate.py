@@ -137,11 +137,9 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
         inflight[replicas[r].info.remote()] = (r, None)
 
     def requeue(r: int) -> None:  # every shard in flight on r goes back to the queue's front, in order
-        items = sorted((it for ref, (rr, it) in list(inflight.items()) if rr == r and it is not None),
-                       key=lambda it: (it[0].data, it[1]), reverse=True)
-        for ref in [ref for ref, (rr, it) in inflight.items() if rr == r and it is not None]:
-            inflight.pop(ref)
-        queue.extendleft(items)
+        refs = [ref for ref, (rr, it) in inflight.items() if rr == r and it is not None]
+        items = [inflight.pop(ref)[1] for ref in refs]
+        queue.extendleft(sorted(items, key=lambda it: (it[0].data, it[1]), reverse=True))
         free[:] = [x for x in free if x != r]
 
     def lost(r: int) -> None:  # its actor died under a call: Ray restarts it up to max_actor_restarts times
@@ -165,8 +163,6 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             if not ready:
                 _expire_probes(inflight, probing, dead, names, g.restart_timeout_s)
                 _check_alive(dead, replicas, queue, g)
-                continue
-            if ready[0] not in inflight:  # a call of a replica already handled as lost
                 continue
             r, item = inflight.pop(ready[0])
             if item is None:  # a probe of a restarting replica

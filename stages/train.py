@@ -9,9 +9,10 @@ on response tokens only (prompt tokens masked), then rank 0 merges the adapter i
 fused model (a plain HF directory: config.json, safetensors, tokenizer, chat template) by renaming it into place,
 once stages/fuse.py has shown that the saved model's logits equal base + adapter on held-out prompts.
 The driver records each committed phase in the manifest. Every train.save_every optimizer steps the workers
-write a checkpoint (adapter, optimizer, scheduler, RNG states, data position); after a kill of the driver (the
-same command again) or of a worker (Ray Train restarts the group, train.max_failures times) the phase resumes
-from the newest one and ends with the same adapter as a run never stopped (bitwise on CPU).
+write a checkpoint (cascade/checkpoints.py: adapter, optimizer, scheduler, RNG states, data position); after a
+kill of the driver (the same command again) or of a worker (Ray Train restarts the group, train.max_failures
+times) the phase resumes from the newest one and ends with the same adapter as a run never stopped (bitwise on
+CPU).
 
 Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*accum + m)*B + j mod N], where
 B = train.batch_size (global) and perm_e is the permutation of epoch e drawn from (seed, phase); worker r of W
@@ -105,6 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cascade.chat import encode_example
+    from cascade.checkpoints import Checkpoints, full_adapter, fully_shard_model
     from cascade.generation.backend import cpu_threads
     from cascade.packing import best_fit_decreasing, collate_packed
 
@@ -144,12 +146,12 @@ def train_loop_per_worker(config: dict) -> None:
         units = best_fit_decreasing(lengths, t["max_seq_len"]) if t["packing"] else [[i] for i in range(len(examples))]
         fsdp = t["strategy"] == "fsdp"
         # DDP when world > 1, or FSDP2 (each decoder layer sharded; the optimizer then sees the shards)
-        model = _fully_shard(model, device) if fsdp else ray.train.torch.prepare_model(model)
+        model = fully_shard_model(model, device) if fsdp else ray.train.torch.prepare_model(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ph["lr"],
                                 weight_decay=t["weight_decay"])
         warm = max(1, t["warmup_steps"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        ckpt = _Checkpoints(rd, config["stage"], ph, t["keep_checkpoints"], rank, fsdp)
+        ckpt = Checkpoints(rd, config["stage"], ph, t["keep_checkpoints"], rank, fsdp)
         state = ckpt.restore(model, opt, sched)  # mid-phase resume: adapter, optimizer, scheduler, RNG, position
         order = _Order(len(units), seed)
         board = _Board(rd, config["stage"], ph["name"]) if rank == 0 else None
@@ -200,7 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
             summary.update(distill_weight=distill, distill_losses=kd_losses, distill_loss_first=kd_losses[0],
                            distill_loss_last=kd_losses[-1])
         if fsdp:  # rank 0 rebuilds base + adapter whole: the adapter gathered from its shards, the base reloaded
-            adapter = _full_adapter(model)
+            adapter = full_adapter(model)
             if rank == 0:
                 model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=dtype,
                                                              use_safetensors=True,
@@ -218,123 +220,6 @@ def train_loop_per_worker(config: dict) -> None:
             dist.barrier()
         ray.train.report({"phase": ph["index"], "loss": losses[-1], "tokens_per_s": summary["tokens_per_s"]})
         model_path, revision = ph["path"], None
-
-
-def _fully_shard(model: Any, device: Any) -> Any:
-    """FSDP2: every decoder layer a sharded unit, the rest (embeddings, final norm) the root's."""
-    from torch.distributed.fsdp import fully_shard
-
-    model.to(device)
-    for m in model.modules():
-        if type(m).__name__.endswith("DecoderLayer"):
-            fully_shard(m)
-    fully_shard(model)
-    return model
-
-
-def _state_options(strict: bool = True) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, strict=strict)
-
-
-def _full_adapter(model: Any) -> dict:
-    """The trainable (LoRA) weights of a sharded model, gathered whole (a collective; filled on rank 0)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_state_options())
-
-
-class _Checkpoints:
-    """Mid-phase checkpoints under <stage>/train/_ckpt/<NN>-<phase>-<key>/step-NNNNNN/, committed by rename:
-    adapter (safetensors), optimizer and scheduler (rank 0), RNG states of python, numpy and torch (every rank),
-    meta.json (step = data position, losses, tokens, world size). The last `keep` are kept. Under FSDP the
-    adapter and optimizer state are gathered whole on save and re-sharded on restore (torch.distributed's
-    full state dicts), so a sharded run resumes on any worker count too."""
-
-    def __init__(self, rd: RunDir, stage: str, ph: dict, keep: int, rank: int, fsdp: bool = False) -> None:
-        self.rd, self.keep, self.rank, self.fsdp = rd, max(1, keep), rank, fsdp
-        self.dir = rd.path(stage, "train", "_ckpt", f"{ph['index']:02d}-{ph['name']}-{ph['key']}")
-
-    def _steps(self) -> list[str]:
-        if not self.rd.exists(self.dir):
-            return []
-        return sorted(p for p in self.rd.fs.ls(self.dir, detail=False)
-                      if p.rsplit("/", 1)[-1].startswith("step-") and self.rd.exists(f"{p}/meta.json"))
-
-    def restore(self, model: Any, opt: Any, sched: Any) -> dict:
-        import random
-
-        import numpy as np
-        import torch
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        steps = self._steps()
-        if not steps:
-            return {"step": 0, "losses": [], "tokens": 0}
-        d = self.rd.as_local(steps[-1])
-        meta = json.loads((d / "meta.json").read_text())
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-            set_model_state_dict(model, load_file(d / "adapter.safetensors"), options=_state_options(strict=False))
-            set_optimizer_state_dict(model, opt, torch.load(d / "optimizer.pt", weights_only=True),
-                                     options=_state_options())
-        else:
-            inner = model.module if hasattr(model, "module") else model
-            device = next(inner.parameters()).device
-            set_peft_model_state_dict(inner, load_file(d / "adapter.safetensors", device=str(device)))
-            opt.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
-        sched.load_state_dict(torch.load(d / "scheduler.pt", weights_only=True))
-        rng = d / f"rng-rank{self.rank}.pt"
-        if rng.exists():  # a new worker count: ranks without a saved state keep their seeded state
-            r = torch.load(rng, weights_only=True)
-            random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
-            np.random.set_state((r["numpy"][0], np.asarray(r["numpy"][1], dtype=np.uint32), *r["numpy"][2:]))
-            torch.set_rng_state(r["torch"])
-        log.info("resumed %s at step %d (saved with %d workers)", d.name, meta["step"], meta["world"])
-        return meta
-
-    def save(self, model: Any, opt: Any, sched: Any, step: int, losses: list, tokens: int, world: int,
-             distill_losses: list) -> None:
-        import random
-
-        import numpy as np
-        import torch
-        import torch.distributed as dist
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        final = f"{self.dir}/step-{step:06d}"
-        staging = f"{self.dir}/.staging-{step:06d}"
-        d = self.rd.as_local(staging)
-        d.mkdir(parents=True, exist_ok=True)
-        pystate = random.getstate()
-        npstate = np.random.get_state()
-        torch.save({"python": [pystate[0], list(pystate[1]), pystate[2]],
-                    "numpy": [npstate[0], npstate[1].tolist(), *npstate[2:]], "torch": torch.get_rng_state()},
-                   d / f"rng-rank{self.rank}.pt")
-        if dist.is_initialized():
-            dist.barrier()
-        if self.fsdp:  # collectives: every rank takes part, rank 0 receives
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-            adapter, optim = _full_adapter(model), get_optimizer_state_dict(model, opt, options=_state_options())
-        if self.rank == 0:
-            if not self.fsdp:
-                inner = model.module if hasattr(model, "module") else model
-                adapter, optim = get_peft_model_state_dict(inner), opt.state_dict()
-            save_file({k: v.contiguous() for k, v in adapter.items()}, d / "adapter.safetensors")
-            torch.save(optim, d / "optimizer.pt")
-            torch.save(sched.state_dict(), d / "scheduler.pt")
-            (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens,
-                                                     "world": world, "distill_losses": distill_losses}))
-            self.rd.fs.mv(staging, final, recursive=True)
-            for old in self._steps()[: -self.keep]:
-                self.rd.fs.rm(old, recursive=True)
-        if dist.is_initialized():
-            dist.barrier()
 
 
 def _fuse_and_commit(rd: RunDir, model: Any, tok: Any, ph: dict, summary: dict, stage: str, probe: list) -> None:
