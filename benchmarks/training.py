@@ -5,7 +5,8 @@
 1. One LoRA phase on the tiny 27b student (the largest tiny model) over the project's prompts and reference
    answers: tokens/s of stages/train.py's worker loop inside a Ray Train job (1 worker) vs a bare PEFT loop on the
    same batches in this process (same packing, order, optimizer); model loading excluded from both.
-2. Real (non-pad) token fraction of the same data with packing (best-fit decreasing) and with padding only.
+2. Real (non-pad) token fraction of the same data with packing (cascade.packing.pack) and with padding only, over
+   the batches the worker loop draws; the Ray Train run's own count is printed beside it.
 3. Resume: `+stage=4b models=tiny` killed -9 after P1's first checkpoint; seconds from the start of the re-run
    to its first new optimizer step.
 Prints one JSON object on its last line (ratio_vs_bare_loop, real_token_fraction_packed,
@@ -36,18 +37,16 @@ def _data(cfg, path: Path) -> None:
                 f.write(json.dumps({"messages": p.messages, "response": p.reference}) + "\n")
 
 
-def _fractions(lengths: list[int]) -> tuple[float, float]:
-    from cascade.packing import best_fit_decreasing
+def _fraction(lengths: list[int], units: list[list[int]], seed: int) -> float:
+    """Real tokens / batch slots over the batches the worker loop draws (its order; each batch as wide as its
+    widest row)."""
+    from stages.train import _Order
 
-    def frac(units: list[list[int]]) -> float:
-        real = slots = 0
-        for i in range(0, len(units), BATCH):
-            rows = units[i : i + BATCH]
-            widths = [sum(lengths[j] for j in u) for u in rows]
-            real, slots = real + sum(widths), slots + len(rows) * max(widths)
-        return real / slots
-
-    return frac(best_fit_decreasing(lengths, SEQ)), frac([[i] for i in range(len(lengths))])
+    order, real, slots = _Order(len(units), seed), 0, 0
+    for step in range(ITERS):
+        widths = [sum(lengths[i] for i in units[order[step * BATCH + j]]) for j in range(BATCH)]
+        real, slots = real + sum(widths), slots + BATCH * max(widths)
+    return real / slots
 
 
 def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], seed: int) -> float:
@@ -106,7 +105,7 @@ def main() -> None:
     from cascade import cluster
     from cascade.chat import encode_example
     from cascade.config import TrainConfig
-    from cascade.packing import best_fit_decreasing
+    from cascade.packing import pack
     from cascade.rundir import RunDir
     from cascade.tiny import build_preset, preset_dir
     from conftest import compose
@@ -121,8 +120,10 @@ def main() -> None:
     recs = [json.loads(x) for x in (tmp / "train.jsonl").read_text().splitlines()]
     examples = [encode_example(tok, r["messages"], r["response"], SEQ) for r in recs]
     lengths = [len(e["input_ids"]) for e in examples]
-    packed, padded = _fractions(lengths)
-    out: dict = {"real_token_fraction_packed": round(packed, 4), "real_token_fraction_padded": round(padded, 4)}
+    units, seed = pack(lengths, SEQ), cfg.seed * 1_000  # the phase's seed (phase index 0)
+    out: dict = {"real_token_fraction_packed": round(_fraction(lengths, units, seed), 4),
+                 "real_token_fraction_padded": round(_fraction(lengths, [[i] for i in range(len(lengths))], seed), 4),
+                 "examples": len(lengths), "bins": len(units), "bins_lower_bound": -(-sum(lengths) // SEQ)}
 
     # 1a. orchestrated: the real worker loop in a Ray Train job, one phase, no mid-phase checkpoint
     rd = RunDir(str(tmp / "run"))
@@ -141,9 +142,9 @@ def main() -> None:
         cluster.stop()
     summary = rd.committed(phase["path"], "bench")["summary"]
     out["orchestrated_tok_s"] = round(summary["tokens_per_s"], 1)
+    out["real_token_fraction_in_training"] = round(summary["real_token_fraction"], 4)  # the worker's own count
     # 1b. bare PEFT loop, same batches
-    out["bare_tok_s"] = round(_bare_loop(model_path, examples, best_fit_decreasing(lengths, SEQ),
-                                         cfg.seed * 1_000), 1)
+    out["bare_tok_s"] = round(_bare_loop(model_path, examples, units, seed), 1)
     out["ratio_vs_bare_loop"] = round(out["orchestrated_tok_s"] / out["bare_tok_s"], 3)
     out["resume_s"] = round(_resume_s(tmp), 1)
     print(json.dumps(out))

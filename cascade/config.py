@@ -127,7 +127,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    packing: bool = True  # best-fit decreasing packing of whole examples, block-diagonal attention
+    packing: bool = True  # minimum-slack packing of whole examples, block-diagonal attention
     save_every: int = 50  # mid-phase checkpoint every N optimizer steps (0: none)
     keep_checkpoints: int = 2  # last K mid-phase checkpoints kept per phase
     max_failures: int = 2  # Ray Train restarts of a failed worker group (resuming from the last checkpoint)

@@ -108,7 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
     from cascade.chat import encode_example
     from cascade.checkpoints import Checkpoints, full_adapter, fully_shard_model
     from cascade.generation.backend import cpu_threads
-    from cascade.packing import best_fit_decreasing, collate_packed
+    from cascade.packing import collate_packed, pack
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -143,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
         distill = t["distill_weight"]
         examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example, distill > 0)
         lengths = [len(e["input_ids"]) for e in examples]
-        units = best_fit_decreasing(lengths, t["max_seq_len"]) if t["packing"] else [[i] for i in range(len(examples))]
+        units = pack(lengths, t["max_seq_len"]) if t["packing"] else [[i] for i in range(len(examples))]
         fsdp = t["strategy"] == "fsdp"
         # DDP when world > 1, or FSDP2 (each decoder layer sharded; the optimizer then sees the shards)
         model = fully_shard_model(model, device) if fsdp else ray.train.torch.prepare_model(model)

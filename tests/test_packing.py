@@ -1,20 +1,30 @@
-"""Packing: best-fit decreasing bins; a packed row computes exactly what its examples compute alone."""
+"""Packing: minimum-slack bins; a packed row computes exactly what its examples compute alone."""
 
 from __future__ import annotations
 
 import torch
 
 from cascade.chat import collate, encode_example
-from cascade.packing import best_fit_decreasing, collate_packed
+from cascade.packing import collate_packed, pack
 from conftest import compose
 
 
-def test_best_fit_decreasing_fills_bins():
+def test_pack_fills_bins():
     lengths = [70, 60, 50, 40, 30, 20, 10, 10, 5]
-    bins = best_fit_decreasing(lengths, 100)
+    bins = pack(lengths, 100)
     assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in b) <= 100 for b in bins)
     assert len(bins) == 3  # 295 tokens: the minimum number of 100-token bins
+
+
+def test_pack_closes_bins_best_fit_decreasing_leaves_open():
+    # best-fit decreasing: 4+4 | 3+3+3 | 3 (three bins); two bins of exactly 10 exist
+    assert sorted(sorted(b) for b in pack([4, 4, 3, 3, 3, 3], 10)) == [[0, 2, 3], [1, 4, 5]]
+    # an example longer than a bin (truncated upstream) takes a bin alone; chunks keep every example once
+    lengths = [300] + [37, 61, 90, 12, 55, 8] * 20
+    bins = pack(lengths, 100, chunk=25)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert [0] in bins and all(sum(lengths[i] for i in b) <= 100 for b in bins if b != [0])
 
 
 def test_packed_loss_equals_unpacked_loss():
