@@ -99,6 +99,7 @@ class BackendConfig:
     gpu_memory_utilization: float = 0.85
     max_model_len: int = 4096
     enforce_eager: bool = False
+    warmup_prompts: int = 256  # dummy prompts run once at replica start (part of engine start), 0: none
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -256,8 +257,8 @@ def check(cfg: Config) -> None:
         _fail("generation.temperature must be >= 0 and top_p in (0, 1]")
     if cfg.backend.name not in ("hf", "vllm"):
         _fail(f"backend.name {cfg.backend.name!r}: valid backends: hf, vllm")
-    if cfg.backend.tensor_parallel_size < 1:
-        _fail("backend.tensor_parallel_size must be >= 1")
+    if cfg.backend.tensor_parallel_size < 1 or cfg.backend.warmup_prompts < 0:
+        _fail("backend.tensor_parallel_size must be >= 1 and backend.warmup_prompts >= 0")
     t = cfg.train
     if t.batch_size <= 0 or t.grad_accum <= 0 or t.num_workers <= 0 or t.max_seq_len <= 0:
         _fail("train.batch_size, grad_accum, num_workers and max_seq_len must be > 0")

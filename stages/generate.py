@@ -52,7 +52,7 @@ def _backend_kwargs(cfg: Config, teacher: Teacher) -> dict[str, Any]:
         return {**kw, "batch_size": b.batch_size}
     return {**kw, "tensor_parallel_size": b.tensor_parallel_size, "gpu_memory_utilization": b.gpu_memory_utilization,
             "max_model_len": b.max_model_len, "enforce_eager": b.enforce_eager, "engine_kwargs": dict(b.engine_kwargs),
-            "seed": cfg.seed}
+            "seed": cfg.seed, "warmup_prompts": b.warmup_prompts}
 
 
 def _records(cfg: Config, job: GenJob, info: dict, completions: list[dict]) -> list[dict]:
