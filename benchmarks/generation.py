@@ -37,6 +37,20 @@ def _prompts_file(n: int, path: Path) -> None:
             f.write(json.dumps({"id": f"b{i:05d}", "prompt": f"{p.messages[-1]['content']} ({i})"}) + "\n")
 
 
+def _wait_replica_gone(timeout: float = 120.0) -> None:
+    """Until the killed replica's processes (its actor and vLLM's engine processes) have exited: their memory (GPU
+    memory on a GPU) must be free before the bare engine starts, and their CPU time must not count against it."""
+    import psutil
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        names = [p.info["name"] or "" for p in psutil.process_iter(["name"])]
+        if not any(n.startswith(("VLLM::", "ray::Generation")) for n in names):  # names cut at 15 chars
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the replica's processes did not exit")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=2048)
@@ -83,7 +97,7 @@ def main() -> None:
         s = rd.committed(job.path, job.key)["summary"]
         out["engine_start_s"] = round(s["engine_start_s"], 2)
         out["orchestrated_tok_s"] = round(s["completion_tokens"] / s["generate_wall_s"], 1)
-        time.sleep(5)  # the killed replica's engine processes gone
+        _wait_replica_gone()
 
         # 2. bare vllm.LLM.generate in this process, with the idle Ray cluster up and then without it
         t0 = time.perf_counter()
