@@ -1,6 +1,6 @@
 """Wall time of the tiny cascade and the share of it that is not model compute.
 
-    .venv/bin/python benchmarks/tiny_cascade.py          # ~4 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/tiny_cascade.py          # ~12 minutes on 2 CPU cores
 
 Runs `+stage=4b models=tiny` and `+stage=27b models=tiny` each in a fresh run directory (the tiny preset is built
 first and timed apart), then reads back from the run directories the seconds spent in model compute: the
