@@ -8,8 +8,8 @@ of them (token ids and SamplingParams built as the backend builds them, inside t
 generation step (driver queue -> one named replica actor -> committed shards; shard size by the auto rule).
 Engine start-up, which includes the same warm-up pass on both engines (backend.warmup_prompts), is excluded from
 both and reported apart. Each engine runs alone: the step first, then the bare engine, timed with the idle Ray
-cluster still up (ratio_vs_bare_vllm_ray_up) and again after Ray has stopped (ratio_vs_bare_vllm). Then the hf backend, batched vs one prompt at a time
-(on a subset). Prints one JSON object on its last line with ratio_vs_bare_vllm, orchestrated_tok_s, bare_tok_s,
+cluster still up (ratio_vs_bare_vllm_ray_up) and again after Ray has stopped (ratio_vs_bare_vllm). Then the hf
+backend, batched vs one prompt at a time (on a subset). Prints one JSON object on its last line with ratio_vs_bare_vllm, orchestrated_tok_s, bare_tok_s,
 engine_start_s and the hf figures. Goal: ratio_vs_bare_vllm >= 0.95.
 """
 

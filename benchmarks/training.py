@@ -37,14 +37,19 @@ def _data(cfg, path: Path) -> None:
                 f.write(json.dumps({"messages": p.messages, "response": p.reference}) + "\n")
 
 
-def _fraction(lengths: list[int], units: list[list[int]], seed: int) -> float:
-    """Real tokens / batch slots over the batches the worker loop draws (its order; each batch as wide as its
-    widest row)."""
+def _batches(units: list[list[int]], seed: int) -> list[list[list[int]]]:
+    """The rows (example indices) of each of ITERS batches, in the worker loop's order (one worker, no accumulation)."""
     from stages.train import _Order
 
-    order, real, slots = _Order(len(units), seed), 0, 0
-    for step in range(ITERS):
-        widths = [sum(lengths[i] for i in units[order[step * BATCH + j]]) for j in range(BATCH)]
+    order = _Order(len(units), seed)
+    return [[units[order[step * BATCH + j]] for j in range(BATCH)] for step in range(ITERS)]
+
+
+def _fraction(lengths: list[int], units: list[list[int]], seed: int) -> float:
+    """Real tokens / batch slots over the batches the worker loop draws (each as wide as its widest row)."""
+    real = slots = 0
+    for rows in _batches(units, seed):
+        widths = [sum(lengths[i] for i in row) for row in rows]
         real, slots = real + sum(widths), slots + BATCH * max(widths)
     return real / slots
 
@@ -55,7 +60,6 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
     from transformers import AutoModelForCausalLM
 
     from cascade.packing import collate_packed
-    from stages.train import _Order
 
     torch.set_num_threads(1)  # as the Ray Train worker (1 CPU)
     torch.manual_seed(seed)
@@ -64,11 +68,11 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
                                       task_type="CAUSAL_LM"))
     cfg = model.config
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    order, real = _Order(len(units), seed), 0
+    batches, real = _batches(units, seed), 0
     model.train()
     t0 = time.perf_counter()
-    for step in range(ITERS):
-        rows = [[examples[i] for i in units[order[step * BATCH + j]]] for j in range(BATCH)]
+    for unit_rows in batches:
+        rows = [[examples[i] for i in u] for u in unit_rows]
         b = collate_packed(rows, 0, cfg.layer_types, cfg.sliding_window)
         out = model(**{k: b[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
         out.loss.backward()

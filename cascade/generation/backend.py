@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
@@ -46,6 +46,12 @@ class Completion:
     top_ids: list[list[int]] | None = None  # [completion_tokens][k] when Sampling.logprobs
     top_logprobs: list[list[float]] | None = None
     token_ids: list[int] | None = None  # the sampled tokens (stop token included) when Sampling.logprobs
+
+
+def in_request_order(requests: list[Request], chunks: Iterator[list[Completion]]) -> list[Completion]:
+    """A stream's chunks gathered into one list in request order (then sample order): generate() of a backend."""
+    order = {r.prompt_id: k for k, r in enumerate(requests)}
+    return sorted((c for chunk in chunks for c in chunk), key=lambda c: (order[c.prompt_id], c.sample))
 
 
 class Backend(Protocol):
@@ -129,7 +135,7 @@ class HFBackend:
                 "weights_sha256": self.weights}
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
-        return [c for chunk in self.stream(requests, sampling, system) for c in chunk]
+        return in_request_order(requests, self.stream(requests, sampling, system))
 
     def stream(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[list[Completion]]:
         with self.lock:

