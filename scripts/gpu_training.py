@@ -5,9 +5,9 @@
 For each strategy (ddp, fsdp) runs `+stage=4b models=tiny` at smoke scale with train.use_gpu=true, bf16 on, and
 as many workers as there are GPUs (NCCL process group), then checks: the run exits 0; every phase committed a
 fused model whose fusion check passed (bf16 tolerance); the workers ran on CUDA; and, for fsdp, a second run
-killed after its first mid-phase checkpoint resumes from it and ends with the same P1 losses as the
-uninterrupted run (within 1e-2: CUDA kernels are not bitwise deterministic). Prints PASS/FAIL per check and one JSON object of figures (tokens/s per phase and
-strategy) on its last line; exits non-zero on any FAIL.
+killed after its first mid-phase checkpoint resumes from it and ends with the same P1 losses as the uninterrupted
+run (within 1e-2: CUDA kernels are not bitwise deterministic). Prints PASS/FAIL per check and one JSON object of
+figures (tokens/s per phase and strategy) on its last line; exits non-zero on any FAIL.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@
 
 Prompts are cut into fixed shards (in file order; size: cascade.driver.shard_size_for); a driver-side queue hands
 the next shard to whichever replica is free. Each finished shard is written to
-generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it; when all shards of a prompt set are in, its step.json (counts and
-checksums) commits the set. Each replica holds generation.shards_in_flight shards at once, so its engine never
-waits on the driver, and streams answers back as they finish; the driver keeps them until their shard is whole.
-A replica that dies has its shards in flight re-queued with only their missing prompts (Ray restarts the actor);
-a shard that fails generation.max_shard_failures times stops the step with the shard and the cause named.
+generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it; when all shards of a
+prompt set are in, its step.json (counts and checksums) commits the set. Each replica holds
+generation.shards_in_flight shards at once, so its engine never waits on the driver, and streams answers back as
+they finish; the driver keeps them until their shard is whole. A replica that dies has its shards in flight re-
+queued with only their missing prompts (Ray restarts the actor); a shard that fails generation.max_shard_failures
+times stops the step with the shard and the cause named.
 """
 
 from __future__ import annotations

