@@ -232,7 +232,10 @@ def _keep_off_model_cores() -> None:
     everything = os.sched_getaffinity(0)
     model, others = set(), [os.getpid()]
     for p in psutil.Process().children(recursive=True):
-        pinned = [a for a in (_thread_affinity(p.pid, t.id) for t in p.threads()) if a and a < everything]
+        try:
+            pinned = [a for a in map(_thread_affinity, (t.id for t in p.threads())) if a and a < everything]
+        except psutil.Error:  # it has exited
+            continue
         if pinned:
             model.update(*pinned)
         else:
@@ -242,7 +245,7 @@ def _keep_off_model_cores() -> None:
             _set_affinity(pid, everything - model)
 
 
-def _thread_affinity(pid: int, tid: int) -> set[int] | None:
+def _thread_affinity(tid: int) -> set[int] | None:
     try:
         return os.sched_getaffinity(tid)
     except OSError:  # the thread has ended
@@ -251,7 +254,11 @@ def _thread_affinity(pid: int, tid: int) -> set[int] | None:
 
 def _set_affinity(pid: int, cpus: set[int]) -> None:
     """Every thread of process pid (os.sched_setaffinity sets one thread's; threads started later inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # the process has exited
+        return
+    for tid in tids:
         try:
             os.sched_setaffinity(int(tid), cpus)
         except OSError:
