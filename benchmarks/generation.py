@@ -43,9 +43,9 @@ def _prompts_file(n: int, path: Path) -> None:
             f.write(json.dumps({"id": f"b{i:05d}", "prompt": f"{p.messages[-1]['content']} ({i})"}) + "\n")
 
 
-def _wait_replica_gone(timeout: float = 120.0) -> None:
-    """Until the killed replica's processes (its actor and vLLM's engine processes) have exited: their memory (GPU
-    memory on a GPU) must be free before the bare engine starts, and their CPU time must not count against it."""
+def _wait_engines_gone(timeout: float = 120.0) -> None:
+    """Until the last engine's processes (a replica's actor, vLLM's engine processes) have exited: their memory (GPU
+    memory on a GPU) must be free before the next engine starts, and their CPU time must not count against it."""
     import psutil
 
     t0 = time.time()
@@ -54,7 +54,7 @@ def _wait_replica_gone(timeout: float = 120.0) -> None:
         if not any(n.startswith(("VLLM::", "ray::Generation")) for n in names):  # names cut at 15 chars
             return
         time.sleep(0.5)
-    raise RuntimeError("the replica's processes did not exit")
+    raise RuntimeError("the last engine's processes did not exit")
 
 
 def main() -> None:
@@ -100,15 +100,13 @@ def main() -> None:
     # the engines round by round keeps slow drifts of this shared machine's speed out of the ratio.
     from cascade.generation.vllm_backend import VLLMBackend
 
-    rounds: dict[str, list[float]] = {"orchestrated": [], "bare_ray_up": [], "bare": []}
+    rounds: dict[str, list[tuple[int, float]]] = {"orchestrated": [], "bare_ray_up": [], "bare": []}  # (tokens, s)
     starts: dict[str, list[float]] = {"orchestrated": [], "bare": []}
-    tokens: dict[str, int] = {}
 
     def bare_run(bare: VLLMBackend, key: str) -> None:
         t0 = time.perf_counter()
         done = bare.llm.generate(*bare.inputs(reqs, sampling, None), use_tqdm=False)
-        rounds[key].append(time.perf_counter() - t0)
-        tokens[key] = sum(len(c.token_ids) for o in done for c in o.outputs)
+        rounds[key].append((sum(len(c.token_ids) for o in done for c in o.outputs), time.perf_counter() - t0))
 
     for _ in range(a.rounds):
         shutil.rmtree(Path(cfg.run_dir) / job.path, ignore_errors=True)
@@ -117,9 +115,8 @@ def main() -> None:
             generate._run_teacher(rd, cfg, sp.name, teacher, [job], prompts)
             s = rd.committed(job.path, job.key)["summary"]
             starts["orchestrated"].append(s["engine_start_s"])
-            rounds["orchestrated"].append(s["generate_wall_s"])
-            tokens["orchestrated"] = s["completion_tokens"]
-            _wait_replica_gone()
+            rounds["orchestrated"].append((s["completion_tokens"], s["generate_wall_s"]))
+            _wait_engines_gone()
             t0 = time.perf_counter()
             bare = VLLMBackend(teacher.model, **generate._backend_kwargs(cfg, teacher))
             starts["bare"].append(time.perf_counter() - t0)
@@ -129,22 +126,23 @@ def main() -> None:
         bare_run(bare, "bare")
         bare.shutdown()
         del bare
-        _wait_replica_gone()
+        _wait_engines_gone()
 
     def rate(key: str) -> float:  # every round's tokens over every round's seconds
-        return tokens[key] * len(rounds[key]) / sum(rounds[key])
+        return sum(n for n, _ in rounds[key]) / sum(t for _, t in rounds[key])
 
     for key in rounds:
         out[f"{key}_tok_s"] = round(rate(key), 1)
-        out[f"{key}_tok_s_rounds"] = [round(tokens[key] / t, 1) for t in rounds[key]]
+        out[f"{key}_tok_s_rounds"] = [round(n / t, 1) for n, t in rounds[key]]
     out["engine_start_s"] = round(statistics.median(starts["orchestrated"]), 2)
     out["bare_engine_start_s"] = round(statistics.median(starts["bare"]), 2)
     out["ratio_vs_bare_vllm"] = round(rate("orchestrated") / rate("bare"), 3)
     out["ratio_vs_bare_vllm_ray_up"] = round(rate("orchestrated") / rate("bare_ray_up"), 3)
-    out["ratio_vs_bare_vllm_rounds"] = [round(b / o, 3) for o, b in zip(rounds["orchestrated"], rounds["bare"])]
-    out["tokens_bare"], out["tokens_orchestrated"] = tokens["bare"], tokens["orchestrated"]
+    out["ratio_vs_bare_vllm_rounds"] = [round(no / to / (nb / tb), 3)
+                                        for (no, to), (nb, tb) in zip(rounds["orchestrated"], rounds["bare"])]
+    out["tokens_bare"], out["tokens_orchestrated"] = rounds["bare"][-1][0], rounds["orchestrated"][-1][0]
 
-    # 3. hf backend on a subset: batched vs one prompt at a time
+    # Then the hf backend on a subset: batched vs one prompt at a time
     sub = reqs[: a.hf_subset]
     for name, bs in (("hf_batched_tok_s", 32), ("hf_single_tok_s", 1)):
         hf = HFBackend(teacher.model, bs, "float32", None, False)

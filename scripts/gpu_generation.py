@@ -2,8 +2,8 @@
 
     python scripts/gpu_generation.py          # on a machine with >= 1 NVIDIA GPU, vllm==0.32.0 and CUDA torch
 
-1. benchmarks/generation.py --gpu --rounds 2: orchestrated vs bare vllm.LLM.generate on the same prompts (tiny preset
-   teacher; engine start excluded); PASS when ratio_vs_bare_vllm >= 0.95.
+1. benchmarks/generation.py --gpu --rounds 2: orchestrated vs bare vllm.LLM.generate on the same prompts (tiny
+   preset teacher; engine start excluded); PASS when ratio_vs_bare_vllm >= 0.95.
 2. With >= 2 GPUs: one replica with backend.tensor_parallel_size=2 (a STRICT_PACK placement group of two GPU
    bundles, vLLM's Ray executor inside it) generates a prompt set; PASS when every prompt is answered.
 Prints PASS/FAIL per check and one JSON object of figures on its last line; exits non-zero on any FAIL.
