@@ -23,12 +23,9 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def _prompts_file(n: int, path: Path) -> None:
@@ -45,16 +42,17 @@ def _prompts_file(n: int, path: Path) -> None:
 
 def _wait_engines_gone(timeout: float = 120.0) -> None:
     """Until the last engine's processes (a replica's actor, vLLM's engine processes) have exited: their memory (GPU
-    memory on a GPU) must be free before the next engine starts, and their CPU time must not count against it."""
+    memory on a GPU) must be free before the next engine starts, and their CPU time must not count against it.
+    Engine shutdown waits for its own processes (VLLMBackend.shutdown); this checks it, naming what is left."""
     import psutil
 
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        names = [p.info["name"] or "" for p in psutil.process_iter(["name"])]
-        if not any(n.startswith(("VLLM::", "ray::Generation")) for n in names):  # names cut at 15 chars
-            return
-        time.sleep(0.5)
-    raise RuntimeError("the last engine's processes did not exit")
+    from cascade.generation.vllm_backend import wait_gone
+
+    procs = [p for p in psutil.process_iter(["name"])
+             if (p.info["name"] or "").startswith(("VLLM::", "ray::Generation"))]  # names cut at 15 chars
+    left = wait_gone(procs, timeout)
+    if left:
+        raise RuntimeError(f"the last engine's processes did not exit: {[(p.pid, p.info['name']) for p in left]}")
 
 
 def main() -> None:
@@ -66,13 +64,11 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="GPU settings (no CPU KV-cache share, CUDA graphs)")
     a = ap.parse_args()
 
-    from conftest import compose
-
     from cascade import cluster
-    from cascade.driver import plan
-    from cascade.generation.backend import HFBackend, Request, Sampling
-    from cascade.prompts import load_prompts, read_text
-    from cascade.rundir import RunDir
+    from cascade.config import compose
+    from cascade.generation.hf_backend import HFBackend
+    from cascade.generation.types import Request
+    from cascade.plan import backend_kwargs, plan_run, prompt_seed, sampling
     from cascade.tiny import build_preset
     from stages import generate
 
@@ -87,12 +83,11 @@ def main() -> None:
         over += ["backend.num_cpus=2"]  # the replica gets the whole machine, as the bare engine does
     cfg = compose(over)
     build_preset(cfg)
-    rd = RunDir(cfg.run_dir)
-    prompts = {k: load_prompts(cfg.data[k]) for k in ("ethics", "composure")}
-    sp = plan(cfg, rd, prompts, read_text(cfg.kernel))[-1]
+    p = plan_run(cfg)
+    rd, prompts, sp = p.rd, p.prompts, p.stages[-1]
     teacher, job = sp.teachers[0], next(j for j in sp.gen_jobs if j.data == "ethics")
-    reqs = [Request(p.id, p.messages, generate.prompt_seed(cfg, teacher, "ethics", p.id)) for p in prompts["ethics"]]
-    sampling = Sampling(cfg.generation.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p)
+    reqs = [Request(q.id, q.messages, prompt_seed(cfg, teacher, "ethics", q.id)) for q in prompts["ethics"]]
+    samp = sampling(cfg)
     out: dict = {"prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "shard_size": job.shard_size}
 
     # Rounds, each with fresh engines: (1) the generation step through one replica actor, alone on the machine;
@@ -105,20 +100,20 @@ def main() -> None:
 
     def bare_run(bare: VLLMBackend, key: str) -> None:
         t0 = time.perf_counter()
-        done = bare.llm.generate(*bare.inputs(reqs, sampling, None), use_tqdm=False)
+        done = bare.llm.generate(*bare.inputs(reqs, samp, None), use_tqdm=False)
         rounds[key].append((sum(len(c.token_ids) for o in done for c in o.outputs), time.perf_counter() - t0))
 
     for _ in range(a.rounds):
-        shutil.rmtree(Path(cfg.run_dir) / job.path, ignore_errors=True)
+        shutil.rmtree(job.step.path, ignore_errors=True)
         cluster.start(cfg.cluster)
         try:
-            generate._run_teacher(rd, cfg, sp.name, teacher, [job], prompts)
-            s = rd.committed(job.path, job.key)["summary"]
+            generate.run_teacher(rd, cfg, sp.name, teacher, [job], prompts)
+            s = rd.committed(job.step)["summary"]
             starts["orchestrated"].append(s["engine_start_s"])
             rounds["orchestrated"].append((s["completion_tokens"], s["generate_wall_s"]))
             _wait_engines_gone()
             t0 = time.perf_counter()
-            bare = VLLMBackend(teacher.model, **generate._backend_kwargs(cfg, teacher))
+            bare = VLLMBackend(teacher.model, **backend_kwargs(cfg, teacher))
             starts["bare"].append(time.perf_counter() - t0)
             bare_run(bare, "bare_ray_up")
         finally:
@@ -147,7 +142,7 @@ def main() -> None:
     for name, bs in (("hf_batched_tok_s", 32), ("hf_single_tok_s", 1)):
         hf = HFBackend(teacher.model, bs, "float32", None, False)
         t0 = time.perf_counter()
-        res = hf.generate(sub, sampling, None)
+        res = hf.generate(sub, samp, None)
         out[name] = round(sum(c.completion_tokens for c in res) / (time.perf_counter() - t0), 1)
     out["hf_batched_vs_single"] = round(out["hf_batched_tok_s"] / out["hf_single_tok_s"], 2)
     out["hf_batched_vs_bare_vllm"] = round(out["hf_batched_tok_s"] / out["bare_tok_s"], 3)

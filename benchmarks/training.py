@@ -15,7 +15,6 @@ real_token_fraction_padded, resume_s, ...). Goals: ratio >= 0.95, packed fractio
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import subprocess
@@ -23,8 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 ITERS, BATCH, SEQ = 30, 8, 256
 
 
@@ -39,9 +36,9 @@ def _data(cfg, path: Path) -> None:
 
 def _batches(units: list[list[int]], seed: int) -> list[list[list[int]]]:
     """The rows (example indices) of each of ITERS batches, in the worker loop's order (one worker, no accumulation)."""
-    from stages.train import _Order
+    from cascade.packing import DataOrder
 
-    order = _Order(len(units), seed)
+    order = DataOrder(len(units), seed)
     return [[units[order[step * BATCH + j]] for j in range(BATCH)] for step in range(ITERS)]
 
 
@@ -56,16 +53,14 @@ def _fraction(lengths: list[int], units: list[list[int]], seed: int) -> float:
 
 def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], seed: int) -> float:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
+    from cascade.config import LoraSpec
+    from cascade.modeling import load_model, with_lora
     from cascade.packing import collate_packed
 
     torch.set_num_threads(1)  # as the Ray Train worker (1 CPU)
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                                      task_type="CAUSAL_LM"))
+    model = with_lora(load_model(model_path), LoraSpec(r=8, alpha=16, dropout=0.0))
     cfg = model.config
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batches, real = _batches(units, seed), 0
@@ -102,26 +97,27 @@ def _resume_s(tmp: Path) -> float:
 
 
 def main() -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
     from cascade import cluster
     from cascade.chat import encode_example
-    from cascade.config import TrainConfig
+    from cascade.config import TrainConfig, compose
     from cascade.packing import pack
-    from cascade.rundir import RunDir
+    from cascade.plan import PhasePlan
+    from cascade.rundir import RunDir, Step
     from cascade.tiny import build_preset, preset_dir
-    from conftest import compose
-    from stages.train import train_loop_per_worker
+    from stages.train import TrainJob, fit
 
     cfg = compose(["+stage=27b", "models=tiny", "cluster.auth=false", "cluster.include_dashboard=false"])
     build_preset(cfg)
     model_path = str(preset_dir(cfg) / "27b")
     tmp = Path(tempfile.mkdtemp())
-    _data(cfg, tmp / "train.jsonl")
+    rd = RunDir(str(tmp / "run"))
+    data = rd.local("27b", "dataset", "bench", "train.jsonl")  # where the worker reads a phase's dataset
+    data.parent.mkdir(parents=True)
+    _data(cfg, data)
     tok = AutoTokenizer.from_pretrained(model_path)
-    recs = [json.loads(x) for x in (tmp / "train.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in data.read_text().splitlines()]
     examples = [encode_example(tok, r["messages"], r["response"], SEQ) for r in recs]
     lengths = [len(e["input_ids"]) for e in examples]
     units, seed = pack(lengths, SEQ), cfg.seed * 1_000  # the phase's seed (phase index 0)
@@ -130,21 +126,16 @@ def main() -> None:
                  "examples": len(lengths), "bins": len(units), "bins_lower_bound": -(-sum(lengths) // SEQ)}
 
     # 1a. orchestrated: the real worker loop in a Ray Train job, one phase, no mid-phase checkpoint
-    rd = RunDir(str(tmp / "run"))
-    train = TrainConfig(batch_size=BATCH, grad_accum=1, max_seq_len=SEQ, save_every=0, bf16=False)
+    train = TrainConfig(batch_size=BATCH, grad_accum=1, max_seq_len=SEQ, save_every=0, bf16=False, max_failures=0)
     train.lora.r, train.lora.alpha, train.lora.dropout = 8, 16, 0.0
-    phase = {"index": 0, "name": "bench", "iters": ITERS, "lr": 1e-3, "key": "bench",
-             "path": rd.path("27b", "train", "00-bench"), "data": str(tmp / "train.jsonl")}
+    phase = PhasePlan(0, "bench", "bench", ITERS, 1e-3, Step("27b/dataset/bench", "data", rd.dataset("27b", "bench")),
+                      Step("27b/train/bench", "bench", rd.model("27b", 0, "bench")))
     cluster.start(cfg.cluster)
     try:
-        TorchTrainer(train_loop_per_worker, train_loop_config={
-            "stage": "27b", "run_dir": rd.url, "start_model": model_path, "revision": None, "phases": [phase],
-            "train": dataclasses.asdict(train), "seed": cfg.seed, "trust_remote_code": False},
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="bench", storage_path=str(tmp / "ray"))).fit()
+        fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), str(tmp / "ray"), "bench")
     finally:
         cluster.stop()
-    summary = rd.committed(phase["path"], "bench")["summary"]
+    summary = rd.committed(phase.model)["summary"]
     out["orchestrated_tok_s"] = round(summary["tokens_per_s"], 1)
     out["real_token_fraction_in_training"] = round(summary["real_token_fraction"], 4)  # the worker's own count
     # 1b. bare PEFT loop, same batches

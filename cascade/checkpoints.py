@@ -47,15 +47,20 @@ class Checkpoints:
     adapter and optimizer state are gathered whole on save and re-sharded on restore (torch.distributed's
     full state dicts), so a sharded run resumes on any worker count too."""
 
-    def __init__(self, rd: RunDir, stage: str, ph: dict, keep: int, rank: int, fsdp: bool = False) -> None:
-        self.rd, self.keep, self.rank, self.fsdp = rd, max(1, keep), rank, fsdp
-        self.dir = rd.path(stage, "train", "_ckpt", f"{ph['index']:02d}-{ph['name']}-{ph['key']}")
+    def __init__(self, rd: RunDir, path: str, keep: int, rank: int, fsdp: bool = False) -> None:
+        self.rd, self.dir, self.keep, self.rank, self.fsdp = rd, path, max(1, keep), rank, fsdp
 
     def _steps(self) -> list[str]:
         if not self.rd.exists(self.dir):
             return []
         return sorted(p for p in self.rd.fs.ls(self.dir, detail=False)
                       if p.rsplit("/", 1)[-1].startswith("step-") and self.rd.exists(f"{p}/meta.json"))
+
+    def mark_resumed(self, step: int) -> None:
+        """resumed.json: the first optimizer step taken after a resume, and when (benchmarks/training.py)."""
+        import time
+
+        self.rd.write_json(f"{self.dir}/resumed.json", {"step": step, "time": time.time()})
 
     def restore(self, model: Any, opt: Any, sched: Any) -> dict:
         import random

@@ -38,6 +38,17 @@ def ensure_auth_token() -> None:
     log.info("generated a Ray auth token at %s (print it with `ray get-auth-token`)", path)
 
 
+def cpu_threads() -> int:
+    """Threads for torch in this process: the CPUs Ray assigned to it, else all."""
+    import ray
+
+    if ray.is_initialized():  # get_runtime_context() would start a Ray instance otherwise
+        n = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if n:
+            return max(1, int(n))
+    return os.cpu_count() or 1
+
+
 def start(c: ClusterConfig) -> None:
     """Start or join Ray. With c.auth, ensure_auth_token() must have run before ray was first imported."""
     import ray

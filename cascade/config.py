@@ -65,6 +65,12 @@ class DataSource:
     heldout_fraction: float = 0.0  # without a heldout column: this share, chosen by id hash
     limit: Optional[int] = None  # keep the first N rows (by file order)
 
+    def check(self, where: str) -> None:
+        if (self.prompt_column is None) == (self.messages_column is None):
+            _fail(f"{where}: set exactly one of prompt_column and messages_column")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            _fail(f"{where}.heldout_fraction must be in [0, 1)")
+
 
 @dataclass
 class GenerationConfig:
@@ -87,6 +93,13 @@ class GenerationConfig:
     min_chars: int = 1  # shorter responses (after strip) count as empty
     max_chars: int = 0  # longer responses are dropped (0: no bound)
 
+    def check(self) -> None:
+        if min(self.max_new_tokens, self.replicas, self.n_samples, self.shards_in_flight) <= 0 or self.shard_size < 0:
+            _fail("generation.max_new_tokens, replicas, n_samples and shards_in_flight must be > 0, "
+                  "shard_size >= 0 (0: auto)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            _fail("generation.temperature must be >= 0 and top_p in (0, 1]")
+
 
 @dataclass
 class BackendConfig:
@@ -102,6 +115,12 @@ class BackendConfig:
     enforce_eager: bool = False
     warmup_prompts: int = 256  # dummy prompts run once at replica start (part of engine start), 0: none
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.name not in ("hf", "vllm"):
+            _fail(f"backend.name {self.name!r}: valid backends: hf, vllm")
+        if self.tensor_parallel_size < 1 or self.warmup_prompts < 0:
+            _fail("backend.tensor_parallel_size must be >= 1 and backend.warmup_prompts >= 0")
 
 
 @dataclass
@@ -137,6 +156,16 @@ class TrainConfig:
     # distribution at each response token (needs generation.logprobs > 0 and teachers sharing the student's
     # tokenizer); 0: off
     distill_weight: float = 0.0
+
+    def check(self) -> None:
+        if self.batch_size <= 0 or self.grad_accum <= 0 or self.num_workers <= 0 or self.max_seq_len <= 0:
+            _fail("train.batch_size, grad_accum, num_workers and max_seq_len must be > 0")
+        if self.batch_size % self.num_workers:
+            _fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})")
+        if self.strategy not in ("ddp", "fsdp"):
+            _fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
+        if self.distill_weight < 0:
+            _fail("train.distill_weight must be >= 0")
 
 
 @dataclass
@@ -174,6 +203,17 @@ class ModelsConfig:
     trust_remote_code: bool = False
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
+    def check(self, stage_order: list[str]) -> None:
+        if self.preset not in ("real", "tiny"):
+            _fail(f"models.preset {self.preset!r}: valid presets: real, tiny")
+        if self.preset == "tiny":
+            if self.tiny.vocab_size > 8192:
+                _fail("models.tiny.vocab_size must be <= 8192")
+            sizes = [self.tiny.sizes[s] for s in stage_order if s in self.tiny.sizes]
+            params = [s.hidden_size * s.num_hidden_layers * s.intermediate_size for s in sizes]
+            if params != sorted(set(params)):
+                _fail("models.tiny.sizes must strictly grow with the stage")
+
 
 @dataclass
 class ClusterConfig:
@@ -183,6 +223,10 @@ class ClusterConfig:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     auth: bool = True  # RAY_AUTH_MODE=token; the token comes from the environment or ~/.ray/auth_token
+
+    def check(self) -> None:
+        if self.dashboard_host not in ("127.0.0.1", "localhost") and self.auth is False:
+            _fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
 
 
 @dataclass
@@ -214,7 +258,20 @@ def _fail(msg: str) -> None:
 
 
 def check(cfg: Config) -> None:
-    """Every value check that needs no file or model: raises ConfigError naming the field."""
+    """Every value check that needs no file or model: each section's own, then those across sections."""
+    _check_stages(cfg)
+    _check_curriculum(cfg)
+    for key, src in cfg.data.items():
+        src.check(f"data.{key}")
+    for section in (cfg.generation, cfg.backend, cfg.train, cfg.cluster):
+        section.check()
+    cfg.models.check(cfg.stage_order())
+    if cfg.train.distill_weight > 0 and cfg.generation.logprobs <= 0:
+        _fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
+              "(e.g. 20)")
+
+
+def _check_stages(cfg: Config) -> None:
     if not cfg.stages:
         _fail("no stages are defined (stages: {...})")
     if cfg.target not in cfg.stages:
@@ -233,6 +290,9 @@ def check(cfg: Config) -> None:
                 _fail(f"stages.{name}.teachers: {t.stage!r} is not below {name!r}")
             if t.weight <= 0:
                 _fail(f"stages.{name}.teachers[{t.stage}].weight must be > 0")
+
+
+def _check_curriculum(cfg: Config) -> None:
     if not cfg.curriculum:
         _fail("curriculum is empty")
     names = [p.name for p in cfg.curriculum]
@@ -245,45 +305,18 @@ def check(cfg: Config) -> None:
             _fail(f"curriculum phase {p.name!r}: iters must be > 0")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", p.name):
             _fail(f"curriculum phase name {p.name!r}: use letters, digits, '_', '-', '.'")
-    for key, src in cfg.data.items():
-        if (src.prompt_column is None) == (src.messages_column is None):
-            _fail(f"data.{key}: set exactly one of prompt_column and messages_column")
-        if not 0.0 <= src.heldout_fraction < 1.0:
-            _fail(f"data.{key}.heldout_fraction must be in [0, 1)")
-    g = cfg.generation
-    if min(g.max_new_tokens, g.replicas, g.n_samples, g.shards_in_flight) <= 0 or g.shard_size < 0:
-        _fail("generation.max_new_tokens, replicas, n_samples and shards_in_flight must be > 0, "
-              "shard_size >= 0 (0: auto)")
-    if g.temperature < 0 or not 0 < g.top_p <= 1:
-        _fail("generation.temperature must be >= 0 and top_p in (0, 1]")
-    if cfg.backend.name not in ("hf", "vllm"):
-        _fail(f"backend.name {cfg.backend.name!r}: valid backends: hf, vllm")
-    if cfg.backend.tensor_parallel_size < 1 or cfg.backend.warmup_prompts < 0:
-        _fail("backend.tensor_parallel_size must be >= 1 and backend.warmup_prompts >= 0")
-    t = cfg.train
-    if t.batch_size <= 0 or t.grad_accum <= 0 or t.num_workers <= 0 or t.max_seq_len <= 0:
-        _fail("train.batch_size, grad_accum, num_workers and max_seq_len must be > 0")
-    if t.batch_size % t.num_workers:
-        _fail(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers ({t.num_workers})")
-    if t.strategy not in ("ddp", "fsdp"):
-        _fail(f"train.strategy {t.strategy!r}: valid strategies: ddp, fsdp")
-    if t.distill_weight < 0:
-        _fail("train.distill_weight must be >= 0")
-    if t.distill_weight > 0 and g.logprobs <= 0:
-        _fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
-              "(e.g. 20)")
-    if cfg.models.preset not in ("real", "tiny"):
-        _fail(f"models.preset {cfg.models.preset!r}: valid presets: real, tiny")
-    if cfg.models.preset == "tiny":
-        if cfg.models.tiny.vocab_size > 8192:
-            _fail("models.tiny.vocab_size must be <= 8192")
-        sizes = [cfg.models.tiny.sizes[s] for s in cfg.stage_order() if s in cfg.models.tiny.sizes]
-        params = [s.hidden_size * s.num_hidden_layers * s.intermediate_size for s in sizes]
-        if params != sorted(set(params)):
-            _fail("models.tiny.sizes must strictly grow with the stage")
-    if cfg.cluster.dashboard_host not in ("127.0.0.1", "localhost") and cfg.cluster.auth is False:
-        _fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
 
 
 def register() -> None:
     ConfigStore.instance().store(name="cascade_schema", node=Config)
+
+
+def compose(overrides: list[str]) -> Config:
+    """The real config, as `python -m cascade <overrides>` would build it, as typed dataclasses (tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from omegaconf import OmegaConf
+
+    register()
+    with initialize_config_module("cascade.conf", version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("config", overrides))

@@ -93,3 +93,20 @@ def collate_packed(rows: list[list[dict]], pad_id: int, layer_types: list[str] |
     if kd:
         out.update(kd_ids=kd_ids.to(device), kd_lp=kd_lp.to(device))
     return out
+
+
+class DataOrder:
+    """Unit index for a global position: epoch-wise permutations drawn from the seed. Optimizer step s, micro-step
+    m, global row j reads unit order[(s * accum + m) * B + j] (B the global micro-batch): the same for any worker
+    count."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.perms = n, seed, {}
+
+    def __getitem__(self, pos: int) -> int:
+        import torch
+
+        e = pos // self.n
+        if e not in self.perms:
+            self.perms[e] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
+        return self.perms[e][pos % self.n]

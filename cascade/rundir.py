@@ -1,24 +1,29 @@
-"""The run directory: its layout (written down here once), atomic commits, the manifest, step identities.
+"""The run directory: its layout (written down here once), atomic commits, the manifest, the step protocol.
 
-    <run_dir>/
-      manifest.json                        index of every step: {name: {state, key, path, summary, time}};
-                                           rewritten atomically, always after the output it describes
-      config.yaml, config.sha256           the resolved config of the latest invocation (no secrets)
-      logs/driver.log                      the driver's log, appended by every invocation
-      generations/<teacher>/<data>/<key>/  a teacher's responses to one prompt set, content-addressed by key
-                                           (teacher weights, chat template, sampling, prompts): shards/
-                                           shard-NNNNN.jsonl committed one by one, then step.json
-      <stage>/dataset/<data>/              the curated distilled dataset: train.jsonl, heldout.jsonl, step.json
-      <stage>/train/<NN>-<phase>/          the student fused after that phase: a plain HF model directory
-      <stage>/train/_work/                 Ray Train's storage for the stage (worker checkpoints, results)
-      <stage>/eval/                        agreement of student and teachers on held-out prompts
-      <stage>/metrics.json                 loss per phase, agreement before/after, curation counts
-      tmp/                                 staging; anything here is uncommitted and may be deleted
+    <run_dir>/                               a local path is made absolute first (Ray Train workers run elsewhere)
+      manifest.json                          index of every step: {name: {state, key, path, summary, time}};
+                                             rewritten atomically, always after the output it describes
+      config.yaml, config.sha256             the resolved config of the latest invocation (no secrets)
+      logs/driver.log                        the driver's log, appended by every invocation
+      generations/<teacher>/<data>/<key>/    a teacher's answers to one prompt set, content-addressed by key
+                                             (teacher weights, chat template, sampling, prompts), shared by stages
+        shards/shard-NNNNN.jsonl             committed one by one (records; the file is the shard's commit)
+        shards/shard-NNNNN.logprobs.npz      with generation.logprobs: top-k log-probs (cascade/logprobs.py)
+        step.json                            the set's commit: record counts and checksums per shard
+      <stage>/dataset/<phase>/               the curated dataset of a phase: train.jsonl, heldout.jsonl, step.json
+      <stage>/train/<NN>-<phase>/            the student fused after that phase: a plain HF model directory
+      <stage>/train/_ckpt/<NN>-<phase>-<key>/step-NNNNNN/   mid-phase checkpoints (cascade/checkpoints.py)
+      <stage>/train/_work/                   Ray Train's storage for the stage (results; tensorboard/<phase>/)
+      <stage>/eval/                          metrics.json: agreement before/after, loss per phase, curation counts
+      tmp/                                   staging; anything here is uncommitted and may be deleted
 
-A directory is committed when its step.json (holding the step's key) is present: staging happens elsewhere
-and the directory is renamed into place whole, so a kill at any point leaves either the old state or the new
-one. Paths are fsspec URLs: a shared filesystem serves a multi-node run; model directories must be on a
-filesystem (local or shared) because transformers and vLLM load them from a path.
+Every path of a run is made by a method below; no other module joins run-directory paths by hand.
+
+A step (name, key, path) is committed when its step.json, holding the key, is present. The step protocol
+(`begin` -> build in staging -> `commit_dir`, or files written in place then `commit_files`) is the same for
+every step: a committed step is skipped, a running one is marked in the manifest, and a kill at any point leaves
+either the old state or the new one. Paths are fsspec URLs: a shared filesystem serves a multi-node run; model
+directories must be on a filesystem (local or shared) because transformers and vLLM load them from a path.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,24 +57,78 @@ def stable_hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Step:
+    """One unit of committed work: its manifest name, its identity and where its outputs live."""
+
+    name: str
+    key: str
+    path: str
+
+
+def absolute(url: str) -> str:
+    """A run directory's URL with a local path made absolute (fsspec URLs with a protocol are kept)."""
+    url = os.path.expanduser(url)
+    return url if "://" in url else os.path.abspath(url)
+
+
 class RunDir:
     """All reads and writes of a run go through here."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(os.path.expanduser(self.url))
+        self.url = absolute(url).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.fs.makedirs(self.root, exist_ok=True)
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
-    # -- paths -------------------------------------------------------------------------------------------------
+    # -- the layout ------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def generation(self, teacher: str, data: str, key: str) -> str:
+        return self.path("generations", teacher, data, key)
+
+    def shard_file(self, teacher: str, data: str, key: str, name: str) -> str:
+        """A file of a generation's shards directory (a shard, or the log-probs file a record names)."""
+        return f"{self.generation(teacher, data, key)}/shards/{name}"
+
+    def shard(self, teacher: str, data: str, key: str, i: int, ext: str = "jsonl") -> str:
+        return self.shard_file(teacher, data, key, f"shard-{i:05d}.{ext}")
+
+    def shards(self, teacher: str, data: str, key: str) -> list[str]:
+        """The committed shard files of a generation, in order."""
+        return sorted(self.fs.glob(self.shard_file(teacher, data, key, "shard-*.jsonl")))
+
+    def dataset(self, stage: str, phase: str) -> str:
+        return self.path(stage, "dataset", phase)
+
+    def dataset_file(self, stage: str, phase: str, split: str) -> str:
+        return f"{self.dataset(stage, phase)}/{split}.jsonl"
+
+    def model(self, stage: str, index: int, phase: str) -> str:
+        return self.path(stage, "train", f"{index:02d}-{phase}")
+
+    def checkpoints(self, stage: str, index: int, phase: str, key: str) -> str:
+        return self.path(stage, "train", "_ckpt", f"{index:02d}-{phase}-{key}")
+
+    def train_work(self, stage: str) -> str:
+        return self.path(stage, "train", "_work")
+
+    def tensorboard(self, stage: str, phase: str) -> Path:
+        return self.local(stage, "train", "_work", "tensorboard", phase)
+
+    def eval(self, stage: str) -> str:
+        return self.path(stage, "eval")
+
+    def metrics(self, stage: str) -> str:
+        return f"{self.eval(stage)}/metrics.json"
+
+    def driver_log(self) -> Path:
+        return self.local("logs", "driver.log")
+
     def local(self, *parts: str) -> Path:
         """A path that transformers/vLLM can open: only for a filesystem-backed run directory."""
-        if not self.is_local:
-            raise RuntimeError(f"model directories need a (shared) filesystem run_dir, not {self.url}")
-        return Path(self.path(*parts))
+        return self.as_local(self.path(*parts))
 
     def as_local(self, path: str) -> Path:
         """The filesystem path of a run-directory path (see local())."""
@@ -81,7 +141,7 @@ class RunDir:
         self.fs.makedirs(p, exist_ok=True)
         return p
 
-    # -- atomic writes -----------------------------------------------------------------------------------------
+    # -- atomic writes and reads ------------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a file atomically: a temporary sibling, then a rename."""
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -93,55 +153,84 @@ class RunDir:
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
+    def write_jsonl(self, path: str, records: list[dict]) -> None:
+        self.write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as f:
+            return f.read()
+
     def read_json(self, path: str) -> Any | None:
         try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            return json.loads(self.read_bytes(path))
         except FileNotFoundError:
             return None
+
+    def read_jsonl(self, path: str) -> list[dict]:
+        """The records of a JSONL file; [] when it does not exist."""
+        if not self.exists(path):
+            return []
+        return [json.loads(line) for line in self.read_bytes(path).splitlines() if line.strip()]
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
-    # -- steps -------------------------------------------------------------------------------------------------
-    def committed(self, path: str, key: str) -> dict | None:
-        """The step record at `path` if it was committed with `key`, else None."""
-        rec = self.read_json(f"{path}/{STEP_FILE}")
-        return rec if rec is not None and rec.get("key") == key else None
+    # -- the step protocol ------------------------------------------------------------------------------------
+    def committed(self, step: Step) -> dict | None:
+        """The step record at step.path if it was committed with step.key, else None."""
+        rec = self.read_json(f"{step.path}/{STEP_FILE}")
+        return rec if rec is not None and rec.get("key") == step.key else None
 
-    def commit_dir(self, staging: str, path: str, name: str, key: str, summary: dict, record: bool = True) -> dict:
-        """Make `staging` the committed output at `path` (replacing a stale one) and record it in the manifest.
+    def begin(self, step: Step) -> dict | None:
+        """Skip a committed step (its record is returned and marked done), or mark it running (None)."""
+        rec = self.committed(step)
+        if rec is not None:
+            log.info("[skip] %s (committed, key %s)", step.name, step.key)
+            self.mark_done(step, rec)
+            return rec
+        log.info("[run ] %s (key %s)", step.name, step.key)
+        self.mark(step.name, "running", key=step.key, path=step.path)
+        return None
+
+    def mark_done(self, step: Step, rec: dict) -> None:
+        self.mark(step.name, "done", key=step.key, path=step.path, summary=rec["summary"])
+
+    def commit_dir(self, staging: str, step: Step, summary: dict, record: bool = True) -> dict:
+        """Make `staging` the committed output at step.path (replacing a stale one) and record it in the manifest.
 
         Workers pass record=False: the driver, the manifest's one writer, records the step when it sees it.
         """
-        rec = {"step": name, "key": key, "summary": summary, "time": time.time()}
+        rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time()}
         self.write_json(f"{staging}/{STEP_FILE}", rec)
-        if self.fs.exists(path):  # stale: a different key (changed config); move aside, then drop
+        if self.fs.exists(step.path):  # stale: a different key (changed config); move aside, then drop
             aside = self.path("tmp", f"stale-{uuid.uuid4().hex[:8]}")
-            self.fs.mv(path, aside, recursive=True)
+            self.fs.mv(step.path, aside, recursive=True)
             self.fs.rm(aside, recursive=True)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.mv(staging, path, recursive=True)
+        self.fs.makedirs(step.path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.mv(staging, step.path, recursive=True)
         if record:
-            self.mark(name, "done", key=key, path=path, summary=summary)
+            self.mark_done(step, rec)
         return rec
 
-    def step(self, name: str, key: str, path: str, build: Callable[[str], dict]) -> dict:
-        """Run build(staging_dir) -> summary unless `path` already holds this step with this key; commit it."""
-        rec = self.committed(path, key)
+    def commit_files(self, step: Step, summary: dict, **extra: Any) -> dict:
+        """Commit a step whose files were written in place, each atomically: its step.json comes last."""
+        rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(), **extra}
+        self.write_json(f"{step.path}/{STEP_FILE}", rec)
+        self.mark_done(step, rec)
+        return rec
+
+    def run_step(self, step: Step, build: Callable[[str], dict]) -> dict:
+        """Run build(staging_dir) -> summary unless the step is committed; commit it."""
+        rec = self.begin(step)
         if rec is not None:
-            log.info("[skip] %s (committed, key %s)", name, key)
-            self.mark(name, "done", key=key, path=path, summary=rec["summary"])
             return rec
-        log.info("[run ] %s (key %s)", name, key)
-        self.mark(name, "running", key=key, path=path)
-        staging = self.staging(name)
+        staging = self.staging(step.name)
         try:
             summary = build(staging)
         except BaseException as e:
-            self.mark(name, "failed", key=key, path=path, error=f"{type(e).__name__}: {e}")
+            self.mark(step.name, "failed", key=step.key, path=step.path, error=f"{type(e).__name__}: {e}")
             raise
-        return self.commit_dir(staging, path, name, key, summary)
+        return self.commit_dir(staging, step, summary)
 
     # -- manifest ----------------------------------------------------------------------------------------------
     def manifest(self) -> dict:
@@ -155,6 +244,11 @@ class RunDir:
             return
         m["steps"][name] = {"state": state, "time": time.time(), **fields}
         self.write_json(self.path("manifest.json"), m)
+
+    def save_config(self, text: str) -> None:
+        """The resolved config (no secret: tokens are read from the environment only) and its hash."""
+        self.write_bytes(self.path("config.yaml"), text.encode())
+        self.write_bytes(self.path("config.sha256"), stable_hash(text).encode())
 
     def clean_staging(self) -> None:
         """Drop uncommitted leftovers of killed runs (only safe while no step of this run is in flight)."""

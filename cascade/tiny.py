@@ -186,13 +186,7 @@ def build_preset(cfg: Config) -> Path:
 
 
 def main() -> None:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from cascade.config import register
+    from cascade.config import compose
 
     logging.basicConfig(level=logging.INFO)
-    register()
-    with initialize_config_module("cascade.conf", version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", ["+stage=27b", "models=tiny"]))
-    print(build_preset(cfg))
+    print(build_preset(compose(["+stage=27b", "models=tiny"])))

@@ -14,13 +14,12 @@ the student's, or the step stops here, before training.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter, defaultdict
 
 from cascade.config import Config, ConfigError
-from cascade.driver import PhasePlan, StagePlan
+from cascade.plan import GenJob, PhasePlan, StagePlan
 from cascade.prompts import Prompt
 from cascade.rundir import RunDir, stable_hash
 
@@ -29,23 +28,25 @@ def normalize(text: str) -> str:
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
 
-def _load(rd: RunDir, path: str) -> dict[str, list[dict]]:
+def _load(rd: RunDir, job: GenJob) -> dict[str, list[dict]]:
+    """A teacher's answers to one prompt set, by prompt id; log-prob references made run-directory paths."""
     by_prompt: dict[str, list[dict]] = defaultdict(list)
-    for f in sorted(rd.fs.glob(f"{path}/shards/shard-*.jsonl")):
-        with rd.fs.open(f, "r") as fh:
-            for line in fh:
-                rec = json.loads(line)
-                by_prompt[rec["prompt_id"]].append(rec)
+    for f in rd.shards(job.teacher.name, job.data, job.step.key):
+        for rec in rd.read_jsonl(f):
+            if "logprobs" in rec:
+                name = rec["logprobs"]["file"]
+                rec["logprobs"] = {**rec["logprobs"], "file": rd.shard_file(job.teacher.name, job.data,
+                                                                             job.step.key, name)}
+            by_prompt[rec["prompt_id"]].append(rec)
     return by_prompt
 
 
 def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[Prompt], rd: RunDir) -> dict:
     g = cfg.generation
     jobs = [j for j in sp.gen_jobs if j.data == ph.data]
-    answers = {j.teacher.name: _load(rd, j.path) for j in jobs}
+    answers = {j.teacher.name: _load(rd, j) for j in jobs}
     if cfg.train.distill_weight > 0:
-        _check_shared_vocab(cfg, sp, answers)
-    paths = {j.teacher.name: j.path for j in jobs}
+        check_shared_vocab(cfg, sp, answers)
     weights = [j.teacher.weight for j in jobs]
     counts: Counter = Counter()
     out = {"train": [], "heldout": []}
@@ -83,9 +84,8 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
                     "response": text,
                     **{k: rec[k] for k in ("data", "teacher", "teacher_key", "sampling", "seed", "sample",
                                            "finish_reason", "prompt_tokens", "completion_tokens")},
-                    **({"logprobs": {**rec["logprobs"], "file": f"{paths[teacher.name]}/shards/"
-                                                                 f"{rec['logprobs']['file']}"},
-                        "vocab_hash": rec.get("vocab_hash")} if "logprobs" in rec else {}),
+                    **({"logprobs": rec["logprobs"], "vocab_hash": rec.get("vocab_hash")} if "logprobs" in rec
+                       else {}),
                 })
         counts["kept"] += kept
         counts[f"teacher/{teacher.name}"] += kept
@@ -94,12 +94,11 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
     if not out["train"]:
         raise ConfigError(f"{sp.name}/{ph.name}: no usable generations to train on ({dict(counts)})")
     for split, recs in out.items():
-        with rd.fs.open(f"{staging}/{split}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+        rd.write_jsonl(f"{staging}/{split}.jsonl", recs)
     return {"counts": dict(counts), "train": len(out["train"]), "heldout": len(out["heldout"])}
 
 
-def _check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, list[dict]]]) -> None:
+def check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, list[dict]]]) -> None:
     """Logit distillation compares token ids: every teacher's vocabulary must be the student's."""
     from transformers import AutoTokenizer
 

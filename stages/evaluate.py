@@ -10,7 +10,6 @@ curation counts of each phase's dataset.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import ray
 
 from cascade.config import Config
-from cascade.driver import StagePlan
+from cascade.plan import StagePlan
 from cascade.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -42,12 +41,10 @@ def _score_kwargs(cfg: Config) -> dict:
 def _heldout(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
     records, seen = [], set()
     for ph in sp.phases:
-        with rd.fs.open(f"{ph.dataset_path}/heldout.jsonl", "r") as f:
-            for line in f:
-                r = json.loads(line)
-                if r["id"] not in seen:
-                    seen.add(r["id"])
-                    records.append(r)
+        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                records.append(r)
     return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
 
 
@@ -70,10 +67,10 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, before_ref: Any = 
         "compute_seconds": t_before + t_after,
     }
     for ph in sp.phases:
-        t = rd.committed(ph.path, ph.key)["summary"]
+        t = rd.committed(ph.model)["summary"]
         metrics["phases"][ph.name] = {k: t[k] for k in ("loss_first", "loss_last", "loss_mean_last", "steps",
                                                         "tokens", "tokens_per_s", "seconds", "train_seconds")}
-        metrics["curation"][ph.name] = rd.committed(ph.dataset_path, ph.dataset_key)["summary"]["counts"]
+        metrics["curation"][ph.name] = rd.committed(ph.dataset)["summary"]["counts"]
     rd.write_json(f"{staging}/metrics.json", metrics)
     log.info("stage %s agreement: before %.4f after %.4f", sp.name, before or float("nan"), after or float("nan"))
     return {"agreement_before": before, "agreement_after": after, "records": len(records)}
@@ -83,18 +80,18 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
                   trust: bool) -> tuple[float | None, float]:
     """(mean log-likelihood per response token of the records' responses under the model, compute seconds)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from cascade.chat import IGNORE_INDEX, collate, encode_example
-    from cascade.generation.backend import cpu_threads
+    from cascade.cluster import cpu_threads
+    from cascade.modeling import load_model
 
     if not records:
         return None, 0.0
     torch.set_num_threads(cpu_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, trust_remote_code=trust,
-                                                 use_safetensors=True).to(device).eval()
+    model = load_model(model_path, revision, trust_remote_code=trust).to(device).eval()
     total, count, t0 = 0.0, 0, time.perf_counter()
     for i in range(0, len(records), batch_size):
         batch = [encode_example(tok, r["messages"], r["response"], max_len) for r in records[i : i + batch_size]]

@@ -3,236 +3,289 @@
     python -m cascade +stage=4b models=tiny train.num_workers=1
 
 One TorchTrainer job per stage runs the phases not yet committed, in order (one job, not one per phase: a Ray
-Train start costs ~12 s here). Per phase, every worker: loads the previous phase's fused model (the stage's base
-model for P0), wraps it in a PEFT LoRA (all linear layers by default), trains `iters` optimizer steps with loss
-on response tokens only (prompt tokens masked), then rank 0 merges the adapter into the weights and commits the
-fused model (a plain HF directory: config.json, safetensors, tokenizer, chat template) by renaming it into place,
-once stages/fuse.py has shown that the saved model's logits equal base + adapter on held-out prompts.
-The driver records each committed phase in the manifest. Every train.save_every optimizer steps the workers
-write a checkpoint (cascade/checkpoints.py: adapter, optimizer, scheduler, RNG states, data position); after a
-kill of the driver (the same command again) or of a worker (Ray Train restarts the group, train.max_failures
-times) the phase resumes from the newest one and ends with the same adapter as a run never stopped (bitwise on
-CPU).
+Train start costs ~12 s here). Its workers receive a `TrainJob` (typed; Ray pickles it). Per phase, every worker
+(`PhaseTrainer`): `setup` loads the previous phase's fused model (the stage's base model for P0), wraps it in a
+PEFT LoRA (all linear layers by default) and restores the newest mid-phase checkpoint; `steps` trains `iters`
+optimizer steps with loss on response tokens only (prompt tokens masked), writing a checkpoint every
+train.save_every steps (cascade/checkpoints.py: adapter, optimizer, scheduler, RNG states, data position);
+`finish` has rank 0 merge the adapter into the weights and commit the fused model (a plain HF directory) by
+renaming it into place, once cascade.modeling.fuse has shown that the saved model's logits equal base + adapter on
+held-out prompts. The driver records each committed phase in the manifest. After a kill of the driver (the same
+command again) or of a worker (Ray Train restarts the group, train.max_failures times) the phase resumes from
+the newest checkpoint and ends with the same adapter as a run never stopped (bitwise on CPU).
 
-Data order: optimizer step s, micro-step m, global row j reads sample perm_e[(s*accum + m)*B + j mod N], where
-B = train.batch_size (global) and perm_e is the permutation of epoch e drawn from (seed, phase); worker r of W
-takes rows [r*B/W, (r+1)*B/W). The order is the same for any worker count, so W is a resource, not an identity.
-With train.strategy=fsdp the model is sharded (FSDP2, one unit per decoder layer) instead of replicated; at the
-end of a phase the adapter is gathered whole and rank 0 fuses it into a freshly loaded base.
+Data order: cascade.packing.DataOrder (seeded by (seed, phase)); worker r of W takes rows [r*B/W, (r+1)*B/W) of
+each global micro-batch of B = train.batch_size rows, so W is a resource, not an identity. With
+train.strategy=fsdp the model is sharded (FSDP2, one unit per decoder layer) instead of replicated; at the end of
+a phase the adapter is gathered whole and rank 0 fuses it into a freshly loaded base. With train.distill_weight > 0
+the loss adds the cross-entropy against the teachers' stored top-k distributions (cascade/logprobs.py).
 
-With train.distill_weight > 0 the loss adds, at every response token, the cross-entropy of the student's
-distribution against the teacher's stored top-k distribution (renormalised over its k tokens); the response is
-then the teacher's own sampled tokens, so that positions line up (curate checked the tokenizers match).
-
-The loop is written by hand (about 60 lines) rather than TRL's SFTTrainer: the data order above must not depend
-on the worker count, each phase must fuse and commit inside the same Ray Train job, and a Trainer's set-up
-per phase costs more than the tiny phases themselves on CPU.
+The loop is written by hand rather than TRL's SFTTrainer: the data order above must not depend on the worker
+count, each phase must fuse and commit inside the same Ray Train job, and a Trainer's set-up per phase costs more
+than the tiny phases themselves on CPU.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from cascade.config import Config
-from cascade.driver import StagePlan
+from cascade.config import Config, TrainConfig
+from cascade.plan import PhasePlan, StagePlan
 from cascade.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class TrainJob:
+    """What every Ray Train worker of a stage receives: the phases to run and how."""
+
+    stage: str
+    run_dir: str
+    start_model: str  # the model the first phase of `phases` starts from
+    revision: str | None
+    phases: list[PhasePlan]
+    train: TrainConfig
+    seed: int
+    trust_remote_code: bool = False
+
+
 def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
     """Train the phases of `sp` that are not committed (driver side)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     todo = []
     for ph in sp.phases:
-        name = f"{sp.name}/train/{ph.name}"
-        rec = rd.committed(ph.path, ph.key)
-        if rec is not None and not todo:
-            log.info("[skip] %s (committed, key %s)", name, ph.key)
-            rd.mark(name, "done", key=ph.key, path=ph.path, summary=rec["summary"])
-        else:
+        if todo:  # after a phase that must run, every later one runs too (it starts from that one's output)
+            rd.mark(ph.model.name, "running", key=ph.model.key, path=ph.model.path)
             todo.append(ph)
-            rd.mark(name, "running", key=ph.key, path=ph.path)
+        elif rd.begin(ph.model) is None:
+            todo.append(ph)
     if not todo:
         return
     first = todo[0].index
-    start_model = sp.phases[first - 1].path if first > 0 else sp.base_model
-    t = cfg.train
-    loop_config = {
-        "stage": sp.name,
-        "run_dir": rd.url,
-        "start_model": start_model,
-        "revision": sp.revision if first == 0 else None,
-        "phases": [
-            {"index": p.index, "name": p.name, "iters": p.iters, "lr": p.lr, "key": p.key, "path": p.path,
-             "data": f"{p.dataset_path}/train.jsonl"}
-            for p in todo
-        ],
-        "train": dataclasses.asdict(t),
-        "seed": cfg.seed,
-        "trust_remote_code": cfg.models.trust_remote_code,
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
-        ),
-        run_config=RunConfig(name=f"{sp.name}-{todo[0].key}", storage_path=rd.path(sp.name, "train", "_work"),
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
-    )
-    trainer.fit()
+    job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
+                   sp.revision if first == 0 else None, todo, cfg.train, cfg.seed, cfg.models.trust_remote_code)
+    fit(job, rd.train_work(sp.name), f"{sp.name}-{todo[0].model.key}")
     for ph in todo:
-        rec = rd.committed(ph.path, ph.key)
+        rec = rd.committed(ph.model)
         if rec is None:
-            raise RuntimeError(f"{sp.name}/train/{ph.name}: training ended without committing {ph.path}")
-        rd.mark(f"{sp.name}/train/{ph.name}", "done", key=ph.key, path=ph.path, summary=rec["summary"])
+            raise RuntimeError(f"{ph.model.name}: training ended without committing {ph.model.path}")
+        rd.mark_done(ph.model, rec)
 
 
-# -- the worker loop ----------------------------------------------------------------------------------------------
+def fit(job: TrainJob, storage_path: str, name: str) -> None:
+    """Run `job` as one Ray Train job (train.num_workers workers)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t = job.train
+    TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
+    ).fit()
+
+
+# -- the worker ---------------------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
+    """Every phase of the job not yet committed, in order; each starts from the previous one's fused model."""
     import torch
-    import torch.distributed as dist
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from cascade.chat import encode_example
-    from cascade.checkpoints import Checkpoints, full_adapter, fully_shard_model
-    from cascade.generation.backend import cpu_threads
-    from cascade.packing import collate_packed, pack
+    from cascade.cluster import cpu_threads
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    job: TrainJob = config["job"]
     torch.set_num_threads(cpu_threads())
-    t = config["train"]
-    rd = RunDir(config["run_dir"])
-    device = ray.train.torch.get_device()
-    dtype = torch.bfloat16 if (t["bf16"] and device.type == "cuda" and torch.cuda.is_bf16_supported()) else torch.float32
-    model_path, revision = config["start_model"], config["revision"]
-    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=config["trust_remote_code"])
+    rd = RunDir(job.run_dir)
+    model_path, revision = job.start_model, job.revision
+    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=job.trust_remote_code)
+    for ph in job.phases:
+        if not rd.committed(ph.model):  # a phase committed before a worker restart is not redone
+            trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision)
+            trainer.steps()
+            trainer.finish()
+        model_path, revision = ph.model.path, None
 
-    for ph in config["phases"]:
-        if rd.committed(ph["path"], ph["key"]):  # committed before a worker restart
-            model_path, revision = ph["path"], None
-            continue
-        t0 = time.time()
-        seed = config["seed"] * 1_000 + ph["index"]
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, revision=revision, dtype=dtype, use_safetensors=True,
-            trust_remote_code=config["trust_remote_code"],
-        )
-        mcfg = model.config
-        if t["gradient_checkpointing"]:
+
+class PhaseTrainer:
+    """One phase on one worker: setup (model, LoRA, data, optimizer, resume), steps, finish (fuse and commit)."""
+
+    def __init__(self, job: TrainJob, rd: RunDir, ph: PhasePlan, tok: Any, model_path: str,
+                 revision: str | None) -> None:
+        import torch
+
+        from cascade.checkpoints import Checkpoints
+        from cascade.modeling import load_model, with_lora
+
+        ctx = ray.train.get_context()
+        self.job, self.rd, self.ph, self.tok, self.t = job, rd, ph, tok, job.train
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.model_path, self.revision, self.t0 = model_path, revision, time.time()
+        self.device = ray.train.torch.get_device()
+        bf16 = self.t.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.seed = job.seed * 1_000 + ph.index
+        torch.manual_seed(self.seed)
+        model = load_model(model_path, revision, self.dtype, job.trust_remote_code)
+        self.mcfg = model.config
+        if self.t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
-        lcfg = t["lora"]
-        targets = lcfg["target_modules"]
-        lora = LoraConfig(r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"], task_type="CAUSAL_LM",
-                          target_modules="all-linear" if targets == ["all-linear"] else targets)
-        model = get_peft_model(model, lora)
-        distill = t["distill_weight"]
-        examples = _load_examples(rd, ph["data"], tok, t["max_seq_len"], encode_example, distill > 0)
-        lengths = [len(e["input_ids"]) for e in examples]
-        units = pack(lengths, t["max_seq_len"]) if t["packing"] else [[i] for i in range(len(examples))]
-        fsdp = t["strategy"] == "fsdp"
-        # DDP when world > 1, or FSDP2 (each decoder layer sharded; the optimizer then sees the shards)
-        model = fully_shard_model(model, device) if fsdp else ray.train.torch.prepare_model(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ph["lr"],
-                                weight_decay=t["weight_decay"])
-        warm = max(1, t["warmup_steps"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-        ckpt = Checkpoints(rd, config["stage"], ph, t["keep_checkpoints"], rank, fsdp)
-        state = ckpt.restore(model, opt, sched)  # mid-phase resume: adapter, optimizer, scheduler, RNG, position
-        order = _Order(len(units), seed)
-        board = _Board(rd, config["stage"], ph["name"]) if rank == 0 else None
-        t_loop = time.time()
-        b, accum = t["batch_size"] // world, t["grad_accum"]  # batch_size is global: the same order on any world
-        losses, kd_losses, real, slots = state["losses"], state.get("distill_losses", []), 0, 0
-        model.train()
-        for step in range(state["step"], ph["iters"]):
-            step_loss = step_kd = 0.0
-            for m in range(accum):
-                base = (step * accum + m) * b * world
-                rows = [[examples[i] for i in units[order[base + rank * b + j]]] for j in range(b)]
-                batch = collate_packed(rows, tok.pad_token_id, getattr(mcfg, "layer_types", None),
-                                       getattr(mcfg, "sliding_window", None), device)
-                out = model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
-                loss = out.loss
-                if distill > 0:
-                    kd = distill_loss(out.logits, batch["labels"], batch["kd_ids"], batch["kd_lp"])
-                    loss = loss + distill * kd
-                    step_kd += kd.item() / accum
-                (loss / accum).backward()
-                step_loss += loss.item() / accum
-                real, slots = real + batch["real_tokens"], slots + batch["slots"]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            if distill > 0:
-                kd_losses.append(step_kd)
-            if rank == 0 and state["step"] and step == state["step"]:  # first new step after a resume
-                rd.write_json(f"{ckpt.dir}/resumed.json", {"step": step + 1, "time": time.time()})
+        model = with_lora(model, self.t.lora)
+        self._data()
+        self.model = self._distribute(model)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=ph.lr,
+                                     weight_decay=self.t.weight_decay)
+        warm = max(1, self.t.warmup_steps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+        self.ckpt = Checkpoints(rd, rd.checkpoints(job.stage, ph.index, ph.name, ph.model.key),
+                                self.t.keep_checkpoints, self.rank, self.t.strategy == "fsdp")
+        # mid-phase resume: adapter, optimizer, scheduler, RNG, data position
+        self.state = self.ckpt.restore(self.model, self.opt, self.sched)
+        self.losses, self.kd_losses = self.state["losses"], self.state.get("distill_losses", [])
+        self.real = self.slots = 0
+
+    def _distribute(self, model: Any) -> Any:
+        """DDP when world > 1 (Ray Train's prepare_model), or FSDP2: each decoder layer sharded."""
+        from cascade.checkpoints import fully_shard_model
+
+        if self.t.strategy == "fsdp":
+            return fully_shard_model(model, self.device)
+        return ray.train.torch.prepare_model(model)
+
+    def _data(self) -> None:
+        from cascade.packing import DataOrder, pack
+
+        split = self.rd.dataset_file(self.job.stage, self.ph.name, "train")
+        self.examples = load_examples(self.rd, split, self.tok, self.t.max_seq_len, self.t.distill_weight > 0)
+        lengths = [len(e["input_ids"]) for e in self.examples]
+        self.units = pack(lengths, self.t.max_seq_len) if self.t.packing else [[i] for i in range(len(lengths))]
+        self.order = DataOrder(len(self.units), self.seed)
+
+    def _micro_step(self, step: int, m: int) -> tuple[float, float]:
+        """Forward and backward of one micro-batch (this worker's rows of it): (loss, distillation loss)."""
+        from cascade.logprobs import distill_loss
+        from cascade.packing import collate_packed
+
+        b, accum = self.t.batch_size // self.world, self.t.grad_accum  # batch_size is global
+        base = (step * accum + m) * b * self.world
+        rows = [[self.examples[i] for i in self.units[self.order[base + self.rank * b + j]]] for j in range(b)]
+        batch = collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
+                               getattr(self.mcfg, "sliding_window", None), self.device)
+        out = self.model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
+        loss, kd = out.loss, 0.0
+        if self.t.distill_weight > 0:
+            kd_t = distill_loss(out.logits, batch["labels"], batch["kd_ids"], batch["kd_lp"])
+            loss, kd = loss + self.t.distill_weight * kd_t, kd_t.item()
+        (loss / accum).backward()
+        self.real, self.slots = self.real + batch["real_tokens"], self.slots + batch["slots"]
+        return loss.item(), kd
+
+    def steps(self) -> None:
+        """The optimizer steps left in the phase, checkpointing every train.save_every."""
+        import torch
+
+        board = Board(self.rd, self.job.stage, self.ph.name) if self.rank == 0 else None
+        self.t_loop, start, accum = time.time(), self.state["step"], self.t.grad_accum
+        self.model.train()
+        for step in range(start, self.ph.iters):
+            parts = [self._micro_step(step, m) for m in range(accum)]
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.max_grad_norm)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.losses.append(sum(p[0] / accum for p in parts))
+            if self.t.distill_weight > 0:
+                self.kd_losses.append(sum(p[1] / accum for p in parts))
+            if self.rank == 0 and start and step == start:  # first new step after a resume
+                self.ckpt.mark_resumed(step + 1)
             if board:
-                board.log(step, step_loss, sched.get_last_lr()[0], real * world / (time.time() - t_loop), ph["index"])
-            if t["save_every"] and (step + 1) % t["save_every"] == 0 and step + 1 < ph["iters"]:
-                ckpt.save(model, opt, sched, step + 1, losses, state["tokens"] + real * world, world, kd_losses)
-        seconds, train_seconds = time.time() - t0, time.time() - t_loop
+                board.log(step, self.losses[-1], self.sched.get_last_lr()[0],
+                          self.real * self.world / (time.time() - self.t_loop), self.ph.index)
+            if self.t.save_every and (step + 1) % self.t.save_every == 0 and step + 1 < self.ph.iters:
+                self.ckpt.save(self.model, self.opt, self.sched, step + 1, self.losses,
+                               self.state["tokens"] + self.real * self.world, self.world, self.kd_losses)
         if board:
             board.close()
-        summary = {
-            "phase": ph["name"], "steps": ph["iters"], "loss_first": losses[0], "loss_last": losses[-1],
-            "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses, "examples": len(examples),
-            "tokens": state["tokens"] + real * world, "seconds": seconds, "train_seconds": train_seconds,
-            "tokens_per_s": real * world / train_seconds, "real_token_fraction": real / max(1, slots),
-            "packing": t["packing"], "workers": world, "resumed_from_step": state["step"],
+
+    def summary(self) -> dict:
+        seconds, train_seconds = time.time() - self.t0, time.time() - self.t_loop
+        losses, kd = self.losses, self.kd_losses
+        out = {
+            "phase": self.ph.name, "steps": self.ph.iters, "loss_first": losses[0], "loss_last": losses[-1],
+            "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses,
+            "examples": len(self.examples), "tokens": self.state["tokens"] + self.real * self.world,
+            "seconds": seconds, "train_seconds": train_seconds, "tokens_per_s": self.real * self.world / train_seconds,
+            "real_token_fraction": self.real / max(1, self.slots),
+            "packing": self.t.packing, "workers": self.world, "resumed_from_step": self.state["step"],
         }
-        if distill > 0:
-            summary.update(distill_weight=distill, distill_losses=kd_losses, distill_loss_first=kd_losses[0],
-                           distill_loss_last=kd_losses[-1])
-        if fsdp:  # rank 0 rebuilds base + adapter whole: the adapter gathered from its shards, the base reloaded
-            adapter = full_adapter(model)
-            if rank == 0:
-                model = AutoModelForCausalLM.from_pretrained(model_path, revision=revision, dtype=dtype,
-                                                             use_safetensors=True,
-                                                             trust_remote_code=config["trust_remote_code"])
-                model = get_peft_model(model, lora).to(device)
-                missing = set(adapter) - set(model.state_dict())
-                if missing:
-                    raise RuntimeError(f"FSDP adapter keys not in the rebuilt model: {sorted(missing)[:3]}")
-                model.load_state_dict(adapter, strict=False)
-        if rank == 0:
-            heldout = ph["data"].replace("train.jsonl", "heldout.jsonl")
-            probe = _load_examples(rd, heldout, tok, t["max_seq_len"], encode_example) or examples
-            _fuse_and_commit(rd, model, tok, ph, summary, config["stage"], probe)
-        if world > 1:
+        if self.t.distill_weight > 0:
+            out.update(distill_weight=self.t.distill_weight, distill_losses=kd, distill_loss_first=kd[0],
+                       distill_loss_last=kd[-1])
+        return out
+
+    def finish(self) -> None:
+        """Rank 0 fuses the adapter into the weights, verifies and commits the fused model; all report."""
+        import torch.distributed as dist
+
+        summary, model = self.summary(), self.model
+        if self.t.strategy == "fsdp":
+            model = self._gathered()
+        if self.rank == 0:
+            heldout = self.rd.dataset_file(self.job.stage, self.ph.name, "heldout")
+            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len) or self.examples
+            self._fuse_and_commit(model, summary, probe)
+        if self.world > 1:
             dist.barrier()
-        ray.train.report({"phase": ph["index"], "loss": losses[-1], "tokens_per_s": summary["tokens_per_s"]})
-        model_path, revision = ph["path"], None
+        ray.train.report({"phase": self.ph.index, "loss": self.losses[-1], "tokens_per_s": summary["tokens_per_s"]})
+
+    def _gathered(self) -> Any:
+        """FSDP: the adapter gathered from its shards (a collective), and on rank 0 base + adapter rebuilt whole."""
+        from cascade.checkpoints import full_adapter
+        from cascade.modeling import load_model, with_lora
+
+        adapter = full_adapter(self.model)
+        if self.rank != 0:
+            return None
+        model = load_model(self.model_path, self.revision, self.dtype, self.job.trust_remote_code)
+        model = with_lora(model, self.t.lora).to(self.device)
+        missing = set(adapter) - set(model.state_dict())
+        if missing:
+            raise RuntimeError(f"FSDP adapter keys not in the rebuilt model: {sorted(missing)[:3]}")
+        model.load_state_dict(adapter, strict=False)
+        return model
+
+    def _fuse_and_commit(self, model: Any, summary: dict, probe: list) -> None:
+        """Merge the LoRA into the weights, verify the saved model (cascade.modeling.fuse), commit it."""
+        from cascade.modeling import fuse
+
+        peft_model = model.module if hasattr(model, "module") else model
+        staging = self.rd.staging(f"{self.job.stage}-{self.ph.name}")
+        summary["fusion_max_abs_logit_diff"] = fuse(peft_model, self.tok, probe, self.rd.as_local(staging))
+        self.rd.commit_dir(staging, self.ph.model, summary, record=False)
 
 
-def _fuse_and_commit(rd: RunDir, model: Any, tok: Any, ph: dict, summary: dict, stage: str, probe: list) -> None:
-    """Merge the LoRA into the weights, verify the saved model (stages/fuse.py), commit it at ph['path']."""
-    from stages.fuse import fuse
+def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, distill: bool = False) -> list[dict]:
+    """A dataset file's records encoded for training ([] when the file does not exist)."""
+    from cascade.chat import encode_example
+    from cascade.logprobs import Reader, encode_distill
 
-    peft_model = model.module if hasattr(model, "module") else model
-    staging = rd.staging(f"{stage}-{ph['name']}")
-    summary["fusion_max_abs_logit_diff"] = fuse(peft_model, tok, probe, rd.as_local(staging))
-    rd.commit_dir(staging, ph["path"], f"{stage}/train/{ph['name']}", ph["key"], summary, record=False)
+    recs = rd.read_jsonl(path)
+    if distill:
+        read = Reader(rd.read_bytes)
+        return [encode_distill(tok, r, max_len, read) for r in recs]
+    return [encode_example(tok, r["messages"], r["response"], max_len) for r in recs]
 
 
-class _Board:
+class Board:
     """Per-step loss, learning rate, tokens/s: TensorBoard under <stage>/train/_work/tensorboard/<phase> and Ray
     metrics (cascade_train_loss, _lr, _tokens_per_s, _phase, _step; tagged by stage) for the dashboard."""
 
@@ -240,7 +293,7 @@ class _Board:
         from ray.util.metrics import Gauge
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(rd.local(stage, "train", "_work", "tensorboard", phase)))
+        self.writer = SummaryWriter(str(rd.tensorboard(stage, phase)))
         self.tags = {"stage": stage}
         self.gauges = {k: Gauge(f"cascade_train_{k}", f"training {k}", tag_keys=("stage",))
                        for k in ("loss", "lr", "tokens_per_s", "phase", "step")}
@@ -253,68 +306,6 @@ class _Board:
 
     def close(self) -> None:
         self.writer.close()
-
-
-def _load_examples(rd: RunDir, path: str, tok: Any, max_len: int, encode: Any, distill: bool = False) -> list[dict]:
-    if not rd.exists(path):
-        return []
-    with rd.fs.open(path, "r") as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    if distill:
-        files: dict[str, Any] = {}
-        return [_encode_distill(rd, tok, r, max_len, files) for r in recs]
-    return [encode(tok, r["messages"], r["response"], max_len) for r in recs]
-
-
-def _encode_distill(rd: RunDir, tok: Any, rec: dict, max_len: int, files: dict[str, Any]) -> dict:
-    """A record as the teacher generated it: prompt (masked) + the sampled tokens, and at each response position
-    the teacher's top-k token ids and log-probabilities from the shard's .npz."""
-    import io
-
-    import numpy as np
-
-    from cascade.chat import IGNORE_INDEX, render_prompt
-
-    lp = rec["logprobs"]
-    if lp["file"] not in files:
-        with rd.fs.open(lp["file"], "rb") as f:
-            files[lp["file"]] = dict(np.load(io.BytesIO(f.read())))
-    z, at = files[lp["file"]], slice(lp["offset"], lp["offset"] + lp["length"])
-    prompt = tok(render_prompt(tok, rec["messages"]), add_special_tokens=False)["input_ids"]
-    response = z["sampled"][at].tolist()
-    k, n = z["token_ids"].shape[1], len(prompt)
-    return {"input_ids": (prompt + response)[:max_len], "labels": ([IGNORE_INDEX] * n + response)[:max_len],
-            "kd_ids": ([[0] * k] * n + z["token_ids"][at].tolist())[:max_len],
-            "kd_lp": ([[0.0] * k] * n + z["logprobs"][at].astype(np.float32).tolist())[:max_len]}
-
-
-def distill_loss(logits: Any, labels: Any, kd_ids: Any, kd_lp: Any) -> Any:
-    """Mean over response tokens of -sum_k q_k log p_student(id_k), q the teacher's top-k distribution
-    renormalised over its k tokens. Position t's targets describe the token at t, predicted from t - 1."""
-    import torch
-
-    from cascade.chat import IGNORE_INDEX
-
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    q = torch.softmax(kd_lp[:, 1:].float(), dim=-1)
-    per_token = -(q * logp.gather(-1, kd_ids[:, 1:])).sum(-1)
-    keep = labels[:, 1:] != IGNORE_INDEX
-    return per_token[keep].mean() if bool(keep.any()) else logits.sum() * 0.0
-
-
-class _Order:
-    """Sample index for a global position: epoch-wise permutations drawn from the seed."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.perms = n, seed, {}
-
-    def __getitem__(self, pos: int) -> int:
-        import torch
-
-        e = pos // self.n
-        if e not in self.perms:
-            self.perms[e] = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e)).tolist()
-        return self.perms[e][pos % self.n]
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

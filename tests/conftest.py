@@ -17,25 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from cascade.config import compose  # noqa: F401 - the tests' way to build the real config
+
 ROOT = Path(__file__).resolve().parent.parent
 # Put first on a command line (a later override of the same key wins): no dashboard (it costs seconds; one test
 # checks it) and the tiny preset at smoke scale: the same steps, each phase a few optimizer steps at a higher
 # rate. benchmarks/tiny_cascade.py and the README's first command run the preset at its full scale.
 FAST = ["cluster.include_dashboard=false"] + [f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6))
                                               for k, v in (("iters", n), ("lr", 1e-3))]
-
-
-def compose(overrides: list[str]):
-    """The real config, as `python -m cascade <overrides>` would build it, as typed dataclasses."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_module
-    from omegaconf import OmegaConf
-
-    from cascade.config import register
-
-    register()
-    with initialize_config_module("cascade.conf", version_base="1.3"):
-        return OmegaConf.to_object(hcompose("config", overrides))
 
 
 def cascade_cmd(*args: str) -> list[str]:

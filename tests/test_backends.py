@@ -6,13 +6,14 @@ import io
 
 import numpy as np
 
-from conftest import compose
+from cascade.config import compose
 
 
 def test_hf_backend_topk_logprobs_pack_into_npz():
-    from cascade.generation.backend import HFBackend, Request, Sampling
+    from cascade.generation.hf_backend import HFBackend
+    from cascade.generation.types import Request, Sampling
+    from cascade.logprobs import pack
     from cascade.tiny import build_preset, preset_dir
-    from stages.generate import _pack_logprobs
 
     cfg = compose(["+stage=4b", "models=tiny"])
     build_preset(cfg)
@@ -26,7 +27,7 @@ def test_hf_backend_topk_logprobs_pack_into_npz():
         assert all(len(row) == 5 for row in c.top_ids)
         assert all(a >= b for row in c.top_logprobs for a, b in zip(row, row[1:]))  # sorted, best first
         assert all(v <= 0 for row in c.top_logprobs for v in row)
-    blob = _pack_logprobs(recs, 0)
+    blob = pack(recs, 0)
     z = np.load(io.BytesIO(blob))
     assert z["token_ids"].dtype == np.int32 and z["logprobs"].dtype == np.float16
     assert z["token_ids"].shape == (sum(c.completion_tokens for c in out), 5)
@@ -39,7 +40,8 @@ def test_hf_backend_topk_logprobs_pack_into_npz():
 
 
 def test_hf_backend_n_samples_and_seeded_batches():
-    from cascade.generation.backend import HFBackend, Request, Sampling
+    from cascade.generation.hf_backend import HFBackend
+    from cascade.generation.types import Request, Sampling
     from cascade.tiny import preset_dir
 
     cfg = compose(["+stage=4b", "models=tiny"])

@@ -147,19 +147,16 @@ def test_logit_distillation_from_stored_top_k(tmp_path):
 def test_logit_distillation_needs_a_shared_tokenizer(tiny_4b_run: Path):
     """A teacher whose vocabulary is not the student's is refused before training, naming both."""
     from cascade.config import ConfigError
-    from cascade.driver import plan
-    from cascade.prompts import load_prompts, read_text
-    from cascade.rundir import RunDir
-    from conftest import compose
-    from stages.curate import _check_shared_vocab
+    from cascade.config import compose
+    from cascade.plan import plan_run
+    from stages.curate import check_shared_vocab
 
     cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tiny_4b_run}", "generation.logprobs=4",
                    "train.distill_weight=0.5"])
-    prompts = {k: load_prompts(cfg.data[k]) for k in ("ethics", "composure")}
-    sp = plan(cfg, RunDir(cfg.run_dir), prompts, read_text(cfg.kernel))[-1]
+    sp = plan_run(cfg).stages[-1]
     answers = {"1b": {"p": [{"logprobs": {"file": "x", "offset": 0, "length": 1}, "vocab_hash": "0123abcd"}]}}
     with pytest.raises(ConfigError, match="needs a shared tokenizer: teacher 1b .*0123abcd.* and student 4b"):
-        _check_shared_vocab(cfg, sp, answers)
+        check_shared_vocab(cfg, sp, answers)
     answers["1b"]["p"][0].pop("logprobs")
     with pytest.raises(ConfigError, match="teacher 1b's answers have none"):
-        _check_shared_vocab(cfg, sp, answers)
+        check_shared_vocab(cfg, sp, answers)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from cascade.config import ConfigError, check
-from cascade.driver import needed_stages
-from conftest import ROOT, compose, run_cli
+from cascade.plan import needed_stages
+from cascade.config import compose
+from conftest import ROOT, run_cli
 
 CONF = ROOT / "conf"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cascade.chat import IGNORE_INDEX, collate, encode_example
-from conftest import compose
+from cascade.config import compose
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def _peft(path):
 def test_fused_model_equals_base_plus_adapter(base, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from stages.fuse import fuse, logits
+    from cascade.modeling import fuse, logits
 
     path, tok, examples = base
     model = _peft(path)
@@ -58,7 +58,7 @@ def test_fused_model_equals_base_plus_adapter(base, tmp_path):
 def test_corrupted_merge_is_caught(base, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from stages.fuse import FusionError, check, fuse, logits
+    from cascade.modeling import FusionError, check, fuse, logits
 
     path, tok, examples = base
     model = _peft(path)

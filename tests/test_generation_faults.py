@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose, read_jsonl, wait_for
+from cascade.config import compose
+from conftest import read_jsonl, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -22,18 +23,14 @@ def _log_level(caplog):
 
 
 def _setup(tmp_path: Path, *overrides: str, shard_size: int = 4):
-    from cascade.driver import plan
-    from cascade.prompts import load_prompts, read_text
-    from cascade.rundir import RunDir
+    from cascade.plan import plan_run
     from cascade.tiny import build_preset
 
     cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path}/run", f"generation.shard_size={shard_size}",
                    "backend.batch_size=1", "cluster.auth=false", "cluster.include_dashboard=false", *overrides])
     build_preset(cfg)
-    rd = RunDir(cfg.run_dir)
-    prompts = {k: load_prompts(cfg.data[k]) for k in ("ethics", "composure")}
-    sp = plan(cfg, rd, prompts, read_text(cfg.kernel))[-1]
-    return cfg, rd, prompts, sp
+    p = plan_run(cfg)
+    return cfg, p.rd, p.prompts, p.stages[-1]
 
 
 def _run_in_thread(rd, cfg, sp, prompts):
@@ -92,7 +89,7 @@ def test_replica_loss_keeps_the_answers_already_streamed(tmp_path, caplog):
     from cascade import cluster
     from stages import generate
 
-    caplog.set_level("DEBUG", logger="stages.generate")
+    caplog.set_level("DEBUG", logger="cascade.generation.pool")
     over = ("generation.replicas=1", "generation.shards_in_flight=1", "cluster.num_cpus=2")
     cfg, rd, prompts, sp = _setup(tmp_path, *over, shard_size=80)
     cluster.start(cfg.cluster)
@@ -119,7 +116,7 @@ def test_no_restart_budget_left_fails_naming_the_shard(tmp_path):
     import ray
 
     from cascade import cluster
-    from stages.generate import ShardFailed
+    from cascade.generation.pool import ShardFailed
 
     cfg, rd, prompts, sp = _setup(tmp_path, "generation.replicas=1", "generation.max_actor_restarts=0",
                                   "cluster.num_cpus=2")

@@ -6,7 +6,7 @@ import torch
 
 from cascade.chat import collate, encode_example
 from cascade.packing import collate_packed, pack
-from conftest import compose
+from cascade.config import compose
 
 
 def test_pack_fills_bins():
@@ -56,7 +56,7 @@ def test_packed_loss_equals_unpacked_loss():
 
 
 def test_distill_loss_is_cross_entropy_against_the_teachers_top_k():
-    from stages.train import distill_loss
+    from cascade.logprobs import distill_loss
 
     torch.manual_seed(0)
     vocab, k = 11, 3

@@ -75,24 +75,25 @@ def test_unknown_hub_dataset_is_a_clear_error(monkeypatch):
 
 def test_curation_counts_every_drop(tmp_path):
     """Failed, empty, truncated, too long, exact and normalised duplicates: each counted, none kept."""
-    from cascade.driver import GenJob, PhasePlan, StagePlan, Teacher
+    from cascade.config import compose
+    from cascade.plan import GenJob, PhasePlan, StagePlan, Teacher
     from cascade.prompts import Prompt
-    from cascade.rundir import RunDir
-    from conftest import compose
+    from cascade.rundir import RunDir, Step
     from stages import curate
 
     cfg = compose(["+stage=4b", "models=tiny", "generation.max_chars=40"])
     rd = RunDir(str(tmp_path / "run"))
     t = Teacher("1b", "m", "k")
-    job = GenJob(t, "ethics", "key", rd.path("gen"), 8)
+    job = GenJob(t, "ethics", Step("generate/1b/ethics", "key", rd.generation("1b", "ethics", "key")), 8)
     texts = [("A fine answer.", "stop"), ("A fine answer.", "stop"), ("a FINE answer", "stop"), ("   ", "stop"),
              ("cut off", "length"), ("boom", "error"), ("x" * 41, "stop"), ("Another answer.", "stop")]
     recs = [{"prompt_id": "p1", "sample": i, "text": x, "finish_reason": f, "data": "ethics", "teacher": "1b",
              "teacher_key": "k", "sampling": {}, "seed": 1, "prompt_tokens": 3, "completion_tokens": 4}
             for i, (x, f) in enumerate(texts)]
-    rd.write_bytes(f"{job.path}/shards/shard-00000.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
+    rd.write_jsonl(rd.shard("1b", "ethics", "key", 0), recs)
     sp = StagePlan("4b", "m", "k", None, [t], [job])
-    ph = PhasePlan(0, "p0_ethics", "ethics", 1, 1e-3, "d", rd.path("ds"), "t", rd.path("tr"))
+    ph = PhasePlan(0, "p0_ethics", "ethics", 1, 1e-3, Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics")),
+                   Step("4b/train/p0_ethics", "t", rd.model("4b", 0, "p0_ethics")))
     staging = rd.staging("ds")
     summary = curate.run(staging, cfg, sp, ph, [Prompt("p1", [{"role": "user", "content": "q"}])], rd)
     assert summary["counts"] == {"generated": 8, "kept": 2, "teacher/1b": 2, "duplicate_exact": 1,

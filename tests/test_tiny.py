@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from conftest import compose
+from cascade.config import compose
 
 
 def _small(tmp, seed=1234):

@@ -45,7 +45,7 @@ def test_4b_with_vllm_backend(tmp_path: Path):
 FUSED = """
 if __name__ == "__main__":
     import sys
-    from cascade.generation.backend import Request, Sampling
+    from cascade.generation.types import Request, Sampling
     from cascade.generation.vllm_backend import VLLMBackend
     b = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, enforce_eager=True)
     out = b.generate([Request("q", [{"role": "user", "content": "What is kindness?"}], 0)], Sampling(16, 0.0, 1.0), None)
@@ -56,6 +56,9 @@ if __name__ == "__main__":
     print("CPUS", json.dumps([cpus(psutil.Process()), workers]))
     b.shutdown()
     print("AFTER", json.dumps(sorted(os.sched_getaffinity(0))))
+    left = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
+            and p.name().startswith("VLLM")]
+    print("LEFT", len(left))
 """
 
 
@@ -83,3 +86,5 @@ def test_fused_student_loads_in_vllm(tmp_path: Path):
     if len(os.sched_getaffinity(0)) > 1:
         assert front and workers and all(not set(front) & set(w) for w in workers), (front, workers)
     assert json.loads(lines["AFTER"]) == sorted(os.sched_getaffinity(0))
+    # shutdown() returns only once every process the engine started has exited
+    assert [x for x in p.stdout.splitlines() if x.startswith("LEFT")] == ["LEFT 0"], p.stdout[-2000:]

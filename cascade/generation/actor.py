@@ -13,7 +13,20 @@ from typing import Any
 
 import ray
 
-from cascade.generation.backend import Request, Sampling, make_backend
+from cascade.generation.types import Backend, Request, Sampling
+
+
+def make_backend(name: str, model: str, **kw: Any) -> Backend:
+    """Build a backend by name, importing only its module (vllm only when asked for)."""
+    if name == "hf":
+        from cascade.generation.hf_backend import HFBackend
+
+        return HFBackend(model, kw["batch_size"], kw["dtype"], kw.get("revision"), kw["trust_remote_code"])
+    if name == "vllm":
+        from cascade.generation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model, **kw)
+    raise ValueError(f"unknown backend {name!r}; valid: hf, vllm")
 
 
 class GenerationWorker:
@@ -26,6 +39,10 @@ class GenerationWorker:
 
     def info(self) -> dict[str, Any]:
         return self.backend.info()
+
+    def shutdown(self) -> None:
+        """Stop the engine; its processes have exited when this returns (the actor is killed next)."""
+        self.backend.shutdown()
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[dict[str, Any]]:
         """A Ray streaming generator: chunks of completions (as dicts) as their requests finish, each with the

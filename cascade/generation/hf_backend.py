@@ -1,92 +1,18 @@
-"""The generation backend interface and the transformers (hf) backend.
+"""The transformers (hf) generation backend: batched generate() on one model, one batch per streamed chunk.
 
-A backend owns one model and answers requests; it knows nothing of shards, storage or Ray. `make_backend`
-picks one by name and imports vllm only when asked for it (cascade/generation/vllm_backend.py is the only
-module that imports vllm), so CPU machines without vllm never touch it.
+    (built by cascade/generation/actor.py inside a replica; tests build it directly)
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Request:
-    prompt_id: str
-    messages: list[dict[str, str]]
-    seed: int  # per prompt; the hf backend seeds per batch from the first request
-
-
-@dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    n: int = 1
-    logprobs: int = 0  # top-k log-probabilities per generated token (raw model distribution)
-
-
-@dataclass
-class Completion:
-    prompt_id: str
-    sample: int
-    text: str
-    finish_reason: str  # stop | length | error
-    prompt_tokens: int
-    completion_tokens: int
-    top_ids: list[list[int]] | None = None  # [completion_tokens][k] when Sampling.logprobs
-    top_logprobs: list[list[float]] | None = None
-    token_ids: list[int] | None = None  # the sampled tokens (stop token included) when Sampling.logprobs
-
-
-def in_request_order(requests: list[Request], chunks: Iterator[list[Completion]]) -> list[Completion]:
-    """A stream's chunks gathered into one list in request order (then sample order): generate() of a backend."""
-    order = {r.prompt_id: k for k, r in enumerate(requests)}
-    return sorted((c for chunk in chunks for c in chunk), key=lambda c: (order[c.prompt_id], c.sample))
-
-
-class Backend(Protocol):
-    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]: ...
-
-    def stream(self, requests: list[Request], sampling: Sampling,
-               system: str | None) -> Iterator[list[Completion]]: ...  # chunks as requests finish
-
-    def info(self) -> dict[str, Any]: ...
-
-
-def weights_digest(model: str, revision: str | None = None) -> str:
-    """Content identity of a model's weights: sha256 over its safetensors files.
-
-    For a hub snapshot the files are links to blobs named by their LFS sha256, so the names are hashed (free);
-    for a local directory the bytes are (once per replica start).
-    """
-    import hashlib
-    from pathlib import Path
-
-    p = Path(model).expanduser()
-    if not p.is_dir():
-        from huggingface_hub import snapshot_download
-
-        p = Path(snapshot_download(model, revision=revision, local_files_only=True))
-    h = hashlib.sha256()
-    for f in sorted(p.glob("*.safetensors")):
-        h.update(f.name.encode())
-        if f.is_symlink():
-            h.update(Path(os.readlink(f)).name.encode())
-            continue
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+from cascade.cluster import cpu_threads
+from cascade.generation.types import Completion, Request, Sampling, in_request_order
+from cascade.modeling import weights_digest
 
 
 def _dtype(name: str):
@@ -95,17 +21,6 @@ def _dtype(name: str):
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, name)
-
-
-def cpu_threads() -> int:
-    """Threads for torch in this process: the CPUs Ray assigned to it, else all."""
-    import ray
-
-    if ray.is_initialized():  # get_runtime_context() would start a Ray instance otherwise
-        n = ray.get_runtime_context().get_assigned_resources().get("CPU")
-        if n:
-            return max(1, int(n))
-    return os.cpu_count() or 1
 
 
 class HFBackend:
@@ -133,6 +48,9 @@ class HFBackend:
     def info(self) -> dict[str, Any]:
         return {"backend": "hf", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
                 "weights_sha256": self.weights}
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the model lives in this process."""
 
     def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
         return in_request_order(requests, self.stream(requests, sampling, system))
@@ -190,14 +108,3 @@ class HFBackend:
                     )
                 )
             yield out
-
-
-def make_backend(name: str, model: str, **kw: Any) -> Backend:
-    """Build a backend by name; vllm is imported here lazily and nowhere else outside vllm_backend."""
-    if name == "hf":
-        return HFBackend(model, kw["batch_size"], kw["dtype"], kw.get("revision"), kw["trust_remote_code"])
-    if name == "vllm":
-        from cascade.generation.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model, **kw)
-    raise ValueError(f"unknown backend {name!r}; valid: hf, vllm")
