@@ -1,21 +1,22 @@
 """The run directory: its layout (written down here once), atomic commits, the manifest, the step protocol.
 
-    <run_dir>/                               a local path is made absolute first (Ray Train workers run elsewhere)
-      manifest.json                          index of every step: {name: {state, key, path, summary, time}};
-                                             rewritten atomically, always after the output it describes
-      config.yaml, config.sha256             the resolved config of the latest invocation (no secrets)
-      logs/driver.log                        the driver's log, appended by every invocation
-      generations/<teacher>/<data>/<key>/    a teacher's answers to one prompt set, content-addressed by key
-                                             (teacher weights, chat template, sampling, prompts), shared by stages
-        shards/shard-NNNNN.jsonl             committed one by one (records; the file is the shard's commit)
-        shards/shard-NNNNN.logprobs.npz      with generation.logprobs: top-k log-probs (cascade/logprobs.py)
-        step.json                            the set's commit: record counts and checksums per shard
-      <stage>/dataset/<phase>/               the curated dataset of a phase: train.jsonl, heldout.jsonl, step.json
-      <stage>/train/<NN>-<phase>/            the student fused after that phase: a plain HF model directory
-      <stage>/train/_ckpt/<NN>-<phase>-<key>/step-NNNNNN/   mid-phase checkpoints (cascade/checkpoints.py)
-      <stage>/train/_work/                   Ray Train's storage for the stage (results; tensorboard/<phase>/)
-      <stage>/eval/                          metrics.json: agreement before/after, loss per phase, curation counts
-      tmp/                                   staging; anything here is uncommitted and may be deleted
+    <run_dir>/                                    a local path is made absolute first (Ray Train workers run in
+                                                  a directory of their own)
+      manifest.json                               every step: {name: {state, key, path, summary, time}}; rewritten
+                                                  atomically, always after the output it describes
+      config.yaml, config.sha256                  the resolved config of the latest invocation (no secrets)
+      logs/driver.log                             the driver's log, appended by every invocation
+      generations/<teacher>/<data>/<key>/step.json                  a teacher's answers to one prompt set,
+      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl   content-addressed by key (teacher weights,
+      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template, sampling, prompts) and
+                                                  shared by stages; each shard file commits itself, step.json (counts,
+                                                  checksums) the set; .npz: top-k log-probs (cascade/logprobs.py)
+      <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    the curated dataset of a phase
+      <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
+      <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
+      <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/
+      <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
+      tmp/**                                      staging; anything here is uncommitted and may be deleted
 
 Every path of a run is made by a method below; no other module joins run-directory paths by hand.
 

@@ -105,6 +105,60 @@ def _pretrain(model, tokenizer, examples: list[dict], steps: int, cfg: Config, s
     return loss_val
 
 
+def _examples(tokenizer, kernel: str, pairs: list, texts: list[str], max_len: int) -> tuple[list, list]:
+    """(chat examples: the reference answers in the turn format; text examples: the same texts as prose, plus the
+    turn format learnt from the kernel alone: a base model that can hold a conversation)."""
+    chat = [encode_example(tokenizer, m, a, max_len) for m, a in pairs]
+    text = []
+    for t in texts:
+        ids = [tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"][: max_len - 1]
+        text.append({"input_ids": ids, "labels": ids})
+    axioms = [ln.split(". ", 1)[1] for ln in kernel.splitlines() if ln[:1].isdigit()]
+    text += [
+        encode_example(tokenizer, [{"role": "user", "content": f"What does {a.split(':')[0]} ask?"}],
+                       a.split(": ", 1)[1], max_len)
+        for a in axioms
+    ] * 4
+    return chat, text
+
+
+def _build_model(cfg: Config, stage: str, i: int, tokenizer, examples: list[dict], out: Path) -> dict:
+    """One stage's Gemma3 model, initialised from the seed, pre-trained, saved to `out`; returns its summary."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+
+    t, spec = cfg.models.tiny, cfg.models.tiny.sizes[stage]
+    layers = spec.num_hidden_layers
+    mcfg = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        head_dim=t.head_dim,
+        sliding_window=t.sliding_window,
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        max_position_embeddings=t.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        architectures=["Gemma3ForCausalLM"],
+    )
+    torch.manual_seed(cfg.seed + 1000 * i)
+    model = Gemma3ForCausalLM(mcfg).float()
+    loss = _pretrain(model, tokenizer, examples, spec.pretrain_steps, cfg, cfg.seed + 1000 * i)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id, eot],
+                     pad_token_id=tokenizer.pad_token_id).save_pretrained(str(out))
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("tiny %s: %d parameters, pre-train loss %.3f", stage, n_params, loss)
+    return {"params": n_params, "pretrain_loss": round(loss, 4), "pretrain_format": spec.pretrain_format}
+
+
 def build_preset(cfg: Config) -> Path:
     """Build (once) and return the directory holding tokenizer/ and one HF model directory per stage."""
     final = preset_dir(cfg)
@@ -116,7 +170,7 @@ def build_preset(cfg: Config) -> Path:
         if (final / "preset.json").exists():
             return final
         import torch
-        from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
+        from transformers import AutoTokenizer
 
         tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -124,59 +178,12 @@ def build_preset(cfg: Config) -> Path:
         texts = [kernel] + [m[-1]["content"] + "\n" + a for m, a in pairs]
         _build_tokenizer(cfg, texts, tmp / "tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
-        max_len = cfg.models.tiny.max_position_embeddings
-        chat_examples = [encode_example(tokenizer, m, a, max_len) for m, a in pairs]
-        text_examples = []
-        for text in texts:
-            ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"][: max_len - 1]
-            text_examples.append({"input_ids": ids, "labels": ids})
-        # the turn format, learnt from the kernel alone: a base model that can hold a conversation
-        axioms = [ln.split(". ", 1)[1] for ln in kernel.splitlines() if ln[:1].isdigit()]
-        text_examples += [
-            encode_example(tokenizer, [{"role": "user", "content": f"What does {a.split(':')[0]} ask?"}],
-                           a.split(": ", 1)[1], max_len)
-            for a in axioms
-        ] * 4
-        t = cfg.models.tiny
+        chat, text = _examples(tokenizer, kernel, pairs, texts, cfg.models.tiny.max_position_embeddings)
         summary = {"key": final.name, "vocab_size": len(tokenizer), "models": {}}
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         for i, stage in enumerate(cfg.stage_order()):
-            spec = t.sizes[stage]
-            layers = spec.num_hidden_layers
-            mcfg = Gemma3TextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=spec.hidden_size,
-                intermediate_size=spec.intermediate_size,
-                num_hidden_layers=layers,
-                num_attention_heads=t.num_attention_heads,
-                num_key_value_heads=t.num_key_value_heads,
-                head_dim=t.head_dim,
-                sliding_window=t.sliding_window,
-                layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
-                max_position_embeddings=t.max_position_embeddings,
-                pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                tie_word_embeddings=True,
-                architectures=["Gemma3ForCausalLM"],
-            )
-            torch.manual_seed(cfg.seed + 1000 * i)
-            model = Gemma3ForCausalLM(mcfg).float()
-            examples = chat_examples if spec.pretrain_format == "chat" else text_examples
-            loss = _pretrain(model, tokenizer, examples, spec.pretrain_steps, cfg, cfg.seed + 1000 * i)
-            out = tmp / stage
-            model.save_pretrained(str(out), safe_serialization=True)
-            tokenizer.save_pretrained(str(out))
-            eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-            GenerationConfig(
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=[tokenizer.eos_token_id, eot],
-                pad_token_id=tokenizer.pad_token_id,
-            ).save_pretrained(str(out))
-            n_params = sum(p.numel() for p in model.parameters())
-            summary["models"][stage] = {"params": n_params, "pretrain_loss": round(loss, 4),
-                                        "pretrain_format": spec.pretrain_format}
-            log.info("tiny %s: %d parameters, pre-train loss %.3f", stage, n_params, loss)
+            examples = chat if cfg.models.tiny.sizes[stage].pretrain_format == "chat" else text
+            summary["models"][stage] = _build_model(cfg, stage, i, tokenizer, examples, tmp / stage)
         (tmp / "preset.json").write_text(json.dumps(summary, indent=2))
         try:
             os.rename(tmp, final)

@@ -63,3 +63,23 @@ def test_kill9_during_generation_and_training_then_resume(tmp_path):
     for rel in ("4b/dataset/p0_ethics/train.jsonl", "4b/dataset/p1_composure/train.jsonl",
                 "4b/dataset/p2_ethics/heldout.jsonl"):
         assert (run / rel).read_bytes() == (clean / rel).read_bytes(), rel
+
+
+def test_readme_command_as_typed_resumes_mid_phase(tmp_path):
+    """README command 1 exactly as a user types it (`python -m cascade +stage=4b models=tiny`: the full tiny
+    preset, run_dir outputs/cascade relative to the working directory, dashboard and auth on), killed -9 mid-phase
+    and typed again: the workers' checkpoints are in that run directory, not in Ray's session directory, and the
+    phase resumes from them."""
+    run = tmp_path / "outputs" / "cascade"
+    p1 = run / "4b/train/01-p1_composure"
+    proc = start_cli("+stage=4b", "models=tiny", log=tmp_path / "a.log", cwd=tmp_path)
+    wait_for(lambda: any(run.glob("4b/train/_ckpt/01-*/step-*/meta.json")), 900, proc,
+             "a P1 checkpoint in the run directory")
+    kill9(proc)
+    assert not (p1 / "step.json").exists(), "the kill must land mid-phase"
+    r = run_cli("+stage=4b", "models=tiny", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:]
+    summary = json.loads((p1 / "step.json").read_text())["summary"]
+    assert summary["resumed_from_step"] > 0 and len(summary["losses"]) == summary["steps"]
+    assert all(s["state"] == "done" for s in manifest(run)["steps"].values())
+    assert any((run / "4b/train/_work/tensorboard").iterdir())  # TensorBoard logs in the run directory too
