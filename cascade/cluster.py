@@ -1,8 +1,9 @@
 """Ray start-up with secure defaults: token authentication on, dashboard bound to 127.0.0.1.
 
 The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own order); when none
-exists a new one is written to ~/.ray/auth_token (mode 0600), where `ray get-auth-token` finds it. It is never
-logged. Open the dashboard at http://127.0.0.1:8265 and paste the token from `ray get-auth-token`.
+exists a new one is written to ~/.ray/auth_token (mode 0600, as an existing token file is made), where
+`ray get-auth-token` finds it. It is never logged. Auth cannot be turned off by an inherited RAY_AUTH_MODE, only by
+cluster.auth=false, and a joined cluster (cluster.address) that does not enforce it is refused. Open the dashboard at http://127.0.0.1:8265 and paste the token from `ray get-auth-token`.
 
 A local Ray starts no idle worker processes ahead of need (Ray prestarts one per CPU for the first driver):
 cascade runs actors, each with its own process, so those would only sit there, costing memory and CPU time
@@ -16,26 +17,53 @@ import os
 import secrets
 from pathlib import Path
 
-from cascade.config import ClusterConfig
+from cascade.config import ClusterConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 def ensure_auth_token() -> None:
-    """Turn token auth on (Ray reads RAY_AUTH_MODE when it is imported: call this before `import ray`)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if os.environ.get("RAY_AUTH_MODE") != "token":
+    """Turn token auth on (Ray reads RAY_AUTH_MODE when it is imported: call this before `import ray`).
+
+    An inherited RAY_AUTH_MODE other than "token" is refused: auth is turned off only by cluster.auth=false. The
+    token file (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is made mode 0600 whatever it was; a new one is
+    generated when none exists."""
+    mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if mode != "token":
+        raise ConfigError(f"RAY_AUTH_MODE={mode} is set in the environment while cluster.auth is on: unset it, or "
+                          f"give cluster.auth=false to run Ray without authentication")
+    if os.environ.get("RAY_AUTH_TOKEN"):
         return
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    path = Path.home() / ".ray" / "auth_token"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
     if path.is_file() and path.read_text().strip():
+        os.chmod(path, 0o600)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)  # O_CREAT's mode is masked by the umask and ignored for a file that existed
     log.info("generated a Ray auth token at %s (print it with `ray get-auth-token`)", path)
+
+
+def check_cluster_auth(dashboard_url: str | None) -> None:
+    """Refuse a joined cluster that does not enforce token auth: its dashboard must turn away a request without
+    the token (no dashboard: nothing to check it by, refused too)."""
+    import urllib.error
+    import urllib.request
+
+    if not dashboard_url:
+        raise ConfigError("the joined Ray cluster runs no dashboard, so cascade cannot check that it enforces token "
+                          "auth; start it with RAY_AUTH_MODE=token and the dashboard, or give cluster.auth=false")
+    url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
+    try:
+        status = urllib.request.urlopen(f"{url}/api/version", timeout=30).status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    if status not in (401, 403):
+        raise ConfigError(f"the joined Ray cluster at {dashboard_url} answers without a token (HTTP {status}): it "
+                          f"does not enforce auth; start every node with RAY_AUTH_MODE=token, or give "
+                          f"cluster.auth=false")
 
 
 def cpu_threads() -> int:
@@ -57,7 +85,13 @@ def start(c: ClusterConfig) -> None:
         return
     kw = dict(namespace="cascade", log_to_driver=True, configure_logging=False)
     if c.address:
-        ray.init(address=c.address, **kw)
+        joined = ray.init(address=c.address, **kw)
+        if c.auth:
+            try:
+                check_cluster_auth(joined.dashboard_url)
+            except ConfigError:
+                ray.shutdown()
+                raise
     else:
         ray.init(
             num_cpus=c.num_cpus,

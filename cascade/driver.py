@@ -61,6 +61,8 @@ def _prepare(p: RunPlan) -> None:
     from omegaconf import OmegaConf
 
     cfg = p.cfg
+    if cfg.cluster.auth:
+        cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
     p.rd.save_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # no secret: tokens come from the environment
     if cfg.models.preset == "tiny":
         from cascade.tiny import build_preset
@@ -69,8 +71,6 @@ def _prepare(p: RunPlan) -> None:
     token = os.environ.get(cfg.hf_token_env)
     if token:
         os.environ.setdefault("HF_TOKEN", token)  # workers inherit it; never written to config or logs
-    if cfg.cluster.auth:
-        cluster.ensure_auth_token()  # before the first `import ray`
 
 
 def _log_to_file(rd: RunDir) -> None:

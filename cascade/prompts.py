@@ -137,6 +137,9 @@ def load_prompts(src: DataSource) -> list[Prompt]:
             pid = str(row[src.id_column])
         else:
             pid = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+        if not pid or "/" in pid or pid != pid.strip():
+            raise ConfigError(f"{where}: id {pid!r} must be non-empty, without '/' or surrounding spaces "
+                              f"(record ids are <prompt id>/<teacher>/<sample>)")
         if pid in seen:
             raise ConfigError(f"{where}: duplicate id {pid!r} (first at {seen[pid]})")
         seen[pid] = where

@@ -96,3 +96,89 @@ def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
     r = run_cli("+stage=12b", "models=tiny", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "target: 12b" in r.stdout and "model: tiny:12b" in r.stdout
     assert not any(tmp_path.iterdir()), "--cfg job must write nothing"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generation.temperature=nan", "generation.temperature must be a finite number, not nan"),
+    ("curriculum.0.lr=-1", "curriculum phase 'p0_ethics'.lr must be in (0, inf]"),
+    ("curriculum.0.lr=nan", "curriculum phase 'p0_ethics'.lr must be a finite number"),
+    ("train.lora.r=0", "train.lora.r must be > 0"),
+    ("train.lora.dropout=2", "train.lora.dropout must be in [0, 1)"),
+    ("train.max_failures=-1", "train.max_failures must be >= 0"),
+    ("train.weight_decay=nan", "train.weight_decay must be a finite number"),
+    ("train.distill_weight=inf", "train.distill_weight must be a finite number"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints must be > 0"),
+    ("generation.logprobs=-1", "generation.logprobs must be >= 0"),
+    ("generation.top_p=0", "generation.top_p must be in (0, 1]"),
+    ("generation.restart_timeout_s=-5", "generation.restart_timeout_s must be in (0, inf]"),
+    ("backend.batch_size=0", "backend.batch_size must be > 0"),
+    ("backend.dtype=int7", "backend.dtype 'int7': valid dtypes: auto, float32, bfloat16, float16"),
+    ("backend.gpu_memory_utilization=5", "backend.gpu_memory_utilization must be in (0, 1]"),
+    ("cluster.dashboard_port=70000", "cluster.dashboard_port must be in [1, 65535]"),
+    ("eval.batch_size=0", "eval.batch_size must be > 0"),
+    ("seed=-1", "seed must be >= 0"),
+    ("curriculum.0.name=../x", "curriculum phase '../x'.name '../x': use letters, digits"),
+    ("+backend.engine_kwargs.hf_token=abc", "backend.engine_kwargs.hf_token: looks like a credential"),
+    ("+backend.engine_kwargs.x=hf_abcdefghijklmnopqrstuvwxyz0123", "backend.engine_kwargs.x: holds what looks"),
+    ("data.ethics.path=hf_abcdefghijklmnopqrstuvwxyz0123", "data.ethics.path: holds what looks like a token"),
+    ("hf_token_env=hf_abcdefghijklmnopqrstuvwxyz0123", "holds what looks like a token"),
+], ids=lambda v: v if "=" in v else None)
+def test_every_value_is_checked_before_ray_starts(override, message):
+    with pytest.raises(ConfigError) as e:
+        compose(["+stage=4b", "models=tiny", override])
+    assert message in str(e.value)
+    assert "abcdefghijklmnopqrstuvwxyz0123" not in str(e.value)  # a secret is named by its field, never echoed
+
+
+def test_names_that_become_paths_are_restricted():
+    """Stage names and data keys name directories: a YAML file could set '../x', which the CLI cannot parse."""
+    import copy
+
+    cfg = compose(["+stage=4b", "models=tiny"])
+    bad = copy.deepcopy(cfg)
+    bad.data["../evil"] = bad.data["ethics"]
+    with pytest.raises(ConfigError, match=r"data key '../evil': use letters, digits"):
+        check(bad)
+    bad = copy.deepcopy(cfg)
+    bad.stages[".hidden"] = bad.stages.pop("4b")
+    with pytest.raises(ConfigError, match=r"stage name '.hidden': use letters, digits"):
+        check(bad)
+
+
+def test_prompt_ids_that_would_make_record_ids_collide_are_refused(tmp_path):
+    from cascade.config import DataSource
+    from cascade.prompts import load_prompts
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": "a/1b", "prompt": "one?"}\n')
+    with pytest.raises(ConfigError, match=r"p.jsonl:1: id 'a/1b' must be non-empty, without '/'"):
+        load_prompts(DataSource(path=str(bad)))
+
+
+def test_inherited_auth_off_is_refused_and_the_token_file_made_private(tmp_path, monkeypatch):
+    import stat
+
+    from cascade import cluster
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=disabled is set in the environment while cluster.auth"):
+        cluster.ensure_auth_token()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    token = tmp_path / ".ray" / "auth_token"
+    token.parent.mkdir()
+    token.write_text("an-existing-token-0123456789")
+    token.chmod(0o644)
+    cluster.ensure_auth_token()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "an-existing-token-0123456789"
+    token.unlink()
+    cluster.ensure_auth_token()  # none: a new one, private from the start
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
+
+
+def test_cli_refuses_inherited_auth_off_before_anything_runs(tmp_path):
+    r = run_cli("+stage=4b", "models=tiny", f"run_dir={tmp_path}/run", env={"RAY_AUTH_MODE": "disabled"})
+    assert r.returncode == 2 and "RAY_AUTH_MODE=disabled is set in the environment" in r.stdout, r.stdout[-2000:]
+    assert not (tmp_path / "run" / "config.yaml").exists() and "Ray 2." not in r.stdout
