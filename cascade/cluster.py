@@ -3,7 +3,8 @@
 The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own order); when none
 exists a new one is written to ~/.ray/auth_token (mode 0600, as an existing token file is made), where
 `ray get-auth-token` finds it. It is never logged. Auth cannot be turned off by an inherited RAY_AUTH_MODE, only by
-cluster.auth=false, and a joined cluster (cluster.address) that does not enforce it is refused. Open the dashboard at http://127.0.0.1:8265 and paste the token from `ray get-auth-token`.
+cluster.auth=false, and a joined cluster (cluster.address) that does not enforce it is refused. Open the dashboard
+at http://127.0.0.1:8265 and paste the token from `ray get-auth-token`.
 
 A local Ray starts no idle worker processes ahead of need (Ray prestarts one per CPU for the first driver):
 cascade runs actors, each with its own process, so those would only sit there, costing memory and CPU time
