@@ -30,12 +30,16 @@ def _hydra_main(dcfg: DictConfig) -> None:
         log.error("config error: %s", e)
         sys.exit(2)
     from cascade.driver import run  # heavy imports only after the config is known to be valid
+    from cascade.preemption import EXIT_CODE, Preempted
 
     try:
         run(cfg)
     except ConfigError as e:
         log.error("input error: %s", e)
         sys.exit(2)
+    except Preempted:
+        log.error("pre-empted (SIGTERM): what the run had is saved; run the same command to resume")
+        sys.exit(EXIT_CODE)
 
 
 def main() -> None:

@@ -62,6 +62,14 @@ class Checkpoints:
 
         self.rd.write_json(f"{self.dir}/resumed.json", {"step": step, "time": time.time()})
 
+    def _check(self, path: str) -> tuple[dict, list[str]]:
+        """(meta, what is wrong): meta.json must parse and every file match its recorded size and sha256, so that
+        nothing is loaded from a damaged checkpoint."""
+        meta = self.rd.read_json(f"{path}/meta.json")
+        if not isinstance(meta, dict) or "step" not in meta:
+            return {}, ["meta.json missing or torn"]
+        return meta, self.rd.damage(path, meta.get("files"), hashes=True)
+
     def restore(self, model: Any, opt: Any, sched: Any) -> dict:
         import random
 
@@ -70,11 +78,14 @@ class Checkpoints:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        steps = self._steps()
-        if not steps:
+        for path in reversed(self._steps()):  # the newest sound one; a damaged one falls back to the one before
+            meta, bad = self._check(path)
+            if not bad:
+                break
+            log.warning("checkpoint %s is damaged (%s): trying the one before", path, "; ".join(bad[:3]))
+        else:
             return {"step": 0, "losses": [], "tokens": 0}
-        d = self.rd.as_local(steps[-1])
-        meta = json.loads((d / "meta.json").read_text())
+        d = self.rd.as_local(path)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -128,8 +139,9 @@ class Checkpoints:
             save_file({k: v.contiguous() for k, v in adapter.items()}, d / "adapter.safetensors")
             torch.save(optim, d / "optimizer.pt")
             torch.save(sched.state_dict(), d / "scheduler.pt")
-            (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens,
-                                                     "world": world, "distill_losses": distill_losses}))
+            files = self.rd.file_digests(staging)  # every rank's RNG file is in (barrier above)
+            (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens, "world": world,
+                                                     "distill_losses": distill_losses, "files": files}))
             self.rd.fs.mv(staging, final, recursive=True)
             for old in self._steps()[: -self.keep]:
                 self.rd.fs.rm(old, recursive=True)

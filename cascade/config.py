@@ -339,6 +339,8 @@ class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hf_token_env: str = "HF_TOKEN"  # name of the variable holding a hub token; the token itself is never stored
+    lease_ttl_s: float = 60.0  # a dead driver's hold on run_dir ends this long after its last heartbeat
+    verify: bool = False  # skipping a committed step checks its files' sizes; true: their sha256 too
 
     def __post_init__(self) -> None:
         check(self)
@@ -358,6 +360,7 @@ def check(cfg: Config) -> None:
         section.check()
     cfg.models.check(cfg.stage_order())
     _num("seed", cfg.seed, 0)
+    _num("lease_ttl_s", cfg.lease_ttl_s, 1)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.hf_token_env):
         _fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
               f"in the config)")

@@ -17,7 +17,9 @@ import os
 
 from cascade import cluster
 from cascade.config import Config
+from cascade.lease import Lease
 from cascade.plan import RunPlan, StagePlan, plan_run
+from cascade.preemption import Preemption
 from cascade.rundir import RunDir
 
 log = logging.getLogger("cascade.driver")
@@ -33,36 +35,45 @@ def run(cfg: Config) -> list[StagePlan]:
         _report(p)
         return p.stages
     log.info("stages %s; %d steps to run: %s", [s.name for s in p.stages], len(todo), ", ".join(todo))
-    _prepare(p)
-    from stages import curate, evaluate, generate, train
-
-    cluster.start(cfg.cluster)
-    try:
-        p.rd.clean_staging()
-        for sp in p.stages:
-            if not sp.trains:
-                log.info("stage %s: teacher %s used as is", sp.name, sp.base_model)
-                continue
-            generate.run(p.rd, cfg, sp, p.prompts)
-            for ph in sp.phases:
-                p.rd.run_step(ph.dataset, lambda st, ph=ph: curate.run(st, cfg, sp, ph, p.prompts[ph.data], p.rd))
-            # the base student's score does not wait for the curriculum: it runs while the first phase trains
-            before = None if p.rd.committed(sp.eval) else evaluate.start_before(cfg, sp, p.rd)
-            train.run(p.rd, cfg, sp)
-            p.rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, p.rd, before))
-    finally:
-        cluster.stop()
+    if cfg.cluster.auth:
+        cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
+    with Lease(p.rd, cfg.lease_ttl_s):  # one driver per run directory
+        _prepare(p)
+        _run_steps(p)
     _report(p)
     return p.stages
 
 
+def _run_steps(p: RunPlan) -> None:
+    from stages import curate, evaluate, generate, train
+
+    cfg, rd = p.cfg, p.rd
+    stop = Preemption(rd)
+    cluster.start(cfg.cluster)
+    stop.install()  # after Ray's own SIGTERM handler
+    try:
+        rd.clean_staging()
+        for sp in p.stages:
+            if not sp.trains:
+                log.info("stage %s: teacher %s used as is", sp.name, sp.base_model)
+                continue
+            generate.run(rd, cfg, sp, p.prompts)
+            for ph in sp.phases:
+                rd.run_step(ph.dataset, lambda st, ph=ph: curate.run(st, cfg, sp, ph, p.prompts[ph.data], rd))
+            # the base student's score does not wait for the curriculum: it runs while the first phase trains
+            before = None if rd.committed(sp.eval) else evaluate.start_before(cfg, sp, rd)
+            with stop.deferred():  # SIGTERM: the workers checkpoint at their next optimizer step, then stop
+                train.run(rd, cfg, sp)
+            rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before))
+    finally:
+        cluster.stop()
+
+
 def _prepare(p: RunPlan) -> None:
-    """Before Ray: the resolved config saved, the tiny preset built, the hub token and Ray's auth token in place."""
+    """Before Ray: the resolved config saved, the tiny preset built, the hub token in place."""
     from omegaconf import OmegaConf
 
     cfg = p.cfg
-    if cfg.cluster.auth:
-        cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
     p.rd.save_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # no secret: tokens come from the environment
     if cfg.models.preset == "tiny":
         from cascade.tiny import build_preset

@@ -234,5 +234,5 @@ def plan_run(cfg: Config) -> RunPlan:
     used = list(dict.fromkeys(p.data for p in cfg.curriculum))
     prompts = {k: load_prompts(cfg.data[k]) for k in used}
     kernel = read_text(cfg.kernel)
-    rd = RunDir(cfg.run_dir)
+    rd = RunDir(cfg.run_dir, cfg.verify)
     return RunPlan(cfg, rd, prompts, kernel, plan(cfg, rd, prompts, kernel))

@@ -2,6 +2,7 @@
 
     <run_dir>/                                    a local path is made absolute first (Ray Train workers run in
                                                   a directory of their own)
+      lease.json                                  the driver that holds the run: host, pid, heartbeat (cascade/lease.py)
       manifest.json                               every step: {name: {state, key, path, summary, time}}; rewritten
                                                   atomically, always after the output it describes
       config.yaml, config.sha256                  the resolved config of the latest invocation (no secrets)
@@ -9,14 +10,16 @@
       generations/<teacher>/<data>/<key>/step.json                  a teacher's answers to one prompt set,
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl   content-addressed by key (teacher weights,
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template, sampling, prompts) and
-                                                  shared by stages; each shard file commits itself, step.json (counts,
-                                                  checksums) the set; .npz: top-k log-probs (cascade/logprobs.py)
+      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl  shared by stages; each shard file
+                                                  commits itself, step.json (counts, checksums) the set; .npz: top-k
+                                                  log-probs (cascade/logprobs.py); .partial: answers saved on SIGTERM
       <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    the curated dataset of a phase
       <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
       <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
       <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/
       <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
-      tmp/**                                      staging; anything here is uncommitted and may be deleted
+      tmp/**                                      staging; anything here is uncommitted and may be deleted;
+                                                  tmp/preempt.json asks the training workers to checkpoint and stop
 
 Every path of a run is made by a method below; no other module joins run-directory paths by hand.
 
@@ -73,14 +76,25 @@ def absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
-class RunDir:
-    """All reads and writes of a run go through here."""
+def sha256_file(fs: Any, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    def __init__(self, url: str) -> None:
+
+class RunDir:
+    """All reads and writes of a run go through here. With verify, a committed step's files are checked against
+    their recorded sha256 (once per step and invocation); otherwise against their recorded sizes."""
+
+    def __init__(self, url: str, verify: bool = False) -> None:
         self.url = absolute(url).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.fs.makedirs(self.root, exist_ok=True)
         self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.verify = verify
+        self._sound: set[tuple[str, str]] = set()  # (path, key) of committed steps already checked
 
     # -- the layout ------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -124,6 +138,12 @@ class RunDir:
     def metrics(self, stage: str) -> str:
         return f"{self.eval(stage)}/metrics.json"
 
+    def lease(self) -> str:
+        return self.path("lease.json")
+
+    def preempt_marker(self) -> str:
+        return self.path("tmp", "preempt.json")
+
     def driver_log(self) -> Path:
         return self.local("logs", "driver.log")
 
@@ -162,9 +182,13 @@ class RunDir:
             return f.read()
 
     def read_json(self, path: str) -> Any | None:
+        """The JSON at path; None when it is missing or torn (a partial write is as good as none)."""
         try:
             return json.loads(self.read_bytes(path))
         except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            log.warning("%s is damaged (%s): treated as absent", path, e)
             return None
 
     def read_jsonl(self, path: str) -> list[dict]:
@@ -177,10 +201,43 @@ class RunDir:
         return self.fs.exists(path)
 
     # -- the step protocol ------------------------------------------------------------------------------------
+    def file_digests(self, path: str, hashes: bool = True) -> dict[str, list]:
+        """{relative path: [size, sha256]} of every file under path but its step.json (sizes only: sha256 None)."""
+        out = {}
+        for f, info in sorted(self.fs.find(path, detail=True).items()):
+            rel = f[len(path.rstrip("/")) + 1 :]
+            if rel != STEP_FILE and info.get("type", "file") == "file":
+                out[rel] = [info["size"], sha256_file(self.fs, f) if hashes else None]
+        return out
+
+    def damage(self, path: str, files: dict[str, list] | None, hashes: bool) -> list[str]:
+        """What differs between the files under path and their record: missing, resized or (hashes) altered."""
+        if files is None:  # committed before files were recorded
+            return []
+        now = self.file_digests(path, hashes)
+        bad = []
+        for rel, (size, digest) in files.items():
+            if rel not in now:
+                bad.append(f"{rel} missing")
+            elif now[rel][0] != size:
+                bad.append(f"{rel} has {now[rel][0]} bytes, {size} committed")
+            elif hashes and now[rel][1] != digest:
+                bad.append(f"{rel} does not match its sha256")
+        return bad
+
     def committed(self, step: Step) -> dict | None:
-        """The step record at step.path if it was committed with step.key, else None."""
+        """The step record at step.path if it was committed with step.key and its files are sound, else None (a
+        damaged step is reported, and runs again)."""
         rec = self.read_json(f"{step.path}/{STEP_FILE}")
-        return rec if rec is not None and rec.get("key") == step.key else None
+        if rec is None or rec.get("key") != step.key:
+            return None
+        if (step.path, step.key) not in self._sound:
+            bad = self.damage(step.path, rec.get("files"), self.verify)
+            if bad:
+                log.warning("committed step %s is damaged (%s): it runs again", step.name, "; ".join(bad[:3]))
+                return None
+            self._sound.add((step.path, step.key))
+        return rec
 
     def begin(self, step: Step) -> dict | None:
         """Skip a committed step (its record is returned and marked done), or mark it running (None)."""
@@ -201,7 +258,8 @@ class RunDir:
 
         Workers pass record=False: the driver, the manifest's one writer, records the step when it sees it.
         """
-        rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time()}
+        rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(),
+               "files": self.file_digests(staging)}
         self.write_json(f"{staging}/{STEP_FILE}", rec)
         if self.fs.exists(step.path):  # stale: a different key (changed config); move aside, then drop
             aside = self.path("tmp", f"stale-{uuid.uuid4().hex[:8]}")
@@ -215,7 +273,8 @@ class RunDir:
 
     def commit_files(self, step: Step, summary: dict, **extra: Any) -> dict:
         """Commit a step whose files were written in place, each atomically: its step.json comes last."""
-        rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(), **extra}
+        rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(), **extra,
+               "files": self.file_digests(step.path)}
         self.write_json(f"{step.path}/{STEP_FILE}", rec)
         self.mark_done(step, rec)
         return rec
@@ -252,7 +311,11 @@ class RunDir:
         self.write_bytes(self.path("config.sha256"), stable_hash(text).encode())
 
     def clean_staging(self) -> None:
-        """Drop uncommitted leftovers of killed runs (only safe while no step of this run is in flight)."""
+        """Drop uncommitted leftovers of killed runs: staging, and the temporary siblings of interrupted atomic
+        writes (only safe while no step of this run is in flight: the driver holds the run's lease)."""
         tmp = self.path("tmp")
         if self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
+        for f in self.fs.glob(f"{self.root}/**/*.tmp-*"):
+            log.info("removing %s, left by an interrupted write", f)
+            self.fs.rm(f, recursive=True)

@@ -23,6 +23,7 @@ from cascade.config import Config
 from cascade.generation.pool import Answers, ReplicaPool, Work
 from cascade.generation.types import Request
 from cascade.plan import GenJob, StagePlan, Teacher, backend_kwargs, prompt_seed, sampling
+from cascade.preemption import Preempted
 from cascade.prompts import Prompt
 from cascade.rundir import RunDir
 
@@ -38,15 +39,16 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: lis
                 prompts: dict[str, list[Prompt]]) -> None:
     """Generate the shards of `jobs` not yet committed on one pool of replicas, then commit each job."""
     open_jobs = [job for job in jobs if rd.begin(job.step) is None]
-    work = []
+    work, prior = [], {}
     for job in open_jobs:
         ps, n = prompts[job.data], job.shard_size
         for i in range(job.shards(len(ps))):
-            if not rd.exists(_shard(rd, job, i)):
+            if not _shard_sound(rd, cfg, job, i, len(ps[i * n : (i + 1) * n])):
                 reqs = [Request(p.id, p.messages, prompt_seed(cfg, teacher, job.data, p.id))
                         for p in ps[i * n : (i + 1) * n]]
                 work.append(Work(f"{teacher.name}/{job.data}/shard-{i:05d}", reqs, (job, i)))
-    stats = _generate(rd, cfg, stage, teacher, work) if work else {"compute": {}}
+                prior[id(work[-1])] = _partial(rd, job, work[-1])
+    stats = _generate(rd, cfg, stage, teacher, work, prior) if work else {"compute": {}}
     timing = {k: v for k, v in stats.items() if k != "compute"}
     for job in open_jobs:
         _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0), timing)
@@ -56,8 +58,45 @@ def _shard(rd: RunDir, job: GenJob, i: int, ext: str = "jsonl") -> str:
     return rd.shard(job.teacher.name, job.data, job.step.key, i, ext)
 
 
-def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[Work]) -> dict[str, Any]:
-    """Run the shards on fresh replicas; returns engine seconds per prompt set and the step's timing."""
+def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -> bool:
+    """Whether shard i is committed whole: every line a record, n_samples of them per prompt, its log-probs file
+    beside it when asked for. A damaged shard (truncated, emptied, torn) is removed, to be generated again."""
+    path = _shard(rd, job, i)
+    if not rd.exists(path):
+        return False
+    try:
+        n = len(rd.read_jsonl(path))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        n = -1
+    want = n_prompts * cfg.generation.n_samples
+    npz = _shard(rd, job, i, "logprobs.npz")
+    if n == want and (not cfg.generation.logprobs or rd.exists(npz)):
+        return True
+    log.warning("shard %s is damaged (%s records of %d): generated again", path, n if n >= 0 else "torn", want)
+    for f in (path, npz):
+        if rd.exists(f):
+            rd.fs.rm(f)
+    return False
+
+
+def _partial(rd: RunDir, job: GenJob, work: Work) -> list[dict]:
+    """The answers a pre-empted run saved for this shard: kept, and not asked for again."""
+    path = _shard(rd, job, work.tag[1], "partial.jsonl")
+    try:
+        answers = [c for c in rd.read_jsonl(path) if c["prompt_id"] in work.pending]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
+        log.warning("partial shard %s is damaged: its answers are generated again", path)
+        return []
+    work.pending -= {c["prompt_id"] for c in answers}
+    if answers:
+        log.info("shard %s: %d answers kept from a pre-empted run", work.where, len(answers))
+    return answers
+
+
+def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[Work],
+              prior: dict[int, list[dict]]) -> dict[str, Any]:
+    """Run the shards on fresh replicas; returns engine seconds per prompt set and the step's timing. On
+    SIGTERM the answers already streamed in are written as partial shards."""
     names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(cfg.generation.replicas)]
     t_start = time.time()
     pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend, cfg.generation,
@@ -65,7 +104,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
     log.info("replicas %s: %s backend, model %s", names, cfg.backend.name, teacher.model)
     progress = Progress(stage, teacher.name, len(work))
     compute: dict[str, float] = {}
-    got: dict[int, list[dict]] = {id(w): [] for w in work}  # a shard's answers, kept until it is whole
+    got: dict[int, list[dict]] = {id(w): list(prior[id(w)]) for w in work}  # a shard's answers, until whole
     try:
         info = pool.info()
         timing = {"engine_start_s": time.time() - t_start}
@@ -82,6 +121,11 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
             _write_shard(rd, job, i, recs, cfg.generation.logprobs > 0)
             progress.shard_done(job.data, i, sum(x["completion_tokens"] for x in recs))
         timing["generate_wall_s"] = time.time() - t_gen  # engine start excluded
+    except Preempted:
+        for w in work:
+            if got.get(id(w)):
+                rd.write_jsonl(_shard(rd, w.tag[0], w.tag[1], "partial.jsonl"), got[id(w)])
+        raise
     finally:
         progress.close()
         pool.shutdown()
@@ -113,6 +157,8 @@ def _write_shard(rd: RunDir, job: GenJob, i: int, recs: list[dict], with_logprob
     if with_logprobs:  # written first: the JSONL file is what commits the shard
         rd.write_bytes(_shard(rd, job, i, "logprobs.npz"), logprobs.pack(recs, i))
     rd.write_jsonl(_shard(rd, job, i), recs)
+    if rd.exists(partial := _shard(rd, job, i, "partial.jsonl")):
+        rd.fs.rm(partial)
 
 
 def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import ray
 
+from cascade import preemption
 from cascade.config import Config, TrainConfig
 from cascade.plan import PhasePlan, StagePlan
 from cascade.rundir import RunDir
@@ -71,6 +72,8 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
     job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, todo, cfg.train, cfg.seed, cfg.models.trust_remote_code)
     fit(job, rd.train_work(sp.name), f"{sp.name}-{todo[0].model.key}")
+    if preemption.requested(rd):  # the workers checkpointed and stopped; the driver stops next
+        return
     for ph in todo:
         rec = rd.committed(ph.model)
         if rec is None:
@@ -107,12 +110,29 @@ def train_loop_per_worker(config: dict) -> None:
     rd = RunDir(job.run_dir)
     model_path, revision = job.start_model, job.revision
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=job.trust_remote_code)
+    device = ray.train.torch.get_device()
     for ph in job.phases:
+        if stop_requested(rd, device):
+            return
         if not rd.committed(ph.model):  # a phase committed before a worker restart is not redone
             trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision)
-            trainer.steps()
+            if not trainer.steps():
+                return
             trainer.finish()
         model_path, revision = ph.model.path, None
+
+
+def stop_requested(rd: RunDir, device: Any) -> bool:
+    """Whether the driver was pre-empted (cascade/preemption.py), agreed by every rank."""
+    import torch
+    import torch.distributed as dist
+
+    flag = preemption.requested(rd)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([int(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = bool(t.item())
+    return flag
 
 
 class PhaseTrainer:
@@ -189,12 +209,13 @@ class PhaseTrainer:
         self.real, self.slots = self.real + batch["real_tokens"], self.slots + batch["slots"]
         return loss.item(), kd
 
-    def steps(self) -> None:
-        """The optimizer steps left in the phase, checkpointing every train.save_every."""
+    def steps(self) -> bool:
+        """The optimizer steps left in the phase, checkpointing every train.save_every; False when the run was
+        pre-empted (checkpointed at the step it was in)."""
         import torch
 
         board = Board(self.rd, self.job.stage, self.ph.name) if self.rank == 0 else None
-        self.t_loop, start, accum = time.time(), self.state["step"], self.t.grad_accum
+        self.t_loop, start, accum, stop = time.time(), self.state["step"], self.t.grad_accum, False
         self.model.train()
         for step in range(start, self.ph.iters):
             parts = [self._micro_step(step, m) for m in range(accum)]
@@ -210,11 +231,17 @@ class PhaseTrainer:
             if board:
                 board.log(step, self.losses[-1], self.sched.get_last_lr()[0],
                           self.real * self.world / (time.time() - self.t_loop), self.ph.index)
-            if self.t.save_every and (step + 1) % self.t.save_every == 0 and step + 1 < self.ph.iters:
+            last = step + 1 == self.ph.iters
+            stop = not last and stop_requested(self.rd, self.device)
+            if stop or (self.t.save_every and (step + 1) % self.t.save_every == 0 and not last):
                 self.ckpt.save(self.model, self.opt, self.sched, step + 1, self.losses,
                                self.state["tokens"] + self.real * self.world, self.world, self.kd_losses)
+            if stop:
+                log.warning("pre-empted: checkpointed at step %d of %s", step + 1, self.ph.model.name)
+                break
         if board:
             board.close()
+        return not stop
 
     def summary(self) -> dict:
         seconds, train_seconds = time.time() - self.t0, time.time() - self.t_loop

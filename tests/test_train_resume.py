@@ -94,3 +94,26 @@ def test_fsdp_on_two_workers_resumes_mid_phase_to_the_same_adapter(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:]
     assert _summary(run)["resumed_from_step"] > 0 and _summary(run)["workers"] == 2
     _same_student(run, ref)
+
+
+@pytest.mark.faults
+def test_sigterm_in_training_checkpoints_at_the_next_step_and_resumes_bitwise(reference, tmp_path):
+    """SIGTERM while a phase trains: the workers checkpoint at the next optimizer step (no periodic checkpoint
+    here), the driver exits 143 saying it was pre-empted, and the same command resumes from exactly that step."""
+    run = tmp_path / "run"
+    args = [*ARGS, "train.save_every=1000"]
+    proc = start_cli(*args, f"run_dir={run}", log=tmp_path / "a.log")
+    wait_for(lambda: (run / "4b/train/00-p0_ethics/step.json").exists(), 600, proc, "P0 committed")
+    import time
+
+    time.sleep(4.0)  # P1 is under way
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, (tmp_path / "a.log").read_text()[-4000:]
+    assert "pre-empted (SIGTERM)" in (tmp_path / "a.log").read_text()
+    saved = _ckpts(run)
+    assert saved and not (run / P1 / "step.json").exists(), "the signal must land mid-phase"
+    at = json.loads(saved[-1].read_text())["step"]
+    r = run_cli(*args, f"run_dir={run}")
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert _summary(run)["resumed_from_step"] == at  # not a step more is redone
+    _same_student(run, reference)

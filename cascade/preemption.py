@@ -1,0 +1,61 @@
+"""SIGTERM (a scheduler's stop, a spot pre-emption) saves what the run has, then the driver exits non-zero.
+
+    kill -TERM <driver pid>        # exit 143: "pre-empted"; the same command resumes
+
+While generating, the answers already streamed to the driver are written as partial shards
+(shard-NNNNN.partial.jsonl) that the next run completes, asking only for the missing answers. While training, the
+driver writes tmp/preempt.json; every training worker looks for it after each optimizer step (the ranks agree
+through an all-reduce), checkpoints at that step and stops; then the driver stops. The next run resumes from
+that checkpoint, so at most the optimizer step in flight is redone. Ray installs its own SIGTERM handler when it
+starts, so `install()` runs after Ray is up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Iterator
+
+from cascade.rundir import RunDir
+
+log = logging.getLogger(__name__)
+EXIT_CODE = 128 + signal.SIGTERM  # 143, what a scheduler expects of a process it stopped with SIGTERM
+
+
+class Preempted(BaseException):
+    """The driver was asked to stop (SIGTERM); what it had is saved. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it."""
+
+
+class Preemption:
+    def __init__(self, rd: RunDir) -> None:
+        self.rd, self.requested, self._deferred = rd, False, False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        if not self.requested:
+            log.warning("SIGTERM: saving what the run has, then stopping")
+            self.requested = True
+            self.rd.write_json(self.rd.preempt_marker(), {"time": time.time()})
+        if not self._deferred:
+            raise Preempted()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """While the training workers run: they see the marker, checkpoint and stop; then this raises."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+        if self.requested:
+            raise Preempted()
+
+
+def requested(rd: RunDir) -> bool:
+    """In a training worker: whether the driver asked the run to stop."""
+    return rd.exists(rd.preempt_marker())
