@@ -10,6 +10,7 @@ import json
 import logging
 from typing import Any
 
+from cascade.failpoints import failpoint
 from cascade.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Checkpoints:
             files = self.rd.file_digests(staging)  # every rank's RNG file is in (barrier above)
             (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens, "world": world,
                                                      "distill_losses": distill_losses, "files": files}))
+            failpoint("checkpoint")
             self.rd.fs.mv(staging, final, recursive=True)
             for old in self._steps()[: -self.keep]:
                 self.rd.fs.rm(old, recursive=True)

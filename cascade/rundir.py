@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import fsspec
 
+from cascade.failpoints import failpoint
+
 log = logging.getLogger(__name__)
 STEP_FILE = "step.json"
 
@@ -169,6 +171,7 @@ class RunDir:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
+        failpoint("write")
         self.fs.mv(tmp, path)
 
     def write_json(self, path: str, obj: Any) -> None:
@@ -261,6 +264,7 @@ class RunDir:
         rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(),
                "files": self.file_digests(staging)}
         self.write_json(f"{staging}/{STEP_FILE}", rec)
+        failpoint("commit")
         if self.fs.exists(step.path):  # stale: a different key (changed config); move aside, then drop
             aside = self.path("tmp", f"stale-{uuid.uuid4().hex[:8]}")
             self.fs.mv(step.path, aside, recursive=True)
@@ -275,6 +279,7 @@ class RunDir:
         """Commit a step whose files were written in place, each atomically: its step.json comes last."""
         rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(), **extra,
                "files": self.file_digests(step.path)}
+        failpoint("commit")
         self.write_json(f"{step.path}/{STEP_FILE}", rec)
         self.mark_done(step, rec)
         return rec
@@ -303,6 +308,7 @@ class RunDir:
         if old.get("state") == state and old.get("key") == fields.get("key"):
             return
         m["steps"][name] = {"state": state, "time": time.time(), **fields}
+        failpoint("manifest")
         self.write_json(self.path("manifest.json"), m)
 
     def save_config(self, text: str) -> None:
