@@ -50,3 +50,33 @@ def test_dashboard_is_local_and_needs_the_token():
     assert out["url"].startswith("127.0.0.1:")
     assert out["anon"] in (401, 403) and out["authed"] == 200, out
     assert env["RAY_AUTH_TOKEN"] not in r.stdout + r.stderr  # never logged
+
+
+@pytest.mark.slow
+def test_joined_cluster_without_auth_is_refused(tmp_path):
+    """cluster=multinode joins a running cluster; one started without token auth is refused before any step runs."""
+    import os
+
+    from conftest import run_cli
+
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    up = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}"],
+                        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        r = run_cli("+stage=4b", "models=tiny", "cluster=multinode", f"cluster.address=127.0.0.1:{port}",
+                    f"run_dir={tmp_path}/run")
+        assert r.returncode == 2, r.stdout[-3000:]
+        assert "does not enforce auth" in r.stdout and "cluster.auth=false" in r.stdout
+        assert not list((tmp_path / "run").glob("generations/**/shard-*.jsonl"))
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

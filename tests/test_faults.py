@@ -30,8 +30,11 @@ def _one(run: Path, pattern: str) -> Path:
 def test_torn_manifest_is_treated_as_absent(tiny_4b_run, tmp_path):
     run = copy_run(tiny_4b_run, tmp_path / "run")
     (run / "manifest.json").write_text('{"version": 1, "steps": {"gener')
-    r = _rerun(run)
-    assert "nothing to do" in r.stdout
+    r = run_cli(*ARGS, f"run_dir={run}")
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-3000:]
+    (run / "4b/eval/step.json").unlink()  # a run with work to do writes the manifest anew
+    _rerun(run)
+    assert {"generate/1b/ethics", "4b/dataset/p0_ethics", "4b/eval"} <= set(manifest(run)["steps"])
 
 
 @pytest.mark.parametrize("fault", ["torn", "emptied"])
