@@ -1,7 +1,9 @@
-"""Failpoints for fault tests: the process dies (os._exit(137), as under kill -9) at a named point of a write.
+"""Failpoints for fault tests: the process dies (os._exit(137), as under kill -9) at a named point of a write, or
+the write fails as on a full disk.
 
     CASCADE_FAILPOINT=commit:3 python -m cascade +stage=4b models=tiny    # dies at the 3rd commit of this process
     CASCADE_FAILPOINT=checkpoint:1@/tmp/once ...                          # once: not again after /tmp/once exists
+    CASCADE_FAILPOINT=write:7!enospc ...                                  # the 7th write fails: no space left
 
 Points: write (a file written, before its rename), commit (a step's files in place, before its commit), manifest
 (before the manifest is rewritten), checkpoint (a checkpoint written, before its rename). Unset, a call costs one
@@ -11,19 +13,24 @@ dictionary lookup.
 from __future__ import annotations
 
 import collections
+import errno
 import os
+import threading
 
 _hits: collections.Counter = collections.Counter()
 
 
-def failpoint(name: str) -> None:
+def failpoint(name: str, path: str = "") -> None:
     spec = os.environ.get("CASCADE_FAILPOINT")
     if not spec:
         return
+    spec, _, action = spec.partition("!")
     want, _, rest = spec.partition(":")
     if want != name:
         return
     count, _, once = rest.partition("@")
+    if threading.current_thread().name == "cascade-lease":  # the heartbeat's timing would make counts random
+        return
     _hits[name] += 1
     if _hits[name] != int(count or 1):
         return
@@ -31,4 +38,6 @@ def failpoint(name: str) -> None:
         if os.path.exists(once):
             return
         open(once, "w").close()
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
     os._exit(137)

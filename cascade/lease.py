@@ -111,10 +111,13 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
-            held = self.rd.read_json(self.path)
-            if held is not None and held.get("id") != self.me["id"]:
-                log.error("the lease of %s was taken by %s: stopping", self.rd.url, self._who(held))
-                _thread.interrupt_main()
-                return
-            self.me["beat"] += 1
-            self._write()
+            try:
+                held = self.rd.read_json(self.path)
+                if held is not None and held.get("id") != self.me["id"]:
+                    log.error("the lease of %s was taken by %s: stopping", self.rd.url, self._who(held))
+                    _thread.interrupt_main()
+                    return
+                self.me["beat"] += 1
+                self._write()
+            except OSError as e:  # a full disk or a storage hiccup: the next beat tries again
+                log.warning("lease heartbeat not written: %s", e)

@@ -171,7 +171,7 @@ class RunDir:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
-        failpoint("write")
+        failpoint("write", path)
         self.fs.mv(tmp, path)
 
     def write_json(self, path: str, obj: Any) -> None:

@@ -208,3 +208,15 @@ def test_worker_dying_inside_a_checkpoint_save_is_restarted(tiny_4b_run, tmp_pat
     assert r.returncode == 0, r.stdout[-3000:]
     assert (tmp_path / "once").exists()  # it did strike
     assert _data_files(run) == _data_files(tiny_4b_run)
+
+
+@pytest.mark.parametrize("point", ["write:6!enospc", "write:25!enospc"])
+def test_disk_full_is_a_clear_error_and_the_rerun_completes(tiny_4b_run, tmp_path, point):
+    """A write fails as on a full disk: the run stops naming the file, commits nothing half-written, and the same
+    command, once there is room, ends with the same bytes as a run never stopped."""
+    run = tmp_path / "run"
+    r = run_cli(*ARGS, f"run_dir={run}", env={"CASCADE_FAILPOINT": point})
+    assert r.returncode not in (0, 137), r.stdout[-3000:]
+    assert f"[Errno 28] No space left on device: '{run}/" in r.stdout, r.stdout[-3000:]
+    _rerun(run)
+    assert _data_files(run) == _data_files(tiny_4b_run)

@@ -14,7 +14,7 @@ import pytest
 from cascade.config import compose
 from conftest import read_jsonl, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
 @pytest.fixture(autouse=True)

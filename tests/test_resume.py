@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FAST, kill9, manifest, read_jsonl, run_cli, start_cli, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
 def test_kill9_during_generation_and_training_then_resume(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import FAST, kill9, run_cli, start_cli, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 # P1 long enough to be struck mid-phase; a checkpoint every 4 optimizer steps
 ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.1.iters=40", "train.save_every=4"]
 P1 = "4b/train/01-p1_composure"
@@ -116,4 +116,22 @@ def test_sigterm_in_training_checkpoints_at_the_next_step_and_resumes_bitwise(re
     r = run_cli(*args, f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
     assert _summary(run)["resumed_from_step"] == at  # not a step more is redone
+    _same_student(run, reference)
+
+
+@pytest.mark.faults
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, tmp_path):
+    """kill -9 after two P1 checkpoints, then the newest one truncated: the re-run resumes from the one before and
+    still ends with the same adapter, bitwise."""
+    run = tmp_path / "run"
+    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
+    wait_for(lambda: len(_ckpts(run)) >= 2, 600, proc, "two P1 checkpoints")
+    kill9(proc)
+    newest, before = _ckpts(run)[-1].parent, _ckpts(run)[-2].parent
+    adapter = newest / "adapter.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    r = run_cli(*ARGS, f"run_dir={run}")
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert f"checkpoint {newest} is damaged (adapter.safetensors has 100 bytes" in r.stdout
+    assert _summary(run)["resumed_from_step"] == json.loads((before / "meta.json").read_text())["step"]
     _same_student(run, reference)
