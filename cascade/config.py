@@ -10,7 +10,6 @@ dataclasses and `__post_init__` checks the values. Nothing below `cascade.__main
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -18,59 +17,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from cascade.validate import DTYPES, ConfigError, fail, no_secrets, number, safe_name
 
-class ConfigError(ValueError):
-    """A configuration or input problem found before any expensive work started."""
-
-
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names that become paths: no '/', no leading '.'
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-# values that look like credentials: hub, OpenAI-style, GitHub, AWS and Slack tokens, and bearer headers
-SECRET_RE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|"
-                       r"xox[abpr]-[A-Za-z0-9-]{10,})|^Bearer\s")
-SECRET_KEY_RE = re.compile(r"token|secret|password|passwd|api_?key|credential", re.I)
-
-
-def _fail(msg: str) -> None:
-    raise ConfigError(msg)
-
-
-def _num(where: str, value: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-         hi_open: bool = False) -> None:
-    """A finite number within [lo, hi] (an open end excludes the bound); else ConfigError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(f"{where} must be a finite number, not {value!r}")
-    low = lo is not None and (value < lo or (lo_open and value == lo))
-    high = hi is not None and (value > hi or (hi_open and value == hi))
-    if low or high:
-        if lo is not None and hi is None and not lo_open:
-            _fail(f"{where} must be >= {lo}" if lo != 1 else f"{where} must be > 0")
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        bounds = f"{left}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}{right}"
-        _fail(f"{where} must be in {bounds}, not {value!r}")
-
-
-def _name(where: str, value: str) -> None:
-    """A name that becomes part of a path: letters, digits, '_', '-', '.', not starting with '.'."""
-    if not SAFE_NAME.fullmatch(str(value)):
-        _fail(f"{where} {value!r}: use letters, digits, '_', '-', '.' (not first), as it names a directory")
-
-
-def _no_secrets(where: str, value: Any, keys: bool = False) -> None:
-    """Refuse credentials in config values (and, with `keys`, under credential-like keys of a free-form mapping):
-    they would be saved in config.yaml. Tokens come from the environment."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if keys and SECRET_KEY_RE.search(str(k)) and v not in (None, "", False):
-                _fail(f"{where}.{k}: looks like a credential; config values are saved with the run, so pass "
-                      f"secrets through the environment instead")
-            _no_secrets(f"{where}.{k}".lstrip("."), v, keys)
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _no_secrets(f"{where}[{i}]", v, keys)
-    elif isinstance(value, str) and SECRET_RE.search(value):
-        _fail(f"{where}: holds what looks like a token; config values are saved with the run, so pass secrets "
-              f"through the environment instead")
+__all__ = ["ConfigError", "Config", "compose", "check"]
 
 
 STAGE_ORDER_RE = re.compile(r"^(\d+(?:\.\d+)?)([bm])$")
@@ -90,7 +39,7 @@ class TeacherRef:
     weight: float = 1.0  # share of prompts this teacher answers in the mixture
 
     def check(self, where: str) -> None:
-        _num(f"{where}.weight", self.weight, 0, lo_open=True)
+        number(f"{where}.weight", self.weight, 0, lo_open=True)
 
 
 @dataclass
@@ -109,9 +58,9 @@ class PhaseSpec:
     lr: float = 1e-4
 
     def check(self, where: str) -> None:
-        _name(f"{where}.name", self.name)
-        _num(f"{where}: iters", self.iters, 1)
-        _num(f"{where}.lr", self.lr, 0, lo_open=True)
+        safe_name(f"{where}.name", self.name)
+        number(f"{where}: iters", self.iters, 1)
+        number(f"{where}.lr", self.lr, 0, lo_open=True)
 
 
 @dataclass
@@ -127,10 +76,10 @@ class DataSource:
 
     def check(self, where: str) -> None:
         if (self.prompt_column is None) == (self.messages_column is None):
-            _fail(f"{where}: set exactly one of prompt_column and messages_column")
-        _num(f"{where}.heldout_fraction", self.heldout_fraction, 0, 1, hi_open=True)
+            fail(f"{where}: set exactly one of prompt_column and messages_column")
+        number(f"{where}.heldout_fraction", self.heldout_fraction, 0, 1, hi_open=True)
         if self.limit is not None:
-            _num(f"{where}.limit", self.limit, 1)
+            number(f"{where}.limit", self.limit, 1)
 
 
 @dataclass
@@ -156,12 +105,12 @@ class GenerationConfig:
 
     def check(self) -> None:
         for k in ("max_new_tokens", "replicas", "n_samples", "shards_in_flight", "max_shard_failures"):
-            _num(f"generation.{k}", getattr(self, k), 1)
+            number(f"generation.{k}", getattr(self, k), 1)
         for k in ("shard_size", "logprobs", "max_actor_restarts", "min_chars", "max_chars"):
-            _num(f"generation.{k}", getattr(self, k), 0)
-        _num("generation.temperature", self.temperature, 0)
-        _num("generation.top_p", self.top_p, 0, 1, lo_open=True)
-        _num("generation.restart_timeout_s", self.restart_timeout_s, 0, lo_open=True)
+            number(f"generation.{k}", getattr(self, k), 0)
+        number("generation.temperature", self.temperature, 0)
+        number("generation.top_p", self.top_p, 0, 1, lo_open=True)
+        number("generation.restart_timeout_s", self.restart_timeout_s, 0, lo_open=True)
 
 
 @dataclass
@@ -181,15 +130,15 @@ class BackendConfig:
 
     def check(self) -> None:
         if self.name not in ("hf", "vllm"):
-            _fail(f"backend.name {self.name!r}: valid backends: hf, vllm")
+            fail(f"backend.name {self.name!r}: valid backends: hf, vllm")
         if self.dtype not in DTYPES:
-            _fail(f"backend.dtype {self.dtype!r}: valid dtypes: {', '.join(DTYPES)}")
+            fail(f"backend.dtype {self.dtype!r}: valid dtypes: {', '.join(DTYPES)}")
         for k in ("batch_size", "tensor_parallel_size", "max_model_len"):
-            _num(f"backend.{k}", getattr(self, k), 1)
+            number(f"backend.{k}", getattr(self, k), 1)
         for k in ("num_cpus", "num_gpus", "warmup_prompts"):
-            _num(f"backend.{k}", getattr(self, k), 0)
-        _num("backend.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, lo_open=True)
-        _no_secrets("backend.engine_kwargs", self.engine_kwargs, keys=True)
+            number(f"backend.{k}", getattr(self, k), 0)
+        number("backend.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, lo_open=True)
+        no_secrets("backend.engine_kwargs", self.engine_kwargs, keys=True)
 
 
 @dataclass
@@ -200,11 +149,11 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
     def check(self) -> None:
-        _num("train.lora.r", self.r, 1)
-        _num("train.lora.alpha", self.alpha, 0, lo_open=True)
-        _num("train.lora.dropout", self.dropout, 0, 1, hi_open=True)
+        number("train.lora.r", self.r, 1)
+        number("train.lora.alpha", self.alpha, 0, lo_open=True)
+        number("train.lora.dropout", self.dropout, 0, 1, hi_open=True)
         if not self.target_modules:
-            _fail("train.lora.target_modules is empty (all-linear: every linear layer)")
+            fail("train.lora.target_modules is empty (all-linear: every linear layer)")
 
 
 @dataclass
@@ -235,14 +184,14 @@ class TrainConfig:
 
     def check(self) -> None:
         for k in ("batch_size", "grad_accum", "max_seq_len", "num_workers", "cpus_per_worker", "keep_checkpoints"):
-            _num(f"train.{k}", getattr(self, k), 1)
+            number(f"train.{k}", getattr(self, k), 1)
         for k in ("warmup_steps", "save_every", "max_failures", "weight_decay", "distill_weight"):
-            _num(f"train.{k}", getattr(self, k), 0)
-        _num("train.max_grad_norm", self.max_grad_norm, 0, lo_open=True)
+            number(f"train.{k}", getattr(self, k), 0)
+        number("train.max_grad_norm", self.max_grad_norm, 0, lo_open=True)
         if self.batch_size % self.num_workers:
-            _fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})")
+            fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})")
         if self.strategy not in ("ddp", "fsdp"):
-            _fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
+            fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
         self.lora.check()
 
 
@@ -253,8 +202,8 @@ class EvalConfig:
 
     def check(self) -> None:
         if self.max_probes is not None:
-            _num("eval.max_probes", self.max_probes, 1)
-        _num("eval.batch_size", self.batch_size, 1)
+            number("eval.max_probes", self.max_probes, 1)
+        number("eval.batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -288,22 +237,22 @@ class ModelsConfig:
 
     def check(self, stage_order: list[str]) -> None:
         if self.preset not in ("real", "tiny"):
-            _fail(f"models.preset {self.preset!r}: valid presets: real, tiny")
+            fail(f"models.preset {self.preset!r}: valid presets: real, tiny")
         if self.preset == "tiny":
             t = self.tiny
-            _num("models.tiny.vocab_size", t.vocab_size, 512, 8192)
+            number("models.tiny.vocab_size", t.vocab_size, 512, 8192)
             for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
                       "max_position_embeddings", "batch_size"):
-                _num(f"models.tiny.{k}", getattr(t, k), 1)
-            _num("models.tiny.lr", t.lr, 0, lo_open=True)
+                number(f"models.tiny.{k}", getattr(t, k), 1)
+            number("models.tiny.lr", t.lr, 0, lo_open=True)
             for name, spec in t.sizes.items():
                 for k in ("hidden_size", "num_hidden_layers", "intermediate_size"):
-                    _num(f"models.tiny.sizes.{name}.{k}", getattr(spec, k), 1)
-                _num(f"models.tiny.sizes.{name}.pretrain_steps", spec.pretrain_steps, 0)
+                    number(f"models.tiny.sizes.{name}.{k}", getattr(spec, k), 1)
+                number(f"models.tiny.sizes.{name}.pretrain_steps", spec.pretrain_steps, 0)
             sizes = [t.sizes[s] for s in stage_order if s in t.sizes]
             params = [s.hidden_size * s.num_hidden_layers * s.intermediate_size for s in sizes]
             if params != sorted(set(params)):
-                _fail("models.tiny.sizes must strictly grow with the stage")
+                fail("models.tiny.sizes must strictly grow with the stage")
 
 
 @dataclass
@@ -317,10 +266,10 @@ class ClusterConfig:
 
     def check(self) -> None:
         if self.dashboard_host not in ("127.0.0.1", "localhost") and self.auth is False:
-            _fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
-        _num("cluster.dashboard_port", self.dashboard_port, 1, 65535)
+            fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
+        number("cluster.dashboard_port", self.dashboard_port, 1, 65535)
         if self.num_cpus is not None:
-            _num("cluster.num_cpus", self.num_cpus, 1)
+            number("cluster.num_cpus", self.num_cpus, 1)
 
 
 @dataclass
@@ -354,55 +303,55 @@ def check(cfg: Config) -> None:
     _check_stages(cfg)
     _check_curriculum(cfg)
     for key, src in cfg.data.items():
-        _name("data key", key)
+        safe_name("data key", key)
         src.check(f"data.{key}")
     for section in (cfg.generation, cfg.backend, cfg.train, cfg.eval, cfg.cluster):
         section.check()
     cfg.models.check(cfg.stage_order())
-    _num("seed", cfg.seed, 0)
-    _num("lease_ttl_s", cfg.lease_ttl_s, 1)
+    number("seed", cfg.seed, 0)
+    number("lease_ttl_s", cfg.lease_ttl_s, 1)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.hf_token_env):
-        _fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
+        fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
               f"in the config)")
     if not cfg.run_dir.strip():
-        _fail("run_dir is empty")
+        fail("run_dir is empty")
     if cfg.train.distill_weight > 0 and cfg.generation.logprobs <= 0:
-        _fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
+        fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
               "(e.g. 20)")
-    _no_secrets("", dataclasses.asdict(cfg))
+    no_secrets("", dataclasses.asdict(cfg))
 
 
 def _check_stages(cfg: Config) -> None:
     if not cfg.stages:
-        _fail("no stages are defined (stages: {...})")
+        fail("no stages are defined (stages: {...})")
     for name in cfg.stages:
-        _name("stage name", name)
+        safe_name("stage name", name)
     if cfg.target not in cfg.stages:
-        _fail(f"unknown stage {cfg.target!r}; valid stages: {', '.join(cfg.stage_order())}")
+        fail(f"unknown stage {cfg.target!r}; valid stages: {', '.join(cfg.stage_order())}")
     roots = [s for s, spec in cfg.stages.items() if not spec.teachers]
     if len(roots) != 1:
-        _fail(f"exactly one stage must have no teachers (the root teacher); found {roots}")
+        fail(f"exactly one stage must have no teachers (the root teacher); found {roots}")
     order = {s: i for i, s in enumerate(cfg.stage_order())}
     for name, spec in cfg.stages.items():
         if spec.build and spec.teachers:
-            _fail(f"stages.{name}.build is only for the root teacher")
+            fail(f"stages.{name}.build is only for the root teacher")
         for t in spec.teachers:
             if t.stage not in cfg.stages:
-                _fail(f"stages.{name}.teachers: unknown stage {t.stage!r}; valid stages: {', '.join(order)}")
+                fail(f"stages.{name}.teachers: unknown stage {t.stage!r}; valid stages: {', '.join(order)}")
             if order[t.stage] >= order[name]:
-                _fail(f"stages.{name}.teachers: {t.stage!r} is not below {name!r}")
+                fail(f"stages.{name}.teachers: {t.stage!r} is not below {name!r}")
             t.check(f"stages.{name}.teachers[{t.stage}]")
 
 
 def _check_curriculum(cfg: Config) -> None:
     if not cfg.curriculum:
-        _fail("curriculum is empty")
+        fail("curriculum is empty")
     names = [p.name for p in cfg.curriculum]
     if len(set(names)) != len(names):
-        _fail(f"curriculum phase names repeat: {names}")
+        fail(f"curriculum phase names repeat: {names}")
     for p in cfg.curriculum:
         if p.data not in cfg.data:
-            _fail(f"curriculum phase {p.name!r}: unknown data {p.data!r}; defined: {', '.join(cfg.data)}")
+            fail(f"curriculum phase {p.name!r}: unknown data {p.data!r}; defined: {', '.join(cfg.data)}")
         p.check(f"curriculum phase {p.name!r}")
 
 

@@ -18,7 +18,7 @@ import random
 import re
 from collections import Counter, defaultdict
 
-from cascade.config import Config, ConfigError
+from cascade.config import Config, ConfigError, GenerationConfig
 from cascade.plan import GenJob, PhasePlan, StagePlan
 from cascade.prompts import Prompt
 from cascade.rundir import RunDir, stable_hash
@@ -42,7 +42,6 @@ def _load(rd: RunDir, job: GenJob) -> dict[str, list[dict]]:
 
 
 def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[Prompt], rd: RunDir) -> dict:
-    g = cfg.generation
     jobs = [j for j in sp.gen_jobs if j.data == ph.data]
     answers = {j.teacher.name: _load(rd, j) for j in jobs}
     if cfg.train.distill_weight > 0:
@@ -53,49 +52,59 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
     for p in prompts:
         rng = random.Random(stable_hash("mix", cfg.seed, sp.name, ph.name, p.id))
         teacher = rng.choices(jobs, weights=weights)[0].teacher
-        seen: set[str] = set()
-        seen_exact: set[str] = set()
-        kept = 0
-        for rec in answers[teacher.name].get(p.id, []):
-            counts["generated"] += 1
-            text = rec["text"].strip()
-            if rec["finish_reason"] not in ("stop", "length"):
-                counts["failed"] += 1
-            elif len(text) < g.min_chars:
-                counts["empty"] += 1
-            elif rec["finish_reason"] == "length" and g.drop_truncated:
-                counts["truncated"] += 1
-            elif g.max_chars and len(text) > g.max_chars:
-                counts["too_long"] += 1
-            elif text in seen_exact:
-                counts["duplicate_exact"] += 1
-            elif normalize(text) in seen:
-                counts["duplicate_normalized"] += 1
-            else:
-                seen.add(normalize(text))
-                seen_exact.add(text)
-                kept += 1
-                split = "heldout" if p.heldout else "train"
-                out[split].append({
-                    "id": f"{p.id}/{teacher.name}/{rec['sample']}",
-                    "prompt_id": p.id,
-                    "phase": ph.name,
-                    "messages": p.messages,
-                    "response": text,
-                    **{k: rec[k] for k in ("data", "teacher", "teacher_key", "sampling", "seed", "sample",
-                                           "finish_reason", "prompt_tokens", "completion_tokens")},
-                    **({"logprobs": rec["logprobs"], "vocab_hash": rec.get("vocab_hash")} if "logprobs" in rec
-                       else {}),
-                })
-        counts["kept"] += kept
-        counts[f"teacher/{teacher.name}"] += kept
-        if kept == 0:
+        kept = [_record(p, ph, teacher.name, rec, text) for rec, text in
+                _keep(answers[teacher.name].get(p.id, []), cfg.generation, counts)]
+        out["heldout" if p.heldout else "train"] += kept
+        counts["kept"] += len(kept)
+        counts[f"teacher/{teacher.name}"] += len(kept)
+        if not kept:
             counts["prompts_without_answer"] += 1
     if not out["train"]:
         raise ConfigError(f"{sp.name}/{ph.name}: no usable generations to train on ({dict(counts)})")
     for split, recs in out.items():
         rd.write_jsonl(f"{staging}/{split}.jsonl", recs)
     return {"counts": dict(counts), "train": len(out["train"]), "heldout": len(out["heldout"])}
+
+
+def _keep(recs: list[dict], g: GenerationConfig, counts: Counter) -> list[tuple[dict, str]]:
+    """The answers to one prompt that are kept, with their stripped text; every drop counted by its reason."""
+    seen: set[str] = set()
+    seen_exact: set[str] = set()
+    kept = []
+    for rec in recs:
+        counts["generated"] += 1
+        text = rec["text"].strip()
+        if rec["finish_reason"] not in ("stop", "length"):
+            counts["failed"] += 1
+        elif len(text) < g.min_chars:
+            counts["empty"] += 1
+        elif rec["finish_reason"] == "length" and g.drop_truncated:
+            counts["truncated"] += 1
+        elif g.max_chars and len(text) > g.max_chars:
+            counts["too_long"] += 1
+        elif text in seen_exact:
+            counts["duplicate_exact"] += 1
+        elif normalize(text) in seen:
+            counts["duplicate_normalized"] += 1
+        else:
+            seen.add(normalize(text))
+            seen_exact.add(text)
+            kept.append((rec, text))
+    return kept
+
+
+def _record(p: Prompt, ph: PhasePlan, teacher: str, rec: dict, text: str) -> dict:
+    """A dataset record: the prompt, the teacher's answer, and its provenance."""
+    return {
+        "id": f"{p.id}/{teacher}/{rec['sample']}",
+        "prompt_id": p.id,
+        "phase": ph.name,
+        "messages": p.messages,
+        "response": text,
+        **{k: rec[k] for k in ("data", "teacher", "teacher_key", "sampling", "seed", "sample", "finish_reason",
+                               "prompt_tokens", "completion_tokens")},
+        **({"logprobs": rec["logprobs"], "vocab_hash": rec.get("vocab_hash")} if "logprobs" in rec else {}),
+    }
 
 
 def check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, list[dict]]]) -> None:
