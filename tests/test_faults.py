@@ -189,10 +189,16 @@ def _data_files(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for pat in pats for p in sorted(run.glob(pat))}
 
 
-@pytest.mark.parametrize("point", ["write:5", "write:40", "commit:2", "commit:6", "manifest:3", "manifest:12"])
+# The driver's manifest updates of a 4b run, in order (each a step boundary): 1-2 generate ethics, composure
+# running; 3-4 done; 5-10 the three datasets running, done; 11-13 the three phases running; 14-16 done;
+# 17-18 eval running, done. Its commits: 1-2 the generations, 3-5 the datasets, 6 eval (phases: the workers').
+@pytest.mark.parametrize("point", ["write:5", "write:40", "commit:2", "commit:4", "commit:6", "manifest:1",
+                                   "manifest:3", "manifest:5", "manifest:8", "manifest:11", "manifest:12",
+                                   "manifest:14", "manifest:17"])
 def test_driver_dying_inside_a_write_loses_nothing(tiny_4b_run, tmp_path, point):
-    """The driver process dies (os._exit, as under kill -9) inside an atomic write, a commit or a manifest update;
-    the same command then ends with the same bytes as a run never stopped, nothing half-committed."""
+    """The driver process dies (os._exit, as under kill -9) inside an atomic write, a commit or a manifest update
+    (at every kind of step boundary); the same command then ends with the same bytes as a run never stopped,
+    nothing half-committed."""
     run = tmp_path / "run"
     r = run_cli(*ARGS, f"run_dir={run}", env={"CASCADE_FAILPOINT": point})
     assert r.returncode == 137, r.stdout[-3000:]
