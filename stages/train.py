@@ -239,12 +239,13 @@ class PhaseTrainer:
             if stop:
                 log.warning("pre-empted: checkpointed at step %d of %s", step + 1, self.ph.model.name)
                 break
+        self.t_end = time.time()  # the loop's end: what comes after (TensorBoard's flush, fusion) is not training
         if board:
             board.close()
         return not stop
 
     def summary(self) -> dict:
-        seconds, train_seconds = time.time() - self.t0, time.time() - self.t_loop
+        seconds, train_seconds = self.t_end - self.t0, self.t_end - self.t_loop
         losses, kd = self.losses, self.kd_losses
         out = {
             "phase": self.ph.name, "steps": self.ph.iters, "loss_first": losses[0], "loss_last": losses[-1],
