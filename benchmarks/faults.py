@@ -6,9 +6,10 @@ A reference run of `+stage=4b models=tiny` (smoke scale: small shards, answers o
 Then the same command in a fresh run directory, struck by a seeded series of faults, each while the run is under
 way: kill -9 of the driver at a random moment, SIGTERM (pre-emption), the driver dying inside its Nth atomic
 write, commit or manifest update (cascade/failpoints.py), a full disk at its Nth write. After each fault the
-same command is started again, until --faults have struck; then it runs to the end. Records are compared by id
-(every answer in the generation shards, every record of the curated datasets): lost = in the reference, not in the
-struck run; duplicated = more than once in one file. Prints one JSON object on its last line: faults_injected,
+same command is started again; a run that completes (a fault came too late) is compared and the next faults
+strike a fresh run directory, until --faults have struck; the last run then runs to the end. Records are compared
+by id (every answer in the generation shards, every record of the curated datasets): lost = in the reference, not
+in a struck run; duplicated = more than once in one file. Prints one JSON object on its last line: faults_injected,
 faults_survived (those after which the run still ended with the reference's bytes), records_lost (goal 0),
 records_duplicated (goal 0), bytes_identical, and the faults by kind.
 """
@@ -92,22 +93,30 @@ def main() -> None:
     t0 = time.perf_counter()
     assert _until_done(_start(tmp / "ref")) == 0, "the reference run failed"
     t_ref = time.perf_counter() - t0
-    rng, kinds, struck = random.Random(a.seed), collections.Counter(), tmp / "struck"
-    injected = survived = 0
-    while injected < a.faults:
-        kind, rc = _strike(struck, rng, t_ref)
-        if rc == 0:  # the run ended before the fault could strike: the next one tries again
-            continue
-        injected += 1
-        kinds[kind.split("(")[0]] += 1
-    final = _until_done(_start(struck))
+    rng, kinds = random.Random(a.seed), collections.Counter()
     ref_ids, _ = _records(tmp / "ref")
-    ids, dup = _records(struck)
-    same = _bytes(struck) == _bytes(tmp / "ref")
-    survived = injected if final == 0 and same else 0
-    print(json.dumps({"faults_injected": injected, "faults_survived": survived, "final_exit_code": final,
-                      "records_reference": len(ref_ids), "records_lost": len(set(ref_ids) - set(ids)),
-                      "records_duplicated": dup, "bytes_identical": same, "faults_by_kind": dict(kinds),
+    ref_bytes = _bytes(tmp / "ref")
+    injected = survived = lost = dup = episodes = 0
+    identical = True
+    while injected < a.faults:  # episodes: a fresh run directory struck until it completes
+        struck, hits = tmp / f"struck-{episodes}", 0
+        episodes += 1
+        while injected < a.faults:
+            kind, rc = _strike(struck, rng, t_ref)
+            if rc == 0:  # the run completed before this fault struck
+                break
+            injected, hits = injected + 1, hits + 1
+            kinds[kind.split("(")[0]] += 1
+        if _until_done(_start(struck)) != 0:
+            identical = False
+            continue
+        ids, d = _records(struck)
+        same = _bytes(struck) == ref_bytes
+        lost, dup, identical = lost + len(set(ref_ids) - set(ids)), dup + d, identical and same
+        survived += hits if same and not d and set(ref_ids) <= set(ids) else 0
+    print(json.dumps({"faults_injected": injected, "faults_survived": survived, "runs_struck": episodes,
+                      "records_reference": len(ref_ids), "records_lost": lost, "records_duplicated": dup,
+                      "bytes_identical": identical, "faults_by_kind": dict(kinds),
                       "reference_wall_s": round(t_ref, 1), "seed": a.seed}))
 
 
