@@ -12,7 +12,6 @@ shard comes out the same whichever replica, or how many, answered it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -162,11 +161,11 @@ def _write_shard(rd: RunDir, job: GenJob, i: int, recs: list[dict], with_logprob
 
 
 def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> None:
-    """Write step.json once every shard is in: record counts and checksums."""
+    """Write step.json once every shard is in: record counts (sizes and checksums: RunDir.commit_files)."""
     shards, tokens = [], 0
     for i in range(job.shards(n_prompts)):
         data = rd.read_bytes(_shard(rd, job, i))
-        shards.append({"shard": i, "records": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()[:16]})
+        shards.append({"shard": i, "records": data.count(b"\n")})
         tokens += sum(json.loads(line)["completion_tokens"] for line in data.splitlines())
     # compute_seconds: engine time of this invocation; timing: this invocation's, shared by the teacher's sets
     summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
