@@ -1,16 +1,15 @@
 """Mid-phase training checkpoints in run storage, and the FSDP2 pieces they need (stages/train.py uses them).
 
 Layout: <stage>/train/_ckpt/<NN>-<phase>-<key>/step-NNNNNN/ {adapter.safetensors, optimizer.pt, scheduler.pt,
-rng-rank<R>.pt, meta.json}, each step directory committed by rename; the last K are kept.
+rng-rank<R>.pt, meta.json}, each step directory committed by RunDir.publish (meta.json is its marker); the last K
+are kept.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-from cascade.failpoints import failpoint
 from cascade.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class Checkpoints:
             log.warning("checkpoint %s is damaged (%s): trying the one before", path, "; ".join(bad[:3]))
         else:
             return {"step": 0, "losses": [], "tokens": 0}
-        d = self.rd.as_local(path)
+        d = self.rd.pull(path, meta["files"])
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -105,7 +104,11 @@ class Checkpoints:
             random.setstate((r["python"][0], tuple(r["python"][1]), r["python"][2]))
             np.random.set_state((r["numpy"][0], np.asarray(r["numpy"][1], dtype=np.uint32), *r["numpy"][2:]))
             torch.set_rng_state(r["torch"])
-        log.info("resumed %s at step %d (saved with %d workers)", d.name, meta["step"], meta["world"])
+        log.info("resumed %s at step %d (saved with %d workers)", path, meta["step"], meta["world"])
+        if not self.rd.is_local:  # the pulled copy
+            import shutil
+
+            shutil.rmtree(d, ignore_errors=True)
         return meta
 
     def save(self, model: Any, opt: Any, sched: Any, step: int, losses: list, tokens: int, world: int,
@@ -119,16 +122,13 @@ class Checkpoints:
         from safetensors.torch import save_file
 
         final = f"{self.dir}/step-{step:06d}"
-        staging = f"{self.dir}/.staging-{step:06d}"
-        d = self.rd.as_local(staging)
-        d.mkdir(parents=True, exist_ok=True)
-        pystate = random.getstate()
-        npstate = np.random.get_state()
-        torch.save({"python": [pystate[0], list(pystate[1]), pystate[2]],
-                    "numpy": [npstate[0], npstate[1].tolist(), *npstate[2:]], "torch": torch.get_rng_state()},
-                   d / f"rng-rank{self.rank}.pt")
-        if dist.is_initialized():
-            dist.barrier()
+        pystate, npstate = random.getstate(), np.random.get_state()
+        rng = {"python": [pystate[0], list(pystate[1]), pystate[2]],
+               "numpy": [npstate[0], npstate[1].tolist(), *npstate[2:]], "torch": torch.get_rng_state()}
+        rngs = [rng]
+        if dist.is_initialized():  # every rank's RNG state to rank 0 (ranks may share no disk)
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, rng)
         if self.fsdp:  # collectives: every rank takes part, rank 0 receives
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -137,14 +137,17 @@ class Checkpoints:
             if not self.fsdp:
                 inner = model.module if hasattr(model, "module") else model
                 adapter, optim = get_peft_model_state_dict(inner), opt.state_dict()
+            staging = self.rd.staging(f"ckpt-{step:06d}")
+            d = self.rd.as_local(staging)
+            for r, state in enumerate(rngs):
+                torch.save(state, d / f"rng-rank{r}.pt")
             save_file({k: v.contiguous() for k, v in adapter.items()}, d / "adapter.safetensors")
             torch.save(optim, d / "optimizer.pt")
             torch.save(sched.state_dict(), d / "scheduler.pt")
-            files = self.rd.file_digests(staging)  # every rank's RNG file is in (barrier above)
-            (d / "meta.json").write_text(json.dumps({"step": step, "losses": losses, "tokens": tokens, "world": world,
-                                                     "distill_losses": distill_losses, "files": files}))
-            failpoint("checkpoint")
-            self.rd.fs.mv(staging, final, recursive=True)
+            files = self.rd.file_digests(staging)
+            self.rd.publish(staging, final, "meta.json", {"step": step, "losses": losses, "tokens": tokens,
+                                                          "world": world, "distill_losses": distill_losses,
+                                                          "files": files}, point="checkpoint")
             for old in self._steps()[: -self.keep]:
                 self.rd.fs.rm(old, recursive=True)
         if dist.is_initialized():

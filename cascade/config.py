@@ -275,7 +275,7 @@ class ClusterConfig:
 @dataclass
 class Config:
     target: str = MISSING  # the stage to build; set by +stage=<name>
-    run_dir: str = "outputs/cascade"  # local path or fsspec URL of a shared filesystem
+    run_dir: str = "outputs/cascade"  # a local or shared path, or an object store: s3://bucket/prefix, gs://...
     seed: int = 1234
     kernel: str = "builtin:kernel.md"  # the LEK-1 axioms: context of the root teacher's build
     stages: dict[str, StageSpec] = field(default_factory=dict)
@@ -313,12 +313,27 @@ def check(cfg: Config) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.hf_token_env):
         fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
               f"in the config)")
-    if not cfg.run_dir.strip():
-        fail("run_dir is empty")
+    _check_run_dir(cfg.run_dir)
     if cfg.train.distill_weight > 0 and cfg.generation.logprobs <= 0:
         fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
               "(e.g. 20)")
     no_secrets("", dataclasses.asdict(cfg))
+
+
+def _check_run_dir(url: str) -> None:
+    """A run directory's protocol must be one fsspec knows, its implementation installed (s3fs, gcsfs)."""
+    import fsspec
+
+    if not url.strip():
+        fail("run_dir is empty")
+    if "://" in url:
+        protocol = url.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as e:
+            fail(f"run_dir {url!r}: no filesystem for {protocol}:// ({e})")
+        if url.rstrip("/").endswith("://") or not url.split("://", 1)[1].strip("/"):
+            fail(f"run_dir {url!r} names no bucket or path")
 
 
 def _check_stages(cfg: Config) -> None:

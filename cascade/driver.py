@@ -38,8 +38,11 @@ def run(cfg: Config) -> list[StagePlan]:
     if cfg.cluster.auth:
         cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
     with Lease(p.rd, cfg.lease_ttl_s):  # one driver per run directory
-        _prepare(p)
-        _run_steps(p)
+        try:
+            _prepare(p)
+            _run_steps(p)
+        finally:  # an object store's copy of the log (a filesystem run directory's is the log itself)
+            p.rd.upload(p.rd.driver_log(), p.rd.path("logs", "driver.log"))
     _report(p)
     return p.stages
 
@@ -85,12 +88,11 @@ def _prepare(p: RunPlan) -> None:
 
 
 def _log_to_file(rd: RunDir) -> None:
-    if rd.is_local:
-        path = rd.driver_log()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h = logging.FileHandler(path)
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(h)
+    path = rd.driver_log()  # on an object store: this node's mirror, uploaded when the driver ends
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(h)
 
 
 def _report(p: RunPlan) -> None:

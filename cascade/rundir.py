@@ -26,8 +26,17 @@ Every path of a run is made by a method below; no other module joins run-directo
 A step (name, key, path) is committed when its step.json, holding the key, is present. The step protocol
 (`begin` -> build in staging -> `commit_dir`, or files written in place then `commit_files`) is the same for
 every step: a committed step is skipped, a running one is marked in the manifest, and a kill at any point leaves
-either the old state or the new one. Paths are fsspec URLs: a shared filesystem serves a multi-node run; model
-directories must be on a filesystem (local or shared) because transformers and vLLM load them from a path.
+either the old state or the new one.
+
+Where the run directory lives:
+- a local or shared filesystem (a path, or file://): staging under tmp/, commits by rename;
+- an object store (s3://bucket/prefix, gs://...; credentials and endpoint from the environment, e.g.
+  AWS_ENDPOINT_URL): nothing is renamed. Each object is written by one PUT; a step's files are uploaded first
+  and its step.json (a checkpoint's meta.json) last, after any stale marker was deleted, so a reader that trusts
+  only markers never sees half a step. Staging, TensorBoard logs and the driver's log are written in this
+  node's mirror (<CASCADE_CACHE>/runs/<hash of the URL>/, made by `local()`) and uploaded; model directories
+  that transformers, PEFT or vLLM must open are pulled into this node's cache by `local_model`, each file
+  checked against the sha256 its step.json records.
 """
 
 from __future__ import annotations
@@ -78,6 +87,58 @@ def absolute(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
+def is_object_store(url: str) -> bool:
+    return "://" in url and not url.startswith(("file://", "local://"))
+
+
+def node_cache() -> Path:
+    """This node's cache: CASCADE_CACHE (each node of a cluster may set its own), else ~/.cache/cascade/models."""
+    return Path(os.environ.get("CASCADE_CACHE") or "~/.cache/cascade/models").expanduser()
+
+
+def open_fs(url: str) -> tuple[Any, str]:
+    """(filesystem, path) of a URL; an object store's listings are not cached (other processes write to it)."""
+    return fsspec.core.url_to_fs(url, **({"use_listings_cache": False} if is_object_store(url) else {}))
+
+
+def local_model(path: str) -> str:
+    """A model directory that transformers, PEFT or vLLM can open: `path` itself, unless it is a committed step
+    on an object store; that one is pulled once into this node's cache, every file checked against the size and
+    sha256 its step.json records."""
+    if not is_object_store(path):
+        return path
+    fs, p = open_fs(path)
+    rec = json.loads(fs.cat_file(f"{p}/{STEP_FILE}"))
+    dest = node_cache() / "runs" / "models" / f"{stable_hash(path)}-{rec['key']}"
+    if not (dest / PULLED).exists():
+        download(fs, p, rec["files"], dest)
+    return str(dest)
+
+
+PULLED = ".pulled"  # written last into a directory pulled from an object store
+
+
+def download(fs: Any, src: str, files: dict[str, list], dest: Path) -> None:
+    """Copy the recorded files under src to dest (a sibling first, renamed into place), checking each one's size
+    and sha256 against its record; raises if one differs."""
+    import shutil
+
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    for rel, (size, digest) in sorted(files.items()):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{src}/{rel}", str(tmp / rel))
+        got = sha256_file(fsspec.filesystem("file"), str(tmp / rel))
+        if (tmp / rel).stat().st_size != size or (digest is not None and got != digest):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"{src}/{rel} does not match its record (size {size}, sha256 {digest})")
+    (tmp / PULLED).write_text(json.dumps(files))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another process on this node pulled it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sha256_file(fs: Any, path: str) -> str:
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
@@ -92,9 +153,14 @@ class RunDir:
 
     def __init__(self, url: str, verify: bool = False) -> None:
         self.url = absolute(url).rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.fs, root = open_fs(self.url)
+        self.fs.makedirs(root, exist_ok=True)
+        self.is_local = not is_object_store(self.url)
+        # an object store's paths are URLs (they name the store wherever they are passed); the node's mirror holds
+        # what must be a local file (staging, logs) - for a filesystem run directory it is the run directory
+        self.root = root if self.is_local else self.url
+        self.mirror = root if self.is_local else str(node_cache() / "runs" / stable_hash(self.url))
+        self.lfs = self.fs if self.is_local else fsspec.filesystem("file")
         self.verify = verify
         self._sound: set[tuple[str, str]] = set()  # (path, key) of committed steps already checked
 
@@ -114,7 +180,8 @@ class RunDir:
 
     def shards(self, teacher: str, data: str, key: str) -> list[str]:
         """The committed shard files of a generation, in order."""
-        return sorted(self.fs.glob(self.shard_file(teacher, data, key, "shard-*.jsonl")))
+        found = self.fs.glob(self.shard_file(teacher, data, key, "shard-*.jsonl"))
+        return sorted(found if self.is_local else [self.fs.unstrip_protocol(f) for f in found])
 
     def dataset(self, stage: str, phase: str) -> str:
         return self.path(stage, "dataset", phase)
@@ -132,6 +199,7 @@ class RunDir:
         return self.path(stage, "train", "_work")
 
     def tensorboard(self, stage: str, phase: str) -> Path:
+        """Written locally (this node's mirror on an object store; uploaded when the phase ends)."""
         return self.local(stage, "train", "_work", "tensorboard", phase)
 
     def eval(self, stage: str) -> str:
@@ -150,29 +218,38 @@ class RunDir:
         return self.local("logs", "driver.log")
 
     def local(self, *parts: str) -> Path:
-        """A path that transformers/vLLM can open: only for a filesystem-backed run directory."""
-        return self.as_local(self.path(*parts))
+        """A file that must be local (a log, TensorBoard's): in the run directory, or this node's mirror of it."""
+        return Path(self.mirror, *parts)
 
     def as_local(self, path: str) -> Path:
-        """The filesystem path of a run-directory path (see local())."""
-        if not self.is_local:
-            raise RuntimeError(f"model directories need a (shared) filesystem run_dir, not {self.url}")
+        """The local path of a staging path (staging is always on this node's filesystem)."""
+        if not path.startswith(self.mirror):
+            raise RuntimeError(f"{path} is not local to this node (run directory {self.url})")
         return Path(path)
 
     def staging(self, name: str) -> str:
-        p = self.path("tmp", f"{name.replace('/', '_')}-{uuid.uuid4().hex[:8]}")
-        self.fs.makedirs(p, exist_ok=True)
+        p = f"{self.mirror}/tmp/{name.replace('/', '_')}-{uuid.uuid4().hex[:8]}"
+        self.lfs.makedirs(p, exist_ok=True)
         return p
+
+    def _fs(self, path: str) -> Any:
+        """The filesystem of a path: the store's, or the local one for this node's mirror (staging, logs)."""
+        return self.lfs if not self.is_local and path.startswith("/") else self.fs
 
     # -- atomic writes and reads ------------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a file atomically: a temporary sibling, then a rename."""
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        """Write a file atomically: a temporary sibling, then a rename (on an object store: one PUT)."""
+        fs = self._fs(path)
+        if fs is not self.lfs:
+            failpoint("write", path)
+            fs.pipe_file(path, data)
+            return
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
+        with fs.open(tmp, "wb") as f:
             f.write(data)
         failpoint("write", path)
-        self.fs.mv(tmp, path)
+        fs.mv(tmp, path)
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -181,7 +258,7 @@ class RunDir:
         self.write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open(path, "rb") as f:
+        with self._fs(path).open(path, "rb") as f:
             return f.read()
 
     def read_json(self, path: str) -> Any | None:
@@ -201,16 +278,34 @@ class RunDir:
         return [json.loads(line) for line in self.read_bytes(path).splitlines() if line.strip()]
 
     def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+        return self._fs(path).exists(path)
+
+    def upload(self, local: Path, path: str) -> None:
+        """Copy a local file or directory (a log, TensorBoard's events) to a run-directory path; nothing to do
+        when they are the same (a filesystem run directory writes these in place)."""
+        if self.is_local:
+            return
+        for f in [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file()):
+            self.fs.put_file(str(f), path if f == local else f"{path}/{f.relative_to(local).as_posix()}")
+
+    def pull(self, path: str, files: dict[str, list]) -> Path:
+        """A local copy of the recorded files under a run-directory path (itself on a filesystem run directory;
+        from an object store, into this node's mirror, each file checked against its record)."""
+        if self.is_local:
+            return Path(path)
+        dest = Path(self.mirror, "tmp", f"pull-{uuid.uuid4().hex[:8]}")
+        download(self.fs, path, files, dest)
+        return dest
 
     # -- the step protocol ------------------------------------------------------------------------------------
     def file_digests(self, path: str, hashes: bool = True) -> dict[str, list]:
         """{relative path: [size, sha256]} of every file under path but its step.json (sizes only: sha256 None)."""
-        out = {}
-        for f, info in sorted(self.fs.find(path, detail=True).items()):
-            rel = f[len(path.rstrip("/")) + 1 :]
+        fs, out = self._fs(path), {}
+        base = fs._strip_protocol(path).rstrip("/")
+        for f, info in sorted(fs.find(base, detail=True).items()):
+            rel = f[len(base) + 1 :]
             if rel != STEP_FILE and info.get("type", "file") == "file":
-                out[rel] = [info["size"], sha256_file(self.fs, f) if hashes else None]
+                out[rel] = [info["size"], sha256_file(fs, f) if hashes else None]
         return out
 
     def damage(self, path: str, files: dict[str, list] | None, hashes: bool) -> list[str]:
@@ -263,17 +358,35 @@ class RunDir:
         """
         rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(),
                "files": self.file_digests(staging)}
-        self.write_json(f"{staging}/{STEP_FILE}", rec)
-        failpoint("commit")
-        if self.fs.exists(step.path):  # stale: a different key (changed config); move aside, then drop
-            aside = self.path("tmp", f"stale-{uuid.uuid4().hex[:8]}")
-            self.fs.mv(step.path, aside, recursive=True)
-            self.fs.rm(aside, recursive=True)
-        self.fs.makedirs(step.path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.mv(staging, step.path, recursive=True)
+        self.publish(staging, step.path, STEP_FILE, rec)
         if record:
             self.mark_done(step, rec)
         return rec
+
+    def publish(self, staging: str, path: str, marker: str, rec: dict, point: str = "commit") -> None:
+        """Make the staged directory the one at `path`, its marker file (holding rec) the commit. A filesystem:
+        the marker is written into staging, a stale `path` moved aside, staging renamed into place. An object
+        store: a stale marker is deleted first, then the stale files, then staging's files are uploaded and the
+        marker last."""
+        if self.is_local:
+            self.write_json(f"{staging}/{marker}", rec)
+            failpoint(point)
+            if self.fs.exists(path):  # stale: a different key (changed config); move aside, then drop
+                aside = self.path("tmp", f"stale-{uuid.uuid4().hex[:8]}")
+                self.fs.mv(path, aside, recursive=True)
+                self.fs.rm(aside, recursive=True)
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(staging, path, recursive=True)
+            return
+        if self.fs.exists(f"{path}/{marker}"):
+            self.fs.rm_file(f"{path}/{marker}")
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        for rel in rec["files"]:
+            self.fs.put_file(f"{staging}/{rel}", f"{path}/{rel}")
+        failpoint(point)
+        self.write_json(f"{path}/{marker}", rec)
+        self.lfs.rm(staging, recursive=True)
 
     def commit_files(self, step: Step, summary: dict, **extra: Any) -> dict:
         """Commit a step whose files were written in place, each atomically: its step.json comes last."""
@@ -319,9 +432,9 @@ class RunDir:
     def clean_staging(self) -> None:
         """Drop uncommitted leftovers of killed runs: staging, and the temporary siblings of interrupted atomic
         writes (only safe while no step of this run is in flight: the driver holds the run's lease)."""
-        tmp = self.path("tmp")
-        if self.fs.exists(tmp):
-            self.fs.rm(tmp, recursive=True)
-        for f in self.fs.glob(f"{self.root}/**/*.tmp-*"):
+        for fs, tmp in {(self.fs, self.path("tmp")), (self.lfs, f"{self.mirror}/tmp")}:
+            if fs.exists(tmp):
+                fs.rm(tmp, recursive=True)
+        for f in self.lfs.glob(f"{self.mirror}/**/*.tmp-*"):  # an object store has none (nothing is renamed)
             log.info("removing %s, left by an interrupted write", f)
-            self.fs.rm(f, recursive=True)
+            self.lfs.rm(f, recursive=True)

@@ -18,7 +18,7 @@ import ray
 
 from cascade.config import Config
 from cascade.plan import StagePlan
-from cascade.rundir import RunDir
+from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
 METRIC = "mean per-token log-likelihood of held-out teacher responses under the student (nats; higher = closer)"
@@ -88,6 +88,7 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
 
     if not records:
         return None, 0.0
+    model_path = local_model(model_path)  # pulled into this node's cache from an object store
     torch.set_num_threads(cpu_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)

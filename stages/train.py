@@ -38,7 +38,7 @@ import ray
 from cascade import preemption
 from cascade.config import Config, TrainConfig
 from cascade.plan import PhasePlan, StagePlan
-from cascade.rundir import RunDir
+from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
     first = todo[0].index
     job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, todo, cfg.train, cfg.seed, cfg.models.trust_remote_code)
-    fit(job, rd.train_work(sp.name), f"{sp.name}-{todo[0].model.key}")
+    fit(job, rd, f"{sp.name}-{todo[0].model.key}")
     if preemption.requested(rd):  # the workers checkpointed and stopped; the driver stops next
         return
     for ph in todo:
@@ -81,18 +81,23 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
         rd.mark_done(ph.model, rec)
 
 
-def fit(job: TrainJob, storage_path: str, name: str) -> None:
-    """Run `job` as one Ray Train job (train.num_workers workers)."""
+def fit(job: TrainJob, rd: RunDir, name: str) -> None:
+    """Run `job` as one Ray Train job (train.num_workers workers); Ray Train's storage is the run directory's
+    <stage>/train/_work (on an object store through the run directory's own fsspec filesystem)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    t = job.train
+    t, storage_path, storage_fs = job.train, rd.train_work(job.stage), None
+    if not rd.is_local:
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        storage_path, storage_fs = rd.fs._strip_protocol(storage_path), PyFileSystem(FSSpecHandler(rd.fs))
     TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     ).fit()
 
@@ -108,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     job: TrainJob = config["job"]
     torch.set_num_threads(cpu_threads())
     rd = RunDir(job.run_dir)
-    model_path, revision = job.start_model, job.revision
+    model_path, revision = local_model(job.start_model), job.revision
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=job.trust_remote_code)
     device = ray.train.torch.get_device()
     for ph in job.phases:
@@ -119,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not trainer.steps():
                 return
             trainer.finish()
-        model_path, revision = ph.model.path, None
+        model_path, revision = local_model(ph.model.path), None
 
 
 def stop_requested(rd: RunDir, device: Any) -> bool:
@@ -321,7 +326,9 @@ class Board:
         from ray.util.metrics import Gauge
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(rd.tensorboard(stage, phase)))
+        self.rd, self.dir = rd, rd.tensorboard(stage, phase)
+        self.remote = f"{rd.train_work(stage)}/tensorboard/{phase}"
+        self.writer = SummaryWriter(str(self.dir))
         self.tags = {"stage": stage}
         self.gauges = {k: Gauge(f"cascade_train_{k}", f"training {k}", tag_keys=("stage",))
                        for k in ("loss", "lr", "tokens_per_s", "phase", "step")}
@@ -334,6 +341,7 @@ class Board:
 
     def close(self) -> None:
         self.writer.close()
+        self.rd.upload(self.dir, self.remote)  # from this node's mirror when the run directory is an object store
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

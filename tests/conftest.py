@@ -37,9 +37,10 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict
                           stderr=subprocess.STDOUT, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def start_cli(*args: str, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+def start_cli(*args: str, log: Path, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
     f = open(log, "w")
-    return subprocess.Popen(cascade_cmd(*args), cwd=cwd or ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cascade_cmd(*args), cwd=cwd or ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
 
 
 def kill9(proc: subprocess.Popen) -> None:

@@ -31,8 +31,10 @@ def make_backend(name: str, model: str, **kw: Any) -> Backend:
 
 class GenerationWorker:
     def __init__(self, name: str, backend: str, model: str, backend_kwargs: dict[str, Any]) -> None:
+        from cascade.rundir import local_model
+
         self.name = name
-        self.backend = make_backend(backend, model, **backend_kwargs)
+        self.backend = make_backend(backend, local_model(model), **backend_kwargs)
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return self.name
