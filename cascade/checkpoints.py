@@ -43,7 +43,8 @@ def full_adapter(model: Any) -> dict:
 class Checkpoints:
     """Mid-phase checkpoints under <stage>/train/_ckpt/<NN>-<phase>-<key>/step-NNNNNN/, committed by rename:
     adapter (safetensors), optimizer and scheduler (rank 0), RNG states of python, numpy and torch (every rank),
-    meta.json (step = data position, losses, tokens, world size). The last `keep` are kept. Under FSDP the
+    meta.json (step = data position, losses, tokens, world size, reason: periodic, sigterm or
+    preemption-notice). The last `keep` are kept. Under FSDP the
     adapter and optimizer state are gathered whole on save and re-sharded on restore (torch.distributed's
     full state dicts), so a sharded run resumes on any worker count too."""
 
@@ -112,7 +113,7 @@ class Checkpoints:
         return meta
 
     def save(self, model: Any, opt: Any, sched: Any, step: int, losses: list, tokens: int, world: int,
-             distill_losses: list) -> None:
+             distill_losses: list, reason: str = "periodic") -> None:
         import random
 
         import numpy as np
@@ -147,7 +148,7 @@ class Checkpoints:
             files = self.rd.file_digests(staging)
             self.rd.publish(staging, final, "meta.json", {"step": step, "losses": losses, "tokens": tokens,
                                                           "world": world, "distill_losses": distill_losses,
-                                                          "files": files}, point="checkpoint")
+                                                          "reason": reason, "files": files}, point="checkpoint")
             for old in self._steps()[: -self.keep]:
                 self.rd.fs.rm(old, recursive=True)
         if dist.is_initialized():

@@ -20,7 +20,7 @@ from cascade.config import Config
 from cascade.lease import Lease
 from cascade.plan import RunPlan, StagePlan, plan_run
 from cascade.preemption import Preemption
-from cascade.rundir import RunDir
+from cascade.rundir import RunDir, Step
 
 log = logging.getLogger("cascade.driver")
 
@@ -82,9 +82,34 @@ def _prepare(p: RunPlan) -> None:
         from cascade.tiny import build_preset
 
         build_preset(cfg)  # cached; committed by rename
+    _ship_models(p)
     token = os.environ.get(cfg.hf_token_env)
     if token:
         os.environ.setdefault("HF_TOKEN", token)  # workers inherit it; never written to config or logs
+
+
+def _ship_models(p: RunPlan) -> None:
+    """A run directory on an object store: base models that are directories on this node (the tiny preset, a
+    local checkpoint) are committed once to <run_dir>/models/<key>/ and every step loads them from there (pulled
+    into each node's cache), so no node needs a disk shared with the driver. Their keys, and so every step's key,
+    are unchanged."""
+    import shutil
+
+    rd = p.rd
+    if rd.is_local:
+        return
+    moved: dict[str, str] = {}
+    for sp in p.stages:
+        if os.path.isdir(sp.base_model):
+            step = Step(f"models/{sp.name}", sp.base_key, rd.path("models", sp.base_key))
+            if rd.begin(step) is None:
+                staging = rd.staging(step.name)
+                shutil.copytree(sp.base_model, staging, dirs_exist_ok=True)
+                rd.commit_dir(staging, step, {"source": sp.base_model})
+            moved[sp.base_model], sp.base_model = step.path, step.path
+    for sp in p.stages:
+        for t in sp.teachers + [j.teacher for j in sp.gen_jobs]:
+            t.model = moved.get(t.model, t.model)
 
 
 def _log_to_file(rd: RunDir) -> None:

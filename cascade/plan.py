@@ -191,8 +191,9 @@ def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[st
             shard = shard_size_for(cfg, len(prompts[data]))
             data_id = (file_digest(cfg.data[data].path), dataclasses.asdict(cfg.data[data]))
             key = stable_hash("gen", t.key, t.system, samp, shard, backend_id, cfg.seed, data_id)
-            jobs.append(GenJob(t, data, Step(f"generate/{t.name}/{data}", key, rd.generation(t.name, data, key)),
-                               shard))
+            made_by = tuple(m for m in (t.model,) if m.startswith(f"{rd.root}/"))  # a teacher trained in this run
+            jobs.append(GenJob(t, data, Step(f"generate/{t.name}/{data}", key, rd.generation(t.name, data, key),
+                                             made_by), shard))
     return jobs
 
 
@@ -206,9 +207,11 @@ def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJo
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]
         dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, (g.drop_truncated, g.min_chars, g.max_chars))
         tkey = stable_hash("train", prev, dkey, ph, train_id, cfg.seed)
-        phases.append(PhasePlan(i, ph.name, ph.data, ph.iters, ph.lr,
-                                Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name)),
-                                Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name))))
+        data = Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name),
+                    tuple(j.step.path for j in jobs if j.data == ph.data))
+        model = Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name),
+                     (data.path,) + ((phases[-1].model.path,) if phases else ()))
+        phases.append(PhasePlan(i, ph.name, ph.data, ph.iters, ph.lr, data, model))
         prev = tkey
     return phases
 
@@ -224,7 +227,8 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str)
             sp.gen_jobs = _gen_jobs(cfg, rd, sp.teachers, prompts)
             sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs)
             ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases], cfg.eval)
-            sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage))
+            sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
+                           (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
         done[stage] = sp
     return list(done.values())
 

@@ -18,15 +18,19 @@
       <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
       <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/
       <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
+      models/<key>/**                             an object store's copy of base models that are directories on the
+                                                  driver's node (the tiny preset), loaded from here by every node
       tmp/**                                      staging; anything here is uncommitted and may be deleted;
                                                   tmp/preempt.json asks the training workers to checkpoint and stop
 
 Every path of a run is made by a method below; no other module joins run-directory paths by hand.
 
-A step (name, key, path) is committed when its step.json, holding the key, is present. The step protocol
-(`begin` -> build in staging -> `commit_dir`, or files written in place then `commit_files`) is the same for
-every step: a committed step is skipped, a running one is marked in the manifest, and a kill at any point leaves
-either the old state or the new one.
+A step (name, key, path) is committed when its step.json, holding the key, is present, its files match their
+record, and the steps it was built from (its inputs) still hold the bytes it was built from: a damaged step that
+runs again to different bytes takes the steps downstream of it along; to the same bytes, it leaves them be.
+The step protocol (`begin` -> build in staging -> `commit_dir`, or files written in place then `commit_files`)
+is the same for every step: a committed step is skipped, a running one is marked in the manifest, and a kill at
+any point leaves either the old state or the new one.
 
 Where the run directory lives:
 - a local or shared filesystem (a path, or file://): staging under tmp/, commits by rename;
@@ -79,6 +83,7 @@ class Step:
     name: str
     key: str
     path: str
+    inputs: tuple[str, ...] = ()  # paths of the committed steps it is built from (re-run when their files change)
 
 
 def absolute(url: str) -> str:
@@ -329,13 +334,24 @@ class RunDir:
         rec = self.read_json(f"{step.path}/{STEP_FILE}")
         if rec is None or rec.get("key") != step.key:
             return None
-        if (step.path, step.key) not in self._sound:
+        stamp = (step.path, step.key, rec.get("time"))
+        if stamp not in self._sound:
             bad = self.damage(step.path, rec.get("files"), self.verify)
             if bad:
                 log.warning("committed step %s is damaged (%s): it runs again", step.name, "; ".join(bad[:3]))
                 return None
-            self._sound.add((step.path, step.key))
+            self._sound.add(stamp)
+        changed = [p for p, d in (rec.get("inputs") or {}).items() if self.contents(p) != d]
+        if changed:
+            log.warning("step %s was built from %s, changed since (re-run after damage): it runs again", step.name,
+                        ", ".join(changed))
+            return None
         return rec
+
+    def contents(self, path: str) -> str | None:
+        """The identity of a committed step's bytes: a hash of its recorded file sizes and sha256s."""
+        rec = self.read_json(f"{path}/{STEP_FILE}")
+        return stable_hash(rec.get("files")) if rec else None
 
     def begin(self, step: Step) -> dict | None:
         """Skip a committed step (its record is returned and marked done), or mark it running (None)."""
@@ -357,7 +373,7 @@ class RunDir:
         Workers pass record=False: the driver, the manifest's one writer, records the step when it sees it.
         """
         rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(),
-               "files": self.file_digests(staging)}
+               "inputs": {p: self.contents(p) for p in step.inputs}, "files": self.file_digests(staging)}
         self.publish(staging, step.path, STEP_FILE, rec)
         if record:
             self.mark_done(step, rec)
@@ -391,7 +407,7 @@ class RunDir:
     def commit_files(self, step: Step, summary: dict, **extra: Any) -> dict:
         """Commit a step whose files were written in place, each atomically: its step.json comes last."""
         rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(), **extra,
-               "files": self.file_digests(step.path)}
+               "inputs": {p: self.contents(p) for p in step.inputs}, "files": self.file_digests(step.path)}
         failpoint("commit")
         self.write_json(f"{step.path}/{STEP_FILE}", rec)
         self.mark_done(step, rec)

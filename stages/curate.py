@@ -112,8 +112,9 @@ def check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, 
     from transformers import AutoTokenizer
 
     from cascade.chat import vocab_hash
+    from cascade.rundir import local_model
 
-    student = vocab_hash(AutoTokenizer.from_pretrained(sp.base_model, revision=sp.revision,
+    student = vocab_hash(AutoTokenizer.from_pretrained(local_model(sp.base_model), revision=sp.revision,
                                                        trust_remote_code=cfg.models.trust_remote_code))
     for name, by_prompt in answers.items():
         recs = [r for rs in by_prompt.values() for r in rs]

@@ -177,6 +177,7 @@ class PhaseTrainer:
         self.state = self.ckpt.restore(self.model, self.opt, self.sched)
         self.losses, self.kd_losses = self.state["losses"], self.state.get("distill_losses", [])
         self.real = self.slots = 0
+        self.noticed = False  # Ray's pre-emption notice seen (and acted on) in this phase
 
     def _distribute(self, model: Any) -> Any:
         """DDP when world > 1 (Ray Train's prepare_model), or FSDP2: each decoder layer sharded."""
@@ -238,9 +239,11 @@ class PhaseTrainer:
                           self.real * self.world / (time.time() - self.t_loop), self.ph.index)
             last = step + 1 == self.ph.iters
             stop = not last and stop_requested(self.rd, self.device)
-            if stop or (self.t.save_every and (step + 1) % self.t.save_every == 0 and not last):
+            notice = not last and not stop and self._preemption_notice(step + 1)
+            if stop or notice or (self.t.save_every and (step + 1) % self.t.save_every == 0 and not last):
                 self.ckpt.save(self.model, self.opt, self.sched, step + 1, self.losses,
-                               self.state["tokens"] + self.real * self.world, self.world, self.kd_losses)
+                               self.state["tokens"] + self.real * self.world, self.world, self.kd_losses,
+                               reason="sigterm" if stop else "preemption-notice" if notice else "periodic")
             if stop:
                 log.warning("pre-empted: checkpointed at step %d of %s", step + 1, self.ph.model.name)
                 break
@@ -248,6 +251,20 @@ class PhaseTrainer:
         if board:
             board.close()
         return not stop
+
+    def _preemption_notice(self, step: int) -> bool:
+        """Ray's pre-emption notice (a node of this worker group is being drained, e.g. a spot reclaim), once:
+        then a just-in-time checkpoint is saved and training goes on; when the node goes, Ray Train restarts
+        the group and it resumes there. Every rank calls this the same number of times (Ray agrees the value)."""
+        if self.noticed:
+            return False
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        self.noticed = True
+        log.warning("pre-emption notice (nodes %s, ranks %s, deadline %s ms): checkpoint at step %d of %s",
+                    info.preempted_node_ids, info.preempted_ranks, info.deadline_ms, step, self.ph.model.name)
+        return True
 
     def summary(self) -> dict:
         seconds, train_seconds = self.t_end - self.t0, self.t_end - self.t_loop
@@ -259,6 +276,7 @@ class PhaseTrainer:
             "seconds": seconds, "train_seconds": train_seconds, "tokens_per_s": self.real * self.world / train_seconds,
             "real_token_fraction": self.real / max(1, self.slots),
             "packing": self.t.packing, "workers": self.world, "resumed_from_step": self.state["step"],
+            "resumed_from_reason": self.state.get("reason"),
         }
         if self.t.distill_weight > 0:
             out.update(distill_weight=self.t.distill_weight, distill_losses=kd, distill_loss_first=kd[0],

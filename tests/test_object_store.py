@@ -176,3 +176,30 @@ def test_tiny_cascade_on_s3_killed_mid_phase_resumes_to_local_bytes(s3, tmp_path
     for rel in ("4b/dataset/p0_ethics/train.jsonl", "4b/dataset/p1_composure/train.jsonl"):
         assert fs.cat_file(f"{root}/{rel}") == (local / rel).read_bytes(), rel
     assert manifest(local).keys() == json.loads(fs.cat_file(f"{root}/manifest.json")).keys()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_rerun_to_new_bytes_takes_its_downstream_along(s3, tmp_path, monkeypatch, caplog, where):
+    """A damaged step that runs again to different bytes re-runs the steps built from it; to the same bytes (a
+    deterministic re-run), they are kept."""
+    from cascade.rundir import RunDir, Step
+
+    monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
+    rd = RunDir(str(tmp_path / "run") if where == "local" else _bucket("downstream"))
+
+    def commit(step: Step, data: bytes) -> dict:
+        staging = rd.staging(step.name)
+        rd.write_bytes(f"{staging}/train.jsonl", data)
+        rd.begin(step)
+        return rd.commit_dir(staging, step, {})
+
+    up = Step("4b/dataset/p0", "d", rd.dataset("4b", "p0"))
+    down = Step("4b/train/p0", "t", rd.model("4b", 0, "p0"), (up.path,))
+    commit(up, b"one\n")
+    rec = commit(down, b"weights")
+    assert rec["inputs"] == {up.path: rd.contents(up.path)} and rd.committed(down) == rec
+    commit(up, b"one\n")  # the same bytes again: the model built from them stands
+    assert RunDir(rd.url).committed(down) == rec
+    commit(up, b"two\n")  # new bytes: the model is stale
+    assert RunDir(rd.url).committed(down) is None
+    assert "was built from" in caplog.text and up.path in caplog.text
