@@ -1,7 +1,7 @@
 """Entry point: compose the Hydra config, turn it into typed dataclasses, hand it to the driver.
 
     python -m cascade +stage=4b models=tiny
-    python -m cascade +stage=27b run_dir=/shared/cascade cluster=multinode
+    python -m cascade +stage=27b run_dir=s3://my-bucket/cascade cluster=multinode   # or a shared path
     python -m cascade --help | --cfg job
 """
 
