@@ -132,7 +132,7 @@ def main() -> None:
                       Step("27b/train/bench", "bench", rd.model("27b", 0, "bench")))
     cluster.start(cfg.cluster)
     try:
-        fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), str(tmp / "ray"), "bench")
+        fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), rd, "bench")
     finally:
         cluster.stop()
     summary = rd.committed(phase.model)["summary"]

@@ -129,15 +129,24 @@ def train_loop_per_worker(config: dict) -> None:
 
 def stop_requested(rd: RunDir, device: Any) -> bool:
     """Whether the driver was pre-empted (cascade/preemption.py), agreed by every rank."""
+    return agreed(device, preemption.requested(rd))[0]
+
+
+def agreed(device: Any, *flags: bool) -> list[bool]:
+    """Flags as every rank sees them: each the max over ranks (one all_reduce for all of them)."""
     import torch
     import torch.distributed as dist
 
-    flag = preemption.requested(rd)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([int(flag)], device=device)
+        t = torch.tensor([int(f) for f in flags], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = bool(t.item())
-    return flag
+        return [bool(x) for x in t.tolist()]
+    return list(flags)
+
+
+# Ray's pre-emption notice is asked for at most this often (rank 0's clock, agreed with the stop flag): asking is
+# a barrier across the workers (~5 ms), a notice gives tens of seconds (a spot reclaim: 30 s to 2 min)
+NOTICE_EVERY_S = 5.0
 
 
 class PhaseTrainer:
@@ -177,7 +186,7 @@ class PhaseTrainer:
         self.state = self.ckpt.restore(self.model, self.opt, self.sched)
         self.losses, self.kd_losses = self.state["losses"], self.state.get("distill_losses", [])
         self.real = self.slots = 0
-        self.noticed = False  # Ray's pre-emption notice seen (and acted on) in this phase
+        self.noticed, self.asked = False, 0.0  # Ray's pre-emption notice: seen (and acted on) in this phase; asked
 
     def _distribute(self, model: Any) -> Any:
         """DDP when world > 1 (Ray Train's prepare_model), or FSDP2: each decoder layer sharded."""
@@ -238,8 +247,9 @@ class PhaseTrainer:
                 board.log(step, self.losses[-1], self.sched.get_last_lr()[0],
                           self.real * self.world / (time.time() - self.t_loop), self.ph.index)
             last = step + 1 == self.ph.iters
-            stop = not last and stop_requested(self.rd, self.device)
-            notice = not last and not stop and self._preemption_notice(step + 1)
+            due = self.rank == 0 and not self.noticed and time.time() - self.asked >= NOTICE_EVERY_S
+            stop, ask = agreed(self.device, not last and preemption.requested(self.rd), not last and due)
+            notice = ask and not stop and self._preemption_notice(step + 1)
             if stop or notice or (self.t.save_every and (step + 1) % self.t.save_every == 0 and not last):
                 self.ckpt.save(self.model, self.opt, self.sched, step + 1, self.losses,
                                self.state["tokens"] + self.real * self.world, self.world, self.kd_losses,
@@ -256,8 +266,7 @@ class PhaseTrainer:
         """Ray's pre-emption notice (a node of this worker group is being drained, e.g. a spot reclaim), once:
         then a just-in-time checkpoint is saved and training goes on; when the node goes, Ray Train restarts
         the group and it resumes there. Every rank calls this the same number of times (Ray agrees the value)."""
-        if self.noticed:
-            return False
+        self.asked = time.time()
         info = ray.train.get_preemption_info()
         if info is None:
             return False
