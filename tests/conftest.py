@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,3 +83,42 @@ def tiny_4b_run(tmp_path_factory) -> Path:
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_bucket(name: str) -> str:
+    """A run directory URL in a bucket of its own."""
+    return f"s3://{name}-{os.getpid()}-{time.monotonic_ns() % 10**9}/run"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """One S3 API server (moto's server mode) on 127.0.0.1 for the session. Its environment (endpoint, dummy
+    credentials) is set in this process too, and returned for subprocesses."""
+    import fsspec
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        fsspec.get_filesystem_class("s3").clear_instance_cache()  # none bound to another endpoint
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "the S3 server did not start"
+                time.sleep(0.2)
+        yield env
+    proc.terminate()
+    proc.wait(timeout=30)

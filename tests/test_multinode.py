@@ -19,8 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FAST, run_cli, wait_for
-from test_object_store import _bucket, _free_port, s3  # noqa: F401 - the S3 server fixture
+from conftest import FAST, free_port, run_cli, s3_bucket, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -31,7 +30,7 @@ ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.replicas=2", "generation.
 
 
 def _ray_start(env: dict, *args: str) -> None:
-    ports = [f"--{k}={_free_port()}" for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
+    ports = [f"--{k}={free_port()}" for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
                                                "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                "runtime-env-agent-port")]
     r = subprocess.run([RAY, "start", "--num-cpus=1", "--disable-usage-stats", *ports, *args], env=env,
@@ -72,7 +71,7 @@ def _stop(*temp_dirs: str) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path):  # noqa: F811
+def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path):
     import fsspec
 
     token = secrets.token_hex(16)
@@ -82,8 +81,8 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
     head_tmp, worker_tmp = (tempfile.mkdtemp(dir="/tmp", prefix=p) for p in ("rh", "rw"))
     head_env = {**env, "CASCADE_CACHE": str(tmp_path / "head-cache")}
     worker_env = {**env, "CASCADE_CACHE": str(tmp_path / "worker-cache")}
-    port, dash = _free_port(), _free_port()
-    url = _bucket("multinode")
+    port, dash = free_port(), free_port()
+    url = s3_bucket("multinode")
     fs = fsspec.filesystem("s3", use_listings_cache=False)
     root = url.removeprefix("s3://")
     fs.mkdir(root.split("/")[0])

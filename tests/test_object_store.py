@@ -6,50 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST, kill9, manifest, run_cli, start_cli, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1; its environment (endpoint, dummy credentials, a node-local cache) is set in
-    this process too, and returned for subprocesses."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "the S3 server did not start"
-                time.sleep(0.2)
-        yield env
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def _bucket(name: str) -> str:
-    return f"s3://{name}-{os.getpid()}-{time.monotonic_ns() % 10**9}/run"
+from conftest import FAST, kill9, manifest, run_cli, s3_bucket, start_cli, wait_for
 
 
 def _commit(rd, key: str, weights: bytes):
@@ -67,7 +30,7 @@ def test_commit_uploads_files_then_marker_and_pulls_verified(s3, tmp_path, monke
     from cascade.rundir import RunDir, download, local_model
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
-    rd = RunDir(_bucket("commit"))
+    rd = RunDir(s3_bucket("commit"))
     step, rec = _commit(rd, "k1", b"w" * 1000)
     assert rd.path("x").startswith("s3://") and rd.committed(step) == rec
     assert rd.manifest()["steps"][step.name]["state"] == "done"
@@ -107,7 +70,7 @@ def test_killed_commit_leaves_no_step_and_no_stale_one(s3, tmp_path, monkeypatch
     from cascade.rundir import RunDir
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
-    rd = RunDir(_bucket("killed"))
+    rd = RunDir(s3_bucket("killed"))
     old, _ = _commit(rd, "old", b"o" * 100)
     env = {**os.environ, "CASCADE_FAILPOINT": "commit:1"}
     r = subprocess.run([sys.executable, "-c", _KILLED_COMMIT, rd.url, "new"], env=env, capture_output=True)
@@ -124,7 +87,7 @@ def test_one_writer_on_an_object_store(s3, tmp_path, monkeypatch):
     from cascade.rundir import RunDir
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
-    rd = RunDir(_bucket("lease"))
+    rd = RunDir(s3_bucket("lease"))
     with Lease(rd, 30):
         holder = json.loads(rd.read_bytes(rd.lease()))
         with pytest.raises(RunDirBusy, match=str(holder["pid"])):
@@ -146,7 +109,7 @@ def test_tiny_cascade_on_s3_killed_mid_phase_resumes_to_local_bytes(s3, tmp_path
     the store), the same command again resumes from that checkpoint; every committed file equals a local run's."""
     import fsspec
 
-    url = _bucket("cascade")
+    url = s3_bucket("cascade")
     args = [*FAST, "+stage=4b", "models=tiny", "curriculum.1.iters=60"]
     env = s3
     fs = fsspec.filesystem("s3", use_listings_cache=False)
@@ -185,7 +148,7 @@ def test_a_rerun_to_new_bytes_takes_its_downstream_along(s3, tmp_path, monkeypat
     from cascade.rundir import RunDir, Step
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
-    rd = RunDir(str(tmp_path / "run") if where == "local" else _bucket("downstream"))
+    rd = RunDir(str(tmp_path / "run") if where == "local" else s3_bucket("downstream"))
 
     def commit(step: Step, data: bytes) -> dict:
         staging = rd.staging(step.name)
