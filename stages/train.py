@@ -249,7 +249,8 @@ class PhaseTrainer:
             last = step + 1 == self.ph.iters
             due = self.rank == 0 and not self.noticed and time.time() - self.asked >= NOTICE_EVERY_S
             stop, ask = agreed(self.device, not last and preemption.requested(self.rd), not last and due)
-            notice = ask and not stop and self._preemption_notice(step + 1)
+            # after Ray's notice, a checkpoint at every step until the node goes: at most one step is redone
+            notice = not stop and not last and (self.noticed or (ask and self._preemption_notice(step + 1)))
             if stop or notice or (self.t.save_every and (step + 1) % self.t.save_every == 0 and not last):
                 self.ckpt.save(self.model, self.opt, self.sched, step + 1, self.losses,
                                self.state["tokens"] + self.real * self.world, self.world, self.kd_losses,
@@ -264,8 +265,9 @@ class PhaseTrainer:
 
     def _preemption_notice(self, step: int) -> bool:
         """Ray's pre-emption notice (a node of this worker group is being drained, e.g. a spot reclaim), once:
-        then a just-in-time checkpoint is saved and training goes on; when the node goes, Ray Train restarts
-        the group and it resumes there. Every rank calls this the same number of times (Ray agrees the value)."""
+        from then on a checkpoint is saved at every step and training goes on; when the node goes, Ray Train
+        restarts the group and it resumes from the last one. Every rank calls this the same number of times
+        (Ray agrees the value)."""
         self.asked = time.time()
         info = ray.train.get_preemption_info()
         if info is None:

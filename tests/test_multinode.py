@@ -171,3 +171,4 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
     assert theirs["summary"]["workers"] == 2
     p1 = json.loads(fs.cat_file(f"{root}/4b/train/01-p1_composure/step.json"))["summary"]
     assert p1["resumed_from_step"] >= min(noticed), (p1["resumed_from_step"], noticed)  # nothing before it redone
+    assert p1["resumed_from_reason"] == "preemption-notice", p1  # checkpointed every step since the notice
