@@ -14,6 +14,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -36,6 +37,31 @@ def _ray_start(env: dict, *args: str) -> None:
     r = subprocess.run([RAY, "start", "--num-cpus=1", "--disable-usage-stats", *ports, *args], env=env,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def _wait_cpus(env: dict, port: int, cpus: int) -> None:
+    """Until the cluster has every node's CPU (a node whose raylet failed to come up would leave the job pending)."""
+    out = ""
+    for _ in range(120):
+        r = subprocess.run([RAY, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True,
+                           timeout=60)
+        out = r.stdout + r.stderr
+        if f"/{cpus}.0 CPU" in out:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the cluster never reached {cpus} CPUs:\n{out[-3000:]}")
+
+
+def _diagnose(*temp_dirs: str) -> str:
+    """The nodes' own logs, for a failure's message: raylet and job-driver tails, and every worker's errors."""
+    parts = []
+    for t in temp_dirs:
+        logs = Path(t) / "session_latest" / "logs"
+        for f in sorted(logs.glob("raylet*.out")) + sorted(logs.glob("job-driver-*.log")) + sorted(logs.glob("*.err")):
+            text = f.read_text(errors="replace")[-2500:] if f.stat().st_size else ""
+            if text.strip() and (f.suffix != ".err" or "Error" in text):
+                parts.append(f"==> {f} <==\n{text}")
+    return "\n".join(parts)[-20000:]
 
 
 def _raylet(temp_dir: str) -> psutil.Process | None:
@@ -87,11 +113,29 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
     root = url.removeprefix("s3://")
     fs.mkdir(root.split("/")[0])
     job = f"cascade-{secrets.token_hex(4)}"
-    _ray_start(head_env, "--head", f"--port={port}", f"--temp-dir={head_tmp}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}")
+
+    def status() -> str:
+        r = subprocess.run([RAY, "job", "status", f"--address=http://127.0.0.1:{dash}", job], env=env,
+                           capture_output=True, text=True, timeout=60)
+        out = (r.stdout + r.stderr).lower()  # "Job '<id>' succeeded" once it has ended
+        return next((s.upper() for s in ("succeeded", "failed", "stopped") if f"{job}' {s}" in out), "RUNNING")
+
+    def logs() -> str:
+        return subprocess.run([RAY, "job", "logs", f"--address=http://127.0.0.1:{dash}", job], env=env,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    def alive(what: str):
+        def check():
+            assert status() == "RUNNING", f"job ended before {what}:\n{logs()[-4000:]}"
+            return True
+        return check
+
     join = ("--address", f"127.0.0.1:{port}", f"--temp-dir={worker_tmp}")
     try:
+        _ray_start(head_env, "--head", f"--port={port}", f"--temp-dir={head_tmp}", "--include-dashboard=true",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}")
         _ray_start(worker_env, *join)
+        _wait_cpus(env, port, 2)
         # the preset's models live on the head node only; models.cache_dir names where they were built
         entry = [sys.executable, "-m", "cascade", *ARGS, "cluster=multinode", f"run_dir={url}",
                  f"models.cache_dir={cache}"]
@@ -99,28 +143,13 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
                             "--no-wait", "--", *entry], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
-        def status() -> str:
-            r = subprocess.run([RAY, "job", "status", f"--address=http://127.0.0.1:{dash}", job], env=env,
-                               capture_output=True, text=True, timeout=60)
-            out = (r.stdout + r.stderr).lower()  # "Job '<id>' succeeded" once it has ended
-            return next((s.upper() for s in ("succeeded", "failed", "stopped") if f"{job}' {s}" in out), "RUNNING")
-
-        def logs() -> str:
-            return subprocess.run([RAY, "job", "logs", f"--address=http://127.0.0.1:{dash}", job], env=env,
-                                  capture_output=True, text=True, timeout=60).stdout
-
-        def alive(what: str):
-            def check():
-                assert status() == "RUNNING", f"job ended before {what}:\n{logs()[-4000:]}"
-                return True
-            return check
-
         # 1. mid-generation: a shard committed, the set not yet
         wait_for(lambda: alive("generation")() and bool(fs.glob(f"{root}/generations/1b/*/*/shards/shard-*.jsonl")),
-                 600, what="a committed shard")
+                 300, what="a committed shard")
         assert not fs.glob(f"{root}/generations/1b/composure/*/step.json")
         _kill_raylet(worker_tmp)
         _ray_start(worker_env, *join)
+        _wait_cpus(env, port, 2)
 
         # 2. mid-training: a P1 checkpoint on the store, P1 not committed. Ray's pre-emption notice first (the
         # node is drained, as a spot reclaim announces itself): the workers save a checkpoint at their next step
@@ -144,10 +173,17 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
                  what="a checkpoint saved on the pre-emption notice")
         _kill_raylet(worker_tmp)  # the node goes at once: whatever was trained after the notice is lost
         _ray_start(worker_env, *join)
+        _wait_cpus(env, port, 2)
 
         wait_for(lambda: status() != "RUNNING", 900, what="the job's end")
         out = logs()
         assert status() == "SUCCEEDED", out[-6000:]
+    except AssertionError as e:
+        try:
+            tail = logs()[-6000:]
+        except Exception as why:  # noqa: BLE001 - the cluster may be the thing that failed
+            tail = f"(no job logs: {why})"
+        raise AssertionError(f"{e}\n--- job logs ---\n{tail}\n--- nodes ---\n{_diagnose(head_tmp, worker_tmp)}") from e
     finally:
         _stop(head_tmp, worker_tmp)
 
