@@ -30,6 +30,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         log.error("config error: %s", e)
         sys.exit(2)
     from cascade.driver import run  # heavy imports only after the config is known to be valid
+    from cascade.modeling import FusionError
     from cascade.preemption import EXIT_CODE, Preempted
 
     try:
@@ -37,6 +38,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ConfigError as e:
         log.error("input error: %s", e)
         sys.exit(2)
+    except FusionError as e:
+        log.error("fusion check failed, nothing committed for the phase (not retried: it is deterministic): %s", e)
+        sys.exit(1)
     except Preempted:
         log.error("pre-empted (SIGTERM): what the run had is saved; run the same command to resume")
         sys.exit(EXIT_CODE)

@@ -1,11 +1,12 @@
-"""The teachers' top-k log-probabilities: their file format (written by generation, read by training) and the loss.
+"""The teachers' top-k log-probabilities: their file format (written by generation, read by training).
 
     python -m cascade +stage=4b models=tiny generation.logprobs=8 train.distill_weight=0.5
 
 A shard's log-probabilities are one compressed .npz beside its JSONL (shard-NNNNN.logprobs.npz): `token_ids`
 int32 [T, k] (the top-k token ids at each response position of every record, concatenated), `logprobs` float16
 [T, k] (their log-probabilities) and `sampled` int32 [T] (the tokens the teacher sampled). Each record keeps
-{file, offset, length} into it instead of the lists; curation turns `file` into the run-directory path.
+{file, offset, length} into it instead of the lists; curation turns `file` into the run-directory path. The loss
+against them is cascade.modeling.response_nll's second sum.
 """
 
 from __future__ import annotations
@@ -67,17 +68,3 @@ def encode_distill(tok: Any, rec: dict, max_len: int, read: Reader) -> dict:
     return {"input_ids": (prompt + response)[:max_len], "labels": ([IGNORE_INDEX] * n + response)[:max_len],
             "kd_ids": ([[0] * k] * n + top_ids.tolist())[:max_len],
             "kd_lp": ([[0.0] * k] * n + top_lps.tolist())[:max_len]}
-
-
-def distill_loss(logits: Any, labels: Any, kd_ids: Any, kd_lp: Any) -> Any:
-    """Mean over response tokens of -sum_k q_k log p_student(id_k), q the teacher's top-k distribution
-    renormalised over its k tokens. Position t's targets describe the token at t, predicted from t - 1."""
-    import torch
-
-    from cascade.chat import IGNORE_INDEX
-
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    q = torch.softmax(kd_lp[:, 1:].float(), dim=-1)
-    per_token = -(q * logp.gather(-1, kd_ids[:, 1:])).sum(-1)
-    keep = labels[:, 1:] != IGNORE_INDEX
-    return per_token[keep].mean() if bool(keep.any()) else logits.sum() * 0.0

@@ -82,9 +82,9 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     import torch
     from transformers import AutoTokenizer
 
-    from cascade.chat import IGNORE_INDEX, collate, encode_example
+    from cascade.chat import collate, encode_example
     from cascade.cluster import cpu_threads
-    from cascade.modeling import load_model
+    from cascade.modeling import load_model, response_nll
 
     if not records:
         return None, 0.0
@@ -96,15 +96,11 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     total, count, t0 = 0.0, 0, time.perf_counter()
     for i in range(0, len(records), batch_size):
         batch = [encode_example(tok, r["messages"], r["response"], max_len) for r in records[i : i + batch_size]]
-        ids, labels, mask = collate(batch, tok.pad_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = labels[:, 1:].to(device)
-        keep = tgt != IGNORE_INDEX
-        tok_logp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        total += float(tok_logp[keep].sum())
-        count += int(keep.sum())
+        ids, labels, mask = collate(batch, tok.pad_token_id, device)
+        with torch.no_grad():  # the output layer applied in chunks: no [batch, tokens, vocab] tensor
+            nll, _, n = response_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        total -= float(nll)
+        count += n
     return total / max(1, count), time.perf_counter() - t0
 
 

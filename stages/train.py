@@ -92,7 +92,7 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         storage_path, storage_fs = rd.fs._strip_protocol(storage_path), PyFileSystem(FSSpecHandler(rd.fs))
-    TorchTrainer(
+    result = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -100,6 +100,11 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     ).fit()
+    error = (result.metrics or {}).get("error")
+    if error:  # deterministic (a failed fusion check): reported by the workers rather than raised, never retried
+        from cascade.modeling import FusionError
+
+        raise FusionError(error)
 
 
 # -- the worker ---------------------------------------------------------------------------------------------------
@@ -121,9 +126,8 @@ def train_loop_per_worker(config: dict) -> None:
             return
         if not rd.committed(ph.model):  # a phase committed before a worker restart is not redone
             trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision)
-            if not trainer.steps():
+            if not trainer.steps() or not trainer.finish():
                 return
-            trainer.finish()
         model_path, revision = local_model(ph.model.path), None
 
 
@@ -207,7 +211,7 @@ class PhaseTrainer:
 
     def _micro_step(self, step: int, m: int) -> tuple[float, float]:
         """Forward and backward of one micro-batch (this worker's rows of it): (loss, distillation loss)."""
-        from cascade.logprobs import distill_loss
+        from cascade.modeling import response_nll
         from cascade.packing import collate_packed
 
         b, accum = self.t.batch_size // self.world, self.t.grad_accum  # batch_size is global
@@ -215,10 +219,10 @@ class PhaseTrainer:
         rows = [[self.examples[i] for i in self.units[self.order[base + self.rank * b + j]]] for j in range(b)]
         batch = collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
                                getattr(self.mcfg, "sliding_window", None), self.device)
-        out = self.model(**{k: batch[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
-        loss, kd = out.loss, 0.0
+        ce, kd_sum, n = response_nll(self.model, batch)  # chunked over the vocabulary's logits
+        loss, kd = ce / max(1, n), 0.0
         if self.t.distill_weight > 0:
-            kd_t = distill_loss(out.logits, batch["labels"], batch["kd_ids"], batch["kd_lp"])
+            kd_t = kd_sum / max(1, n)
             loss, kd = loss + self.t.distill_weight * kd_t, kd_t.item()
         (loss / accum).backward()
         self.real, self.slots = self.real + batch["real_tokens"], self.slots + batch["slots"]
@@ -294,20 +298,27 @@ class PhaseTrainer:
                        distill_loss_last=kd[-1])
         return out
 
-    def finish(self) -> None:
-        """Rank 0 fuses the adapter into the weights, verifies and commits the fused model; all report."""
-        import torch.distributed as dist
+    def finish(self) -> bool:
+        """Rank 0 fuses the adapter into the weights, verifies and commits the fused model; all report. A failed
+        fusion check is deterministic: it is reported (the driver raises it) and the job ends without an error, so
+        Ray Train's failure policy does not run the phase again; False then."""
+        from cascade.modeling import FusionError
 
-        summary, model = self.summary(), self.model
+        summary, model, error = self.summary(), self.model, ""
         if self.t.strategy == "fsdp":
             model = self._gathered()
         if self.rank == 0:
             heldout = self.rd.dataset_file(self.job.stage, self.ph.name, "heldout")
             probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len) or self.examples
-            self._fuse_and_commit(model, summary, probe)
-        if self.world > 1:
-            dist.barrier()
-        ray.train.report({"phase": self.ph.index, "loss": self.losses[-1], "tokens_per_s": summary["tokens_per_s"]})
+            try:
+                self._fuse_and_commit(model, summary, probe)
+            except FusionError as e:
+                log.error("%s: %s", self.ph.model.name, e)
+                error = f"{self.ph.model.name}: {e}"
+        failed = agreed(self.device, bool(error))[0]  # also the barrier after rank 0's commit
+        ray.train.report({"phase": self.ph.index, "loss": self.losses[-1], "tokens_per_s": summary["tokens_per_s"],
+                          "error": error})
+        return not failed
 
     def _gathered(self) -> Any:
         """FSDP: the adapter gathered from its shards (a collective), and on rank 0 base + adapter rebuilt whole."""
@@ -331,7 +342,8 @@ class PhaseTrainer:
 
         peft_model = model.module if hasattr(model, "module") else model
         staging = self.rd.staging(f"{self.job.stage}-{self.ph.name}")
-        summary["fusion_max_abs_logit_diff"] = fuse(peft_model, self.tok, probe, self.rd.as_local(staging))
+        summary["fusion"] = fuse(peft_model, self.tok, probe, self.rd.as_local(staging))
+        summary["fusion_max_abs_logit_diff"] = summary["fusion"]["max_abs_logit_diff"]
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
 
 

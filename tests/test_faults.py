@@ -226,3 +226,21 @@ def test_disk_full_is_a_clear_error_and_the_rerun_completes(tiny_4b_run, tmp_pat
     assert f"[Errno 28] No space left on device: '{run}/" in r.stdout, r.stdout[-3000:]
     _rerun(run)
     assert _data_files(run) == _data_files(tiny_4b_run)
+
+
+def test_failed_fusion_check_is_not_retried_and_commits_nothing(tiny_4b_run, tmp_path):
+    """A damaged merge (the fuse failpoint perturbs the saved weights) fails the check once, with a clear error:
+    Ray Train's failure policy (max_failures=2 here) does not run the phase again, P2 stays uncommitted; the same
+    command without the fault then commits it."""
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    p2 = run / "4b/train/02-p2_ethics"
+    (p2 / "step.json").unlink()
+    r = run_cli(*ARGS, f"run_dir={run}", "train.max_failures=2", env={"CASCADE_FAILPOINT": "fuse:1!corrupt"})
+    assert r.returncode == 1, r.stdout[-4000:]
+    assert "fusion check failed" in r.stdout and "of the logits' scale" in r.stdout, r.stdout[-4000:]
+    # once by the worker, once by the driver: a retried phase would train and fail again
+    assert r.stdout.count("differs from base + adapter") == 2, r.stdout[-6000:]
+    assert not (p2 / "step.json").exists()
+    assert manifest(run)["steps"]["4b/train/p2_ethics"]["state"] != "done"
+    r = _rerun(run)
+    assert "[run ] 4b/train/p2_ethics" in r.stdout

@@ -55,30 +55,26 @@ def test_packed_loss_equals_unpacked_loss():
     assert batch["real_tokens"] == batch["slots"]  # one row, no padding
 
 
-def test_distill_loss_is_cross_entropy_against_the_teachers_top_k():
-    from cascade.logprobs import distill_loss
+def test_distill_sum_is_cross_entropy_against_the_teachers_top_k():
+    """The distillation term of cascade.modeling.response_nll's chunks (an identity output layer: the hidden
+    states are the logits); where its positions come from is tested in test_fuse.py."""
+    from cascade.modeling import _chunk_sums
 
     torch.manual_seed(0)
     vocab, k = 11, 3
-    logits = torch.randn(2, 5, vocab, requires_grad=True)
-    kd_ids = torch.randint(0, vocab, (2, 5, k))
-    kd_lp = torch.log_softmax(torch.randn(2, 5, k), -1) - 0.5  # top-k log-probs of a larger distribution
-    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 1, 2, -100, -100]])
-    loss = distill_loss(logits, labels, kd_ids, kd_lp)
-    # by hand: position t (a response token) is scored from the logits at t - 1
-    terms = []
-    for b in range(2):
-        for t in range(1, 5):
-            if labels[b, t] != -100:
-                q = torch.softmax(kd_lp[b, t], -1)
-                terms.append(-(q * torch.log_softmax(logits[b, t - 1], -1)[kd_ids[b, t]]).sum())
-    assert torch.allclose(loss, torch.stack(terms).mean())
-    loss.backward()
-    assert logits.grad[0, 4].abs().sum() == 0 and logits.grad[1, 2].abs().sum() == 0  # no target after them
+    logits = torch.randn(6, vocab, requires_grad=True)
+    kd_ids = torch.randint(0, vocab, (6, k))
+    kd_lp = torch.log_softmax(torch.randn(6, k), -1) - 0.5  # top-k log-probs of a larger distribution
+    y = torch.randint(0, vocab, (6,))
+    ce, kd = _chunk_sums(logits, y, torch.eye(vocab), None, kd_ids, torch.softmax(kd_lp, -1))
+    terms = [-(torch.softmax(kd_lp[t], -1) * torch.log_softmax(logits[t], -1)[kd_ids[t]]).sum() for t in range(6)]
+    assert torch.allclose(kd, torch.stack(terms).sum())
+    assert torch.allclose(ce, torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
     # a student that puts exactly the teacher's renormalised mass on its top k reaches the minimum: the entropy
-    ids = torch.tensor([[[1, 2, 3]] * 2])
-    lp = torch.log(torch.tensor([[[0.5, 0.3, 0.2]] * 2]))
-    student = torch.full((1, 2, vocab), -1e9)
-    student[0, :, 1:4] = lp[0, 0]
-    entropy = -(torch.tensor([0.5, 0.3, 0.2]) * lp[0, 0]).sum()
-    assert torch.allclose(distill_loss(student, torch.tensor([[-100, 1]]), ids, lp), entropy, atol=1e-5)
+    lp = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    student = torch.full((2, vocab), -1e9)
+    student[:, 1:4] = lp
+    entropy = -(torch.tensor([0.5, 0.3, 0.2]) * lp).sum()
+    _, kd = _chunk_sums(student, torch.tensor([1, 1]), torch.eye(vocab), None, torch.tensor([[1, 2, 3]] * 2),
+                        torch.softmax(lp, -1).expand(2, 3))
+    assert torch.allclose(kd, 2 * entropy, atol=1e-5)

@@ -23,6 +23,14 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+def _topk(logits: Any, k: int) -> tuple[Any, Any]:
+    """(log-probabilities, ids) of the k likeliest tokens of each row's raw next-token distribution."""
+    import torch
+
+    top = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+    return top.values, top.indices
+
+
 class HFBackend:
     """transformers batched generation (left padding, one generate() call per batch; a batch is one streamed
     chunk). Calls from several threads run one after the other: the next shard waits in the replica, not in the
@@ -69,6 +77,10 @@ class HFBackend:
             enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             torch.manual_seed(batch[0].seed)
             sample = sampling.temperature > 0
+            tops: list = []  # per decoding step, the top-k of the raw distribution [rows, k]: never all the logits
+            k = sampling.logprobs
+            hook = self.model.register_forward_hook(lambda _m, _i, o: tops.append(_topk(o.logits[:, -1], k))) if k \
+                else None
             with torch.no_grad():
                 res = self.model.generate(
                     **enc,
@@ -81,13 +93,13 @@ class HFBackend:
                     eos_token_id=self.stops,
                     pad_token_id=self.tok.pad_token_id,
                     return_dict_in_generate=True,
-                    output_logits=sampling.logprobs > 0,
                 )
             width = enc["input_ids"].shape[1]
             top = None
-            if sampling.logprobs:  # [rows, steps, k] from the raw logits
-                lp = torch.log_softmax(torch.stack(res.logits, dim=1).float(), dim=-1)
-                top = torch.topk(lp, sampling.logprobs, dim=-1)
+            if hook is not None:  # [rows, steps, k]
+                hook.remove()
+                top = torch.return_types.topk((torch.stack([v for v, _ in tops], 1),
+                                                torch.stack([i for _, i in tops], 1)))
             for row, seq in enumerate(res.sequences):
                 req = batch[row // sampling.n]
                 new = seq[width:].tolist()
