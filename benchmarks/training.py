@@ -55,7 +55,7 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
     import torch
 
     from cascade.config import LoraSpec
-    from cascade.modeling import load_model, with_lora
+    from cascade.modeling import load_model, response_nll, with_lora
     from cascade.packing import collate_packed
 
     torch.set_num_threads(1)  # as the Ray Train worker (1 CPU)
@@ -69,8 +69,8 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
     for unit_rows in batches:
         rows = [[examples[i] for i in u] for u in unit_rows]
         b = collate_packed(rows, 0, cfg.layer_types, cfg.sliding_window)
-        out = model(**{k: b[k] for k in ("input_ids", "labels", "position_ids", "attention_mask")})
-        out.loss.backward()
+        nll, _, n = response_nll(model, b)  # the worker's loss (chunked over the vocabulary)
+        (nll / max(1, n)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

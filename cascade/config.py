@@ -44,7 +44,8 @@ class TeacherRef:
 
 @dataclass
 class StageSpec:
-    model: str = MISSING  # base model: HF id, local HF directory, or tiny:<stage> (built by the project)
+    # base model: HF id, local HF directory, tiny:<stage> or gemma3-270m:base|chat (built by the project)
+    model: str = MISSING
     teachers: list[TeacherRef] = field(default_factory=list)  # empty: this stage is the root teacher
     build: bool = False  # root only: build the teacher by kernel context distillation instead of using `model`
     revision: Optional[str] = None  # HF revision of `model`, part of its identity
@@ -199,11 +200,15 @@ class TrainConfig:
 class EvalConfig:
     max_probes: Optional[int] = None  # held-out records scored for agreement; None: all
     batch_size: int = 8
+    # the text-level measure: greedy answers of up to this many tokens to the held-out prompts, compared with the
+    # teachers' answers by ROUGE-L F1; 0: off
+    answer_tokens: int = 64
 
     def check(self) -> None:
         if self.max_probes is not None:
             number("eval.max_probes", self.max_probes, 1)
         number("eval.batch_size", self.batch_size, 1)
+        number("eval.answer_tokens", self.answer_tokens, 0)
 
 
 @dataclass
@@ -229,15 +234,36 @@ class TinyConfig:
 
 
 @dataclass
+class Gemma3Config:
+    """gemma3-270m:chat, the base taught Gemma's turn format (cascade/gemma3_270m.py)."""
+
+    chat_steps: int = 30  # LoRA steps on the training prompts' reference answers
+    chat_lr: float = 1e-3
+    lora_r: int = 16
+    batch_size: int = 8
+    max_seq_len: int = 256
+
+    def check(self) -> None:
+        for k in ("chat_steps", "lora_r", "batch_size", "max_seq_len"):
+            number(f"models.gemma3.{k}", getattr(self, k), 1)
+        number("models.gemma3.chat_lr", self.chat_lr, 0, lo_open=True)
+
+
+PRESETS = ("real", "tiny", "gemma3-270m")
+
+
+@dataclass
 class ModelsConfig:
-    preset: str = "real"  # real | tiny
-    cache_dir: str = "${oc.env:CASCADE_CACHE,'~/.cache/cascade/models'}"  # tiny models are built here once, by spec
+    preset: str = "real"  # real | tiny | gemma3-270m (conf/models/<preset>.yaml)
+    cache_dir: str = "${oc.env:CASCADE_CACHE,'~/.cache/cascade/models'}"  # built models live here, keyed by spec
     trust_remote_code: bool = False
     tiny: TinyConfig = field(default_factory=TinyConfig)
+    gemma3: Gemma3Config = field(default_factory=Gemma3Config)
 
     def check(self, stage_order: list[str]) -> None:
-        if self.preset not in ("real", "tiny"):
-            fail(f"models.preset {self.preset!r}: valid presets: real, tiny")
+        if self.preset not in PRESETS:
+            fail(f"models.preset {self.preset!r}: valid presets: {', '.join(PRESETS)}")
+        self.gemma3.check()
         if self.preset == "tiny":
             t = self.tiny
             number("models.tiny.vocab_size", t.vocab_size, 512, 8192)

@@ -73,7 +73,7 @@ def _run_steps(p: RunPlan) -> None:
 
 
 def _prepare(p: RunPlan) -> None:
-    """Before Ray: the resolved config saved, the tiny preset built, the hub token in place."""
+    """Before Ray: the resolved config saved, the presets' models built, the hub token in place."""
     from omegaconf import OmegaConf
 
     cfg = p.cfg
@@ -82,6 +82,10 @@ def _prepare(p: RunPlan) -> None:
         from cascade.tiny import build_preset
 
         build_preset(cfg)  # cached; committed by rename
+    if any(cfg.stages[sp.name].model.startswith("gemma3-270m:") for sp in p.stages):
+        from cascade import gemma3_270m
+
+        gemma3_270m.build_preset(cfg, [sp.name for sp in p.stages])  # cached; committed by rename
     _ship_models(p)
     token = os.environ.get(cfg.hf_token_env)
     if token:

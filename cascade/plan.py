@@ -124,6 +124,12 @@ def model_identity(cfg: Config, stage: str) -> tuple[str, str]:
         if cfg.models.preset != "tiny" or size not in cfg.models.tiny.sizes:
             raise ConfigError(f"stages.{stage}.model={spec.model!r}: no such tiny model (use models=tiny)")
         return str(preset_dir(cfg) / size), stable_hash("tiny", preset_key(cfg), size)
+    if spec.model.startswith("gemma3-270m:"):
+        from cascade import gemma3_270m
+
+        which = spec.model.split(":", 1)[1]
+        path = gemma3_270m.model_dir(cfg, which)  # built before Ray starts (driver._prepare)
+        return str(path), path.name.rsplit("-", 1)[1]
     if _looks_local(spec.model):
         p = Path(spec.model).expanduser()
         if not (p / "config.json").is_file():

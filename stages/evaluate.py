@@ -4,8 +4,13 @@
 
 Agreement is the mean per-token log-likelihood (nats) of the teachers' held-out responses under the student,
 averaged over all response tokens (<end_of_turn> included), prompt tokens masked exactly as in training. Higher is
-closer; `after - before` is what the stage taught. The metrics file also gathers the loss of each phase and the
-curation counts of each phase's dataset.
+closer; `after - before` is what the stage taught. A second, text-level measure: the student's own greedy answers
+(eval.answer_tokens at most) to the same held-out prompts, compared with the teachers' answers by ROUGE-L F1 over
+lower-cased words (0..1), and the share of them that end by themselves (<end_of_turn>). For the root teacher built
+by kernel context distillation, the teachers' answers are the base model's with the kernel in context, and the
+student is asked *without* it: before/after is how far the kernel's effect moved into the weights (the seed's
+"from weights alone, no system prompt"). The metrics file also gathers the loss of each phase and the curation
+counts of each phase's dataset.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
 METRIC = "mean per-token log-likelihood of held-out teacher responses under the student (nats; higher = closer)"
+TEXT_METRIC = "ROUGE-L F1 of the student's greedy answers against the teachers' held-out answers (0..1)"
 
 
 def start_before(cfg: Config, sp: StagePlan, rd: RunDir) -> Any:
@@ -35,7 +41,8 @@ def _scorer(cfg: Config) -> Any:
 
 
 def _score_kwargs(cfg: Config) -> dict:
-    return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size, trust=cfg.models.trust_remote_code)
+    return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size, trust=cfg.models.trust_remote_code,
+                answer_tokens=cfg.eval.answer_tokens)
 
 
 def _heldout(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
@@ -54,17 +61,19 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, before_ref: Any = 
         before_ref = start_before(cfg, sp, rd)
     after_ref = _scorer(cfg).options(name=f"eval/{sp.name}/after").remote(sp.final_model, None, records,
                                                                           **_score_kwargs(cfg))
-    (before, t_before), (after, t_after) = ray.get([before_ref, after_ref])
+    before, after = ray.get([before_ref, after_ref])
     metrics = {
         "stage": sp.name,
         "student": sp.final_model,
         "base_model": sp.base_model,
         "teachers": [{"stage": t.name, "weight": t.weight, "key": t.key} for t in sp.teachers],
-        "agreement": {"metric": METRIC, "records": len(records), "before": before, "after": after,
-                      "delta": None if before is None or after is None else after - before},
+        "agreement": _delta(METRIC, len(records), before["loglik"], after["loglik"]),
+        "text_agreement": _delta(TEXT_METRIC, len(records), before["rouge_l"], after["rouge_l"]),
+        "self_ended": {"before": before["self_ended"], "after": after["self_ended"]},
+        "kernel_in_context": any(t.system for t in sp.teachers),  # the teachers' answers had the kernel
         "phases": {},
         "curation": {},
-        "compute_seconds": t_before + t_after,
+        "compute_seconds": before["seconds"] + after["seconds"],
     }
     for ph in sp.phases:
         t = rd.committed(ph.model)["summary"]
@@ -72,13 +81,41 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, before_ref: Any = 
                                                         "tokens", "tokens_per_s", "seconds", "train_seconds")}
         metrics["curation"][ph.name] = rd.committed(ph.dataset)["summary"]["counts"]
     rd.write_json(f"{staging}/metrics.json", metrics)
-    log.info("stage %s agreement: before %.4f after %.4f", sp.name, before or float("nan"), after or float("nan"))
-    return {"agreement_before": before, "agreement_after": after, "records": len(records)}
+    log.info("stage %s agreement: before %.4f after %.4f; ROUGE-L before %.3f after %.3f", sp.name,
+             _num(before["loglik"]), _num(after["loglik"]), _num(before["rouge_l"]), _num(after["rouge_l"]))
+    return {"agreement_before": before["loglik"], "agreement_after": after["loglik"], "records": len(records),
+            "rouge_l_before": before["rouge_l"], "rouge_l_after": after["rouge_l"]}
+
+
+def _num(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def _delta(metric: str, records: int, before: float | None, after: float | None) -> dict:
+    return {"metric": metric, "records": records, "before": before, "after": after,
+            "delta": None if before is None or after is None else after - before}
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace words: the longest common subsequence's share of both texts."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
 
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int, batch_size: int,
-                  trust: bool) -> tuple[float | None, float]:
-    """(mean log-likelihood per response token of the records' responses under the model, compute seconds)."""
+                  trust: bool, answer_tokens: int = 0) -> dict:
+    """{loglik: mean log-likelihood per response token of the records' responses under the model; rouge_l: mean
+    ROUGE-L F1 of its greedy answers (answer_tokens at most) against them; self_ended: the share of those answers
+    that ended by themselves; seconds: compute time}."""
     import torch
     from transformers import AutoTokenizer
 
@@ -87,7 +124,7 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     from cascade.modeling import load_model, response_nll
 
     if not records:
-        return None, 0.0
+        return {"loglik": None, "rouge_l": None, "self_ended": None, "seconds": 0.0}
     model_path = local_model(model_path)  # pulled into this node's cache from an object store
     torch.set_num_threads(cpu_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,6 +138,30 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
             nll, _, n = response_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
         total -= float(nll)
         count += n
-    return total / max(1, count), time.perf_counter() - t0
+    rouge, ended = _answers(model, tok, records, answer_tokens, batch_size, device) if answer_tokens else (None, None)
+    return {"loglik": total / max(1, count), "rouge_l": rouge, "self_ended": ended,
+            "seconds": time.perf_counter() - t0}
+
+
+def _answers(model: Any, tok: Any, records: list[dict], max_new: int, batch_size: int, device: str) -> tuple:
+    """(mean ROUGE-L F1 of the model's greedy answers against the records' responses, share self-ended)."""
+    import torch
+
+    from cascade.chat import render_prompt, stop_token_ids
+
+    stops, scores, ended = stop_token_ids(tok), [], 0
+    tok.padding_side = "left"
+    for i in range(0, len(records), batch_size):
+        batch = records[i : i + batch_size]
+        enc = tok([render_prompt(tok, r["messages"]) for r in batch], return_tensors="pt", padding=True,
+                  add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tok.pad_token_id)
+        for r, seq in zip(batch, out[:, enc["input_ids"].shape[1]:].tolist()):
+            stop = next((k for k, t in enumerate(seq) if t in stops), None)
+            ended += stop is not None
+            scores.append(rouge_l(tok.decode(seq[:stop], skip_special_tokens=True), r["response"]))
+    return sum(scores) / len(scores), ended / len(records)
 
 

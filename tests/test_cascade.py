@@ -55,6 +55,9 @@ def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
     assert all(p["loss_last"] > 0 and p["steps"] > 0 for p in m["phases"].values())
     a = m["agreement"]
     assert a["records"] > 0 and a["after"] > a["before"], a  # the student moved towards its teacher
+    t = m["text_agreement"]  # its own greedy answers against the teacher's, ROUGE-L F1
+    assert t["records"] == a["records"] and 0 <= t["before"] <= 1 and 0 <= t["after"] <= 1, t
+    assert 0 <= m["self_ended"]["after"] <= 1 and m["kernel_in_context"] is False
     assert m["curation"]["p0_ethics"]["kept"] == len(read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")) + len(
         read_jsonl(run / "4b/dataset/p0_ethics/heldout.jsonl"))
 

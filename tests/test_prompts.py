@@ -100,3 +100,11 @@ def test_curation_counts_every_drop(tmp_path):
                                  "duplicate_normalized": 1, "empty": 1, "truncated": 1, "failed": 1, "too_long": 1}
     kept = [json.loads(x)["response"] for x in open(f"{staging}/train.jsonl")]
     assert kept == ["A fine answer.", "Another answer."]
+
+
+def test_rouge_l_is_the_longest_common_subsequence_f1():
+    from stages.evaluate import rouge_l
+
+    assert rouge_l("Stay with them today", "stay with them") == 2 * 3 / (4 + 3)
+    assert rouge_l("a b c d", "d c b a") == 2 * 1 / 8  # order matters: one word in sequence
+    assert rouge_l("", "x") == 0.0 and rouge_l("same words", "Same words") == 1.0

