@@ -79,8 +79,8 @@ if __name__ == "__main__":
     out = b.generate([Request("q", [{"role": "user", "content": "Is it ever right to lie?"}], 0)],
                      Sampling(12, 0.0, 1.0, logprobs=20), None)
     c = out[0]
-    print("RESULT", json.dumps({"tokens": c.completion_tokens, "k": len(c.top_ids[0]), "max_id": max(map(max, c.top_ids)),
-                                "text": c.text}))
+    top = max(map(max, c.top_ids))
+    print("RESULT", json.dumps({"tokens": c.completion_tokens, "k": len(c.top_ids[0]), "max_id": top, "text": c.text}))
     b.shutdown()
 """
 
