@@ -16,7 +16,8 @@
       <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    the curated dataset of a phase
       <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
       <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
-      <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/
+      <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/;
+                                                  failure.json: a failed fusion check, for the driver
       <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
       models/<key>/**                             an object store's copy of base models that are directories on the
                                                   driver's node (the tiny preset), loaded from here by every node

@@ -88,11 +88,14 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
     from ray.train.torch import TorchTrainer
 
     t, storage_path, storage_fs = job.train, rd.train_work(job.stage), None
+    failed = failure_file(rd, job.stage)
+    if rd.exists(failed):  # a previous run's
+        rd.fs.rm(failed)
     if not rd.is_local:
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
         storage_path, storage_fs = rd.fs._strip_protocol(storage_path), PyFileSystem(FSSpecHandler(rd.fs))
-    result = TorchTrainer(
+    TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -100,11 +103,16 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     ).fit()
-    error = (result.metrics or {}).get("error")
-    if error:  # deterministic (a failed fusion check): reported by the workers rather than raised, never retried
+    failure = rd.read_json(failed)
+    if failure:  # deterministic (a failed fusion check): written by rank 0 rather than raised, so never retried
         from cascade.modeling import FusionError
 
-        raise FusionError(error)
+        raise FusionError(failure["error"])
+
+
+def failure_file(rd: RunDir, stage: str) -> str:
+    """Where rank 0 leaves a deterministic failure for the driver (<stage>/train/_work/failure.json)."""
+    return f"{rd.train_work(stage)}/failure.json"
 
 
 # -- the worker ---------------------------------------------------------------------------------------------------
@@ -300,8 +308,8 @@ class PhaseTrainer:
 
     def finish(self) -> bool:
         """Rank 0 fuses the adapter into the weights, verifies and commits the fused model; all report. A failed
-        fusion check is deterministic: it is reported (the driver raises it) and the job ends without an error, so
-        Ray Train's failure policy does not run the phase again; False then."""
+        fusion check is deterministic: rank 0 leaves it in failure_file (the driver raises it) and the job ends
+        without an error, so Ray Train's failure policy does not run the phase again; False then."""
         from cascade.modeling import FusionError
 
         summary, model, error = self.summary(), self.model, ""
@@ -315,9 +323,9 @@ class PhaseTrainer:
             except FusionError as e:
                 log.error("%s: %s", self.ph.model.name, e)
                 error = f"{self.ph.model.name}: {e}"
+                self.rd.write_json(failure_file(self.rd, self.job.stage), {"error": error})
         failed = agreed(self.device, bool(error))[0]  # also the barrier after rank 0's commit
-        ray.train.report({"phase": self.ph.index, "loss": self.losses[-1], "tokens_per_s": summary["tokens_per_s"],
-                          "error": error})
+        ray.train.report({"phase": self.ph.index, "loss": self.losses[-1], "tokens_per_s": summary["tokens_per_s"]})
         return not failed
 
     def _gathered(self) -> Any:

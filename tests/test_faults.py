@@ -160,7 +160,8 @@ def test_sigterm_in_generation_keeps_the_streamed_answers(tmp_path):
 
     from conftest import start_cli, wait_for
 
-    gen = [*ARGS, "generation.shard_size=20", "backend.batch_size=1"]  # answers stream one by one
+    # answers stream one by one; training cut to a step a phase: only the answers are compared
+    gen = [*ARGS, "generation.shard_size=20", "backend.batch_size=1", *(f"curriculum.{i}.iters=1" for i in range(3))]
     ref = tmp_path / "ref"
     r = run_cli(*gen, f"run_dir={ref}")
     assert r.returncode == 0, r.stdout[-3000:]
@@ -192,9 +193,8 @@ def _data_files(run: Path) -> dict[str, bytes]:
 # The driver's manifest updates of a 4b run, in order (each a step boundary): 1-2 generate ethics, composure
 # running; 3-4 done; 5-10 the three datasets running, done; 11-13 the three phases running; 14-16 done;
 # 17-18 eval running, done. Its commits: 1-2 the generations, 3-5 the datasets, 6 eval (phases: the workers').
-@pytest.mark.parametrize("point", ["write:5", "write:40", "commit:2", "commit:4", "commit:6", "manifest:1",
-                                   "manifest:3", "manifest:5", "manifest:8", "manifest:11", "manifest:12",
-                                   "manifest:14", "manifest:17"])
+# One point of each kind per part of the run (each costs a whole run; benchmarks/faults.py strikes seeded points).
+@pytest.mark.parametrize("point", ["write:5", "commit:4", "commit:6", "manifest:1", "manifest:12", "manifest:17"])
 def test_driver_dying_inside_a_write_loses_nothing(tiny_4b_run, tmp_path, point):
     """The driver process dies (os._exit, as under kill -9) inside an atomic write, a commit or a manifest update
     (at every kind of step boundary); the same command then ends with the same bytes as a run never stopped,
