@@ -92,7 +92,7 @@ def test_cli_typo_in_key_is_an_error(tmp_path):
 def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
     """conf/ ships inside the installed package: found from any working directory."""
     r = run_cli("--help", cwd=tmp_path)
-    assert r.returncode == 0 and "stage: 12b, 1b, 27b, 4b" in r.stdout and "models: real, tiny" in r.stdout
+    assert r.returncode == 0 and "stage: 12b, 1b, 27b, 4b" in r.stdout and "models: gemma3-270m, real, tiny" in r.stdout
     r = run_cli("+stage=12b", "models=tiny", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "target: 12b" in r.stdout and "model: tiny:12b" in r.stdout
     assert not any(tmp_path.iterdir()), "--cfg job must write nothing"
