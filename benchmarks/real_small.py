@@ -101,7 +101,7 @@ def generate(mode: str) -> dict:
     if mode == "vllm":
         from cascade.generation.vllm_backend import VLLMBackend
 
-        b = VLLMBackend(chat, dtype="float32", gpu_memory_utilization=0.1, max_model_len=1024, enforce_eager=True)
+        b = VLLMBackend(chat, dtype="float32", gpu_memory_utilization=0.25, max_model_len=1024, enforce_eager=True)
     else:
         from cascade.generation.hf_backend import HFBackend
 
