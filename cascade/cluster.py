@@ -94,7 +94,10 @@ def start(c: ClusterConfig) -> None:
                 ray.shutdown()
                 raise
     else:
+        # address="local": always a fresh instance of our own. Without it ray.init() follows RAY_ADDRESS or the
+        # address in /tmp/ray/ray_current_cluster, which a `ray start` cluster that died unstopped leaves behind.
         ray.init(
+            address="local",
             num_cpus=c.num_cpus,
             include_dashboard=c.include_dashboard,
             dashboard_host=c.dashboard_host,

@@ -80,3 +80,27 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_dead_clusters_address_file_is_not_followed():
+    """`ray start` clusters that died unstopped leave <ray tmp>/ray_current_cluster behind; a plain ray.init() would
+    try to join that dead address. cluster=local always starts a Ray of its own."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # Ray's socket paths must stay short
+    (Path(ray_tmp) / "ray").mkdir()
+    (Path(ray_tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
+    script = ("from cascade import cluster\nfrom cascade.config import ClusterConfig\n"
+              "cluster.start(ClusterConfig(num_cpus=1, auth=False, include_dashboard=False))\n"
+              "import ray\nprint('CPUS', ray.cluster_resources()['CPU'])\ncluster.stop()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        r = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0 and "CPUS 1.0" in r.stdout, r.stderr[-3000:]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

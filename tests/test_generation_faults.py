@@ -6,6 +6,10 @@ ray.cluster_utils.Cluster node removed), so the test can strike at the moment a 
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -138,11 +142,15 @@ def test_no_restart_budget_left_fails_naming_the_shard(tmp_path):
         cluster.stop()
 
 
-def test_node_removed_from_two_node_cluster_mid_run(tmp_path, caplog):
+def _node_removal_child(tmp_path: Path) -> None:
+    """Run in a child process by the test below: two simulated nodes, generation running, one node removed."""
+    import logging
+
     from ray.cluster_utils import Cluster
 
     import ray
 
+    logging.basicConfig(level="INFO", stream=sys.stdout, format="%(name)s %(message)s")
     cfg, rd, prompts, sp = _setup(tmp_path, "generation.replicas=2")
     # one CPU per node: one replica on each, and no room to restart the lost one elsewhere
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
@@ -153,12 +161,39 @@ def test_node_removed_from_two_node_cluster_mid_run(tmp_path, caplog):
         th, box = _run_in_thread(rd, cfg, sp, prompts)
         shards = Path(cfg.run_dir) / "generations/1b"
         wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 2, 300, what="two shards")
+        print("removing the worker node", flush=True)
         c.remove_node(worker)
         th.join(600)
         assert not th.is_alive() and "error" not in box, box
-        # the replica on the removed node lost its shard, which the other one redid
-        assert "failed on gen/4b/1b/" in caplog.text or "is restarting" in caplog.text
         _all_prompts_once(Path(cfg.run_dir), prompts)
+        print("CHILD OK", flush=True)
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+def test_node_removed_from_two_node_cluster_mid_run(tmp_path):
+    """In a child process of its own (with its own Ray temp dir): a Ray process that dies hard there fails this
+    test with the child's output and the nodes' logs, rather than taking pytest down with it."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rn-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    try:
+        r = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=Path(__file__).parent, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
+        logs = ""
+        if r.returncode != 0 or "CHILD OK" not in r.stdout:
+            for f in sorted(Path(ray_tmp).rglob("raylet*.out")) + sorted(Path(ray_tmp).rglob("*.err")):
+                text = f.read_text(errors="replace")[-2500:]
+                if text.strip():
+                    logs += f"==> {f} <==\n{text}\n"
+        assert r.returncode == 0 and "CHILD OK" in r.stdout, f"rc {r.returncode}\n{r.stdout[-6000:]}\n{logs[-12000:]}"
+        # the replica on the removed node lost its shard, which the other one redid
+        assert "failed on gen/4b/1b/" in r.stdout or "is restarting" in r.stdout, r.stdout[-4000:]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _node_removal_child(Path(sys.argv[1]))
