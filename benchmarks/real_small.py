@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/real_small.py            # ~30 minutes on 2 CPU cores (models built on first use)
     .venv/bin/python benchmarks/real_small.py --quick    # the training-step and generation figures only
+    .venv/bin/python benchmarks/real_small.py --cascade-only backend=vllm   # part 2 alone, with these overrides
 
 1. Models: gemma3-270m:base (the GGUF converted) and :chat (the turn-format LoRA) built into the model cache;
    seconds, or 0 when the cache had them.
@@ -129,13 +130,13 @@ def generate(mode: str) -> dict:
             "self_ended": sum(c.finish_reason == "stop" for c in out) / len(out)}
 
 
-def _cascade(tmp: Path) -> dict:
+def _cascade(tmp: Path, overrides: list[str]) -> dict:
     from cascade.rundir import RunDir
 
     run = tmp / "run"
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "cascade", *PRESET, f"run_dir={run}", "cluster.include_dashboard=false"],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run([sys.executable, "-m", "cascade", *PRESET, f"run_dir={run}", "cluster.include_dashboard=false",
+                        *overrides], capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t0
     if p.returncode:
         raise RuntimeError(p.stdout[-3000:] + p.stderr[-3000:])
@@ -148,37 +149,44 @@ def _cascade(tmp: Path) -> dict:
                for line in f.read_text().splitlines()]
     m1, m4 = (json.loads((run / s / "eval/metrics.json").read_text()) for s in ("1b", "4b"))
     pick = lambda m: {k: {x: m[k][x] for x in ("before", "after", "delta")} for k in ("agreement", "text_agreement")}
-    return {"cascade_wall_s": round(wall, 1), "generation_tok_s_hf": round(tok / secs, 1),
+    return {"cascade_overrides": overrides, "cascade_wall_s": round(wall, 1),
+            "cascade_generation_tok_s": round(tok / secs, 1),
             "training_tok_s": round(sum(t["tokens"] for t in trains) / sum(t["train_seconds"] for t in trains), 1),
             "teacher_self_ended": round(sum(a["finish_reason"] == "stop" for a in answers) / len(answers), 3),
             "kernel_signal_1b": pick(m1), "student_4b": pick(m4),
             "fusion_rel_logit_diff_max": max(t["fusion"]["rel_logit_diff"] for t in trains)}
 
 
-def main(quick: bool) -> None:
+def main(quick: bool, cascade_only: bool, overrides: list[str]) -> None:
     from cascade import gemma3_270m
     from cascade.config import compose
 
     out: dict = {"benchmark": "real_small"}
     t0 = time.time()
     cfg = compose(PRESET)
-    cached = (gemma3_270m.model_dir(cfg, "chat") / "built.json").exists()
+    cached = {w: (gemma3_270m.model_dir(cfg, w) / "built.json").exists() for w in ("base", "chat")}
     gemma3_270m.build_chat(cfg)
-    out["models_build_s"] = 0.0 if cached else round(time.time() - t0, 1)
-    for mode in ("hf_full_logits", "chunked_fp32", "chunked_bf16", "chunked_distill"):
+    # from nothing when neither was cached: the GGUF converted, then the turn-format LoRA trained and fused
+    out["models_build_s"], out["models_were_cached"] = round(time.time() - t0, 1), cached
+    for mode in () if cascade_only else ("hf_full_logits", "chunked_fp32", "chunked_bf16", "chunked_distill"):
         r = _child("--step", mode)
         out[f"step_s_{mode}"], out[f"peak_rss_gb_{mode}"] = r["step_s"], r["peak_rss_gb"]
-    for mode in ("hf_topk_hook", "hf_output_logits", "vllm"):
+    for mode in () if cascade_only else ("hf_topk_hook", "hf_output_logits", "vllm"):
         r = _child("--generate", mode)
         out[f"gen_tok_s_{mode}"], out[f"gen_peak_rss_gb_{mode}"] = r["tok_s"], r["peak_rss_gb"]
+    if not cascade_only:
+        _ratios(out)
+    if not quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            out.update(_cascade(Path(tmp), overrides))
+    print(json.dumps(out))
+
+
+def _ratios(out: dict) -> None:
     out["ratio_step_chunked_vs_full"] = round(out["step_s_chunked_fp32"] / out["step_s_hf_full_logits"], 3)
     out["ratio_rss_chunked_vs_full"] = round(out["peak_rss_gb_chunked_fp32"] / out["peak_rss_gb_hf_full_logits"], 3)
     out["ratio_step_bf16_vs_fp32"] = round(out["step_s_chunked_bf16"] / out["step_s_chunked_fp32"], 3)
     out["ratio_gen_vllm_vs_hf"] = round(out["gen_tok_s_vllm"] / out["gen_tok_s_hf_topk_hook"], 3)
-    if not quick:
-        with tempfile.TemporaryDirectory() as tmp:
-            out.update(_cascade(Path(tmp)))
-    print(json.dumps(out))
 
 
 if __name__ == "__main__":
@@ -187,4 +195,4 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--generate"]:
         print(json.dumps(generate(sys.argv[2])))
     else:
-        main("--quick" in sys.argv)
+        main("--quick" in sys.argv, "--cascade-only" in sys.argv, [a for a in sys.argv[1:] if "=" in a])
