@@ -44,6 +44,11 @@ def _child(*args: str) -> dict:
 
 
 def _peak_gb() -> float:
+    """This process's peak resident memory since its exec (VmHWM). Not ru_maxrss: Linux carries that over from
+    the parent across fork and exec, so each child would report at least this script's own peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) * 1024 / 1e9, 2)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
 
 
