@@ -62,6 +62,19 @@ def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None, what: s
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def ray_logs(*temp_dirs: str | Path) -> str:
+    """The Ray nodes' own logs under these temp dirs, for a failure's message: raylet and job-driver tails, and
+    every worker's errors."""
+    parts = []
+    for t in temp_dirs:
+        for logs in Path(t).glob("**/session_latest/logs"):
+            for f in [f for pat in ("raylet*.out", "job-driver-*.log", "*.err") for f in sorted(logs.glob(pat))]:
+                text = f.read_text(errors="replace")[-2500:] if f.stat().st_size else ""
+                if text.strip() and (f.suffix != ".err" or "Error" in text):
+                    parts.append(f"==> {f} <==\n{text}")
+    return "\n".join(parts)[-20000:]
+
+
 def manifest(run_dir: Path) -> dict:
     p = run_dir / "manifest.json"
     return json.loads(p.read_text()) if p.exists() else {"steps": {}}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cascade.config import compose
-from conftest import read_jsonl, wait_for
+from conftest import ray_logs, read_jsonl, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -182,13 +182,8 @@ def test_node_removed_from_two_node_cluster_mid_run(tmp_path):
     try:
         r = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=Path(__file__).parent, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
-        logs = ""
         if r.returncode != 0 or "CHILD OK" not in r.stdout:
-            for f in sorted(Path(ray_tmp).rglob("raylet*.out")) + sorted(Path(ray_tmp).rglob("*.err")):
-                text = f.read_text(errors="replace")[-2500:]
-                if text.strip():
-                    logs += f"==> {f} <==\n{text}\n"
-        assert r.returncode == 0 and "CHILD OK" in r.stdout, f"rc {r.returncode}\n{r.stdout[-6000:]}\n{logs[-12000:]}"
+            raise AssertionError(f"rc {r.returncode}\n{r.stdout[-6000:]}\n--- nodes ---\n{ray_logs(ray_tmp)}")
         # the replica on the removed node lost its shard, which the other one redid
         assert "failed on gen/4b/1b/" in r.stdout or "is restarting" in r.stdout, r.stdout[-4000:]
     finally:

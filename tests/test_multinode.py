@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FAST, free_port, run_cli, s3_bucket, wait_for
+from conftest import FAST, free_port, ray_logs, run_cli, s3_bucket, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -50,18 +50,6 @@ def _wait_cpus(env: dict, port: int, cpus: int) -> None:
             return
         time.sleep(1)
     raise AssertionError(f"the cluster never reached {cpus} CPUs:\n{out[-3000:]}")
-
-
-def _diagnose(*temp_dirs: str) -> str:
-    """The nodes' own logs, for a failure's message: raylet and job-driver tails, and every worker's errors."""
-    parts = []
-    for t in temp_dirs:
-        logs = Path(t) / "session_latest" / "logs"
-        for f in sorted(logs.glob("raylet*.out")) + sorted(logs.glob("job-driver-*.log")) + sorted(logs.glob("*.err")):
-            text = f.read_text(errors="replace")[-2500:] if f.stat().st_size else ""
-            if text.strip() and (f.suffix != ".err" or "Error" in text):
-                parts.append(f"==> {f} <==\n{text}")
-    return "\n".join(parts)[-20000:]
 
 
 def _raylet(temp_dir: str) -> psutil.Process | None:
@@ -183,7 +171,7 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
             tail = logs()[-6000:]
         except Exception as why:  # noqa: BLE001 - the cluster may be the thing that failed
             tail = f"(no job logs: {why})"
-        raise AssertionError(f"{e}\n--- job logs ---\n{tail}\n--- nodes ---\n{_diagnose(head_tmp, worker_tmp)}") from e
+        raise AssertionError(f"{e}\n--- job logs ---\n{tail}\n--- nodes ---\n{ray_logs(head_tmp, worker_tmp)}") from e
     finally:
         _stop(head_tmp, worker_tmp)
 
