@@ -27,7 +27,8 @@ def _commit(rd, key: str, weights: bytes):
 
 
 def test_commit_uploads_files_then_marker_and_pulls_verified(s3, tmp_path, monkeypatch):
-    from cascade.rundir import RunDir, download, local_model
+    from cascade.rundir import RunDir, local_model
+    from cascade.storage import download
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
     rd = RunDir(s3_bucket("commit"))
