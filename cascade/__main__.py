@@ -32,6 +32,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
     from cascade.driver import run  # heavy imports only after the config is known to be valid
     from cascade.modeling import FusionError
     from cascade.preemption import EXIT_CODE, Preempted
+    from stages.release import ReleaseError
 
     try:
         run(cfg)
@@ -40,6 +41,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(2)
     except FusionError as e:
         log.error("fusion check failed, nothing committed for the phase (not retried: it is deterministic): %s", e)
+        sys.exit(1)
+    except ReleaseError as e:
+        log.error("release refused, nothing committed for it: %s", e)
         sys.exit(1)
     except Preempted:
         log.error("pre-empted (SIGTERM): what the run had is saved; run the same command to resume")

@@ -9,7 +9,6 @@ dataclasses and `__post_init__` checks the values. Nothing below `cascade.__main
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from cascade.validate import DTYPES, ConfigError, fail, no_secrets, number, safe_name
+from cascade.validate import DTYPES, ConfigError, check, fail, no_secrets, number, safe_name
 
 __all__ = ["ConfigError", "Config", "compose", "check"]
 
@@ -212,6 +211,55 @@ class EvalConfig:
 
 
 @dataclass
+class ReleaseConfig:
+    """stages/release.py: what the seed ships, per trained stage, in <run_dir>/<stage>/release/."""
+
+    enabled: bool = False  # the real presets turn it on; the tiny one on a switch: release.enabled=true
+    family: str = "cascade-gemma3"  # names the release: <family>-<stage> (a model card's title, GGUF file names)
+    # GGUF types: F32, F16, BF16 from llama.cpp's converter; any type llama.cpp's quantizer offers (Q8_0, Q4_K_M..)
+    gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
+    probes: int = 8  # held-out prompts (with their teachers' answers) each GGUF is compared on with transformers
+    min_agreement: float = 0.99  # next-token argmax agreement an F32/F16/BF16 file must reach, else the step fails
+    license: str = "eupl-1.2"  # the card's front matter; the base model's own terms still apply
+    # lm-evaluation-harness tasks run on the released model: the project's own (cascade_probes, cascade_format)
+    # work offline; on a cluster any harness task, e.g. ifeval
+    harness: list[str] = field(default_factory=list)
+    harness_limit: Optional[int] = None  # documents per harness task; None: all
+
+    def check(self) -> None:
+        safe_name("release.family", self.family)
+        if not self.gguf:
+            fail("release.gguf is empty: name at least one GGUF type (e.g. F16)")
+        for t in self.gguf:
+            if not re.fullmatch(r"[A-Z0-9_]+", str(t)):
+                fail(f"release.gguf: {t!r} is not a llama.cpp type name (F16, Q8_0, Q4_K_M, ...)")
+        number("release.probes", self.probes, 1)
+        number("release.min_agreement", self.min_agreement, 0, 1)
+        for t in self.harness:
+            safe_name("release.harness task", t)
+        if self.harness_limit is not None:
+            number("release.harness_limit", self.harness_limit, 1)
+
+
+@dataclass
+class ServeConfig:
+    """`python -m cascade serve +stage=<s>`: an OpenAI-compatible server for a stage's release (cascade/serve.py)."""
+
+    engine: str = "vllm"  # vllm: the release's HF directory in vLLM's server; llamacpp: a GGUF in llama_cpp.server
+    gguf: str = "F16"  # the GGUF type llamacpp serves
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key_env: str = "CASCADE_API_KEY"  # when this variable is set, requests need its value as a bearer key
+
+    def check(self) -> None:
+        if self.engine not in ("vllm", "llamacpp"):
+            fail(f"serve.engine {self.engine!r}: valid engines: vllm, llamacpp")
+        number("serve.port", self.port, 1, 65535)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            fail(f"serve.api_key_env {self.api_key_env!r} must name an environment variable")
+
+
+@dataclass
 class TinySpec:
     hidden_size: int = MISSING
     num_hidden_layers: int = MISSING
@@ -311,6 +359,8 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hf_token_env: str = "HF_TOKEN"  # name of the variable holding a hub token; the token itself is never stored
@@ -322,78 +372,6 @@ class Config:
 
     def stage_order(self) -> list[str]:
         return sorted(self.stages, key=stage_size)
-
-
-def check(cfg: Config) -> None:
-    """Every value check that needs no file or model: each section's own, then those across sections."""
-    _check_stages(cfg)
-    _check_curriculum(cfg)
-    for key, src in cfg.data.items():
-        safe_name("data key", key)
-        src.check(f"data.{key}")
-    for section in (cfg.generation, cfg.backend, cfg.train, cfg.eval, cfg.cluster):
-        section.check()
-    cfg.models.check(cfg.stage_order())
-    number("seed", cfg.seed, 0)
-    number("lease_ttl_s", cfg.lease_ttl_s, 1)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.hf_token_env):
-        fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
-              f"in the config)")
-    _check_run_dir(cfg.run_dir)
-    if cfg.train.distill_weight > 0 and cfg.generation.logprobs <= 0:
-        fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
-              "(e.g. 20)")
-    no_secrets("", dataclasses.asdict(cfg))
-
-
-def _check_run_dir(url: str) -> None:
-    """A run directory's protocol must be one fsspec knows, its implementation installed (s3fs, gcsfs)."""
-    import fsspec
-
-    if not url.strip():
-        fail("run_dir is empty")
-    if "://" in url:
-        protocol = url.split("://", 1)[0]
-        try:
-            fsspec.get_filesystem_class(protocol)
-        except (ImportError, ValueError) as e:
-            fail(f"run_dir {url!r}: no filesystem for {protocol}:// ({e})")
-        if url.rstrip("/").endswith("://") or not url.split("://", 1)[1].strip("/"):
-            fail(f"run_dir {url!r} names no bucket or path")
-
-
-def _check_stages(cfg: Config) -> None:
-    if not cfg.stages:
-        fail("no stages are defined (stages: {...})")
-    for name in cfg.stages:
-        safe_name("stage name", name)
-    if cfg.target not in cfg.stages:
-        fail(f"unknown stage {cfg.target!r}; valid stages: {', '.join(cfg.stage_order())}")
-    roots = [s for s, spec in cfg.stages.items() if not spec.teachers]
-    if len(roots) != 1:
-        fail(f"exactly one stage must have no teachers (the root teacher); found {roots}")
-    order = {s: i for i, s in enumerate(cfg.stage_order())}
-    for name, spec in cfg.stages.items():
-        if spec.build and spec.teachers:
-            fail(f"stages.{name}.build is only for the root teacher")
-        for t in spec.teachers:
-            if t.stage not in cfg.stages:
-                fail(f"stages.{name}.teachers: unknown stage {t.stage!r}; valid stages: {', '.join(order)}")
-            if order[t.stage] >= order[name]:
-                fail(f"stages.{name}.teachers: {t.stage!r} is not below {name!r}")
-            t.check(f"stages.{name}.teachers[{t.stage}]")
-
-
-def _check_curriculum(cfg: Config) -> None:
-    if not cfg.curriculum:
-        fail("curriculum is empty")
-    names = [p.name for p in cfg.curriculum]
-    if len(set(names)) != len(names):
-        fail(f"curriculum phase names repeat: {names}")
-    for p in cfg.curriculum:
-        if p.data not in cfg.data:
-            fail(f"curriculum phase {p.name!r}: unknown data {p.data!r}; defined: {', '.join(cfg.data)}")
-        p.check(f"curriculum phase {p.name!r}")
 
 
 def register() -> None:

@@ -5,7 +5,7 @@
 Per stage, as in the seed's cascade table:
 
     generate (stages/generate.py) -> curate (stages/curate.py) -> train + fuse (stages/train.py)
-    -> evaluate (stages/evaluate.py)
+    -> evaluate (stages/evaluate.py) -> release (stages/release.py, with release.enabled)
 
 The driver owns the loop and all run state (the manifest); Ray actors and Ray Train workers only hold weights.
 """
@@ -35,6 +35,10 @@ def run(cfg: Config) -> list[StagePlan]:
         _report(p)
         return p.stages
     log.info("stages %s; %d steps to run: %s", [s.name for s in p.stages], len(todo), ", ".join(todo))
+    if any(sp.release and not p.rd.committed(sp.release) for sp in p.stages):
+        from stages.release import check_tools
+
+        check_tools(cfg)  # llama-cpp-python and llama.cpp's converter are installed, the GGUF types exist
     if cfg.cluster.auth:
         cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
     with Lease(p.rd, cfg.lease_ttl_s):  # one driver per run directory
@@ -48,7 +52,7 @@ def run(cfg: Config) -> list[StagePlan]:
 
 
 def _run_steps(p: RunPlan) -> None:
-    from stages import curate, evaluate, generate, train
+    from stages import curate, evaluate, generate, release, train
 
     cfg, rd = p.cfg, p.rd
     stop = Preemption(rd)
@@ -68,6 +72,8 @@ def _run_steps(p: RunPlan) -> None:
             with stop.deferred():  # SIGTERM: the workers checkpoint at their next optimizer step, then stop
                 train.run(rd, cfg, sp)
             rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before))
+            if sp.release:
+                rd.run_step(sp.release, lambda st: release.run(st, cfg, sp, rd, p.stages))
     finally:
         cluster.stop()
 

@@ -66,6 +66,7 @@ class StagePlan:
     gen_jobs: list[GenJob] = field(default_factory=list)
     phases: list[PhasePlan] = field(default_factory=list)
     eval: Step | None = None
+    release: Step | None = None  # release.enabled: the model card, HF directory and GGUF files
 
     @property
     def trains(self) -> bool:
@@ -96,6 +97,7 @@ class RunPlan:
         for sp in self.stages:
             steps += [j.step for j in sp.gen_jobs] + [p.dataset for p in sp.phases] + [p.model for p in sp.phases]
             steps += [sp.eval] if sp.trains else []
+            steps += [sp.release] if sp.release else []
         return list(dict.fromkeys(s.name for s in steps if not self.rd.committed(s)))
 
 
@@ -235,6 +237,9 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str)
             ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases], cfg.eval)
             sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
                            (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
+            if cfg.release.enabled:
+                rkey = stable_hash("release", sp.final_key, ekey, cfg.release, cfg.train.max_seq_len)
+                sp.release = Step(f"{stage}/release", rkey, rd.release(stage), (sp.final_model, sp.eval.path))
         done[stage] = sp
     return list(done.values())
 

@@ -19,6 +19,8 @@
       <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/;
                                                   failure.json: a failed fusion check, for the driver
       <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
+      <stage>/release/README.md, release.json     release.enabled: the model card and its figures,
+      <stage>/release/hf/*, gguf/*.gguf           the HF directory and the checked GGUF files (stages/release.py)
       models/<key>/**                             an object store's copy of base models that are directories on the
                                                   driver's node (the tiny preset), loaded from here by every node
       tmp/**                                      staging; anything here is uncommitted and may be deleted;
@@ -151,6 +153,9 @@ class RunDir:
 
     def eval(self, stage: str) -> str:
         return self.path(stage, "eval")
+
+    def release(self, stage: str) -> str:
+        return self.path(stage, "release")
 
     def metrics(self, stage: str) -> str:
         return f"{self.eval(stage)}/metrics.json"

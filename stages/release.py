@@ -1,0 +1,364 @@
+"""Step 5 of a stage: the release - what the seed ships, made from the run's own provenance.
+
+    python -m cascade +stage=4b models=tiny release.enabled=true    # <run_dir>/4b/release/
+    python -m cascade serve +stage=4b                               # serves it (cascade/serve.py)
+
+    <stage>/release/hf/              the fused student: safetensors, tokenizer (+ SentencePiece's tokenizer.model),
+                                     chat template, generation config; what transformers and vLLM load
+    <stage>/release/gguf/<family>-<stage>-<TYPE>.gguf   one file per release.gguf type
+    <stage>/release/README.md        the model card (hub front matter; body written from the run)
+    <stage>/release/release.json     the formats table's figures and the harness's results
+
+GGUF files come from llama.cpp's own converter (convert_hf_to_gguf.py, vendored in the llama-cpp-python sdist that
+scripts/setup.sh unpacks) and its own quantizer (llama_model_quantize through llama-cpp-python), never from a
+writer of ours. Each file is checked before the step commits: llama.cpp loads it and tokenizes the held-out prompts
+as transformers does, and its next-token distributions at every position of release.probes held-out prompts with
+their teachers' answers are compared with transformers': argmax agreement and mean KL(transformers || GGUF). A
+float type (F32/F16/BF16) below release.min_agreement fails the step: a conversion that silently changes the model
+(a config field llama.cpp ignores, say) commits nothing. Known mismatches are refused before converting (see
+`llama_cpp_mismatches`). Quantized types are not held to the bar; their agreement and KL go in the card.
+
+The heavy part runs as one Ray task on the driver's node (staging is there); the driver writes the card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cascade.config import Config, ConfigError
+from cascade.plan import StagePlan
+from cascade.rundir import RunDir, local_model
+
+log = logging.getLogger(__name__)
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+class ReleaseError(RuntimeError):
+    """A release that would not mean what the student means; nothing is committed."""
+
+
+def llama_cpp_dir() -> Path:
+    """llama.cpp's conversion scripts (convert_hf_to_gguf.py, conversion/, gguf-py/) as scripts/setup.sh unpacks
+    them beside the venv; CASCADE_LLAMA_CPP names another copy."""
+    return Path(os.environ.get("CASCADE_LLAMA_CPP") or Path(sys.prefix, "share", "cascade", "llama.cpp"))
+
+
+def check_tools(cfg: Config) -> None:
+    """Before Ray starts: a release needs llama-cpp-python and llama.cpp's converter (scripts/setup.sh installs
+    both); every GGUF type named must be one llama.cpp knows."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ConfigError(f"release.enabled needs llama-cpp-python ({e}); scripts/setup.sh builds it once") from e
+    if not (llama_cpp_dir() / "convert_hf_to_gguf.py").is_file():
+        raise ConfigError(f"release.enabled: llama.cpp's converter is not at {llama_cpp_dir()} (scripts/setup.sh "
+                          f"unpacks it; CASCADE_LLAMA_CPP names another copy)")
+    known = {n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_")}
+    for t in cfg.release.gguf:
+        if t not in known and t != "F32":
+            raise ConfigError(f"release.gguf: {t!r} is not a llama.cpp type; valid: F32, {', '.join(sorted(known))}")
+
+
+def llama_cpp_mismatches(config: dict) -> list[str]:
+    """What llama.cpp's Gemma 3 graph assumes that this config does not say: queries scaled by 1/sqrt(head_dim)
+    (1/sqrt(hidden/heads) at 62 layers, the 27B) and every sixth layer attending fully. The converter writes
+    neither, so a model that differs converts without an error and answers differently."""
+    if config.get("model_type") not in ("gemma3_text", "gemma3"):
+        return []
+    c = config.get("text_config", config)
+    out = []
+    layers, head_dim = c["num_hidden_layers"], c.get("head_dim", 256)
+    want = c["hidden_size"] // c["num_attention_heads"] if layers == 62 else head_dim
+    if "query_pre_attn_scalar" not in c:
+        out.append("config.json has no query_pre_attn_scalar (transformers would use its default, 256)")
+    elif c["query_pre_attn_scalar"] != want:
+        out.append(f"query_pre_attn_scalar is {c['query_pre_attn_scalar']}; llama.cpp scales queries by 1/sqrt({want})")
+    pattern = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)]
+    if c.get("layer_types") and c["layer_types"] != pattern and c.get("sliding_window"):
+        out.append("layer_types is not Gemma 3's five sliding layers to one full, which llama.cpp assumes")
+    return out
+
+
+def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan]) -> dict:
+    """Build the release in staging (a Ray task on this node), then write its model card; returns the summary."""
+    import ray  # not at the top: the driver imports this module (ReleaseError, check_tools) before Ray's auth is set
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = f"{cfg.release.family}-{sp.name}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(build)
+    formats = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
+        staging, sp.final_model, sp.base_model, name, list(cfg.release.gguf), _probes(cfg, sp, rd),
+        cfg.release.min_agreement, cfg.train.max_seq_len, cfg.models.trust_remote_code))
+    harness = {}
+    if cfg.release.harness:
+        from cascade.harness import evaluate as harness_eval
+
+        harness = ray.get(ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(harness_eval)
+                          .options(name=f"harness/{sp.name}", scheduling_strategy=here)
+                          .remote(f"{staging}/hf", list(cfg.release.harness), cfg.release.harness_limit, cfg.seed))
+    summary = {"name": name, "formats": formats, "harness": harness}
+    rd.write_json(f"{staging}/release.json", summary)
+    Path(staging, "README.md").write_text(model_card(cfg, sp, name, formats, harness, _provenance(cfg, sp, rd, stages)))
+    return summary
+
+
+def _provenance(cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan]) -> dict:
+    """What the card is written from: the stage's metrics and the chain of stages it learnt from, with keys."""
+    by_name, chain, todo = {s.name: s for s in stages}, {}, [sp.name]
+    while todo:
+        s = by_name[todo.pop()]
+        chain[s.name] = {"stage": s.name, "model": cfg.stages[s.name].model, "key": s.final_key,
+                         "teachers": [(t.name, t.weight) for t in s.teachers]}
+        todo += [t.name for t in s.teachers if t.name in by_name and t.name not in chain]
+    lineage = [chain[s.name] for s in stages if s.name in chain]
+    return {"metrics": rd.read_json(rd.metrics(sp.name)), "lineage": lineage, "probes": cfg.release.probes}
+
+
+def _probes(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
+    """Held-out prompts with their teachers' answers, from the stage's curated datasets (never trained on)."""
+    seen, out = set(), []
+    for ph in sp.phases:
+        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                out.append({"messages": r["messages"], "response": r["response"]})
+    return out[: cfg.release.probes]
+
+
+def build(staging: str, model: str, base: str, name: str, types: list[str], probes: list[dict],
+          min_agreement: float, max_len: int, trust: bool) -> list[dict]:
+    """The HF directory, the GGUF files, each checked against transformers; the formats table's rows."""
+    _quiet_llama_cpp()
+    hf = Path(staging, "hf")
+    _copy_model(Path(local_model(model)), hf)
+    from cascade.spm import write_sentencepiece
+
+    write_sentencepiece(hf)  # llama.cpp converts Gemma's tokenizer from SentencePiece's file only
+    problems = llama_cpp_mismatches(json.loads((hf / "config.json").read_text()))
+    if problems:
+        raise ReleaseError(f"{model}: llama.cpp would run a different model: {'; '.join(problems)}")
+    gdir = Path(staging, "gguf")
+    gdir.mkdir()
+    floats = [t for t in types if t in FLOAT_TYPES] or ["F16"]  # quantized types are made from the first float
+    files = {t: gdir / f"{name}-{t}.gguf" for t in dict.fromkeys(floats + types)}
+    t0 = time.perf_counter()
+    for t in floats:
+        convert(hf, files[t], t)
+    for t in types:
+        if t not in FLOAT_TYPES:
+            quantize(files[floats[0]], files[t], t)
+    made = time.perf_counter() - t0
+    reference = _reference(hf, probes, max_len, trust)
+    rows = [{"format": "safetensors", "file": "hf/", "bytes": _size(hf), "engines": "transformers, vLLM"}]
+    for t in types:
+        check = compare_gguf(files[t], reference)
+        row = {"format": f"GGUF {t}", "file": f"gguf/{files[t].name}", "bytes": files[t].stat().st_size,
+               "engines": "llama.cpp", **check}
+        log.info("release %s %s: %d bytes, argmax agreement %.4f, KL %.2e, tokenization %s", name, t, row["bytes"],
+                 check["agreement"], check["kl"], "same" if check["tokenization_same"] else "DIFFERS")
+        if not check["tokenization_same"]:
+            raise ReleaseError(f"{files[t].name}: llama.cpp tokenizes the held-out prompts differently from "
+                               f"transformers ({check['tokenization_detail']})")
+        if t in FLOAT_TYPES and check["agreement"] < min_agreement:
+            raise ReleaseError(f"{files[t].name}: next-token argmax agreement with transformers is "
+                               f"{check['agreement']:.4f} < release.min_agreement {min_agreement} (KL "
+                               f"{check['kl']:.3g}): the GGUF is not the student")
+        rows.append(row)
+    for t in set(files) - set(types):  # a float made only to quantize from
+        files[t].unlink()
+    rows[0]["convert_seconds"] = round(made, 1)
+    return rows
+
+
+def _quiet_llama_cpp() -> None:
+    """llama.cpp logs every tensor it loads or quantizes; keep its warnings and errors only."""
+    import ctypes
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def keep_errors(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if level in (3, 4):  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+    global _LOG_CALLBACK
+    _LOG_CALLBACK = keep_errors  # ctypes needs the callback kept alive
+    llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p())
+
+
+_LOG_CALLBACK = None
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    """The fused model's files (hard links where the filesystem allows: committed files are never rewritten)."""
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != "step.json":
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+    if not (dst / "tokenizer.json").exists():
+        raise ReleaseError(f"{src}: no tokenizer.json to release")
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def convert(hf: Path, out: Path, outtype: str) -> None:
+    """llama.cpp's converter, with its own gguf-py (PyPI's gguf lags behind the script)."""
+    tools = llama_cpp_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, str(tools / "convert_hf_to_gguf.py"), str(hf), "--outfile", str(out),
+           "--outtype", outtype.lower()]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ReleaseError(f"convert_hf_to_gguf.py failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
+def quantize(src: Path, dst: Path, gguf_type: str) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{gguf_type}")
+    params.nthread = max(1, len(os.sched_getaffinity(0)))
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise ReleaseError(f"llama.cpp could not quantize {src.name} to {gguf_type}")
+
+
+def _reference(hf: Path, probes: list[dict], max_len: int, trust: bool) -> list[dict]:
+    """transformers' side: each probe's prompt text, its token ids (prompt + answer) and log-probs everywhere."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cascade.chat import encode_example, render_prompt
+    from cascade.modeling import load_model
+
+    tok = AutoTokenizer.from_pretrained(str(hf), trust_remote_code=trust)
+    model = load_model(hf, dtype=torch.float32, trust_remote_code=trust).eval()
+    out = []
+    for p in probes:
+        ids = encode_example(tok, p["messages"], p["response"], max_len)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        prompt = render_prompt(tok, p["messages"])
+        out.append({"ids": ids, "logp": logp.numpy(), "prompt": prompt,
+                    "prompt_ids": tok(prompt, add_special_tokens=False)["input_ids"]})
+    return out
+
+
+def compare_gguf(path: Path, reference: list[dict]) -> dict:
+    """llama.cpp's next-token distributions against transformers' on the same token ids."""
+    import llama_cpp
+    import numpy as np
+
+    n_ctx = max(len(r["ids"]) for r in reference) + 8
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                          n_threads=max(1, len(os.sched_getaffinity(0))), verbose=False)
+    try:
+        agree = total = 0
+        kls, tok_diff = [], []
+        for r in reference:
+            got = llm.tokenize(r["prompt"].encode(), add_bos=False, special=True)
+            if got != r["prompt_ids"]:
+                tok_diff.append(f"{got[:8]}... vs {r['prompt_ids'][:8]}...")
+            llm.reset()
+            llm.eval(r["ids"])
+            logits = np.asarray(llm.scores[: len(r["ids"])], dtype=np.float64)
+            lq = logits - logits.max(-1, keepdims=True)
+            lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+            lp = r["logp"].astype(np.float64)
+            agree += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            total += len(r["ids"])
+            kls.append(float((np.exp(lp) * (lp - lq)).sum(-1).mean()))
+    finally:
+        llm.close()
+    return {"agreement": agree / max(1, total), "kl": float(np.mean(kls)), "positions": total,
+            "tokenization_same": not tok_diff, "tokenization_detail": "; ".join(tok_diff[:2])}
+
+
+# -- the model card ------------------------------------------------------------------------------------------------
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def model_card(cfg: Config, sp: StagePlan, name: str, formats: list[dict], harness: dict, prov: dict) -> str:
+    """The card, as the seed's: front matter the hub reads, then lineage, curriculum, metrics, formats, quick start."""
+    m = prov["metrics"]
+    gguf = [f for f in formats if f["format"].startswith("GGUF")]
+    pick = next((f for f in gguf if "Q4_K_M" in f["file"]), gguf[0])["file"]
+    datasets = sorted({ph.data for ph in sp.phases})
+    front = ["---", f"license: {cfg.release.license}", f"base_model: {sp.base_model if not os.path.isabs(sp.base_model) else cfg.stages[sp.name].model}",
+             "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [gemma3, distillation, lora, cascade, gguf]", f"datasets: [{', '.join(datasets)}]", "---", ""]
+    agree, text = m["agreement"], m["text_agreement"]
+    lines = front + [
+        f"# {name}", "",
+        f"Stage `{sp.name}` of a teacher-student distillation cascade built by cascade: the base model "
+        f"`{cfg.stages[sp.name].model}` trained through the ethics-composure-ethics curriculum on the answers of "
+        f"{', '.join(f'`{t.name}`' for t in sp.teachers)}; every phase a LoRA fused into the weights.", "",
+        "## Quick start", "",
+        "No system prompt needed.", "", "llama.cpp (any platform):", "", "```bash",
+        f"llama-server -m {pick} --port 8080", "# or, from the run directory's project:",
+        f"python -m cascade serve +stage={sp.name} serve.engine=llamacpp serve.port=8080", "```", "",
+        "vLLM (the `hf/` directory):", "", "```bash", "vllm serve ./hf --port 8080",
+        f"# or: python -m cascade serve +stage={sp.name} serve.engine=vllm serve.port=8080", "```", "",
+        "Any OpenAI client:", "", "```bash", "curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: "
+        f"application/json' \\\n  -d '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is "
+        "kindness?\"}]}'", "```", "",
+        "HuggingFace Transformers:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("./hf")', 'tokenizer = AutoTokenizer.from_pretrained("./hf")',
+        'messages = [{"role": "user", "content": "What does sovereignty mean to you?"}]',
+        "inputs = tokenizer.apply_chat_template(messages, return_tensors=\"pt\", add_generation_prompt=True, "
+        "return_dict=True)", "outputs = model.generate(**inputs, max_new_tokens=512)",
+        'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
+        "## Lineage", "", "| Stage | Model | Key | Taught by |", "|---|---|---|---|",
+    ]
+    for s in prov["lineage"]:
+        lines.append(f"| {s['stage']} | `{s['model']}` | `{s['key']}` | "
+                     f"{', '.join(f'{t[0]} (weight {t[1]:g})' for t in s['teachers']) or 'root teacher'} |")
+    lines += ["", "## Curriculum, as run", "", "| Phase | Data | Records | Iters | LR | Loss first -> last |",
+              "|---|---|---|---|---|---|"]
+    for ph in sp.phases:
+        t, c = m["phases"][ph.name], m["curation"][ph.name]
+        lines.append(f"| {ph.name} | {ph.data} | {c.get('kept', '?')} | {ph.iters} | {ph.lr:g} | "
+                     f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
+    lines += ["", "## Evaluation", "", "| Measure | Before | After |", "|---|---|---|",
+              f"| {agree['metric']} ({agree['records']} held-out) | {_f(agree['before'])} | {_f(agree['after'])} |",
+              f"| {text['metric']} | {_f(text['before'])} | {_f(text['after'])} |",
+              f"| share of greedy answers that end by themselves | {_f(m['self_ended']['before'])} | "
+              f"{_f(m['self_ended']['after'])} |"]
+    if harness:
+        lines += ["", "lm-evaluation-harness (this model, offline task files shipped with cascade):", "",
+                  "| Task | Metric | Value |", "|---|---|---|"]
+        lines += [f"| {task} | {k} | {_f(v)} |" for task, r in harness.get("results", {}).items() for k, v in r.items()]
+    lines += ["", "## Available formats", "",
+              "Each GGUF was made by llama.cpp's converter and quantizer and compared with transformers on "
+              f"{prov['probes']} held-out prompts with their teachers' answers (next-token argmax agreement, mean "
+              "KL(transformers || GGUF) per position).", "",
+              "| Format | File | Size | Engines | Agreement | KL |", "|---|---|---|---|---|---|"]
+    for f in formats:
+        lines.append(f"| {f['format']} | `{f['file']}` | {_human(f['bytes'])} | {f['engines']} | "
+                     f"{_f(f.get('agreement'))} | {_f(f.get('kl'), '.2e')} |")
+    lines += ["", "## Licence", "",
+              f"Released under {cfg.release.license.upper()}. The base model is subject to its own licence terms "
+              "(Gemma 3: Google's Gemma terms).", ""]
+    return "\n".join(lines)
+
+
+def _f(x: Any, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
