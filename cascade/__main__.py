@@ -3,6 +3,8 @@
     python -m cascade +stage=4b models=tiny
     python -m cascade +stage=27b run_dir=s3://my-bucket/cascade cluster=multinode   # or a shared path
     python -m cascade --help | --cfg job
+    python -m cascade serve +stage=4b release.enabled=true     # sub-commands come first (cascade/serve.py,
+    python -m cascade harness +stage=4b release.enabled=true   # cascade/harness.py)
 """
 
 from __future__ import annotations
@@ -50,8 +52,16 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(EXIT_CODE)
 
 
+SUBCOMMANDS = ("serve", "harness")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:  # read before Hydra's overrides
+        import importlib
+
+        importlib.import_module(f"cascade.{sys.argv[1]}").main(sys.argv[2:])
+        return
     _hydra_main()
 
 

@@ -95,16 +95,22 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[Stage
     name = f"{cfg.release.family}-{sp.name}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(build)
+    probes = heldout_probes(cfg, sp, rd)
     formats = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
-        staging, sp.final_model, sp.base_model, name, list(cfg.release.gguf), _probes(cfg, sp, rd),
+        staging, sp.final_model, sp.base_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
         cfg.release.min_agreement, cfg.train.max_seq_len, cfg.models.trust_remote_code))
     harness = {}
-    if cfg.release.harness:
+    if cfg.release.harness:  # the student and its teachers on the same tasks (cascade/harness.py)
+        from cascade.harness import describe
         from cascade.harness import evaluate as harness_eval
 
-        harness = ray.get(ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(harness_eval)
-                          .options(name=f"harness/{sp.name}", scheduling_strategy=here)
-                          .remote(f"{staging}/hf", list(cfg.release.harness), cfg.release.harness_limit, cfg.seed))
+        task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(harness_eval)
+        who = {"student": f"{staging}/hf", **{f"teacher {t.name}": t.model for t in sp.teachers}}
+        refs = {k: task.options(name=f"harness/{sp.name}/{k}", scheduling_strategy=here).remote(
+            m, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed, probes) for k, m in who.items()}
+        harness = {k: ray.get(r) for k, r in refs.items()}
+        for k, r in harness.items():
+            log.info("harness %s %s: %s", sp.name, k, describe(r))
     summary = {"name": name, "formats": formats, "harness": harness}
     rd.write_json(f"{staging}/release.json", summary)
     Path(staging, "README.md").write_text(model_card(cfg, sp, name, formats, harness, _provenance(cfg, sp, rd, stages)))
@@ -123,7 +129,7 @@ def _provenance(cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan])
     return {"metrics": rd.read_json(rd.metrics(sp.name)), "lineage": lineage, "probes": cfg.release.probes}
 
 
-def _probes(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
+def heldout_probes(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
     """Held-out prompts with their teachers' answers, from the stage's curated datasets (never trained on)."""
     seen, out = set(), []
     for ph in sp.phases:
@@ -131,7 +137,7 @@ def _probes(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
             if r["id"] not in seen:
                 seen.add(r["id"])
                 out.append({"messages": r["messages"], "response": r["response"]})
-    return out[: cfg.release.probes]
+    return out
 
 
 def build(staging: str, model: str, base: str, name: str, types: list[str], probes: list[dict],
@@ -302,7 +308,8 @@ def model_card(cfg: Config, sp: StagePlan, name: str, formats: list[dict], harne
     gguf = [f for f in formats if f["format"].startswith("GGUF")]
     pick = next((f for f in gguf if "Q4_K_M" in f["file"]), gguf[0])["file"]
     datasets = sorted({ph.data for ph in sp.phases})
-    front = ["---", f"license: {cfg.release.license}", f"base_model: {sp.base_model if not os.path.isabs(sp.base_model) else cfg.stages[sp.name].model}",
+    base = cfg.stages[sp.name].model if os.path.isabs(sp.base_model) else sp.base_model
+    front = ["---", f"license: {cfg.release.license}", f"base_model: {base}",
              "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [gemma3, distillation, lora, cascade, gguf]", f"datasets: [{', '.join(datasets)}]", "---", ""]
     agree, text = m["agreement"], m["text_agreement"]
@@ -343,9 +350,15 @@ def model_card(cfg: Config, sp: StagePlan, name: str, formats: list[dict], harne
               f"| share of greedy answers that end by themselves | {_f(m['self_ended']['before'])} | "
               f"{_f(m['self_ended']['after'])} |"]
     if harness:
-        lines += ["", "lm-evaluation-harness (this model, offline task files shipped with cascade):", "",
-                  "| Task | Metric | Value |", "|---|---|---|"]
-        lines += [f"| {task} | {k} | {_f(v)} |" for task, r in harness.get("results", {}).items() for k, v in r.items()]
+        who = list(harness)
+        first = next(iter(harness.values()))
+        lines += ["", f"EleutherAI's lm-evaluation-harness {first.get('lm_eval', '')} (greedy, chat template; "
+                  "`cascade_*`: offline tasks shipped with cascade, data/harness/):", "",
+                  f"| Task | Metric | {' | '.join(who)} |", "|---|---|" + "---|" * len(who)]
+        for task, r in first.get("results", {}).items():
+            for k in r:
+                vals = [_f(harness[w].get("results", {}).get(task, {}).get(k)) for w in who]
+                lines.append(f"| {task} ({first['samples'].get(task, '?')} prompts) | {k} | {' | '.join(vals)} |")
     lines += ["", "## Available formats", "",
               "Each GGUF was made by llama.cpp's converter and quantizer and compared with transformers on "
               f"{prov['probes']} held-out prompts with their teachers' answers (next-token argmax agreement, mean "

@@ -28,7 +28,7 @@ SMOKE = ["cluster.include_dashboard=false", "+stage=4b", "models=gemma3-270m", "
          "data.composure.limit=5", "generation.max_new_tokens=24", "generation.drop_truncated=false",
          "generation.shard_size=4", "models.gemma3.chat_steps=4", "eval.answer_tokens=8", "train.save_every=1",
          "curriculum.0.iters=3", "curriculum.1.iters=2", "curriculum.2.iters=1", "generation.logprobs=20",
-         "train.distill_weight=0.5"]
+         "train.distill_weight=0.5", "release.gguf=[F16]"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,13 @@ def test_real_weights_through_the_cascade_with_a_kill(smoke: Path):
     assert len(gen) == 6 and all(x["text"].strip() for x in gen)
     train = read_jsonl(smoke / "1b/dataset/p0_ethics/train.jsonl")
     assert train and all(m["role"] != "system" for r in train for m in r["messages"])
+    # each trained stage is released: llama.cpp's F16 GGUF of the real weights means what the student means
+    for stage in ("1b", "4b"):
+        rel = json.loads((smoke / f"{stage}/release/release.json").read_text())
+        f16 = next(r for r in rel["formats"] if r["format"] == "GGUF F16")
+        assert f16["agreement"] >= 0.99 and f16["tokenization_same"] and f16["kl"] < 1e-3, f16
+        assert (smoke / f"{stage}/release/hf/tokenizer.model").is_file()
+        assert "base_model: gemma3-270m:" in (smoke / f"{stage}/release/README.md").read_text()
     # the kernel signal and the student's agreement are measured
     for stage, kernel in (("1b", True), ("4b", False)):
         m = json.loads((smoke / f"{stage}/eval/metrics.json").read_text())

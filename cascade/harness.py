@@ -1,0 +1,115 @@
+"""A standard evaluation: EleutherAI's lm-evaluation-harness on a model directory or a served endpoint.
+
+    python -m cascade +stage=4b models=tiny release.enabled=true release.harness=[cascade_probes,cascade_format]
+    python -m cascade harness +stage=4b models=tiny release.enabled=true release.harness=[cascade_format]
+        # the same tasks through the endpoint `python -m cascade serve` runs (serve.host, serve.port)
+
+Offline tasks ship with the project (data/harness/): `cascade_probes` - the stage's held-out probes, the model's
+greedy answer against its teachers' (ROUGE-L F1), written beside a copy of the task at run time; `cascade_format` -
+sixteen prompts with verifiable instructions in IFEval's manner (prompt- and instruction-level accuracy), no hub, no
+NLTK data. Any other name is a task of the harness itself (on a cluster with the hub: `ifeval`, the nearest public
+relative of the seed's LiveBench instruction-following result). Greedy decoding in the model's chat template;
+every seed the harness takes is the config's seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+OURS = ("cascade_probes", "cascade_format")
+
+
+def _task_dir(probes: list[dict]) -> Path:
+    """A copy of data/harness/ whose data files are absolute paths (the harness reads them from the cwd)."""
+    src = resources.files("cascade.data") / "harness"
+    out = Path(tempfile.mkdtemp(prefix="cascade-harness-"))
+    for f in src.iterdir():
+        if f.name.endswith((".yaml", ".jsonl", ".py")):
+            (out / f.name).write_bytes(f.read_bytes())
+    with open(out / "cascade_probes.jsonl", "w") as f:
+        for p in probes:
+            f.write(json.dumps({"prompt": p["messages"][-1]["content"], "reference": p["response"]}) + "\n")
+    for name in OURS:
+        y = out / f"{name}.yaml"
+        y.write_text(y.read_text().replace(f"test: {name}.jsonl", f"test: {out / f'{name}.jsonl'}"))
+    return out
+
+
+def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, probes: list[dict],
+             base_url: str | None = None, served_name: str | None = None, api_key: str | None = None) -> dict:
+    """{results: {task: {metric: value}}, samples: {task: n}, lm_eval: version, model: what was scored}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if "cascade_probes" in tasks and not probes:
+        tasks = [t for t in tasks if t != "cascade_probes"]
+    if not tasks:
+        return {}
+    if base_url:
+        lm, args = "local-chat-completions", {"base_url": f"{base_url.rstrip('/')}/chat/completions",
+                                              "model": served_name, "tokenized_requests": False,
+                                              "max_retries": 1, "num_concurrent": 1}
+        if api_key:
+            args["header"] = {"Authorization": f"Bearer {api_key}"}
+    else:
+        from cascade.rundir import local_model
+
+        import torch
+
+        lm, args = "hf", {"pretrained": local_model(model), "dtype": "float32",
+                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    tdir = _task_dir(probes)
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm, model_args=args, tasks=tasks, task_manager=TaskManager(include_path=str(tdir)), limit=limit,
+            apply_chat_template=True, batch_size=1 if base_url else 8, log_samples=False, random_seed=seed,
+            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+    finally:
+        shutil.rmtree(tdir, ignore_errors=True)
+    results = {t: {k.split(",")[0]: v for k, v in r.items() if k not in ("alias", "sample_len") and "_stderr" not in k
+                   and isinstance(v, (int, float))} for t, r in out["results"].items()}
+    return {"results": results, "samples": {t: n.get("effective", n.get("original")) for t, n in
+                                            out.get("n-samples", {}).items()},
+            "lm_eval": lm_eval.__version__, "model": base_url or model}
+
+
+def main(overrides: list[str]) -> None:
+    """`python -m cascade harness`: the release's harness tasks through the endpoint `cascade serve` runs."""
+    import os
+
+    from omegaconf.errors import MissingMandatoryValue
+
+    from cascade.config import ConfigError, compose
+    from cascade.plan import plan_run
+
+    try:
+        cfg = compose(overrides)
+        if not cfg.release.harness:
+            raise ConfigError("release.harness names no task (e.g. release.harness=[cascade_format])")
+        p = plan_run(cfg)
+        sp = next(s for s in p.stages if s.name == cfg.target)
+    except MissingMandatoryValue:
+        log.error("harness: no stage given: add +stage=<name>")
+        sys.exit(2)
+    except ConfigError as e:
+        log.error("harness: %s", e)
+        sys.exit(2)
+    from stages.release import heldout_probes
+
+    s = cfg.serve
+    res = evaluate(None, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed,
+                   heldout_probes(cfg, sp, p.rd) if sp.trains else [], base_url=f"http://{s.host}:{s.port}/v1",
+                   served_name=f"{cfg.release.family}-{cfg.target}", api_key=os.environ.get(s.api_key_env))
+    print(json.dumps(res, sort_keys=True))
+
+
+def describe(res: dict[str, Any]) -> str:
+    return ", ".join(f"{t} {k} {v:.3f}" for t, r in res.get("results", {}).items() for k, v in r.items())

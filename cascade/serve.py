@@ -1,0 +1,91 @@
+"""`python -m cascade serve`: an OpenAI-compatible server on 127.0.0.1 for a stage's released model.
+
+    python -m cascade serve +stage=4b models=tiny release.enabled=true                    # vLLM: release/hf/
+    python -m cascade serve +stage=4b models=tiny release.enabled=true serve.engine=llamacpp serve.gguf=Q4_K_M
+    CASCADE_API_KEY=... python -m cascade serve ...      # requests then need `Authorization: Bearer <key>`
+
+Give the same run_dir and overrides as the run that made the release: the plan's key names which release is meant,
+and a stage whose release is not committed is refused with the command that makes it (nothing is trained or
+converted here). The server is vLLM's own (`vllm.entrypoints.openai.api_server`, the HF directory; the backend's
+engine settings: dtype, max_model_len, gpu_memory_utilization, enforce_eager) or llama-cpp-python's
+(`llama_cpp.server`, a GGUF of the release, the chat template the converter stored in it); it replaces this
+process, serving the model as <release.family>-<stage>. The key comes only from the environment (serve.api_key_env)
+and is handed to the server in its environment, never on its command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cascade.config import Config, ConfigError
+
+log = logging.getLogger("cascade.serve")
+
+
+def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
+    """The server's command line and environment for a release directory."""
+    s, b = cfg.serve, cfg.backend
+    name = f"{cfg.release.family}-{cfg.target}"
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "API_KEY")}
+    key = os.environ.get(s.api_key_env)
+    if s.engine == "vllm":
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(release / "hf"),
+               "--served-model-name", name, "--host", s.host, "--port", str(s.port), "--dtype", b.dtype,
+               "--max-model-len", str(b.max_model_len), "--gpu-memory-utilization", str(b.gpu_memory_utilization),
+               "--seed", str(cfg.seed)]  # the stop tokens come from the release's generation_config.json
+        cmd += ["--enforce-eager"] if b.enforce_eager else []
+        cmd += ["--trust-remote-code"] if cfg.models.trust_remote_code else []
+        if key:
+            env["VLLM_API_KEY"] = key
+        return cmd, env
+    gguf = release / "gguf" / f"{name}-{s.gguf}.gguf"
+    if not gguf.is_file():
+        made = sorted(p.name for p in (release / "gguf").glob("*.gguf"))
+        raise ConfigError(f"serve.gguf={s.gguf}: the release has no {gguf.name}; it has {', '.join(made)}")
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
+           "--host", s.host, "--port", str(s.port), "--n_ctx", str(b.max_model_len), "--seed", str(cfg.seed)]
+    if key:
+        env["API_KEY"] = key  # llama_cpp.server's settings read it from the environment
+    return cmd, env
+
+
+def release_dir(cfg: Config) -> Path:
+    """The committed release of cfg.target (pulled into this node's cache from an object store)."""
+    from cascade.plan import plan_run
+
+    if not cfg.release.enabled:
+        raise ConfigError("serve needs the stage's release: add release.enabled=true (as on the run that made it)")
+    p = plan_run(cfg)
+    sp = next(s for s in p.stages if s.name == cfg.target)
+    if sp.release is None:
+        raise ConfigError(f"stage {cfg.target} trains nothing (the root teacher as given): it has no release")
+    rec = p.rd.committed(sp.release)
+    if rec is None:
+        raise ConfigError(f"stage {cfg.target} has no committed release in {p.rd.url} (key {sp.release.key}): run "
+                          f"`python -m cascade {' '.join(sys.argv[2:])}` first, with the same overrides")
+    return p.rd.pull(sp.release.path, rec["files"])
+
+
+def main(overrides: list[str]) -> None:
+    from cascade.config import compose
+
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        cfg = compose(overrides)
+        release = release_dir(cfg)
+        cmd, env = command(cfg, release)
+    except MissingMandatoryValue:
+        log.error("serve: no stage given: add +stage=<name>")
+        sys.exit(2)
+    except ConfigError as e:
+        log.error("serve: %s", e)
+        sys.exit(2)
+    log.info("serving %s with %s on http://%s:%d/v1 (API key %s)", release, cfg.serve.engine, cfg.serve.host,
+             cfg.serve.port, "required" if os.environ.get(cfg.serve.api_key_env) else "off")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
