@@ -60,7 +60,19 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:  # read before Hydra's overrides
         import importlib
 
-        importlib.import_module(f"cascade.{sys.argv[1]}").main(sys.argv[2:])
+        from omegaconf.errors import MissingMandatoryValue
+
+        from cascade.config import compose
+
+        name = sys.argv[1]
+        try:
+            importlib.import_module(f"cascade.{name}").main(compose(sys.argv[2:]))
+        except MissingMandatoryValue:
+            log.error("%s: no stage given: add +stage=<name>", name)
+            sys.exit(2)
+        except ConfigError as e:
+            log.error("%s: %s", name, e)
+            sys.exit(2)
         return
     _hydra_main()
 

@@ -219,7 +219,7 @@ class ReleaseConfig:
     # GGUF types: F32, F16, BF16 from llama.cpp's converter; any type llama.cpp's quantizer offers (Q8_0, Q4_K_M..)
     gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
     probes: int = 8  # held-out prompts (with their teachers' answers) each GGUF is compared on with transformers
-    min_agreement: float = 0.99  # next-token argmax agreement an F32/F16/BF16 file must reach, else the step fails
+    min_agreement: float = 0.99  # next-token argmax agreement an F32/F16 file must reach, else the step fails
     license: str = "eupl-1.2"  # the card's front matter; the base model's own terms still apply
     # lm-evaluation-harness tasks run on the released model: the project's own (cascade_probes, cascade_format)
     # work offline; on a cluster any harness task, e.g. ifeval

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -81,29 +80,19 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
             "lm_eval": lm_eval.__version__, "model": base_url or model}
 
 
-def main(overrides: list[str]) -> None:
-    """`python -m cascade harness`: the release's harness tasks through the endpoint `cascade serve` runs."""
+def main(cfg: Any) -> None:
+    """`python -m cascade harness <overrides>`: the release's harness tasks through the endpoint `cascade serve`
+    runs (cascade/__main__.py composes the config); prints the results as one JSON line."""
     import os
 
-    from omegaconf.errors import MissingMandatoryValue
-
-    from cascade.config import ConfigError, compose
+    from cascade.config import ConfigError
     from cascade.plan import plan_run
-
-    try:
-        cfg = compose(overrides)
-        if not cfg.release.harness:
-            raise ConfigError("release.harness names no task (e.g. release.harness=[cascade_format])")
-        p = plan_run(cfg)
-        sp = next(s for s in p.stages if s.name == cfg.target)
-    except MissingMandatoryValue:
-        log.error("harness: no stage given: add +stage=<name>")
-        sys.exit(2)
-    except ConfigError as e:
-        log.error("harness: %s", e)
-        sys.exit(2)
     from stages.release import heldout_probes
 
+    if not cfg.release.harness:
+        raise ConfigError("release.harness names no task (e.g. release.harness=[cascade_format])")
+    p = plan_run(cfg)
+    sp = next(s for s in p.stages if s.name == cfg.target)
     s = cfg.serve
     res = evaluate(None, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed,
                    heldout_probes(cfg, sp, p.rd) if sp.trains else [], base_url=f"http://{s.host}:{s.port}/v1",

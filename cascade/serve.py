@@ -69,21 +69,10 @@ def release_dir(cfg: Config) -> Path:
     return p.rd.pull(sp.release.path, rec["files"])
 
 
-def main(overrides: list[str]) -> None:
-    from cascade.config import compose
-
-    from omegaconf.errors import MissingMandatoryValue
-
-    try:
-        cfg = compose(overrides)
-        release = release_dir(cfg)
-        cmd, env = command(cfg, release)
-    except MissingMandatoryValue:
-        log.error("serve: no stage given: add +stage=<name>")
-        sys.exit(2)
-    except ConfigError as e:
-        log.error("serve: %s", e)
-        sys.exit(2)
+def main(cfg: Config) -> None:
+    """`python -m cascade serve <overrides>` (cascade/__main__.py composes the config)."""
+    release = release_dir(cfg)
+    cmd, env = command(cfg, release)
     log.info("serving %s with %s on http://%s:%d/v1 (API key %s)", release, cfg.serve.engine, cfg.serve.host,
              cfg.serve.port, "required" if os.environ.get(cfg.serve.api_key_env) else "off")
     sys.stdout.flush()

@@ -46,12 +46,9 @@ def _score_kwargs(cfg: Config) -> dict:
 
 
 def _heldout(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
-    records, seen = [], set()
-    for ph in sp.phases:
-        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
-            if r["id"] not in seen:
-                seen.add(r["id"])
-                records.append(r)
+    from stages.curate import heldout
+
+    records = heldout(rd, sp)
     return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
 
 

@@ -14,9 +14,9 @@ scripts/setup.sh unpacks) and its own quantizer (llama_model_quantize through ll
 writer of ours. Each file is checked before the step commits: llama.cpp loads it and tokenizes the held-out prompts
 as transformers does, and its next-token distributions at every position of release.probes held-out prompts with
 their teachers' answers are compared with transformers': argmax agreement and mean KL(transformers || GGUF). A
-float type (F32/F16/BF16) below release.min_agreement fails the step: a conversion that silently changes the model
+F32 or F16 file below release.min_agreement fails the step: a conversion that silently changes the model
 (a config field llama.cpp ignores, say) commits nothing. Known mismatches are refused before converting (see
-`llama_cpp_mismatches`). Quantized types are not held to the bar; their agreement and KL go in the card.
+`llama_cpp_mismatches`). BF16 and quantized types are not held to the bar; their agreement and KL go in the card.
 
 The heavy part runs as one Ray task on the driver's node (staging is there); the driver writes the card.
 """
@@ -38,7 +38,8 @@ from cascade.plan import StagePlan
 from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
-FLOAT_TYPES = ("F32", "F16", "BF16")
+FLOAT_TYPES = ("F32", "F16", "BF16")  # made by the converter; the others by the quantizer from the first of these
+EXACT_TYPES = ("F32", "F16")  # held to release.min_agreement
 
 
 class ReleaseError(RuntimeError):
@@ -131,13 +132,9 @@ def _provenance(cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan])
 
 def heldout_probes(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
     """Held-out prompts with their teachers' answers, from the stage's curated datasets (never trained on)."""
-    seen, out = set(), []
-    for ph in sp.phases:
-        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
-            if r["id"] not in seen:
-                seen.add(r["id"])
-                out.append({"messages": r["messages"], "response": r["response"]})
-    return out
+    from stages.curate import heldout
+
+    return [{"messages": r["messages"], "response": r["response"]} for r in heldout(rd, sp)]
 
 
 def build(staging: str, model: str, base: str, name: str, types: list[str], probes: list[dict],
@@ -154,18 +151,21 @@ def build(staging: str, model: str, base: str, name: str, types: list[str], prob
         raise ReleaseError(f"{model}: llama.cpp would run a different model: {'; '.join(problems)}")
     gdir = Path(staging, "gguf")
     gdir.mkdir()
-    floats = [t for t in types if t in FLOAT_TYPES] or ["F16"]  # quantized types are made from the first float
+    floats = [t for t in types if t in FLOAT_TYPES]
+    if not any(t in EXACT_TYPES for t in floats):
+        floats.insert(0, "F16")  # made, checked against the bar and removed: the quantizer's source
+    source = "F16" if "F16" in floats else "F32"
     files = {t: gdir / f"{name}-{t}.gguf" for t in dict.fromkeys(floats + types)}
     t0 = time.perf_counter()
     for t in floats:
         convert(hf, files[t], t)
     for t in types:
         if t not in FLOAT_TYPES:
-            quantize(files[floats[0]], files[t], t)
+            quantize(files[source], files[t], t)
     made = time.perf_counter() - t0
     reference = _reference(hf, probes, max_len, trust)
     rows = [{"format": "safetensors", "file": "hf/", "bytes": _size(hf), "engines": "transformers, vLLM"}]
-    for t in types:
+    for t in files:
         check = compare_gguf(files[t], reference)
         row = {"format": f"GGUF {t}", "file": f"gguf/{files[t].name}", "bytes": files[t].stat().st_size,
                "engines": "llama.cpp", **check}
@@ -174,13 +174,14 @@ def build(staging: str, model: str, base: str, name: str, types: list[str], prob
         if not check["tokenization_same"]:
             raise ReleaseError(f"{files[t].name}: llama.cpp tokenizes the held-out prompts differently from "
                                f"transformers ({check['tokenization_detail']})")
-        if t in FLOAT_TYPES and check["agreement"] < min_agreement:
+        if t in EXACT_TYPES and check["agreement"] < min_agreement:
             raise ReleaseError(f"{files[t].name}: next-token argmax agreement with transformers is "
                                f"{check['agreement']:.4f} < release.min_agreement {min_agreement} (KL "
                                f"{check['kl']:.3g}): the GGUF is not the student")
-        rows.append(row)
-    for t in set(files) - set(types):  # a float made only to quantize from
-        files[t].unlink()
+        if t in types:
+            rows.append(row)
+        else:  # the quantizer's source, not asked for
+            files[t].unlink()
     rows[0]["convert_seconds"] = round(made, 1)
     return rows
 
