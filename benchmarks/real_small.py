@@ -11,7 +11,8 @@
    built root teacher's answers that ended by themselves, and the kernel-signal figures: for the root teacher,
    agreement (per-token log-likelihood, ROUGE-L F1) of the teacher *without* the kernel with the chat model's
    kernel-in-context answers on held-out probes, before (the chat model) and after (the built teacher); for the 4b
-   student, its agreement with its teacher before and after.
+   student, its agreement with its teacher before and after; the release step of each stage (seconds; per GGUF
+   type, size, agreement and KL with transformers).
 3. One LoRA optimizer step at 8 x 256 tokens (every position a response token: the worst case), each way in a
    process of its own (peak RSS = that process's ru_maxrss): transformers' own loss on full-vocabulary logits
    (the code before this preset), the chunked loss (cascade.modeling.response_nll) in float32 and in bfloat16,
@@ -159,7 +160,16 @@ def _cascade(tmp: Path, overrides: list[str]) -> dict:
             "training_tok_s": round(sum(t["tokens"] for t in trains) / sum(t["train_seconds"] for t in trains), 1),
             "teacher_self_ended": round(sum(a["finish_reason"] == "stop" for a in answers) / len(answers), 3),
             "kernel_signal_1b": pick(m1), "student_4b": pick(m4),
+            "release": {s: _release(run / s / "release/release.json") for s in ("1b", "4b")},
             "fusion_rel_logit_diff_max": max(t["fusion"]["rel_logit_diff"] for t in trains)}
+
+
+def _release(path: Path) -> dict:
+    """The release step's seconds and, per GGUF type, size and agreement with transformers."""
+    r = json.loads(path.read_text())
+    return {"seconds": r["seconds"], **{f["format"]: {"bytes": f["bytes"], "agreement": round(f["agreement"], 4),
+                                                      "kl": float(f"{f['kl']:.3g}")}
+                                        for f in r["formats"] if "agreement" in f}}
 
 
 def main(quick: bool, cascade_only: bool, overrides: list[str]) -> None:

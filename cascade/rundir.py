@@ -1,7 +1,6 @@
 """The run directory: its layout (written down here once), atomic commits, the manifest, the step protocol.
 
-    <run_dir>/                                    a local path is made absolute first (Ray Train workers run in
-                                                  a directory of their own)
+    <run_dir>/                                    made absolute first (Ray Train workers run in their own cwd)
       lease.json                                  the driver that holds the run: host, pid, heartbeat (cascade/lease.py)
       manifest.json                               every step: {name: {state, key, path, summary, time}}; rewritten
                                                   atomically, always after the output it describes
@@ -19,8 +18,7 @@
       <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/;
                                                   failure.json: a failed fusion check, for the driver
       <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
-      <stage>/release/README.md, release.json     release.enabled: the model card and its figures,
-      <stage>/release/hf/*, gguf/*.gguf           the HF directory and the checked GGUF files (stages/release.py)
+      <stage>/release/{README.md,release.json,hf/,gguf/}  the model card, its figures, the HF directory, GGUFs
       models/<key>/**                             an object store's copy of base models that are directories on the
                                                   driver's node (the tiny preset), loaded from here by every node
       tmp/**                                      staging; anything here is uncommitted and may be deleted;
@@ -35,8 +33,7 @@ The step protocol (`begin` -> build in staging -> `commit_dir`, or files written
 is the same for every step: a committed step is skipped, a running one is marked in the manifest, and a kill at
 any point leaves either the old state or the new one.
 
-Where the run directory lives (a local or shared filesystem, or an object store) and what that changes: see
-cascade/storage.py.
+Where the run directory lives (a filesystem or an object store) and what that changes: cascade/storage.py.
 """
 
 from __future__ import annotations

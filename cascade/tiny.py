@@ -30,7 +30,7 @@ from cascade.prompts import load_prompts, read_text
 
 log = logging.getLogger(__name__)
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]  # Gemma's low ids first
-BUILD_VERSION = 3  # bump when the build procedure changes
+BUILD_VERSION = 4  # bump when the build procedure changes
 
 
 def _corpus(cfg: Config) -> tuple[str, list[tuple[list[dict], str]]]:
@@ -82,6 +82,8 @@ def _build_tokenizer(cfg: Config, texts: list[str], out: Path) -> None:
         "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
         "unk_token": "<unk>", "mask_token": None}))
     fast = AutoTokenizer.from_pretrained(str(out))
+    fast.init_kwargs.pop("vocab_file", None)  # a path of this build's; tokenizer.json is the tokenizer from here on
+    (out / "tokenizer.model").unlink()
     fast.chat_template = GEMMA3_CHAT_TEMPLATE
     fast.padding_side = "left"
     fast.save_pretrained(str(out))

@@ -93,6 +93,7 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[Stage
     import ray  # not at the top: the driver imports this module (ReleaseError, check_tools) before Ray's auth is set
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    t0 = time.perf_counter()
     name = f"{cfg.release.family}-{sp.name}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(build)
@@ -112,7 +113,7 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[Stage
         harness = {k: ray.get(r) for k, r in refs.items()}
         for k, r in harness.items():
             log.info("harness %s %s: %s", sp.name, k, describe(r))
-    summary = {"name": name, "formats": formats, "harness": harness}
+    summary = {"name": name, "formats": formats, "harness": harness, "seconds": round(time.perf_counter() - t0, 1)}
     rd.write_json(f"{staging}/release.json", summary)
     Path(staging, "README.md").write_text(model_card(cfg, sp, name, formats, harness, _provenance(cfg, sp, rd, stages)))
     return summary
