@@ -31,6 +31,9 @@ def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
     name = f"{cfg.release.family}-{cfg.target}"
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "API_KEY")}
     key = os.environ.get(s.api_key_env)
+    if s.host not in ("127.0.0.1", "localhost", "::1") and not key:
+        raise ConfigError(f"serve.host={s.host} is not loopback and ${s.api_key_env} is not set: refusing an open "
+                          f"endpoint (set the key, or serve on 127.0.0.1)")
     if s.engine == "vllm":
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(release / "hf"),
                "--served-model-name", name, "--host", s.host, "--port", str(s.port), "--dtype", b.dtype,

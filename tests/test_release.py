@@ -184,6 +184,13 @@ def test_served_answer_equals_transformers_greedy(released: Path, tmp_path: Path
         proc.wait(timeout=60)
 
 
+def test_serving_beyond_loopback_needs_a_key(released: Path):
+    env = {k: v for k, v in os.environ.items() if k != "CASCADE_API_KEY"}
+    args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={released}", *REL, "serve.host=0.0.0.0"]
+    r = subprocess.run(cascade_cmd("serve", *args), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "refusing an open endpoint" in r.stderr, r.stderr[-2000:]
+
+
 def test_serve_without_a_committed_release_says_how_to_make_it(tiny_4b_run):
     r = subprocess.run(cascade_cmd("serve", *FAST, "+stage=4b", "models=tiny", f"run_dir={tiny_4b_run}",
                                    "release.enabled=true"), cwd=ROOT, capture_output=True, text=True, timeout=300)
