@@ -50,7 +50,7 @@ def main() -> None:
     types = args.types.split(",")
     with tempfile.TemporaryDirectory(prefix="cascade-release-bench-") as tmp:
         t0 = time.perf_counter()
-        rows = release.build(tmp, str(base), str(base), "gemma3-270m", types, probes, 0.99, 256, False)
+        rows = release.build(tmp, str(base), "gemma3-270m", types, probes, 0.99, 256, False)
         total = time.perf_counter() - t0
     f16 = next(r["bytes"] for r in rows if r["format"] == "GGUF F16")
     out = {"model": "gemma3-270m:base", "probes": len(probes), "positions": rows[1]["positions"],

@@ -99,7 +99,7 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[Stage
     task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(build)
     probes = heldout_probes(cfg, sp, rd)
     formats = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
-        staging, sp.final_model, sp.base_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
+        staging, sp.final_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
         cfg.release.min_agreement, cfg.train.max_seq_len, cfg.models.trust_remote_code))
     harness = {}
     if cfg.release.harness:  # the student and its teachers on the same tasks (cascade/harness.py)
@@ -138,7 +138,7 @@ def heldout_probes(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
     return [{"messages": r["messages"], "response": r["response"]} for r in heldout(rd, sp)]
 
 
-def build(staging: str, model: str, base: str, name: str, types: list[str], probes: list[dict],
+def build(staging: str, model: str, name: str, types: list[str], probes: list[dict],
           min_agreement: float, max_len: int, trust: bool) -> list[dict]:
     """The HF directory, the GGUF files, each checked against transformers; the formats table's rows."""
     _quiet_llama_cpp()

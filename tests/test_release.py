@@ -97,7 +97,7 @@ def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Pat
     (bad / "config.json").write_text(json.dumps(c))
     assert any("query_pre_attn_scalar" in m for m in release.llama_cpp_mismatches(c))
     with pytest.raises(release.ReleaseError, match="llama.cpp would run a different model"):
-        release.build(str(tmp_path / "stage"), str(bad), "", "x", ["F16"], [], 0.99, 256, False)
+        release.build(str(tmp_path / "stage"), str(bad), "x", ["F16"], [], 0.99, 256, False)
     # converted anyway: the GGUF answers as the changed config says, not as the student does
     probes = [json.loads(line) for line in (released / "4b/dataset/p0_ethics/heldout.jsonl").open()][:4]
     reference = release._reference(bad, probes, 256, False)  # transformers scales by 1/16, llama.cpp by 1/8
