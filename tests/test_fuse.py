@@ -111,7 +111,8 @@ def test_chunked_response_loss_equals_the_full_vocabulary_loss(base):
     (ce / n).backward()
     for name, grad in ref_grads.items():
         got = dict(model.named_parameters())[name].grad
-        assert torch.allclose(got, grad, rtol=1e-4, atol=1e-7), name
+        # float32 sums in another order: elementwise to 1e-4, near-zero ones to 1e-5 of the gradient's scale
+        assert torch.allclose(got, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max())), name
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
         keep = labels[:, 1:] != IGNORE_INDEX
