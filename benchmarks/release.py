@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 # the seed's "12 quants, 3-bit to 16-bit"
 TYPES = "F16,BF16,Q8_0,Q6_K,Q5_K_M,Q5_K_S,Q4_K_M,Q4_K_S,Q4_0,Q3_K_L,Q3_K_M,Q3_K_S"
 

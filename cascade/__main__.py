@@ -32,9 +32,8 @@ def _hydra_main(dcfg: DictConfig) -> None:
         log.error("config error: %s", e)
         sys.exit(2)
     from cascade.driver import run  # heavy imports only after the config is known to be valid
-    from cascade.modeling import FusionError
+    from cascade.modeling import FusionError, ReleaseError
     from cascade.preemption import EXIT_CODE, Preempted
-    from stages.release import ReleaseError
 
     try:
         run(cfg)

@@ -86,8 +86,7 @@ def main(cfg: Any) -> None:
     import os
 
     from cascade.config import ConfigError
-    from cascade.plan import plan_run
-    from stages.release import heldout_probes
+    from cascade.plan import heldout, plan_run
 
     if not cfg.release.harness:
         raise ConfigError("release.harness names no task (e.g. release.harness=[cascade_format])")
@@ -95,7 +94,7 @@ def main(cfg: Any) -> None:
     sp = next(s for s in p.stages if s.name == cfg.target)
     s = cfg.serve
     res = evaluate(None, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed,
-                   heldout_probes(cfg, sp, p.rd) if sp.trains else [], base_url=f"http://{s.host}:{s.port}/v1",
+                   heldout(p.rd, sp), base_url=f"http://{s.host}:{s.port}/v1",
                    served_name=f"{cfg.release.family}-{cfg.target}", api_key=os.environ.get(s.api_key_env))
     print(json.dumps(res, sort_keys=True))
 

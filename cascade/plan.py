@@ -101,6 +101,18 @@ class RunPlan:
         return list(dict.fromkeys(s.name for s in steps if not self.rd.committed(s)))
 
 
+def heldout(rd: RunDir, sp: StagePlan) -> list[dict]:
+    """A trained stage's held-out records (prompt messages, teachers' answer) from its committed datasets, each
+    prompt once: what evaluate scores, the release checks its GGUF files on, the harness's cascade_probes task."""
+    records, seen = [], set()
+    for ph in sp.phases:
+        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                records.append(r)
+    return records
+
+
 def needed_stages(cfg: Config) -> list[str]:
     """The target and, transitively, every stage it learns from, lowest first."""
     need, todo = set(), [cfg.target]

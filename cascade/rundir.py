@@ -12,13 +12,14 @@
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl  shared by stages; each shard file
                                                   commits itself, step.json (counts, checksums) the set; .npz: top-k
                                                   log-probs (cascade/logprobs.py); .partial: answers saved on SIGTERM
-      <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    the curated dataset of a phase
+      <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    a phase's curated dataset
       <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
       <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
       <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/;
                                                   failure.json: a failed fusion check, for the driver
       <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
-      <stage>/release/{README.md,release.json,hf/,gguf/}  the model card, its figures, the HF directory, GGUFs
+      <stage>/release/README.md, release.json, hf/*, gguf/*.gguf   the model card, its figures, the released HF
+                                                  directory and the checked GGUF files (stages/release.py)
       models/<key>/**                             an object store's copy of base models that are directories on the
                                                   driver's node (the tiny preset), loaded from here by every node
       tmp/**                                      staging; anything here is uncommitted and may be deleted;
@@ -32,7 +33,6 @@ runs again to different bytes takes the steps downstream of it along; to the sam
 The step protocol (`begin` -> build in staging -> `commit_dir`, or files written in place then `commit_files`)
 is the same for every step: a committed step is skipped, a running one is marked in the manifest, and a kill at
 any point leaves either the old state or the new one.
-
 Where the run directory lives (a filesystem or an object store) and what that changes: cascade/storage.py.
 """
 

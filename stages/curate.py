@@ -127,13 +127,3 @@ def check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, 
                               f"{sorted(map(str, theirs))}) and student {sp.name} ({sp.base_model}, vocabulary "
                               f"{student}) differ; set train.distill_weight=0 for this stage")
 
-
-def heldout(rd: RunDir, sp: StagePlan) -> list[dict]:
-    """The stage's held-out records (prompt, teachers' answer) across its phases' datasets, each prompt once."""
-    records, seen = [], set()
-    for ph in sp.phases:
-        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
-            if r["id"] not in seen:
-                seen.add(r["id"])
-                records.append(r)
-    return records

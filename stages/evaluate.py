@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from cascade.config import Config
-from cascade.plan import StagePlan
+from cascade.plan import StagePlan, heldout
 from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ def _score_kwargs(cfg: Config) -> dict:
 
 
 def _heldout(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
-    from stages.curate import heldout
-
     records = heldout(rd, sp)
     return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
 

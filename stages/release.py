@@ -34,16 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from cascade.config import Config, ConfigError
-from cascade.plan import StagePlan
+from cascade.modeling import ReleaseError
+from cascade.plan import StagePlan, heldout
 from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
 FLOAT_TYPES = ("F32", "F16", "BF16")  # made by the converter; the others by the quantizer from the first of these
 EXACT_TYPES = ("F32", "F16")  # held to release.min_agreement
-
-
-class ReleaseError(RuntimeError):
-    """A release that would not mean what the student means; nothing is committed."""
 
 
 def llama_cpp_dir() -> Path:
@@ -90,14 +87,14 @@ def llama_cpp_mismatches(config: dict) -> list[str]:
 
 def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan]) -> dict:
     """Build the release in staging (a Ray task on this node), then write its model card; returns the summary."""
-    import ray  # not at the top: the driver imports this module (ReleaseError, check_tools) before Ray's auth is set
+    import ray  # not at the top: the driver imports this module (check_tools) before Ray's auth is set
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.perf_counter()
     name = f"{cfg.release.family}-{sp.name}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(build)
-    probes = heldout_probes(cfg, sp, rd)
+    probes = heldout(rd, sp)
     formats = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
         staging, sp.final_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
         cfg.release.min_agreement, cfg.train.max_seq_len, cfg.models.trust_remote_code))
@@ -131,11 +128,6 @@ def _provenance(cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan])
     return {"metrics": rd.read_json(rd.metrics(sp.name)), "lineage": lineage, "probes": cfg.release.probes}
 
 
-def heldout_probes(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
-    """Held-out prompts with their teachers' answers, from the stage's curated datasets (never trained on)."""
-    from stages.curate import heldout
-
-    return [{"messages": r["messages"], "response": r["response"]} for r in heldout(rd, sp)]
 
 
 def build(staging: str, model: str, name: str, types: list[str], probes: list[dict],

@@ -87,6 +87,7 @@ def test_a_committed_release_is_skipped(released: Path):
 def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Path):
     """llama.cpp's Gemma 3 graph scales queries by 1/sqrt(head_dim) whatever query_pre_attn_scalar says, and its
     converter does not complain: refused before converting, and caught by the comparison if converted anyway."""
+    from cascade.modeling import ReleaseError
     from stages import release
 
     hf = released / "4b/release/hf"
@@ -96,7 +97,7 @@ def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Pat
     c["query_pre_attn_scalar"] = 256
     (bad / "config.json").write_text(json.dumps(c))
     assert any("query_pre_attn_scalar" in m for m in release.llama_cpp_mismatches(c))
-    with pytest.raises(release.ReleaseError, match="llama.cpp would run a different model"):
+    with pytest.raises(ReleaseError, match="llama.cpp would run a different model"):
         release.build(str(tmp_path / "stage"), str(bad), "x", ["F16"], [], 0.99, 256, False)
     # converted anyway: the GGUF answers as the changed config says, not as the student does
     probes = [json.loads(line) for line in (released / "4b/dataset/p0_ethics/heldout.jsonl").open()][:4]
