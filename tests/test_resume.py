@@ -56,9 +56,11 @@ def test_kill9_during_generation_and_training_then_resume(tmp_path):
     r = run_cli(*args)
     assert r.returncode == 0 and "nothing to do" in r.stdout
 
-    # 5. the same data as a run never killed (same seeds): byte for byte
+    # 5. the same data as a run never killed (same seeds): byte for byte (the datasets do not depend on training:
+    # the reference trains one step a phase)
     clean = tmp_path / "clean"
-    r = run_cli(*[a if not a.startswith("run_dir=") else f"run_dir={clean}" for a in args])
+    r = run_cli(*[a if not a.startswith("run_dir=") else f"run_dir={clean}" for a in args],
+                *(f"curriculum.{i}.iters=1" for i in range(3)))
     assert r.returncode == 0, r.stdout[-3000:]
     for rel in ("4b/dataset/p0_ethics/train.jsonl", "4b/dataset/p1_composure/train.jsonl",
                 "4b/dataset/p2_ethics/heldout.jsonl"):
