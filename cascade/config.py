@@ -226,6 +226,10 @@ class ReleaseConfig:
     harness: list[str] = field(default_factory=list)
     harness_limit: Optional[int] = None  # documents per harness task; None: all
 
+    def name(self, stage: str) -> str:
+        """A stage's release name: its card's title, its GGUF files' prefix, the served model's id."""
+        return f"{self.family}-{stage}"
+
     def check(self) -> None:
         safe_name("release.family", self.family)
         if not self.gguf:

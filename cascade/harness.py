@@ -95,7 +95,7 @@ def main(cfg: Any) -> None:
     s = cfg.serve
     res = evaluate(None, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed,
                    heldout(p.rd, sp), base_url=f"http://{s.host}:{s.port}/v1",
-                   served_name=f"{cfg.release.family}-{cfg.target}", api_key=os.environ.get(s.api_key_env))
+                   served_name=cfg.release.name(cfg.target), api_key=os.environ.get(s.api_key_env))
     print(json.dumps(res, sort_keys=True))
 
 

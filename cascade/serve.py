@@ -28,7 +28,7 @@ log = logging.getLogger("cascade.serve")
 def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
     """The server's command line and environment for a release directory."""
     s, b = cfg.serve, cfg.backend
-    name = f"{cfg.release.family}-{cfg.target}"
+    name = cfg.release.name(cfg.target)
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "API_KEY")}
     key = os.environ.get(s.api_key_env)
     if s.host not in ("127.0.0.1", "localhost", "::1") and not key:

@@ -91,7 +91,7 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[Stage
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     t0 = time.perf_counter()
-    name = f"{cfg.release.family}-{sp.name}"
+    name = cfg.release.name(sp.name)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(build)
     probes = heldout(rd, sp)
