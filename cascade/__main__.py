@@ -5,6 +5,9 @@
     python -m cascade --help | --cfg job
     python -m cascade serve +stage=4b release.enabled=true     # sub-commands come first (cascade/serve.py,
     python -m cascade harness +stage=4b release.enabled=true   # cascade/harness.py)
+    python -m cascade status +stage=4b [--json]                # the run's state (cascade/status.py)
+    python -m cascade report +stage=4b                         # <run_dir>/report/index.html (cascade/report.py)
+    python -m cascade +stage=27b plan=true [--json]            # what it needs and takes (cascade/budget.py)
 """
 
 from __future__ import annotations
@@ -51,21 +54,32 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(EXIT_CODE)
 
 
-SUBCOMMANDS = ("serve", "harness")
+# sub-commands, read before Hydra's overrides: name -> (module, flags it takes)
+SUBCOMMANDS = {"serve": ("serve", ()), "harness": ("harness", ()), "status": ("status", ("--json",)),
+               "report": ("report", ()), "plan": ("budget", ("--json",))}
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:  # read before Hydra's overrides
+    args = sys.argv[1:]
+    if "plan=true" in args:  # `+stage=27b plan=true`: the planner (cascade/budget.py), like `plan +stage=27b`
+        args = ["plan"] + [a for a in args if a != "plan=true"]
+    if args and args[0] in SUBCOMMANDS:
         import importlib
 
         from omegaconf.errors import MissingMandatoryValue
 
         from cascade.config import compose
 
-        name = sys.argv[1]
+        name, (module, known) = args[0], SUBCOMMANDS[args[0]]
+        flags = [a for a in args[1:] if a.startswith("--")]
+        if set(flags) - set(known):
+            log.error("%s: unknown option %s (known: %s)", name, " ".join(sorted(set(flags) - set(known))),
+                      " ".join(known) or "none")
+            sys.exit(2)
         try:
-            importlib.import_module(f"cascade.{name}").main(compose(sys.argv[2:]))
+            importlib.import_module(f"cascade.{module}").main(compose([a for a in args[1:] if a not in flags]),
+                                                              *flags)
         except MissingMandatoryValue:
             log.error("%s: no stage given: add +stage=<name>", name)
             sys.exit(2)

@@ -102,6 +102,7 @@ def start(c: ClusterConfig) -> None:
             include_dashboard=c.include_dashboard,
             dashboard_host=c.dashboard_host,
             dashboard_port=c.dashboard_port,
+            _metrics_export_port=c.metrics_export_port,
             _system_config={"prestart_worker_first_driver": False},
             **kw,
         )

@@ -263,6 +263,45 @@ class ServeConfig:
             fail(f"serve.api_key_env {self.api_key_env!r} must name an environment variable")
 
 
+# accelerators the planner knows (cascade/budget.py): memory (GB), memory bandwidth (GB/s), dense bf16 peak (TFLOP/s),
+# from the makers' data sheets; "cpu" is this machine, its memory read at plan time
+DEVICES = {
+    "H100-80GB": (80, 3350, 989), "H200": (141, 4800, 989), "B200": (180, 8000, 2250),
+    "A100-80GB": (80, 2039, 312), "A100-40GB": (40, 1555, 312), "L40S": (48, 864, 362), "cpu": (0, 20, 0.2),
+}
+
+
+@dataclass
+class PlanConfig:
+    """`python -m cascade +stage=27b plan=true`: what a run needs, before launch, with no Ray and no weights
+    (cascade/budget.py).
+    Rates: plan.*_tokens_per_s when given, else measured by a committed step, else estimated from the device."""
+
+    gpu: str = "H100-80GB"  # a kind of DEVICES: memory, bandwidth, peak
+    gpus: Optional[int] = None  # GPUs to plan for; None: the attached cluster's (cluster.address), this machine's, or 8
+    gpu_memory_gb: Optional[float] = None  # per GPU; None: the kind's
+    headroom: float = 0.9  # share of a GPU's memory a training worker may fill (CUDA context, allocator slack)
+    train_mfu: float = 0.35  # model-FLOPs utilisation assumed (LoRA: 4 x params FLOPs per token, 6 with recompute)
+    decode_efficiency: float = 0.6  # share of the memory bandwidth a batched decode step reaches
+    generate_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per replica, by teacher: beats all else
+    train_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per worker group, by stage: beats all else
+    measured_from: Optional[str] = None  # a run directory whose committed steps give measured rates; None: run_dir
+    overhead_s: dict[str, float] = field(default_factory=dict)  # fixed s per step (generate, train); {}: by device
+
+    def check(self) -> None:
+        if self.gpu not in DEVICES:
+            fail(f"plan.gpu {self.gpu!r}: known kinds: {', '.join(DEVICES)} (or give plan.gpu_memory_gb)")
+        if self.gpus is not None:
+            number("plan.gpus", self.gpus, 1)
+        if self.gpu_memory_gb is not None:
+            number("plan.gpu_memory_gb", self.gpu_memory_gb, 0, lo_open=True)
+        for k in ("headroom", "train_mfu", "decode_efficiency"):
+            number(f"plan.{k}", getattr(self, k), 0, 1, lo_open=True)
+        for k in ("generate_tokens_per_s", "train_tokens_per_s"):
+            for name, v in getattr(self, k).items():
+                number(f"plan.{k}.{name}", v, 0, lo_open=True)
+
+
 @dataclass
 class TinySpec:
     hidden_size: int = MISSING
@@ -341,6 +380,7 @@ class ClusterConfig:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
     auth: bool = True  # RAY_AUTH_MODE=token; the token comes from the environment or ~/.ray/auth_token
+    metrics_export_port: Optional[int] = None  # local Ray: the port Prometheus scrapes (None: Ray picks one)
 
     def check(self) -> None:
         if self.dashboard_host not in ("127.0.0.1", "localhost") and self.auth is False:
@@ -365,6 +405,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hf_token_env: str = "HF_TOKEN"  # name of the variable holding a hub token; the token itself is never stored

@@ -52,6 +52,7 @@ def run(cfg: Config) -> list[StagePlan]:
 
 
 def _run_steps(p: RunPlan) -> None:
+    from cascade import report
     from stages import curate, evaluate, generate, release, train
 
     cfg, rd = p.cfg, p.rd
@@ -74,6 +75,7 @@ def _run_steps(p: RunPlan) -> None:
             rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before))
             if sp.release:
                 rd.run_step(sp.release, lambda st: release.run(st, cfg, sp, rd, p.stages))
+            report.refresh(p)  # <run_dir>/report/, after every stage
     finally:
         cluster.stop()
 
@@ -131,6 +133,10 @@ def _log_to_file(rd: RunDir) -> None:
 
 
 def _report(p: RunPlan) -> None:
+    from cascade import report
+
+    if not p.rd.exists(p.rd.report("index.html")):  # a run directory made before reports were
+        report.refresh(p)
     for sp in p.stages:
         if sp.trains:
             metrics = p.rd.read_json(p.rd.metrics(sp.name)) or {}

@@ -41,6 +41,18 @@ def _started(pid: int) -> float | None:
         return None
 
 
+def holder(rd: RunDir, ttl: float) -> dict | None:
+    """The lease of the live driver holding the run directory, or None; read-only (`cascade status`). On the
+    holder's host: its process is alive; elsewhere: its heartbeat was written within ttl (wall clocks compared)."""
+    held = rd.read_json(rd.lease())
+    if not held:
+        return None
+    if held.get("host") == socket.gethostname():
+        started = _started(int(held.get("pid", -1)))
+        return held if started is not None and abs(started - (held.get("pid_started") or started)) < 1.0 else None
+    return held if time.time() - held.get("heartbeat", 0) < ttl else None
+
+
 class Lease:
     def __init__(self, rd: RunDir, ttl: float) -> None:
         self.rd, self.ttl, self.path = rd, ttl, rd.lease()

@@ -91,14 +91,18 @@ class RunPlan:
     kernel: str
     stages: list[StagePlan]
 
-    def pending(self) -> list[str]:
-        """Names of the steps not committed, in run order, each once (a teacher's answers shared by stages)."""
+    def steps(self) -> list[Step]:
+        """Every step of the plan in run order, each once (a teacher's answers are shared by stages)."""
         steps = []
         for sp in self.stages:
             steps += [j.step for j in sp.gen_jobs] + [p.dataset for p in sp.phases] + [p.model for p in sp.phases]
             steps += [sp.eval] if sp.trains else []
             steps += [sp.release] if sp.release else []
-        return list(dict.fromkeys(s.name for s in steps if not self.rd.committed(s)))
+        return list({s.name: s for s in steps}.values())
+
+    def pending(self) -> list[str]:
+        """Names of the steps not committed, in run order."""
+        return [s.name for s in self.steps() if not self.rd.committed(s)]
 
 
 def heldout(rd: RunDir, sp: StagePlan) -> list[dict]:

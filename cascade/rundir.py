@@ -6,6 +6,10 @@
                                                   atomically, always after the output it describes
       config.yaml, config.sha256                  the resolved config of the latest invocation (no secrets)
       logs/driver.log                             the driver's log, appended by every invocation
+      progress/**                                 <step name>.json: a running step's live progress (done/total
+                                                  shards or optimizer steps, start, last update), written by the
+                                                  driver (generation) and training's rank 0 (cascade/progress.py)
+      report/index.html, *.png                    the run report, rebuilt after every stage (cascade/report.py)
       generations/<teacher>/<data>/<key>/step.json                  a teacher's answers to one prompt set,
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl   content-addressed by key (teacher weights,
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template, sampling, prompts) and
@@ -157,6 +161,13 @@ class RunDir:
     def metrics(self, stage: str) -> str:
         return f"{self.eval(stage)}/metrics.json"
 
+    def progress(self, step: str) -> str:
+        """A running step's live progress (cascade/progress.py)."""
+        return self.path("progress", f"{step}.json")
+
+    def report(self, *parts: str) -> str:
+        return self.path("report", *parts)
+
     def lease(self) -> str:
         return self.path("lease.json")
 
@@ -186,18 +197,19 @@ class RunDir:
         return self.lfs if not self.is_local and path.startswith("/") else self.fs
 
     # -- atomic writes and reads ------------------------------------------------------------------------------
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a file atomically: a temporary sibling, then a rename (on an object store: one PUT)."""
+    def write_bytes(self, path: str, data: bytes, point: str = "write") -> None:
+        """Write a file atomically: a temporary sibling, then a rename (on an object store: one PUT). `point`: the
+        failpoint it counts as ("": none, for best-effort files such as progress)."""
         fs = self._fs(path)
         if fs is not self.lfs:
-            failpoint("write", path)
+            failpoint(point, path)
             fs.pipe_file(path, data)
             return
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with fs.open(tmp, "wb") as f:
             f.write(data)
-        failpoint("write", path)
+        failpoint(point, path)
         fs.mv(tmp, path)
 
     def write_json(self, path: str, obj: Any) -> None:
@@ -380,7 +392,9 @@ class RunDir:
         old = m["steps"].get(name, {})
         if old.get("state") == state and old.get("key") == fields.get("key"):
             return
-        m["steps"][name] = {"state": state, "time": time.time(), **fields}
+        now, same = time.time(), old.get("state") == "running" and old.get("key") == fields.get("key")
+        # started: when the step began running under this key (kept when it ends), for `cascade status`
+        m["steps"][name] = {"state": state, "time": now, "started": old.get("started", now) if same else now, **fields}
         failpoint("manifest")
         self.write_json(self.path("manifest.json"), m)
 

@@ -47,23 +47,26 @@ def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[P
     if cfg.train.distill_weight > 0:
         check_shared_vocab(cfg, sp, answers)
     weights = [j.teacher.weight for j in jobs]
-    counts: Counter = Counter()
+    by_teacher: dict[str, Counter] = {j.teacher.name: Counter() for j in jobs}  # the funnel of each teacher
     out = {"train": [], "heldout": []}
     for p in prompts:
         rng = random.Random(stable_hash("mix", cfg.seed, sp.name, ph.name, p.id))
         teacher = rng.choices(jobs, weights=weights)[0].teacher
+        c = by_teacher[teacher.name]
         kept = [_record(p, ph, teacher.name, rec, text) for rec, text in
-                _keep(answers[teacher.name].get(p.id, []), cfg.generation, counts)]
+                _keep(answers[teacher.name].get(p.id, []), cfg.generation, c)]
         out["heldout" if p.heldout else "train"] += kept
-        counts["kept"] += len(kept)
-        counts[f"teacher/{teacher.name}"] += len(kept)
+        c["kept"] += len(kept)
         if not kept:
-            counts["prompts_without_answer"] += 1
+            c["prompts_without_answer"] += 1
+    counts: Counter = sum(by_teacher.values(), Counter())
+    counts.update({f"teacher/{t}": c["kept"] for t, c in by_teacher.items() if c["kept"]})
     if not out["train"]:
         raise ConfigError(f"{sp.name}/{ph.name}: no usable generations to train on ({dict(counts)})")
     for split, recs in out.items():
         rd.write_jsonl(f"{staging}/{split}.jsonl", recs)
-    return {"counts": dict(counts), "train": len(out["train"]), "heldout": len(out["heldout"])}
+    return {"counts": dict(counts), "by_teacher": {t: dict(c) for t, c in by_teacher.items()},
+            "train": len(out["train"]), "heldout": len(out["heldout"])}
 
 
 def _keep(recs: list[dict], g: GenerationConfig, counts: Counter) -> list[tuple[dict, str]]:

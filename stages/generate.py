@@ -23,6 +23,7 @@ from cascade.generation.pool import Answers, ReplicaPool, Work
 from cascade.generation.types import Request
 from cascade.plan import GenJob, StagePlan, Teacher, backend_kwargs, prompt_seed, sampling
 from cascade.preemption import Preempted
+from cascade.progress import ProgressFile
 from cascade.prompts import Prompt
 from cascade.rundir import RunDir
 
@@ -47,7 +48,10 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: lis
                         for p in ps[i * n : (i + 1) * n]]
                 work.append(Work(f"{teacher.name}/{job.data}/shard-{i:05d}", reqs, (job, i)))
                 prior[id(work[-1])] = _partial(rd, job, work[-1])
-    stats = _generate(rd, cfg, stage, teacher, work, prior) if work else {"compute": {}}
+    live = {job.step.name: ProgressFile(rd, job.step.name, job.step.key, "shards", job.shards(len(prompts[job.data])),
+                                        job.shards(len(prompts[job.data])) - sum(w.tag[0] is job for w in work))
+            for job in open_jobs}
+    stats = _generate(rd, cfg, stage, teacher, work, prior, live) if work else {"compute": {}}
     timing = {k: v for k, v in stats.items() if k != "compute"}
     for job in open_jobs:
         _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0), timing)
@@ -93,7 +97,7 @@ def _partial(rd: RunDir, job: GenJob, work: Work) -> list[dict]:
 
 
 def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[Work],
-              prior: dict[int, list[dict]]) -> dict[str, Any]:
+              prior: dict[int, list[dict]], live: dict[str, ProgressFile]) -> dict[str, Any]:
     """Run the shards on fresh replicas; returns engine seconds per prompt set and the step's timing. On
     SIGTERM the answers already streamed in are written as partial shards."""
     names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(cfg.generation.replicas)]
@@ -118,7 +122,9 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
                 continue
             recs = _records(cfg, job, info, ev.work.requests, got.pop(id(ev.work)))
             _write_shard(rd, job, i, recs, cfg.generation.logprobs > 0)
-            progress.shard_done(job.data, i, sum(x["completion_tokens"] for x in recs))
+            tokens = sum(x["completion_tokens"] for x in recs)
+            progress.shard_done(job.data, i, tokens)
+            live[job.step.name].update(live[job.step.name].rec["done"] + 1, tokens)
         timing["generate_wall_s"] = time.time() - t_gen  # engine start excluded
     except Preempted:
         for w in work:
@@ -162,14 +168,18 @@ def _write_shard(rd: RunDir, job: GenJob, i: int, recs: list[dict], with_logprob
 
 def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> None:
     """Write step.json once every shard is in: record counts (sizes and checksums: RunDir.commit_files)."""
-    shards, tokens = [], 0
+    shards, tokens, prompt_tokens = [], 0, {}
     for i in range(job.shards(n_prompts)):
         data = rd.read_bytes(_shard(rd, job, i))
         shards.append({"shard": i, "records": data.count(b"\n")})
-        tokens += sum(json.loads(line)["completion_tokens"] for line in data.splitlines())
-    # compute_seconds: engine time of this invocation; timing: this invocation's, shared by the teacher's sets
+        for rec in map(json.loads, data.splitlines()):
+            tokens += rec["completion_tokens"]
+            prompt_tokens[rec["prompt_id"]] = rec["prompt_tokens"]
+    # compute_seconds: engine time of this invocation; timing: this invocation's, shared by the teacher's sets;
+    # prompt_tokens: of each prompt once (cascade/budget.py plans the same count)
     summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
-               "completion_tokens": tokens, "compute_seconds": compute_s, **timing}
+               "prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": tokens, "compute_seconds": compute_s,
+               **timing}
     rd.commit_files(job.step, summary, teacher={**vars(job.teacher), "system": bool(job.teacher.system)})
 
 

@@ -241,7 +241,7 @@ class PhaseTrainer:
         pre-empted (checkpointed at the step it was in)."""
         import torch
 
-        board = Board(self.rd, self.job.stage, self.ph.name) if self.rank == 0 else None
+        board = Board(self.rd, self.job.stage, self.ph, self.state["step"]) if self.rank == 0 else None
         self.t_loop, start, accum, stop = time.time(), self.state["step"], self.t.grad_accum, False
         self.model.train()
         for step in range(start, self.ph.iters):
@@ -257,7 +257,7 @@ class PhaseTrainer:
                 self.ckpt.mark_resumed(step + 1)
             if board:
                 board.log(step, self.losses[-1], self.sched.get_last_lr()[0],
-                          self.real * self.world / (time.time() - self.t_loop), self.ph.index)
+                          self.real * self.world / (time.time() - self.t_loop), self.real * self.world)
             last = step + 1 == self.ph.iters
             due = self.rank == 0 and not self.noticed and time.time() - self.asked >= NOTICE_EVERY_S
             stop, ask = agreed(self.device, not last and preemption.requested(self.rd), not last and due)
@@ -368,25 +368,34 @@ def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, distill: bool =
 
 
 class Board:
-    """Per-step loss, learning rate, tokens/s: TensorBoard under <stage>/train/_work/tensorboard/<phase> and Ray
-    metrics (cascade_train_loss, _lr, _tokens_per_s, _phase, _step; tagged by stage) for the dashboard."""
+    """Per-step loss, learning rate, tokens/s: TensorBoard under <stage>/train/_work/tensorboard/<phase>, Ray
+    metrics (cascade_train_loss, _lr, _tokens_per_s, _step, _tokens; tagged by stage and phase) for the
+    dashboard, and the phase's live progress (cascade/progress.py) for `cascade status`."""
 
-    def __init__(self, rd: RunDir, stage: str, phase: str) -> None:
-        from ray.util.metrics import Gauge
+    def __init__(self, rd: RunDir, stage: str, ph: PhasePlan, start: int) -> None:
+        from ray.util.metrics import Counter, Gauge
         from torch.utils.tensorboard import SummaryWriter
 
-        self.rd, self.dir = rd, rd.tensorboard(stage, phase)
-        self.remote = f"{rd.train_work(stage)}/tensorboard/{phase}"
-        self.writer = SummaryWriter(str(self.dir))
-        self.tags = {"stage": stage}
-        self.gauges = {k: Gauge(f"cascade_train_{k}", f"training {k}", tag_keys=("stage",))
-                       for k in ("loss", "lr", "tokens_per_s", "phase", "step")}
+        from cascade.progress import ProgressFile
 
-    def log(self, step: int, loss: float, lr: float, tok_s: float, phase: int) -> None:
+        self.rd, self.dir = rd, rd.tensorboard(stage, ph.name)
+        self.remote = f"{rd.train_work(stage)}/tensorboard/{ph.name}"
+        self.writer = SummaryWriter(str(self.dir))
+        self.tags = {"stage": stage, "phase": ph.name}
+        self.gauges = {k: Gauge(f"cascade_train_{k}", f"training {k}", tag_keys=("stage", "phase"))
+                       for k in ("loss", "lr", "tokens_per_s", "step")}
+        self.tokens = Counter("cascade_train_tokens", "tokens trained on (not padding)", tag_keys=("stage", "phase"))
+        self.progress = ProgressFile(rd, ph.model.name, ph.model.key, "steps", ph.iters, start)
+        self.seen = 0
+
+    def log(self, step: int, loss: float, lr: float, tok_s: float, tokens: int) -> None:
         for k, v in (("loss", loss), ("lr", lr), ("tokens_per_s", tok_s)):
             self.writer.add_scalar(f"train/{k}", v, step)
-        for k, v in (("loss", loss), ("lr", lr), ("tokens_per_s", tok_s), ("phase", phase), ("step", step)):
+        for k, v in (("loss", loss), ("lr", lr), ("tokens_per_s", tok_s), ("step", step + 1)):
             self.gauges[k].set(v, tags=self.tags)
+        self.tokens.inc(tokens - self.seen, tags=self.tags)  # this process's tokens since the last step
+        self.seen = tokens
+        self.progress.update(step + 1)
 
     def close(self) -> None:
         self.writer.close()

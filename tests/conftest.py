@@ -86,11 +86,44 @@ def read_jsonl(p: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_4b_run(tmp_path_factory) -> Path:
-    """One uninterrupted `+stage=4b models=tiny` run, shared read-only (copy it before changing it)."""
-    run_dir = tmp_path_factory.mktemp("tiny4b") / "run"
-    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run_dir}")
-    assert r.returncode == 0, r.stdout[-4000:]
+    """One uninterrupted `+stage=4b models=tiny` run, shared read-only (copy it before changing it). While it runs,
+    it is watched as a user would (tests/test_watch.py): Ray's Prometheus endpoint scraped, `cascade status`
+    taken; what was seen is in <run_dir>/../watch.json."""
+    base = tmp_path_factory.mktemp("tiny4b")
+    run_dir, port = base / "run", free_port()
+    args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={run_dir}"]
+    proc = start_cli(*args, f"cluster.metrics_export_port={port}", log=base / "run.log",
+                     env={"RAY_metrics_report_interval_ms": "500"})  # Ray's default: every 10 s
+    seen = watch(proc, port, args)
+    assert proc.returncode == 0, (base / "run.log").read_text()[-4000:]
+    (base / "watch.json").write_text(json.dumps(seen))
     return run_dir
+
+
+def watch(proc: subprocess.Popen, port: int, args: list[str], timeout: float = 900) -> dict:
+    """Until `proc` ends: the last value of every ray_cascade_* series on Ray's metrics endpoint (per process:
+    the WorkerId label kept), and `cascade status` (collected in this process, read-only) about every second."""
+    import urllib.request
+
+    from cascade.status import collect
+
+    cfg, metrics, status, errors, t0, last = compose(args), {}, [], [], time.time(), 0.0
+    while proc.poll() is None and time.time() - t0 < timeout:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            for line in text.splitlines():
+                if line.startswith("ray_cascade_"):
+                    series, value = line.rsplit(" ", 1)
+                    metrics[series] = float(value)
+        except OSError as e:  # not up yet, or gone
+            errors.append(repr(e))
+        if time.time() - last >= 1.0:
+            last = time.time()
+            st = collect(cfg)
+            status.append({"time": st["time"], "driver": st["driver"], "steps": st["steps"]})
+        time.sleep(0.3)
+    proc.wait(timeout=60)
+    return {"metrics": metrics, "status": status, "scrape_errors": errors[-5:]}
 
 
 def copy_run(src: Path, dst: Path) -> Path:

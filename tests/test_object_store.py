@@ -122,6 +122,14 @@ def test_tiny_cascade_on_s3_killed_mid_phase_resumes_to_local_bytes(s3, tmp_path
              "a P1 checkpoint on the store")
     kill9(proc)
     assert not fs.exists(f"{root}/4b/train/01-p1_composure/step.json"), "the kill must land mid-phase"
+    r = run_cli("status", *args, f"run_dir={url}", "--json", env=env)  # read from the store, no driver alive
+    assert r.returncode == 0, r.stdout[-3000:]
+    st = json.loads(r.stdout[r.stdout.index("{\n"):])
+    rows = {x["step"]: x for x in st["steps"]}
+    assert st["driver"] is None and rows["4b/train/p0_ethics"]["state"] == "done"
+    p1 = rows["4b/train/p1_composure"]
+    assert p1["state"] == "stopped" and p1["progress"]["unit"] == "steps" and 0 < p1["progress"]["done"] < 60, p1
+    assert st["rerun_would_run"] == ["4b/train/p1_composure", "4b/train/p2_ethics", "4b/eval"]
     r = run_cli(*args, f"run_dir={url}", env=env)
     assert r.returncode == 0, r.stdout[-4000:]
     steps = json.loads(fs.cat_file(f"{root}/manifest.json"))["steps"]

@@ -1,0 +1,536 @@
+"""Before launch: what a run will need and take. No Ray is started and no weights are loaded.
+
+    python -m cascade +stage=27b plan=true                             # 8 x H100-80GB unless found or given
+    python -m cascade +stage=27b plan=true plan.gpus=16 plan.gpu=A100-80GB
+    python -m cascade plan +stage=27b --json                           # the same, as JSON
+
+For every step still to run (cascade.plan: the same steps and keys the run uses):
+- parameters, from the model's config.json: shipped with the project for the presets' models (data/models/),
+  read from a local directory or the HF cache otherwise;
+- memory of a generation replica: weights (divided by tensor parallelism) and the KV cache (2 x kv heads x
+  head_dim per token and layer; a sliding-window layer keeps at most the window) for one sequence at
+  max_model_len at least, within backend.gpu_memory_utilization; what is left sets the concurrency;
+- memory of a training worker: frozen weights (bf16 on GPU with train.bf16), the LoRA's parameters, gradients and
+  Adam states (fp32: 16 bytes each), activations at max_seq_len (every layer's, or with gradient checkpointing
+  each layer's input plus one layer's), the loss's logits chunk; FSDP divides weights and LoRA states by the
+  workers; it fits within plan.headroom of a GPU. A placement that cannot fit is refused (exit 2) with the
+  changes that would fit (gradient checkpointing, FSDP over more workers, tensor parallelism);
+- prompts, samples and tokens: prompt tokens counted with the teacher's tokenizer when it is on this machine (the
+  way the backends count them; estimated from characters otherwise), generated tokens at most samples x
+  max_new_tokens, training token slots = steps x batch x grad_accum x max_seq_len;
+- hours and GPU-hours: decoding reads the weights and the batch's KV cache at every step (plan.decode_efficiency
+  of the GPU's bandwidth), training costs 4 (6 with recomputation) x params FLOPs per token at plan.train_mfu of
+  its peak; a rate measured by a committed step of this run (or plan.measured_from) replaces the estimate, and
+  plan.generate_tokens_per_s / plan.train_tokens_per_s replace both; plus plan.overhead_s per step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from cascade.config import DEVICES, Config, ConfigError, TrainConfig
+from cascade.plan import GenJob, RunPlan, StagePlan, plan_run
+from cascade.progress import duration
+from cascade.rundir import RunDir
+
+log = logging.getLogger("cascade.budget")
+GB = 1e9
+LOSS_CHUNK_ROWS = 256  # cascade.modeling.LOSS_CHUNK: positions whose vocabulary logits exist at once
+DECODE_STEP_S = 0.005  # per decode step beyond the model: scheduling, sampling, detokenizing (vLLM, batched)
+OVERHEAD_S = {"gpu": {"generate": 120.0, "train": 60.0}, "cpu": {"generate": 5.0, "train": 10.0}}  # per step
+GGUF_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
+             "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_0": 4.55, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The sizes of a Gemma-3-like decoder (and its vision tower, when it has one) that memory and time follow."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    window: int  # sliding window (0: none)
+    full_layers: int  # layers that attend to the whole context
+    vision: int = 0  # parameters of the vision tower and projector
+
+    @classmethod
+    def of(cls, c: dict) -> Arch:
+        t = c.get("text_config") or c
+        n, pattern = t["num_hidden_layers"], t.get("sliding_window_pattern", 6)
+        types = t.get("layer_types") or ["sliding_attention" if (j + 1) % pattern else "full_attention"
+                                         for j in range(n)]
+        hd = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+        a = cls(t["hidden_size"], n, t["num_attention_heads"], t.get("num_key_value_heads") or
+                t["num_attention_heads"], hd, t["intermediate_size"], t["vocab_size"], t.get("sliding_window") or 0,
+                sum(x == "full_attention" for x in types))
+        v = c.get("vision_config") if c.get("text_config") else None
+        return replace(a, vision=_vision_params(v, a.hidden)) if v else a
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+                "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def text_params(self) -> int:
+        layer = sum(a * b for a, b in self.linears().values()) + 4 * self.hidden + 2 * self.head_dim  # + norms
+        return self.vocab * self.hidden + self.layers * layer + self.hidden  # embeddings tied to the output
+
+    @property
+    def params(self) -> int:
+        return self.text_params + self.vision
+
+    def lora_params(self, r: int, targets: list[str]) -> int:
+        """The decoder's LoRA (a vision tower's linear layers, which all-linear also adapts, are not counted)."""
+        mods = self.linears()
+        chosen = mods.values() if "all-linear" in targets else [v for k, v in mods.items() if k in targets]
+        return self.layers * sum(r * (a + b) for a, b in chosen)
+
+    def kv_bytes(self, tokens: float, nbytes: int) -> float:
+        per_layer = 2 * self.kv_heads * self.head_dim * nbytes
+        window = min(tokens, self.window) if self.window else tokens
+        return per_layer * (self.full_layers * tokens + (self.layers - self.full_layers) * window)
+
+    def activation_bytes(self, tokens: int, nbytes: int, checkpointing: bool) -> float:
+        """What backward needs kept, per worker: each layer's saved tensors (norms, q/k/v, attention output,
+        MLP's gate/up/activation/product, residuals), or with recomputation each layer's input plus one layer's."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = nbytes * tokens * (10 * self.hidden + 4 * self.intermediate + 3 * q + 4 * kv)
+        if checkpointing:
+            return self.layers * nbytes * tokens * self.hidden + layer
+        return self.layers * layer
+
+
+def _vision_params(v: dict, hidden: int) -> int:
+    """A SigLIP tower (patch and position embeddings, pre-norm blocks, final norm) and Gemma 3's projector."""
+    d, i, n, p = v["hidden_size"], v["intermediate_size"], v["num_hidden_layers"], v["patch_size"]
+    block = 4 * (d * d + d) + (d * i + i) + (i * d + d) + 4 * d
+    return 3 * p * p * d + d + (v["image_size"] // p) ** 2 * d + n * block + 2 * d + d * hidden + d
+
+
+def _shipped() -> dict[str, dict]:
+    """The architectures shipped with the project (data/models/*.json), by hub id and preset name."""
+    out = {}
+    for f in (resources.files("cascade.data") / "models").iterdir():
+        if f.name.endswith(".json"):
+            doc = json.loads(f.read_text())
+            for name in doc.get("hub_ids", []) + doc.get("presets", []) + [f.name[:-5]]:
+                out[name] = doc["config"]
+    return out
+
+
+def model_config(cfg: Config, stage: str) -> dict:
+    """A stage's base model's config.json, with no weights and no network."""
+    from cascade.plan import model_identity
+
+    model = cfg.stages[stage].model
+    if model.startswith("gemma3-270m:"):
+        return _shipped()["gemma3-270m"]
+    if model.startswith("tiny:"):
+        path = Path(model_identity(cfg, stage)[0]) / "config.json"
+        if path.is_file():  # the built preset: its exact vocabulary
+            return json.loads(path.read_text())
+        t, s = cfg.models.tiny, cfg.models.tiny.sizes[model.split(":", 1)[1]]
+        return {"hidden_size": s.hidden_size, "num_hidden_layers": s.num_hidden_layers, "intermediate_size":
+                s.intermediate_size, "num_attention_heads": t.num_attention_heads, "num_key_value_heads":
+                t.num_key_value_heads, "head_dim": t.head_dim, "vocab_size": t.vocab_size, "sliding_window":
+                t.sliding_window}
+    local = Path(model).expanduser() / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if model in (shipped := _shipped()):
+        return shipped[model]
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json", revision=cfg.stages[stage].revision)
+    if isinstance(cached, str):
+        return json.loads(Path(cached).read_text())
+    raise ConfigError(f"plan: no config.json for stages.{stage}.model={model!r} on this machine (shipped: "
+                      f"{', '.join(sorted(k for k in shipped if '/' in k))}); download it once "
+                      f"(huggingface-cli download {model} config.json)")
+
+
+# -- the devices ----------------------------------------------------------------------------------------------
+@dataclass
+class Device:
+    kind: str
+    count: int
+    memory_gb: float
+    bandwidth_gbs: float
+    tflops: float
+    source: str
+
+    @property
+    def cpu(self) -> bool:
+        return self.kind == "cpu"
+
+
+def device(cfg: Config) -> Device:
+    """What the run's steps run on: the GPUs given, found on the attached cluster or this machine, else 8 of
+    plan.gpu; this machine's CPU and memory when neither training nor generation asks for a GPU."""
+    p = cfg.plan
+    if not (cfg.train.use_gpu or cfg.backend.num_gpus > 0):
+        import psutil
+
+        _, bw, tf = DEVICES["cpu"]
+        return Device("cpu", 1, psutil.virtual_memory().total / GB, bw, tf, "this machine (no step asks for a GPU)")
+    mem, bw, tf = DEVICES[p.gpu]
+    count, found_mem, source = p.gpus, p.gpu_memory_gb, "given (plan.gpus, plan.gpu_memory_gb)"
+    if count is None or found_mem is None:
+        n, m, where = _cluster_gpus(cfg) if cfg.cluster.address else _local_gpus()
+        count, found_mem = count or n, found_mem or m
+        source = f"found on {where}" if n else f"assumed: {p.gpu} (none found on {where}; give plan.gpus)"
+    return Device(p.gpu, count or 8, found_mem or mem, bw, tf, source)
+
+
+def _local_gpus() -> tuple[int, float | None, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, None, "this machine"
+    return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GB, "this machine"
+
+
+def _cluster_gpus(cfg: Config) -> tuple[int, float | None, str]:
+    """The attached cluster's GPU count (joined as a client only: nothing is started on it)."""
+    from cascade import cluster
+
+    if cfg.cluster.auth:
+        cluster.ensure_auth_token()
+    import ray
+
+    ray.init(address=cfg.cluster.address, namespace="cascade-plan", log_to_driver=False, configure_logging=False)
+    try:
+        return int(ray.cluster_resources().get("GPU", 0)), None, f"the cluster at {cfg.cluster.address}"
+    finally:
+        ray.shutdown()
+
+
+# -- measured rates -------------------------------------------------------------------------------------------
+@dataclass
+class Measured:
+    """Rates a run measured, from its manifest's committed steps: tokens/s per replica and generated tokens per
+    sample by teacher, token slots/s and fixed seconds per phase by stage, engine start by teacher."""
+
+    gen_rate: dict[str, float]
+    gen_fill: dict[str, float]  # mean completion tokens / max_new_tokens
+    gen_start: dict[str, float]
+    train_rate: dict[str, float]
+    train_fixed: dict[str, float]
+
+    @classmethod
+    def read(cls, rd: RunDir, max_new_tokens: int) -> Measured:
+        steps = (rd.read_json(rd.path("manifest.json")) or {}).get("steps", {})
+        acc: dict[str, list[float]] = {}
+        m = cls({}, {}, {}, {}, {})
+        for name, s in steps.items():
+            sm, parts = s.get("summary") or {}, name.split("/")
+            if s.get("state") != "done":
+                continue
+            if parts[0] == "generate" and sm.get("compute_seconds"):
+                a = acc.setdefault(f"g/{parts[1]}", [0.0, 0.0, 0.0])
+                a[0], a[1], a[2] = a[0] + sm["completion_tokens"], a[1] + sm["compute_seconds"], a[2] + sm["records"]
+                m.gen_start[parts[1]] = sm.get("engine_start_s", 0.0)
+            elif len(parts) == 3 and parts[1] == "train" and sm.get("train_seconds"):
+                a = acc.setdefault(f"t/{parts[0]}", [0.0, 0.0, 0.0])
+                slots = sm["tokens"] / max(1e-9, sm.get("real_token_fraction") or 1.0)
+                a[0], a[1], a[2] = a[0] + slots, a[1] + sm["train_seconds"], a[2] + sm["seconds"] - sm["train_seconds"]
+        for k, (tok, sec, extra) in acc.items():
+            kind, who = k.split("/", 1)
+            if kind == "g":
+                m.gen_rate[who], m.gen_fill[who] = tok / sec, tok / max(1.0, extra) / max_new_tokens
+            else:
+                m.train_rate[who] = tok / sec
+                m.train_fixed[who] = extra / sum(1 for n in steps if n.startswith(f"{who}/train/"))
+        return m
+
+
+# -- the steps --------------------------------------------------------------------------------------------------
+def _nbytes(dtype: str, dev: Device) -> int:
+    return 4 if dtype == "float32" or (dtype == "auto" and dev.cpu) else 2
+
+
+def replica_memory(a: Arch, cfg: Config, dev: Device, nbytes: int, prompt_len: float) -> tuple[dict, int]:
+    """GB per generation replica by part, its limit, and the sequences it decodes at once."""
+    b, g = cfg.backend, cfg.generation
+    seq = prompt_len + g.max_new_tokens
+    if b.name == "vllm":
+        tp, max_seqs = b.tensor_parallel_size, int(b.engine_kwargs.get("max_num_seqs", 256))
+        mem = {"weights": a.params * nbytes / tp / GB, "runtime": 1.5 + max_seqs * a.vocab * 4 / GB,
+               "kv_cache": a.kv_bytes(b.max_model_len, nbytes) / tp / GB,  # one sequence at max_model_len at least
+               "limit": dev.memory_gb * b.gpu_memory_utilization}
+        free = mem["limit"] - mem["weights"] - mem["runtime"]
+        conc = max(0, min(max_seqs, int(free / (a.kv_bytes(seq, nbytes) / tp / GB))))
+    else:
+        conc = b.batch_size * g.n_samples
+        mem = {"weights": a.params * nbytes / GB, "runtime": 0.5 + conc * a.vocab * 4 / GB,
+               "kv_cache": conc * a.kv_bytes(seq, nbytes) / GB, "limit": dev.memory_gb * cfg.plan.headroom}
+    mem["total"] = mem["weights"] + mem["runtime"] + mem["kv_cache"]
+    return mem, conc
+
+
+def train_memory(a: Arch, t: TrainConfig, dev: Device, limit: float) -> dict:
+    """GB per training worker by part, and its limit."""
+    nbytes = 2 if t.bf16 and not dev.cpu else 4
+    shard = t.num_workers if t.strategy == "fsdp" else 1
+    tokens = t.batch_size // t.num_workers * t.max_seq_len
+    mem = {"weights": a.params * nbytes / shard / GB,
+           "lora_states": a.lora_params(t.lora.r, t.lora.target_modules) * 16 / shard / GB,
+           "activations": a.activation_bytes(tokens, nbytes, t.gradient_checkpointing) / GB,
+           "logits": 3 * LOSS_CHUNK_ROWS * a.vocab * 4 / GB, "runtime": 0.0 if dev.cpu else 1.0}
+    mem["total"] = sum(mem.values())
+    mem["limit"] = limit
+    return mem
+
+
+def train_fixes(a: Arch, t: TrainConfig, dev: Device, limit: float) -> list[str]:
+    """The overrides (fewest changes first) under which a training worker fits."""
+    n = max(w for w in range(1, dev.count + 1) if t.batch_size % w == 0)  # the most workers the batch divides among
+    gc, fsdp = {"gradient_checkpointing": True}, {"strategy": "fsdp", "num_workers": n}
+    tries = ([gc] if not t.gradient_checkpointing else []) + ([fsdp] if n > 1 else [])
+    tries += [{**gc, **fsdp}] if n > 1 and not t.gradient_checkpointing else []
+    fits = []
+    for change in tries:
+        if train_memory(a, replace(t, **change), dev, limit)["total"] <= limit:
+            fits.append(" ".join(f"train.{k}={str(v).lower()}" for k, v in change.items()))
+    return fits
+
+
+def _prompt_tokens(p: RunPlan, job: GenJob, cache: dict) -> tuple[int, bool]:
+    """The prompt set's tokens as the backends count them (chat template, no extra specials), with the teacher's
+    tokenizer when it is on this machine; else estimated at 4 characters a token (False)."""
+    from cascade.chat import prompt_messages, render_prompt
+
+    ps = p.prompts[job.data]
+    tok = _tokenizer(p, job.teacher.name, job.teacher.model, cache)
+    if tok is None:
+        return int(sum(len(m["content"]) for pr in ps for m in pr.messages) / 4), False
+    texts = [render_prompt(tok, prompt_messages(pr.messages, job.teacher.system)) for pr in ps]
+    return sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]), True
+
+
+def _tokenizer(p: RunPlan, teacher: str, model: str, cache: dict) -> Any:
+    """The teacher's tokenizer from its directory, or (a stage trained in this run: not made yet) its stage's base
+    model's, which training does not change; from the HF cache for a hub id; None when nowhere on this machine."""
+    base = next((sp.base_model for sp in p.stages if sp.name == teacher.removesuffix("-base")), model)
+    for src in dict.fromkeys((model, base)):
+        if src not in cache:
+            from transformers import AutoTokenizer
+
+            try:
+                cache[src] = AutoTokenizer.from_pretrained(src, local_files_only=True,
+                                                           trust_remote_code=p.cfg.models.trust_remote_code)
+            except (OSError, ValueError):
+                cache[src] = None
+        if cache[src] is not None:
+            return cache[src]
+    return None
+
+
+class Budget:
+    """Every step still to run with what it needs and takes; `problems` lists what cannot fit."""
+
+    def __init__(self, p: RunPlan, dev: Device) -> None:
+        cfg = self.cfg = p.cfg
+        self.p, self.dev, self.rows, self.problems, self.toks, self.started = p, dev, [], [], {}, set()
+        self.arch = {sp.name: Arch.of(model_config(cfg, sp.name)) for sp in p.stages}
+        src = RunDir(cfg.plan.measured_from) if cfg.plan.measured_from else p.rd
+        self.m = Measured.read(src, cfg.generation.max_new_tokens)
+        pending = set(p.pending())
+        for sp in p.stages:
+            for job in sp.gen_jobs:
+                if job.step.name in pending:
+                    pending.discard(job.step.name)  # a teacher's answers are shared by the stages that learn from it
+                    self.rows.append(self._generate(job))
+            self.rows += [self._curate(sp, ph) for ph in sp.phases if ph.dataset.name in pending]
+            self.rows += [self._train(sp, ph) for ph in sp.phases if ph.model.name in pending]
+            self.rows += [self._evaluate(sp)] if sp.eval and sp.eval.name in pending else []
+            self.rows += [self._release(sp)] if sp.release and sp.release.name in pending else []
+
+    def _generate(self, job: GenJob) -> dict:
+        cfg, dev, g, b = self.cfg, self.dev, self.cfg.generation, self.cfg.backend
+        who, a = job.teacher.name, self.arch[job.teacher.name.removesuffix("-base")]
+        n = len(self.p.prompts[job.data])
+        prompt_tokens, exact = _prompt_tokens(self.p, job, self.toks)
+        nbytes, tp = _nbytes(b.dtype, dev), b.tensor_parallel_size if b.name == "vllm" else 1
+        mem, conc = replica_memory(a, cfg, dev, nbytes, prompt_tokens / n)
+        if mem["total"] > mem["limit"]:
+            need = next((k for k in (2, 4, 8) if replica_memory(a, replace(cfg, backend=replace(
+                b, tensor_parallel_size=k)), dev, nbytes, prompt_tokens / n)[0]["total"] <= mem["limit"] * k), 0)
+            fix = f"backend.tensor_parallel_size={need}" if need and b.name == "vllm" else "a GPU with more memory"
+            self.problems.append(f"{job.step.name}: a replica of {who} needs {mem['total']:.1f} GB, "
+                                 f"{mem['limit']:.1f} GB available; would fit: {fix}")
+        budget_new = n * g.n_samples * g.max_new_tokens
+        fills = self.m.gen_fill
+        fill = fills.get(who, sum(fills.values()) / len(fills) if fills else 1.0)  # measured share of max_new_tokens
+        expected = int(budget_new * min(1.0, fill))
+        ctx = prompt_tokens / n + g.max_new_tokens / 2
+        rate, source = self._rate(cfg.plan.generate_tokens_per_s, self.m.gen_rate, who,
+                                  lambda: _decode_rate(a, dev, nbytes, tp, max(1, conc), ctx, cfg.plan))
+        prefill = prompt_tokens * g.n_samples * 2 * a.text_params / (dev.tflops * 1e12 * tp * cfg.plan.train_mfu)
+        # the engine starts once per teacher: its sets share one pool of replicas
+        fixed = 0.0 if who in self.started else self.m.gen_start.get(who, self._overhead("generate"))
+        self.started.add(who)
+        seconds = (expected / rate + prefill) / g.replicas + fixed
+        units = g.replicas * (tp if b.name == "vllm" else max(1, math.ceil(b.num_gpus)))  # GPUs, or replicas on CPU
+        work = {"prompts": n, "samples": n * g.n_samples, "prompt_tokens": prompt_tokens,
+                "prompt_tokens_exact": exact, "max_new_tokens": budget_new, "expected_new_tokens": expected,
+                "concurrency": conc}
+        return self._row(job.step.name, "generate", who, a, units, mem, work, rate, source, seconds)
+
+    def _train(self, sp: StagePlan, ph: Any) -> dict:
+        cfg, dev, t, a = self.cfg, self.dev, self.cfg.train, self.arch[sp.name]
+        limit = dev.memory_gb * cfg.plan.headroom / (t.num_workers if dev.cpu else 1)
+        mem = train_memory(a, t, dev, limit)
+        if mem["total"] > limit:
+            fixes = train_fixes(a, t, dev, limit)
+            self.problems.append(
+                f"{ph.model.name}: a training worker needs {mem['total']:.1f} GB ({t.strategy}, "
+                f"gradient_checkpointing={t.gradient_checkpointing}), {limit:.1f} GB available; would fit: "
+                + (" | ".join(fixes) if fixes else f"none on {dev.count} x {dev.memory_gb:.0f} GB: more GPUs, or "
+                   "a smaller train.max_seq_len / train.batch_size"))
+        seqs = ph.iters * t.batch_size * t.grad_accum
+        flops = (6 if t.gradient_checkpointing else 4) * a.params
+        rate, source = self._rate(cfg.plan.train_tokens_per_s, self.m.train_rate, sp.name,
+                                  lambda: t.num_workers * dev.tflops * 1e12 * cfg.plan.train_mfu / flops)
+        seconds = seqs * t.max_seq_len / rate + self.m.train_fixed.get(sp.name, self._overhead("train"))
+        work = {"steps": ph.iters, "sequences": seqs, "token_slots": seqs * t.max_seq_len}
+        return self._row(ph.model.name, "train", sp.name, a, t.num_workers, mem, work, rate, source, seconds,
+                         gpus=t.use_gpu)
+
+    def _curate(self, sp: StagePlan, ph: Any) -> dict:
+        """On the driver's CPU, seconds at most: the answers it filters (one teacher's per prompt)."""
+        n = len(self.p.prompts[ph.data])
+        work = {"prompts": n, "answers_at_most": n * self.cfg.generation.n_samples}
+        return self._row(ph.dataset.name, "curate", sp.name, self.arch[sp.name], 0, {}, work, 0, "", 0.0)
+
+    def _evaluate(self, sp: StagePlan) -> dict:
+        held = sum(1 for ph in self.cfg.curriculum for p in self.p.prompts[ph.data] if p.heldout)
+        work = {"heldout_prompts_at_most": held, "models_scored": 2}
+        units = 2 * math.ceil(self.cfg.backend.num_gpus)
+        return self._row(sp.eval.name, "evaluate", sp.name, self.arch[sp.name], units, {}, work, 0, "", 0.0)
+
+    def _release(self, sp: StagePlan) -> dict:
+        a = self.arch[sp.name]
+        sizes = {t: round(a.params * GGUF_BITS.get(t, 16) / 8 / GB, 2) for t in ["F16", *self.cfg.release.gguf]}
+        # host memory: the float32 reference (transformers) and llama.cpp's F16 file, loaded together to compare
+        mem = {"host_ram": a.params * (4 + 2) / GB, "limit": 0.0}
+        work = {"gguf_gb": sizes, "probes": self.cfg.release.probes}
+        return self._row(sp.release.name, "release", sp.name, a, 0, mem, work, 0, "", 0.0)
+
+    def _overhead(self, kind: str) -> float:
+        return self.cfg.plan.overhead_s.get(kind, OVERHEAD_S["cpu" if self.dev.cpu else "gpu"][kind])
+
+    def _rate(self, given: dict, measured: dict, who: str, estimate: Any) -> tuple[float, str]:
+        """Given, else measured for this model, else measured for the nearest model in size on the same devices
+        scaled by the parameters (time per token grows with them), else estimated."""
+        if who in given:
+            return given[who], "given"
+        if who in measured:
+            return measured[who], "measured"
+        size = self.arch[who.removesuffix("-base")].params
+        known = [(abs(self.arch[k.removesuffix("-base")].params - size), k) for k in measured
+                 if k.removesuffix("-base") in self.arch]
+        if known:
+            k = min(known)[1]
+            return measured[k] * self.arch[k.removesuffix("-base")].params / size, f"measured ({k}, scaled)"
+        return estimate(), "estimate"
+
+    def _row(self, step: str, kind: str, model: str, a: Arch, units: int, mem: dict, work: dict, rate: float,
+             source: str, seconds: float, gpus: bool = True) -> dict:
+        return {"step": step, "kind": kind, "model": model, "params": a.params, "units": units,
+                "memory_gb": {k: round(v, 3) for k, v in mem.items()},
+                "fits": not mem or not mem.get("limit") or mem["total"] <= mem["limit"], "work": work,
+                "tokens_per_s": round(rate, 1), "rate_source": source, "hours": seconds / 3600,
+                "gpu_hours": seconds / 3600 * units if gpus and not self.dev.cpu else 0.0}
+
+    def totals(self) -> dict:
+        return {"hours": sum(r["hours"] for r in self.rows), "gpu_hours": sum(r["gpu_hours"] for r in self.rows),
+                "generate_new_tokens_max": sum(r["work"].get("max_new_tokens", 0) for r in self.rows),
+                "train_token_slots": sum(r["work"].get("token_slots", 0) for r in self.rows)}
+
+
+def _decode_rate(a: Arch, dev: Device, nbytes: int, tp: int, conc: int, ctx: float, plan: Any) -> float:
+    """Tokens/s of one replica: a decode step reads the weights and every running sequence's KV cache (memory
+    bound), or does 2 x params FLOPs per sequence (compute bound), whichever is slower."""
+    read = (a.params * nbytes + conc * a.kv_bytes(ctx, nbytes)) / (dev.bandwidth_gbs * GB * plan.decode_efficiency * tp)
+    compute = 2 * a.text_params * conc / (dev.tflops * 1e12 * tp * plan.train_mfu)
+    return conc / (max(read, compute) + DECODE_STEP_S)
+
+
+def _count_problems(b: Budget) -> None:
+    cfg, dev = b.cfg, b.dev
+    if dev.cpu:
+        return
+    if cfg.train.use_gpu and cfg.train.num_workers > dev.count:
+        b.problems.append(f"train.num_workers={cfg.train.num_workers} workers need a GPU each; {dev.count} GPUs")
+    tp = cfg.backend.tensor_parallel_size if cfg.backend.name == "vllm" else 1
+    if cfg.generation.replicas * tp > dev.count:
+        b.problems.append(f"generation.replicas={cfg.generation.replicas} x tensor_parallel_size={tp} GPUs; "
+                          f"{dev.count} GPUs")
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def render(b: Budget) -> str:
+    d = b.dev
+    lines = [f"plan for +stage={b.cfg.target}: {d.count} x {d.kind} ({d.memory_gb:.0f} GB), {d.source}; "
+             f"{len(b.rows)} steps to run", ""]
+    head = f"{'step':34} {'model':7} {'params':>7} {'units':>5} {'memory GB (per unit)':34} {'fits':4}  work"
+    lines += [head, "-" * len(head)]
+    for r in b.rows:
+        m = r["memory_gb"]
+        mem = " + ".join(f"{v:.1f} {k}" for k, v in m.items() if k not in ("total", "limit") and v >= 0.05)
+        mem = f"{m['total']:.1f}/{m['limit']:.0f} ({mem})" if m.get("limit") else mem
+        w = r["work"]
+        if r["kind"] == "generate":
+            work = (f"{w['prompts']} prompts, {w['samples']} samples, {'' if w['prompt_tokens_exact'] else '~'}"
+                    f"{_fmt(w['prompt_tokens'])} prompt tok, <= {_fmt(w['max_new_tokens'])} new tok")
+        elif r["kind"] == "train":
+            work = f"{w['steps']} steps, {w['sequences']} seqs, {_fmt(w['token_slots'])} token slots"
+        else:
+            work = ", ".join(f"{k} {v}" for k, v in w.items())
+        rate = (f"; {_fmt(r['tokens_per_s'])} tok/s ({r['rate_source']}), {duration(r['hours'] * 3600)}"
+                if r["hours"] else "")
+        lines.append(f"{r['step']:34} {r['model']:7} {_fmt(r['params']):>7} {r['units']:>5} {mem:34} "
+                     f"{'yes' if r['fits'] else 'NO':4}  {work}{rate}")
+    t = b.totals()
+    lines += ["", f"total: {duration(t['hours'] * 3600)} wall (steps one after another), "
+              f"{t['gpu_hours']:.1f} GPU-hours; "
+              f"<= {_fmt(t['generate_new_tokens_max'])} tokens to generate, {_fmt(t['train_token_slots'])} to train"]
+    lines += [f"does not fit: {p}" for p in b.problems]
+    return "\n".join(lines)
+
+
+def make(cfg: Config) -> Budget:
+    b = Budget(plan_run(cfg), device(cfg))
+    _count_problems(b)
+    return b
+
+
+def main(cfg: Config, *flags: str) -> None:
+    """`python -m cascade +stage=<s> plan=true [--json]`: print the budget; exit 2 when a step cannot fit."""
+    b = make(cfg)
+    if "--json" in flags:
+        print(json.dumps({"target": cfg.target, "device": vars(b.dev), "steps": b.rows, "totals": b.totals(),
+                          "problems": b.problems}, indent=1))
+    else:
+        print(render(b))
+    if b.problems:
+        sys.exit(2)
