@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, copy_run, manifest, read_jsonl, run_cli
+from conftest import FAST, compose, copy_run, manifest, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow
 PHASES = ["00-p0_ethics", "01-p1_composure", "02-p2_ethics"]
@@ -89,13 +89,16 @@ def test_12b_on_a_run_with_4b_done_reuses_it(tiny_4b_run: Path, tmp_path):
     assert teachers == {"4b", "1b"}
 
 
-def test_12b_on_a_fresh_run_runs_4b_first(tmp_path):
-    run = tmp_path / "run"
-    r = run_cli(*FAST, "+stage=12b", "models=tiny", f"run_dir={run}")
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert r.stdout.index("[run ] 4b/eval") < r.stdout.index("[run ] 12b/eval")
-    steps = manifest(run)["steps"]
-    assert steps["4b/eval"]["state"] == "done" and steps["12b/eval"]["state"] == "done"
+def test_12b_on_a_fresh_run_plans_4b_first(tmp_path):
+    """Like make: a fresh 12b run has every step of 4b (its teacher) before 12b's, in the order the driver runs
+    them (stage by stage; the run itself is test_12b_on_a_run_with_4b_done_reuses_it, after 4b)."""
+    from cascade.plan import plan_run
+
+    p = plan_run(compose([*FAST, "+stage=12b", "models=tiny", f"run_dir={tmp_path / 'run'}"]))
+    assert [sp.name for sp in p.stages] == ["1b", "4b", "12b"]
+    todo = p.pending()
+    assert todo.index("4b/eval") < min(i for i, s in enumerate(todo) if s.startswith(("12b/", "generate/4b/")))
+    assert todo[0] == "generate/1b/ethics" and todo[-1] == "12b/eval" and len(todo) == 2 + 7 + 2 + 7
 
 
 def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
