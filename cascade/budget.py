@@ -519,7 +519,7 @@ def render(b: Budget) -> str:
 
 
 def make(cfg: Config) -> Budget:
-    b = Budget(plan_run(cfg), device(cfg))
+    b = Budget(plan_run(cfg, weights=False), device(cfg))
     _count_problems(b)
     return b
 

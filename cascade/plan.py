@@ -132,8 +132,9 @@ def _looks_local(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(model))
 
 
-def model_identity(cfg: Config, stage: str) -> tuple[str, str]:
-    """(path or id, key) of a stage's base model; raises ConfigError when a local path is missing."""
+def model_identity(cfg: Config, stage: str, weights: bool = True) -> tuple[str, str]:
+    """(path or id, key) of a stage's base model; raises ConfigError when a local path is missing (or, with
+    HF_HUB_OFFLINE=1 and weights, a hub model is not in the cache)."""
     spec = cfg.stages[stage]
     if spec.model.startswith("tiny:"):
         from cascade.tiny import preset_dir, preset_key
@@ -154,7 +155,7 @@ def model_identity(cfg: Config, stage: str) -> tuple[str, str]:
             raise ConfigError(f"stages.{stage}.model: model path not found (no config.json): {spec.model}")
         files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.is_file())
         return str(p.resolve()), stable_hash("local", (p / "config.json").read_text(), files)
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if weights and os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(spec.model, "config.json", revision=spec.revision), str):
@@ -240,11 +241,13 @@ def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJo
     return phases
 
 
-def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str) -> list[StagePlan]:
-    """Every stage up to cfg.target with its steps and their keys, lowest stage first."""
+def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
+         weights: bool = True) -> list[StagePlan]:
+    """Every stage up to cfg.target with its steps and their keys, lowest stage first. weights=False: the hub
+    models need not be in the local cache (status and the planner, on a machine that only reads the run)."""
     done: dict[str, StagePlan] = {}
     for stage in needed_stages(cfg):
-        base_model, base_key = model_identity(cfg, stage)
+        base_model, base_key = model_identity(cfg, stage, weights)
         sp = StagePlan(stage, base_model, base_key, cfg.stages[stage].revision)
         sp.teachers = _teachers(cfg, stage, sp, done, kernel)
         if sp.teachers:
@@ -260,10 +263,10 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str)
     return list(done.values())
 
 
-def plan_run(cfg: Config) -> RunPlan:
+def plan_run(cfg: Config, weights: bool = True) -> RunPlan:
     """Read and check every input (before Ray starts or a model loads), open the run directory, plan."""
     used = list(dict.fromkeys(p.data for p in cfg.curriculum))
     prompts = {k: load_prompts(cfg.data[k]) for k in used}
     kernel = read_text(cfg.kernel)
     rd = RunDir(cfg.run_dir, cfg.verify)
-    return RunPlan(cfg, rd, prompts, kernel, plan(cfg, rd, prompts, kernel))
+    return RunPlan(cfg, rd, prompts, kernel, plan(cfg, rd, prompts, kernel, weights))

@@ -25,7 +25,7 @@ from cascade.rundir import Step
 
 
 def collect(cfg: Config) -> dict:
-    p = plan_run(cfg)
+    p = plan_run(cfg, weights=False)
     rd, now = p.rd, time.time()
     steps = rd.manifest()["steps"]
     driver = holder(rd, cfg.lease_ttl_s)

@@ -71,7 +71,14 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
     first = todo[0].index
     job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, todo, cfg.train, cfg.seed, cfg.models.trust_remote_code)
-    fit(job, rd, f"{sp.name}-{todo[0].model.key}")
+    try:
+        fit(job, rd, f"{sp.name}-{todo[0].model.key}")
+    except Exception as e:  # a failed fusion check, workers out of restarts: `cascade status` says which and why
+        for ph in todo:
+            if rd.committed(ph.model) is None:
+                rd.mark(ph.model.name, "failed", key=ph.model.key, path=ph.model.path, error=f"{type(e).__name__}: "
+                        f"{str(e)[:500]}")
+        raise
     if preemption.requested(rd):  # the workers checkpointed and stopped; the driver stops next
         return
     for ph in todo:

@@ -41,7 +41,7 @@ def test_parameters_of_the_tiny_preset_equal_its_weights(tiny_4b_run: Path):
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
-    return run_cli(*args, timeout=300)
+    return run_cli(*args, timeout=300, env={"HF_HUB_OFFLINE": "1"})  # offline: the shipped configs only
 
 
 def test_27b_ddp_on_80gb_is_refused_with_what_would_fit(tmp_path):

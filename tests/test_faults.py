@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, copy_run, manifest, run_cli
+from conftest import FAST, compose, copy_run, manifest, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 ARGS = [*FAST, "+stage=4b", "models=tiny"]
@@ -242,6 +242,10 @@ def test_failed_fusion_check_is_not_retried_and_commits_nothing(tiny_4b_run, tmp
     # once by the worker, once by the driver: a retried phase would train and fail again
     assert r.stdout.count("differs from base + adapter") == 2, r.stdout[-6000:]
     assert not (p2 / "step.json").exists()
-    assert manifest(run)["steps"]["4b/train/p2_ethics"]["state"] != "done"
+    assert manifest(run)["steps"]["4b/train/p2_ethics"]["state"] == "failed"
+    from cascade.status import collect  # what `cascade status` shows: the phase failed, and why
+
+    row = {x["step"]: x for x in collect(compose([*ARGS, f"run_dir={run}", "train.max_failures=2"]))["steps"]}
+    assert row["4b/train/p2_ethics"]["state"] == "failed" and "FusionError" in row["4b/train/p2_ethics"]["error"]
     r = _rerun(run)
     assert "[run ] 4b/train/p2_ethics" in r.stdout
