@@ -54,16 +54,17 @@ def test_27b_ddp_on_80gb_is_refused_with_what_would_fit(tmp_path):
     assert "ddp, gradient_checkpointing=False" in line and "would fit: train.gradient_checkpointing=true" in line
     assert "train.strategy=fsdp train.num_workers=4" in line
     assert "Ray" not in r.stdout and not (tmp_path / "run" / "manifest.json").exists()
-    r = _plan(*base, "plan=true")
-    assert r.returncode == 0 and "does not fit" not in r.stdout, r.stdout[-3000:]
-    assert "27.4B" in r.stdout and "GPU-hours" in r.stdout
-    r = _plan("plan", *base[:2], "plan.gpu=A100-40GB", "plan.gpus=8", "--json")
-    assert r.returncode == 2, r.stdout[-3000:]
-    out = json.loads(r.stdout[r.stdout.index("{\n"):])
-    assert out["device"]["memory_gb"] == 40 and any("would fit: train.strategy=fsdp" in p for p in out["problems"])
-    rows = {x["step"]: x for x in out["steps"]}
+    from cascade.budget import make, render
+
+    b = make(compose(base))  # the stage's own settings (gradient checkpointing for 27b) fit
+    assert not b.problems and "27.4B" in render(b) and "GPU-hours" in render(b), render(b)
+    b = make(compose([*base[:2], "plan.gpu=A100-40GB", "plan.gpus=8"]))
+    assert b.dev.memory_gb == 40 and any("would fit: train.strategy=fsdp" in p for p in b.problems), b.problems
+    rows = {x["step"]: x for x in b.rows}
     assert rows["27b/train/p0_ethics"]["fits"] is False and rows["12b/train/p0_ethics"]["fits"] is True
     assert rows["generate/12b/ethics"]["memory_gb"]["weights"] == pytest.approx(24.37, abs=0.01)
+    r = _plan("plan", *base, "train.gradient_checkpointing=false", "--json")  # for scripts
+    assert r.returncode == 2 and json.loads(r.stdout[r.stdout.index("{\n"):])["problems"], r.stdout[-3000:]
 
 
 def test_the_planner_loads_no_ray_and_no_weights(tmp_path):

@@ -16,7 +16,7 @@ def test_kill9_during_generation_and_training_then_resume(tmp_path):
     run = tmp_path / "run"
     # small shards, one prompt at a time, and a long P1 so that each kill lands mid-step
     args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "generation.shard_size=4", "backend.batch_size=1",
-            "curriculum.1.iters=100"]
+            "curriculum.1.iters=40"]
     shards = run / "generations/1b"
 
     # 1. kill during generation: after two shards are committed, before the last
