@@ -42,6 +42,7 @@ def compare(plan: dict, status: dict, manifest: dict) -> dict:
         k[0] += row["hours"] * 3600
         if row["kind"] != "generate" or row["model"] not in teachers:  # a teacher's sets share one timing
             k[1] += measured.get(row["step"], 0.0)
+        if row["kind"] == "generate":
             teachers.add(row["model"])
         s, w = manifest[row["step"]]["summary"], row["work"]
         if row["kind"] == "generate":

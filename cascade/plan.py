@@ -224,9 +224,10 @@ def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[st
 
 def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob]) -> list[PhasePlan]:
     g = cfg.generation
-    # resources and fault tolerance do not change what is trained
+    # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`, which turns
+    # gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
     train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
-                                   keep_checkpoints=0, max_failures=0)
+                                   keep_checkpoints=0, max_failures=0, gradient_checkpointing=False)
     phases, prev = [], base_key
     for i, ph in enumerate(cfg.curriculum):
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]

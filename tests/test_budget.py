@@ -97,6 +97,10 @@ def test_planned_counts_equal_what_the_tiny_run_reports(tiny_4b_run: Path, tmp_p
             assert s["tokens"] / s["real_token_fraction"] <= w["token_slots"]
     again = make(compose([*ARGS, f"run_dir={tmp_path}/fresh", f"plan.measured_from={tiny_4b_run}"])).rows
     assert {r["rate_source"] for r in again if r["kind"] in ("generate", "train")} == {"measured"}
+    given = make(compose([*ARGS, f"run_dir={tmp_path}/fresh", f"plan.measured_from={tiny_4b_run}",
+                          "+plan.train_tokens_per_s={4b: 1000}"])).rows  # the user's figure beats a measured one
+    phase = next(r for r in given if r["step"] == "4b/train/p0_ethics")
+    assert phase["rate_source"] == "given" and phase["tokens_per_s"] == 1000
 
 
 @pytest.mark.slow
