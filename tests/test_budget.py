@@ -17,9 +17,9 @@ ARGS = [*FAST, "+stage=4b", "models=tiny"]
 
 def test_parameters_from_the_shipped_configs_are_gemma3s():
     """Gemma 3's published parameter counts (text and vision), from the configs shipped in data/models/."""
-    from cascade.budget import Arch, _shipped
+    from cascade.arch import Arch, shipped_configs
 
-    shipped = _shipped()
+    shipped = shipped_configs()
     published = {"gemma-3-270m": 268_098_176, "gemma-3-1b": 999_885_952, "gemma-3-4b": 4_300_079_472,
                  "gemma-3-12b": 12_187_325_040, "gemma-3-27b": 27_432_406_640}
     assert {k: Arch.of(shipped[k]).params for k in published} == published
@@ -31,7 +31,7 @@ def test_parameters_of_the_tiny_preset_equal_its_weights(tiny_4b_run: Path):
     """The planner's count for the built tiny models equals their loaded parameters (tied embeddings once)."""
     from transformers import AutoModelForCausalLM
 
-    from cascade.budget import Arch, model_config
+    from cascade.arch import Arch, model_config
     from cascade.plan import model_identity
 
     cfg = compose(ARGS)
