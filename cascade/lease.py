@@ -41,6 +41,12 @@ def _started(pid: int) -> float | None:
         return None
 
 
+def _runs_here(held: dict) -> bool:
+    """Whether the lease's holder process (on this host) still runs: its pid, started when the lease says."""
+    started = _started(int(held.get("pid", -1)))
+    return started is not None and abs(started - (held.get("pid_started") or started)) < 1.0
+
+
 def holder(rd: RunDir, ttl: float) -> dict | None:
     """The lease of the live driver holding the run directory, or None; read-only (`cascade status`). On the
     holder's host: its process is alive; elsewhere: its heartbeat was written within ttl (wall clocks compared)."""
@@ -48,8 +54,7 @@ def holder(rd: RunDir, ttl: float) -> dict | None:
     if not held:
         return None
     if held.get("host") == socket.gethostname():
-        started = _started(int(held.get("pid", -1)))
-        return held if started is not None and abs(started - (held.get("pid_started") or started)) < 1.0 else None
+        return held if _runs_here(held) else None
     return held if time.time() - held.get("heartbeat", 0) < ttl else None
 
 
@@ -102,8 +107,7 @@ class Lease:
         busy = RunDirBusy(f"run directory {self.rd.url} is in use by {self._who(held)}; run one driver per run "
                           f"directory (its lease expires {self.ttl:.0f} s after its holder stops)")
         if held.get("host") == self.me["host"]:
-            started = _started(int(held.get("pid", -1)))
-            if started is not None and abs(started - (held.get("pid_started") or started)) < 1.0:
+            if _runs_here(held):
                 raise busy
             log.warning("taking over the lease of %s: that process is gone", self._who(held))
             return

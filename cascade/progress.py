@@ -1,7 +1,7 @@
 """A running step's live progress, for `cascade status` (cascade/status.py) on any machine that reads the run dir.
 
     <run_dir>/progress/<step name>.json   {"step", "key", "unit", "done", "total", "start_done", "started",
-                                           "updated", "tokens"}
+                                           "updated"}
 
 The driver writes it for generation (shards), training's rank 0 for a phase (optimizer steps): one small atomic
 write at most every EVERY_S seconds and at the last unit, so it costs nothing next to the work it describes.
@@ -25,11 +25,15 @@ class ProgressFile:
         now = time.time()
         self.rd, self.path, self.last = rd, rd.progress(step), 0.0
         self.rec = {"step": step, "key": key, "unit": unit, "done": done, "total": total, "start_done": done,
-                    "started": now, "updated": now, "tokens": 0}
+                    "started": now, "updated": now}
         self._write()
 
-    def update(self, done: int, tokens: int = 0) -> None:
-        self.rec.update(done=done, tokens=self.rec["tokens"] + tokens, updated=time.time())
+    @property
+    def done(self) -> int:
+        return self.rec["done"]
+
+    def update(self, done: int) -> None:
+        self.rec.update(done=done, updated=time.time())
         if done >= self.rec["total"] or time.time() - self.last >= EVERY_S:
             self._write()
 

@@ -122,9 +122,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
                 continue
             recs = _records(cfg, job, info, ev.work.requests, got.pop(id(ev.work)))
             _write_shard(rd, job, i, recs, cfg.generation.logprobs > 0)
-            tokens = sum(x["completion_tokens"] for x in recs)
-            progress.shard_done(job.data, i, tokens)
-            live[job.step.name].update(live[job.step.name].rec["done"] + 1, tokens)
+            progress.shard_done(job.data, i, sum(x["completion_tokens"] for x in recs))
+            live[job.step.name].update(live[job.step.name].done + 1)
         timing["generate_wall_s"] = time.time() - t_gen  # engine start excluded
     except Preempted:
         for w in work:
