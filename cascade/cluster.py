@@ -78,6 +78,32 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
+def _node_cpus() -> list[int]:
+    import ray
+
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+
+
+def cpus() -> int:
+    """The alive nodes' CPUs, all together."""
+    return sum(_node_cpus())
+
+
+def worker_cpus(workers: int, given: int | None = None) -> int:
+    """CPUs (torch threads) per training worker: `given` (train.cpus_per_worker), else the most that every one of
+    `workers` workers can hold at once on the alive nodes' CPUs, at least 1. From the nodes' totals, not from what is
+    free this instant (an actor still shutting down would make the count, and so the weights' last bits, vary from
+    run to run): the cascade runs nothing else while a stage trains, bar its own evaluation (the driver runs that
+    first when training takes every CPU)."""
+    if given:
+        return given
+    nodes = _node_cpus()
+    c = max(1, sum(nodes) // max(1, workers))
+    while c > 1 and sum(n // c for n in nodes) < workers:
+        c -= 1
+    return c
+
+
 def start(c: ClusterConfig) -> None:
     """Start or join Ray. With c.auth, ensure_auth_token() must have run before ray was first imported."""
     import ray

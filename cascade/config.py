@@ -167,7 +167,10 @@ class TrainConfig:
     # (torch FSDP2, fully_shard) for students too large for one device (12b, 27b)
     strategy: str = "ddp"
     use_gpu: bool = False
-    cpus_per_worker: int = 1
+    # CPUs (and torch threads) of each worker; None: the cluster's CPUs shared out among the workers
+    # (cascade.cluster.worker_cpus). The thread count changes float summation order, so fused weights are bitwise
+    # reproducible for a fixed count; set it to pin a run's bytes across machines of different sizes.
+    cpus_per_worker: Optional[int] = None
     bf16: bool = True  # used only where the hardware supports it
     gradient_checkpointing: bool = False
     warmup_steps: int = 0
@@ -183,8 +186,10 @@ class TrainConfig:
     distill_weight: float = 0.0
 
     def check(self) -> None:
-        for k in ("batch_size", "grad_accum", "max_seq_len", "num_workers", "cpus_per_worker", "keep_checkpoints"):
+        for k in ("batch_size", "grad_accum", "max_seq_len", "num_workers", "keep_checkpoints"):
             number(f"train.{k}", getattr(self, k), 1)
+        if self.cpus_per_worker is not None:
+            number("train.cpus_per_worker", self.cpus_per_worker, 1)
         for k in ("warmup_steps", "save_every", "max_failures", "weight_decay", "distill_weight"):
             number(f"train.{k}", getattr(self, k), 0)
         number("train.max_grad_norm", self.max_grad_norm, 0, lo_open=True)

@@ -52,6 +52,8 @@ def run(cfg: Config) -> list[StagePlan]:
 
 
 def _run_steps(p: RunPlan) -> None:
+    import ray
+
     from cascade import report
     from stages import curate, evaluate, generate, release, train
 
@@ -68,10 +70,18 @@ def _run_steps(p: RunPlan) -> None:
             generate.run(rd, cfg, sp, p.prompts)
             for ph in sp.phases:
                 rd.run_step(ph.dataset, lambda st, ph=ph: curate.run(st, cfg, sp, ph, p.prompts[ph.data], rd))
-            # the base student's score does not wait for the curriculum: it runs while the first phase trains
-            before = None if rd.committed(sp.eval) else evaluate.start_before(cfg, sp, rd)
+            # the base student's score does not wait for the curriculum: it runs while the first phase trains on
+            # the CPUs training leaves free; when training takes every CPU (threads per worker: the CPUs shared
+            # out), it runs first, on as many CPUs as a worker gets (overlapped, it would slow training down)
+            cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
+            spare = cluster.cpus() - cpus * cfg.train.num_workers >= cfg.backend.num_cpus
+            before = None
+            if not rd.committed(sp.eval):
+                before = evaluate.start_before(cfg, sp, rd, None if spare else cpus)
+                if not spare:
+                    ray.wait([before], num_returns=1, timeout=None)
             with stop.deferred():  # SIGTERM: the workers checkpoint at their next optimizer step, then stop
-                train.run(rd, cfg, sp)
+                train.run(rd, cfg, sp, cpus)
             rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before))
             if sp.release:
                 rd.run_step(sp.release, lambda st: release.run(st, cfg, sp, rd, p.stages))

@@ -30,14 +30,14 @@ METRIC = "mean per-token log-likelihood of held-out teacher responses under the 
 TEXT_METRIC = "ROUGE-L F1 of the student's greedy answers against the teachers' held-out answers (0..1)"
 
 
-def start_before(cfg: Config, sp: StagePlan, rd: RunDir) -> Any:
-    """Score the base student now, as a Ray task that runs while the curriculum trains; run() collects it."""
-    return _scorer(cfg).options(name=f"eval/{sp.name}/before").remote(
+def start_before(cfg: Config, sp: StagePlan, rd: RunDir, num_cpus: float | None = None) -> Any:
+    """Score the base student now, as a Ray task (backend.num_cpus CPUs, or `num_cpus`); run() collects it."""
+    return _scorer(cfg, num_cpus).options(name=f"eval/{sp.name}/before").remote(
         sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
 
 
-def _scorer(cfg: Config) -> Any:
-    return ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records)
+def _scorer(cfg: Config, num_cpus: float | None = None) -> Any:
+    return ray.remote(num_cpus=num_cpus or cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records)
 
 
 def _score_kwargs(cfg: Config) -> dict:

@@ -27,6 +27,7 @@ than the tiny phases themselves on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -57,8 +58,8 @@ class TrainJob:
     trust_remote_code: bool = False
 
 
-def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
-    """Train the phases of `sp` that are not committed (driver side)."""
+def run(rd: RunDir, cfg: Config, sp: StagePlan, cpus: int) -> None:
+    """Train the phases of `sp` that are not committed (driver side), `cpus` CPUs (torch threads) per worker."""
     todo = []
     for ph in sp.phases:
         if todo:  # after a phase that must run, every later one runs too (it starts from that one's output)
@@ -70,7 +71,8 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan) -> None:
         return
     first = todo[0].index
     job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
-                   sp.revision if first == 0 else None, todo, cfg.train, cfg.seed, cfg.models.trust_remote_code)
+                   sp.revision if first == 0 else None, todo, dataclasses.replace(cfg.train, cpus_per_worker=cpus),
+                   cfg.seed, cfg.models.trust_remote_code)
     try:
         fit(job, rd, f"{sp.name}-{todo[0].model.key}")
     except Exception as e:  # a failed fusion check, workers out of restarts: `cascade status` says which and why
@@ -106,7 +108,7 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker or 1}),
         run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
     ).fit()
@@ -297,6 +299,8 @@ class PhaseTrainer:
         return True
 
     def summary(self) -> dict:
+        import torch
+
         seconds, train_seconds = self.t_end - self.t0, self.t_end - self.t_loop
         losses, kd = self.losses, self.kd_losses
         out = {
@@ -305,7 +309,8 @@ class PhaseTrainer:
             "examples": len(self.examples), "tokens": self.state["tokens"] + self.real * self.world,
             "seconds": seconds, "train_seconds": train_seconds, "tokens_per_s": self.real * self.world / train_seconds,
             "real_token_fraction": self.real / max(1, self.slots),
-            "packing": self.t.packing, "workers": self.world, "resumed_from_step": self.state["step"],
+            "packing": self.t.packing, "workers": self.world, "threads": torch.get_num_threads(),
+            "resumed_from_step": self.state["step"],
             "resumed_from_reason": self.state.get("reason"),
         }
         if self.t.distill_weight > 0:
