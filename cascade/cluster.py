@@ -90,14 +90,15 @@ def cpus() -> int:
 
 
 def worker_cpus(workers: int, given: int | None = None) -> int:
-    """CPUs (torch threads) per training worker: `given` (train.cpus_per_worker), else the most that every one of
-    `workers` workers can hold at once on the alive nodes' CPUs, at least 1. From the nodes' totals, not from what is
-    free this instant (an actor still shutting down would make the count, and so the weights' last bits, vary from
-    run to run): the cascade runs nothing else while a stage trains, bar its own evaluation (the driver runs that
-    first when training takes every CPU)."""
-    if given:
-        return given
-    nodes = _node_cpus()
+    """CPUs (torch threads) per training worker: `given` (train.cpus_per_worker), else share_cpus over the alive
+    nodes. From the nodes' totals, not from what is free this instant (an actor still shutting down would make the
+    count, and so the weights' last bits, vary from run to run): the cascade runs nothing else while a stage
+    trains, bar its own evaluation (the driver runs that first when training takes every CPU)."""
+    return given or share_cpus(_node_cpus(), workers)
+
+
+def share_cpus(nodes: list[int], workers: int) -> int:
+    """The most CPUs each of `workers` workers can hold at once on nodes with these CPU counts (at least 1)."""
     c = max(1, sum(nodes) // max(1, workers))
     while c > 1 and sum(n // c for n in nodes) < workers:
         c -= 1

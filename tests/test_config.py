@@ -182,3 +182,15 @@ def test_cli_refuses_inherited_auth_off_before_anything_runs(tmp_path):
     r = run_cli("+stage=4b", "models=tiny", f"run_dir={tmp_path}/run", env={"RAY_AUTH_MODE": "disabled"})
     assert r.returncode == 2 and "RAY_AUTH_MODE=disabled is set in the environment" in r.stdout, r.stdout[-2000:]
     assert not (tmp_path / "run" / "config.yaml").exists() and "Ray 2." not in r.stdout
+
+
+def test_training_threads_are_the_cpus_shared_out():
+    """train.cpus_per_worker unset: each worker gets the most CPUs every worker can hold at once on the nodes."""
+    from cascade.cluster import share_cpus
+
+    assert share_cpus([2], 1) == 2 and share_cpus([2], 2) == 1 and share_cpus([1, 1], 2) == 1
+    assert share_cpus([4, 1], 2) == 2 and share_cpus([3, 3], 2) == 3 and share_cpus([3, 2], 2) == 2
+    assert share_cpus([], 1) == 1 and share_cpus([2], 4) == 1
+    assert compose(["+stage=4b", "models=tiny"]).train.cpus_per_worker is None
+    with pytest.raises(ConfigError, match="cpus_per_worker"):
+        compose(["+stage=4b", "models=tiny", "train.cpus_per_worker=0"])
