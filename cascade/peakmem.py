@@ -2,14 +2,15 @@
 
     with PeakMemory() as peak:
         ...                      # a run: this process, a `python -m cascade` child, Ray's processes, vLLM's engine
-    print(peak.megabytes())      # {"driver": 812.4, "GenerationReplica": 1490.0, "RayTrainWorker": 903.1, ...}
+    print(peak.megabytes())      # {"RayTrainWorker": 1139.3, "GenerationWorker": 820.8, "driver": 565.3, ...}
 
 A thread samples this process's descendants every `every` seconds and keeps, per kind, the largest peak resident
 set any one process of that kind reached (the kernel's own high-water mark, /proc/<pid>/status VmHWM, so a peak
 between two samples is not missed; only a process that lives less than one interval can be). Kinds: "driver" (this
-process, or a `python -m cascade` it started), a Ray actor's class or a task's function ("GenerationReplica",
-"RayTrainWorker", "TrainController", "score_records"), vLLM's processes by their title ("VLLM::EngineCore"),
-Ray's own daemons together ("ray_system": raylet, GCS, dashboard, log monitor), anything else by its name.
+process, or a `python -m cascade` it started), a Ray actor's class or a task's function or name's first part
+("GenerationWorker", "RayTrainWorker", "TrainController", "eval"), vLLM's processes by their title
+("VLLM::EngineCore"), Ray's own daemons together ("ray_system": raylet, GCS, dashboard, log monitor), anything else
+by its name.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ def kind(p: psutil.Process, driver: int) -> tuple[str | None, bool]:
     if title.startswith("ray::"):
         if title.startswith("ray::IDLE"):
             return None, False  # a pooled worker between tasks (its peak is its last task's, already counted)
-        return title[len("ray::"):].split(".")[0].split()[0], True
+        # "ray::<class>.<method>", or "ray::<actor name>:<class>" for a named actor ("gen/4b/1b/0:GenerationWorker"),
+        # or a task's name ("eval/4b/before"): grouped by class, or by the name's first part
+        k = title[len("ray::"):].split()[0].split(".")[0].rsplit(":", 1)[-1].split("/")[0]
+        return k.lstrip("_"), True
     if title.startswith("VLLM") or name.startswith("VLLM"):  # vLLM's engine core (its name can be cut at 15)
         return (title if title.startswith("VLLM") else name).split()[0], False
     if any(a.endswith("default_worker.py") for a in cmd[:3]):
@@ -102,7 +106,7 @@ class PeakMemory:
             if sticky:
                 self._seen[p.pid] = k
             rss = peak_rss(p.pid)
-            if rss > self.peaks.get(k, 0):
+            if rss and rss > self.peaks.get(k, 0):
                 self.peaks[k] = rss
 
     def megabytes(self) -> dict[str, float]:
