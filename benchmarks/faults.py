@@ -11,7 +11,8 @@ strike a fresh run directory, until --faults have struck; the last run then runs
 by id (every answer in the generation shards, every record of the curated datasets): lost = in the reference, not
 in a struck run; duplicated = more than once in one file. Prints one JSON object on its last line: faults_injected,
 faults_survived (those after which the run still ended with the reference's bytes), records_lost (goal 0),
-records_duplicated (goal 0), bytes_identical, and the faults by kind.
+records_duplicated (goal 0), bytes_identical, the faults by kind, and peak resident memory (MB) by kind of process
+over every run (cascade/peakmem.py).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def main() -> None:
     ap.add_argument("--faults", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    from cascade.peakmem import PeakMemory
+
+    peak = PeakMemory().start()  # every run's driver and workers, struck or not
     tmp = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
     assert _until_done(_start(tmp / "ref")) == 0, "the reference run failed"
@@ -114,10 +118,11 @@ def main() -> None:
         same = _bytes(struck) == ref_bytes
         lost, dup, identical = lost + len(set(ref_ids) - set(ids)), dup + d, identical and same
         survived += hits if same and not d and set(ref_ids) <= set(ids) else 0
+    peak.stop()
     print(json.dumps({"faults_injected": injected, "faults_survived": survived, "runs_struck": episodes,
                       "records_reference": len(ref_ids), "records_lost": lost, "records_duplicated": dup,
                       "bytes_identical": identical, "faults_by_kind": dict(kinds),
-                      "reference_wall_s": round(t_ref, 1), "seed": a.seed}))
+                      "reference_wall_s": round(t_ref, 1), "seed": a.seed, "peak_rss_mb": peak.megabytes()}))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
    rates the 4b run measured (1b's generation, 4b's training), scaled by parameters for the other models;
 4. the 27b run, compared the same way.
 Prints, per run, planned and measured seconds by kind of step and their ratio, and whether every planned count
-(prompts, samples, prompt tokens, optimizer steps) equals the run's. One JSON object on its last line.
+(prompts, samples, prompt tokens, optimizer steps) equals the run's, and peak resident memory (MB) by kind of
+process over both runs (cascade/peakmem.py). One JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def compare(plan: dict, status: dict, manifest: dict) -> dict:
 
 
 def main() -> None:
+    from cascade.peakmem import PeakMemory
+
     out: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, PeakMemory() as peak:
         run = Path(tmp) / "run"
         for stage in ("4b", "27b"):
             args = [f"+stage={stage}", f"run_dir={run}", *ARGS]
@@ -71,6 +74,7 @@ def main() -> None:
             manifest = json.loads((run / "manifest.json").read_text())["steps"]
             out[f"stage_{stage}"] = {**compare(plan, status, manifest), "planned_total_s": round(
                 plan["totals"]["hours"] * 3600, 1), "wall_s": round(wall, 1)}
+    out["peak_rss_mb"] = peak.megabytes()  # the runs' drivers and workers, the planner's and status's processes
     print(json.dumps(out))
 
 

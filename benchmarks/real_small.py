@@ -12,7 +12,8 @@
    agreement (per-token log-likelihood, ROUGE-L F1) of the teacher *without* the kernel with the chat model's
    kernel-in-context answers on held-out probes, before (the chat model) and after (the built teacher); for the 4b
    student, its agreement with its teacher before and after; the release step of each stage (seconds; per GGUF
-   type, size, agreement and KL with transformers).
+   type, size, agreement and KL with transformers); peak resident memory (MB) of its driver and of each kind of
+   Ray worker process (cascade/peakmem.py).
 3. One LoRA optimizer step at 8 x 256 tokens (every position a response token: the worst case), each way in a
    process of its own (peak RSS = that process's ru_maxrss): transformers' own loss on full-vocabulary logits
    (the code before this preset), the chunked loss (cascade.modeling.response_nll) in float32 and in bfloat16,
@@ -137,12 +138,14 @@ def generate(mode: str) -> dict:
 
 
 def _cascade(tmp: Path, overrides: list[str]) -> dict:
+    from cascade.peakmem import PeakMemory
     from cascade.rundir import RunDir
 
     run = tmp / "run"
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "cascade", *PRESET, f"run_dir={run}", "cluster.include_dashboard=false",
-                        *overrides], capture_output=True, text=True, cwd=ROOT)
+    with PeakMemory() as peak:
+        p = subprocess.run([sys.executable, "-m", "cascade", *PRESET, f"run_dir={run}",
+                            "cluster.include_dashboard=false", *overrides], capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t0
     if p.returncode:
         raise RuntimeError(p.stdout[-3000:] + p.stderr[-3000:])
@@ -155,7 +158,7 @@ def _cascade(tmp: Path, overrides: list[str]) -> dict:
                for line in f.read_text().splitlines()]
     m1, m4 = (json.loads((run / s / "eval/metrics.json").read_text()) for s in ("1b", "4b"))
     pick = lambda m: {k: {x: m[k][x] for x in ("before", "after", "delta")} for k in ("agreement", "text_agreement")}
-    return {"cascade_overrides": overrides, "cascade_wall_s": round(wall, 1),
+    return {"cascade_overrides": overrides, "cascade_wall_s": round(wall, 1), "cascade_peak_rss_mb": peak.megabytes(),
             "cascade_generation_tok_s": round(tok / secs, 1),
             "training_tok_s": round(sum(t["tokens"] for t in trains) / sum(t["train_seconds"] for t in trains), 1),
             "teacher_self_ended": round(sum(a["finish_reason"] == "stop" for a in answers) / len(answers), 3),

@@ -9,7 +9,8 @@ converts it with llama.cpp's converter (F16 and BF16 straight from it; every oth
 llama.cpp's quantizer) and compares each file with transformers on held-out-style prompts (the first
 --probes ethics probes with their reference answers): next-token argmax agreement and mean KL(transformers || GGUF)
 at every position, tokenization checked. Prints per type: bytes, size relative to F16, agreement, KL; and the
-seconds of conversion + quantization and of the comparisons. One JSON object on the last line.
+seconds of conversion + quantization and of the comparisons; peak resident memory (MB) of this process and of
+the converter's and quantizer's. One JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
 
     from cascade import gemma3_270m
     from cascade.config import compose
+    from cascade.peakmem import PeakMemory
     from cascade.prompts import load_prompts
     from stages import release
 
@@ -44,14 +46,15 @@ def main() -> None:
     probes = [{"messages": p.messages, "response": p.reference} for p in load_prompts(cfg.data["ethics"])
               if p.reference][: args.probes]
     types = args.types.split(",")
-    with tempfile.TemporaryDirectory(prefix="cascade-release-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cascade-release-bench-") as tmp, PeakMemory() as peak:
         t0 = time.perf_counter()
         rows = release.build(tmp, str(base), "gemma3-270m", types, probes, 0.99, 256, False)
         total = time.perf_counter() - t0
     f16 = next(r["bytes"] for r in rows if r["format"] == "GGUF F16")
     out = {"model": "gemma3-270m:base", "probes": len(probes), "positions": rows[1]["positions"],
            "model_build_s": round(build_s, 1), "convert_and_quantize_s": rows[0]["convert_seconds"],
-           "release_build_s": round(total, 1), "safetensors_bytes": rows[0]["bytes"], "formats": {}}
+           "release_build_s": round(total, 1), "safetensors_bytes": rows[0]["bytes"], "formats": {},
+           "peak_rss_mb": peak.megabytes()}  # this process (the checks) and the converter and quantizer
     for r in rows[1:]:
         t = r["format"].removeprefix("GGUF ")
         out["formats"][t] = {"bytes": r["bytes"], "size_vs_f16": round(r["bytes"] / f16, 3),
