@@ -12,7 +12,7 @@ start-up is excluded from both and reported apart.
 (3) Ray Data LLM, the nearest peer: `ray.data.llm.build_processor(vLLMEngineProcessorConfig(...))` over a dataset
 of the same token-id prompts and per-row sampling parameters (chat template and tokenizer stages off, since the
 prompts come tokenized), the same engine settings (engine kwargs as the backend builds its engine), one engine
-replica holding the same CPUs (pre- and post-processing take none, so they never wait on it), Ray Data's default
+replica holding the same CPUs (pre- and post-processing take none, one task at a time), Ray Data's default
 batching (32 rows per batch, 8 batches in flight per engine). Its engine cannot be warmed before the timed pass
 (no hook): its time runs from the first batch handed to the engine to the last row out (each batch's rows are
 submitted together, so a batch started at its first output minus its slowest request's time), so it pays the
@@ -73,12 +73,16 @@ def _ray_data_llm(model: str, kwargs: dict, prompts: list, params: list, num_cpu
     """One pass of Ray Data LLM's vLLM processor over the token-id prompts: (generated tokens, seconds from the
     first batch handed to the engine to the last row out)."""
     import ray
+    from ray.data import TaskPoolStrategy
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     kw = dict(kwargs)
     kw.pop("warmup_prompts", None)
     engine_kwargs = {**kw.pop("engine_kwargs", {}), **kw}
     engine_kwargs.setdefault("enable_chunked_prefill", False)  # as VLLMBackend on a CPU (seeded requests)
+    # pre- and post-processing hold no CPU (the engine holds them all, as the replica does), one task at a time
+    # (without a cap, zero-CPU tasks would start a worker process per block)
+    light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=1)}
     config = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=engine_kwargs, concurrency=1, log_engine_metrics=False,
         placement_group_config={"bundles": [{"CPU": num_cpus}]},
@@ -89,7 +93,7 @@ def _ray_data_llm(model: str, kwargs: dict, prompts: list, params: list, num_cpu
                               "sampling_params": r["sampling_params"]},
         postprocess=lambda r: {"id": r["id"], "n": int(r["num_generated_tokens"]), "batch": r["batch_uuid"],
                                "llm_s": float(r["time_taken_llm"]), "out": time.time()},
-        preprocess_map_kwargs={"num_cpus": 0}, postprocess_map_kwargs={"num_cpus": 0})
+        preprocess_map_kwargs=light, postprocess_map_kwargs=light)
     rows = [{"id": str(i), "tokenized_prompt": list(p["prompt_token_ids"]),
              "sampling_params": {"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                                  "seed": s.seed, "stop_token_ids": list(s.stop_token_ids or [])}}
