@@ -46,7 +46,7 @@ def kind(p: psutil.Process, driver: int) -> tuple[str | None, bool]:
     title = cmd[0] if cmd else name
     if p.pid == driver or ("-m" in cmd and "cascade" in cmd):
         return "driver", False
-    if any(s in " ".join(cmd[:3]).lower() for s in RAY_SYSTEM):
+    if any(s in (" ".join(cmd[:3]) or name).lower() for s in RAY_SYSTEM):  # (an exiting process has no cmdline)
         return "ray_system", False
     if title.startswith("ray::"):
         if title.startswith("ray::IDLE"):
