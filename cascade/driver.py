@@ -71,8 +71,8 @@ def _run_steps(p: RunPlan) -> None:
             for ph in sp.phases:
                 rd.run_step(ph.dataset, lambda st, ph=ph: curate.run(st, cfg, sp, ph, p.prompts[ph.data], rd))
             # the base student's score does not wait for the curriculum: it runs while the first phase trains on
-            # the CPUs training leaves free; when training takes every CPU (threads per worker: the CPUs shared
-            # out), it runs first, on as many CPUs as a worker gets (overlapped, it would slow training down)
+            # the CPUs training leaves free; when training takes every CPU (train.cpus_per_worker=null shares them
+            # all out), it runs first, on as many CPUs as a worker gets (overlapped, it would slow training down)
             cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
             spare = cluster.cpus() - cpus * cfg.train.num_workers >= cfg.backend.num_cpus
             before = None
