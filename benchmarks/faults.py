@@ -1,6 +1,7 @@
 """Faults survived: one tiny cascade struck again and again, then compared with a run never struck.
 
     .venv/bin/python benchmarks/faults.py               # ~6 minutes on 2 CPU cores; --faults 8 --seed 0
+    .venv/bin/python benchmarks/faults.py train.cpus_per_worker=null   # more overrides for every run
 
 A reference run of `+stage=4b models=tiny` (smoke scale: small shards, answers one by one, short phases) first.
 Then the same command in a fresh run directory, struck by a seeded series of faults, each while the run is under
@@ -32,7 +33,7 @@ from pathlib import Path
 ARGS = ["+stage=4b", "models=tiny", "cluster.include_dashboard=false", "generation.shard_size=8",
         "backend.batch_size=1"] + [f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6))
                                    for k, v in (("iters", n), ("lr", 1e-3))]
-DATA = ("generations/**/shard-*.jsonl", "*/dataset/*/*.jsonl", "*/train/*/model.safetensors")
+DATA = ("generations/**/shard-?????.jsonl", "*/dataset/*/*.jsonl", "*/train/*/model.safetensors")
 
 
 def _start(run: Path, env: dict | None = None) -> subprocess.Popen:
@@ -89,7 +90,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--faults", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("overrides", nargs="*", help="more config overrides for every run, e.g. train.cpus_per_worker=2")
     a = ap.parse_args()
+    ARGS.extend(a.overrides)
     from cascade.peakmem import PeakMemory
 
     peak = PeakMemory().start()  # every run's driver and workers, struck or not

@@ -24,11 +24,25 @@ engine, timed with the idle Ray cluster still up (bare_ray_up) and again after R
 Data LLM on a fresh Ray. Pairing
 the engines round by round keeps this shared machine's slow drifts out of the ratio; each figure is every round's
 tokens over every round's seconds, and the per-round figures are printed beside it. Then the hf backend, batched
-vs one prompt at a time (on a subset). Peak resident memory (MB) of this process and of each kind of process
-(replica actor, vLLM engine core, Ray Data's engine actor, Ray's daemons) over all rounds. Prints one JSON object on
+vs one prompt at a time (on a subset).
+
+Last, work redone after a kill (--kill-at 0.5): each system runs alone in a child process over every prompt, in its
+own directory, the child's driver is killed -9 once half of the answers have left the engine, and the same command
+runs again to the end. The cascade: the generation step (committed shards, each unfinished shard's answers saved as
+its partial shard every generation.partial_every_s); Ray Data LLM: read_json -> processor -> write_json with Ray
+Data's checkpointing (CheckpointConfig by the id column: a written block's ids are skipped on the next run). Answers
+out of the engine are counted as they come out (the cascade's replica pool logs each chunk it reads; Ray Data LLM's
+postprocess counts each row), over both runs; redone = that count less what the output holds (tokens and answers),
+and the output is checked for duplicates and missing prompts. Requests the engine had not finished at the kill are
+lost by both and not counted. Processes of the killed run still running a minute after the kill (they should exit
+on their own once the driver is gone) are killed and named (left_running_after_kill).
+
+Peak resident memory (MB) of this process and of each kind of process (replica actor, vLLM engine core, Ray Data's
+engine actor, Ray's daemons) over all rounds. Prints one JSON object on
 its last line with ratio_vs_bare_vllm (+ per round), ratio_vs_ray_data_llm (+ per round), orchestrated_tok_s,
-bare_tok_s, ray_data_llm_tok_s, engine_start_s, peak_rss_mb and the hf figures. Goals: ratio_vs_bare_vllm >= 0.95
-in every round, ratio_vs_ray_data_llm >= 1.0.
+bare_tok_s, ray_data_llm_tok_s, engine_start_s, peak_rss_mb, the hf figures and killed_cascade / killed_ray_data_llm
+(redone_tokens_* beside). Goals: ratio_vs_bare_vllm >= 0.95 in every round, ratio_vs_ray_data_llm >= 1.0, the
+cascade redoing no more than the engine's running batch.
 """
 
 from __future__ import annotations
@@ -36,7 +50,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,10 +86,10 @@ def _wait_engines_gone(timeout: float = 120.0) -> None:
         raise RuntimeError(f"the last engine's processes did not exit: {[(p.pid, p.info['name']) for p in left]}")
 
 
-def _ray_data_llm(model: str, kwargs: dict, prompts: list, params: list, num_cpus: float) -> tuple[int, float]:
-    """One pass of Ray Data LLM's vLLM processor over the token-id prompts: (generated tokens, seconds from the
-    first batch handed to the engine to the last row out)."""
-    import ray
+def _processor(model: str, kwargs: dict, num_cpus: float, side: str | None = None):
+    """Ray Data LLM's vLLM processor over token-id prompts, with the backend's engine settings. Each row out of the
+    engine gives its tokens, its batch, the engine's time for that batch and the moment it came out; with `side`,
+    each also appends "<rows> <tokens>" to that file (what left the engine, counted for the kill measurement)."""
     from ray.data import TaskPoolStrategy
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
@@ -87,23 +104,159 @@ def _ray_data_llm(model: str, kwargs: dict, prompts: list, params: list, num_cpu
         model_source=model, engine_kwargs=engine_kwargs, concurrency=1, log_engine_metrics=False,
         placement_group_config={"bundles": [{"CPU": num_cpus}]},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
-    processor = build_processor(
+
+    def post(r: dict) -> dict:
+        if side:
+            with open(side, "a") as f:
+                f.write(f"1 {int(r['num_generated_tokens'])}\n")
+        return {"id": r["id"], "n": int(r["num_generated_tokens"]), "batch": r["batch_uuid"],
+                "llm_s": float(r["time_taken_llm"]), "out": time.time()}
+
+    return build_processor(
         config,
         preprocess=lambda r: {"id": r["id"], "tokenized_prompt": r["tokenized_prompt"],
                               "sampling_params": r["sampling_params"]},
-        postprocess=lambda r: {"id": r["id"], "n": int(r["num_generated_tokens"]), "batch": r["batch_uuid"],
-                               "llm_s": float(r["time_taken_llm"]), "out": time.time()},
-        preprocess_map_kwargs=light, postprocess_map_kwargs=light)
-    rows = [{"id": str(i), "tokenized_prompt": list(p["prompt_token_ids"]),
+        postprocess=post, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+
+
+def _rows(prompts: list, params: list) -> list[dict]:
+    """Ray Data rows of the token-id prompts and their per-request sampling parameters (seeds included)."""
+    return [{"id": str(i), "tokenized_prompt": list(p["prompt_token_ids"]),
              "sampling_params": {"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                                  "seed": s.seed, "stop_token_ids": list(s.stop_token_ids or [])}}
             for i, (p, s) in enumerate(zip(prompts, params))]
-    out = processor(ray.data.from_items(rows)).take_all()
+
+
+def _ray_data_llm(model: str, kwargs: dict, rows: list[dict], num_cpus: float) -> tuple[int, float]:
+    """One pass of Ray Data LLM's vLLM processor over the rows: (generated tokens, seconds from the first batch
+    handed to the engine to the last row out)."""
+    import ray
+
+    out = _processor(model, kwargs, num_cpus)(ray.data.from_items(rows)).take_all()
     batches: dict[str, list[dict]] = {}
     for r in out:
         batches.setdefault(r["batch"], []).append(r)
     start = min(min(r["out"] for r in b) - max(r["llm_s"] for r in b) for b in batches.values())
     return sum(r["n"] for r in out), max(r["out"] for r in out) - start
+
+
+def _config(a: argparse.Namespace, prompts_file: Path, run_dir: Path):
+    from cascade.config import compose
+
+    over = ["+stage=4b", "models=tiny", "backend=vllm", f"run_dir={run_dir}", "cluster.auth=false",
+            "cluster.include_dashboard=false", f"generation.max_new_tokens={a.max_new_tokens}",
+            "generation.shard_size=0", f"data.ethics.path={prompts_file}"]
+    if a.gpu:
+        over += ["backend.gpu_memory_utilization=0.85", "backend.enforce_eager=false", "backend.num_gpus=1"]
+    else:
+        over += ["backend.num_cpus=2"]  # the replica gets the whole machine, as the bare engine does
+    return compose(over)
+
+
+def _child(a: argparse.Namespace) -> None:
+    """One run of a system over every prompt in its own directory, resuming what a killed run left there. Each
+    chunk of answers out of the engine is counted in <work>/engine_out.log ("<answers> <tokens>" per line)."""
+    import logging
+    import re
+
+    import ray
+
+    from cascade import cluster
+    from cascade.plan import backend_kwargs, plan_run
+    from cascade.tiny import build_preset
+    from stages import generate
+
+    work = Path(a.work)
+    side = work / "engine_out.log"
+    cfg = _config(a, Path(a.prompts_file), work / "run")
+    build_preset(cfg)
+    p = plan_run(cfg)
+    sp = p.stages[-1]
+    teacher, job = sp.teachers[0], next(j for j in sp.gen_jobs if j.data == "ethics")
+    cluster.start(cfg.cluster)
+    try:
+        if a.child == "cascade":  # the generation step; the replica pool logs each chunk of answers it reads
+            class Count(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    m = re.search(r"this chunk: (\d+) answers, (\d+) tokens", record.getMessage())
+                    if m:
+                        with side.open("a") as f:
+                            f.write(f"{m[1]} {m[2]}\n")
+
+            pool_log = logging.getLogger("cascade.generation.pool")
+            pool_log.setLevel(logging.DEBUG)
+            pool_log.addHandler(Count())
+            generate.run_teacher(p.rd, cfg, sp.name, teacher, [job], p.prompts)
+        else:  # Ray Data LLM with its checkpointing (by id, per written block): read, generate, write
+            from ray.data.checkpoint import CheckpointConfig
+
+            ray.data.DataContext.get_current().checkpoint_config = CheckpointConfig(
+                id_column="id", checkpoint_path=str(work / "checkpoint"), delete_checkpoint_on_success=False)
+            processor = _processor(teacher.model, backend_kwargs(cfg, teacher), cfg.backend.num_cpus, str(side))
+            light = {"num_cpus": 0}  # the engine holds every CPU, as in the rounds
+            ds = ray.data.read_json(str(work / "rows.jsonl"), ray_remote_args=light)
+            processor(ds).write_json(str(work / "out"), ray_remote_args=light)
+    finally:
+        cluster.stop()
+
+
+def _engine_out(side: Path) -> tuple[int, int]:
+    """(answers, tokens) out of the engine so far, from a child's count."""
+    if not side.exists():
+        return 0, 0
+    pairs = [p for p in map(str.split, side.read_text().splitlines()) if len(p) == 2]  # not a line half-written
+    return sum(int(n) for n, _ in pairs), sum(int(t) for _, t in pairs)
+
+
+def _final(which: str, work: Path) -> tuple[int, int, int]:
+    """(records, distinct prompts, tokens) a finished child left as its output."""
+    files = sorted(work.glob("run/generations/**/shard-?????.jsonl") if which == "cascade" else work.glob("out/*.json"))
+    recs = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
+    key, tokens = ("prompt_id", "completion_tokens") if which == "cascade" else ("id", "n")
+    return len(recs), len({r[key] for r in recs}), sum(r[tokens] for r in recs)
+
+
+def _wait_cluster_gone(timeout: float = 60.0) -> list[str]:
+    """Until a killed driver's processes (Ray's daemons and workers, the vLLM engine's) have exited, as they should
+    on their own; those still running after `timeout` are killed here and returned by name."""
+    import psutil
+
+    def left() -> list:  # a zombie (exited, not yet reaped by its parent) has gone
+        return [p for p in psutil.process_iter(["name", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE and (
+                (n := p.info["name"] or "").startswith(("VLLM::", "ray::")) or n in ("raylet", "gcs_server"))]
+
+    t0 = time.time()
+    while (procs := left()) and time.time() - t0 < timeout:
+        time.sleep(0.5)
+    for p in procs:
+        p.kill()
+    return sorted(p.info["name"] for p in procs)
+
+
+def _killed_at(which: str, a: argparse.Namespace, prompts_file: Path, work: Path, total: int) -> dict:
+    """kill -9 of the driver once `a.kill_at` of the answers have left the engine, then the same command again to
+    the end: the work redone is what left the engine over both runs less what the output holds."""
+    side = work / "engine_out.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--work", str(work), "--prompts-file",
+           str(prompts_file), "--max-new-tokens", str(a.max_new_tokens)] + (["--gpu"] if a.gpu else [])
+    with (work / "child.log").open("a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None and _engine_out(side)[0] < a.kill_at * total:
+            time.sleep(0.05)
+        killed = proc.poll() is None
+        if killed:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        orphans = _wait_cluster_gone()
+        first = _engine_out(side)
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
+    _wait_cluster_gone()
+    (answers, tokens), (records, distinct, final_tokens) = _engine_out(side), _final(which, work)
+    return {"killed": killed, "left_running_after_kill": orphans, "answers_out_before_kill": first[0],
+            "tokens_out_before_kill": first[1],
+            "answers_out": answers, "tokens_out": tokens, "records": records, "duplicates": records - distinct,
+            "missing": total - distinct, "redone_answers": answers - records, "redone_tokens": tokens - final_tokens,
+            "redone_fraction": round((tokens - final_tokens) / max(1, final_tokens), 4)}
 
 
 def main() -> None:
@@ -113,10 +266,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--hf-subset", type=int, default=32)
     ap.add_argument("--gpu", action="store_true", help="GPU settings (no CPU KV-cache share, CUDA graphs)")
+    ap.add_argument("--kill-at", type=float, default=0.5, help="the share of answers out when the driver is killed "
+                    "(0: no kill measurement)")
+    ap.add_argument("--child", choices=("cascade", "ray_data_llm"), help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child:
+        return _child(a)
 
     from cascade import cluster
-    from cascade.config import compose
     from cascade.peakmem import PeakMemory
     from cascade.generation.hf_backend import HFBackend
     from cascade.generation.types import Request
@@ -126,14 +285,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     _prompts_file(a.prompts, tmp / "prompts.jsonl")
-    over = ["+stage=4b", "models=tiny", "backend=vllm", f"run_dir={tmp}/run", "cluster.auth=false",
-            "cluster.include_dashboard=false", f"generation.max_new_tokens={a.max_new_tokens}",
-            "generation.shard_size=0", f"data.ethics.path={tmp}/prompts.jsonl"]
-    if a.gpu:
-        over += ["backend.gpu_memory_utilization=0.85", "backend.enforce_eager=false", "backend.num_gpus=1"]
-    else:
-        over += ["backend.num_cpus=2"]  # the replica gets the whole machine, as the bare engine does
-    cfg = compose(over)
+    cfg = _config(a, tmp / "prompts.jsonl", tmp / "run")
     build_preset(cfg)
     p = plan_run(cfg)
     rd, prompts, sp = p.rd, p.prompts, p.stages[-1]
@@ -179,8 +331,9 @@ def main() -> None:
         _wait_engines_gone()
         cluster.start(cfg.cluster)
         try:
-            rounds["ray_data_llm"].append(_ray_data_llm(teacher.model, backend_kwargs(cfg, teacher), prompts_ids,
-                                                        params, cfg.backend.num_cpus))
+            rows = _rows(prompts_ids, params)
+            rounds["ray_data_llm"].append(_ray_data_llm(teacher.model, backend_kwargs(cfg, teacher), rows,
+                                                        cfg.backend.num_cpus))
         finally:
             cluster.stop()
         _wait_engines_gone()
@@ -214,6 +367,18 @@ def main() -> None:
         out[name] = round(sum(c.completion_tokens for c in res) / (time.perf_counter() - t0), 1)
     out["hf_batched_vs_single"] = round(out["hf_batched_tok_s"] / out["hf_single_tok_s"], 2)
     out["hf_batched_vs_bare_vllm"] = round(out["hf_batched_tok_s"] / out["bare_tok_s"], 3)
+
+    # Last, a kill -9 of the driver at half-way and the same command again, for each system in its own directory
+    if a.kill_at > 0:
+        out["kill_at"] = a.kill_at
+        for which in ("cascade", "ray_data_llm"):
+            work = tmp / f"killed-{which}"
+            work.mkdir()
+            with (work / "rows.jsonl").open("w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            out[f"killed_{which}"] = _killed_at(which, a, tmp / "prompts.jsonl", work, len(rows))
+        out["redone_tokens_cascade"] = out["killed_cascade"]["redone_tokens"]
+        out["redone_tokens_ray_data_llm"] = out["killed_ray_data_llm"]["redone_tokens"]
     print(json.dumps(out))
 
 

@@ -154,7 +154,7 @@ def _cascade(tmp: Path, overrides: list[str]) -> dict:
     tok = sum(g["summary"]["completion_tokens"] for g in gen)
     secs = sum(g["summary"]["compute_seconds"] for g in gen)
     trains = [rd.read_json(str(f))["summary"] for f in sorted(run.glob("*/train/0*/step.json"))]
-    answers = [json.loads(line) for f in sorted(run.glob("generations/1b/*/*/shards/shard-*.jsonl"))
+    answers = [json.loads(line) for f in sorted(run.glob("generations/1b/*/*/shards/shard-?????.jsonl"))
                for line in f.read_text().splitlines()]
     m1, m4 = (json.loads((run / s / "eval/metrics.json").read_text()) for s in ("1b", "4b"))
     pick = lambda m: {k: {x: m[k][x] for x in ("before", "after", "delta")} for k in ("agreement", "text_agreement")}

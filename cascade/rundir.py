@@ -15,7 +15,8 @@
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template, sampling, prompts) and
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl  shared by stages; each shard file
                                                   commits itself, step.json (counts, checksums) the set; .npz: top-k
-                                                  log-probs (cascade/logprobs.py); .partial: answers saved on SIGTERM
+                                                  log-probs (cascade/logprobs.py); .partial: an unfinished shard's
+                                                  answers so far (every second, and on SIGTERM)
       <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    a phase's curated dataset
       <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
       <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
@@ -130,7 +131,8 @@ class RunDir:
 
     def shards(self, teacher: str, data: str, key: str) -> list[str]:
         """The committed shard files of a generation, in order."""
-        found = self.fs.glob(self.shard_file(teacher, data, key, "shard-*.jsonl"))
+        found = [f for f in self.fs.glob(self.shard_file(teacher, data, key, "shard-*.jsonl"))
+                 if not f.endswith(".partial.jsonl")]
         return sorted(found if self.is_local else [self.fs.unstrip_protocol(f) for f in found])
 
     def dataset(self, stage: str, phase: str) -> str:

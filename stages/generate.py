@@ -5,7 +5,9 @@
 Prompts are cut into fixed shards (in file order; size: cascade.plan.shard_size_for) and handed to a pool of
 named replicas (cascade/generation/pool.py: dispatch, re-queue of a lost replica's shards, restarts). Answers
 stream back as they finish and are kept here until their shard is whole; then the shard is written to
-generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it. When all shards of a
+generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it. Meanwhile a shard's
+answers so far are saved as its partial shard at most every generation.partial_every_s (and at once on SIGTERM): a
+re-run keeps them and asks the engine only for the rest. When all shards of a
 prompt set are in, its step.json (counts and checksums) commits the set. Each answer is seeded by its prompt, so a
 shard comes out the same whichever replica, or how many, answered it.
 """
@@ -83,7 +85,7 @@ def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -
 
 
 def _partial(rd: RunDir, job: GenJob, work: Work) -> list[dict]:
-    """The answers a pre-empted run saved for this shard: kept, and not asked for again."""
+    """The answers an earlier run saved for this shard (killed or pre-empted): kept, and not asked for again."""
     path = _shard(rd, job, work.tag[1], "partial.jsonl")
     try:
         answers = [c for c in rd.read_jsonl(path) if c["prompt_id"] in work.pending]
@@ -92,7 +94,7 @@ def _partial(rd: RunDir, job: GenJob, work: Work) -> list[dict]:
         return []
     work.pending -= {c["prompt_id"] for c in answers}
     if answers:
-        log.info("shard %s: %d answers kept from a pre-empted run", work.where, len(answers))
+        log.info("shard %s: %d answers kept from an earlier run", work.where, len(answers))
     return answers
 
 
@@ -108,6 +110,8 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
     progress = Progress(stage, teacher.name, len(work))
     compute: dict[str, float] = {}
     got: dict[int, list[dict]] = {id(w): list(prior[id(w)]) for w in work}  # a shard's answers, until whole
+    saved: dict[int, float] = {}  # when a shard's answers were last saved as its partial shard
+    every = cfg.generation.partial_every_s
     try:
         info = pool.info()
         timing = {"engine_start_s": time.time() - t_start}
@@ -119,6 +123,9 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
             if isinstance(ev, Answers):
                 got[id(ev.work)] += ev.completions
                 compute[job.data] = compute.get(job.data, 0.0) + ev.busy_s
+                if every and time.time() - saved.get(id(ev.work), 0.0) >= every:
+                    _write_partial(rd, ev.work, got[id(ev.work)])
+                    saved[id(ev.work)] = time.time()
                 continue
             recs = _records(cfg, job, info, ev.work.requests, got.pop(id(ev.work)))
             _write_shard(rd, job, i, recs, cfg.generation.logprobs > 0)
@@ -128,12 +135,17 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
     except Preempted:
         for w in work:
             if got.get(id(w)):
-                rd.write_jsonl(_shard(rd, w.tag[0], w.tag[1], "partial.jsonl"), got[id(w)])
+                _write_partial(rd, w, got[id(w)])
         raise
     finally:
         progress.close()
         pool.shutdown()
     return {"compute": compute, **timing}
+
+
+def _write_partial(rd: RunDir, work: Work, answers: list[dict]) -> None:
+    """The answers of an unfinished shard so far (atomically): the next run keeps them and asks only for the rest."""
+    rd.write_jsonl(_shard(rd, work.tag[0], work.tag[1], "partial.jsonl"), answers)
 
 
 def _records(cfg: Config, job: GenJob, info: dict, requests: list[Request], answers: list[dict]) -> list[dict]:

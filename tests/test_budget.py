@@ -90,7 +90,7 @@ def test_planned_counts_equal_what_the_tiny_run_reports(tiny_4b_run: Path, tmp_p
         if r["kind"] == "generate":
             assert (w["prompts"], w["samples"], w["prompt_tokens"]) == (s["prompts"], s["records"], s["prompt_tokens"])
             assert w["prompt_tokens_exact"] and s["completion_tokens"] <= w["max_new_tokens"]
-            shards = sorted((tiny_4b_run / steps[name]["path"]).glob("shards/shard-*.jsonl"))
+            shards = sorted((tiny_4b_run / steps[name]["path"]).glob("shards/shard-?????.jsonl"))
             assert sum(x["prompt_tokens"] for f in shards for x in read_jsonl(f)) == w["prompt_tokens"]
         elif r["kind"] == "train":
             assert w["steps"] == s["steps"] == len(s["losses"])

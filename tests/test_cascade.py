@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,9 @@ def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
     steps = manifest(run)["steps"]
     assert steps and all(s["state"] == "done" for s in steps.values()), steps
     assert {"generate/1b/ethics", "generate/1b/composure", "4b/train/p2_ethics", "4b/eval"} <= set(steps)
-    # a training worker runs train.cpus_per_worker threads (1 by default)
-    assert {json.loads(p.read_text())["summary"]["threads"] for p in run.glob("4b/train/*/step.json")} == {1}
+    # a lone training worker runs on every CPU of this one-node cluster
+    assert {json.loads(p.read_text())["summary"]["threads"] for p in run.glob("4b/train/*/step.json")} == {
+        os.cpu_count()}
 
     # the distilled dataset, with provenance on every record
     ds = datasets.load_dataset("json", data_files=str(run / "4b/dataset/p0_ethics/train.jsonl"), split="train")
@@ -114,7 +116,7 @@ def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
     r = run_cli("--config-dir", str(tmp_path / "conf"), *FAST, "+stage=1b", "models=tiny", "+local=build",
                 f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
-    gen = [x for f in sorted((run / "generations/1b-base/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
+    gen = [x for f in sorted((run / "generations/1b-base/ethics").rglob("shard-?????.jsonl")) for x in read_jsonl(f)]
     assert gen and all(x["system_in_context"] for x in gen)
     train = read_jsonl(run / "1b/dataset/p0_ethics/train.jsonl")
     assert train and all(len(x["messages"]) == 1 and x["messages"][0]["role"] == "user" for x in train)
@@ -131,7 +133,7 @@ def test_changed_config_reruns_only_what_it_determines(tiny_4b_run: Path, tmp_pa
     assert "[skip] generate/1b/ethics" in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
     assert "[run ] 4b/eval" in r.stdout and "world_size=2" in r.stdout
     summary = json.loads((run / "4b/train/00-p0_ethics/step.json").read_text())["summary"]
-    assert summary["workers"] == 2 and summary["threads"] == 1
+    assert summary["workers"] == 2 and summary["threads"] == max(1, os.cpu_count() // 2)  # the CPUs shared out
     # a sampling change: the teacher answers again
     r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "generation.temperature=0.5",
                 *(f"curriculum.{i}.iters=1" for i in range(3)))  # only the new answers matter here

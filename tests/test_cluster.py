@@ -76,7 +76,7 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
                     f"run_dir={tmp_path}/run")
         assert r.returncode == 2, r.stdout[-3000:]
         assert "does not enforce auth" in r.stdout and "cluster.auth=false" in r.stdout
-        assert not list((tmp_path / "run").glob("generations/**/shard-*.jsonl"))
+        assert not list((tmp_path / "run").glob("generations/**/shard-?????.jsonl"))
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -191,7 +191,6 @@ def test_training_threads_are_the_cpus_shared_out():
     assert share_cpus([2], 1) == 2 and share_cpus([2], 2) == 1 and share_cpus([1, 1], 2) == 1
     assert share_cpus([4, 1], 2) == 2 and share_cpus([3, 3], 2) == 3 and share_cpus([3, 2], 2) == 2
     assert share_cpus([], 1) == 1 and share_cpus([2], 4) == 1
-    assert compose(["+stage=4b", "models=tiny"]).train.cpus_per_worker == 1
-    assert compose(["+stage=4b", "models=tiny", "train.cpus_per_worker=null"]).train.cpus_per_worker is None
+    assert compose(["+stage=4b", "models=tiny"]).train.cpus_per_worker is None
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         compose(["+stage=4b", "models=tiny", "train.cpus_per_worker=0"])

@@ -55,7 +55,7 @@ def _run_in_thread(rd, cfg, sp, prompts):
 
 def _all_prompts_once(run: Path, prompts) -> None:
     for data, ps in prompts.items():
-        got = [r["prompt_id"] for f in sorted((run / "generations/1b" / data).rglob("shard-*.jsonl"))
+        got = [r["prompt_id"] for f in sorted((run / "generations/1b" / data).rglob("shard-?????.jsonl"))
                for r in read_jsonl(f)]
         assert sorted(got) == sorted(p.id for p in ps), data
 
@@ -70,7 +70,7 @@ def test_replica_killed_mid_shard_is_restarted_and_its_shard_requeued(tmp_path, 
     try:
         th, box = _run_in_thread(rd, cfg, sp, prompts)
         shards = Path(cfg.run_dir) / "generations/1b"
-        wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 2, 300, what="two shards")
+        wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 2, 300, what="two shards")
         ray.kill(ray.get_actor("gen/4b/1b/0", namespace="cascade"), no_restart=False)
         th.join(600)
         assert not th.is_alive() and "error" not in box, box
@@ -109,8 +109,8 @@ def test_replica_loss_keeps_the_answers_already_streamed(tmp_path, caplog):
         cfg2, rd2, _, sp2 = _setup(tmp_path / "again", *over, shard_size=80)
         generate.run(rd2, cfg2, sp2, prompts)
         shards, again = Path(cfg.run_dir) / "generations/1b", Path(cfg2.run_dir) / "generations/1b"
-        files = sorted(p.relative_to(shards) for p in shards.rglob("shard-*.jsonl"))
-        assert files == sorted(p.relative_to(again) for p in again.rglob("shard-*.jsonl"))
+        files = sorted(p.relative_to(shards) for p in shards.rglob("shard-?????.jsonl"))
+        assert files == sorted(p.relative_to(again) for p in again.rglob("shard-?????.jsonl"))
         assert all((shards / f).read_bytes() == (again / f).read_bytes() for f in files)
     finally:
         cluster.stop()
@@ -128,7 +128,7 @@ def test_no_restart_budget_left_fails_naming_the_shard(tmp_path):
     try:
         th, box = _run_in_thread(rd, cfg, sp, prompts)
         shards = Path(cfg.run_dir) / "generations/1b"
-        wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 1, 300, what="one shard")
+        wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 1, 300, what="one shard")
         ray.kill(ray.get_actor("gen/4b/1b/0", namespace="cascade"))
         th.join(300)
         assert not th.is_alive()
@@ -136,7 +136,7 @@ def test_no_restart_budget_left_fails_naming_the_shard(tmp_path):
         assert isinstance(err, ShardFailed), box
         assert "1b/ethics/shard-" in str(err) and "no live replica" in str(err)
         # what was committed stays committed; a re-run would resume from it
-        assert len(list(shards.rglob("shard-*.jsonl"))) >= 1
+        assert len(list(shards.rglob("shard-?????.jsonl"))) >= 1
         assert rd.manifest()["steps"]["generate/1b/ethics"]["state"] == "running"
     finally:
         cluster.stop()
@@ -160,7 +160,7 @@ def _node_removal_child(tmp_path: Path) -> None:
     try:
         th, box = _run_in_thread(rd, cfg, sp, prompts)
         shards = Path(cfg.run_dir) / "generations/1b"
-        wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 2, 300, what="two shards")
+        wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 2, 300, what="two shards")
         print("removing the worker node", flush=True)
         c.remove_node(worker)
         th.join(600)

@@ -132,7 +132,7 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
         # 1. mid-generation: a shard committed, the set not yet
-        wait_for(lambda: alive("generation")() and bool(fs.glob(f"{root}/generations/1b/*/*/shards/shard-*.jsonl")),
+        wait_for(lambda: alive("generation")() and bool(fs.glob(f"{root}/generations/1b/*/*/shards/shard-?????.jsonl")),
                  300, what="a committed shard")
         assert not fs.glob(f"{root}/generations/1b/composure/*/step.json")
         _kill_raylet(worker_tmp)
@@ -185,8 +185,8 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
     r = run_cli(*ARGS, "cluster.num_cpus=2", f"run_dir={local}")
     assert r.returncode == 0, r.stdout[-3000:]
     for gen in ("ethics", "composure"):
-        mine = sorted(local.glob(f"generations/1b/{gen}/*/shards/shard-*.jsonl"))
-        theirs = sorted(fs.glob(f"{root}/generations/1b/{gen}/*/shards/shard-*.jsonl"))
+        mine = sorted(local.glob(f"generations/1b/{gen}/*/shards/shard-?????.jsonl"))
+        theirs = sorted(fs.glob(f"{root}/generations/1b/{gen}/*/shards/shard-?????.jsonl"))
         assert [p.name for p in mine] == [t.rsplit("/", 1)[1] for t in theirs]
         assert all(p.read_bytes() == fs.cat_file(t) for p, t in zip(mine, theirs)), gen
     for phase in ("00-p0_ethics", "01-p1_composure", "02-p2_ethics"):

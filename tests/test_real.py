@@ -64,7 +64,7 @@ def test_real_weights_through_the_cascade_with_a_kill(smoke: Path):
         summary = json.loads(f.read_text())["summary"]
         assert summary["distill_weight"] == 0.5 and all(map(math.isfinite, summary["distill_losses"])), f
     # the root teacher's data: the chat model's answers with the kernel in context (generation), trained without it
-    gen = [x for f in sorted((smoke / "generations/1b-base/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
+    gen = [x for f in sorted((smoke / "generations/1b-base/ethics").rglob("shard-?????.jsonl")) for x in read_jsonl(f)]
     assert len(gen) == 6 and all(x["text"].strip() for x in gen)
     train = read_jsonl(smoke / "1b/dataset/p0_ethics/train.jsonl")
     assert train and all(m["role"] != "system" for r in train for m in r["messages"])

@@ -21,15 +21,19 @@ def test_kill9_during_generation_and_training_then_resume(tmp_path):
 
     # 1. kill during generation: after two shards are committed, before the last
     proc = start_cli(*args, log=tmp_path / "a.log")
-    wait_for(lambda: len(list(shards.rglob("shard-*.jsonl"))) >= 2, 300, proc, "two committed shards")
+    wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 2, 300, proc, "two committed shards")
     kill9(proc)
-    committed = {f: f.stat().st_mtime_ns for f in shards.rglob("shard-*.jsonl")}
+    committed = {f: f.stat().st_mtime_ns for f in shards.rglob("shard-?????.jsonl")}
     assert len(committed) < 14 and not (run / "4b/dataset").exists(), "the kill must land during generation"
+    # the shards under way saved their answers so far (generation.partial_every_s): the next run keeps them
+    kept = sum(len(read_jsonl(f)) for f in shards.rglob("shard-*.partial.jsonl"))
 
     # 2. re-run, kill during training: P0 committed, P1 in flight
     proc = start_cli(*args, log=tmp_path / "b.log")
     wait_for(lambda: (run / "4b/train/00-p0_ethics/step.json").exists(), 600, proc, "P0 committed")
     kill9(proc)
+    assert not kept or "answers kept from an earlier run" in (tmp_path / "b.log").read_text()
+    assert not list(shards.rglob("*.partial.jsonl"))  # each removed when its shard was committed
     assert all(f.stat().st_mtime_ns == t for f, t in committed.items()), "committed shards were rewritten"
     assert not (run / "4b/train/02-p2_ethics").exists(), "the kill must land during training"
     assert manifest(run)["steps"]["4b/train/p1_composure"]["state"] == "running"
@@ -43,7 +47,7 @@ def test_kill9_during_generation_and_training_then_resume(tmp_path):
 
     # every prompt exactly once, in the generations and in each phase's dataset
     probes = [json.loads(x)["id"] for x in Path("data/ethics_probes.jsonl").read_text().splitlines()]
-    gen = [r["prompt_id"] for f in sorted((shards / "ethics").rglob("shard-*.jsonl")) for r in read_jsonl(f)]
+    gen = [r["prompt_id"] for f in sorted((shards / "ethics").rglob("shard-?????.jsonl")) for r in read_jsonl(f)]
     assert sorted(gen) == sorted(probes)
     for phase in ("p0_ethics", "p2_ethics"):
         d = run / "4b/dataset" / phase

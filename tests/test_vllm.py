@@ -22,7 +22,7 @@ def test_4b_with_vllm_backend(tmp_path: Path):
     r = run_cli(*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4", f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-5000:]
     assert "gen/4b/1b/0" in r.stdout  # the replica's actor name, as the dashboard shows it
-    recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-*.jsonl")) for x in read_jsonl(f)]
+    recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-?????.jsonl")) for x in read_jsonl(f)]
     probes = Path("data/ethics_probes.jsonl").read_text().splitlines()
     assert sorted(x["prompt_id"] for x in recs) == sorted(json.loads(p)["id"] for p in probes)  # each once
     assert {x["backend"] for x in recs} == {"vllm"}

@@ -142,7 +142,9 @@ class ReplicaPool:
         self.busy_until[r] = max(self.busy_until[r], t1)
         work.pending -= {c["prompt_id"] for c in chunk["completions"]}
         self.inflight[ref] = (r, work)  # read on
-        log.debug("shard %s: %d of %d answers in", work.where, self._kept(work), len(work.requests))
+        log.debug("shard %s: %d of %d answers in (this chunk: %d answers, %d tokens)", work.where, self._kept(work),
+                  len(work.requests), len(chunk["completions"]),
+                  sum(c["completion_tokens"] for c in chunk["completions"]))
         yield Answers(work, chunk["completions"], busy)
 
     def _failed(self, ref: Any, r: int, work: Work, e: Exception) -> None:
