@@ -19,14 +19,15 @@ def test_kill9_during_generation_and_training_then_resume(tmp_path):
             "curriculum.1.iters=40"]
     shards = run / "generations/1b"
 
-    # 1. kill during generation: after two shards are committed, before the last
+    # 1. kill during generation: after two shards are committed, before the last, once a shard under way has saved
+    # its answers so far (generation.partial_every_s): the next run keeps them
     proc = start_cli(*args, log=tmp_path / "a.log")
-    wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 2, 300, proc, "two committed shards")
+    wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 2 and any(shards.rglob("*.partial.jsonl")), 300,
+             proc, "two committed shards and a partial one")
     kill9(proc)
     committed = {f: f.stat().st_mtime_ns for f in shards.rglob("shard-?????.jsonl")}
     assert len(committed) < 14 and not (run / "4b/dataset").exists(), "the kill must land during generation"
-    # the shards under way saved their answers so far (generation.partial_every_s): the next run keeps them
-    kept = sum(len(read_jsonl(f)) for f in shards.rglob("shard-*.partial.jsonl"))
+    kept = sum(len(read_jsonl(f)) for f in shards.rglob("shard-*.partial.jsonl"))  # 0 only if one just committed
 
     # 2. re-run, kill during training: P0 committed, P1 in flight
     proc = start_cli(*args, log=tmp_path / "b.log")
