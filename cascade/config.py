@@ -97,8 +97,8 @@ class GenerationConfig:
     # a round trip. Answers stream to the driver as they finish: a crash loses only those not yet sent.
     shards_in_flight: int = 3
     # a shard's answers streamed in so far are saved (<shard>.partial.jsonl, rewritten atomically) at most this often,
-    # so a killed driver loses only the answers of the last interval and those the engine had not finished; on
-    # SIGTERM they are saved at once; 0: only then
+    # on the arrival of a chunk of answers, so a killed driver loses only the answers that came in since a shard's
+    # last save and those the engine had not finished; on SIGTERM they are saved at once; 0: only then
     partial_every_s: float = 1.0
     max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause
     max_actor_restarts: int = 2
