@@ -1,23 +1,28 @@
 """Training: the Ray Train phase loop vs a bare PEFT loop and vs TRL's SFTTrainer, packing efficiency, resume time.
 
-    .venv/bin/python benchmarks/training.py          # ~6 minutes on 2 CPU cores, tiny preset
+    .venv/bin/python benchmarks/training.py          # ~10 minutes on 2 CPU cores, tiny preset (--rounds 3)
 
 1. One LoRA phase on the tiny 27b student (the largest tiny model) over the project's prompts and reference
-   answers, every trainer on the same threads (the CPUs a worker gets: cascade.cluster.worker_cpus):
-   a. stages/train.py's worker loop inside a Ray Train job (1 worker);
-   b. a bare PEFT loop on the same batches in this process (same packing, order, optimizer);
-   c. TRL's SFTTrainer on the same examples as prompt-completion conversations (packing on, best-fit decreasing
-      into max_length rows; completion-only loss), same LoRA, batch, sequence length, steps, learning rate and
-      optimizer (AdamW, no warm-up or decay).
-   Tokens/s counts real (non-pad) tokens over the optimizer steps; model loading is excluded from all three (TRL's
-   dataset preparation too: its train() call is timed).
+   answers, every trainer on the same threads (the CPUs a worker gets: cascade.cluster.worker_cpus), in --rounds
+   paired rounds (each a fresh model; pairing keeps this shared machine's slow drifts out of the ratio), each:
+   a. stages/train.py's worker loop inside a Ray Train job (1 worker) on a fresh Ray cluster;
+   b. a bare PEFT loop on the same batches in this process (same packing, order, optimizer), first with the idle
+      Ray cluster still up (bare_ray_up: Ray's daemons share the cores, as they do with the Ray Train job), then
+      again after Ray has stopped (bare: the reference of the goal).
+   Then, once, c. TRL's SFTTrainer on the same examples as prompt-completion conversations (packing on, best-fit
+   decreasing into max_length rows; completion-only loss), same LoRA, batch, sequence length, steps, learning
+   rate and optimizer (AdamW, no warm-up or decay).
+   Tokens/s counts real (non-pad) tokens over the optimizer steps; model loading is excluded from all (TRL's
+   dataset preparation too: its train() call is timed). Each figure is every round's tokens over every round's
+   seconds; the per-round figures are printed beside it.
 2. Real (non-pad) token fraction of the same data with packing (cascade.packing.pack) and with padding only, over
    the batches the worker loop draws; the Ray Train run's own count is printed beside it.
 3. Resume: `+stage=4b models=tiny` killed -9 after P1's first checkpoint; seconds from the start of the re-run
    to its first new optimizer step.
-Prints one JSON object on its last line (ratio_vs_bare_loop, ratio_vs_trl, real_token_fraction_packed,
-real_token_fraction_padded, resume_s, peak_rss_mb, ...). Goals: ratio_vs_bare_loop >= 0.95, ratio_vs_trl >= 1.0,
-packed fraction >= 0.95.
+Peak resident memory (MB) of this process and of each kind of process, per part (the largest over the rounds).
+Prints one JSON object on its last line (ratio_vs_bare_loop (+ _rounds, + _ray_up), ratio_vs_trl,
+real_token_fraction_packed, real_token_fraction_padded, resume_s, peak_rss_mb, ...). Goals: ratio_vs_bare_loop
+>= 0.95, ratio_vs_trl >= 1.0, packed fraction >= 0.95.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def _fraction(lengths: list[int], units: list[list[int]], seed: int) -> float:
     return real / slots
 
 
-def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], seed: int, threads: int) -> float:
+def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], seed: int,
+               threads: int) -> tuple[int, float]:
     import torch
 
     from cascade.config import LoraSpec
@@ -82,7 +88,7 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
         opt.step()
         opt.zero_grad(set_to_none=True)
         real += b["real_tokens"]
-    return real / (time.perf_counter() - t0)
+    return real, time.perf_counter() - t0
 
 
 def _trl(model_path: str, data: Path, tmp: Path, seed: int, threads: int) -> dict:
@@ -144,6 +150,8 @@ def _resume_s(tmp: Path) -> float:
 
 
 def main() -> None:
+    import argparse
+
     from transformers import AutoTokenizer
 
     from cascade import cluster
@@ -156,6 +164,9 @@ def main() -> None:
     from cascade.tiny import build_preset, preset_dir
     from stages.train import TrainJob, fit
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    rounds_n = ap.parse_args().rounds
     cfg = compose(["+stage=27b", "models=tiny", "cluster.auth=false", "cluster.include_dashboard=false"])
     build_preset(cfg)
     model_path = str(preset_dir(cfg) / "27b")
@@ -173,32 +184,55 @@ def main() -> None:
                  "real_token_fraction_padded": round(_fraction(lengths, [[i] for i in range(len(lengths))], seed), 4),
                  "examples": len(lengths), "bins": len(units), "bins_lower_bound": -(-sum(lengths) // SEQ)}
 
-    # 1a. orchestrated: the real worker loop in a Ray Train job, one phase, no mid-phase checkpoint
+    # 1. paired rounds, each: (a) orchestrated: the real worker loop in a Ray Train job, one phase, no mid-phase
+    # checkpoint; the bare loop on the same batches (b) in this process with the idle Ray cluster still up, (b')
+    # after Ray has stopped
     train = TrainConfig(batch_size=BATCH, grad_accum=1, max_seq_len=SEQ, save_every=0, bf16=False, max_failures=0)
     train.lora.r, train.lora.alpha, train.lora.dropout = 8, 16, 0.0
-    phase = PhasePlan(0, "bench", "bench", ITERS, 1e-3, Step("27b/dataset/bench", "data", rd.dataset("27b", "bench")),
-                      Step("27b/train/bench", "bench", rd.model("27b", 0, "bench")))
-    peaks = {}
-    with PeakMemory() as peak:
+    rounds: dict[str, list[tuple[int, float]]] = {"orchestrated": [], "bare_ray_up": [], "bare": []}
+    peaks: dict[str, dict] = {}
+
+    def peak_of(name: str, mb: dict) -> None:  # the largest over the rounds, per kind of process
+        peaks[name] = {k: max(v, peaks.get(name, {}).get(k, 0.0)) for k, v in mb.items()}
+
+    dataset = Step("27b/dataset/bench", "data", rd.dataset("27b", "bench"))
+    for r in range(rounds_n):
+        name = f"bench{r}"  # a fresh model per round: nothing committed is reused
+        phase = PhasePlan(0, "bench", "bench", ITERS, 1e-3, dataset, Step(f"27b/train/{name}", name,
+                                                                          rd.model("27b", 0, name)))
         cluster.start(cfg.cluster)
         try:
             train.cpus_per_worker = threads = cluster.worker_cpus(1)  # as the cascade gives a lone worker
-            fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), rd, "bench")
+            with PeakMemory() as peak:
+                fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), rd, name)
+            peak_of("ray_train", peak.megabytes())
+            summary = rd.committed(phase.model)["summary"]
+            rounds["orchestrated"].append((summary["tokens"], summary["train_seconds"]))
+            with PeakMemory() as peak:
+                rounds["bare_ray_up"].append(_bare_loop(model_path, examples, units, seed, threads))
+            peak_of("bare_loop_ray_up", peak.megabytes())
         finally:
             cluster.stop()
-    peaks["ray_train"] = peak.megabytes()
-    summary = rd.committed(phase.model)["summary"]
-    out["threads"] = threads
-    out["orchestrated_tok_s"] = round(summary["tokens_per_s"], 1)
+        with PeakMemory() as peak:
+            rounds["bare"].append(_bare_loop(model_path, examples, units, seed, threads))
+        peak_of("bare_loop", peak.megabytes())
+    out["threads"], out["rounds"] = threads, rounds_n
     out["real_token_fraction_in_training"] = round(summary["real_token_fraction"], 4)  # the worker's own count
-    # 1b. bare PEFT loop, same batches; 1c. TRL's SFTTrainer
-    with PeakMemory() as peak:
-        out["bare_tok_s"] = round(_bare_loop(model_path, examples, units, seed, threads), 1)
-    peaks["bare_loop"] = peak.megabytes()
+
+    def rate(key: str) -> float:  # every round's tokens over every round's seconds
+        return sum(n for n, _ in rounds[key]) / sum(t for _, t in rounds[key])
+
+    for key, short in (("orchestrated", "orchestrated"), ("bare_ray_up", "bare_ray_up"), ("bare", "bare")):
+        out[f"{short}_tok_s"] = round(rate(key), 1)
+        out[f"{short}_tok_s_rounds"] = [round(n / t, 1) for n, t in rounds[key]]
+    # 1c. TRL's SFTTrainer (once: it is a peer, not the cascade's own engine)
     with PeakMemory() as peak:
         out.update(_trl(model_path, data, tmp, cfg.seed, threads))
     peaks["trl"] = peak.megabytes()
-    out["ratio_vs_bare_loop"] = round(out["orchestrated_tok_s"] / out["bare_tok_s"], 3)
+    out["ratio_vs_bare_loop"] = round(rate("orchestrated") / rate("bare"), 3)
+    out["ratio_vs_bare_loop_rounds"] = [round(no / to / (nb / tb), 3)
+                                        for (no, to), (nb, tb) in zip(rounds["orchestrated"], rounds["bare"])]
+    out["ratio_vs_bare_loop_ray_up"] = round(rate("orchestrated") / rate("bare_ray_up"), 3)
     out["ratio_vs_trl"] = round(out["orchestrated_tok_s"] / out["trl_tok_s"], 3)
     with PeakMemory() as peak:
         out["resume_s"] = round(_resume_s(tmp), 1)
