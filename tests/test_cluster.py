@@ -104,3 +104,47 @@ def test_a_dead_clusters_address_file_is_not_followed():
         assert r.returncode == 0 and "CPUS 1.0" in r.stdout, r.stderr[-3000:]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+FIT = textwrap.dedent("""
+    import json, sys, time
+    import psutil
+    from cascade import cluster
+    from cascade.config import compose
+    from cascade.plan import PhasePlan
+    from cascade.rundir import RunDir, Step
+    from cascade.tiny import preset_dir
+    from stages.train import TrainJob, fit
+    cfg = compose(["+stage=4b", "models=tiny", "cluster.auth=false", "cluster.include_dashboard=false"])
+    rd = RunDir(sys.argv[1])
+    data = Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics"))
+    model = Step("4b/train/again", "again", rd.model("4b", 0, "again"))
+    phase = PhasePlan(0, "p0_ethics", "ethics", 2, 1e-3, data, model)
+    cluster.start(cfg.cluster)
+    fit(TrainJob("4b", rd.url, str(preset_dir(cfg) / "4b"), None, [phase], cfg.train, cfg.seed), rd, "again")
+    def left():  # Ray Train's processes of the finished job still running under this driver
+        titles = set()
+        for p in psutil.Process().children(recursive=True):
+            try:
+                titles.add(" ".join(p.cmdline()).strip())
+            except psutil.Error:
+                pass
+        return sorted(t for t in titles if t.startswith(("ray::TrainController", "ray::DatasetManager")))
+    deadline = time.time() + 30
+    while left() and time.time() < deadline:
+        time.sleep(0.5)
+    print("LEFT", json.dumps(left()))
+    cluster.stop()
+""")
+
+
+@pytest.mark.slow
+def test_a_finished_training_job_leaves_no_controller_behind(tiny_4b_run, tmp_path):
+    """Ray Train's fit() keeps its controller (and dataset manager) alive through the Ctrl-C handler it installs;
+    stages/train.fit puts the previous handler back, so they go as the job ends, not at the next job."""
+    from conftest import copy_run
+
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    r = subprocess.run([sys.executable, "-c", FIT, str(run)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "LEFT []" in r.stdout, r.stdout[-2000:]
