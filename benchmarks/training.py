@@ -222,9 +222,9 @@ def main() -> None:
     def rate(key: str) -> float:  # every round's tokens over every round's seconds
         return sum(n for n, _ in rounds[key]) / sum(t for _, t in rounds[key])
 
-    for key, short in (("orchestrated", "orchestrated"), ("bare_ray_up", "bare_ray_up"), ("bare", "bare")):
-        out[f"{short}_tok_s"] = round(rate(key), 1)
-        out[f"{short}_tok_s_rounds"] = [round(n / t, 1) for n, t in rounds[key]]
+    for key in rounds:
+        out[f"{key}_tok_s"] = round(rate(key), 1)
+        out[f"{key}_tok_s_rounds"] = [round(n / t, 1) for n, t in rounds[key]]
     # 1c. TRL's SFTTrainer (once: it is a peer, not the cascade's own engine)
     with PeakMemory() as peak:
         out.update(_trl(model_path, data, tmp, cfg.seed, threads))
