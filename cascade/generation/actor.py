@@ -42,6 +42,10 @@ class GenerationWorker:
     def info(self) -> dict[str, Any]:
         return self.backend.info()
 
+    def node(self) -> str:
+        """The id of the node this replica runs on (the pool checks it against Ray's node table)."""
+        return ray.get_runtime_context().get_node_id()
+
     def shutdown(self) -> None:
         """Stop the engine; its processes have exited when this returns (the actor is killed next)."""
         self.backend.shutdown()

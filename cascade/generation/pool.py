@@ -6,7 +6,10 @@ The driver submits `Work` (a shard's requests) and reads `events()`: `Answers` a
 when every request of a shard is answered. Each replica holds up to `shards_in_flight` shards at once. A replica
 that dies (crash, ray.kill, node loss) has its shards in flight re-queued with only their unanswered requests and
 is restarted by Ray (`max_actor_restarts`); it is probed until it answers again, or dropped when it has not come
-back within `restart_timeout_s`. A shard that fails `max_shard_failures` times, or the loss of every replica, ends
+back within `restart_timeout_s`. The pool does not rely on Ray's notice of a death alone: a stream whose actor
+vanished with its node can stay silent forever (seen once in CI when a node was removed), so every few seconds
+the nodes of the replicas with work in flight are checked against Ray's node table, and a replica whose node is
+gone is treated as lost. A shard that fails `max_shard_failures` times, or the loss of every replica, ends
 the events with `ShardFailed` naming the shard and the cause. The pool holds no run state: what to generate and
 what to commit is the driver's.
 """
@@ -21,13 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from cascade.config import BackendConfig, GenerationConfig
 from cascade.generation.actor import spawn
 from cascade.generation.types import Request, Sampling
 
 log = logging.getLogger(__name__)
+NODE_CHECK_S = 5.0  # how often the nodes of replicas with work in flight are checked against Ray's node table
 
 
 class ShardFailed(RuntimeError):
@@ -75,6 +79,9 @@ class ReplicaPool:
         self.shard_failures: collections.Counter = collections.Counter()
         self.replica_failures: collections.Counter = collections.Counter()
         self.busy_until = [0.0] * len(names)
+        self.node: dict[int, str] = {}  # replica -> the id of the node it runs on, once it has said
+        self.locating: dict[Any, int] = {}  # a node() call in flight -> its replica
+        self.checked = time.time()
 
     def info(self) -> dict[str, Any]:
         """The first replica's backend info (waits until its engine is up)."""
@@ -87,6 +94,10 @@ class ReplicaPool:
         """Answers and Done events until the queue is empty and no shard is in flight (probes alone: done)."""
         while self.queue or any(w is not None for _, w in self.inflight.values()):
             self._dispatch()
+            if time.time() - self.checked >= NODE_CHECK_S:
+                self._check_nodes()
+                if not self.inflight:
+                    continue
             ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=5.0)
             if not ready:
                 self._expire_probes()
@@ -116,6 +127,8 @@ class ReplicaPool:
             stream = self.replicas[r].generate.options(num_returns="streaming").remote(reqs, self.sampling,
                                                                                        self.system)
             self.inflight[stream] = (r, work)
+            if r not in self.node and r not in self.locating.values():
+                self.locating[self.replicas[r].node.remote()] = r
 
     def _read(self, ref: Any, r: int, work: Work) -> Iterator[Answers | Done]:
         try:
@@ -190,6 +203,30 @@ class ReplicaPool:
         works = [self.inflight.pop(ref)[1] for ref in refs]
         self.queue.extendleft(sorted(works, key=lambda w: w.where, reverse=True))
         self.free[:] = [x for x in self.free if x != r]
+        self.node.pop(r, None)  # a restarted replica may come back on another node: it is located again
+        for ref in [ref for ref, rr in self.locating.items() if rr == r]:
+            del self.locating[ref]
+
+    def _check_nodes(self) -> None:
+        """A replica with work in flight whose node Ray lists as dead is lost, whether or not its streams
+        have said so."""
+        self.checked = time.time()
+        if self.locating:
+            ready, _ = ray.wait(list(self.locating), num_returns=len(self.locating), timeout=0)
+            for ref in ready:
+                r = self.locating.pop(ref)
+                try:
+                    self.node[r] = ray.get(ref)
+                except RayError:  # the replica died: its streams or the node check below say so
+                    pass
+        dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+        for r in sorted({r for r, w in self.inflight.values() if w is not None and self.node.get(r) in dead}):
+            log.warning("%s's node %s is gone: its shards in flight re-queued (%s)", self.names[r],
+                        self.node[r][:8], ", ".join(sorted(w.where for rr, w in self.inflight.values()
+                                                           if rr == r and w is not None)))
+            self._requeue(r)
+            self._lost(r)
+        self._check_alive()
 
     def _lost(self, r: int) -> None:
         """Its actor died under a call: Ray restarts it up to max_actor_restarts times."""
