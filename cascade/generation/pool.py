@@ -6,10 +6,12 @@ The driver submits `Work` (a shard's requests) and reads `events()`: `Answers` a
 when every request of a shard is answered. Each replica holds up to `shards_in_flight` shards at once. A replica
 that dies (crash, ray.kill, node loss) has its shards in flight re-queued with only their unanswered requests and
 is restarted by Ray (`max_actor_restarts`); it is probed until it answers again, or dropped when it has not come
-back within `restart_timeout_s`. The pool does not rely on Ray's notice of a death alone: a stream whose actor
-vanished with its node can stay silent forever (seen once in CI when a node was removed), so every few seconds
-the nodes of the replicas with work in flight are checked against Ray's node table, and a replica whose node is
-gone is treated as lost. A shard that fails `max_shard_failures` times, or the loss of every replica, ends
+back within `restart_timeout_s`. The pool does not rely on Ray's notice of a death alone: when a node is removed,
+a stream to an actor on it can stay silent for good (seen twice in CI; once the actor was still being created
+there, and Ray neither restarted nor failed it). So every few seconds the pool checks the replicas with work in
+flight against Ray's node table: one whose node is dead is lost; one that has not yet said where it runs when
+`restart_timeout_s` has passed since a node died is killed (Ray restarts it) and counted lost too, its shards
+re-queued. A shard that fails `max_shard_failures` times, or the loss of every replica, ends
 the events with `ShardFailed` naming the shard and the cause. The pool holds no run state: what to generate and
 what to commit is the driver's.
 """
@@ -80,7 +82,9 @@ class ReplicaPool:
         self.replica_failures: collections.Counter = collections.Counter()
         self.busy_until = [0.0] * len(names)
         self.node: dict[int, str] = {}  # replica -> the id of the node it runs on, once it has said
-        self.locating: dict[Any, int] = {}  # a node() call in flight -> its replica
+        self.locating: dict[Any, tuple[int, float]] = {}  # a node() call in flight -> its replica, when asked
+        self.dead_nodes = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+        self.node_died = 0.0  # when a node was last seen dead that had been alive
         self.checked = time.time()
 
     def info(self) -> dict[str, Any]:
@@ -127,8 +131,8 @@ class ReplicaPool:
             stream = self.replicas[r].generate.options(num_returns="streaming").remote(reqs, self.sampling,
                                                                                        self.system)
             self.inflight[stream] = (r, work)
-            if r not in self.node and r not in self.locating.values():
-                self.locating[self.replicas[r].node.remote()] = r
+            if r not in self.node and all(rr != r for rr, _ in self.locating.values()):
+                self.locating[self.replicas[r].node.remote()] = (r, time.time())
 
     def _read(self, ref: Any, r: int, work: Work) -> Iterator[Answers | Done]:
         try:
@@ -204,26 +208,36 @@ class ReplicaPool:
         self.queue.extendleft(sorted(works, key=lambda w: w.where, reverse=True))
         self.free[:] = [x for x in self.free if x != r]
         self.node.pop(r, None)  # a restarted replica may come back on another node: it is located again
-        for ref in [ref for ref, rr in self.locating.items() if rr == r]:
+        for ref in [ref for ref, (rr, _) in self.locating.items() if rr == r]:
             del self.locating[ref]
 
     def _check_nodes(self) -> None:
-        """A replica with work in flight whose node Ray lists as dead is lost, whether or not its streams
-        have said so."""
-        self.checked = time.time()
+        """Replicas with work in flight that Ray's node table shows lost, whether or not their streams have said
+        so: one whose node is dead; one still not located `restart_timeout_s` after a node died (it may have been
+        in creation there), which is killed so that Ray restarts it."""
+        now = self.checked = time.time()
         if self.locating:
             ready, _ = ray.wait(list(self.locating), num_returns=len(self.locating), timeout=0)
             for ref in ready:
-                r = self.locating.pop(ref)
+                r, _ = self.locating.pop(ref)
                 try:
                     self.node[r] = ray.get(ref)
-                except RayError:  # the replica died: its streams or the node check below say so
+                except RayError:  # the replica died: its streams or the checks below say so
                     pass
         dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
-        for r in sorted({r for r, w in self.inflight.values() if w is not None and self.node.get(r) in dead}):
-            log.warning("%s's node %s is gone: its shards in flight re-queued (%s)", self.names[r],
-                        self.node[r][:8], ", ".join(sorted(w.where for rr, w in self.inflight.values()
-                                                           if rr == r and w is not None)))
+        if dead - self.dead_nodes:
+            self.dead_nodes, self.node_died = dead, now
+        asked = {r: t for r, t in self.locating.values()}
+        for r in sorted({r for r, w in self.inflight.values() if w is not None}):
+            if self.node.get(r) in dead:
+                why = f"its node {self.node[r][:8]} is gone"
+            elif r in asked and asked[r] < self.node_died < now - self.g.restart_timeout_s:
+                why = f"a node died {now - self.node_died:.0f} s ago and it has not said where it runs: killed"
+                ray.kill(self.replicas[r], no_restart=False)
+            else:
+                continue
+            log.warning("%s: %s; its shards in flight re-queued (%s)", self.names[r], why, ", ".join(
+                sorted(w.where for rr, w in self.inflight.values() if rr == r and w is not None)))
             self._requeue(r)
             self._lost(r)
         self._check_alive()
