@@ -102,7 +102,9 @@ class GenerationConfig:
     partial_every_s: float = 1.0
     max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause
     max_actor_restarts: int = 2
-    restart_timeout_s: float = 600.0  # a replica not back this long after a crash (no room left) counts as dead
+    # a replica not back this long after a crash (no room left) counts as dead; one not yet up this long after a
+    # node died (it may have been in creation there) is restarted
+    restart_timeout_s: float = 600.0
     drop_truncated: bool = True  # drop responses cut off by max_new_tokens (finish_reason == "length")
     min_chars: int = 1  # shorter responses (after strip) count as empty
     max_chars: int = 0  # longer responses are dropped (0: no bound)
