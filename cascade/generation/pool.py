@@ -227,7 +227,7 @@ class ReplicaPool:
         dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
         if dead - self.dead_nodes:
             self.dead_nodes, self.node_died = dead, now
-        asked = {r: t for r, t in self.locating.values()}
+        asked = dict(self.locating.values())  # replica -> when its node() call went out
         for r in sorted({r for r, w in self.inflight.values() if w is not None}):
             if self.node.get(r) in dead:
                 why = f"its node {self.node[r][:8]} is gone"
