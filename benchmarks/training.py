@@ -1,17 +1,22 @@
 """Training: the Ray Train phase loop vs a bare PEFT loop and vs TRL's SFTTrainer, packing efficiency, resume time.
 
-    .venv/bin/python benchmarks/training.py          # ~5 minutes on 2 CPU cores, tiny preset (--rounds 3)
+    .venv/bin/python benchmarks/training.py          # ~8 minutes on 2 CPU cores, tiny preset (--rounds 3)
 
 1. One LoRA phase on the tiny 27b student (the largest tiny model) over the project's prompts and reference
    answers, every trainer on the same threads (the CPUs a worker gets: cascade.cluster.worker_cpus), in --rounds
-   paired rounds (each a fresh model; pairing keeps this shared machine's slow drifts out of the ratio), each:
+   rounds (each a fresh model; rounds keep this shared machine's slow drifts out of the ratios). Each round runs
+   every kind, one after the other, each only once the previous kind's processes are gone; the order of the kinds
+   alternates from round to round (even rounds: the Ray part first; odd: the part without Ray first, reversed):
    a. stages/train.py's worker loop inside a Ray Train job (1 worker) on a fresh Ray cluster;
-   b. a bare PEFT loop on the same batches in this process (same packing, order, optimizer), first with the idle
-      Ray cluster still up (bare_ray_up: Ray's daemons share the cores, as they do with the Ray Train job), then
-      again after Ray has stopped (bare: the reference of the goal).
-   Then, once, c. TRL's SFTTrainer on the same examples as prompt-completion conversations (packing on, best-fit
-   decreasing into max_length rows; completion-only loss), same LoRA, batch, sequence length, steps, learning
-   rate and optimizer (AdamW, no warm-up or decay).
+   b. a bare PEFT loop on the same batches in this process (same packing, order, optimizer), with the idle Ray
+      cluster still up (bare_ray_up: Ray's daemons share the cores, as they do with the Ray Train job), and
+      again with Ray stopped (bare: the reference of the goal);
+   c. TRL's SFTTrainer on the same examples as prompt-completion conversations, as its users would set it for
+      speed: gradient checkpointing off (TRL 1.16 turns it on by default; no other loop here recomputes),
+      completion-only loss, same LoRA, batch, sequence length, steps, learning rate and optimizer (AdamW, no
+      warm-up or decay), once packed (best-fit decreasing into max_length rows) and once padded; its better
+      setting over the rounds is the peer (trl_best), and both settings' effective SFTConfig fields are printed
+      (trl_settings: checkpointing, packing, padding_free, batch, length, optimizer, threads).
    Tokens/s counts real (non-pad) tokens over the optimizer steps; model loading is excluded from all (TRL's
    dataset preparation too: its train() call is timed). Each figure is every round's tokens over every round's
    seconds; the per-round figures are printed beside it.
@@ -28,6 +33,7 @@ real_token_fraction_packed, real_token_fraction_padded, resume_s, peak_rss_mb, .
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -91,8 +97,11 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
     return real, time.perf_counter() - t0
 
 
-def _trl(model_path: str, data: Path, tmp: Path, seed: int, threads: int) -> dict:
-    """TRL's SFTTrainer, packing (best-fit decreasing) and completion-only loss: real tokens/s over its train()."""
+def _trl(model_path: str, data: Path, tmp: Path, seed: int, threads: int, packed: bool) -> tuple[int, float, dict]:
+    """TRL's SFTTrainer configured as its users would for speed on this data: gradient checkpointing off (TRL 1.16's
+    SFTConfig turns it on by default; the other loops run without it), packing best-fit decreasing (packed) or
+    padded batches, completion-only loss. Returns real tokens, seconds of its optimizer steps, and its effective
+    settings."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -107,7 +116,8 @@ def _trl(model_path: str, data: Path, tmp: Path, seed: int, threads: int) -> dic
                             for r in recs])
     tok = AutoTokenizer.from_pretrained(model_path)
     args = SFTConfig(output_dir=str(tmp / "trl"), max_steps=ITERS, per_device_train_batch_size=BATCH,
-                     gradient_accumulation_steps=1, max_length=SEQ, packing=True, packing_strategy="bfd",
+                     gradient_accumulation_steps=1, max_length=SEQ, packing=packed,
+                     **({"packing_strategy": "bfd"} if packed else {}), gradient_checkpointing=False,
                      completion_only_loss=True, learning_rate=1e-3, lr_scheduler_type="constant", warmup_steps=0,
                      weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=seed, data_seed=seed,
                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
@@ -126,9 +136,21 @@ def _trl(model_path: str, data: Path, tmp: Path, seed: int, threads: int) -> dic
     trainer = SFTTrainer(model=load_model(model_path), args=args, train_dataset=ds, processing_class=tok,
                          peft_config=lora, callbacks=[Clock()])
     trainer.train()
-    tokens = trainer.state.num_input_tokens_seen
-    return {"trl_tok_s": round(tokens / (Clock.t1 - Clock.t0), 1), "trl_tokens": int(tokens),
-            "trl_steps": trainer.state.global_step, "trl_loss_last": trainer.state.log_history[-2].get("loss")}
+    a = trainer.args
+    settings = {"gradient_checkpointing": a.gradient_checkpointing, "packing": a.packing,
+                "packing_strategy": a.packing_strategy if a.packing else None, "padding_free": a.padding_free,
+                "per_device_train_batch_size": a.per_device_train_batch_size, "max_length": a.max_length,
+                "optim": str(a.optim), "torch_threads": torch.get_num_threads(), "steps": trainer.state.global_step}
+    return int(trainer.state.num_input_tokens_seen), Clock.t1 - Clock.t0, settings
+
+
+def _wait_children_gone(timeout: float = 120) -> None:
+    """Until every process this one started (Ray's, a trainer's helpers) has exited: the next kind measures alone."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while psutil.Process().children(recursive=True) and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def _resume_s(tmp: Path) -> float:
@@ -196,13 +218,18 @@ def main() -> None:
         peaks[name] = {k: max(v, peaks.get(name, {}).get(k, 0.0)) for k, v in mb.items()}
 
     dataset = Step("27b/dataset/bench", "data", rd.dataset("27b", "bench"))
-    for r in range(rounds_n):
+    rounds.update(trl_packed=[], trl_padded=[])
+    trl_settings: dict[str, dict] = {}
+
+    def with_ray(r: int) -> None:  # (a) the Ray Train job, then (b) the bare loop with the idle cluster still up
+        nonlocal summary
         name = f"bench{r}"  # a fresh model per round: nothing committed is reused
         phase = PhasePlan(0, "bench", "bench", ITERS, 1e-3, dataset, Step(f"27b/train/{name}", name,
                                                                           rd.model("27b", 0, name)))
         cluster.start(cfg.cluster)
         try:
-            train.cpus_per_worker = threads = cluster.worker_cpus(1)  # as the cascade gives a lone worker
+            train.cpus_per_worker = cluster.worker_cpus(1)  # as the cascade gives a lone worker
+            assert train.cpus_per_worker == threads, (train.cpus_per_worker, threads)
             with PeakMemory() as peak:
                 fit(TrainJob("27b", rd.url, model_path, None, [phase], train, cfg.seed), rd, name)
             peak_of("ray_train", peak.megabytes())
@@ -213,9 +240,28 @@ def main() -> None:
             peak_of("bare_loop_ray_up", peak.megabytes())
         finally:
             cluster.stop()
-        with PeakMemory() as peak:
-            rounds["bare"].append(_bare_loop(model_path, examples, units, seed, threads))
-        peak_of("bare_loop", peak.megabytes())
+            _wait_children_gone()
+
+    def without_ray(r: int) -> None:  # (b') the bare loop, (c) TRL packed and padded; their order alternates too
+        kinds = ["bare", "trl_packed", "trl_padded"]
+        for kind in kinds if r % 2 == 0 else kinds[::-1]:
+            with PeakMemory() as peak:
+                if kind == "bare":
+                    rounds["bare"].append(_bare_loop(model_path, examples, units, seed, threads))
+                else:
+                    tokens, seconds, trl_settings[kind] = _trl(model_path, data, tmp / f"{kind}{r}", cfg.seed,
+                                                               threads, packed=kind == "trl_packed")
+                    rounds[kind].append((tokens, seconds))
+            peak_of(kind if kind != "bare" else "bare_loop", peak.megabytes())
+            _wait_children_gone()
+
+    summary: dict = {}
+    # the threads a lone worker gets on this one-node cluster (cluster.worker_cpus, which needs Ray up), known
+    # before a round that starts without Ray
+    threads = cluster.share_cpus([cfg.cluster.num_cpus or os.cpu_count() or 1], 1)
+    for r in range(rounds_n):  # the order of the kinds alternates across rounds
+        for part in ((with_ray, without_ray) if r % 2 == 0 else (without_ray, with_ray)):
+            part(r)
     out["threads"], out["rounds"] = threads, rounds_n
     out["real_token_fraction_in_training"] = round(summary["real_token_fraction"], 4)  # the worker's own count
 
@@ -225,10 +271,8 @@ def main() -> None:
     for key in rounds:
         out[f"{key}_tok_s"] = round(rate(key), 1)
         out[f"{key}_tok_s_rounds"] = [round(n / t, 1) for n, t in rounds[key]]
-    # 1c. TRL's SFTTrainer (once: it is a peer, not the cascade's own engine)
-    with PeakMemory() as peak:
-        out.update(_trl(model_path, data, tmp, cfg.seed, threads))
-    peaks["trl"] = peak.megabytes()
+    best = max(("trl_packed", "trl_padded"), key=rate)  # TRL's best setting on this data
+    out["trl_best"], out["trl_tok_s"], out["trl_settings"] = best, out[f"{best}_tok_s"], trl_settings
     out["ratio_vs_bare_loop"] = round(rate("orchestrated") / rate("bare"), 3)
     out["ratio_vs_bare_loop_rounds"] = [round(no / to / (nb / tb), 3)
                                         for (no, to), (nb, tb) in zip(rounds["orchestrated"], rounds["bare"])]

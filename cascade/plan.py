@@ -193,7 +193,7 @@ def backend_kwargs(cfg: Config, teacher: Teacher) -> dict[str, Any]:
         return {**kw, "batch_size": b.batch_size}
     return {**kw, "tensor_parallel_size": b.tensor_parallel_size, "gpu_memory_utilization": b.gpu_memory_utilization,
             "max_model_len": b.max_model_len, "enforce_eager": b.enforce_eager, "engine_kwargs": dict(b.engine_kwargs),
-            "seed": cfg.seed, "warmup_prompts": b.warmup_prompts}
+            "seed": cfg.seed, "warmup_prompts": b.warmup_prompts, "keep_off_model_cores": b.keep_off_model_cores}
 
 
 def _teachers(cfg: Config, stage: str, sp: StagePlan, done: dict[str, StagePlan], kernel: str) -> list[Teacher]:

@@ -114,7 +114,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
     every = cfg.generation.partial_every_s
     try:
         info = pool.info()
-        timing = {"engine_start_s": time.time() - t_start}
+        timing = {"engine_start_s": time.time() - t_start, "device": info.get("device", "cpu")}
         for w in work:
             pool.submit(w)
         t_gen = time.time()
@@ -190,7 +190,7 @@ def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: d
     # prompt_tokens: of each prompt once (cascade/budget.py plans the same count)
     summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
                "prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": tokens, "compute_seconds": compute_s,
-               **timing}
+               "model_key": job.teacher.key, **timing}
     rd.commit_files(job.step, summary, teacher={**vars(job.teacher), "system": bool(job.teacher.system)})
 
 

@@ -58,6 +58,7 @@ class TrainJob:
     train: TrainConfig
     seed: int
     trust_remote_code: bool = False
+    model_key: str = ""  # the stage's base model's identity (the planner's measured rates are per model)
 
 
 def run(rd: RunDir, cfg: Config, sp: StagePlan, cpus: int) -> None:
@@ -74,7 +75,7 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan, cpus: int) -> None:
     first = todo[0].index
     job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, todo, dataclasses.replace(cfg.train, cpus_per_worker=cpus),
-                   cfg.seed, cfg.models.trust_remote_code)
+                   cfg.seed, cfg.models.trust_remote_code, sp.base_key)
     try:
         fit(job, rd, f"{sp.name}-{todo[0].model.key}")
     except Exception as e:  # a failed fusion check, workers out of restarts: `cascade status` says which and why
@@ -311,6 +312,8 @@ class PhaseTrainer:
     def summary(self) -> dict:
         import torch
 
+        from cascade.cluster import device_name
+
         seconds, train_seconds = self.t_end - self.t0, self.t_end - self.t_loop
         losses, kd = self.losses, self.kd_losses
         out = {
@@ -320,6 +323,7 @@ class PhaseTrainer:
             "seconds": seconds, "train_seconds": train_seconds, "tokens_per_s": self.real * self.world / train_seconds,
             "real_token_fraction": self.real / max(1, self.slots),
             "packing": self.t.packing, "workers": self.world, "threads": torch.get_num_threads(),
+            "device": device_name(), "model_key": self.job.model_key,
             "resumed_from_step": self.state["step"],
             "resumed_from_reason": self.state.get("reason"),
         }

@@ -6,6 +6,7 @@ Tests run tiny Gemma3 models on CPU through real Ray, PEFT and transformers (vLL
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import pytest
 
 from cascade.config import compose  # noqa: F401 - the tests' way to build the real config
 
+pytest_plugins = ["ci_plugin"]  # two tests at a time, limits, stacks of a hang: tests/ci_plugin.py
 ROOT = Path(__file__).resolve().parent.parent
 # Put first on a command line (a later override of the same key wins): no dashboard (it costs seconds; one test
 # checks it) and the tiny preset at smoke scale: the same steps, each phase a few optimizer steps at a higher
@@ -84,20 +86,39 @@ def read_jsonl(p: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """A session fixture's output made once per test run, the tests spread over xdist workers or not: the first
+    worker to ask builds it into a folder of the run's (under a lock), the others wait for it and reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    base = root / name
+    with open(root / f"{name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (base / ".built").exists():
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir(parents=True)
+            build(base)
+            (base / ".built").write_text("")
+    return base
+
+
 @pytest.fixture(scope="session")
 def tiny_4b_run(tmp_path_factory) -> Path:
     """One uninterrupted `+stage=4b models=tiny` run, shared read-only (copy it before changing it). While it runs,
     it is watched as a user would (tests/test_watch.py): Ray's Prometheus endpoint scraped, `cascade status`
     taken; what was seen is in <run_dir>/../watch.json."""
-    base = tmp_path_factory.mktemp("tiny4b")
-    run_dir, port = base / "run", free_port()
-    args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={run_dir}"]
-    proc = start_cli(*args, f"cluster.metrics_export_port={port}", log=base / "run.log",
-                     env={"RAY_metrics_report_interval_ms": "500"})  # Ray's default: every 10 s
-    seen = watch(proc, port, args)
-    assert proc.returncode == 0, (base / "run.log").read_text()[-4000:]
-    (base / "watch.json").write_text(json.dumps(seen))
-    return run_dir
+
+    def build(base: Path) -> None:
+        run_dir, port = base / "run", free_port()
+        args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={run_dir}"]
+        proc = start_cli(*args, f"cluster.metrics_export_port={port}", log=base / "run.log",
+                         env={"RAY_metrics_report_interval_ms": "500"})  # Ray's default: every 10 s
+        seen = watch(proc, port, args)
+        assert proc.returncode == 0, (base / "run.log").read_text()[-4000:]
+        (base / "watch.json").write_text(json.dumps(seen))
+
+    return shared_once(tmp_path_factory, "tiny4b", build) / "run"
 
 
 def watch(proc: subprocess.Popen, port: int, args: list[str], timeout: float = 900) -> dict:
@@ -122,6 +143,8 @@ def watch(proc: subprocess.Popen, port: int, args: list[str], timeout: float = 9
             st = collect(cfg)
             status.append({"time": st["time"], "driver": st["driver"], "steps": st["steps"]})
         time.sleep(0.3)
+    if proc.poll() is None:  # over its time: stopped, and the fixture fails on its exit code
+        proc.kill()
     proc.wait(timeout=60)
     return {"metrics": metrics, "status": status, "scrape_errors": errors[-5:]}
 
@@ -135,6 +158,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ray_start_ports() -> list[str]:
+    """`ray start` flags giving a node free ports where Ray's defaults are fixed: another Ray on this machine (a
+    test running beside this one) holds those."""
+    return [f"--{k}={free_port()}" for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                              "runtime-env-agent-port")]
 
 
 def s3_bucket(name: str) -> str:

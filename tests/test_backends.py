@@ -42,9 +42,10 @@ def test_hf_backend_topk_logprobs_pack_into_npz():
 def test_hf_backend_n_samples_and_seeded_batches():
     from cascade.generation.hf_backend import HFBackend
     from cascade.generation.types import Request, Sampling
-    from cascade.tiny import preset_dir
+    from cascade.tiny import build_preset, preset_dir
 
     cfg = compose(["+stage=4b", "models=tiny"])
+    build_preset(cfg)  # once per machine; tests run in any order, two at a time
     hf = HFBackend(str(preset_dir(cfg) / "1b"), 4, "float32", None, False)
     reqs = [Request(f"p{i}", [{"role": "user", "content": q}], seed=7)
             for i, q in enumerate(["What is kindness?", "Why be patient?"])]

@@ -104,6 +104,7 @@ def test_planned_counts_equal_what_the_tiny_run_reports(tiny_4b_run: Path, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray_start")  # a `ray start`-style head: fixed default ports, one at a time
 def test_gpus_are_found_on_an_attached_cluster(tmp_path):
     """Without plan.gpus, the GPUs of the cluster at cluster.address are counted (joined as a client: nothing
     started on it); a Ray cluster with 4 declared GPUs stands in for a GPU cluster here."""
@@ -124,3 +125,28 @@ finally:
                        env={k: v for k, v in __import__("os").environ.items() if not k.startswith("RAY_AUTH")})
     line = next((x for x in r.stdout.splitlines() if x.startswith("DEVICE")), r.stdout + r.stderr[-3000:])
     assert line.startswith("DEVICE 4 80") and "found on the cluster at" in line and line.endswith("False"), line
+
+
+@pytest.mark.slow
+def test_a_tiny_cpu_runs_rates_never_plan_the_real_models_on_gpus(tiny_4b_run: Path, tmp_path):
+    """As a user would: the README's tiny run, then `python -m cascade plan +stage=27b` (the real models, H100s
+    assumed) on the same run directory plans exactly what it plans in an empty one, from estimates; the tiny run's
+    rates still plan the tiny models on this CPU (the 4b's own, measured; the 12b's and 27b's scaled from it)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_4b_run, run, symlinks=True)
+
+    def plan(*args: str) -> dict:
+        r = _plan("plan", *args, "--json")
+        assert r.returncode == 0, r.stdout[-3000:]
+        return json.loads(r.stdout[r.stdout.index("{\n"):])
+
+    after, empty = plan("+stage=27b", f"run_dir={run}"), plan("+stage=27b", f"run_dir={tmp_path}/empty")
+    timed = [r for r in after["steps"] if r["kind"] in ("generate", "train")]
+    assert timed and {r["rate_source"] for r in timed} == {"estimate"}, {r["rate_source"] for r in timed}
+    pending = {r["step"] for r in after["steps"]}
+    assert [r for r in empty["steps"] if r["step"] in pending] == after["steps"]  # the tiny run's rows aside
+    tiny = {r["step"]: r for r in plan("+stage=27b", "models=tiny", f"run_dir={run}")["steps"]}
+    assert tiny["12b/train/p0_ethics"]["rate_source"] == "measured (4b on cpu, scaled by parameters)"
+    assert "4b/train/p0_ethics" not in tiny  # done: nothing to plan

@@ -36,6 +36,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_nodes(temp_dir: str) -> None:
+    """Every process of the nodes started with this Ray temp dir, and their children."""
+    import psutil
+
+    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
+    procs += [c for p in procs for c in p.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 @pytest.mark.slow
 def test_dashboard_is_local_and_needs_the_token():
     import json
@@ -53,11 +67,35 @@ def test_dashboard_is_local_and_needs_the_token():
 
 
 @pytest.mark.slow
+def test_a_taken_dashboard_port_falls_back_to_a_free_one_and_says_so():
+    """A second cascade on the machine (another experiment, or tests run two at a time) finds the dashboard's port
+    held by the first: its dashboard goes on a free port, named in the log, instead of Ray failing to bind."""
+    import json
+    import os
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**os.environ, "RAY_AUTH_TOKEN": "cascade-test-token-0123456789abcdef", "PORT": str(port)}
+        env.pop("RAY_AUTH_MODE", None)
+        r = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level='INFO')\n" + SCRIPT],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    got = int(out["url"].rsplit(":", 1)[1])
+    assert got != port and out["authed"] == 200, out
+    assert f"the dashboard port {port} on 127.0.0.1 is taken (another Ray on this machine?): using {got}" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_start")  # a `ray start` head: fixed default ports, one at a time
 def test_joined_cluster_without_auth_is_refused(tmp_path):
     """cluster=multinode joins a running cluster; one started without token auth is refused before any step runs."""
     import os
 
-    from conftest import run_cli
+    from conftest import ray_start_ports, run_cli
 
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -68,6 +106,7 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
     ray_cli = str(Path(sys.executable).parent / "ray")
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     up = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+                         f"--ray-client-server-port={_free_port()}", *ray_start_ports(),
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}"],
                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert up.returncode == 0, up.stderr[-3000:]
@@ -78,7 +117,7 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
         assert "does not enforce auth" in r.stdout and "cluster.auth=false" in r.stdout
         assert not list((tmp_path / "run").glob("generations/**/shard-?????.jsonl"))
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_nodes(ray_tmp)  # not `ray stop`: it would stop every Ray on this machine
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

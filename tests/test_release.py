@@ -17,7 +17,7 @@ import pytest
 
 from conftest import FAST, ROOT, cascade_cmd, copy_run, free_port, manifest, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("release")]  # one release for the module
 REL = ["release.enabled=true", "release.harness=[cascade_probes,cascade_format]"]
 SEED_REQUEST = [{"role": "user", "content": "What is kindness?"}]  # the seed card's curl example
 
@@ -176,9 +176,13 @@ def test_served_answer_equals_transformers_greedy(released: Path, tmp_path: Path
             served = json.loads(out.stdout.strip().splitlines()[-1])
             local = json.loads((released / "4b/release/release.json").read_text())["harness"]["student"]
             assert served["samples"] == local["samples"]
+            # Every metric is a mean over the task's prompts of a per-prompt score in [0, 1] (ROUGE-L F1, accuracy),
+            # so one answer that differs moves it by at most 1/n. The local run is transformers in float32, eight
+            # prompts a batch; the served one vLLM, one at a time: a greedy near-tie may split one answer, no more.
             for task, metrics in local["results"].items():
+                one = 1 / local["samples"][task]
                 for k, v in metrics.items():
-                    assert served["results"][task][k] == pytest.approx(v, abs=0.15), (task, k)
+                    assert served["results"][task][k] == pytest.approx(v, abs=one + 1e-9), (task, k, one)
         assert key not in log.read_text(), "the key must not reach the server's log"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -40,7 +40,9 @@ class GenerationWorker:
         return self.name
 
     def info(self) -> dict[str, Any]:
-        return self.backend.info()
+        from cascade.cluster import device_name
+
+        return {**self.backend.info(), "device": device_name()}
 
     def node(self) -> str:
         """The id of the node this replica runs on (the pool checks it against Ray's node table)."""

