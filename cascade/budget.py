@@ -226,6 +226,9 @@ def _tokenizer(p: RunPlan, teacher: str, model: str, cache: dict) -> Any:
     """The teacher's tokenizer from its directory, or (a stage trained in this run: not made yet) its stage's base
     model's, which training does not change; from the HF cache for a hub id; None when nowhere on this machine."""
     base = next((sp.base_model for sp in p.stages if sp.name == teacher.removesuffix("-base")), model)
+    made = next((sp.phases[-1].model for sp in p.stages if sp.phases and sp.final_model == model), None)
+    if made is not None and p.rd.committed(made) is None:  # not made yet, or made from another model: not its own
+        model = base
     for src in dict.fromkeys((model, base)):
         if src not in cache:
             from transformers import AutoTokenizer

@@ -135,6 +135,8 @@ def build(staging: str, model: str, name: str, types: list[str], probes: list[di
     """The HF directory, the GGUF files, each checked against transformers; the formats table's rows."""
     _quiet_llama_cpp()
     hf = Path(staging, "hf")
+    for part in ("hf", "gguf"):  # a retried task (its worker died) starts from nothing
+        shutil.rmtree(Path(staging, part), ignore_errors=True)
     _copy_model(Path(local_model(model)), hf)
     from cascade.spm import write_sentencepiece
 

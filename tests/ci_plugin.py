@@ -1,9 +1,10 @@
-"""How the suite runs on a small machine: two tests at a time, every test bounded, a hang read from its stacks.
+"""How the suite runs: every test bounded, a hang read from its stacks; two at a time where the machine allows.
 
-- `pytest` runs two tests at a time (`-n 2 --dist loadgroup`, pyproject's addopts; `-n 0` for one at a time). A test
-  marked `alone` (real multi-node clusters on this machine, whose node kills and timings another test's load would
-  disturb) runs with no other test running: a reader-writer lock across the xdist workers, with a turnstile so
-  that a waiting `alone` test is not starved by the other worker's next tests.
+- `pytest` runs one test at a time (pyproject's addopts); `pytest -n 2 --dist loadgroup` (pytest-xdist) two at a
+  time, for a machine with cores to spare: on this 2-core one it took 101 minutes against 65 (every test's
+  training loop and engine wants both cores). Under xdist a test marked `alone` (real multi-node clusters on this
+  machine, whose node kills and timings another test's load would disturb) runs with no other test running: a
+  reader-writer lock across the workers, with a turnstile so that a waiting `alone` test is not starved.
 - Every test has a limit: tests/durations.json holds each test's measured call time (written by
   `CASCADE_RECORD_DURATIONS=tests/durations.json pytest`), the limit is LIMIT(measured); a test not measured gets
   UNMEASURED_S; a `timeout` marker overrides. pytest-timeout times the test's call (timeout_func_only: shared
@@ -79,7 +80,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     measured = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
     for item in items:
         if item.get_closest_marker("timeout") is None:
-            t = measured.get(item.nodeid)
+            t = measured.get(item.nodeid.split("@")[0])  # xdist's loadgroup adds "@<group>"
             item.add_marker(pytest.mark.timeout(UNMEASURED_S if t is None else LIMIT(t)))
 
 
@@ -199,7 +200,7 @@ _calls: dict[str, float] = {}
 
 def pytest_runtest_logreport(report) -> None:
     if report.when == "call":
-        _calls[report.nodeid] = round(report.duration, 1)
+        _calls[report.nodeid.split("@")[0]] = round(report.duration, 1)
 
 
 def pytest_sessionfinish(session) -> None:

@@ -54,10 +54,15 @@ def test_killed_train_worker_is_restarted_from_the_last_checkpoint(reference, tm
 
 
 def test_resume_on_two_workers_after_one(reference, tmp_path):
-    """Killed mid-P1 on one worker, resumed on two: the same global batch is split over two DDP ranks, so the run
-    follows the one-worker reference's optimizer steps up to the order of floating-point sums. Stated tolerances:
-    the losses before the kill equal the reference's exactly, those after within 1e-3 relative; every fused weight
-    within 1e-3 of the reference's, while training moved them by far more (checked, so the bound means something)."""
+    """Killed mid-P1 on one worker, resumed on two: the same global batch, split over two DDP ranks. Not the same
+    bytes as the one-worker reference (each rank draws its own LoRA dropout, and each logs the loss of its half of
+    the batch), so the result is checked against it within stated tolerances, set from a measured run (2026-12-02:
+    last-ten mean loss 0.4 % apart; fused weights 3 % of training's movement apart): the losses before the kill
+    equal the reference's exactly; the mean of the last ten within 3 %; the fused weights of P1 and P2 no further
+    from the reference's than 10 % of how far training moved them from P0, and moved as far as the reference's
+    within 5 %."""
+    import statistics
+
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
@@ -70,14 +75,16 @@ def test_resume_on_two_workers_after_one(reference, tmp_path):
     at = s["resumed_from_step"]
     assert s["workers"] == 2 and at > 0 and len(s["losses"]) == 40
     assert s["losses"][:at] == ref["losses"][:at]
-    assert s["losses"][at:] == pytest.approx(ref["losses"][at:], rel=1e-3)
-    base = load_file(str(reference / "4b/train/00-p0_ethics/model.safetensors"))
+    assert statistics.mean(s["losses"][-10:]) == pytest.approx(statistics.mean(ref["losses"][-10:]), rel=0.03)
+
+    def norm(a: dict, b: dict) -> float:
+        return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in b) ** 0.5
+
+    p0 = load_file(str(reference / "4b/train/00-p0_ethics/model.safetensors"))
     for rel in (P1, "4b/train/02-p2_ethics"):
         got, want = (load_file(str(d / rel / "model.safetensors")) for d in (run, reference))
-        diff = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
-        moved = max((want[k].float() - base[k].float()).abs().max().item() for k in want)
-        print(f"{rel}: max |two workers - one worker| {diff:.2e}, max |trained - P0| {moved:.2e}")
-        assert diff <= 1e-3 < moved, (rel, diff, moved)
+        apart, moved = norm(got, want), norm(want, p0)
+        assert apart <= 0.1 * moved and norm(got, p0) == pytest.approx(moved, rel=0.05), (rel, apart, moved)
 
 
 def test_fsdp_on_two_workers_resumes_mid_phase_to_the_same_adapter(tmp_path):
