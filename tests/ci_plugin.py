@@ -102,7 +102,7 @@ def _started_since(before: set[int]) -> list[psutil.Process]:
     return out
 
 
-def _kill(procs: list[psutil.Process]) -> None:
+def kill_all(procs: list[psutil.Process]) -> None:
     for p in procs:
         try:
             p.kill()
@@ -120,7 +120,7 @@ def pytest_runtest_protocol(item, nextitem):
         yield
     finally:
         if getattr(item, "_cascade_failed", False):
-            _kill(_started_since(item._cascade_before))
+            kill_all(_started_since(item._cascade_before))
         if _gate is not None:
             _gate.leave()
 
@@ -172,7 +172,7 @@ def pytest_timeout_set_timer(item, settings):
         signal.pthread_kill(main, signal.SIGALRM)
         if done.wait(GRACE_S):
             return
-        _kill(_started_since(before))  # a main thread blocked on what it started
+        kill_all(_started_since(before))  # a main thread blocked on what it started
         if done.wait(GRACE_S):
             return
         sys.__stderr__.write(f"{item.nodeid}: still running {2 * GRACE_S} s past its limit: this worker exits\n")

@@ -160,6 +160,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_nodes(*temp_dirs: str) -> None:
+    """Every process of the Ray nodes started with these temp dirs, and their children (not `ray stop`, which would
+    stop any other Ray on this machine)."""
+    import psutil
+
+    from ci_plugin import kill_all
+
+    procs = [p for p in psutil.process_iter(["cmdline"])
+             if any(t in a for a in p.info["cmdline"] or [] for t in temp_dirs)]
+    kill_all(procs + [c for p in procs for c in p.children(recursive=True)])
+
+
 def ray_start_ports() -> list[str]:
     """`ray start` flags giving a node free ports where Ray's defaults are fixed: another Ray on this machine (a
     test running beside this one) holds those."""

@@ -36,20 +36,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_nodes(temp_dir: str) -> None:
-    """Every process of the nodes started with this Ray temp dir, and their children."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in a for a in p.info["cmdline"] or [])]
-    procs += [c for p in procs for c in p.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 @pytest.mark.slow
 def test_dashboard_is_local_and_needs_the_token():
     import json
@@ -95,7 +81,7 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
     """cluster=multinode joins a running cluster; one started without token auth is refused before any step runs."""
     import os
 
-    from conftest import ray_start_ports, run_cli
+    from conftest import ray_start_ports, run_cli, stop_nodes
 
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -117,7 +103,7 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
         assert "does not enforce auth" in r.stdout and "cluster.auth=false" in r.stdout
         assert not list((tmp_path / "run").glob("generations/**/shard-?????.jsonl"))
     finally:
-        _stop_nodes(ray_tmp)  # not `ray stop`: it would stop every Ray on this machine
+        stop_nodes(ray_tmp)  # not `ray stop`: it would stop every Ray on this machine
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

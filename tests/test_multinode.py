@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import FAST, free_port, ray_logs, ray_start_ports, run_cli, s3_bucket, wait_for
+from conftest import FAST, free_port, ray_logs, ray_start_ports, stop_nodes, run_cli, s3_bucket, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.alone]  # two nodes, raylets killed
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -67,19 +67,6 @@ def _kill_raylet(temp_dir: str) -> None:
     assert p is not None, "no raylet for the worker node"
     p.kill()
     p.wait(30)
-
-
-def _stop(*temp_dirs: str) -> None:
-    """Every process of these two nodes (not `ray stop`, which would stop any other Ray on this machine)."""
-    procs = [p for p in psutil.process_iter(["cmdline"])
-             if any(t in a for a in p.info["cmdline"] or [] for t in temp_dirs)]
-    procs += [c for p in procs for c in p.children(recursive=True)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=30)
 
 
 def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path):
@@ -170,7 +157,7 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
             tail = f"(no job logs: {why})"
         raise AssertionError(f"{e}\n--- job logs ---\n{tail}\n--- nodes ---\n{ray_logs(head_tmp, worker_tmp)}") from e
     finally:
-        _stop(head_tmp, worker_tmp)
+        stop_nodes(head_tmp, worker_tmp)
 
     steps = json.loads(fs.cat_file(f"{root}/manifest.json"))["steps"]
     assert all(s["state"] == "done" for s in steps.values()), steps
