@@ -352,7 +352,8 @@ def main() -> None:
         try:
             generate.run_teacher(rd, c, sp.name, teacher, [job], prompts)
             s = rd.committed(job.step)["summary"]
-            starts["orchestrated"].append(s["engine_start_s"]) if key == "orchestrated" else None
+            if key == "orchestrated":
+                starts["orchestrated"].append(s["engine_start_s"])
             rounds[key].append((s["completion_tokens"], s["generate_wall_s"]))
         finally:
             cluster.stop()
