@@ -172,7 +172,8 @@ def _config(a: argparse.Namespace, prompts_file: Path, run_dir: Path):
     over = ["+stage=4b", "models=tiny", "backend=vllm", f"run_dir={run_dir}", "cluster.auth=false",
             "cluster.include_dashboard=false", f"generation.max_new_tokens={a.max_new_tokens}",
             "generation.shard_size=0", f"data.ethics.path={prompts_file}",
-            f"backend.engine_kwargs={{max_num_seqs:{a.max_num_seqs},max_num_batched_tokens:{a.max_num_batched_tokens}}}"]
+            f"+backend.engine_kwargs.max_num_seqs={a.max_num_seqs}",
+            f"+backend.engine_kwargs.max_num_batched_tokens={a.max_num_batched_tokens}"]
     if a.gpu:
         over += ["backend.gpu_memory_utilization=0.85", "backend.enforce_eager=false", "backend.num_gpus=1"]
     else:

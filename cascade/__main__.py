@@ -35,6 +35,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         log.error("config error: %s", e)
         sys.exit(2)
     from cascade.driver import run  # heavy imports only after the config is known to be valid
+    from cascade.lease import LeaseLost
     from cascade.modeling import FusionError, ReleaseError
     from cascade.preemption import EXIT_CODE, Preempted
 
@@ -49,6 +50,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ReleaseError as e:
         log.error("release refused, nothing committed for it: %s", e)
         sys.exit(1)
+    except LeaseLost as e:
+        log.error("lease lost: %s", e)
+        sys.exit(3)
     except Preempted:
         log.error("pre-empted (SIGTERM): what the run had is saved; run the same command to resume")
         sys.exit(EXIT_CODE)
@@ -73,6 +77,11 @@ def main() -> None:
 
         name, (module, known) = args[0], SUBCOMMANDS[args[0]]
         flags = [a for a in args[1:] if a.startswith("--")]
+        if {"--help", "-h"} & set(args[1:]):  # the sub-command's own page: its module's docstring
+            doc = importlib.import_module(f"cascade.{module}").__doc__ or ""
+            print(f"python -m cascade {name} +stage=<stage> [overrides] {' '.join(f'[{k}]' for k in known)}\n")
+            print(doc.strip())
+            return
         if set(flags) - set(known):
             log.error("%s: unknown option %s (known: %s)", name, " ".join(sorted(set(flags) - set(known))),
                       " ".join(known) or "none")

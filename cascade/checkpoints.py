@@ -54,7 +54,7 @@ class Checkpoints:
     def _steps(self) -> list[str]:
         if not self.rd.exists(self.dir):
             return []
-        return sorted(p for p in self.rd.fs.ls(self.dir, detail=False)
+        return sorted(p for p in self.rd.listdir(self.dir)
                       if p.rsplit("/", 1)[-1].startswith("step-") and self.rd.exists(f"{p}/meta.json"))
 
     def mark_resumed(self, step: int) -> None:
@@ -150,6 +150,6 @@ class Checkpoints:
                                                           "world": world, "distill_losses": distill_losses,
                                                           "reason": reason, "files": files}, point="checkpoint")
             for old in self._steps()[: -self.keep]:
-                self.rd.fs.rm(old, recursive=True)
+                self.rd.remove(old, recursive=True)
         if dist.is_initialized():
             dist.barrier()

@@ -406,7 +406,7 @@ class ClusterConfig:
 @dataclass
 class Config:
     target: str = MISSING  # the stage to build; set by +stage=<name>
-    run_dir: str = "outputs/cascade"  # a local or shared path, or an object store: s3://bucket/prefix, gs://...
+    run_dir: str = "outputs/cascade"  # a local or shared path, or an object store: s3://bucket/prefix
     seed: int = 1234
     kernel: str = "builtin:kernel.md"  # the LEK-1 axioms: context of the root teacher's build
     stages: dict[str, StageSpec] = field(default_factory=dict)
@@ -424,6 +424,9 @@ class Config:
     hf_token_env: str = "HF_TOKEN"  # name of the variable holding a hub token; the token itself is never stored
     lease_ttl_s: float = 60.0  # a dead driver's hold on run_dir ends this long after its last heartbeat
     verify: bool = False  # skipping a committed step checks its files' sizes; true: their sha256 too
+    # this node's copies of an object store's models and releases (cascade/storage.py) are evicted, least recently
+    # used first, beyond this many GB (0: no limit); other nodes: CASCADE_CACHE_MAX_GB in their environment
+    cache_max_gb: float = 0.0
 
     def __post_init__(self) -> None:
         check(self)

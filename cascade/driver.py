@@ -17,7 +17,7 @@ import os
 
 from cascade import cluster
 from cascade.config import Config
-from cascade.lease import Lease
+from cascade.lease import Lease, LeaseLost
 from cascade.plan import RunPlan, StagePlan, plan_run
 from cascade.preemption import Preemption
 from cascade.rundir import RunDir, Step
@@ -41,17 +41,21 @@ def run(cfg: Config) -> list[StagePlan]:
         check_tools(cfg)  # llama-cpp-python and llama.cpp's converter are installed, the GGUF types exist
     if cfg.cluster.auth:
         cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
-    with Lease(p.rd, cfg.lease_ttl_s):  # one driver per run directory
+    with Lease(p.rd, cfg.lease_ttl_s) as lease:  # one driver per run directory; every commit fenced by it
         try:
             _prepare(p)
-            _run_steps(p)
+            _run_steps(p, lease.token)
+        except KeyboardInterrupt:  # the lease's heartbeat interrupts the driver when the lease is lost
+            if lease.lost:
+                raise LeaseLost(lease.lost) from None
+            raise
         finally:  # an object store's copy of the log (a filesystem run directory's is the log itself)
             p.rd.upload(p.rd.driver_log(), p.rd.path("logs", "driver.log"))
     _report(p)
     return p.stages
 
 
-def _run_steps(p: RunPlan) -> None:
+def _run_steps(p: RunPlan, lease: tuple[int, str]) -> None:
     import ray
 
     from cascade import report
@@ -59,10 +63,17 @@ def _run_steps(p: RunPlan) -> None:
 
     cfg, rd = p.cfg, p.rd
     stop = Preemption(rd)
+    if cfg.cache_max_gb:  # this node's Ray workers inherit it (another node: set in its own environment)
+        os.environ.setdefault("CASCADE_CACHE_MAX_GB", str(cfg.cache_max_gb))
     cluster.start(cfg.cluster)
     stop.install()  # after Ray's own SIGTERM handler
     try:
         rd.clean_staging()
+        if cfg.cache_max_gb:
+            from cascade.storage import evict, node_cache
+
+            for gone in evict(node_cache() / "runs" / "models", cfg.cache_max_gb * 1e9):
+                log.info("node cache over cache_max_gb=%s: removed %s (least recently used)", cfg.cache_max_gb, gone)
         for sp in p.stages:
             if not sp.trains:
                 log.info("stage %s: teacher %s used as is", sp.name, sp.base_model)
@@ -81,7 +92,7 @@ def _run_steps(p: RunPlan) -> None:
                 if not spare:
                     ray.wait([before], num_returns=1, timeout=None)
             with stop.deferred():  # SIGTERM: the workers checkpoint at their next optimizer step, then stop
-                train.run(rd, cfg, sp, cpus)
+                train.run(rd, cfg, sp, cpus, lease)
             rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before))
             if sp.release:
                 rd.run_step(sp.release, lambda st: release.run(st, cfg, sp, rd, p.stages))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from importlib import resources
@@ -53,11 +54,14 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
     if not tasks:
         return {}
     if base_url:
+        # the key reaches lm-eval through its environment variable (OPENAI_API_KEY, read when a request is made),
+        # never through model_args, which lm-eval logs at INFO and writes into its results
         lm, args = "local-chat-completions", {"base_url": f"{base_url.rstrip('/')}/chat/completions",
                                               "model": served_name, "tokenized_requests": False,
                                               "max_retries": 1, "num_concurrent": 1}
+        os.environ.pop("OPENAI_API_KEY", None)
         if api_key:
-            args["header"] = {"Authorization": f"Bearer {api_key}"}
+            os.environ["OPENAI_API_KEY"] = api_key
     else:
         from cascade.rundir import local_model
 
@@ -83,8 +87,6 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
 def main(cfg: Any) -> None:
     """`python -m cascade harness <overrides>`: the release's harness tasks through the endpoint `cascade serve`
     runs (cascade/__main__.py composes the config); prints the results as one JSON line."""
-    import os
-
     from cascade.config import ConfigError
     from cascade.plan import heldout, plan_run
 

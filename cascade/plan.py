@@ -153,7 +153,10 @@ def model_identity(cfg: Config, stage: str, weights: bool = True) -> tuple[str, 
         p = Path(spec.model).expanduser()
         if not (p / "config.json").is_file():
             raise ConfigError(f"stages.{stage}.model: model path not found (no config.json): {spec.model}")
-        files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.is_file())
+        from cascade.storage import content_hash
+
+        # its bytes, not only its names and sizes: weights retrained in place are another model
+        files = sorted((f.name, f.stat().st_size, content_hash(f)) for f in p.iterdir() if f.is_file())
         return str(p.resolve()), stable_hash("local", (p / "config.json").read_text(), files)
     if weights and os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
@@ -268,6 +271,10 @@ def plan_run(cfg: Config, weights: bool = True) -> RunPlan:
     """Read and check every input (before Ray starts or a model loads), open the run directory, plan."""
     used = list(dict.fromkeys(p.data for p in cfg.curriculum))
     prompts = {k: load_prompts(cfg.data[k]) for k in used}
+    for k, ps in prompts.items():
+        if all(p.heldout for p in ps):
+            raise ConfigError(f"data.{k} ({cfg.data[k].path}): all {len(ps)} prompts are held out, none left to train "
+                              f"on (lower heldout_fraction, or mark fewer rows heldout)")
     kernel = read_text(cfg.kernel)
     rd = RunDir(cfg.run_dir, cfg.verify)
     return RunPlan(cfg, rd, prompts, kernel, plan(cfg, rd, prompts, kernel, weights))

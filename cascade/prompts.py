@@ -67,8 +67,13 @@ def _rows(src: DataSource) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, row) pairs; `where` is 'file:line' for JSONL so errors can point at the line."""
     p = resolve_path(src.path)
     if p is not None and p.suffix == ".jsonl":
-        with p.open() as f:
-            for n, line in enumerate(f, 1):
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad = raw[e.start : e.start + 1]
+                    raise ConfigError(f"{p}:{n}: not UTF-8 text (byte {e.start}: {bad!r})") from None
                 if not line.strip():
                     continue
                 try:
@@ -111,6 +116,10 @@ def _messages(where: str, row: dict[str, Any], src: DataSource) -> list[dict[str
     msgs = row[col]
     if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
         raise ConfigError(f"{where}: column {col!r} must be a list of {{role, content}} messages")
+    for i, m in enumerate(msgs):
+        if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
+            raise ConfigError(f"{where}: message {i} must have a role of system, user or assistant and text content "
+                              f"(a string), not role {m['role']!r} with {type(m['content']).__name__} content")
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     if msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]  # the teacher writes the answer

@@ -1,7 +1,8 @@
 """The run directory: its layout (written down here once), atomic commits, the manifest, the step protocol.
 
     <run_dir>/                                    made absolute first (Ray Train workers run in their own cwd)
-      lease.json                                  the driver that holds the run: host, pid, heartbeat (cascade/lease.py)
+      lease/<NNNNNNNN>.json                       the lease's generations, the highest current: its holder (host,
+                                                  boot id, pid), heartbeat; every commit fenced by it (cascade/lease.py)
       manifest.json                               every step: {name: {state, key, path, summary, time}}; rewritten
                                                   atomically, always after the output it describes
       config.yaml, config.sha256                  the resolved config of the latest invocation (no secrets)
@@ -47,6 +48,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -56,7 +58,8 @@ from typing import Any, Callable
 import fsspec
 
 from cascade.failpoints import failpoint
-from cascade.storage import PULLED, absolute, download, is_object_store, node_cache, open_fs, sha256_file
+from cascade.storage import (PULLED, absolute, content_hashes, download, evict, fsync_dir, fsync_tree,
+                             is_object_store, node_cache, open_fs, sha256_file, stray_pulls, write_synced)
 
 log = logging.getLogger(__name__)
 STEP_FILE = "step.json"
@@ -92,10 +95,31 @@ def local_model(path: str) -> str:
         return path
     fs, p = open_fs(path)
     rec = json.loads(fs.cat_file(f"{p}/{STEP_FILE}"))
-    dest = node_cache() / "runs" / "models" / f"{stable_hash(path)}-{rec['key']}"
-    if not (dest / PULLED).exists():
+    # keyed by the recorded sha256s: a step committed again with other bytes is another copy
+    dest = node_cache() / "runs" / "models" / f"{stable_hash(path)}-{rec['key']}-{stable_hash(rec['files'])}"
+    pulled = dest / PULLED
+    if pulled.exists() and (json.loads(pulled.read_text()) != rec["files"] or _altered(dest, rec["files"])):
+        import shutil  # not what the record says, or changed since it was pulled: pulled again
+
+        log.warning("node copy %s differs from %s's record: pulled again", dest, path)
+        shutil.rmtree(dest, ignore_errors=True)
+    if not pulled.exists():
         download(fs, p, rec["files"], dest)
+        limit = float(os.environ.get("CASCADE_CACHE_MAX_GB") or 0)
+        for gone in evict(dest.parent, limit * 1e9):
+            log.info("node cache over %s GB: removed %s (least recently used)", limit, gone)
+    os.utime(pulled)  # its last use, for eviction
     return str(dest)
+
+
+def _altered(dest: Path, files: dict[str, list]) -> bool:
+    """Whether a node copy's files differ from their recorded sha256s (each file hashed again only when its size,
+    mtime or inode changed since it was last hashed: content_hashes)."""
+    rels = sorted(files)
+    if not all((dest / rel).is_file() for rel in rels):
+        return True
+    got = content_hashes([dest / rel for rel in rels])
+    return any(files[rel][1] and files[rel][1] != g for rel, g in zip(rels, got))
 
 
 class RunDir:
@@ -113,6 +137,7 @@ class RunDir:
         self.mirror = root if self.is_local else str(node_cache() / "runs" / stable_hash(self.url))
         self.lfs = self.fs if self.is_local else fsspec.filesystem("file")
         self.verify = verify
+        self.fence: Callable[[], None] | None = None  # raises unless this process may still commit (cascade/lease.py)
         self._sound: set[tuple[str, str]] = set()  # (path, key) of committed steps already checked
 
     # -- the layout ------------------------------------------------------------------------------------------
@@ -170,9 +195,6 @@ class RunDir:
     def report(self, *parts: str) -> str:
         return self.path("report", *parts)
 
-    def lease(self) -> str:
-        return self.path("lease.json")
-
     def preempt_marker(self) -> str:
         return self.path("tmp", "preempt.json")
 
@@ -208,11 +230,38 @@ class RunDir:
             fs.pipe_file(path, data)
             return
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
+        tmp = write_synced(f"{path}.tmp-{uuid.uuid4().hex[:8]}", data)  # on disk before the name points at it
         failpoint(point, path)
-        fs.mv(tmp, path)
+        os.replace(tmp, path)
+        fsync_dir(path.rsplit("/", 1)[0])
+
+    def create_json(self, path: str, obj: Any) -> bool:
+        """Write a file only if none is at path, atomically (the lease): False when one already is. A filesystem:
+        a written temporary sibling hard-linked to the name (link fails if the name exists; NFS too); S3: one PUT
+        with If-None-Match."""
+        data = json.dumps(obj, indent=2, sort_keys=True).encode()
+        if not self.is_local:
+            if not self.url.startswith("s3://"):
+                raise RuntimeError(f"{self.url}: no atomic create-if-absent on this store (supported: a filesystem, s3)")
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = write_synced(f"{path}.tmp-{uuid.uuid4().hex[:8]}", data)
+        try:
+            os.link(tmp, path)
+            fsync_dir(path.rsplit("/", 1)[0])
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def _fenced(self) -> None:
+        if self.fence is not None:
+            self.fence()
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
@@ -221,7 +270,10 @@ class RunDir:
         self.write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def read_bytes(self, path: str) -> bytes:
-        with self._fs(path).open(path, "rb") as f:
+        fs = self._fs(path)
+        if fs is not self.lfs:
+            return fs.cat_file(path)  # one GET, retried while the store cannot be reached
+        with fs.open(path, "rb") as f:
             return f.read()
 
     def read_json(self, path: str) -> Any | None:
@@ -242,6 +294,31 @@ class RunDir:
 
     def exists(self, path: str) -> bool:
         return self._fs(path).exists(path)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        self._fs(path).rm(path, recursive=recursive)
+
+    def glob(self, pattern: str) -> list[str]:
+        return self._fs(pattern).glob(pattern)
+
+    def listdir(self, path: str) -> list[str]:
+        return self._fs(path).ls(path, detail=False)
+
+    def set_deadline(self, deadline: Callable[[], float] | None) -> None:
+        """An object store's retries end at deadline() (monotonic): the lease's, past which nothing may be written."""
+        if hasattr(self.fs, "deadline"):
+            self.fs.deadline = deadline
+
+    def ray_storage(self, path: str) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig: on an object store, pyarrow over this run
+        directory's own fsspec filesystem, its writes retried too (no lease deadline: it is pickled)."""
+        if self.is_local:
+            return path, None
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        from cascade.storage import Retrying
+
+        return self.fs._strip_protocol(path), PyFileSystem(FSSpecHandler(Retrying(self.fs.raw, self.fs.budget_s)))
 
     def upload(self, local: Path, path: str) -> None:
         """Copy a local file or directory (a log, TensorBoard's events) to a run-directory path; nothing to do
@@ -343,6 +420,8 @@ class RunDir:
         store: a stale marker is deleted first, then the stale files, then staging's files are uploaded and the
         marker last."""
         if self.is_local:
+            fsync_tree(staging)  # every staged file on disk before the marker that commits them
+            self._fenced()
             self.write_json(f"{staging}/{marker}", rec)
             failpoint(point)
             if self.fs.exists(path):  # stale: a different key (changed config); move aside, then drop
@@ -359,6 +438,7 @@ class RunDir:
         for rel in rec["files"]:
             self.fs.put_file(f"{staging}/{rel}", f"{path}/{rel}")
         failpoint(point)
+        self._fenced()
         self.write_json(f"{path}/{marker}", rec)
         self.lfs.rm(staging, recursive=True)
 
@@ -367,6 +447,7 @@ class RunDir:
         rec = {"step": step.name, "key": step.key, "summary": summary, "time": time.time(), **extra,
                "inputs": {p: self.contents(p) for p in step.inputs}, "files": self.file_digests(step.path)}
         failpoint("commit")
+        self._fenced()
         self.write_json(f"{step.path}/{STEP_FILE}", rec)
         self.mark_done(step, rec)
         return rec
@@ -398,6 +479,7 @@ class RunDir:
         # started: when the step began running under this key (kept when it ends), for `cascade status`
         m["steps"][name] = {"state": state, "time": now, "started": old.get("started", now) if same else now, **fields}
         failpoint("manifest")
+        self._fenced()
         self.write_json(self.path("manifest.json"), m)
 
     def save_config(self, text: str) -> None:
@@ -414,3 +496,8 @@ class RunDir:
         for f in self.lfs.glob(f"{self.mirror}/**/*.tmp-*"):  # an object store has none (nothing is renamed)
             log.info("removing %s, left by an interrupted write", f)
             self.lfs.rm(f, recursive=True)
+        import shutil
+
+        for p in stray_pulls(node_cache()):  # this node's: pulls whose process died
+            log.info("removing %s, a pull whose process died", p)
+            shutil.rmtree(p, ignore_errors=True)

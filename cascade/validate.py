@@ -19,7 +19,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # values that look like credentials: hub, OpenAI-style, GitHub, AWS and Slack tokens, and bearer headers
 SECRET_RE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|"
                        r"xox[abpr]-[A-Za-z0-9-]{10,})|^Bearer\s")
-SECRET_KEY_RE = re.compile(r"token|secret|password|passwd|api_?key|credential", re.I)
+# a key naming a secret as a word of its own (hf_token, api_key, password), not one that merely contains such a
+# word (max_num_batched_tokens, tokenizer_mode)
+SECRET_KEY_RE = re.compile(r"(?:^|[_.-])(?:token|secret|password|passwd|api_?key|credentials?)(?:$|[_.-])", re.I)
 
 
 def fail(msg: str) -> NoReturn:
@@ -76,8 +78,9 @@ def check(cfg: Any) -> None:
                     cfg.cluster):
         section.check()
     cfg.models.check(cfg.stage_order())
-    number("seed", cfg.seed, 0)
+    number("seed", cfg.seed, 0, 2**32 - 1)  # numpy's and Ray's seeds are 32-bit
     number("lease_ttl_s", cfg.lease_ttl_s, 1)
+    number("cache_max_gb", cfg.cache_max_gb, 0)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.hf_token_env):
         fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
               f"in the config)")
@@ -88,19 +91,28 @@ def check(cfg: Any) -> None:
     no_secrets("", dataclasses.asdict(cfg))
 
 
+RUN_DIR_SCHEMES = ("file", "s3")  # each has an atomic create-if-absent for the lease (cascade/lease.py)
+
+
 def _check_run_dir(url: str) -> None:
-    """A run directory's protocol must be one fsspec knows, its implementation installed (s3fs, gcsfs)."""
+    """A run directory is a path, file://, or s3:// (s3fs installed); no credentials in the URL."""
     import fsspec
 
     if not url.strip():
         fail("run_dir is empty")
     if "://" in url:
-        protocol = url.split("://", 1)[0]
+        protocol, rest = url.split("://", 1)
+        if protocol not in RUN_DIR_SCHEMES:
+            fail(f"run_dir {url.split('@')[-1]!r}: {protocol}:// is not supported (a path, "
+                 f"{', '.join(s + '://' for s in RUN_DIR_SCHEMES)}: the stores with an atomic create for the lease)")
+        if "@" in rest.split("/", 1)[0]:
+            fail(f"run_dir {protocol}://...@{rest.split('@', 1)[1]!r} carries credentials: give them through the "
+                 f"environment (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), never in a URL")
         try:
             fsspec.get_filesystem_class(protocol)
         except (ImportError, ValueError) as e:
             fail(f"run_dir {url!r}: no filesystem for {protocol}:// ({e})")
-        if url.rstrip("/").endswith("://") or not url.split("://", 1)[1].strip("/"):
+        if url.rstrip("/").endswith("://") or not rest.strip("/"):
             fail(f"run_dir {url!r} names no bucket or path")
 
 

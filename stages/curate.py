@@ -14,6 +14,7 @@ the student's, or the step stops here, before training.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter, defaultdict
@@ -110,15 +111,22 @@ def _record(p: Prompt, ph: PhasePlan, teacher: str, rec: dict, text: str) -> dic
     }
 
 
-def check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, list[dict]]]) -> None:
-    """Logit distillation compares token ids: every teacher's vocabulary must be the student's."""
+@functools.lru_cache(maxsize=8)
+def _vocab(model: str, revision: str | None, trust: bool) -> str:
+    """A student's vocabulary hash, its tokenizer loaded once per driver (a 262k vocabulary takes seconds; each
+    phase's dataset asks)."""
     from transformers import AutoTokenizer
 
     from cascade.chat import vocab_hash
+
+    return vocab_hash(AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust))
+
+
+def check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, list[dict]]]) -> None:
+    """Logit distillation compares token ids: every teacher's vocabulary must be the student's."""
     from cascade.rundir import local_model
 
-    student = vocab_hash(AutoTokenizer.from_pretrained(local_model(sp.base_model), revision=sp.revision,
-                                                       trust_remote_code=cfg.models.trust_remote_code))
+    student = _vocab(local_model(sp.base_model), sp.revision, cfg.models.trust_remote_code)
     for name, by_prompt in answers.items():
         recs = [r for rs in by_prompt.values() for r in rs]
         if not all("logprobs" in r for r in recs):

@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from cascade.config import Config
+from cascade.metrics import rouge_l
 from cascade.plan import StagePlan, heldout
 from cascade.rundir import RunDir, local_model
 
@@ -89,21 +90,6 @@ def _num(x: float | None) -> float:
 def _delta(metric: str, records: int, before: float | None, after: float | None) -> dict:
     return {"metric": metric, "records": records, "before": before, "after": after,
             "delta": None if before is None or after is None else after - before}
-
-
-def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace words: the longest common subsequence's share of both texts."""
-    a, b = candidate.lower().split(), reference.lower().split()
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
 
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int, batch_size: int,

@@ -41,6 +41,9 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: lis
                 prompts: dict[str, list[Prompt]]) -> None:
     """Generate the shards of `jobs` not yet committed on one pool of replicas, then commit each job."""
     open_jobs = [job for job in jobs if rd.begin(job.step) is None]
+    if not open_jobs:
+        return
+    prompts, too_long = _fitting(cfg, teacher, {job.data: prompts[job.data] for job in open_jobs})
     work, prior = [], {}
     for job in open_jobs:
         ps, n = prompts[job.data], job.shard_size
@@ -56,7 +59,38 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: lis
     stats = _generate(rd, cfg, stage, teacher, work, prior, live) if work else {"compute": {}}
     timing = {k: v for k, v in stats.items() if k != "compute"}
     for job in open_jobs:
-        _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0), timing)
+        _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
+                {**timing, "prompts_too_long": too_long[job.data]})
+
+
+def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tuple[dict[str, list[Prompt]],
+                                                                                   dict[str, int]]:
+    """Each set's prompts whose chat-templated tokens leave generation.max_new_tokens of the engine's context
+    (backend.max_model_len with vLLM, else the model's max_position_embeddings): the others are dropped before
+    generation, counted (the step's prompts_too_long) and logged, never sent to fail their shard again and again."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cascade.chat import prompt_messages, render_prompt
+    from cascade.rundir import local_model
+
+    path, trust = local_model(teacher.model), cfg.models.trust_remote_code
+    tok = AutoTokenizer.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust)
+    ctx = getattr(AutoConfig.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust).get_text_config(),
+                  "max_position_embeddings", None) or 1 << 30
+    if cfg.backend.name == "vllm":
+        ctx = min(ctx, cfg.backend.max_model_len)
+    room = ctx - cfg.generation.max_new_tokens
+    kept, dropped = {}, {}
+    for data, ps in sets.items():
+        texts = [render_prompt(tok, prompt_messages(p.messages, teacher.system)) for p in ps]
+        lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        kept[data] = [p for p, n in zip(ps, lengths) if n <= room]
+        dropped[data] = len(ps) - len(kept[data])
+        if dropped[data]:
+            log.warning("generate %s/%s: %d of %d prompts dropped: longer than %d tokens (context %d - "
+                        "generation.max_new_tokens %d)", teacher.name, data, dropped[data], len(ps), room, ctx,
+                        cfg.generation.max_new_tokens)
+    return kept, dropped
 
 
 def _shard(rd: RunDir, job: GenJob, i: int, ext: str = "jsonl") -> str:
@@ -76,11 +110,14 @@ def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -
     want = n_prompts * cfg.generation.n_samples
     npz = _shard(rd, job, i, "logprobs.npz")
     if n == want and (not cfg.generation.logprobs or rd.exists(npz)):
+        # a run stopped between committing the shard and removing its partial answers: they are stale
+        if rd.exists(partial := _shard(rd, job, i, "partial.jsonl")):
+            rd.remove(partial)
         return True
     log.warning("shard %s is damaged (%s records of %d): generated again", path, n if n >= 0 else "torn", want)
     for f in (path, npz):
         if rd.exists(f):
-            rd.fs.rm(f)
+            rd.remove(f)
     return False
 
 
@@ -174,7 +211,7 @@ def _write_shard(rd: RunDir, job: GenJob, i: int, recs: list[dict], with_logprob
         rd.write_bytes(_shard(rd, job, i, "logprobs.npz"), logprobs.pack(recs, i))
     rd.write_jsonl(_shard(rd, job, i), recs)
     if rd.exists(partial := _shard(rd, job, i, "partial.jsonl")):
-        rd.fs.rm(partial)
+        rd.remove(partial)
 
 
 def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> None:

@@ -28,6 +28,7 @@ than the tiny phases themselves on CPU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -59,9 +60,10 @@ class TrainJob:
     seed: int
     trust_remote_code: bool = False
     model_key: str = ""  # the stage's base model's identity (the planner's measured rates are per model)
+    lease: tuple[int, str] | None = None  # the driver's fencing token, checked before every commit (cascade/lease.py)
 
 
-def run(rd: RunDir, cfg: Config, sp: StagePlan, cpus: int) -> None:
+def run(rd: RunDir, cfg: Config, sp: StagePlan, cpus: int, lease: tuple[int, str] | None = None) -> None:
     """Train the phases of `sp` that are not committed (driver side), `cpus` CPUs (torch threads) per worker."""
     todo = []
     for ph in sp.phases:
@@ -75,7 +77,7 @@ def run(rd: RunDir, cfg: Config, sp: StagePlan, cpus: int) -> None:
     first = todo[0].index
     job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, todo, dataclasses.replace(cfg.train, cpus_per_worker=cpus),
-                   cfg.seed, cfg.models.trust_remote_code, sp.base_key)
+                   cfg.seed, cfg.models.trust_remote_code, sp.base_key, lease)
     try:
         fit(job, rd, f"{sp.name}-{todo[0].model.key}")
     except Exception as e:  # a failed fusion check, workers out of restarts: `cascade status` says which and why
@@ -99,18 +101,17 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    t, storage_path, storage_fs = job.train, rd.train_work(job.stage), None
+    t, (storage_path, storage_fs) = job.train, rd.ray_storage(rd.train_work(job.stage))
     failed = failure_file(rd, job.stage)
     if rd.exists(failed):  # a previous run's
-        rd.fs.rm(failed)
-    if not rd.is_local:
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        storage_path, storage_fs = rd.fs._strip_protocol(storage_path), PyFileSystem(FSSpecHandler(rd.fs))
+        rd.remove(failed)
     # Ray Train's fit() installs a Ctrl-C handler that holds its controller's handle, which keeps the finished
     # controller and its dataset manager alive (~0.75 GB, waking every second on the driver's node) until the
     # next fit or the driver's exit: putting the previous handler back lets Ray reclaim them as fit() returns.
     sigint = signal.getsignal(signal.SIGINT)
+    # Ray Train's controller polls its workers every 2 s by default: a phase's end (or a worker's death) is seen
+    # up to 2 s late, several times a stage. Ray Train passes this on to its controller; a user's value is kept.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     try:
         TorchTrainer(
             train_loop_per_worker,
@@ -146,6 +147,10 @@ def train_loop_per_worker(config: dict) -> None:
     job: TrainJob = config["job"]
     torch.set_num_threads(cpu_threads())
     rd = RunDir(job.run_dir)
+    if job.lease:  # a worker of a driver that lost its lease commits nothing
+        from cascade.lease import check_fence
+
+        rd.fence = functools.partial(check_fence, rd, job.lease)
     model_path, revision = local_model(job.start_model), job.revision
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=job.trust_remote_code)
     device = ray.train.torch.get_device()
@@ -232,7 +237,11 @@ class PhaseTrainer:
         from cascade.packing import DataOrder, pack
 
         split = self.rd.dataset_file(self.job.stage, self.ph.name, "train")
-        self.examples = load_examples(self.rd, split, self.tok, self.t.max_seq_len, self.t.distill_weight > 0)
+        self.examples, self.too_long = load_examples(self.rd, split, self.tok, self.t.max_seq_len,
+                                                     self.t.distill_weight > 0)
+        if not self.examples:
+            raise ValueError(f"{split}: no example has a response token within train.max_seq_len="
+                             f"{self.t.max_seq_len} ({self.too_long} dropped): raise it, or shorten the prompts")
         lengths = [len(e["input_ids"]) for e in self.examples]
         self.units = pack(lengths, self.t.max_seq_len) if self.t.packing else [[i] for i in range(len(lengths))]
         self.order = DataOrder(len(self.units), self.seed)
@@ -319,7 +328,8 @@ class PhaseTrainer:
         out = {
             "phase": self.ph.name, "steps": self.ph.iters, "loss_first": losses[0], "loss_last": losses[-1],
             "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses,
-            "examples": len(self.examples), "tokens": self.state["tokens"] + self.real * self.world,
+            "examples": len(self.examples), "examples_without_response": self.too_long,
+            "tokens": self.state["tokens"] + self.real * self.world,
             "seconds": seconds, "train_seconds": train_seconds, "tokens_per_s": self.real * self.world / train_seconds,
             "real_token_fraction": self.real / max(1, self.slots),
             "packing": self.t.packing, "workers": self.world, "threads": torch.get_num_threads(),
@@ -343,7 +353,7 @@ class PhaseTrainer:
             model = self._gathered()
         if self.rank == 0:
             heldout = self.rd.dataset_file(self.job.stage, self.ph.name, "heldout")
-            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len) or self.examples
+            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len)[0] or self.examples
             try:
                 self._fuse_and_commit(model, summary, probe)
             except FusionError as e:
@@ -381,16 +391,24 @@ class PhaseTrainer:
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
 
 
-def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, distill: bool = False) -> list[dict]:
-    """A dataset file's records encoded for training ([] when the file does not exist)."""
-    from cascade.chat import encode_example
+def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, distill: bool = False) -> tuple[list[dict], int]:
+    """A dataset file's records encoded for training ([] when the file does not exist), and how many were dropped
+    for having no response token within max_len."""
+    from cascade.chat import IGNORE_INDEX, encode_example
     from cascade.logprobs import Reader, encode_distill
 
     recs = rd.read_jsonl(path)
     if distill:
         read = Reader(rd.read_bytes)
-        return [encode_distill(tok, r, max_len, read) for r in recs]
-    return [encode_example(tok, r["messages"], r["response"], max_len) for r in recs]
+        out = [encode_distill(tok, r, max_len, read) for r in recs]
+    else:
+        out = [encode_example(tok, r["messages"], r["response"], max_len) for r in recs]
+    # a prompt as long as max_seq_len leaves no response token to learn from: dropped, counted
+    kept = [e for e in out if any(x != IGNORE_INDEX for x in e["labels"])]
+    if len(kept) < len(out):
+        log.warning("%s: %d of %d examples dropped: their prompt fills train.max_seq_len=%d, no response token "
+                    "is left to train on", path, len(out) - len(kept), len(out), max_len)
+    return kept, len(out) - len(kept)
 
 
 class Board:

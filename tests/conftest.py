@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from store_proxy import StoreProxy  # noqa: F401 - the tests take it from here
 
 from cascade.config import compose  # noqa: F401 - the tests' way to build the real config
 
@@ -47,10 +48,17 @@ def start_cli(*args: str, log: Path, cwd: Path | None = None, env: dict | None =
 
 
 def kill9(proc: subprocess.Popen) -> None:
-    """kill -9 the driver process only (as a crash would), then wait for the Ray processes it owned to go."""
+    """kill -9 the driver process only (as a crash would), then wait (up to 15 s) for the Ray processes it
+    started to go on their own (Ray's own processes exit when the driver that started them dies)."""
+    import psutil
+
+    try:
+        owned = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        owned = []
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    time.sleep(3)
+    psutil.wait_procs(owned, timeout=15)
 
 
 def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
@@ -86,6 +94,12 @@ def read_jsonl(p: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def open_partials(root: Path) -> list[Path]:
+    """The partial shards under root whose shard is not committed (what a stopped run keeps of them)."""
+    return [p for p in sorted(root.rglob("shard-*.partial.jsonl"))
+            if not p.with_name(p.name.replace(".partial", "")).exists() and p.stat().st_size]
+
+
 def shared_once(tmp_path_factory, name: str, build) -> Path:
     """A session fixture's output made once per test run, the tests spread over xdist workers or not: the first
     worker to ask builds it into a folder of the run's (under a lock), the others wait for it and reuse it."""
@@ -119,6 +133,52 @@ def tiny_4b_run(tmp_path_factory) -> Path:
         (base / "watch.json").write_text(json.dumps(seen))
 
     return shared_once(tmp_path_factory, "tiny4b", build) / "run"
+
+
+# The kill-and-resume tests' run: P1 long enough to be struck mid-phase, a checkpoint every 4 optimizer steps
+KILL_ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.1.iters=40", "train.save_every=4"]
+
+
+def resumable(tiny_4b_run: Path, dst: Path) -> Path:
+    """A run directory to strike in P1: a copy of the shared run, whose generations, datasets and P0 a KILL_ARGS
+    run reuses (their keys do not depend on P1's length), so that it goes straight to P1 - the same bytes as a
+    KILL_ARGS run from nothing, without generating and training P0 again in every test. What the copied run made
+    after P0 (its P1, P2, evaluation, mid-phase checkpoints, live progress) is dropped, so that a test sees only
+    this run's."""
+    copy_run(tiny_4b_run, dst)
+    for d in ("progress", "4b/train/_ckpt", "4b/train/01-p1_composure", "4b/train/02-p2_ethics", "4b/eval"):
+        shutil.rmtree(dst / d, ignore_errors=True)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def kill_reference(tmp_path_factory, tiny_4b_run) -> Path:
+    """One uninterrupted KILL_ARGS run, shared read-only: what a killed and resumed one must end as."""
+
+    def build(base: Path) -> None:
+        run = resumable(tiny_4b_run, base / "run")
+        r = run_cli(*KILL_ARGS, f"run_dir={run}")
+        assert r.returncode == 0, r.stdout[-4000:]
+        assert "[skip] 4b/train/p0_ethics" in r.stdout, r.stdout[-4000:]
+
+    return shared_once(tmp_path_factory, "killref", build) / "run"
+
+
+# Generation one prompt at a time in shards of four (small steps to strike between): the args of the tests that
+# kill or stop a run during generation, whose answers must come out as those of a run never stopped
+STREAM_ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.shard_size=4", "backend.batch_size=1"]
+
+
+@pytest.fixture(scope="session")
+def stream_reference(tmp_path_factory) -> Path:
+    """One uninterrupted STREAM_ARGS run, training cut to a step a phase, shared read-only: the generations and
+    datasets a run struck during generation must end with (neither depends on the phases' lengths)."""
+
+    def build(base: Path) -> None:
+        r = run_cli(*STREAM_ARGS, f"run_dir={base / 'run'}", *(f"curriculum.{i}.iters=1" for i in range(3)))
+        assert r.returncode == 0, r.stdout[-4000:]
+
+    return shared_once(tmp_path_factory, "streamref", build) / "run"
 
 
 def watch(proc: subprocess.Popen, port: int, args: list[str], timeout: float = 900) -> dict:

@@ -6,8 +6,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
-from conftest import FAST, copy_run, manifest, run_cli
+from conftest import FAST, compose, copy_run, manifest, run_cli
 
 
 def _check_refused(r, message: str) -> None:
@@ -42,6 +41,36 @@ def test_bad_data_file_is_named_with_its_line(tmp_path, content, message):
     _check_refused(r, message.format(file=bad) if "{file}" in message else f"{bad}{message}")
 
 
+@pytest.mark.parametrize("raw, message", [
+    (b'{"id": "a", "prompt": "one?"}\n{"id": "b", "prompt": "caf\xe9?"}\n', ":2: not UTF-8 text (byte 26"),
+    (b'{"id": "a", "messages": [{"role": "user", "content": null}]}\n', ":1: message 0 must have a role of system, "
+     "user or assistant and text content (a string), not role 'user' with NoneType content"),
+    (b'{"id": "a", "messages": [{"role": "user", "content": ["x"]}]}\n', "with list content"),
+    (b'{"id": "a", "messages": [{"role": "robot", "content": "x"}]}\n', "not role 'robot'"),
+], ids=["not-utf8", "null-content", "list-content", "unknown-role"])
+@pytest.mark.faults
+def test_hostile_rows_are_named_with_their_line(tmp_path, raw, message):
+    from cascade.config import ConfigError, DataSource
+    from cascade.prompts import load_prompts
+
+    bad = tmp_path / "probes.jsonl"
+    bad.write_bytes(raw)
+    msgs = b"messages" in raw
+    src = DataSource(path=str(bad), prompt_column=None if msgs else "prompt", messages_column="messages" if msgs else None)
+    with pytest.raises(ConfigError) as e:
+        load_prompts(src)
+    assert f"{bad}{message}" in str(e.value) or message in str(e.value), str(e.value)
+    assert str(bad) in str(e.value)
+
+
+@pytest.mark.faults
+def test_all_prompts_held_out_is_refused_before_generation(tmp_path):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(f'{{"id": "p{i}", "prompt": "q{i}?", "split": "heldout"}}\n' for i in range(5)))
+    r = run_cli("+stage=4b", "models=tiny", f"data.ethics.path={probes}", f"run_dir={tmp_path}/run")
+    _check_refused(r, f"data.ethics ({probes}): all 5 prompts are held out, none left to train on")
+
+
 def test_missing_data_file(tmp_path):
     r = run_cli("+stage=4b", "models=tiny", f"data.composure.path={tmp_path}/nope.jsonl", f"run_dir={tmp_path}/run")
     _check_refused(r, f"data file not found: {tmp_path}/nope.jsonl")
@@ -66,3 +95,33 @@ def test_bad_input_on_a_finished_run_loses_nothing(tiny_4b_run, tmp_path):
     assert _tree_digest(run) == before and manifest(run)["steps"] == steps
     r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}")
     assert r.returncode == 0 and "nothing to do" in r.stdout
+
+
+@pytest.mark.faults
+def test_over_long_prompts_are_dropped_before_generation_and_examples_without_response_before_training(tmp_path):
+    """A prompt longer than the engine's context (less max_new_tokens) is dropped and counted before any engine
+    sees it; a training example whose prompt fills train.max_seq_len (no response token left) is dropped and
+    counted, never trained on."""
+    from transformers import AutoTokenizer
+
+    from cascade.plan import Teacher
+    from cascade.prompts import Prompt
+    from cascade.rundir import RunDir
+    from cascade.tiny import build_preset, preset_dir
+    from stages.generate import _fitting
+    from stages.train import load_examples
+
+    cfg = compose(["+stage=4b", "models=tiny", "generation.max_new_tokens=64"])
+    build_preset(cfg)
+    model = str(preset_dir(cfg) / "1b")
+    short, long = "What is kindness?", " ".join(["kindness"] * 600)  # the tiny models' context: 512 tokens
+    ps = [Prompt("a", [{"role": "user", "content": short}]), Prompt("b", [{"role": "user", "content": long}])]
+    kept, dropped = _fitting(cfg, Teacher("1b", model, "k"), {"ethics": ps})
+    assert [p.id for p in kept["ethics"]] == ["a"] and dropped == {"ethics": 1}
+
+    rd = RunDir(str(tmp_path / "run"))
+    path = rd.path("train.jsonl")
+    rd.write_jsonl(path, [{"messages": p.messages, "response": "Be kind."} for p in ps])
+    examples, too_long = load_examples(rd, path, AutoTokenizer.from_pretrained(model), max_len=256)
+    assert len(examples) == 1 and too_long == 1
+    assert any(x != -100 for x in examples[0]["labels"])

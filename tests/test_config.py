@@ -93,6 +93,12 @@ def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
     """conf/ ships inside the installed package: found from any working directory."""
     r = run_cli("--help", cwd=tmp_path)
     assert r.returncode == 0 and "stage: 12b, 1b, 27b, 4b" in r.stdout and "models: gemma3-270m, real, tiny" in r.stdout
+    assert r.stdout.startswith("cascade: a teacher-student distillation cascade") and "docs/" in r.stdout
+    for sub in ("status", "plan", "report", "serve", "harness"):  # each named on the page, each with its own
+        assert f"\n  {sub} " in r.stdout, sub
+        page = run_cli(sub, "--help", cwd=tmp_path)
+        assert page.returncode == 0 and page.stdout.startswith(f"python -m cascade {sub} +stage="), page.stdout[-2000:]
+        assert len(page.stdout.splitlines()) > 5, page.stdout
     r = run_cli("+stage=12b", "models=tiny", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "target: 12b" in r.stdout and "model: tiny:12b" in r.stdout
     assert not any(tmp_path.iterdir()), "--cfg job must write nothing"
@@ -116,7 +122,8 @@ def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
     ("backend.gpu_memory_utilization=5", "backend.gpu_memory_utilization must be in (0, 1]"),
     ("cluster.dashboard_port=70000", "cluster.dashboard_port must be in [1, 65535]"),
     ("eval.batch_size=0", "eval.batch_size must be > 0"),
-    ("seed=-1", "seed must be >= 0"),
+    ("seed=-1", "seed must be in [0, 4294967295]"),
+    ("seed=18446744073709551616", "seed must be in [0, 4294967295]"),
     ("curriculum.0.name=../x", "curriculum phase '../x'.name '../x': use letters, digits"),
     ("+backend.engine_kwargs.hf_token=abc", "backend.engine_kwargs.hf_token: looks like a credential"),
     ("+backend.engine_kwargs.x=hf_abcdefghijklmnopqrstuvwxyz0123", "backend.engine_kwargs.x: holds what looks"),

@@ -263,3 +263,36 @@ def test_a_replica_lost_while_being_created_is_killed_and_its_shard_requeued(tmp
 if __name__ == "__main__":
     mode, where = sys.argv[1], Path(sys.argv[2])
     _node_removal_child(where) if mode == "removal" else _node_check_child(where, mode)
+
+
+def test_a_tensor_parallel_replicas_placement_group_is_removed_with_it(tmp_path):
+    """backend.tensor_parallel_size > 1: each replica first reserves a placement group of GPU bundles on one node
+    (cascade/generation/actor.py: spawn), and the pool's shutdown removes it with the replica, so a stage's GPUs are
+    free for training. Real Ray told it has two GPUs; no GPU is used: the hf engine does not start on a
+    tensor-parallel request (its actor fails), the reservation and its removal are what is checked."""
+    import dataclasses
+
+    import ray
+    from ray.util import placement_group_table
+
+    from cascade.generation.pool import ReplicaPool
+    from cascade.generation.types import Sampling
+
+    cfg, *_ = _setup(tmp_path)
+    b = dataclasses.replace(cfg.backend, tensor_parallel_size=2)
+    g = dataclasses.replace(cfg.generation, max_actor_restarts=0)
+    names = ["gen/tp/0"]
+
+    def states() -> dict[str, str]:
+        return {t["name"]: t["state"] for t in placement_group_table().values()}
+
+    ray.init(num_cpus=2, num_gpus=2, namespace="cascade", include_dashboard=False)
+    try:
+        pool = ReplicaPool(names, str(tmp_path / "no-model"), {}, b, g, Sampling(8, 0.0, 1.0), None)
+        assert states() == {"gen/tp/0/pg": "CREATED"}
+        assert ray.available_resources().get("GPU", 0) == 0  # both GPUs held by the reservation
+        pool.shutdown(timeout=10)
+        assert states() == {"gen/tp/0/pg": "REMOVED"}
+        wait_for(lambda: ray.available_resources().get("GPU", 0) == 2, 30, what="the GPUs back")
+    finally:
+        ray.shutdown()

@@ -114,7 +114,7 @@ def test_the_written_layout_is_what_a_run_writes(tiny_4b_run: Path):
     assert not undocumented, undocumented[:10]
     optional = {"generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz",  # logprobs off
                 "generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl",  # none unfinished
-                "lease.json", "tmp/**",  # released; staging cleaned
+                "tmp/**",  # staging cleaned
                 "models/<key>/**",  # an object store's run directory only
                 "<stage>/release/README.md", "<stage>/release/release.json", "<stage>/release/hf/*",
                 "<stage>/release/gguf/*.gguf"}  # release.enabled only (tests/test_release.py)

@@ -103,7 +103,7 @@ def test_curation_counts_every_drop(tmp_path):
 
 
 def test_rouge_l_is_the_longest_common_subsequence_f1():
-    from stages.evaluate import rouge_l
+    from cascade.metrics import rouge_l
 
     assert rouge_l("Stay with them today", "stay with them") == 2 * 3 / (4 + 3)
     assert rouge_l("a b c d", "d c b a") == 2 * 1 / 8  # order matters: one word in sequence

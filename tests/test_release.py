@@ -173,6 +173,7 @@ def test_served_answer_equals_transformers_greedy(released: Path, tmp_path: Path
                                              *REL, f"serve.port={port}"), cwd=ROOT, capture_output=True, text=True,
                                  env={**os.environ, "CASCADE_API_KEY": key}, timeout=600)
             assert out.returncode == 0, out.stderr[-3000:]
+            assert key not in out.stdout + out.stderr, "the key must not reach the harness's log (lm-eval's included)"
             served = json.loads(out.stdout.strip().splitlines()[-1])
             local = json.loads((released / "4b/release/release.json").read_text())["harness"]["student"]
             assert served["samples"] == local["samples"]
@@ -184,6 +185,8 @@ def test_served_answer_equals_transformers_greedy(released: Path, tmp_path: Path
                 for k, v in metrics.items():
                     assert served["results"][task][k] == pytest.approx(v, abs=one + 1e-9), (task, k, one)
         assert key not in log.read_text(), "the key must not reach the server's log"
+        leaked = [p for p in released.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+        assert not leaked, leaked  # nor any file of the run directory
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)

@@ -1,19 +1,20 @@
-"""Training resumes mid-phase: after kill -9 of the driver, after a Ray Train worker dies, on more workers."""
+"""Training resumes mid-phase: after SIGTERM, a Ray Train worker killed, kill -9 of the driver with its newest
+checkpoint damaged, on more workers, under FSDP."""
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import FAST, kill9, run_cli, start_cli, wait_for
+from conftest import KILL_ARGS as ARGS
+from conftest import kill9, resumable, run_cli, start_cli, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.xdist_group("train_resume")]  # one reference
-# P1 long enough to be struck mid-phase; a checkpoint every 4 optimizer steps
-ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.1.iters=40", "train.save_every=4"]
 P1 = "4b/train/01-p1_composure"
 
 
@@ -25,12 +26,9 @@ def _summary(run: Path, rel: str = P1) -> dict:
     return json.loads((run / rel / "step.json").read_text())["summary"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("ref") / "run"
-    r = run_cli(*ARGS, f"run_dir={run}")
-    assert r.returncode == 0, r.stdout[-4000:]
-    return run
+@pytest.fixture
+def reference(kill_reference) -> Path:
+    return kill_reference
 
 
 def _same_student(a: Path, b: Path) -> None:
@@ -39,21 +37,7 @@ def _same_student(a: Path, b: Path) -> None:
     assert _summary(a)["losses"] == _summary(b)["losses"]
 
 
-def test_killed_train_worker_is_restarted_from_the_last_checkpoint(reference, tmp_path):
-    run = tmp_path / "run"
-    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
-    wait_for(lambda: len(_ckpts(run)) >= 1, 600, proc, "a P1 checkpoint")
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # this run's, no other's
-               if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]
-    assert workers, "no Ray Train worker process found under the driver"
-    for p in workers:
-        p.kill()
-    assert proc.wait(timeout=900) == 0, (tmp_path / "a.log").read_text()[-4000:]
-    assert _summary(run)["resumed_from_step"] > 0
-    _same_student(run, reference)
-
-
-def test_resume_on_two_workers_after_one(reference, tmp_path):
+def test_resume_on_two_workers_after_one(reference, tiny_4b_run, tmp_path):
     """Killed mid-P1 on one worker, resumed on two: the same global batch, split over two DDP ranks. Not the same
     bytes as the one-worker reference (each rank draws its own LoRA dropout, and each logs the loss of its half of
     the batch), so the result is checked against it within stated tolerances, set from a measured run (2026-12-02:
@@ -65,7 +49,7 @@ def test_resume_on_two_workers_after_one(reference, tmp_path):
 
     from safetensors.torch import load_file
 
-    run = tmp_path / "run"
+    run = resumable(tiny_4b_run, tmp_path / "run")
     proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
     wait_for(lambda: len(_ckpts(run)) >= 1, 600, proc, "a P1 checkpoint")
     kill9(proc)
@@ -87,16 +71,16 @@ def test_resume_on_two_workers_after_one(reference, tmp_path):
         assert apart <= 0.1 * moved and norm(got, p0) == pytest.approx(moved, rel=0.05), (rel, apart, moved)
 
 
-def test_fsdp_on_two_workers_resumes_mid_phase_to_the_same_adapter(tmp_path):
+def test_fsdp_on_two_workers_resumes_mid_phase_to_the_same_adapter(tiny_4b_run, tmp_path):
     """train.strategy=fsdp (FSDP2 over gloo here, NCCL on GPUs: scripts/gpu_training.py): the adapter and
     optimizer state are gathered whole into the checkpoint and re-sharded on resume; the fused result is the
     same, bitwise, as an uninterrupted FSDP run's."""
     fsdp = [*ARGS, "train.strategy=fsdp", "train.num_workers=2"]
-    ref = tmp_path / "ref"
+    ref = resumable(tiny_4b_run, tmp_path / "ref")  # the generations and datasets reused; FSDP trains P0 again
     r = run_cli(*fsdp, f"run_dir={ref}")
     assert r.returncode == 0, r.stdout[-4000:]
     assert "world_size=2" in r.stdout
-    run = tmp_path / "run"
+    run = resumable(tiny_4b_run, tmp_path / "run")
     proc = start_cli(*fsdp, f"run_dir={run}", log=tmp_path / "a.log")
     wait_for(lambda: len(_ckpts(run)) >= 1, 600, proc, "a P1 checkpoint")
     kill9(proc)
@@ -107,40 +91,58 @@ def test_fsdp_on_two_workers_resumes_mid_phase_to_the_same_adapter(tmp_path):
     _same_student(run, ref)
 
 
-@pytest.mark.faults
-def test_sigterm_in_training_checkpoints_at_the_next_step_and_resumes_bitwise(reference, tmp_path):
-    """SIGTERM while a phase trains: the workers checkpoint at the next optimizer step (no periodic checkpoint
-    here), the driver exits 143 saying it was pre-empted, and the same command resumes from exactly that step."""
-    run = tmp_path / "run"
-    args = [*ARGS, "train.save_every=1000"]
-    proc = start_cli(*args, f"run_dir={run}", log=tmp_path / "a.log")
-    wait_for(lambda: (run / "4b/train/00-p0_ethics/step.json").exists(), 600, proc, "P0 committed")
-    import time
+def _resumed(run: Path) -> dict | None:
+    """The first optimizer step taken after the latest resume of P1, and when (rank 0 writes it)."""
+    f = next(run.glob("4b/train/_ckpt/01-*/resumed.json"), None)
+    return json.loads(f.read_text()) if f else None
 
-    time.sleep(4.0)  # P1 is under way
+
+def test_sigterm_a_killed_worker_and_a_damaged_checkpoint_in_one_phase_end_bitwise(reference, tiny_4b_run, tmp_path):
+    """Three faults in one phase (one run directory, so that CI runs the phase once), each resumed from the right
+    step, and the adapter in the end the uninterrupted reference's, bitwise:
+    1. SIGTERM while P1 trains: the workers checkpoint at the next optimizer step (no periodic checkpoint in this
+       run), the driver exits 143 saying it was pre-empted, and the same command resumes from exactly that step;
+    2. a Ray Train worker killed (this run's, found under its driver): Ray Train restarts the group, which resumes
+       from the last checkpoint;
+    3. kill -9 of the driver after two more checkpoints, the newest then truncated: the re-run says it is damaged
+       and resumes from the one before."""
+    run = resumable(tiny_4b_run, tmp_path / "run")
+
+    def step(meta: Path) -> int:
+        return json.loads(meta.read_text())["step"]
+
+    # 1. SIGTERM
+    proc = start_cli(*ARGS, "train.save_every=1000", f"run_dir={run}", log=tmp_path / "a.log")
+    wait_for(lambda: (run / "progress/4b/train/p1_composure.json").exists(), 600, proc, "P1 under way")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 143, (tmp_path / "a.log").read_text()[-4000:]
     assert "pre-empted (SIGTERM)" in (tmp_path / "a.log").read_text()
     saved = _ckpts(run)
     assert saved and not (run / P1 / "step.json").exists(), "the signal must land mid-phase"
-    at = json.loads(saved[-1].read_text())["step"]
-    r = run_cli(*args, f"run_dir={run}")
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert _summary(run)["resumed_from_step"] == at  # not a step more is redone
-    _same_student(run, reference)
+    at = step(saved[-1])
+    assert json.loads((saved[-1]).read_text())["reason"] == "sigterm"
 
+    # 2. the same command; once it has resumed and saved a checkpoint after that, its training worker killed
+    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "b.log")
+    wait_for(lambda: _resumed(run) is not None, 600, proc, "the resume")
+    assert _resumed(run)["step"] == at + 1, (_resumed(run), at)  # not a step more is redone
+    wait_for(lambda: step(_ckpts(run)[-1]) > at, 600, proc, "a checkpoint after the resume")
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)  # this run's, no other's
+               if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]
+    assert workers, "no Ray Train worker process found under the driver"
+    struck, t_kill = step(_ckpts(run)[-1]), time.time()
+    for p in workers:
+        p.kill()
+    wait_for(lambda: _resumed(run)["time"] > t_kill, 600, proc, "the restarted group's resume")
+    restarted = _resumed(run)["step"] - 1
+    assert restarted >= struck, (restarted, struck)  # from the last checkpoint, not from the phase's start
 
-@pytest.mark.faults
-def test_damaged_newest_checkpoint_falls_back_to_the_one_before(reference, tmp_path):
-    """kill -9 of the driver mid-phase, after two P1 checkpoints, then the newest one truncated: the re-run resumes
-    from the one before and still ends with the same adapter, bitwise (a kill with the checkpoints intact: the
-    README's command in tests/test_resume.py, an object store's run in tests/test_object_store.py)."""
-    run = tmp_path / "run"
-    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
-    wait_for(lambda: len(_ckpts(run)) >= 2, 600, proc, "two P1 checkpoints")
+    # 3. two checkpoints after the restart, then kill -9, then the newest damaged
+    wait_for(lambda: sum(step(m) > restarted for m in _ckpts(run)) >= 2, 600, proc, "two more checkpoints")
     kill9(proc)
+    assert not (run / P1 / "step.json").exists(), "the kill must land mid-phase"
     newest, before = _ckpts(run)[-1].parent, _ckpts(run)[-2].parent
-    before_step = json.loads((before / "meta.json").read_text())["step"]  # pruned as the re-run goes on
+    before_step = step(before / "meta.json")  # pruned as the re-run goes on
     adapter = newest / "adapter.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])
     r = run_cli(*ARGS, f"run_dir={run}")

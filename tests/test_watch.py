@@ -140,24 +140,26 @@ def test_tensorboard_logs_are_in_the_run_directory(tiny_4b_run: Path):
 
 def test_a_driver_on_another_machine_is_alive_while_its_heartbeat_moves(tmp_path):
     """`cascade status` from another machine: the lease of a driver on another host counts as alive while its
-    heartbeat is younger than lease_ttl_s, and as gone after (same host: its process is checked)."""
+    heartbeat is younger than lease_ttl_s, and as gone after; on this host its process is checked (pid and start
+    tick), and a released lease is nobody's."""
     import os
     import time
 
-    from cascade.lease import holder
+    from cascade.lease import _gen_path, _start_ticks, holder, node_id
     from cascade.rundir import RunDir
 
     rd = RunDir(str(tmp_path / "run"))
-    rd.write_json(rd.lease(), {"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 5})
+    elsewhere = {"id": "x", "host": "elsewhere", "node": "other-boot/pid:[1]", "pid": 1}
+    rd.write_json(_gen_path(rd, 1), {**elsewhere, "heartbeat": time.time() - 5})
     assert holder(rd, 60)["host"] == "elsewhere"
-    rd.write_json(rd.lease(), {"host": "elsewhere", "pid": 1, "heartbeat": time.time() - 120})
-    assert holder(rd, 60) is None
-    import socket
-
-    rd.write_json(rd.lease(), {"host": socket.gethostname(), "pid": 2**22 + 7, "heartbeat": time.time()})
+    rd.write_json(_gen_path(rd, 2), {**elsewhere, "heartbeat": time.time() - 120})
+    assert holder(rd, 60) is None  # the highest generation is the current one, and its heartbeat is stale
+    here = {"id": "y", "host": "here", "node": node_id(), "heartbeat": time.time()}
+    rd.write_json(_gen_path(rd, 3), {**here, "pid": 2**22 + 7, "pid_ticks": 1})
     assert holder(rd, 60) is None  # no such process here
-    from cascade.lease import _started
-
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": _started(os.getpid()), "heartbeat": 0}
-    rd.write_json(rd.lease(), me)
-    assert holder(rd, 60) is not None
+    rd.write_json(_gen_path(rd, 4), {**here, "pid": os.getpid(), "pid_ticks": _start_ticks(os.getpid()),
+                                     "heartbeat": 0})
+    assert holder(rd, 60)["pid"] == os.getpid()  # alive here, whatever its heartbeat says
+    rd.write_json(_gen_path(rd, 5), {**here, "pid": os.getpid(), "pid_ticks": _start_ticks(os.getpid()),
+                                     "released": True})
+    assert holder(rd, 60) is None

@@ -122,6 +122,11 @@ class ReplicaPool:
             log.debug("replica shutdown: %s", e)
         for a in self.replicas:
             ray.kill(a)
+        for n in self.names:  # a tensor-parallel replica's reserved GPUs (cascade/generation/actor.py: spawn)
+            try:
+                ray.util.remove_placement_group(ray.util.get_placement_group(f"{n}/pg"))
+            except ValueError:  # none by that name: a replica without tensor parallelism
+                pass
 
     # -- internals -------------------------------------------------------------------------------------------
     def _dispatch(self) -> None:

@@ -6,7 +6,7 @@ import re
 
 
 def _rouge_l(candidate: str, reference: str) -> float:
-    from stages.evaluate import rouge_l  # the same measure as the stage's own evaluation
+    from cascade.metrics import rouge_l  # the same measure as the stage's own evaluation
 
     return rouge_l(candidate, reference)
 
