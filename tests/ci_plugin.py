@@ -13,6 +13,9 @@
   dump of this process go to the test's output, and the test fails. If the test does not stop within GRACE_S,
   the processes it started are killed; if it still does not stop, this worker exits (pytest-timeout's `thread`
   method does the same).
+- The suite as a whole has a budget when CASCADE_SUITE_BUDGET_S is set (.ci/run: what is left of CI's 90 minutes
+  after set-up, less a margin): each test's limit is cut to what is left of it, and once it is spent every test not
+  yet run fails at once, named, instead of the CI job being killed with no report.
 - After a test that failed, the processes it started and left running are killed: only those (descendants of this
   worker that were not there when the test began), never another test's.
 """
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -38,6 +42,14 @@ DURATIONS = Path(__file__).with_name("durations.json")
 UNMEASURED_S = 1200
 GRACE_S = 30
 KEEP = ("moto.server",)  # session fixtures' servers: shared by later tests, never reaped
+
+
+_BUDGET = float(os.environ.get("CASCADE_SUITE_BUDGET_S") or "inf")
+_T0 = time.monotonic()
+
+
+def _budget_left() -> float:
+    return _BUDGET - (time.monotonic() - _T0)
 
 
 def LIMIT(measured_s: float) -> int:  # noqa: N802 - a rule, named as one
@@ -153,10 +165,16 @@ def _dump(item, before: set[int]) -> str:
     return "\n".join(parts)
 
 
+def pytest_runtest_setup(item) -> None:
+    if _budget_left() <= 0:
+        pytest.fail(f"not run: the suite's budget (CASCADE_SUITE_BUDGET_S={_BUDGET:.0f}) is spent", pytrace=False)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_timeout_set_timer(item, settings):
     if settings.timeout <= 0:
         return True
+    settings = settings._replace(timeout=max(1.0, min(settings.timeout, _budget_left())))
     done, main = threading.Event(), threading.main_thread().ident
     before = getattr(item, "_cascade_before", set())
 

@@ -1,7 +1,7 @@
 """A driver as far as the lease goes, for tests/test_lease.py: takes the run directory's lease, then either holds it
 for a while or commits a manifest entry every 0.2 s (each fenced, as the driver's are) until it is stopped.
 
-    python tests/lease_holder.py RUN_DIR TTL [--at EPOCH] [--hold S] [--ticks] [--other-host]
+    python tests/lease_holder.py RUN_DIR TTL [--go FILE] [--hold S] [--ticks] [--other-host]
 
 Prints HELD <generation> / BUSY <why> / LOST <why>; exits 0, 2 (busy) or 3 (lease lost). --other-host: this process
 reads as another host's (its node id changed), so only its heartbeat tells others it lives.
@@ -10,6 +10,7 @@ reads as another host's (its node id changed), so only its heartbeat tells other
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -21,7 +22,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("ttl", type=float)
-    ap.add_argument("--at", type=float, default=0.0, help="start at this wall-clock time (simultaneous starts)")
+    ap.add_argument("--go", default="", help="print READY, then start once this file exists (simultaneous starts)")
     ap.add_argument("--hold", type=float, default=0.0)
     ap.add_argument("--ticks", action="store_true")
     ap.add_argument("--other-host", action="store_true")
@@ -29,8 +30,10 @@ def main() -> int:
     if a.other_host:
         L.node_id = lambda: "another-host/pid:[1]"
     rd = RunDir(a.run_dir)
-    while time.time() < a.at:
-        time.sleep(0.001)
+    if a.go:
+        print("READY", flush=True)
+        while not os.path.exists(a.go):
+            time.sleep(0.001)
     lease = L.Lease(rd, a.ttl)
     try:
         lease.acquire()

@@ -68,8 +68,11 @@ def test_twenty_processes_starting_at_once_one_holds(s3, tmp_path, where):
         import fsspec
 
         fsspec.filesystem("s3").mkdir(url.removeprefix("s3://").split("/")[0])
-    at = time.time() + 5  # every process imported and waiting by then
-    procs = [_holder(url, "30", "--at", str(at), "--hold", "8", env=s3) for _ in range(20)]
+    go = tmp_path / "go"
+    procs = [_holder(url, "30", "--go", str(go), "--hold", "8", env=s3) for _ in range(20)]
+    for p in procs:  # every process imported and waiting, however loaded the machine: then all start at once
+        assert p.stdout.readline().strip() == "READY"
+    go.touch()
     outs = [p.communicate(timeout=120)[0] for p in procs]
     held = [o for o in outs if o.startswith("HELD")]
     assert len(held) == 1 and sum(o.startswith("BUSY") for o in outs) == 19, outs
