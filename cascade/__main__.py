@@ -36,7 +36,8 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(2)
     from cascade.driver import run  # heavy imports only after the config is known to be valid
     from cascade.lease import LeaseLost
-    from cascade.modeling import FusionError, ReleaseError
+    from cascade.gguf import ReleaseError
+    from cascade.modeling import FusionError
     from cascade.preemption import EXIT_CODE, Preempted
 
     try:

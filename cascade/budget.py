@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
+from cascade import gguf
 from cascade.arch import Arch, model_config
 from cascade.config import DEVICES, Config, TrainConfig
 from cascade.plan import GenJob, RunPlan, StagePlan, plan_run
@@ -44,8 +45,6 @@ GB = 1e9
 LOSS_CHUNK_ROWS = 256  # cascade.modeling.LOSS_CHUNK: positions whose vocabulary logits exist at once
 DECODE_STEP_S = 0.005  # per decode step beyond the model: scheduling, sampling, detokenizing (vLLM, batched)
 OVERHEAD_S = {"gpu": {"generate": 120.0, "train": 60.0}, "cpu": {"generate": 5.0, "train": 10.0}}  # per step
-GGUF_BITS = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54,
-             "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_0": 4.55, "Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5}
 
 
 # -- the devices ----------------------------------------------------------------------------------------------
@@ -331,7 +330,7 @@ class Budget:
 
     def _release(self, sp: StagePlan) -> dict:
         a = self.arch[sp.name]
-        sizes = {t: round(a.params * GGUF_BITS.get(t, 16) / 8 / GB, 2) for t in ["F16", *self.cfg.release.gguf]}
+        sizes = {t: round(a.params * gguf.BITS.get(t, 16) / 8 / GB, 2) for t in ["F16", *self.cfg.release.gguf]}
         # host memory: the float32 reference (transformers) and llama.cpp's F16 file, loaded together to compare
         mem = {"host_ram": a.params * (4 + 2) / GB, "limit": 0.0}
         work = {"gguf_gb": sizes, "probes": self.cfg.release.probes}

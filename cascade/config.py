@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from cascade import gguf
 from cascade.validate import DTYPES, ConfigError, check, fail, no_secrets, number, safe_name
 
 __all__ = ["ConfigError", "Config", "compose", "check"]
@@ -248,7 +249,7 @@ class ReleaseConfig:
         if not self.gguf:
             fail("release.gguf is empty: name at least one GGUF type (e.g. F16)")
         for t in self.gguf:
-            if not re.fullmatch(r"[A-Z0-9_]+", str(t)):
+            if not gguf.valid_name(t):
                 fail(f"release.gguf: {t!r} is not a llama.cpp type name (F16, Q8_0, Q4_K_M, ...)")
         number("release.probes", self.probes, 1)
         number("release.min_agreement", self.min_agreement, 0, 1)

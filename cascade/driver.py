@@ -36,9 +36,9 @@ def run(cfg: Config) -> list[StagePlan]:
         return p.stages
     log.info("stages %s; %d steps to run: %s", [s.name for s in p.stages], len(todo), ", ".join(todo))
     if any(sp.release and not p.rd.committed(sp.release) for sp in p.stages):
-        from stages.release import check_tools
+        from cascade.gguf import check_tools
 
-        check_tools(cfg)  # llama-cpp-python and llama.cpp's converter are installed, the GGUF types exist
+        check_tools(list(cfg.release.gguf))  # llama-cpp-python and llama.cpp's converter are installed, the GGUF types exist
     if cfg.cluster.auth:
         cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
     with Lease(p.rd, cfg.lease_ttl_s) as lease:  # one driver per run directory; every commit fenced by it

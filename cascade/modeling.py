@@ -73,10 +73,6 @@ class FusionError(RuntimeError):
     pass
 
 
-class ReleaseError(RuntimeError):
-    """A released file that would not mean what the student means (stages/release.py); nothing is committed."""
-
-
 def tolerance(dtype: Any) -> float:
     """The fusion check's relative bound (see the module's text)."""
     import torch

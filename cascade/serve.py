@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from cascade.config import Config, ConfigError
+from cascade.gguf import file_name
 
 log = logging.getLogger("cascade.serve")
 
@@ -44,7 +45,7 @@ def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
         if key:
             env["VLLM_API_KEY"] = key
         return cmd, env
-    gguf = release / "gguf" / f"{name}-{s.gguf}.gguf"
+    gguf = release / "gguf" / file_name(name, s.gguf)
     if not gguf.is_file():
         made = sorted(p.name for p in (release / "gguf").glob("*.gguf"))
         raise ConfigError(f"serve.gguf={s.gguf}: the release has no {gguf.name}; it has {', '.join(made)}")

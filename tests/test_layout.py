@@ -11,11 +11,12 @@ import pytest
 from conftest import ROOT
 
 PACKAGES = ("cascade", "stages")
+SCANNED = (*PACKAGES, "data", "benchmarks")  # data/: the harness tasks' code, loaded by lm-eval; benchmarks/: on top
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
+    for pkg in SCANNED:
         for f in sorted((ROOT / pkg).rglob("*.py")):
             parts = list(f.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -36,9 +37,22 @@ def _imports(f: Path) -> set[str]:
     return names
 
 
+def _loaded_by_name() -> dict[str, set[str]]:
+    """Arrows no import statement shows: the sub-commands __main__ imports by name, and the code that lm-eval loads
+    from data/harness/ (`!function utils.x` in a task's YAML) for cascade/harness.py, which points it there."""
+    from cascade.__main__ import SUBCOMMANDS
+
+    functions = {f"data.harness.{m.group(1)}" for y in (ROOT / "data/harness").glob("*.yaml")
+                 for m in re.finditer(r"!function (\w+)\.", y.read_text())}
+    return {"cascade.__main__": {f"cascade.{module}" for module, _ in SUBCOMMANDS.values()},
+            "cascade.harness": functions}
+
+
 def _graph() -> dict[str, set[str]]:
-    mods = _modules()
-    return {m: {i for i in _imports(f) if i in mods and i != m} for m, f in mods.items()}
+    mods, extra = _modules(), _loaded_by_name()
+    for m, deps in extra.items():
+        assert m in mods and deps <= set(mods), (m, deps - set(mods))
+    return {m: {i for i in _imports(f) | extra.get(m, set()) if i in mods and i != m} for m, f in mods.items()}
 
 
 def test_no_import_circle():
@@ -67,6 +81,22 @@ def test_steps_and_library_never_import_the_driver():
     upward = sorted((m, d) for m, deps in graph.items() if m.startswith("cascade") and m != "cascade.driver"
                     for d in deps if d.startswith("stages"))
     assert not upward, upward
+
+
+def test_arrows_point_down_through_data_and_benchmarks_too():
+    """benchmarks/ on top (nothing imports them); the driver and the steps; the library with data/'s code (lm-eval
+    loads it for cascade/harness.py; it may use the library, e.g. cascade.metrics, but no step and not the driver).
+    Within a level, test_no_import_circle keeps the order."""
+    graph = _graph()
+    assert "data.harness.utils" in graph["cascade.harness"]  # the name-loaded arrow is seen
+
+    def level(m: str) -> int:
+        if m in ("cascade.driver", "cascade.__main__"):
+            return 2
+        return {"benchmarks": 3, "stages": 2, "cascade": 1, "data": 1}[m.split(".")[0]]
+
+    up = sorted((m, d) for m, deps in graph.items() for d in deps if level(d) > level(m))
+    assert not up, up
 
 
 def test_vllm_is_imported_in_exactly_one_module():

@@ -87,7 +87,8 @@ def test_a_committed_release_is_skipped(released: Path):
 def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Path):
     """llama.cpp's Gemma 3 graph scales queries by 1/sqrt(head_dim) whatever query_pre_attn_scalar says, and its
     converter does not complain: refused before converting, and caught by the comparison if converted anyway."""
-    from cascade.modeling import ReleaseError
+    from cascade import gguf
+    from cascade.gguf import ReleaseError
     from stages import release
 
     hf = released / "4b/release/hf"
@@ -96,17 +97,17 @@ def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Pat
     c = json.loads((bad / "config.json").read_text())
     c["query_pre_attn_scalar"] = 256
     (bad / "config.json").write_text(json.dumps(c))
-    assert any("query_pre_attn_scalar" in m for m in release.llama_cpp_mismatches(c))
+    assert any("query_pre_attn_scalar" in m for m in gguf.llama_cpp_mismatches(c))
     with pytest.raises(ReleaseError, match="llama.cpp would run a different model"):
         release.build(str(tmp_path / "stage"), str(bad), "x", ["F16"], [], 0.99, 256, False)
     # converted anyway: the GGUF answers as the changed config says, not as the student does
     probes = [json.loads(line) for line in (released / "4b/dataset/p0_ethics/heldout.jsonl").open()][:4]
     reference = release._reference(bad, probes, 256, False)  # transformers scales by 1/16, llama.cpp by 1/8
-    release.convert(bad, tmp_path / "bad.gguf", "F16")
-    check = release.compare_gguf(tmp_path / "bad.gguf", reference)
+    gguf.convert(bad, tmp_path / "bad.gguf", "F16")
+    check = gguf.compare_gguf(tmp_path / "bad.gguf", reference)
     assert check["agreement"] < 0.99, check
     c.pop("query_pre_attn_scalar")
-    assert any("no query_pre_attn_scalar" in m for m in release.llama_cpp_mismatches(c))
+    assert any("no query_pre_attn_scalar" in m for m in gguf.llama_cpp_mismatches(c))
 
 
 def test_an_unknown_gguf_type_is_refused_before_ray(tiny_4b_run, tmp_path: Path):
