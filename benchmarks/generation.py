@@ -190,7 +190,7 @@ def _child(a: argparse.Namespace) -> None:
     import ray
 
     from cascade import cluster
-    from cascade.plan import backend_kwargs, plan_run
+    from cascade.graph import backend_kwargs, build_graph
     from cascade.tiny import build_preset
     from stages import generate
 
@@ -198,7 +198,7 @@ def _child(a: argparse.Namespace) -> None:
     side = work / "engine_out.log"
     cfg = _config(a, Path(a.prompts_file), work / "run")
     build_preset(cfg)
-    p = plan_run(cfg)
+    p = build_graph(cfg)
     sp = p.stages[-1]
     teacher, job = sp.teachers[0], next(j for j in sp.gen_jobs if j.data == "ethics")
     cluster.start(cfg.cluster)
@@ -311,7 +311,7 @@ def main() -> None:
     from cascade.peakmem import PeakMemory
     from cascade.generation.hf_backend import HFBackend
     from cascade.generation.types import Request
-    from cascade.plan import backend_kwargs, plan_run, prompt_seed, sampling
+    from cascade.graph import backend_kwargs, build_graph, prompt_seed, sampling
     from cascade.tiny import build_preset
     from stages import generate
 
@@ -319,7 +319,7 @@ def main() -> None:
     _prompts_file(a.prompts, tmp / "prompts.jsonl")
     cfg = _config(a, tmp / "prompts.jsonl", tmp / "run")
     build_preset(cfg)
-    p = plan_run(cfg)
+    p = build_graph(cfg)
     rd, prompts, sp = p.rd, p.prompts, p.stages[-1]
     teacher, job = sp.teachers[0], next(j for j in sp.gen_jobs if j.data == "ethics")
     reqs = [Request(q.id, q.messages, prompt_seed(cfg, teacher, "ethics", q.id)) for q in prompts["ethics"]]

@@ -42,8 +42,8 @@ from cascade.config import compose
 cfg = compose(sys.argv[1:])
 cluster.ensure_auth_token()  # before the first import of ray, as the driver does
 import ray
-from cascade.plan import plan_run
-p = plan_run(cfg)
+from cascade.graph import build_graph
+p = build_graph(cfg)
 cluster.start(cfg.cluster)
 def load(path):
     from transformers import AutoModelForCausalLM

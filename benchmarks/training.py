@@ -181,7 +181,7 @@ def main() -> None:
     from cascade.peakmem import PeakMemory
     from cascade.config import TrainConfig, compose
     from cascade.packing import pack
-    from cascade.plan import PhasePlan
+    from cascade.graph import PhaseGraph
     from cascade.rundir import RunDir, Step
     from cascade.tiny import build_preset, preset_dir
     from stages.train import TrainJob, fit
@@ -224,7 +224,7 @@ def main() -> None:
     def with_ray(r: int) -> None:  # (a) the Ray Train job, then (b) the bare loop with the idle cluster still up
         nonlocal summary
         name = f"bench{r}"  # a fresh model per round: nothing committed is reused
-        phase = PhasePlan(0, "bench", "bench", ITERS, 1e-3, dataset, Step(f"27b/train/{name}", name,
+        phase = PhaseGraph(0, "bench", "bench", ITERS, 1e-3, dataset, Step(f"27b/train/{name}", name,
                                                                           rd.model("27b", 0, name)))
         cluster.start(cfg.cluster)
         try:

@@ -7,7 +7,7 @@
     python -m cascade harness +stage=4b release.enabled=true   # cascade/harness.py)
     python -m cascade status +stage=4b [--json]                # the run's state (cascade/status.py)
     python -m cascade report +stage=4b                         # <run_dir>/report/index.html (cascade/report.py)
-    python -m cascade +stage=27b plan=true [--json]            # what it needs and takes (cascade/budget.py)
+    python -m cascade +stage=27b plan=true [--json]            # what it needs and takes (cascade/plan.py)
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 # sub-commands, read before Hydra's overrides: name -> (module, flags it takes)
 SUBCOMMANDS = {"serve": ("serve", ()), "harness": ("harness", ()), "status": ("status", ("--json",)),
-               "report": ("report", ()), "plan": ("budget", ("--json",))}
+               "report": ("report", ()), "plan": ("plan", ("--json",))}
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:]
-    if "plan=true" in args:  # `+stage=27b plan=true`: the planner (cascade/budget.py), like `plan +stage=27b`
+    if "plan=true" in args:  # `+stage=27b plan=true`: the planner (cascade/plan.py), like `plan +stage=27b`
         args = ["plan"] + [a for a in args if a != "plan=true"]
     if args and args[0] in SUBCOMMANDS:
         import importlib

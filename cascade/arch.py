@@ -1,5 +1,5 @@
 """A model's sizes from its config.json, with no weights: parameters, LoRA parameters, KV cache and activation bytes
-(the planner's, cascade/budget.py). Gemma 3's configs ship in data/models/ so that planning works offline.
+(the planner's, cascade/plan.py). Gemma 3's configs ship in data/models/ so that planning works offline.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def shipped_configs() -> dict[str, dict]:
 
 def model_config(cfg: Config, stage: str) -> dict:
     """A stage's base model's config.json, with no weights and no network."""
-    from cascade.plan import model_identity
+    from cascade.graph import model_identity
 
     model = cfg.stages[stage].model
     if model.startswith("gemma3-270m:"):

@@ -277,7 +277,7 @@ class ServeConfig:
             fail(f"serve.api_key_env {self.api_key_env!r} must name an environment variable")
 
 
-# accelerators the planner knows (cascade/budget.py): memory (GB), memory bandwidth (GB/s), dense bf16 peak (TFLOP/s),
+# accelerators the planner knows (cascade/plan.py): memory (GB), memory bandwidth (GB/s), dense bf16 peak (TFLOP/s),
 # from the makers' data sheets; "cpu" is this machine, its memory read at plan time
 DEVICES = {
     "H100-80GB": (80, 3350, 989), "H200": (141, 4800, 989), "B200": (180, 8000, 2250),
@@ -288,7 +288,7 @@ DEVICES = {
 @dataclass
 class PlanConfig:
     """`python -m cascade +stage=27b plan=true`: what a run needs, before launch, with no Ray and no weights
-    (cascade/budget.py).
+    (cascade/plan.py).
     Rates: plan.*_tokens_per_s when given, else measured by a committed step, else estimated from the device."""
 
     gpu: str = "H100-80GB"  # a kind of DEVICES: memory, bandwidth, peak

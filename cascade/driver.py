@@ -1,4 +1,4 @@
-"""The single controller: plan every step of the cascade (cascade/plan.py), then run each step not yet committed.
+"""The single controller: plan every step of the cascade (cascade/graph.py), then run each step not yet committed.
 
     python -m cascade +stage=4b models=tiny      # plans 1b -> 4b, runs what is missing, skips the rest
 
@@ -18,16 +18,16 @@ import os
 from cascade import cluster
 from cascade.config import Config
 from cascade.lease import Lease, LeaseLost
-from cascade.plan import RunPlan, StagePlan, plan_run
+from cascade.graph import RunGraph, StageGraph, build_graph
 from cascade.preemption import Preemption
 from cascade.rundir import RunDir, Step
 
 log = logging.getLogger("cascade.driver")
 
 
-def run(cfg: Config) -> list[StagePlan]:
+def run(cfg: Config) -> list[StageGraph]:
     """Validate inputs, plan, and run every missing step up to cfg.target. Returns the plans."""
-    p = plan_run(cfg)  # every input file is read and checked here, before Ray starts or a model loads
+    p = build_graph(cfg)  # every input file is read and checked here, before Ray starts or a model loads
     _log_to_file(p.rd)
     todo = p.pending()
     if not todo:
@@ -55,7 +55,7 @@ def run(cfg: Config) -> list[StagePlan]:
     return p.stages
 
 
-def _run_steps(p: RunPlan, lease: tuple[int, str]) -> None:
+def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
     import ray
 
     from cascade import report
@@ -101,7 +101,7 @@ def _run_steps(p: RunPlan, lease: tuple[int, str]) -> None:
         cluster.stop()
 
 
-def _prepare(p: RunPlan) -> None:
+def _prepare(p: RunGraph) -> None:
     """Before Ray: the resolved config saved, the presets' models built, the hub token in place."""
     from omegaconf import OmegaConf
 
@@ -121,7 +121,7 @@ def _prepare(p: RunPlan) -> None:
         os.environ.setdefault("HF_TOKEN", token)  # workers inherit it; never written to config or logs
 
 
-def _ship_models(p: RunPlan) -> None:
+def _ship_models(p: RunGraph) -> None:
     """A run directory on an object store: base models that are directories on this node (the tiny preset, a
     local checkpoint) are committed once to <run_dir>/models/<key>/ and every step loads them from there (pulled
     into each node's cache), so no node needs a disk shared with the driver. Their keys, and so every step's key,
@@ -153,7 +153,7 @@ def _log_to_file(rd: RunDir) -> None:
     logging.getLogger().addHandler(h)
 
 
-def _report(p: RunPlan) -> None:
+def _report(p: RunGraph) -> None:
     from cascade import report
 
     if not p.rd.exists(p.rd.report("index.html")):  # a run directory made before reports were

@@ -88,11 +88,11 @@ def main(cfg: Any) -> None:
     """`python -m cascade harness <overrides>`: the release's harness tasks through the endpoint `cascade serve`
     runs (cascade/__main__.py composes the config); prints the results as one JSON line."""
     from cascade.config import ConfigError
-    from cascade.plan import heldout, plan_run
+    from cascade.graph import heldout, build_graph
 
     if not cfg.release.harness:
         raise ConfigError("release.harness names no task (e.g. release.harness=[cascade_format])")
-    p = plan_run(cfg)
+    p = build_graph(cfg)
     sp = next(s for s in p.stages if s.name == cfg.target)
     s = cfg.serve
     res = evaluate(None, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed,

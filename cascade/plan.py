@@ -1,280 +1,445 @@
-"""The plan of a run: every step of the cascade up to the target, with its identity. No Ray, no model.
+"""Before launch: what a run will need and take. No Ray is started and no weights are loaded.
 
-    python -m cascade +stage=4b models=tiny --cfg job     # the config the plan is made from
+    python -m cascade +stage=27b plan=true                             # 8 x H100-80GB unless found or given
+    python -m cascade +stage=27b plan=true plan.gpus=16 plan.gpu=A100-80GB
+    python -m cascade plan +stage=27b --json                           # the same, as JSON
 
-Each step's key is a hash of the config and the keys of its inputs, so a changed setting re-runs that step and
-those downstream, and a run with nothing to do ends before Ray starts. Stages are resolved like make: a stage's
-teachers (and theirs) are planned first. The driver, every step, the tests and the benchmarks share these types;
-nothing here imports a step or the driver.
+For every step still to run (cascade.graph: the same steps and keys the run uses):
+- parameters, from the model's config.json: shipped with the project for the presets' models (data/models/),
+  read from a local directory or the HF cache otherwise;
+- memory of a generation replica: weights (divided by tensor parallelism) and the KV cache (2 x kv heads x
+  head_dim per token and layer; a sliding-window layer keeps at most the window) for one sequence at
+  max_model_len at least, within backend.gpu_memory_utilization; what is left sets the concurrency;
+- memory of a training worker: frozen weights (bf16 on GPU with train.bf16), the LoRA's parameters, gradients and
+  Adam states (fp32: 16 bytes each), activations at max_seq_len (every layer's, or with gradient checkpointing
+  each layer's input plus one layer's), the loss's logits chunk; FSDP divides weights and LoRA states by the
+  workers; it fits within plan.headroom of a GPU. A placement that cannot fit is refused (exit 2) with the
+  changes that would fit (gradient checkpointing, FSDP over more workers, tensor parallelism);
+- prompts, samples and tokens: prompt tokens counted with the teacher's tokenizer when it is on this machine (the
+  way the backends count them; estimated from characters otherwise), generated tokens at most samples x
+  max_new_tokens, training token slots = steps x batch x grad_accum x max_seq_len;
+- hours and GPU-hours: decoding reads the weights and the batch's KV cache at every step (plan.decode_efficiency
+  of the GPU's bandwidth), training costs 4 (6 with recomputation) x params FLOPs per token at plan.train_mfu of
+  its peak; a rate measured by a committed step of this run (or plan.measured_from) replaces the estimate, and
+  plan.generate_tokens_per_s / plan.train_tokens_per_s replace both; plus plan.overhead_s per step.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, replace
 from typing import Any
 
-from cascade.config import Config, ConfigError
-from cascade.generation.types import Sampling
-from cascade.prompts import Prompt, file_digest, load_prompts, read_text
-from cascade.rundir import RunDir, Step, stable_hash
+from cascade import gguf
+from cascade.arch import Arch, model_config
+from cascade.config import DEVICES, Config, TrainConfig
+from cascade.graph import GenJob, RunGraph, StageGraph, build_graph
+from cascade.progress import duration
+from cascade.rundir import RunDir
+
+log = logging.getLogger("cascade.plan")
+GB = 1e9
+LOSS_CHUNK_ROWS = 256  # cascade.modeling.LOSS_CHUNK: positions whose vocabulary logits exist at once
+DECODE_STEP_S = 0.005  # per decode step beyond the model: scheduling, sampling, detokenizing (vLLM, batched)
+OVERHEAD_S = {"gpu": {"generate": 120.0, "train": 60.0}, "cpu": {"generate": 5.0, "train": 10.0}}  # per step
 
 
+# -- the devices ----------------------------------------------------------------------------------------------
 @dataclass
-class Teacher:
-    name: str  # the stage whose model answers ("1b"), or "<root>-base" when the root teacher is being built
-    model: str  # local directory or HF id
-    key: str  # identity of its weights
-    weight: float = 1.0
-    system: str | None = None  # the kernel, in context, when building the root teacher
-    revision: str | None = None
-
-
-@dataclass
-class GenJob:
-    """A teacher's answers to one prompt set, cut into shards of shard_size prompts."""
-
-    teacher: Teacher
-    data: str
-    step: Step
-    shard_size: int
-
-    def shards(self, n_prompts: int) -> int:
-        return -(-n_prompts // self.shard_size)
-
-
-@dataclass
-class PhasePlan:
-    index: int
-    name: str
-    data: str  # key into cfg.data
-    iters: int
-    lr: float
-    dataset: Step  # the curated dataset it trains on
-    model: Step  # the fused model after this phase
-
-
-@dataclass
-class StagePlan:
-    name: str
-    base_model: str
-    base_key: str
-    revision: str | None
-    teachers: list[Teacher] = field(default_factory=list)
-    gen_jobs: list[GenJob] = field(default_factory=list)
-    phases: list[PhasePlan] = field(default_factory=list)
-    eval: Step | None = None
-    release: Step | None = None  # release.enabled: the model card, HF directory and GGUF files
+class Device:
+    kind: str
+    count: int
+    memory_gb: float
+    bandwidth_gbs: float
+    tflops: float
+    source: str
 
     @property
-    def trains(self) -> bool:
-        return bool(self.phases)
-
-    @property
-    def final_model(self) -> str:
-        return self.phases[-1].model.path if self.phases else self.base_model
-
-    @property
-    def final_key(self) -> str:
-        return self.phases[-1].model.key if self.phases else self.base_key
+    def cpu(self) -> bool:
+        return self.kind == "cpu"
 
 
+def device(cfg: Config) -> Device:
+    """What the run's steps run on: the GPUs given, found on the attached cluster or this machine, else 8 of
+    plan.gpu; this machine's CPU and memory when neither training nor generation asks for a GPU."""
+    p = cfg.plan
+    if not (cfg.train.use_gpu or cfg.backend.num_gpus > 0):
+        import psutil
+
+        _, bw, tf = DEVICES["cpu"]
+        return Device("cpu", 1, psutil.virtual_memory().total / GB, bw, tf, "this machine (no step asks for a GPU)")
+    mem, bw, tf = DEVICES[p.gpu]
+    count, found_mem, source = p.gpus, p.gpu_memory_gb, "given (plan.gpus, plan.gpu_memory_gb)"
+    if count is None or found_mem is None:
+        n, m, where = _cluster_gpus(cfg) if cfg.cluster.address else _local_gpus()
+        count, found_mem = count or n, found_mem or m
+        source = f"found on {where}" if n else f"assumed: {p.gpu} (none found on {where}; give plan.gpus)"
+    return Device(p.gpu, count or 8, found_mem or mem, bw, tf, source)
+
+
+def _local_gpus() -> tuple[int, float | None, str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, None, "this machine"
+    return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GB, "this machine"
+
+
+def _cluster_gpus(cfg: Config) -> tuple[int, float | None, str]:
+    """The attached cluster's GPU count (joined as a client only: nothing is started on it)."""
+    from cascade import cluster
+
+    if cfg.cluster.auth:
+        cluster.ensure_auth_token()
+    import ray
+
+    ray.init(address=cfg.cluster.address, namespace="cascade-plan", log_to_driver=False, configure_logging=False)
+    try:
+        return int(ray.cluster_resources().get("GPU", 0)), None, f"the cluster at {cfg.cluster.address}"
+    finally:
+        ray.shutdown()
+
+
+# -- measured rates -------------------------------------------------------------------------------------------
 @dataclass
-class RunPlan:
-    """What a run needs before Ray starts: the config, the run directory, the inputs read and checked, the plan."""
+class Measured:
+    """Rates a run measured, from its manifest's committed steps: tokens/s per replica and generated tokens per
+    sample by teacher, token slots/s and fixed seconds per phase by stage, engine start by teacher."""
 
-    cfg: Config
-    rd: RunDir
-    prompts: dict[str, list[Prompt]]
-    kernel: str
-    stages: list[StagePlan]
+    gen_rate: dict[str, float]
+    gen_fill: dict[str, float]  # mean completion tokens / max_new_tokens
+    gen_start: dict[str, float]
+    train_rate: dict[str, float]
+    train_fixed: dict[str, float]
+    model_key: dict[str, str]  # the identity of the model each rate was measured with, by teacher / stage
 
-    def steps(self) -> list[Step]:
-        """Every step of the plan in run order, each once (a teacher's answers are shared by stages)."""
-        steps = []
-        for sp in self.stages:
-            steps += [j.step for j in sp.gen_jobs] + [p.dataset for p in sp.phases] + [p.model for p in sp.phases]
-            steps += [sp.eval] if sp.trains else []
-            steps += [sp.release] if sp.release else []
-        return list({s.name: s for s in steps}.values())
-
-    def pending(self) -> list[str]:
-        """Names of the steps not committed, in run order."""
-        return [s.name for s in self.steps() if not self.rd.committed(s)]
-
-
-def heldout(rd: RunDir, sp: StagePlan) -> list[dict]:
-    """A trained stage's held-out records (prompt messages, teachers' answer) from its committed datasets, each
-    prompt once: what evaluate scores, the release checks its GGUF files on, the harness's cascade_probes task."""
-    records, seen = [], set()
-    for ph in sp.phases:
-        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
-            if r["id"] not in seen:
-                seen.add(r["id"])
-                records.append(r)
-    return records
-
-
-def needed_stages(cfg: Config) -> list[str]:
-    """The target and, transitively, every stage it learns from, lowest first."""
-    need, todo = set(), [cfg.target]
-    while todo:
-        s = todo.pop()
-        if s not in need:
-            need.add(s)
-            todo.extend(t.stage for t in cfg.stages[s].teachers)
-    return [s for s in cfg.stage_order() if s in need]
+    @classmethod
+    def read(cls, rd: RunDir, max_new_tokens: int, dev: Device) -> Measured:
+        """Only steps that ran on the kind of device planned for count (a rate on a CPU says nothing of an H100);
+        steps recorded before runs said where they ran count for nothing."""
+        steps = (rd.read_json(rd.path("manifest.json")) or {}).get("steps", {})
+        acc: dict[str, list[float]] = {}
+        m = cls({}, {}, {}, {}, {}, {})
+        for name, s in steps.items():
+            sm, parts = s.get("summary") or {}, name.split("/")
+            if s.get("state") != "done" or not same_device(sm.get("device"), dev):
+                continue
+            if parts[0] == "generate" and sm.get("compute_seconds"):
+                a = acc.setdefault(f"g/{parts[1]}", [0.0, 0.0, 0.0])
+                a[0], a[1], a[2] = a[0] + sm["completion_tokens"], a[1] + sm["compute_seconds"], a[2] + sm["records"]
+                m.gen_start[parts[1]] = sm.get("engine_start_s", 0.0)
+                m.model_key[f"g/{parts[1]}"] = sm.get("model_key", "")
+            elif len(parts) == 3 and parts[1] == "train" and sm.get("train_seconds"):
+                a = acc.setdefault(f"t/{parts[0]}", [0.0, 0.0, 0.0])
+                slots = sm["tokens"] / max(1e-9, sm.get("real_token_fraction") or 1.0)
+                a[0], a[1], a[2] = a[0] + slots, a[1] + sm["train_seconds"], a[2] + sm["seconds"] - sm["train_seconds"]
+                m.model_key[f"t/{parts[0]}"] = sm.get("model_key", "")
+        for k, (tok, sec, extra) in acc.items():
+            kind, who = k.split("/", 1)
+            if kind == "g":
+                m.gen_rate[who], m.gen_fill[who] = tok / sec, tok / max(1.0, extra) / max_new_tokens
+            else:
+                m.train_rate[who] = tok / sec
+                m.train_fixed[who] = extra / sum(1 for n in steps if n.startswith(f"{who}/train/"))
+        return m
 
 
-def _looks_local(model: str) -> bool:
-    return model.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(model))
+def same_device(recorded: str | None, dev: Device) -> bool:
+    """Whether a step recorded as run on `recorded` (cascade.cluster.device_name) ran on the kind of device `dev`
+    plans for: the CPU, or a GPU whose name carries the kind's model (H100-80GB: "NVIDIA H100 80GB HBM3")."""
+    if not recorded:
+        return False
+    if dev.cpu or recorded == "cpu":
+        return dev.cpu and recorded == "cpu"
+    return dev.kind.split("-")[0].lower() in recorded.lower()
 
 
-def model_identity(cfg: Config, stage: str, weights: bool = True) -> tuple[str, str]:
-    """(path or id, key) of a stage's base model; raises ConfigError when a local path is missing (or, with
-    HF_HUB_OFFLINE=1 and weights, a hub model is not in the cache)."""
-    spec = cfg.stages[stage]
-    if spec.model.startswith("tiny:"):
-        from cascade.tiny import preset_dir, preset_key
-
-        size = spec.model.split(":", 1)[1]
-        if cfg.models.preset != "tiny" or size not in cfg.models.tiny.sizes:
-            raise ConfigError(f"stages.{stage}.model={spec.model!r}: no such tiny model (use models=tiny)")
-        return str(preset_dir(cfg) / size), stable_hash("tiny", preset_key(cfg), size)
-    if spec.model.startswith("gemma3-270m:"):
-        from cascade import gemma3_270m
-
-        which = spec.model.split(":", 1)[1]
-        path = gemma3_270m.model_dir(cfg, which)  # built before Ray starts (driver._prepare)
-        return str(path), path.name.rsplit("-", 1)[1]
-    if _looks_local(spec.model):
-        p = Path(spec.model).expanduser()
-        if not (p / "config.json").is_file():
-            raise ConfigError(f"stages.{stage}.model: model path not found (no config.json): {spec.model}")
-        from cascade.storage import content_hash
-
-        # its bytes, not only its names and sizes: weights retrained in place are another model
-        files = sorted((f.name, f.stat().st_size, content_hash(f)) for f in p.iterdir() if f.is_file())
-        return str(p.resolve()), stable_hash("local", (p / "config.json").read_text(), files)
-    if weights and os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache
-
-        if not isinstance(try_to_load_from_cache(spec.model, "config.json", revision=spec.revision), str):
-            raise ConfigError(f"stages.{stage}.model: {spec.model!r} is not in the local HF cache (HF_HUB_OFFLINE=1)")
-    return spec.model, stable_hash("hub", spec.model, spec.revision)
+# -- the steps --------------------------------------------------------------------------------------------------
+def _nbytes(dtype: str, dev: Device) -> int:
+    return 4 if dtype == "float32" or (dtype == "auto" and dev.cpu) else 2
 
 
-def shard_size_for(cfg: Config, n_prompts: int) -> int:
-    """Prompts per shard. generation.shard_size when set; auto (0): large enough to fill one engine batch
-    (hf: backend.batch_size; vllm: engine_kwargs.max_num_seqs, 256 by default), otherwise N / (8 x replicas) so
-    every replica gets about 8 shards and a crash redoes at most ~1/8 of its share; never above N."""
-    g, b = cfg.generation, cfg.backend
-    if g.shard_size:
-        return g.shard_size
-    batch = b.batch_size if b.name == "hf" else int(b.engine_kwargs.get("max_num_seqs", 256))
-    return max(1, min(n_prompts, max(batch, -(-n_prompts // (8 * g.replicas)))))
+def replica_memory(a: Arch, cfg: Config, dev: Device, nbytes: int, prompt_len: float) -> tuple[dict, int]:
+    """GB per generation replica by part, its limit, and the sequences it decodes at once."""
+    b, g = cfg.backend, cfg.generation
+    seq = prompt_len + g.max_new_tokens
+    if b.name == "vllm":
+        tp, max_seqs = b.tensor_parallel_size, int(b.engine_kwargs.get("max_num_seqs", 256))
+        mem = {"weights": a.params * nbytes / tp / GB, "runtime": 1.5 + max_seqs * a.vocab * 4 / GB,
+               "kv_cache": a.kv_bytes(b.max_model_len, nbytes) / tp / GB,  # one sequence at max_model_len at least
+               "limit": dev.memory_gb * b.gpu_memory_utilization}
+        free = mem["limit"] - mem["weights"] - mem["runtime"]
+        conc = max(0, min(max_seqs, int(free / (a.kv_bytes(seq, nbytes) / tp / GB))))
+    else:
+        conc = b.batch_size * g.n_samples
+        mem = {"weights": a.params * nbytes / GB, "runtime": 0.5 + conc * a.vocab * 4 / GB,
+               "kv_cache": conc * a.kv_bytes(seq, nbytes) / GB, "limit": dev.memory_gb * cfg.plan.headroom}
+    mem["total"] = mem["weights"] + mem["runtime"] + mem["kv_cache"]
+    return mem, conc
 
 
-def sampling(cfg: Config) -> Sampling:
-    """The sampling parameters every teacher generates with."""
-    g = cfg.generation
-    return Sampling(g.max_new_tokens, g.temperature, g.top_p, g.n_samples, g.logprobs)
+def train_memory(a: Arch, t: TrainConfig, dev: Device, limit: float) -> dict:
+    """GB per training worker by part, and its limit."""
+    nbytes = 2 if t.bf16 and not dev.cpu else 4
+    shard = t.num_workers if t.strategy == "fsdp" else 1
+    tokens = t.batch_size // t.num_workers * t.max_seq_len
+    mem = {"weights": a.params * nbytes / shard / GB,
+           "lora_states": a.lora_params(t.lora.r, t.lora.target_modules) * 16 / shard / GB,
+           "activations": a.activation_bytes(tokens, nbytes, t.gradient_checkpointing) / GB,
+           "logits": 3 * LOSS_CHUNK_ROWS * a.vocab * 4 / GB, "runtime": 0.0 if dev.cpu else 1.0}
+    mem["total"] = sum(mem.values())
+    mem["limit"] = limit
+    return mem
 
 
-def prompt_seed(cfg: Config, teacher: Teacher, data: str, prompt_id: str) -> int:
-    """The seed of one prompt's answers: the same whichever replica, shard or run generates them."""
-    return int(stable_hash("seed", cfg.seed, teacher.key, data, prompt_id)[:8], 16)
+def train_fixes(a: Arch, t: TrainConfig, dev: Device, limit: float) -> list[str]:
+    """The overrides (fewest changes first) under which a training worker fits."""
+    n = max(w for w in range(1, dev.count + 1) if t.batch_size % w == 0)  # the most workers the batch divides among
+    gc, fsdp = {"gradient_checkpointing": True}, {"strategy": "fsdp", "num_workers": n}
+    tries = ([gc] if not t.gradient_checkpointing else []) + ([fsdp] if n > 1 else [])
+    tries += [{**gc, **fsdp}] if n > 1 and not t.gradient_checkpointing else []
+    fits = []
+    for change in tries:
+        if train_memory(a, replace(t, **change), dev, limit)["total"] <= limit:
+            fits.append(" ".join(f"train.{k}={str(v).lower()}" for k, v in change.items()))
+    return fits
 
 
-def backend_kwargs(cfg: Config, teacher: Teacher) -> dict[str, Any]:
-    """Keyword arguments of the configured backend for one teacher's model."""
-    b = cfg.backend
-    kw = dict(dtype=b.dtype, revision=teacher.revision, trust_remote_code=cfg.models.trust_remote_code)
-    if b.name == "hf":
-        return {**kw, "batch_size": b.batch_size}
-    return {**kw, "tensor_parallel_size": b.tensor_parallel_size, "gpu_memory_utilization": b.gpu_memory_utilization,
-            "max_model_len": b.max_model_len, "enforce_eager": b.enforce_eager, "engine_kwargs": dict(b.engine_kwargs),
-            "seed": cfg.seed, "warmup_prompts": b.warmup_prompts, "keep_off_model_cores": b.keep_off_model_cores}
+def _prompt_tokens(p: RunGraph, job: GenJob, cache: dict) -> tuple[int, bool]:
+    """The prompt set's tokens as the backends count them (chat template, no extra specials), with the teacher's
+    tokenizer when it is on this machine; else estimated at 4 characters a token (False)."""
+    from cascade.chat import prompt_messages, render_prompt
+
+    ps = p.prompts[job.data]
+    tok = _tokenizer(p, job.teacher.name, job.teacher.model, cache)
+    if tok is None:
+        return int(sum(len(m["content"]) for pr in ps for m in pr.messages) / 4), False
+    texts = [render_prompt(tok, prompt_messages(pr.messages, job.teacher.system)) for pr in ps]
+    return sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]), True
 
 
-def _teachers(cfg: Config, stage: str, sp: StagePlan, done: dict[str, StagePlan], kernel: str) -> list[Teacher]:
-    spec = cfg.stages[stage]
-    if spec.teachers:
-        return [Teacher(t.stage, done[t.stage].final_model, done[t.stage].final_key, t.weight,
-                        revision=None if done[t.stage].trains else done[t.stage].revision) for t in spec.teachers]
-    if spec.build:  # context distillation: the base answers with the kernel in context
-        return [Teacher(f"{stage}-base", sp.base_model, sp.base_key, 1.0, kernel, spec.revision)]
-    return []
+def _tokenizer(p: RunGraph, teacher: str, model: str, cache: dict) -> Any:
+    """The teacher's tokenizer from its directory, or (a stage trained in this run: not made yet) its stage's base
+    model's, which training does not change; from the HF cache for a hub id; None when nowhere on this machine."""
+    base = next((sp.base_model for sp in p.stages if sp.name == teacher.removesuffix("-base")), model)
+    made = next((sp.phases[-1].model for sp in p.stages if sp.phases and sp.final_model == model), None)
+    if made is not None and p.rd.committed(made) is None:  # not made yet, or made from another model: not its own
+        model = base
+    for src in dict.fromkeys((model, base)):
+        if src not in cache:
+            from transformers import AutoTokenizer
+
+            try:
+                cache[src] = AutoTokenizer.from_pretrained(src, local_files_only=True,
+                                                           trust_remote_code=p.cfg.models.trust_remote_code)
+            except (OSError, ValueError):
+                cache[src] = None
+        if cache[src] is not None:
+            return cache[src]
+    return None
 
 
-def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[str, list[Prompt]]) -> list[GenJob]:
-    g, b = cfg.generation, cfg.backend
-    samp = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "logprobs")}
-    backend_id = (b.name, b.dtype, b.batch_size if b.name == "hf" else None)  # hf's batches change the samples
-    jobs = []
-    for t in teachers:
-        for data in dict.fromkeys(p.data for p in cfg.curriculum):
-            shard = shard_size_for(cfg, len(prompts[data]))
-            data_id = (file_digest(cfg.data[data].path), dataclasses.asdict(cfg.data[data]))
-            key = stable_hash("gen", t.key, t.system, samp, shard, backend_id, cfg.seed, data_id)
-            made_by = tuple(m for m in (t.model,) if m.startswith(f"{rd.root}/"))  # a teacher trained in this run
-            jobs.append(GenJob(t, data, Step(f"generate/{t.name}/{data}", key, rd.generation(t.name, data, key),
-                                             made_by), shard))
-    return jobs
+class Budget:
+    """Every step still to run with what it needs and takes; `problems` lists what cannot fit."""
+
+    def __init__(self, p: RunGraph, dev: Device) -> None:
+        cfg = self.cfg = p.cfg
+        self.p, self.dev, self.rows, self.problems, self.toks, self.started = p, dev, [], [], {}, set()
+        self.arch = {sp.name: Arch.of(model_config(cfg, sp.name)) for sp in p.stages}
+        # the identity of each model this plan runs: a measured rate counts only for the same one
+        self.keys = {f"t/{sp.name}": sp.base_key for sp in p.stages}
+        self.keys |= {f"g/{j.teacher.name}": j.teacher.key for sp in p.stages for j in sp.gen_jobs}
+        src = RunDir(cfg.plan.measured_from) if cfg.plan.measured_from else p.rd
+        self.m = Measured.read(src, cfg.generation.max_new_tokens, dev)
+        pending = set(p.pending())
+        for sp in p.stages:
+            for job in sp.gen_jobs:
+                if job.step.name in pending:
+                    pending.discard(job.step.name)  # a teacher's answers are shared by the stages that learn from it
+                    self.rows.append(self._generate(job))
+            self.rows += [self._curate(sp, ph) for ph in sp.phases if ph.dataset.name in pending]
+            self.rows += [self._train(sp, ph) for ph in sp.phases if ph.model.name in pending]
+            self.rows += [self._evaluate(sp)] if sp.eval and sp.eval.name in pending else []
+            self.rows += [self._release(sp)] if sp.release and sp.release.name in pending else []
+
+    def _generate(self, job: GenJob) -> dict:
+        cfg, dev, g, b = self.cfg, self.dev, self.cfg.generation, self.cfg.backend
+        who, a = job.teacher.name, self.arch[job.teacher.name.removesuffix("-base")]
+        n = len(self.p.prompts[job.data])
+        prompt_tokens, exact = _prompt_tokens(self.p, job, self.toks)
+        nbytes, tp = _nbytes(b.dtype, dev), b.tensor_parallel_size if b.name == "vllm" else 1
+        mem, conc = replica_memory(a, cfg, dev, nbytes, prompt_tokens / n)
+        if mem["total"] > mem["limit"]:
+            need = next((k for k in (2, 4, 8) if replica_memory(a, replace(cfg, backend=replace(
+                b, tensor_parallel_size=k)), dev, nbytes, prompt_tokens / n)[0]["total"] <= mem["limit"] * k), 0)
+            fix = f"backend.tensor_parallel_size={need}" if need and b.name == "vllm" else "a GPU with more memory"
+            self.problems.append(f"{job.step.name}: a replica of {who} needs {mem['total']:.1f} GB, "
+                                 f"{mem['limit']:.1f} GB available; would fit: {fix}")
+        budget_new = n * g.n_samples * g.max_new_tokens
+        fills = self.m.gen_fill
+        fill = fills.get(who, sum(fills.values()) / len(fills) if fills else 1.0)  # measured share of max_new_tokens
+        expected = int(budget_new * min(1.0, fill))
+        ctx = prompt_tokens / n + g.max_new_tokens / 2
+        rate, source = self._rate(cfg.plan.generate_tokens_per_s, self.m.gen_rate, "g", who,
+                                  lambda: _decode_rate(a, dev, nbytes, tp, max(1, conc), ctx, cfg.plan))
+        prefill = prompt_tokens * g.n_samples * 2 * a.text_params / (dev.tflops * 1e12 * tp * cfg.plan.train_mfu)
+        # the engine starts once per teacher: its sets share one pool of replicas
+        fixed = 0.0 if who in self.started else self.m.gen_start.get(who, self._overhead("generate"))
+        self.started.add(who)
+        seconds = (expected / rate + prefill) / g.replicas + fixed
+        units = g.replicas * (tp if b.name == "vllm" else max(1, math.ceil(b.num_gpus)))  # GPUs, or replicas on CPU
+        work = {"prompts": n, "samples": n * g.n_samples, "prompt_tokens": prompt_tokens,
+                "prompt_tokens_exact": exact, "max_new_tokens": budget_new, "expected_new_tokens": expected,
+                "concurrency": conc}
+        return self._row(job.step.name, "generate", who, a, units, mem, work, rate, source, seconds)
+
+    def _train(self, sp: StageGraph, ph: Any) -> dict:
+        cfg, dev, t, a = self.cfg, self.dev, self.cfg.train, self.arch[sp.name]
+        limit = dev.memory_gb * cfg.plan.headroom / (t.num_workers if dev.cpu else 1)
+        mem = train_memory(a, t, dev, limit)
+        if mem["total"] > limit:
+            fixes = train_fixes(a, t, dev, limit)
+            self.problems.append(
+                f"{ph.model.name}: a training worker needs {mem['total']:.1f} GB ({t.strategy}, "
+                f"gradient_checkpointing={t.gradient_checkpointing}), {limit:.1f} GB available; would fit: "
+                + (" | ".join(fixes) if fixes else f"none on {dev.count} x {dev.memory_gb:.0f} GB: more GPUs, or "
+                   "a smaller train.max_seq_len / train.batch_size"))
+        seqs = ph.iters * t.batch_size * t.grad_accum
+        flops = (6 if t.gradient_checkpointing else 4) * a.params
+        rate, source = self._rate(cfg.plan.train_tokens_per_s, self.m.train_rate, "t", sp.name,
+                                  lambda: t.num_workers * dev.tflops * 1e12 * cfg.plan.train_mfu / flops)
+        seconds = seqs * t.max_seq_len / rate + self.m.train_fixed.get(sp.name, self._overhead("train"))
+        work = {"steps": ph.iters, "sequences": seqs, "token_slots": seqs * t.max_seq_len}
+        return self._row(ph.model.name, "train", sp.name, a, t.num_workers, mem, work, rate, source, seconds,
+                         gpus=t.use_gpu)
+
+    def _curate(self, sp: StageGraph, ph: Any) -> dict:
+        """On the driver's CPU, seconds at most: the answers it filters (one teacher's per prompt)."""
+        n = len(self.p.prompts[ph.data])
+        work = {"prompts": n, "answers_at_most": n * self.cfg.generation.n_samples}
+        return self._row(ph.dataset.name, "curate", sp.name, self.arch[sp.name], 0, {}, work, 0, "", 0.0)
+
+    def _evaluate(self, sp: StageGraph) -> dict:
+        held = sum(1 for ph in self.cfg.curriculum for p in self.p.prompts[ph.data] if p.heldout)
+        work = {"heldout_prompts_at_most": held, "models_scored": 2}
+        units = 2 * math.ceil(self.cfg.backend.num_gpus)
+        return self._row(sp.eval.name, "evaluate", sp.name, self.arch[sp.name], units, {}, work, 0, "", 0.0)
+
+    def _release(self, sp: StageGraph) -> dict:
+        a = self.arch[sp.name]
+        sizes = {t: round(a.params * gguf.BITS.get(t, 16) / 8 / GB, 2) for t in ["F16", *self.cfg.release.gguf]}
+        # host memory: the float32 reference (transformers) and llama.cpp's F16 file, loaded together to compare
+        mem = {"host_ram": a.params * (4 + 2) / GB, "limit": 0.0}
+        work = {"gguf_gb": sizes, "probes": self.cfg.release.probes}
+        return self._row(sp.release.name, "release", sp.name, a, 0, mem, work, 0, "", 0.0)
+
+    def _overhead(self, kind: str) -> float:
+        return self.cfg.plan.overhead_s.get(kind, OVERHEAD_S["cpu" if self.dev.cpu else "gpu"][kind])
+
+    def _rate(self, given: dict, measured: dict, kind: str, who: str, estimate: Any) -> tuple[float, str]:
+        """Given, else measured for this very model (the identity this plan has for it, on the kind of device
+        planned for: Measured.read), else measured for the nearest such model in size, scaled by the parameters
+        (time per token grows with them), else estimated."""
+        if who in given:
+            return given[who], "given"
+        usable = [k for k in measured if k.removesuffix("-base") in self.arch
+                  and self.m.model_key.get(f"{kind}/{k}") == self.keys.get(f"{kind}/{k}")]
+        if who in usable:
+            return measured[who], "measured"
+        if usable:
+            size = self.arch[who.removesuffix("-base")].params
+            k = min((abs(self.arch[k.removesuffix("-base")].params - size), k) for k in usable)[1]
+            return (measured[k] * self.arch[k.removesuffix("-base")].params / size,
+                    f"measured ({k} on {self.dev.kind}, scaled by parameters)")
+        return estimate(), "estimate"
+
+    def _row(self, step: str, kind: str, model: str, a: Arch, units: int, mem: dict, work: dict, rate: float,
+             source: str, seconds: float, gpus: bool = True) -> dict:
+        return {"step": step, "kind": kind, "model": model, "params": a.params, "units": units,
+                "memory_gb": {k: round(v, 3) for k, v in mem.items()},
+                "fits": not mem or not mem.get("limit") or mem["total"] <= mem["limit"], "work": work,
+                "tokens_per_s": round(rate, 1), "rate_source": source, "hours": seconds / 3600,
+                "gpu_hours": seconds / 3600 * units if gpus and not self.dev.cpu else 0.0}
+
+    def totals(self) -> dict:
+        return {"hours": sum(r["hours"] for r in self.rows), "gpu_hours": sum(r["gpu_hours"] for r in self.rows),
+                "generate_new_tokens_max": sum(r["work"].get("max_new_tokens", 0) for r in self.rows),
+                "train_token_slots": sum(r["work"].get("token_slots", 0) for r in self.rows)}
 
 
-def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob]) -> list[PhasePlan]:
-    g = cfg.generation
-    # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`, which turns
-    # gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
-    train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
-                                   keep_checkpoints=0, max_failures=0, gradient_checkpointing=False)
-    phases, prev = [], base_key
-    for i, ph in enumerate(cfg.curriculum):
-        gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]
-        dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, (g.drop_truncated, g.min_chars, g.max_chars))
-        tkey = stable_hash("train", prev, dkey, ph, train_id, cfg.seed)
-        data = Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name),
-                    tuple(j.step.path for j in jobs if j.data == ph.data))
-        model = Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name),
-                     (data.path,) + ((phases[-1].model.path,) if phases else ()))
-        phases.append(PhasePlan(i, ph.name, ph.data, ph.iters, ph.lr, data, model))
-        prev = tkey
-    return phases
+def _decode_rate(a: Arch, dev: Device, nbytes: int, tp: int, conc: int, ctx: float, plan: Any) -> float:
+    """Tokens/s of one replica: a decode step reads the weights and every running sequence's KV cache (memory
+    bound), or does 2 x params FLOPs per sequence (compute bound), whichever is slower."""
+    read = (a.params * nbytes + conc * a.kv_bytes(ctx, nbytes)) / (dev.bandwidth_gbs * GB * plan.decode_efficiency * tp)
+    compute = 2 * a.text_params * conc / (dev.tflops * 1e12 * tp * plan.train_mfu)
+    return conc / (max(read, compute) + DECODE_STEP_S)
 
 
-def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
-         weights: bool = True) -> list[StagePlan]:
-    """Every stage up to cfg.target with its steps and their keys, lowest stage first. weights=False: the hub
-    models need not be in the local cache (status and the planner, on a machine that only reads the run)."""
-    done: dict[str, StagePlan] = {}
-    for stage in needed_stages(cfg):
-        base_model, base_key = model_identity(cfg, stage, weights)
-        sp = StagePlan(stage, base_model, base_key, cfg.stages[stage].revision)
-        sp.teachers = _teachers(cfg, stage, sp, done, kernel)
-        if sp.teachers:
-            sp.gen_jobs = _gen_jobs(cfg, rd, sp.teachers, prompts)
-            sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs)
-            ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases], cfg.eval)
-            sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
-                           (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
-            if cfg.release.enabled:
-                rkey = stable_hash("release", sp.final_key, ekey, cfg.release, cfg.train.max_seq_len)
-                sp.release = Step(f"{stage}/release", rkey, rd.release(stage), (sp.final_model, sp.eval.path))
-        done[stage] = sp
-    return list(done.values())
+def _count_problems(b: Budget) -> None:
+    cfg, dev = b.cfg, b.dev
+    if dev.cpu:
+        return
+    if cfg.train.use_gpu and cfg.train.num_workers > dev.count:
+        b.problems.append(f"train.num_workers={cfg.train.num_workers} workers need a GPU each; {dev.count} GPUs")
+    tp = cfg.backend.tensor_parallel_size if cfg.backend.name == "vllm" else 1
+    if cfg.generation.replicas * tp > dev.count:
+        b.problems.append(f"generation.replicas={cfg.generation.replicas} x tensor_parallel_size={tp} GPUs; "
+                          f"{dev.count} GPUs")
 
 
-def plan_run(cfg: Config, weights: bool = True) -> RunPlan:
-    """Read and check every input (before Ray starts or a model loads), open the run directory, plan."""
-    used = list(dict.fromkeys(p.data for p in cfg.curriculum))
-    prompts = {k: load_prompts(cfg.data[k]) for k in used}
-    for k, ps in prompts.items():
-        if all(p.heldout for p in ps):
-            raise ConfigError(f"data.{k} ({cfg.data[k].path}): all {len(ps)} prompts are held out, none left to train "
-                              f"on (lower heldout_fraction, or mark fewer rows heldout)")
-    kernel = read_text(cfg.kernel)
-    rd = RunDir(cfg.run_dir, cfg.verify)
-    return RunPlan(cfg, rd, prompts, kernel, plan(cfg, rd, prompts, kernel, weights))
+def _fmt(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def render(b: Budget) -> str:
+    d = b.dev
+    lines = [f"plan for +stage={b.cfg.target}: {d.count} x {d.kind} ({d.memory_gb:.0f} GB), {d.source}; "
+             f"{len(b.rows)} steps to run", ""]
+    head = f"{'step':34} {'model':7} {'params':>7} {'units':>5} {'memory GB (per unit)':34} {'fits':4}  work"
+    lines += [head, "-" * len(head)]
+    for r in b.rows:
+        m = r["memory_gb"]
+        mem = " + ".join(f"{v:.1f} {k}" for k, v in m.items() if k not in ("total", "limit") and v >= 0.05)
+        mem = f"{m['total']:.1f}/{m['limit']:.0f} ({mem})" if m.get("limit") else mem
+        w = r["work"]
+        if r["kind"] == "generate":
+            work = (f"{w['prompts']} prompts, {w['samples']} samples, {'' if w['prompt_tokens_exact'] else '~'}"
+                    f"{_fmt(w['prompt_tokens'])} prompt tok, <= {_fmt(w['max_new_tokens'])} new tok")
+        elif r["kind"] == "train":
+            work = f"{w['steps']} steps, {w['sequences']} seqs, {_fmt(w['token_slots'])} token slots"
+        else:
+            work = ", ".join(f"{k} {v}" for k, v in w.items())
+        rate = (f"; {_fmt(r['tokens_per_s'])} tok/s ({r['rate_source']}), {duration(r['hours'] * 3600)}"
+                if r["hours"] else "")
+        lines.append(f"{r['step']:34} {r['model']:7} {_fmt(r['params']):>7} {r['units']:>5} {mem:34} "
+                     f"{'yes' if r['fits'] else 'NO':4}  {work}{rate}")
+    t = b.totals()
+    lines += ["", f"total: {duration(t['hours'] * 3600)} wall (steps one after another), "
+              f"{t['gpu_hours']:.1f} GPU-hours; "
+              f"<= {_fmt(t['generate_new_tokens_max'])} tokens to generate, {_fmt(t['train_token_slots'])} to train"]
+    lines += [f"does not fit: {p}" for p in b.problems]
+    return "\n".join(lines)
+
+
+def make(cfg: Config) -> Budget:
+    b = Budget(build_graph(cfg, weights=False), device(cfg))
+    _count_problems(b)
+    return b
+
+
+def main(cfg: Config, *flags: str) -> None:
+    """`python -m cascade +stage=<s> plan=true [--json]`: print the budget; exit 2 when a step cannot fit."""
+    b = make(cfg)
+    if "--json" in flags:
+        print(json.dumps({"target": cfg.target, "device": vars(b.dev), "steps": b.rows, "totals": b.totals(),
+                          "problems": b.problems}, indent=1))
+    else:
+        print(render(b))
+    if b.problems:
+        sys.exit(2)

@@ -21,14 +21,14 @@ import logging
 from typing import Any
 
 from cascade.config import Config
-from cascade.plan import RunPlan, plan_run
+from cascade.graph import RunGraph, build_graph
 
 log = logging.getLogger(__name__)
 FUNNEL = ("generated", "failed", "empty", "truncated", "too_long", "duplicate", "kept")
 PLOTS = ("signal", "loss", "funnel", "throughput")
 
 
-def gather(p: RunPlan) -> dict:
+def gather(p: RunGraph) -> dict:
     """What the report shows, from committed records: {stages: {name: {phases, agreement, funnel}}, generation}."""
     rd, out = p.rd, {"stages": {}, "generation": {}}
     for sp in p.stages:
@@ -149,7 +149,7 @@ img{{max-width:100%}}</style></head><body>
 """
 
 
-def build(p: RunPlan) -> str:
+def build(p: RunGraph) -> str:
     """Write <run_dir>/report/ (plots first, the page last); returns the page's path."""
     import matplotlib
 
@@ -162,7 +162,7 @@ def build(p: RunPlan) -> str:
     return rd.report("index.html")
 
 
-def refresh(p: RunPlan) -> None:
+def refresh(p: RunGraph) -> None:
     """The driver's call after every stage: a report that cannot be made is logged, never fatal."""
     try:
         log.info("report: %s", build(p))
@@ -171,4 +171,4 @@ def refresh(p: RunPlan) -> None:
 
 
 def main(cfg: Config, *flags: str) -> None:
-    print(build(plan_run(cfg)))
+    print(build(build_graph(cfg)))

@@ -58,11 +58,11 @@ def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
 
 def release_dir(cfg: Config) -> Path:
     """The committed release of cfg.target (pulled into this node's cache from an object store)."""
-    from cascade.plan import plan_run
+    from cascade.graph import build_graph
 
     if not cfg.release.enabled:
         raise ConfigError("serve needs the stage's release: add release.enabled=true (as on the run that made it)")
-    p = plan_run(cfg)
+    p = build_graph(cfg)
     sp = next(s for s in p.stages if s.name == cfg.target)
     if sp.release is None:
         raise ConfigError(f"stage {cfg.target} trains nothing (the root teacher as given): it has no release")

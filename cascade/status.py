@@ -3,7 +3,7 @@ run directory (a filesystem or an object store), while it runs or after.
 
     python -m cascade status +stage=27b run_dir=s3://bucket/cascade          # the same overrides as the run
 
-One row per planned step of the target (cascade.plan: the keys a re-run would use): its state - done (committed
+One row per planned step of the target (cascade.graph: the keys a re-run would use): its state - done (committed
 with this key), running (the manifest says so and the run's driver is alive: cascade.lease.holder), stopped (the
 manifest says running but no driver holds the run: killed, pre-empted), failed (with its error), pending -, its key,
 elapsed time, progress (shards done/total, optimizer step/iters: cascade/progress.py, or the shards already on disk)
@@ -19,13 +19,13 @@ from typing import Any
 
 from cascade.config import Config
 from cascade.lease import holder
-from cascade.plan import RunPlan, plan_run
+from cascade.graph import RunGraph, build_graph
 from cascade.progress import duration
 from cascade.rundir import Step
 
 
 def collect(cfg: Config) -> dict:
-    p = plan_run(cfg, weights=False)
+    p = build_graph(cfg, weights=False)
     rd, now = p.rd, time.time()
     steps = rd.manifest()["steps"]
     driver = holder(rd, cfg.lease_ttl_s)
@@ -40,7 +40,7 @@ def collect(cfg: Config) -> dict:
             "steps": rows, "agreement": agreement, "rerun_would_run": [r["step"] for r in rows if r["state"] != "done"]}
 
 
-def _row(p: RunPlan, step: Step, entry: dict, alive: bool, gen: Any, now: float) -> dict:
+def _row(p: RunGraph, step: Step, entry: dict, alive: bool, gen: Any, now: float) -> dict:
     rd = p.rd
     entry = entry if entry.get("key") == step.key else {}
     row = {"step": step.name, "key": step.key, "state": "pending", "elapsed_s": None, "progress": None,

@@ -20,7 +20,7 @@ import re
 from collections import Counter, defaultdict
 
 from cascade.config import Config, ConfigError, GenerationConfig
-from cascade.plan import GenJob, PhasePlan, StagePlan
+from cascade.graph import GenJob, PhaseGraph, StageGraph
 from cascade.prompts import Prompt
 from cascade.rundir import RunDir, stable_hash
 
@@ -42,7 +42,7 @@ def _load(rd: RunDir, job: GenJob) -> dict[str, list[dict]]:
     return by_prompt
 
 
-def run(staging: str, cfg: Config, sp: StagePlan, ph: PhasePlan, prompts: list[Prompt], rd: RunDir) -> dict:
+def run(staging: str, cfg: Config, sp: StageGraph, ph: PhaseGraph, prompts: list[Prompt], rd: RunDir) -> dict:
     jobs = [j for j in sp.gen_jobs if j.data == ph.data]
     answers = {j.teacher.name: _load(rd, j) for j in jobs}
     if cfg.train.distill_weight > 0:
@@ -97,7 +97,7 @@ def _keep(recs: list[dict], g: GenerationConfig, counts: Counter) -> list[tuple[
     return kept
 
 
-def _record(p: Prompt, ph: PhasePlan, teacher: str, rec: dict, text: str) -> dict:
+def _record(p: Prompt, ph: PhaseGraph, teacher: str, rec: dict, text: str) -> dict:
     """A dataset record: the prompt, the teacher's answer, and its provenance."""
     return {
         "id": f"{p.id}/{teacher}/{rec['sample']}",
@@ -122,7 +122,7 @@ def _vocab(model: str, revision: str | None, trust: bool) -> str:
     return vocab_hash(AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust))
 
 
-def check_shared_vocab(cfg: Config, sp: StagePlan, answers: dict[str, dict[str, list[dict]]]) -> None:
+def check_shared_vocab(cfg: Config, sp: StageGraph, answers: dict[str, dict[str, list[dict]]]) -> None:
     """Logit distillation compares token ids: every teacher's vocabulary must be the student's."""
     from cascade.rundir import local_model
 

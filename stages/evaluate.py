@@ -23,7 +23,7 @@ import ray
 
 from cascade.config import Config
 from cascade.metrics import rouge_l
-from cascade.plan import StagePlan, heldout
+from cascade.graph import StageGraph, heldout
 from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ METRIC = "mean per-token log-likelihood of held-out teacher responses under the 
 TEXT_METRIC = "ROUGE-L F1 of the student's greedy answers against the teachers' held-out answers (0..1)"
 
 
-def start_before(cfg: Config, sp: StagePlan, rd: RunDir, num_cpus: float | None = None) -> Any:
+def start_before(cfg: Config, sp: StageGraph, rd: RunDir, num_cpus: float | None = None) -> Any:
     """Score the base student now, as a Ray task (backend.num_cpus CPUs, or `num_cpus`); run() collects it."""
     return _scorer(cfg, num_cpus).options(name=f"eval/{sp.name}/before").remote(
         sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
@@ -46,12 +46,12 @@ def _score_kwargs(cfg: Config) -> dict:
                 answer_tokens=cfg.eval.answer_tokens)
 
 
-def _heldout(cfg: Config, sp: StagePlan, rd: RunDir) -> list[dict]:
+def _heldout(cfg: Config, sp: StageGraph, rd: RunDir) -> list[dict]:
     records = heldout(rd, sp)
     return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
 
 
-def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, before_ref: Any = None) -> dict:
+def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: Any = None) -> dict:
     records = _heldout(cfg, sp, rd)
     if before_ref is None:
         before_ref = start_before(cfg, sp, rd)

@@ -2,7 +2,7 @@
 
     python -m cascade +stage=4b models=tiny       # runs this step for teacher 1b, among the others
 
-Prompts are cut into fixed shards (in file order; size: cascade.plan.shard_size_for) and handed to a pool of
+Prompts are cut into fixed shards (in file order; size: cascade.graph.shard_size_for) and handed to a pool of
 named replicas (cascade/generation/pool.py: dispatch, re-queue of a lost replica's shards, restarts). Answers
 stream back as they finish and are kept here until their shard is whole; then the shard is written to
 generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it. Meanwhile a shard's
@@ -23,7 +23,7 @@ from cascade import logprobs
 from cascade.config import Config
 from cascade.generation.pool import Answers, ReplicaPool, Work
 from cascade.generation.types import Request
-from cascade.plan import GenJob, StagePlan, Teacher, backend_kwargs, prompt_seed, sampling
+from cascade.graph import GenJob, StageGraph, Teacher, backend_kwargs, prompt_seed, sampling
 from cascade.preemption import Preempted
 from cascade.progress import ProgressFile
 from cascade.prompts import Prompt
@@ -32,7 +32,7 @@ from cascade.rundir import RunDir
 log = logging.getLogger(__name__)
 
 
-def run(rd: RunDir, cfg: Config, sp: StagePlan, prompts: dict[str, list[Prompt]]) -> None:
+def run(rd: RunDir, cfg: Config, sp: StageGraph, prompts: dict[str, list[Prompt]]) -> None:
     for teacher in sp.teachers:
         run_teacher(rd, cfg, sp.name, teacher, [j for j in sp.gen_jobs if j.teacher is teacher], prompts)
 
@@ -224,7 +224,7 @@ def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: d
             tokens += rec["completion_tokens"]
             prompt_tokens[rec["prompt_id"]] = rec["prompt_tokens"]
     # compute_seconds: engine time of this invocation; timing: this invocation's, shared by the teacher's sets;
-    # prompt_tokens: of each prompt once (cascade/budget.py plans the same count)
+    # prompt_tokens: of each prompt once (cascade/plan.py plans the same count)
     summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
                "prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": tokens, "compute_seconds": compute_s,
                "model_key": job.teacher.key, **timing}

@@ -34,13 +34,13 @@ from typing import Any
 from cascade.config import Config
 from cascade.gguf import (EXACT_TYPES, FLOAT_TYPES, ReleaseError, compare_gguf, convert, file_name,
                           llama_cpp_mismatches, quantize, quiet_llama_cpp)
-from cascade.plan import StagePlan, heldout
+from cascade.graph import StageGraph, heldout
 from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
 
 
-def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan]) -> dict:
+def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph]) -> dict:
     """Build the release in staging (a Ray task on this node), then write its model card; returns the summary."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -71,7 +71,7 @@ def run(staging: str, cfg: Config, sp: StagePlan, rd: RunDir, stages: list[Stage
     return summary
 
 
-def _provenance(cfg: Config, sp: StagePlan, rd: RunDir, stages: list[StagePlan]) -> dict:
+def _provenance(cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph]) -> dict:
     """What the card is written from: the stage's metrics and the chain of stages it learnt from, with keys."""
     by_name, chain, todo = {s.name: s for s in stages}, {}, [sp.name]
     while todo:
@@ -183,7 +183,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def model_card(cfg: Config, sp: StagePlan, name: str, formats: list[dict], harness: dict, prov: dict) -> str:
+def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harness: dict, prov: dict) -> str:
     """The card, as the seed's: front matter the hub reads, then lineage, curriculum, metrics, formats, quick start."""
     m = prov["metrics"]
     gguf = [f for f in formats if f["format"].startswith("GGUF")]

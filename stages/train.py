@@ -41,7 +41,7 @@ import ray
 
 from cascade import preemption
 from cascade.config import Config, TrainConfig
-from cascade.plan import PhasePlan, StagePlan
+from cascade.graph import PhaseGraph, StageGraph
 from cascade.rundir import RunDir, local_model
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class TrainJob:
     run_dir: str
     start_model: str  # the model the first phase of `phases` starts from
     revision: str | None
-    phases: list[PhasePlan]
+    phases: list[PhaseGraph]
     train: TrainConfig
     seed: int
     trust_remote_code: bool = False
@@ -63,7 +63,7 @@ class TrainJob:
     lease: tuple[int, str] | None = None  # the driver's fencing token, checked before every commit (cascade/lease.py)
 
 
-def run(rd: RunDir, cfg: Config, sp: StagePlan, cpus: int, lease: tuple[int, str] | None = None) -> None:
+def run(rd: RunDir, cfg: Config, sp: StageGraph, cpus: int, lease: tuple[int, str] | None = None) -> None:
     """Train the phases of `sp` that are not committed (driver side), `cpus` CPUs (torch threads) per worker."""
     todo = []
     for ph in sp.phases:
@@ -189,7 +189,7 @@ NOTICE_EVERY_S = 5.0
 class PhaseTrainer:
     """One phase on one worker: setup (model, LoRA, data, optimizer, resume), steps, finish (fuse and commit)."""
 
-    def __init__(self, job: TrainJob, rd: RunDir, ph: PhasePlan, tok: Any, model_path: str,
+    def __init__(self, job: TrainJob, rd: RunDir, ph: PhaseGraph, tok: Any, model_path: str,
                  revision: str | None) -> None:
         import torch
 
@@ -416,7 +416,7 @@ class Board:
     metrics (cascade_train_loss, _lr, _tokens_per_s, _step, _tokens; tagged by stage and phase) for the
     dashboard, and the phase's live progress (cascade/progress.py) for `cascade status`."""
 
-    def __init__(self, rd: RunDir, stage: str, ph: PhasePlan, start: int) -> None:
+    def __init__(self, rd: RunDir, stage: str, ph: PhaseGraph, start: int) -> None:
         from ray.util.metrics import Counter, Gauge
         from torch.utils.tensorboard import SummaryWriter
 

@@ -104,7 +104,7 @@ def test_over_long_prompts_are_dropped_before_generation_and_examples_without_re
     counted, never trained on."""
     from transformers import AutoTokenizer
 
-    from cascade.plan import Teacher
+    from cascade.graph import Teacher
     from cascade.prompts import Prompt
     from cascade.rundir import RunDir
     from cascade.tiny import build_preset, preset_dir

@@ -98,9 +98,9 @@ def test_12b_on_a_run_with_4b_done_reuses_it(tiny_4b_run: Path, tmp_path):
 def test_12b_on_a_fresh_run_plans_4b_first(tmp_path):
     """Like make: a fresh 12b run has every step of 4b (its teacher) before 12b's, in the order the driver runs
     them (stage by stage; the run itself is test_12b_on_a_run_with_4b_done_reuses_it, after 4b)."""
-    from cascade.plan import plan_run
+    from cascade.graph import build_graph
 
-    p = plan_run(compose([*FAST, "+stage=12b", "models=tiny", f"run_dir={tmp_path / 'run'}"]))
+    p = build_graph(compose([*FAST, "+stage=12b", "models=tiny", f"run_dir={tmp_path / 'run'}"]))
     assert [sp.name for sp in p.stages] == ["1b", "4b", "12b"]
     todo = p.pending()
     assert todo.index("4b/eval") < min(i for i, s in enumerate(todo) if s.startswith(("12b/", "generate/4b/")))
@@ -161,12 +161,12 @@ def test_logit_distillation_needs_a_shared_tokenizer(tiny_4b_run: Path):
     """A teacher whose vocabulary is not the student's is refused before training, naming both."""
     from cascade.config import ConfigError
     from cascade.config import compose
-    from cascade.plan import plan_run
+    from cascade.graph import build_graph
     from stages.curate import check_shared_vocab
 
     cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tiny_4b_run}", "generation.logprobs=4",
                    "train.distill_weight=0.5"])
-    sp = plan_run(cfg).stages[-1]
+    sp = build_graph(cfg).stages[-1]
     answers = {"1b": {"p": [{"logprobs": {"file": "x", "offset": 0, "length": 1}, "vocab_hash": "0123abcd"}]}}
     with pytest.raises(ConfigError, match="needs a shared tokenizer: teacher 1b .*0123abcd.* and student 4b"):
         check_shared_vocab(cfg, sp, answers)

@@ -136,7 +136,7 @@ FIT = textwrap.dedent("""
     import psutil
     from cascade import cluster
     from cascade.config import compose
-    from cascade.plan import PhasePlan
+    from cascade.graph import PhaseGraph
     from cascade.rundir import RunDir, Step
     from cascade.tiny import preset_dir
     from stages.train import TrainJob, fit
@@ -144,7 +144,7 @@ FIT = textwrap.dedent("""
     rd = RunDir(sys.argv[1])
     data = Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics"))
     model = Step("4b/train/again", "again", rd.model("4b", 0, "again"))
-    phase = PhasePlan(0, "p0_ethics", "ethics", 2, 1e-3, data, model)
+    phase = PhaseGraph(0, "p0_ethics", "ethics", 2, 1e-3, data, model)
     cluster.start(cfg.cluster)
     fit(TrainJob("4b", rd.url, str(preset_dir(cfg) / "4b"), None, [phase], cfg.train, cfg.seed), rd, "again")
     def left():  # Ray Train's processes of the finished job still running under this driver

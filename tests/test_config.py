@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cascade.config import ConfigError, check
-from cascade.plan import needed_stages
+from cascade.graph import needed_stages
 from cascade.config import compose
 from conftest import ROOT, run_cli
 

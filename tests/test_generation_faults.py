@@ -28,13 +28,13 @@ def _log_level(caplog):
 
 
 def _setup(tmp_path: Path, *overrides: str, shard_size: int = 4):
-    from cascade.plan import plan_run
+    from cascade.graph import build_graph
     from cascade.tiny import build_preset
 
     cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path}/run", f"generation.shard_size={shard_size}",
                    "backend.batch_size=1", "cluster.auth=false", "cluster.include_dashboard=false", *overrides])
     build_preset(cfg)
-    p = plan_run(cfg)
+    p = build_graph(cfg)
     return cfg, p.rd, p.prompts, p.stages[-1]
 
 
@@ -192,7 +192,7 @@ def _node_check_child(tmp_path: Path, when: str) -> None:
 
     from cascade.generation.pool import NODE_CHECK_S, ReplicaPool, Work
     from cascade.generation.types import Request
-    from cascade.plan import backend_kwargs, sampling
+    from cascade.graph import backend_kwargs, sampling
 
     with _two_nodes(tmp_path, "generation.restart_timeout_s=30") as (cfg, rd, prompts, sp, c, worker):
         teacher = sp.teachers[0]

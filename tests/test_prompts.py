@@ -76,7 +76,7 @@ def test_unknown_hub_dataset_is_a_clear_error(monkeypatch):
 def test_curation_counts_every_drop(tmp_path):
     """Failed, empty, truncated, too long, exact and normalised duplicates: each counted, none kept."""
     from cascade.config import compose
-    from cascade.plan import GenJob, PhasePlan, StagePlan, Teacher
+    from cascade.graph import GenJob, PhaseGraph, StageGraph, Teacher
     from cascade.prompts import Prompt
     from cascade.rundir import RunDir, Step
     from stages import curate
@@ -91,8 +91,8 @@ def test_curation_counts_every_drop(tmp_path):
              "teacher_key": "k", "sampling": {}, "seed": 1, "prompt_tokens": 3, "completion_tokens": 4}
             for i, (x, f) in enumerate(texts)]
     rd.write_jsonl(rd.shard("1b", "ethics", "key", 0), recs)
-    sp = StagePlan("4b", "m", "k", None, [t], [job])
-    ph = PhasePlan(0, "p0_ethics", "ethics", 1, 1e-3, Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics")),
+    sp = StageGraph("4b", "m", "k", None, [t], [job])
+    ph = PhaseGraph(0, "p0_ethics", "ethics", 1, 1e-3, Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics")),
                    Step("4b/train/p0_ethics", "t", rd.model("4b", 0, "p0_ethics")))
     staging = rd.staging("ds")
     summary = curate.run(staging, cfg, sp, ph, [Prompt("p1", [{"role": "user", "content": "q"}])], rd)

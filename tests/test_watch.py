@@ -66,7 +66,7 @@ def test_the_report_is_complete(tiny_4b_run: Path, tmp_path):
     exist and are valid; `python -m cascade report` rebuilds it the same."""
     import matplotlib.image
 
-    from cascade.plan import plan_run
+    from cascade.graph import build_graph
     from cascade.report import gather
 
     run = copy_run(tiny_4b_run, tmp_path / "run")
@@ -83,7 +83,7 @@ def test_the_report_is_complete(tiny_4b_run: Path, tmp_path):
             data = (run / "report" / name).read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data[-8:-4] == b"IEND", name
             assert matplotlib.image.imread(run / "report" / name).shape[0] > 100
-    data = gather(plan_run(compose([*ARGS, f"run_dir={run}"])))
+    data = gather(build_graph(compose([*ARGS, f"run_dir={run}"])))
     st = data["stages"]["4b"]
     assert {ph: len(v["losses"]) for ph, v in st["phases"].items()} == {"p0_ethics": 16, "p1_composure": 16,
                                                                           "p2_ethics": 6}

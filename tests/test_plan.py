@@ -1,4 +1,4 @@
-"""The planner (`python -m cascade +stage=27b plan=true`, cascade/budget.py): parameters from shipped configs,
+"""The planner (`python -m cascade +stage=27b plan=true`, cascade/plan.py): parameters from shipped configs,
 placements refused with what would fit, and on the tiny preset the counts a run then reports."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_parameters_of_the_tiny_preset_equal_its_weights(tiny_4b_run: Path):
     from transformers import AutoModelForCausalLM
 
     from cascade.arch import Arch, model_config
-    from cascade.plan import model_identity
+    from cascade.graph import model_identity
 
     cfg = compose(ARGS)
     for stage in ("1b", "4b"):
@@ -54,7 +54,7 @@ def test_27b_ddp_on_80gb_is_refused_with_what_would_fit(tmp_path):
     assert "ddp, gradient_checkpointing=False" in line and "would fit: train.gradient_checkpointing=true" in line
     assert "train.strategy=fsdp train.num_workers=4" in line
     assert "Ray" not in r.stdout and not (tmp_path / "run" / "manifest.json").exists()
-    from cascade.budget import make, render
+    from cascade.plan import make, render
 
     b = make(compose(base))  # the stage's own settings (gradient checkpointing for 27b) fit
     assert not b.problems and "27.4B" in render(b) and "GPU-hours" in render(b), render(b)
@@ -68,8 +68,8 @@ def test_27b_ddp_on_80gb_is_refused_with_what_would_fit(tmp_path):
 
 
 def test_the_planner_loads_no_ray_and_no_weights(tmp_path):
-    code = ("import sys; from cascade.config import compose; from cascade import budget; "
-            f"b = budget.make(compose(['+stage=27b', 'run_dir={tmp_path}/run'])); "
+    code = ("import sys; from cascade.config import compose; from cascade import plan; "
+            f"b = plan.make(compose(['+stage=27b', 'run_dir={tmp_path}/run'])); "
             "print(sorted(m for m in ('ray', 'vllm', 'peft') if m in sys.modules), len(b.rows))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split()[-2:] == ["[]", "30"], r.stdout + r.stderr[-2000:]
@@ -80,7 +80,7 @@ def test_planned_counts_equal_what_the_tiny_run_reports(tiny_4b_run: Path, tmp_p
     """Planned before a run (a fresh run directory, same config): prompts, samples and prompt tokens of each
     teacher's set equal what the run then reported; its generated tokens and trained tokens stay within the
     planned budgets; optimizer steps equal. Planned again with the run's measurements: its rates are used."""
-    from cascade.budget import make
+    from cascade.plan import make
 
     rows = {r["step"]: r for r in make(compose([*ARGS, f"run_dir={tmp_path}/fresh"])).rows}
     steps = json.loads((tiny_4b_run / "manifest.json").read_text())["steps"]
@@ -112,11 +112,11 @@ def test_gpus_are_found_on_an_attached_cluster(tmp_path):
 import ray
 from ray.cluster_utils import Cluster
 from cascade.config import compose
-from cascade import budget
+from cascade import plan
 c = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "num_gpus": 4}})
 try:
     cfg = compose(["+stage=4b", "run_dir={tmp_path}/run", f"cluster.address={{c.address}}", "cluster.auth=false"])
-    d = budget.device(cfg)
+    d = plan.device(cfg)
     print("DEVICE", d.count, d.memory_gb, d.source, ray.is_initialized())
 finally:
     c.shutdown()

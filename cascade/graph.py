@@ -1,0 +1,280 @@
+"""The plan of a run: every step of the cascade up to the target, with its identity. No Ray, no model.
+
+    python -m cascade +stage=4b models=tiny --cfg job     # the config the plan is made from
+
+Each step's key is a hash of the config and the keys of its inputs, so a changed setting re-runs that step and
+those downstream, and a run with nothing to do ends before Ray starts. Stages are resolved like make: a stage's
+teachers (and theirs) are planned first. The driver, every step, the tests and the benchmarks share these types;
+nothing here imports a step or the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cascade.config import Config, ConfigError
+from cascade.generation.types import Sampling
+from cascade.prompts import Prompt, file_digest, load_prompts, read_text
+from cascade.rundir import RunDir, Step, stable_hash
+
+
+@dataclass
+class Teacher:
+    name: str  # the stage whose model answers ("1b"), or "<root>-base" when the root teacher is being built
+    model: str  # local directory or HF id
+    key: str  # identity of its weights
+    weight: float = 1.0
+    system: str | None = None  # the kernel, in context, when building the root teacher
+    revision: str | None = None
+
+
+@dataclass
+class GenJob:
+    """A teacher's answers to one prompt set, cut into shards of shard_size prompts."""
+
+    teacher: Teacher
+    data: str
+    step: Step
+    shard_size: int
+
+    def shards(self, n_prompts: int) -> int:
+        return -(-n_prompts // self.shard_size)
+
+
+@dataclass
+class PhaseGraph:
+    index: int
+    name: str
+    data: str  # key into cfg.data
+    iters: int
+    lr: float
+    dataset: Step  # the curated dataset it trains on
+    model: Step  # the fused model after this phase
+
+
+@dataclass
+class StageGraph:
+    name: str
+    base_model: str
+    base_key: str
+    revision: str | None
+    teachers: list[Teacher] = field(default_factory=list)
+    gen_jobs: list[GenJob] = field(default_factory=list)
+    phases: list[PhaseGraph] = field(default_factory=list)
+    eval: Step | None = None
+    release: Step | None = None  # release.enabled: the model card, HF directory and GGUF files
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.phases)
+
+    @property
+    def final_model(self) -> str:
+        return self.phases[-1].model.path if self.phases else self.base_model
+
+    @property
+    def final_key(self) -> str:
+        return self.phases[-1].model.key if self.phases else self.base_key
+
+
+@dataclass
+class RunGraph:
+    """What a run needs before Ray starts: the config, the run directory, the inputs read and checked, the plan."""
+
+    cfg: Config
+    rd: RunDir
+    prompts: dict[str, list[Prompt]]
+    kernel: str
+    stages: list[StageGraph]
+
+    def steps(self) -> list[Step]:
+        """Every step of the plan in run order, each once (a teacher's answers are shared by stages)."""
+        steps = []
+        for sp in self.stages:
+            steps += [j.step for j in sp.gen_jobs] + [p.dataset for p in sp.phases] + [p.model for p in sp.phases]
+            steps += [sp.eval] if sp.trains else []
+            steps += [sp.release] if sp.release else []
+        return list({s.name: s for s in steps}.values())
+
+    def pending(self) -> list[str]:
+        """Names of the steps not committed, in run order."""
+        return [s.name for s in self.steps() if not self.rd.committed(s)]
+
+
+def heldout(rd: RunDir, sp: StageGraph) -> list[dict]:
+    """A trained stage's held-out records (prompt messages, teachers' answer) from its committed datasets, each
+    prompt once: what evaluate scores, the release checks its GGUF files on, the harness's cascade_probes task."""
+    records, seen = [], set()
+    for ph in sp.phases:
+        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                records.append(r)
+    return records
+
+
+def needed_stages(cfg: Config) -> list[str]:
+    """The target and, transitively, every stage it learns from, lowest first."""
+    need, todo = set(), [cfg.target]
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(t.stage for t in cfg.stages[s].teachers)
+    return [s for s in cfg.stage_order() if s in need]
+
+
+def _looks_local(model: str) -> bool:
+    return model.startswith(("/", ".", "~")) or os.path.isdir(os.path.expanduser(model))
+
+
+def model_identity(cfg: Config, stage: str, weights: bool = True) -> tuple[str, str]:
+    """(path or id, key) of a stage's base model; raises ConfigError when a local path is missing (or, with
+    HF_HUB_OFFLINE=1 and weights, a hub model is not in the cache)."""
+    spec = cfg.stages[stage]
+    if spec.model.startswith("tiny:"):
+        from cascade.tiny import preset_dir, preset_key
+
+        size = spec.model.split(":", 1)[1]
+        if cfg.models.preset != "tiny" or size not in cfg.models.tiny.sizes:
+            raise ConfigError(f"stages.{stage}.model={spec.model!r}: no such tiny model (use models=tiny)")
+        return str(preset_dir(cfg) / size), stable_hash("tiny", preset_key(cfg), size)
+    if spec.model.startswith("gemma3-270m:"):
+        from cascade import gemma3_270m
+
+        which = spec.model.split(":", 1)[1]
+        path = gemma3_270m.model_dir(cfg, which)  # built before Ray starts (driver._prepare)
+        return str(path), path.name.rsplit("-", 1)[1]
+    if _looks_local(spec.model):
+        p = Path(spec.model).expanduser()
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"stages.{stage}.model: model path not found (no config.json): {spec.model}")
+        from cascade.storage import content_hash
+
+        # its bytes, not only its names and sizes: weights retrained in place are another model
+        files = sorted((f.name, f.stat().st_size, content_hash(f)) for f in p.iterdir() if f.is_file())
+        return str(p.resolve()), stable_hash("local", (p / "config.json").read_text(), files)
+    if weights and os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(spec.model, "config.json", revision=spec.revision), str):
+            raise ConfigError(f"stages.{stage}.model: {spec.model!r} is not in the local HF cache (HF_HUB_OFFLINE=1)")
+    return spec.model, stable_hash("hub", spec.model, spec.revision)
+
+
+def shard_size_for(cfg: Config, n_prompts: int) -> int:
+    """Prompts per shard. generation.shard_size when set; auto (0): large enough to fill one engine batch
+    (hf: backend.batch_size; vllm: engine_kwargs.max_num_seqs, 256 by default), otherwise N / (8 x replicas) so
+    every replica gets about 8 shards and a crash redoes at most ~1/8 of its share; never above N."""
+    g, b = cfg.generation, cfg.backend
+    if g.shard_size:
+        return g.shard_size
+    batch = b.batch_size if b.name == "hf" else int(b.engine_kwargs.get("max_num_seqs", 256))
+    return max(1, min(n_prompts, max(batch, -(-n_prompts // (8 * g.replicas)))))
+
+
+def sampling(cfg: Config) -> Sampling:
+    """The sampling parameters every teacher generates with."""
+    g = cfg.generation
+    return Sampling(g.max_new_tokens, g.temperature, g.top_p, g.n_samples, g.logprobs)
+
+
+def prompt_seed(cfg: Config, teacher: Teacher, data: str, prompt_id: str) -> int:
+    """The seed of one prompt's answers: the same whichever replica, shard or run generates them."""
+    return int(stable_hash("seed", cfg.seed, teacher.key, data, prompt_id)[:8], 16)
+
+
+def backend_kwargs(cfg: Config, teacher: Teacher) -> dict[str, Any]:
+    """Keyword arguments of the configured backend for one teacher's model."""
+    b = cfg.backend
+    kw = dict(dtype=b.dtype, revision=teacher.revision, trust_remote_code=cfg.models.trust_remote_code)
+    if b.name == "hf":
+        return {**kw, "batch_size": b.batch_size}
+    return {**kw, "tensor_parallel_size": b.tensor_parallel_size, "gpu_memory_utilization": b.gpu_memory_utilization,
+            "max_model_len": b.max_model_len, "enforce_eager": b.enforce_eager, "engine_kwargs": dict(b.engine_kwargs),
+            "seed": cfg.seed, "warmup_prompts": b.warmup_prompts, "keep_off_model_cores": b.keep_off_model_cores}
+
+
+def _teachers(cfg: Config, stage: str, sp: StageGraph, done: dict[str, StageGraph], kernel: str) -> list[Teacher]:
+    spec = cfg.stages[stage]
+    if spec.teachers:
+        return [Teacher(t.stage, done[t.stage].final_model, done[t.stage].final_key, t.weight,
+                        revision=None if done[t.stage].trains else done[t.stage].revision) for t in spec.teachers]
+    if spec.build:  # context distillation: the base answers with the kernel in context
+        return [Teacher(f"{stage}-base", sp.base_model, sp.base_key, 1.0, kernel, spec.revision)]
+    return []
+
+
+def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[str, list[Prompt]]) -> list[GenJob]:
+    g, b = cfg.generation, cfg.backend
+    samp = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "logprobs")}
+    backend_id = (b.name, b.dtype, b.batch_size if b.name == "hf" else None)  # hf's batches change the samples
+    jobs = []
+    for t in teachers:
+        for data in dict.fromkeys(p.data for p in cfg.curriculum):
+            shard = shard_size_for(cfg, len(prompts[data]))
+            data_id = (file_digest(cfg.data[data].path), dataclasses.asdict(cfg.data[data]))
+            key = stable_hash("gen", t.key, t.system, samp, shard, backend_id, cfg.seed, data_id)
+            made_by = tuple(m for m in (t.model,) if m.startswith(f"{rd.root}/"))  # a teacher trained in this run
+            jobs.append(GenJob(t, data, Step(f"generate/{t.name}/{data}", key, rd.generation(t.name, data, key),
+                                             made_by), shard))
+    return jobs
+
+
+def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob]) -> list[PhaseGraph]:
+    g = cfg.generation
+    # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`, which turns
+    # gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
+    train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
+                                   keep_checkpoints=0, max_failures=0, gradient_checkpointing=False)
+    phases, prev = [], base_key
+    for i, ph in enumerate(cfg.curriculum):
+        gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]
+        dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, (g.drop_truncated, g.min_chars, g.max_chars))
+        tkey = stable_hash("train", prev, dkey, ph, train_id, cfg.seed)
+        data = Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name),
+                    tuple(j.step.path for j in jobs if j.data == ph.data))
+        model = Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name),
+                     (data.path,) + ((phases[-1].model.path,) if phases else ()))
+        phases.append(PhaseGraph(i, ph.name, ph.data, ph.iters, ph.lr, data, model))
+        prev = tkey
+    return phases
+
+
+def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
+         weights: bool = True) -> list[StageGraph]:
+    """Every stage up to cfg.target with its steps and their keys, lowest stage first. weights=False: the hub
+    models need not be in the local cache (status and the planner, on a machine that only reads the run)."""
+    done: dict[str, StageGraph] = {}
+    for stage in needed_stages(cfg):
+        base_model, base_key = model_identity(cfg, stage, weights)
+        sp = StageGraph(stage, base_model, base_key, cfg.stages[stage].revision)
+        sp.teachers = _teachers(cfg, stage, sp, done, kernel)
+        if sp.teachers:
+            sp.gen_jobs = _gen_jobs(cfg, rd, sp.teachers, prompts)
+            sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs)
+            ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases], cfg.eval)
+            sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
+                           (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
+            if cfg.release.enabled:
+                rkey = stable_hash("release", sp.final_key, ekey, cfg.release, cfg.train.max_seq_len)
+                sp.release = Step(f"{stage}/release", rkey, rd.release(stage), (sp.final_model, sp.eval.path))
+        done[stage] = sp
+    return list(done.values())
+
+
+def build_graph(cfg: Config, weights: bool = True) -> RunGraph:
+    """Read and check every input (before Ray starts or a model loads), open the run directory, plan."""
+    used = list(dict.fromkeys(p.data for p in cfg.curriculum))
+    prompts = {k: load_prompts(cfg.data[k]) for k in used}
+    for k, ps in prompts.items():
+        if all(p.heldout for p in ps):
+            raise ConfigError(f"data.{k} ({cfg.data[k].path}): all {len(ps)} prompts are held out, none left to train "
+                              f"on (lower heldout_fraction, or mark fewer rows heldout)")
+    kernel = read_text(cfg.kernel)
+    rd = RunDir(cfg.run_dir, cfg.verify)
+    return RunGraph(cfg, rd, prompts, kernel, plan(cfg, rd, prompts, kernel, weights))
