@@ -63,7 +63,7 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
         if api_key:
             os.environ["OPENAI_API_KEY"] = api_key
     else:
-        from cascade.rundir import local_model
+        from cascade.storage import local_model
 
         import torch
 

@@ -5,7 +5,8 @@
 
 The driver writes it for generation (shards), training's rank 0 for a phase (optimizer steps): one small atomic
 write at most every EVERY_S seconds and at the last unit, so it costs nothing next to the work it describes.
-A failed write (a full disk, a storage hiccup) is logged and skipped: progress is never worth a run.
+A failed write (a full disk, a storage hiccup) is logged and skipped: progress is never worth a run. `Board`:
+training's per-step figures, written to this progress, TensorBoard and Ray's metrics at once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 from cascade.rundir import RunDir
 
@@ -51,3 +53,36 @@ def duration(s: float | None) -> str:
         return "-"
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Board:
+    """Per-step loss, learning rate, tokens/s: TensorBoard under <stage>/train/_work/tensorboard/<phase>, Ray
+    metrics (cascade_train_loss, _lr, _tokens_per_s, _step, _tokens; tagged by stage and phase) for the
+    dashboard, and the phase's live progress (cascade/progress.py) for `cascade status`."""
+
+    def __init__(self, rd: RunDir, stage: str, ph: Any, start: int) -> None:  # ph: a cascade.graph.PhaseGraph
+        from ray.util.metrics import Counter, Gauge
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.rd, self.dir = rd, rd.tensorboard(stage, ph.name)
+        self.remote = f"{rd.train_work(stage)}/tensorboard/{ph.name}"
+        self.writer = SummaryWriter(str(self.dir))
+        self.tags = {"stage": stage, "phase": ph.name}
+        self.gauges = {k: Gauge(f"cascade_train_{k}", f"training {k}", tag_keys=("stage", "phase"))
+                       for k in ("loss", "lr", "tokens_per_s", "step")}
+        self.tokens = Counter("cascade_train_tokens", "tokens trained on (not padding)", tag_keys=("stage", "phase"))
+        self.progress = ProgressFile(rd, ph.model.name, ph.model.key, "steps", ph.iters, start)
+        self.seen = 0
+
+    def log(self, step: int, loss: float, lr: float, tok_s: float, tokens: int) -> None:
+        for k, v in (("loss", loss), ("lr", lr), ("tokens_per_s", tok_s)):
+            self.writer.add_scalar(f"train/{k}", v, step)
+        for k, v in (("loss", loss), ("lr", lr), ("tokens_per_s", tok_s), ("step", step + 1)):
+            self.gauges[k].set(v, tags=self.tags)
+        self.tokens.inc(tokens - self.seen, tags=self.tags)  # this process's tokens since the last step
+        self.seen = tokens
+        self.progress.update(step + 1)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.rd.upload(self.dir, self.remote)  # from this node's mirror when the run directory is an object store

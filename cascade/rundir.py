@@ -1,37 +1,4 @@
-"""The run directory: its layout (written down here once), atomic commits, the manifest, the step protocol.
-
-    <run_dir>/                                    made absolute first (Ray Train workers run in their own cwd)
-      lease/<NNNNNNNN>.json                       the lease's generations, the highest current: its holder (host,
-                                                  boot id, pid), heartbeat; every commit fenced by it (cascade/lease.py)
-      manifest.json                               every step: {name: {state, key, path, summary, time}}; rewritten
-                                                  atomically, always after the output it describes
-      config.yaml, config.sha256                  the resolved config of the latest invocation (no secrets)
-      logs/driver.log                             the driver's log, appended by every invocation
-      progress/**                                 <step name>.json: a running step's live progress (done/total
-                                                  shards or optimizer steps, start, last update), written by the
-                                                  driver (generation) and training's rank 0 (cascade/progress.py)
-      report/index.html, *.png                    the run report, rebuilt after every stage (cascade/report.py)
-      generations/<teacher>/<data>/<key>/step.json                  a teacher's answers to one prompt set,
-      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl   content-addressed by key (teacher weights,
-      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template, sampling, prompts) and
-      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl  shared by stages; each shard file
-                                                  commits itself, step.json (counts, checksums) the set; .npz: top-k
-                                                  log-probs (cascade/logprobs.py); .partial: an unfinished shard's
-                                                  answers so far (every second, and on SIGTERM)
-      <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    a phase's curated dataset
-      <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
-      <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
-      <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/;
-                                                  failure.json: a failed fusion check, for the driver
-      <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
-      <stage>/release/README.md, release.json, hf/*, gguf/*.gguf   the model card, its figures, the released HF
-                                                  directory and the checked GGUF files (stages/release.py)
-      models/<key>/**                             an object store's copy of base models that are directories on the
-                                                  driver's node (the tiny preset), loaded from here by every node
-      tmp/**                                      staging; anything here is uncommitted and may be deleted;
-                                                  tmp/preempt.json asks the training workers to checkpoint and stop
-
-Every path of a run is made by a method below; no other module joins run-directory paths by hand.
+"""The run directory: atomic commits, the manifest, the step protocol; its layout: cascade/layout.py.
 
 A step (name, key, path) is committed when its step.json, holding the key, is present, its files match their
 record, and the steps it was built from (its inputs) still hold the bytes it was built from: a damaged step that
@@ -44,8 +11,6 @@ Where the run directory lives (a filesystem or an object store) and what that ch
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -58,23 +23,11 @@ from typing import Any, Callable
 import fsspec
 
 from cascade.failpoints import failpoint
-from cascade.storage import (PULLED, absolute, content_hashes, download, evict, fsync_dir, fsync_tree,
-                             is_object_store, node_cache, open_fs, sha256_file, stray_pulls, write_synced)
+from cascade.layout import Layout
+from cascade.storage import (STEP_FILE, absolute, download, fsync_dir, fsync_tree, is_object_store, node_cache,
+                             open_fs, sha256_file, stable_hash, stray_pulls, write_synced)
 
 log = logging.getLogger(__name__)
-STEP_FILE = "step.json"
-
-
-def stable_hash(*parts: Any) -> str:
-    """A short hash of JSON-able parts (dataclasses included); the identity of a step."""
-
-    def norm(o: Any) -> Any:
-        if dataclasses.is_dataclass(o):
-            return dataclasses.asdict(o)
-        raise TypeError(f"cannot hash {type(o).__name__}")
-
-    blob = json.dumps(parts, sort_keys=True, default=norm)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -87,42 +40,7 @@ class Step:
     inputs: tuple[str, ...] = ()  # paths of the committed steps it is built from (re-run when their files change)
 
 
-def local_model(path: str) -> str:
-    """A model directory that transformers, PEFT or vLLM can open: `path` itself, unless it is a committed step
-    on an object store; that one is pulled once into this node's cache, every file checked against the size and
-    sha256 its step.json records."""
-    if not is_object_store(path):
-        return path
-    fs, p = open_fs(path)
-    rec = json.loads(fs.cat_file(f"{p}/{STEP_FILE}"))
-    # keyed by the recorded sha256s: a step committed again with other bytes is another copy
-    dest = node_cache() / "runs" / "models" / f"{stable_hash(path)}-{rec['key']}-{stable_hash(rec['files'])}"
-    pulled = dest / PULLED
-    if pulled.exists() and (json.loads(pulled.read_text()) != rec["files"] or _altered(dest, rec["files"])):
-        import shutil  # not what the record says, or changed since it was pulled: pulled again
-
-        log.warning("node copy %s differs from %s's record: pulled again", dest, path)
-        shutil.rmtree(dest, ignore_errors=True)
-    if not pulled.exists():
-        download(fs, p, rec["files"], dest)
-        limit = float(os.environ.get("CASCADE_CACHE_MAX_GB") or 0)
-        for gone in evict(dest.parent, limit * 1e9):
-            log.info("node cache over %s GB: removed %s (least recently used)", limit, gone)
-    os.utime(pulled)  # its last use, for eviction
-    return str(dest)
-
-
-def _altered(dest: Path, files: dict[str, list]) -> bool:
-    """Whether a node copy's files differ from their recorded sha256s (each file hashed again only when its size,
-    mtime or inode changed since it was last hashed: content_hashes)."""
-    rels = sorted(files)
-    if not all((dest / rel).is_file() for rel in rels):
-        return True
-    got = content_hashes([dest / rel for rel in rels])
-    return any(files[rel][1] and files[rel][1] != g for rel, g in zip(rels, got))
-
-
-class RunDir:
+class RunDir(Layout):
     """All reads and writes of a run go through here. With verify, a committed step's files are checked against
     their recorded sha256 (once per step and invocation); otherwise against their recorded sizes."""
 
@@ -139,82 +57,6 @@ class RunDir:
         self.verify = verify
         self.fence: Callable[[], None] | None = None  # raises unless this process may still commit (cascade/lease.py)
         self._sound: set[tuple[str, str]] = set()  # (path, key) of committed steps already checked
-
-    # -- the layout ------------------------------------------------------------------------------------------
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def generation(self, teacher: str, data: str, key: str) -> str:
-        return self.path("generations", teacher, data, key)
-
-    def shard_file(self, teacher: str, data: str, key: str, name: str) -> str:
-        """A file of a generation's shards directory (a shard, or the log-probs file a record names)."""
-        return f"{self.generation(teacher, data, key)}/shards/{name}"
-
-    def shard(self, teacher: str, data: str, key: str, i: int, ext: str = "jsonl") -> str:
-        return self.shard_file(teacher, data, key, f"shard-{i:05d}.{ext}")
-
-    def shards(self, teacher: str, data: str, key: str) -> list[str]:
-        """The committed shard files of a generation, in order."""
-        found = [f for f in self.fs.glob(self.shard_file(teacher, data, key, "shard-*.jsonl"))
-                 if not f.endswith(".partial.jsonl")]
-        return sorted(found if self.is_local else [self.fs.unstrip_protocol(f) for f in found])
-
-    def dataset(self, stage: str, phase: str) -> str:
-        return self.path(stage, "dataset", phase)
-
-    def dataset_file(self, stage: str, phase: str, split: str) -> str:
-        return f"{self.dataset(stage, phase)}/{split}.jsonl"
-
-    def model(self, stage: str, index: int, phase: str) -> str:
-        return self.path(stage, "train", f"{index:02d}-{phase}")
-
-    def checkpoints(self, stage: str, index: int, phase: str, key: str) -> str:
-        return self.path(stage, "train", "_ckpt", f"{index:02d}-{phase}-{key}")
-
-    def train_work(self, stage: str) -> str:
-        return self.path(stage, "train", "_work")
-
-    def tensorboard(self, stage: str, phase: str) -> Path:
-        """Written locally (this node's mirror on an object store; uploaded when the phase ends)."""
-        return self.local(stage, "train", "_work", "tensorboard", phase)
-
-    def eval(self, stage: str) -> str:
-        return self.path(stage, "eval")
-
-    def release(self, stage: str) -> str:
-        return self.path(stage, "release")
-
-    def metrics(self, stage: str) -> str:
-        return f"{self.eval(stage)}/metrics.json"
-
-    def progress(self, step: str) -> str:
-        """A running step's live progress (cascade/progress.py)."""
-        return self.path("progress", f"{step}.json")
-
-    def report(self, *parts: str) -> str:
-        return self.path("report", *parts)
-
-    def preempt_marker(self) -> str:
-        return self.path("tmp", "preempt.json")
-
-    def driver_log(self) -> Path:
-        return self.local("logs", "driver.log")
-
-    def local(self, *parts: str) -> Path:
-        """A file that must be local (a log, TensorBoard's): in the run directory, or this node's mirror of it."""
-        return Path(self.mirror, *parts)
-
-    def as_local(self, path: str) -> Path:
-        """The local path of a staging path (staging is always on this node's filesystem)."""
-        if not path.startswith(self.mirror):
-            raise RuntimeError(f"{path} is not local to this node (run directory {self.url})")
-        return Path(path)
-
-    def staging(self, name: str) -> str:
-        p = f"{self.mirror}/tmp/{name.replace('/', '_')}-{uuid.uuid4().hex[:8]}"
-        self.lfs.makedirs(p, exist_ok=True)
-        return p
 
     def _fs(self, path: str) -> Any:
         """The filesystem of a path: the store's, or the local one for this node's mirror (staging, logs)."""

@@ -70,7 +70,7 @@ def release_dir(cfg: Config) -> Path:
     if rec is None:
         raise ConfigError(f"stage {cfg.target} has no committed release in {p.rd.url} (key {sp.release.key}): run "
                           f"`python -m cascade {' '.join(sys.argv[2:])}` first, with the same overrides")
-    from cascade.rundir import local_model
+    from cascade.storage import local_model
 
     # itself on a filesystem; from an object store, one copy on this node keyed by the release's sha256s, reused by
     # every later start (and evicted with the node's other copies), not a new pull each time

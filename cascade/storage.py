@@ -1,4 +1,4 @@
-"""Where the run directory lives, and what that changes (the layout itself: cascade/rundir.py):
+"""Where the run directory lives, and what that changes (the layout itself: cascade/layout.py):
 - a local or shared filesystem (a path, or file://): staging under tmp/, commits by rename;
 - an object store (s3://bucket/prefix; credentials and endpoint from the environment, e.g.
   AWS_ENDPOINT_URL): nothing is renamed. Each object is written by one PUT; a step's files are uploaded first
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -102,6 +103,7 @@ class Retrying:
         return call
 
 
+STEP_FILE = "step.json"  # a committed step's record (cascade/rundir.py)
 PULLED = ".pulled"  # written last into a directory pulled from an object store
 
 
@@ -247,3 +249,50 @@ def sha256_file(fs: Any, path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def stable_hash(*parts: Any) -> str:
+    """A short hash of JSON-able parts (dataclasses included); the identity of a step."""
+
+    def norm(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        raise TypeError(f"cannot hash {type(o).__name__}")
+
+    blob = json.dumps(parts, sort_keys=True, default=norm)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def local_model(path: str) -> str:
+    """A model directory that transformers, PEFT or vLLM can open: `path` itself, unless it is a committed step
+    on an object store; that one is pulled once into this node's cache, every file checked against the size and
+    sha256 its step.json records."""
+    if not is_object_store(path):
+        return path
+    fs, p = open_fs(path)
+    rec = json.loads(fs.cat_file(f"{p}/{STEP_FILE}"))
+    # keyed by the recorded sha256s: a step committed again with other bytes is another copy
+    dest = node_cache() / "runs" / "models" / f"{stable_hash(path)}-{rec['key']}-{stable_hash(rec['files'])}"
+    pulled = dest / PULLED
+    if pulled.exists() and (json.loads(pulled.read_text()) != rec["files"] or _altered(dest, rec["files"])):
+        import shutil  # not what the record says, or changed since it was pulled: pulled again
+
+        log.warning("node copy %s differs from %s's record: pulled again", dest, path)
+        shutil.rmtree(dest, ignore_errors=True)
+    if not pulled.exists():
+        download(fs, p, rec["files"], dest)
+        limit = float(os.environ.get("CASCADE_CACHE_MAX_GB") or 0)
+        for gone in evict(dest.parent, limit * 1e9):
+            log.info("node cache over %s GB: removed %s (least recently used)", limit, gone)
+    os.utime(pulled)  # its last use, for eviction
+    return str(dest)
+
+
+def _altered(dest: Path, files: dict[str, list]) -> bool:
+    """Whether a node copy's files differ from their recorded sha256s (each file hashed again only when its size,
+    mtime or inode changed since it was last hashed: content_hashes)."""
+    rels = sorted(files)
+    if not all((dest / rel).is_file() for rel in rels):
+        return True
+    got = content_hashes([dest / rel for rel in rels])
+    return any(files[rel][1] and files[rel][1] != g for rel, g in zip(rels, got))

@@ -124,7 +124,7 @@ def _vocab(model: str, revision: str | None, trust: bool) -> str:
 
 def check_shared_vocab(cfg: Config, sp: StageGraph, answers: dict[str, dict[str, list[dict]]]) -> None:
     """Logit distillation compares token ids: every teacher's vocabulary must be the student's."""
-    from cascade.rundir import local_model
+    from cascade.storage import local_model
 
     student = _vocab(local_model(sp.base_model), sp.revision, cfg.models.trust_remote_code)
     for name, by_prompt in answers.items():

@@ -24,7 +24,8 @@ import ray
 from cascade.config import Config
 from cascade.metrics import rouge_l
 from cascade.graph import StageGraph, heldout
-from cascade.rundir import RunDir, local_model
+from cascade.rundir import RunDir
+from cascade.storage import local_model
 
 log = logging.getLogger(__name__)
 METRIC = "mean per-token log-likelihood of held-out teacher responses under the student (nats; higher = closer)"

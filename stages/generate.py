@@ -71,7 +71,7 @@ def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tu
     from transformers import AutoConfig, AutoTokenizer
 
     from cascade.chat import prompt_messages, render_prompt
-    from cascade.rundir import local_model
+    from cascade.storage import local_model
 
     path, trust = local_model(teacher.model), cfg.models.trust_remote_code
     tok = AutoTokenizer.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust)

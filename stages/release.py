@@ -35,7 +35,8 @@ from cascade.config import Config
 from cascade.gguf import (EXACT_TYPES, FLOAT_TYPES, ReleaseError, compare_gguf, convert, file_name,
                           llama_cpp_mismatches, quantize, quiet_llama_cpp)
 from cascade.graph import StageGraph, heldout
-from cascade.rundir import RunDir, local_model
+from cascade.rundir import RunDir
+from cascade.storage import local_model
 
 log = logging.getLogger(__name__)
 

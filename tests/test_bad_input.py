@@ -109,7 +109,7 @@ def test_over_long_prompts_are_dropped_before_generation_and_examples_without_re
     from cascade.rundir import RunDir
     from cascade.tiny import build_preset, preset_dir
     from stages.generate import _fitting
-    from stages.train import load_examples
+    from cascade.trainer import load_examples
 
     cfg = compose(["+stage=4b", "models=tiny", "generation.max_new_tokens=64"])
     build_preset(cfg)

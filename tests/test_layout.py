@@ -115,10 +115,10 @@ def test_benchmarks_use_public_names_only():
 
 
 def _documented() -> list[tuple[str, re.Pattern]]:
-    """The layout in cascade/rundir.py's docstring: each entry's paths as regexes over run-relative paths."""
-    from cascade import rundir
+    """The layout in cascade/layout.py's docstring: each entry's paths as regexes over run-relative paths."""
+    from cascade import layout
 
-    lines = rundir.__doc__.split("<run_dir>/", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    lines = layout.__doc__.split("<run_dir>/", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
     out = []
     for line in lines:
         if not line.startswith("      ") or line.startswith("       "):

@@ -27,7 +27,8 @@ def _commit(rd, key: str, weights: bytes):
 
 
 def test_commit_uploads_files_then_marker_and_pulls_verified(s3, tmp_path, monkeypatch):
-    from cascade.rundir import RunDir, local_model
+    from cascade.rundir import RunDir
+    from cascade.storage import local_model
     from cascade.storage import download
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
@@ -104,7 +105,8 @@ def test_a_step_committed_again_with_new_bytes_is_pulled_again(s3, tmp_path, mon
     """The node cache is keyed by the files' sha256s: the same step key re-committed with other bytes of the same
     size (a re-run after damage) is not served from the old copy; a copy that does not match its record, or whose
     files changed after the pull (a byte flipped in place), is pulled again."""
-    from cascade.rundir import RunDir, local_model
+    from cascade.rundir import RunDir
+    from cascade.storage import local_model
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
     rd = RunDir(s3_bucket("stale"))
@@ -124,7 +126,8 @@ def test_a_step_committed_again_with_new_bytes_is_pulled_again(s3, tmp_path, mon
 def test_a_recorded_name_outside_its_directory_is_refused_and_stray_pulls_are_cleaned(s3, tmp_path, monkeypatch):
     import hashlib
 
-    from cascade.rundir import RunDir, local_model
+    from cascade.rundir import RunDir
+    from cascade.storage import local_model
     from cascade.storage import stray_pulls
 
     node = tmp_path / "node"
@@ -279,7 +282,8 @@ def test_a_local_models_identity_is_its_bytes_hashed_once(tmp_path, monkeypatch)
 def test_node_copies_are_evicted_least_recently_used_beyond_the_limit(s3, tmp_path, monkeypatch):
     """CASCADE_CACHE_MAX_GB (cache_max_gb on the driver): pulling a third model into a node cache that has room
     for two removes the least recently used copy; using a copy marks it recent."""
-    from cascade.rundir import RunDir, Step, local_model
+    from cascade.rundir import RunDir, Step
+    from cascade.storage import local_model
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
     monkeypatch.setenv("CASCADE_CACHE_MAX_GB", str(2500 / 1e9))  # room for two 1000-byte models, not three

@@ -31,7 +31,7 @@ def make_backend(name: str, model: str, **kw: Any) -> Backend:
 
 class GenerationWorker:
     def __init__(self, name: str, backend: str, model: str, backend_kwargs: dict[str, Any]) -> None:
-        from cascade.rundir import local_model
+        from cascade.storage import local_model
 
         self.name = name
         self.backend = make_backend(backend, local_model(model), **backend_kwargs)
