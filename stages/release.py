@@ -9,14 +9,14 @@
     <stage>/release/README.md        the model card (hub front matter; body written from the run)
     <stage>/release/release.json     the formats table's figures and the harness's results
 
-GGUF files come from llama.cpp's own converter (convert_hf_to_gguf.py, vendored in the llama-cpp-python sdist that
-scripts/setup.sh unpacks) and its own quantizer (llama_model_quantize through llama-cpp-python), never from a
-writer of ours. Each file is checked before the step commits: llama.cpp loads it and tokenizes the held-out prompts
-as transformers does, and its next-token distributions at every position of release.probes held-out prompts with
-their teachers' answers are compared with transformers': argmax agreement and mean KL(transformers || GGUF). A
-F32 or F16 file below release.min_agreement fails the step: a conversion that silently changes the model
-(a config field llama.cpp ignores, say) commits nothing. Known mismatches are refused before converting (see
-`llama_cpp_mismatches`). BF16 and quantized types are not held to the bar; their agreement and KL go in the card.
+GGUF files come from llama.cpp's own converter and quantizer (cascade/gguf.py), never from a writer of ours. Each
+file is checked before the step commits: llama.cpp loads it and tokenizes the held-out prompts as transformers does,
+and its next-token distributions at every position of release.probes held-out prompts with their teachers' answers
+are compared with transformers': argmax agreement and mean KL(transformers || GGUF). A F32 or F16 file below
+release.min_agreement fails the step: a conversion that silently changes the model (a config field llama.cpp
+ignores, say) commits nothing. Known mismatches are refused before converting (see
+cascade.gguf.llama_cpp_mismatches). BF16 and quantized types are not held to the bar; their agreement and KL go in
+the card.
 
 The heavy part runs as one Ray task on the driver's node (staging is there); the driver writes the card.
 """
