@@ -56,7 +56,6 @@ def run(cfg: Config) -> list[StageGraph]:
 
 
 def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
-    import ray
 
     from cascade import report
     from stages import curate, evaluate, generate, release, train
@@ -83,17 +82,13 @@ def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
                 rd.run_step(ph.dataset, lambda st, ph=ph: curate.run(st, cfg, sp, ph, p.prompts[ph.data], rd))
             # the base student's score does not wait for the curriculum: it runs while the first phase trains on
             # the CPUs training leaves free; when training takes every CPU (train.cpus_per_worker=null shares them
-            # all out), it runs first, on as many CPUs as a worker gets (overlapped, it would slow training down)
+            # all out), it is scored after training, with the trained student, in one task on a worker's CPUs
             cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
             spare = cluster.cpus() - cpus * cfg.train.num_workers >= cfg.backend.num_cpus
-            before = None
-            if not rd.committed(sp.eval):
-                before = evaluate.start_before(cfg, sp, rd, None if spare else cpus)
-                if not spare:
-                    ray.wait([before], num_returns=1, timeout=None)
+            before = evaluate.start_before(cfg, sp, rd) if spare and not rd.committed(sp.eval) else None
             with stop.deferred():  # SIGTERM: the workers checkpoint at their next optimizer step, then stop
                 train.run(rd, cfg, sp, cpus, lease)
-            rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before))
+            rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before, None if spare else cpus))
             if sp.release:
                 rd.run_step(sp.release, lambda st: release.run(st, cfg, sp, rd, p.stages))
             report.refresh(p)  # <run_dir>/report/, after every stage

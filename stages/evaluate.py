@@ -32,14 +32,11 @@ METRIC = "mean per-token log-likelihood of held-out teacher responses under the 
 TEXT_METRIC = "ROUGE-L F1 of the student's greedy answers against the teachers' held-out answers (0..1)"
 
 
-def start_before(cfg: Config, sp: StageGraph, rd: RunDir, num_cpus: float | None = None) -> Any:
-    """Score the base student now, as a Ray task (backend.num_cpus CPUs, or `num_cpus`); run() collects it."""
-    return _scorer(cfg, num_cpus).options(name=f"eval/{sp.name}/before").remote(
-        sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
-
-
-def _scorer(cfg: Config, num_cpus: float | None = None) -> Any:
-    return ray.remote(num_cpus=num_cpus or cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records)
+def start_before(cfg: Config, sp: StageGraph, rd: RunDir) -> Any:
+    """Score the base student now, as a Ray task on backend.num_cpus CPUs (while the first phase trains on the
+    CPUs training leaves free); run() collects it."""
+    return ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records).options(
+        name=f"eval/{sp.name}/before").remote(sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
 
 
 def _score_kwargs(cfg: Config) -> dict:
@@ -52,13 +49,20 @@ def _heldout(cfg: Config, sp: StageGraph, rd: RunDir) -> list[dict]:
     return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
 
 
-def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: Any = None) -> dict:
+def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: Any = None,
+        num_cpus: float | None = None) -> dict:
+    """The stage's metrics. The base student's score is before_ref's (start_before) or, without one, scored here
+    with the trained student's in one task on `num_cpus` CPUs (default backend.num_cpus): one process, one set
+    of imports, one model in memory at a time."""
     records = _heldout(cfg, sp, rd)
     if before_ref is None:
-        before_ref = start_before(cfg, sp, rd)
-    after_ref = _scorer(cfg).options(name=f"eval/{sp.name}/after").remote(sp.final_model, None, records,
-                                                                          **_score_kwargs(cfg))
-    before, after = ray.get([before_ref, after_ref])
+        before, after = ray.get(ray.remote(num_cpus=num_cpus or cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(
+            _score_both).options(name=f"eval/{sp.name}").remote(sp.base_model, sp.revision, sp.final_model, records,
+                                                               **_score_kwargs(cfg)))
+    else:
+        after_ref = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records).options(
+            name=f"eval/{sp.name}/after").remote(sp.final_model, None, records, **_score_kwargs(cfg))
+        before, after = ray.get([before_ref, after_ref])
     metrics = {
         "stage": sp.name,
         "student": sp.final_model,
@@ -91,6 +95,11 @@ def _num(x: float | None) -> float:
 def _delta(metric: str, records: int, before: float | None, after: float | None) -> dict:
     return {"metric": metric, "records": records, "before": before, "after": after,
             "delta": None if before is None or after is None else after - before}
+
+
+def _score_both(base: str, revision: str | None, final: str, records: list[dict], **kw: Any) -> tuple[dict, dict]:
+    """(the base student's score, the trained student's), one after the other in this process."""
+    return score_records(base, revision, records, **kw), score_records(final, None, records, **kw)
 
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int, batch_size: int,

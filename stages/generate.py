@@ -43,9 +43,35 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: lis
     open_jobs = [job for job in jobs if rd.begin(job.step) is None]
     if not open_jobs:
         return
-    prompts, too_long = _fitting(cfg, teacher, {job.data: prompts[job.data] for job in open_jobs})
-    work, prior = [], {}
+    # the replicas start (their processes import and load) while this process tokenizes the prompts
+    names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(cfg.generation.replicas)]
+    t_start = time.time()
+    pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend, cfg.generation,
+                       sampling(cfg), teacher.system)
+    log.info("replicas %s: %s backend, model %s", names, cfg.backend.name, teacher.model)
+    try:
+        prompts, too_long = _fitting(cfg, teacher, {job.data: prompts[job.data] for job in open_jobs})
+        work, prior = _open_shards(rd, cfg, teacher, open_jobs, prompts)
+        shards = {job.step.name: job.shards(len(prompts[job.data])) for job in open_jobs}
+        live = {job.step.name: ProgressFile(rd, job.step.name, job.step.key, "shards", shards[job.step.name],
+                                            shards[job.step.name] - sum(w.tag[0] is job for w in work))
+                for job in open_jobs}
+        # no work: every shard was already whole (a run killed before its commit)
+        stats = _generate(rd, cfg, stage, teacher, pool, t_start, work, prior, live) if work else {"compute": {}}
+    finally:
+        pool.shutdown()
+    timing = {k: v for k, v in stats.items() if k != "compute"}
     for job in open_jobs:
+        _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
+                {**timing, "prompts_too_long": too_long[job.data]})
+
+
+def _open_shards(rd: RunDir, cfg: Config, teacher: Teacher, jobs: list[GenJob], prompts: dict[str, list[Prompt]]
+                 ) -> tuple[list[Work], dict[int, list[dict]]]:
+    """The shards still to generate (a damaged one is removed and comes back here) and each one's answers kept
+    from an earlier run's partial shard."""
+    work, prior = [], {}
+    for job in jobs:
         ps, n = prompts[job.data], job.shard_size
         for i in range(job.shards(len(ps))):
             if not _shard_sound(rd, cfg, job, i, len(ps[i * n : (i + 1) * n])):
@@ -53,14 +79,7 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: lis
                         for p in ps[i * n : (i + 1) * n]]
                 work.append(Work(f"{teacher.name}/{job.data}/shard-{i:05d}", reqs, (job, i)))
                 prior[id(work[-1])] = _partial(rd, job, work[-1])
-    live = {job.step.name: ProgressFile(rd, job.step.name, job.step.key, "shards", job.shards(len(prompts[job.data])),
-                                        job.shards(len(prompts[job.data])) - sum(w.tag[0] is job for w in work))
-            for job in open_jobs}
-    stats = _generate(rd, cfg, stage, teacher, work, prior, live) if work else {"compute": {}}
-    timing = {k: v for k, v in stats.items() if k != "compute"}
-    for job in open_jobs:
-        _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
-                {**timing, "prompts_too_long": too_long[job.data]})
+    return work, prior
 
 
 def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tuple[dict[str, list[Prompt]],
@@ -75,8 +94,8 @@ def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tu
 
     path, trust = local_model(teacher.model), cfg.models.trust_remote_code
     tok = AutoTokenizer.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust)
-    ctx = getattr(AutoConfig.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust).get_text_config(),
-                  "max_position_embeddings", None) or 1 << 30
+    text_config = AutoConfig.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust).get_text_config()
+    ctx = getattr(text_config, "max_position_embeddings", None) or 1 << 30
     if cfg.backend.name == "vllm":
         ctx = min(ctx, cfg.backend.max_model_len)
     room = ctx - cfg.generation.max_new_tokens
@@ -135,15 +154,11 @@ def _partial(rd: RunDir, job: GenJob, work: Work) -> list[dict]:
     return answers
 
 
-def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[Work],
-              prior: dict[int, list[dict]], live: dict[str, ProgressFile]) -> dict[str, Any]:
-    """Run the shards on fresh replicas; returns engine seconds per prompt set and the step's timing. On
-    SIGTERM the answers already streamed in are written as partial shards."""
-    names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(cfg.generation.replicas)]
-    t_start = time.time()
-    pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend, cfg.generation,
-                       sampling(cfg), teacher.system)
-    log.info("replicas %s: %s backend, model %s", names, cfg.backend.name, teacher.model)
+def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: ReplicaPool, t_start: float,
+              work: list[Work], prior: dict[int, list[dict]], live: dict[str, ProgressFile]) -> dict[str, Any]:
+    """Run the shards on the pool's fresh replicas (started at t_start); returns engine seconds
+    per prompt set and the step's timing. On SIGTERM the answers already streamed in are written as partial
+    shards."""
     progress = Progress(stage, teacher.name, len(work))
     compute: dict[str, float] = {}
     got: dict[int, list[dict]] = {id(w): list(prior[id(w)]) for w in work}  # a shard's answers, until whole
@@ -176,7 +191,6 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, work: list[
         raise
     finally:
         progress.close()
-        pool.shutdown()
     return {"compute": compute, **timing}
 
 
