@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 _BYTE = re.compile(r"^<0x[0-9A-F]{2}>$")
 
@@ -24,8 +25,6 @@ class TokenizerFormError(ValueError):
 
 
 def write_sentencepiece(model_dir: str | Path) -> Path:
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     model_dir = Path(model_dir)
     out = model_dir / "tokenizer.model"
     if out.exists():
@@ -38,8 +37,19 @@ def write_sentencepiece(model_dir: str | Path) -> Path:
     norm = tj.get("normalizer") or {}
     if norm.get("type") != "Replace" or norm.get("content") != "▁":
         raise TokenizerFormError(f"{model_dir}: tokenizer.json does not write spaces as '▁' (not Gemma's form)")
+    proto = _proto(m, tj.get("added_tokens", []))
+    tmp = out.with_suffix(".model.tmp")
+    tmp.write_bytes(proto.SerializeToString())
+    tmp.rename(out)
+    return out
+
+
+def _proto(m: dict, added_tokens: list[dict]) -> Any:
+    """The SentencePiece ModelProto of a tokenizer.json's BPE model (m) and its added tokens."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
     vocab: dict[str, int] = m["vocab"]
-    added = {t["id"]: t for t in tj.get("added_tokens", [])}
+    added = {t["id"]: t for t in added_tokens}
     rank: dict[str, int] = {}
     for i, merge in enumerate(m["merges"]):
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
@@ -81,7 +91,4 @@ def write_sentencepiece(model_dir: str | Path) -> Path:
     ns.add_dummy_prefix = False
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
-    tmp = out.with_suffix(".model.tmp")
-    tmp.write_bytes(proto.SerializeToString())
-    tmp.rename(out)
-    return out
+    return proto

@@ -194,7 +194,6 @@ def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harn
     front = ["---", f"license: {cfg.release.license}", f"base_model: {base}",
              "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [gemma3, distillation, lora, cascade, gguf]", f"datasets: [{', '.join(datasets)}]", "---", ""]
-    agree, text = m["agreement"], m["text_agreement"]
     lines = front + [
         f"# {name}", "",
         f"Stage `{sp.name}` of a teacher-student distillation cascade built by cascade: the base model "
@@ -220,27 +219,7 @@ def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harn
     for s in prov["lineage"]:
         lines.append(f"| {s['stage']} | `{s['model']}` | `{s['key']}` | "
                      f"{', '.join(f'{t[0]} (weight {t[1]:g})' for t in s['teachers']) or 'root teacher'} |")
-    lines += ["", "## Curriculum, as run", "", "| Phase | Data | Records | Iters | LR | Loss first -> last |",
-              "|---|---|---|---|---|---|"]
-    for ph in sp.phases:
-        t, c = m["phases"][ph.name], m["curation"][ph.name]
-        lines.append(f"| {ph.name} | {ph.data} | {c.get('kept', '?')} | {ph.iters} | {ph.lr:g} | "
-                     f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
-    lines += ["", "## Evaluation", "", "| Measure | Before | After |", "|---|---|---|",
-              f"| {agree['metric']} ({agree['records']} held-out) | {_f(agree['before'])} | {_f(agree['after'])} |",
-              f"| {text['metric']} | {_f(text['before'])} | {_f(text['after'])} |",
-              f"| share of greedy answers that end by themselves | {_f(m['self_ended']['before'])} | "
-              f"{_f(m['self_ended']['after'])} |"]
-    if harness:
-        who = list(harness)
-        first = next(iter(harness.values()))
-        lines += ["", f"EleutherAI's lm-evaluation-harness {first.get('lm_eval', '')} (greedy, chat template; "
-                  "`cascade_*`: offline tasks shipped with cascade, data/harness/):", "",
-                  f"| Task | Metric | {' | '.join(who)} |", "|---|---|" + "---|" * len(who)]
-        for task, r in first.get("results", {}).items():
-            for k in r:
-                vals = [_f(harness[w].get("results", {}).get(task, {}).get(k)) for w in who]
-                lines.append(f"| {task} ({first['samples'].get(task, '?')} prompts) | {k} | {' | '.join(vals)} |")
+    lines += _curriculum_and_evaluation(sp, m) + _harness_table(harness)
     lines += ["", "## Available formats", "",
               "Each GGUF was made by llama.cpp's converter and quantizer and compared with transformers on "
               f"{prov['probes']} held-out prompts with their teachers' answers (next-token argmax agreement, mean "
@@ -253,6 +232,39 @@ def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harn
               f"Released under {cfg.release.license.upper()}. The base model is subject to its own licence terms "
               "(Gemma 3: Google's Gemma terms).", ""]
     return "\n".join(lines)
+
+
+def _curriculum_and_evaluation(sp: StageGraph, m: dict) -> list[str]:
+    """The card's curriculum as run (per phase: data, records, iters, lr, loss) and its evaluation table."""
+    agree, text = m["agreement"], m["text_agreement"]
+    lines = ["", "## Curriculum, as run", "", "| Phase | Data | Records | Iters | LR | Loss first -> last |",
+             "|---|---|---|---|---|---|"]
+    for ph in sp.phases:
+        t, c = m["phases"][ph.name], m["curation"][ph.name]
+        lines.append(f"| {ph.name} | {ph.data} | {c.get('kept', '?')} | {ph.iters} | {ph.lr:g} | "
+                     f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
+    return lines + ["", "## Evaluation", "", "| Measure | Before | After |", "|---|---|---|",
+                    f"| {agree['metric']} ({agree['records']} held-out) | {_f(agree['before'])} | "
+                    f"{_f(agree['after'])} |",
+                    f"| {text['metric']} | {_f(text['before'])} | {_f(text['after'])} |",
+                    f"| share of greedy answers that end by themselves | {_f(m['self_ended']['before'])} | "
+                    f"{_f(m['self_ended']['after'])} |"]
+
+
+def _harness_table(harness: dict) -> list[str]:
+    """The lm-evaluation-harness results, one column per model scored (none: no lines)."""
+    if not harness:
+        return []
+    who = list(harness)
+    first = next(iter(harness.values()))
+    lines = ["", f"EleutherAI's lm-evaluation-harness {first.get('lm_eval', '')} (greedy, chat template; "
+             "`cascade_*`: offline tasks shipped with cascade, data/harness/):", "",
+             f"| Task | Metric | {' | '.join(who)} |", "|---|---|" + "---|" * len(who)]
+    for task, r in first.get("results", {}).items():
+        for k in r:
+            vals = [_f(harness[w].get("results", {}).get(task, {}).get(k)) for w in who]
+            lines.append(f"| {task} ({first['samples'].get(task, '?')} prompts) | {k} | {' | '.join(vals)} |")
+    return lines
 
 
 def _f(x: Any, fmt: str = ".4f") -> str:

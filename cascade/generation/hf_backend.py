@@ -68,55 +68,65 @@ class HFBackend:
             yield from self._batches(requests, sampling, system)
 
     def _batches(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[list[Completion]]:
-        import torch
-
         for i in range(0, len(requests), self.batch_size):
-            out: list[Completion] = []
             batch = requests[i : i + self.batch_size]
             texts = [render_prompt(self.tok, prompt_messages(r.messages, system)) for r in batch]
             enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-            torch.manual_seed(batch[0].seed)
-            sample = sampling.temperature > 0
-            tops: list = []  # per decoding step, the top-k of the raw distribution [rows, k]: never all the logits
-            k = sampling.logprobs
-            hook = self.model.register_forward_hook(lambda _m, _i, o: tops.append(_topk(o.logits[:, -1], k))) if k \
-                else None
-            with torch.no_grad():
-                res = self.model.generate(
-                    **enc,
-                    max_new_tokens=sampling.max_new_tokens,
-                    do_sample=sample,
-                    temperature=sampling.temperature if sample else None,
-                    top_p=sampling.top_p if sample else None,
-                    top_k=None,
-                    num_return_sequences=sampling.n,
-                    eos_token_id=self.stops,
-                    pad_token_id=self.tok.pad_token_id,
-                    return_dict_in_generate=True,
+            sequences, top = self._generate(enc, batch[0].seed, sampling)
+            yield self._completions(batch, enc, sequences, top, sampling)
+
+    def _generate(self, enc: Any, seed: int, sampling: Sampling) -> tuple[Any, Any]:
+        """One batch through generate(): (the sequences, the top-k of each decoding step's raw distribution
+        [rows, steps, k], or None without sampling.logprobs). Seeded by the batch's first request."""
+        import torch
+
+        torch.manual_seed(seed)
+        sample = sampling.temperature > 0
+        tops: list = []  # per decoding step, the top-k of the raw distribution [rows, k]: never all the logits
+        k = sampling.logprobs
+        hook = self.model.register_forward_hook(lambda _m, _i, o: tops.append(_topk(o.logits[:, -1], k))) if k \
+            else None
+        with torch.no_grad():
+            res = self.model.generate(
+                **enc,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=sampling.top_p if sample else None,
+                top_k=None,
+                num_return_sequences=sampling.n,
+                eos_token_id=self.stops,
+                pad_token_id=self.tok.pad_token_id,
+                return_dict_in_generate=True,
+            )
+        if hook is None:
+            return res.sequences, None
+        hook.remove()
+        return res.sequences, torch.return_types.topk((torch.stack([v for v, _ in tops], 1),
+                                                       torch.stack([i for _, i in tops], 1)))
+
+    def _completions(self, batch: list[Request], enc: Any, sequences: Any, top: Any,
+                     sampling: Sampling) -> list[Completion]:
+        """Each generated row as a Completion: its text up to the stop token, counts, and its top-k when asked."""
+        out: list[Completion] = []
+        width = enc["input_ids"].shape[1]
+        for row, seq in enumerate(sequences):
+            req = batch[row // sampling.n]
+            new = seq[width:].tolist()
+            n_prompt = int(enc["attention_mask"][row // sampling.n].sum())
+            stopped = next((k for k, t in enumerate(new) if t in self.stops), None)
+            body = new if stopped is None else new[:stopped]
+            out.append(
+                Completion(
+                    prompt_id=req.prompt_id,
+                    sample=row % sampling.n,
+                    text=self.tok.decode(body, skip_special_tokens=True),
+                    finish_reason="length" if stopped is None else "stop",
+                    prompt_tokens=n_prompt,
+                    completion_tokens=(n_out := len(body) + (0 if stopped is None else 1)),
+                    top_ids=None if top is None else top.indices[row, :n_out].tolist(),
+                    top_logprobs=None if top is None else top.values[row, :n_out].tolist(),
+                    token_ids=None if top is None else new[:n_out],
                 )
-            width = enc["input_ids"].shape[1]
-            top = None
-            if hook is not None:  # [rows, steps, k]
-                hook.remove()
-                top = torch.return_types.topk((torch.stack([v for v, _ in tops], 1),
-                                                torch.stack([i for _, i in tops], 1)))
-            for row, seq in enumerate(res.sequences):
-                req = batch[row // sampling.n]
-                new = seq[width:].tolist()
-                n_prompt = int(enc["attention_mask"][row // sampling.n].sum())
-                stopped = next((k for k, t in enumerate(new) if t in self.stops), None)
-                body = new if stopped is None else new[:stopped]
-                out.append(
-                    Completion(
-                        prompt_id=req.prompt_id,
-                        sample=row % sampling.n,
-                        text=self.tok.decode(body, skip_special_tokens=True),
-                        finish_reason="length" if stopped is None else "stop",
-                        prompt_tokens=n_prompt,
-                        completion_tokens=(n_out := len(body) + (0 if stopped is None else 1)),
-                        top_ids=None if top is None else top.indices[row, :n_out].tolist(),
-                        top_logprobs=None if top is None else top.values[row, :n_out].tolist(),
-                        token_ids=None if top is None else new[:n_out],
-                    )
-                )
-            yield out
+            )
+        return out

