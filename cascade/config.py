@@ -16,7 +16,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from cascade import gguf
+from cascade.config_models import ModelsConfig
+from cascade.config_release import ReleaseConfig, ServeConfig
 from cascade.validate import DTYPES, ConfigError, check, fail, no_secrets, number, safe_name
 
 __all__ = ["ConfigError", "Config", "compose", "check"]
@@ -224,59 +225,6 @@ class EvalConfig:
         number("eval.answer_tokens", self.answer_tokens, 0)
 
 
-@dataclass
-class ReleaseConfig:
-    """stages/release.py: what the seed ships, per trained stage, in <run_dir>/<stage>/release/."""
-
-    enabled: bool = False  # the real presets turn it on; the tiny one on a switch: release.enabled=true
-    family: str = "cascade-gemma3"  # names the release: <family>-<stage> (a model card's title, GGUF file names)
-    # GGUF types: F32, F16, BF16 from llama.cpp's converter; any type llama.cpp's quantizer offers (Q8_0, Q4_K_M..)
-    gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
-    probes: int = 8  # held-out prompts (with their teachers' answers) each GGUF is compared on with transformers
-    min_agreement: float = 0.99  # next-token argmax agreement an F32/F16 file must reach, else the step fails
-    license: str = "eupl-1.2"  # the card's front matter; the base model's own terms still apply
-    # lm-evaluation-harness tasks run on the released model: the project's own (cascade_probes, cascade_format)
-    # work offline; on a cluster any harness task, e.g. ifeval
-    harness: list[str] = field(default_factory=list)
-    harness_limit: Optional[int] = None  # documents per harness task; None: all
-
-    def name(self, stage: str) -> str:
-        """A stage's release name: its card's title, its GGUF files' prefix, the served model's id."""
-        return f"{self.family}-{stage}"
-
-    def check(self) -> None:
-        safe_name("release.family", self.family)
-        if not self.gguf:
-            fail("release.gguf is empty: name at least one GGUF type (e.g. F16)")
-        for t in self.gguf:
-            if not gguf.valid_name(t):
-                fail(f"release.gguf: {t!r} is not a llama.cpp type name (F16, Q8_0, Q4_K_M, ...)")
-        number("release.probes", self.probes, 1)
-        number("release.min_agreement", self.min_agreement, 0, 1)
-        for t in self.harness:
-            safe_name("release.harness task", t)
-        if self.harness_limit is not None:
-            number("release.harness_limit", self.harness_limit, 1)
-
-
-@dataclass
-class ServeConfig:
-    """`python -m cascade serve +stage=<s>`: an OpenAI-compatible server for a stage's release (cascade/serve.py)."""
-
-    engine: str = "vllm"  # vllm: the release's HF directory in vLLM's server; llamacpp: a GGUF in llama_cpp.server
-    gguf: str = "F16"  # the GGUF type llamacpp serves
-    host: str = "127.0.0.1"
-    port: int = 8080
-    api_key_env: str = "CASCADE_API_KEY"  # when this variable is set, requests need its value as a bearer key
-
-    def check(self) -> None:
-        if self.engine not in ("vllm", "llamacpp"):
-            fail(f"serve.engine {self.engine!r}: valid engines: vllm, llamacpp")
-        number("serve.port", self.port, 1, 65535)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-            fail(f"serve.api_key_env {self.api_key_env!r} must name an environment variable")
-
-
 # accelerators the planner knows (cascade/plan.py): memory (GB), memory bandwidth (GB/s), dense bf16 peak (TFLOP/s),
 # from the makers' data sheets; "cpu" is this machine, its memory read at plan time
 DEVICES = {
@@ -314,76 +262,6 @@ class PlanConfig:
         for k in ("generate_tokens_per_s", "train_tokens_per_s"):
             for name, v in getattr(self, k).items():
                 number(f"plan.{k}.{name}", v, 0, lo_open=True)
-
-
-@dataclass
-class TinySpec:
-    hidden_size: int = MISSING
-    num_hidden_layers: int = MISSING
-    intermediate_size: int = MISSING
-    pretrain_steps: int = MISSING  # full-parameter steps on the project's texts when the preset is built
-    pretrain_format: str = "text"  # chat: answers in the turn format (a teacher); text: plain prose (a base model)
-
-
-@dataclass
-class TinyConfig:
-    vocab_size: int = 2048  # <= 8k: a 262k vocabulary trains ~25x slower on CPU
-    num_attention_heads: int = 2
-    num_key_value_heads: int = 1
-    head_dim: int = 64
-    sliding_window: int = 64
-    max_position_embeddings: int = 512
-    lr: float = 3e-3
-    batch_size: int = 16
-    sizes: dict[str, TinySpec] = field(default_factory=dict)
-
-
-@dataclass
-class Gemma3Config:
-    """gemma3-270m:chat, the base taught Gemma's turn format (cascade/gemma3_270m.py)."""
-
-    chat_steps: int = 30  # LoRA steps on the training prompts' reference answers
-    chat_lr: float = 1e-3
-    lora_r: int = 16
-    batch_size: int = 8
-    max_seq_len: int = 256
-
-    def check(self) -> None:
-        for k in ("chat_steps", "lora_r", "batch_size", "max_seq_len"):
-            number(f"models.gemma3.{k}", getattr(self, k), 1)
-        number("models.gemma3.chat_lr", self.chat_lr, 0, lo_open=True)
-
-
-PRESETS = ("real", "tiny", "gemma3-270m")
-
-
-@dataclass
-class ModelsConfig:
-    preset: str = "real"  # real | tiny | gemma3-270m (conf/models/<preset>.yaml)
-    cache_dir: str = "${oc.env:CASCADE_CACHE,'~/.cache/cascade/models'}"  # built models live here, keyed by spec
-    trust_remote_code: bool = False
-    tiny: TinyConfig = field(default_factory=TinyConfig)
-    gemma3: Gemma3Config = field(default_factory=Gemma3Config)
-
-    def check(self, stage_order: list[str]) -> None:
-        if self.preset not in PRESETS:
-            fail(f"models.preset {self.preset!r}: valid presets: {', '.join(PRESETS)}")
-        self.gemma3.check()
-        if self.preset == "tiny":
-            t = self.tiny
-            number("models.tiny.vocab_size", t.vocab_size, 512, 8192)
-            for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
-                      "max_position_embeddings", "batch_size"):
-                number(f"models.tiny.{k}", getattr(t, k), 1)
-            number("models.tiny.lr", t.lr, 0, lo_open=True)
-            for name, spec in t.sizes.items():
-                for k in ("hidden_size", "num_hidden_layers", "intermediate_size"):
-                    number(f"models.tiny.sizes.{name}.{k}", getattr(spec, k), 1)
-                number(f"models.tiny.sizes.{name}.pretrain_steps", spec.pretrain_steps, 0)
-            sizes = [t.sizes[s] for s in stage_order if s in t.sizes]
-            params = [s.hidden_size * s.num_hidden_layers * s.intermediate_size for s in sizes]
-            if params != sorted(set(params)):
-                fail("models.tiny.sizes must strictly grow with the stage")
 
 
 @dataclass

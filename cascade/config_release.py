@@ -1,0 +1,64 @@
+"""The `release` and `serve` sections of the config's schema: what a trained stage ships (stages/release.py) and how
+it is served (cascade/serve.py). Part of Config (cascade/config.py)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cascade import gguf
+from cascade.validate import fail, number, safe_name
+
+
+@dataclass
+class ReleaseConfig:
+    """stages/release.py: what the seed ships, per trained stage, in <run_dir>/<stage>/release/."""
+
+    enabled: bool = False  # the real presets turn it on; the tiny one on a switch: release.enabled=true
+    family: str = "cascade-gemma3"  # names the release: <family>-<stage> (a model card's title, GGUF file names)
+    # GGUF types: F32, F16, BF16 from llama.cpp's converter; any type llama.cpp's quantizer offers (Q8_0, Q4_K_M..)
+    gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
+    probes: int = 8  # held-out prompts (with their teachers' answers) each GGUF is compared on with transformers
+    min_agreement: float = 0.99  # next-token argmax agreement an F32/F16 file must reach, else the step fails
+    license: str = "eupl-1.2"  # the card's front matter; the base model's own terms still apply
+    # lm-evaluation-harness tasks run on the released model: the project's own (cascade_probes, cascade_format)
+    # work offline; on a cluster any harness task, e.g. ifeval
+    harness: list[str] = field(default_factory=list)
+    harness_limit: Optional[int] = None  # documents per harness task; None: all
+
+    def name(self, stage: str) -> str:
+        """A stage's release name: its card's title, its GGUF files' prefix, the served model's id."""
+        return f"{self.family}-{stage}"
+
+    def check(self) -> None:
+        safe_name("release.family", self.family)
+        if not self.gguf:
+            fail("release.gguf is empty: name at least one GGUF type (e.g. F16)")
+        for t in self.gguf:
+            if not gguf.valid_name(t):
+                fail(f"release.gguf: {t!r} is not a llama.cpp type name (F16, Q8_0, Q4_K_M, ...)")
+        number("release.probes", self.probes, 1)
+        number("release.min_agreement", self.min_agreement, 0, 1)
+        for t in self.harness:
+            safe_name("release.harness task", t)
+        if self.harness_limit is not None:
+            number("release.harness_limit", self.harness_limit, 1)
+
+
+@dataclass
+class ServeConfig:
+    """`python -m cascade serve +stage=<s>`: an OpenAI-compatible server for a stage's release (cascade/serve.py)."""
+
+    engine: str = "vllm"  # vllm: the release's HF directory in vLLM's server; llamacpp: a GGUF in llama_cpp.server
+    gguf: str = "F16"  # the GGUF type llamacpp serves
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key_env: str = "CASCADE_API_KEY"  # when this variable is set, requests need its value as a bearer key
+
+    def check(self) -> None:
+        if self.engine not in ("vllm", "llamacpp"):
+            fail(f"serve.engine {self.engine!r}: valid engines: vllm, llamacpp")
+        number("serve.port", self.port, 1, 65535)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            fail(f"serve.api_key_env {self.api_key_env!r} must name an environment variable")
