@@ -56,7 +56,6 @@ def run(cfg: Config) -> list[StageGraph]:
 
 
 def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
-
     from cascade import report
     from stages import curate, evaluate, generate, release, train
 

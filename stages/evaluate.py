@@ -35,8 +35,13 @@ TEXT_METRIC = "ROUGE-L F1 of the student's greedy answers against the teachers' 
 def start_before(cfg: Config, sp: StageGraph, rd: RunDir) -> Any:
     """Score the base student now, as a Ray task on backend.num_cpus CPUs (while the first phase trains on the
     CPUs training leaves free); run() collects it."""
-    return ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records).options(
-        name=f"eval/{sp.name}/before").remote(sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
+    return _task(score_records, cfg).options(name=f"eval/{sp.name}/before").remote(
+        sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
+
+
+def _task(fn: Any, cfg: Config, num_cpus: float | None = None) -> Any:
+    """fn as a Ray task on `num_cpus` CPUs (default backend.num_cpus) and the backend's GPUs."""
+    return ray.remote(num_cpus=num_cpus or cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(fn)
 
 
 def _score_kwargs(cfg: Config) -> dict:
@@ -56,12 +61,11 @@ def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: Any =
     of imports, one model in memory at a time."""
     records = _heldout(cfg, sp, rd)
     if before_ref is None:
-        before, after = ray.get(ray.remote(num_cpus=num_cpus or cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(
-            _score_both).options(name=f"eval/{sp.name}").remote(sp.base_model, sp.revision, sp.final_model, records,
-                                                               **_score_kwargs(cfg)))
+        before, after = ray.get(_task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}").remote(
+            sp.base_model, sp.revision, sp.final_model, records, **_score_kwargs(cfg)))
     else:
-        after_ref = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(score_records).options(
-            name=f"eval/{sp.name}/after").remote(sp.final_model, None, records, **_score_kwargs(cfg))
+        after_ref = _task(score_records, cfg).options(name=f"eval/{sp.name}/after").remote(
+            sp.final_model, None, records, **_score_kwargs(cfg))
         before, after = ray.get([before_ref, after_ref])
     metrics = {
         "stage": sp.name,
