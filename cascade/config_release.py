@@ -3,12 +3,11 @@ it is served (cascade/serve.py). Part of Config (cascade/config.py)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from cascade import gguf
-from cascade.validate import fail, number, safe_name
+from cascade.validate import env_name, fail, number, safe_name
 
 
 @dataclass
@@ -60,5 +59,4 @@ class ServeConfig:
         if self.engine not in ("vllm", "llamacpp"):
             fail(f"serve.engine {self.engine!r}: valid engines: vllm, llamacpp")
         number("serve.port", self.port, 1, 65535)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
-            fail(f"serve.api_key_env {self.api_key_env!r} must name an environment variable")
+        env_name("serve.api_key_env", self.api_key_env)

@@ -49,6 +49,12 @@ def safe_name(where: str, value: str) -> None:
         fail(f"{where} {value!r}: use letters, digits, '_', '-', '.' (not first), as it names a directory")
 
 
+def env_name(where: str, value: str) -> None:
+    """A setting that names an environment variable holding a secret (the secret itself never goes in the config)."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(value)):
+        fail(f"{where} {value!r} must name an environment variable (the token itself never goes in the config)")
+
+
 def no_secrets(where: str, value: Any, keys: bool = False) -> None:
     """Refuse credentials in config values (and, with `keys`, under credential-like keys of a free-form mapping):
     they would be saved in config.yaml. Tokens come from the environment."""
@@ -81,9 +87,7 @@ def check(cfg: Any) -> None:
     number("seed", cfg.seed, 0, 2**32 - 1)  # numpy's and Ray's seeds are 32-bit
     number("lease_ttl_s", cfg.lease_ttl_s, 1)
     number("cache_max_gb", cfg.cache_max_gb, 0)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.hf_token_env):
-        fail(f"hf_token_env {cfg.hf_token_env!r} must name an environment variable (the token itself never goes "
-              f"in the config)")
+    env_name("hf_token_env", cfg.hf_token_env)
     _check_run_dir(cfg.run_dir)
     if cfg.train.distill_weight > 0 and cfg.generation.logprobs <= 0:
         fail("train.distill_weight > 0 needs the teachers' top-k log-probabilities: set generation.logprobs "
