@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 ARGS = ["+stage=4b", "models=tiny", "cluster.include_dashboard=false", "generation.shard_size=8",
-        "backend.batch_size=1"] + [f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6))
+        "backend.hf.batch_size=1"] + [f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6))
                                    for k, v in (("iters", n), ("lr", 1e-3))]
 DATA = ("generations/**/shard-?????.jsonl", "*/dataset/*/*.jsonl", "*/train/*/model.safetensors")
 

@@ -59,7 +59,8 @@ def step(mode: str) -> dict:
     import torch
 
     from cascade import gemma3_270m
-    from cascade.config import LoraSpec, compose
+    from cascade.config import compose
+    from cascade.config_train import LoraSpec
     from cascade.modeling import load_model, response_nll, with_lora
 
     torch.set_num_threads(2)

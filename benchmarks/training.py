@@ -73,7 +73,7 @@ def _bare_loop(model_path: str, examples: list[dict], units: list[list[int]], se
                threads: int) -> tuple[int, float]:
     import torch
 
-    from cascade.config import LoraSpec
+    from cascade.config_train import LoraSpec
     from cascade.modeling import load_model, response_nll, with_lora
     from cascade.packing import collate_packed
 
@@ -179,7 +179,8 @@ def main() -> None:
     from cascade import cluster
     from cascade.chat import encode_example
     from cascade.peakmem import PeakMemory
-    from cascade.config import TrainConfig, compose
+    from cascade.config import compose
+    from cascade.config_train import TrainConfig
     from cascade.packing import pack
     from cascade.graph import PhaseGraph
     from cascade.rundir import RunDir, Step

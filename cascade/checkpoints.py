@@ -113,7 +113,7 @@ class Checkpoints:
         return meta
 
     def save(self, model: Any, opt: Any, sched: Any, step: int, losses: list, tokens: int, world: int,
-             distill_losses: list, reason: str = "periodic") -> None:
+             metrics: dict[str, list], reason: str = "periodic") -> None:
         import random
 
         import numpy as np
@@ -147,7 +147,7 @@ class Checkpoints:
             torch.save(sched.state_dict(), d / "scheduler.pt")
             files = self.rd.file_digests(staging)
             self.rd.publish(staging, final, "meta.json", {"step": step, "losses": losses, "tokens": tokens,
-                                                          "world": world, "distill_losses": distill_losses,
+                                                          "world": world, "metrics": metrics,
                                                           "reason": reason, "files": files}, point="checkpoint")
             for old in self._steps()[: -self.keep]:
                 self.rd.remove(old, recursive=True)

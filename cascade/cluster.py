@@ -16,11 +16,31 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from cascade.config import ClusterConfig, ConfigError
+from cascade.validate import ConfigError, fail, number
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a running cluster
+    num_cpus: Optional[int] = None  # local Ray only
+    include_dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    auth: bool = True  # RAY_AUTH_MODE=token; the token comes from the environment or ~/.ray/auth_token
+    metrics_export_port: Optional[int] = None  # local Ray: the port Prometheus scrapes (None: Ray picks one)
+
+    def check(self) -> None:
+        if self.dashboard_host not in ("127.0.0.1", "localhost") and self.auth is False:
+            fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
+        number("cluster.dashboard_port", self.dashboard_port, 1, 65535)
+        if self.num_cpus is not None:
+            number("cluster.num_cpus", self.num_cpus, 1)
 
 
 def ensure_auth_token() -> None:

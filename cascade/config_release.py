@@ -25,6 +25,8 @@ class ReleaseConfig:
     # work offline; on a cluster any harness task, e.g. ifeval
     harness: list[str] = field(default_factory=list)
     harness_limit: Optional[int] = None  # documents per harness task; None: all
+    num_cpus: float = 1.0  # Ray resources of the release's task (the student loaded for the GGUF checks, harness)
+    num_gpus: float = 0.0
 
     def name(self, stage: str) -> str:
         """A stage's release name: its card's title, its GGUF files' prefix, the served model's id."""
@@ -32,6 +34,8 @@ class ReleaseConfig:
 
     def check(self) -> None:
         safe_name("release.family", self.family)
+        for k in ("num_cpus", "num_gpus"):
+            number(f"release.{k}", getattr(self, k), 0)
         if not self.gguf:
             fail("release.gguf is empty: name at least one GGUF type (e.g. F16)")
         for t in self.gguf:

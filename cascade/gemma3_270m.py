@@ -154,7 +154,7 @@ def build_chat(cfg: Config) -> Path:
         from transformers import AutoTokenizer
 
         from cascade.chat import collate, encode_example
-        from cascade.config import LoraSpec
+        from cascade.config_train import LoraSpec
         from cascade.modeling import fuse, load_model, response_nll, with_lora
 
         tok = AutoTokenizer.from_pretrained(str(base))

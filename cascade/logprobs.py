@@ -1,6 +1,6 @@
 """The teachers' top-k log-probabilities: their file format (written by generation, read by training).
 
-    python -m cascade +stage=4b models=tiny generation.logprobs=8 train.distill_weight=0.5
+    python -m cascade +stage=4b models=tiny generation.logprobs=8 curriculum.0.kind=distill
 
 A shard's log-probabilities are one compressed .npz beside its JSONL (shard-NNNNN.logprobs.npz): `token_ids`
 int32 [T, k] (the top-k token ids at each response position of every record, concatenated), `logprobs` float16

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cascade.config import LoraSpec
+from cascade.config_train import LoraSpec
 from cascade.failpoints import failpoint
 
 

@@ -28,7 +28,7 @@ log = logging.getLogger("cascade.serve")
 
 def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
     """The server's command line and environment for a release directory."""
-    s, b = cfg.serve, cfg.backend
+    s, b, v = cfg.serve, cfg.backend, cfg.backend.vllm
     name = cfg.release.name(cfg.target)
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "API_KEY")}
     key = os.environ.get(s.api_key_env)
@@ -38,9 +38,9 @@ def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
     if s.engine == "vllm":
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(release / "hf"),
                "--served-model-name", name, "--host", s.host, "--port", str(s.port), "--dtype", b.dtype,
-               "--max-model-len", str(b.max_model_len), "--gpu-memory-utilization", str(b.gpu_memory_utilization),
+               "--max-model-len", str(v.max_model_len), "--gpu-memory-utilization", str(v.gpu_memory_utilization),
                "--seed", str(cfg.seed)]  # the stop tokens come from the release's generation_config.json
-        cmd += ["--enforce-eager"] if b.enforce_eager else []
+        cmd += ["--enforce-eager"] if v.enforce_eager else []
         cmd += ["--trust-remote-code"] if cfg.models.trust_remote_code else []
         if key:
             env["VLLM_API_KEY"] = key
@@ -50,7 +50,7 @@ def command(cfg: Config, release: Path) -> tuple[list[str], dict[str, str]]:
         made = sorted(p.name for p in (release / "gguf").glob("*.gguf"))
         raise ConfigError(f"serve.gguf={s.gguf}: the release has no {gguf.name}; it has {', '.join(made)}")
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", name,
-           "--host", s.host, "--port", str(s.port), "--n_ctx", str(b.max_model_len), "--seed", str(cfg.seed)]
+           "--host", s.host, "--port", str(s.port), "--n_ctx", str(v.max_model_len), "--seed", str(cfg.seed)]
     if key:
         env["API_KEY"] = key  # llama_cpp.server's settings read it from the environment
     return cmd, env

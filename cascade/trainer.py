@@ -1,6 +1,6 @@
 """What runs in every Ray Train worker of a stage's training job (stages/train.py starts the job): the phases of a
 `TrainJob` in order, each a `PhaseTrainer` - setup (the previous phase's fused model, a PEFT LoRA, the newest
-mid-phase checkpoint), steps (loss on response tokens; the teachers' top-k cross-entropy with distill_weight),
+mid-phase checkpoint), steps (the loss of the phase's kind, cascade/phases/, on response tokens),
 finish (rank 0 fuses, checks and commits the phase). The step's docstring tells the whole story.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import ray
 
-from cascade import preemption
-from cascade.config import TrainConfig
+from cascade import phases, preemption
+from cascade.config_train import TrainConfig
 from cascade.graph import PhaseGraph
 from cascade.progress import Board
 from cascade.rundir import RunDir
@@ -114,6 +114,8 @@ class PhaseTrainer:
         bf16 = self.t.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.seed = job.seed * 1_000 + ph.index
+        self.kind = phases.load(ph.kind)
+        self.opts = phases.options(ph.kind, ph.options, ph.model.name)
         torch.manual_seed(self.seed)
         model = load_model(model_path, revision, self.dtype, job.trust_remote_code)
         self.mcfg = model.config
@@ -131,7 +133,8 @@ class PhaseTrainer:
                                 self.t.keep_checkpoints, self.rank, self.t.strategy == "fsdp")
         # mid-phase resume: adapter, optimizer, scheduler, RNG, data position
         self.state = self.ckpt.restore(self.model, self.opt, self.sched)
-        self.losses, self.kd_losses = self.state["losses"], self.state.get("distill_losses", [])
+        self.losses, old = self.state["losses"], {"distill": self.state.get("distill_losses", [])}  # before kinds
+        self.metrics = {m: self.state.get("metrics", old).get(m, []) for m in self.kind.METRICS}
         self.real = self.slots = 0
         self.noticed, self.asked = False, 0.0  # Ray's pre-emption notice: seen (and acted on) in this phase; asked
 
@@ -147,8 +150,8 @@ class PhaseTrainer:
         from cascade.packing import DataOrder, pack
 
         split = self.rd.dataset_file(self.job.stage, self.ph.name, "train")
-        self.examples, self.too_long = load_examples(self.rd, split, self.tok, self.t.max_seq_len,
-                                                     self.t.distill_weight > 0)
+        self.examples, self.too_long = load_examples(self.rd, split, self.tok, self.t.max_seq_len, self.kind,
+                                                     self.opts)
         if not self.examples:
             raise ValueError(f"{split}: no example has a response token within train.max_seq_len="
                              f"{self.t.max_seq_len} ({self.too_long} dropped): raise it, or shorten the prompts")
@@ -156,9 +159,8 @@ class PhaseTrainer:
         self.units = pack(lengths, self.t.max_seq_len) if self.t.packing else [[i] for i in range(len(lengths))]
         self.order = DataOrder(len(self.units), self.seed)
 
-    def _micro_step(self, step: int, m: int) -> tuple[float, float]:
-        """Forward and backward of one micro-batch (this worker's rows of it): (loss, distillation loss)."""
-        from cascade.modeling import response_nll
+    def _micro_step(self, step: int, m: int) -> tuple[float, dict[str, float]]:
+        """Forward and backward of one micro-batch (this worker's rows of it): (loss, the kind's metrics)."""
         from cascade.packing import collate_packed
 
         b, accum = self.t.batch_size // self.world, self.t.grad_accum  # batch_size is global
@@ -166,14 +168,10 @@ class PhaseTrainer:
         rows = [[self.examples[i] for i in self.units[self.order[base + self.rank * b + j]]] for j in range(b)]
         batch = collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
                                getattr(self.mcfg, "sliding_window", None), self.device)
-        ce, kd_sum, n = response_nll(self.model, batch)  # chunked over the vocabulary's logits
-        loss, kd = ce / max(1, n), 0.0
-        if self.t.distill_weight > 0:
-            kd_t = kd_sum / max(1, n)
-            loss, kd = loss + self.t.distill_weight * kd_t, kd_t.item()
+        loss, metrics = self.kind.loss(self.opts, self.model, batch)
         (loss / accum).backward()
         self.real, self.slots = self.real + batch["real_tokens"], self.slots + batch["slots"]
-        return loss.item(), kd
+        return loss.item(), metrics
 
     def steps(self) -> bool:
         """The optimizer steps left in the phase, checkpointing every train.save_every; False when the run was
@@ -190,8 +188,8 @@ class PhaseTrainer:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             self.losses.append(sum(p[0] / accum for p in parts))
-            if self.t.distill_weight > 0:
-                self.kd_losses.append(sum(p[1] / accum for p in parts))
+            for name, values in self.metrics.items():
+                values.append(sum(p[1][name] / accum for p in parts))
             if self.rank == 0 and start and step == start:  # first new step after a resume
                 self.ckpt.mark_resumed(step + 1)
             if board:
@@ -204,7 +202,7 @@ class PhaseTrainer:
             notice = not stop and not last and (self.noticed or (ask and self._preemption_notice(step + 1)))
             if stop or notice or (self.t.save_every and (step + 1) % self.t.save_every == 0 and not last):
                 self.ckpt.save(self.model, self.opt, self.sched, step + 1, self.losses,
-                               self.state["tokens"] + self.real * self.world, self.world, self.kd_losses,
+                               self.state["tokens"] + self.real * self.world, self.world, self.metrics,
                                reason="sigterm" if stop else "preemption-notice" if notice else "periodic")
             if stop:
                 log.warning("pre-empted: checkpointed at step %d of %s", step + 1, self.ph.model.name)
@@ -234,9 +232,9 @@ class PhaseTrainer:
         from cascade.cluster import device_name
 
         seconds, train_seconds = self.t_end - self.t0, self.t_end - self.t_loop
-        losses, kd = self.losses, self.kd_losses
+        losses = self.losses
         out = {
-            "phase": self.ph.name, "steps": self.ph.iters, "loss_first": losses[0], "loss_last": losses[-1],
+            "phase": self.ph.name, "kind": self.ph.kind, "options": self.ph.options, "steps": self.ph.iters, "loss_first": losses[0], "loss_last": losses[-1],
             "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses,
             "examples": len(self.examples), "examples_without_response": self.too_long,
             "tokens": self.state["tokens"] + self.real * self.world,
@@ -247,9 +245,8 @@ class PhaseTrainer:
             "resumed_from_step": self.state["step"],
             "resumed_from_reason": self.state.get("reason"),
         }
-        if self.t.distill_weight > 0:
-            out.update(distill_weight=self.t.distill_weight, distill_losses=kd, distill_loss_first=kd[0],
-                       distill_loss_last=kd[-1])
+        for name, values in self.metrics.items():
+            out.update({f"{name}_losses": values, f"{name}_loss_first": values[0], f"{name}_loss_last": values[-1]})
         return out
 
     def finish(self) -> bool:
@@ -263,7 +260,8 @@ class PhaseTrainer:
             model = self._gathered()
         if self.rank == 0:
             heldout = self.rd.dataset_file(self.job.stage, self.ph.name, "heldout")
-            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len)[0] or self.examples
+            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len, self.kind, self.opts)[0]
+            probe = probe or self.examples
             try:
                 self._fuse_and_commit(model, summary, probe)
             except FusionError as e:
@@ -301,18 +299,14 @@ class PhaseTrainer:
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
 
 
-def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, distill: bool = False) -> tuple[list[dict], int]:
-    """A dataset file's records encoded for training ([] when the file does not exist), and how many were dropped
-    for having no response token within max_len."""
-    from cascade.chat import IGNORE_INDEX, encode_example
-    from cascade.logprobs import Reader, encode_distill
+def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, kind: Any, opts: Any) -> tuple[list[dict], int]:
+    """A dataset file's records encoded for training by the phase's kind ([] when the file does not exist), and how
+    many were dropped for having no response token within max_len."""
+    from cascade.chat import IGNORE_INDEX
+    from cascade.logprobs import Reader
 
-    recs = rd.read_jsonl(path)
-    if distill:
-        read = Reader(rd.read_bytes)
-        out = [encode_distill(tok, r, max_len, read) for r in recs]
-    else:
-        out = [encode_example(tok, r["messages"], r["response"], max_len) for r in recs]
+    read = Reader(rd.read_bytes)
+    out = [kind.encode(opts, tok, r, max_len, read) for r in rd.read_jsonl(path)]
     # a prompt as long as max_seq_len leaves no response token to learn from: dropped, counted
     kept = [e for e in out if any(x != IGNORE_INDEX for x in e["labels"])]
     if len(kept) < len(out):

@@ -4,7 +4,7 @@
 
 1. benchmarks/generation.py --gpu --rounds 2: orchestrated vs bare vllm.LLM.generate on the same prompts (tiny
    preset teacher; engine start excluded); PASS when ratio_vs_bare_vllm >= 0.95.
-2. With >= 2 GPUs: one replica with backend.tensor_parallel_size=2 (a STRICT_PACK placement group of two GPU
+2. With >= 2 GPUs: one replica with backend.vllm.tensor_parallel_size=2 (a STRICT_PACK placement group of two GPU
    bundles, vLLM's Ray executor inside it) generates a prompt set; PASS when every prompt is answered.
 Prints PASS/FAIL per check and one JSON object of figures on its last line; exits non-zero on any FAIL.
 """
@@ -38,8 +38,8 @@ def main() -> int:
     if figures["gpus"] >= 2:
         run = ROOT / "outputs/gpu-tp2"
         r = subprocess.run([sys.executable, "-m", "cascade", "+stage=4b", "models=tiny", "backend=vllm",
-                            "backend.tensor_parallel_size=2", "backend.gpu_memory_utilization=0.3",
-                            "backend.enforce_eager=false", f"run_dir={run}", "train.use_gpu=true"],
+                            "backend.vllm.tensor_parallel_size=2", "backend.vllm.gpu_memory_utilization=0.3",
+                            "backend.vllm.enforce_eager=false", f"run_dir={run}", "train.use_gpu=true"],
                            capture_output=True, text=True)
         passed = r.returncode == 0
         ok &= passed

@@ -25,10 +25,11 @@ from cascade.config import compose  # noqa: F401 - the tests' way to build the r
 pytest_plugins = ["ci_plugin"]  # two tests at a time, limits, stacks of a hang: tests/ci_plugin.py
 ROOT = Path(__file__).resolve().parent.parent
 # Put first on a command line (a later override of the same key wins): no dashboard (it costs seconds; one test
-# checks it) and the tiny preset at smoke scale: the same steps, each phase a few optimizer steps at a higher
-# rate. benchmarks/tiny_cascade.py and the README's first command run the preset at its full scale.
-FAST = ["cluster.include_dashboard=false"] + [f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6))
-                                              for k, v in (("iters", n), ("lr", 1e-3))]
+# checks it) and the tiny preset at smoke scale: the same steps, each phase a few optimizer steps of half the
+# preset's batch at a higher rate (training is most of a tiny run's compute; two workers still get two rows each).
+# benchmarks/tiny_cascade.py and the README's first command run the preset at its full scale.
+FAST = ["cluster.include_dashboard=false", "train.batch_size=4"] + [
+    f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6)) for k, v in (("iters", n), ("lr", 1e-3))]
 
 
 def cascade_cmd(*args: str) -> list[str]:
@@ -166,7 +167,7 @@ def kill_reference(tmp_path_factory, tiny_4b_run) -> Path:
 
 # Generation one prompt at a time in shards of four (small steps to strike between): the args of the tests that
 # kill or stop a run during generation, whose answers must come out as those of a run never stopped
-STREAM_ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.shard_size=4", "backend.batch_size=1"]
+STREAM_ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.shard_size=4", "backend.hf.batch_size=1"]
 
 
 @pytest.fixture(scope="session")

@@ -109,6 +109,7 @@ def test_over_long_prompts_are_dropped_before_generation_and_examples_without_re
     from cascade.rundir import RunDir
     from cascade.tiny import build_preset, preset_dir
     from stages.generate import _fitting
+    from cascade import phases
     from cascade.trainer import load_examples
 
     cfg = compose(["+stage=4b", "models=tiny", "generation.max_new_tokens=64"])
@@ -122,6 +123,7 @@ def test_over_long_prompts_are_dropped_before_generation_and_examples_without_re
     rd = RunDir(str(tmp_path / "run"))
     path = rd.path("train.jsonl")
     rd.write_jsonl(path, [{"messages": p.messages, "response": "Be kind."} for p in ps])
-    examples, too_long = load_examples(rd, path, AutoTokenizer.from_pretrained(model), max_len=256)
+    sft = phases.load("sft")
+    examples, too_long = load_examples(rd, path, AutoTokenizer.from_pretrained(model), 256, sft, sft.Options())
     assert len(examples) == 1 and too_long == 1
     assert any(x != -100 for x in examples[0]["labels"])

@@ -27,7 +27,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # one generation replica and one training worker per node; one prompt per engine call, so that a re-queued
 # shard's answers are computed exactly as in an undisturbed run
 ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.replicas=2", "generation.shard_size=4",
-        "backend.batch_size=1", "train.num_workers=2", "curriculum.1.iters=60", "generation.restart_timeout_s=60"]
+        "backend.hf.batch_size=1", "train.num_workers=2", "curriculum.1.iters=60", "generation.restart_timeout_s=60"]
 
 
 def _ray_start(env: dict, *args: str) -> None:

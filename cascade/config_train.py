@@ -1,0 +1,64 @@
+"""The `train` section of the schema (cascade/config.py): how every phase of a stage is trained, whatever its kind
+(cascade/phases/). Below the rest of the config so that the model code can use it without importing the whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from cascade.validate import fail, number
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def check(self) -> None:
+        number("train.lora.r", self.r, 1)
+        number("train.lora.alpha", self.alpha, 0, lo_open=True)
+        number("train.lora.dropout", self.dropout, 0, 1, hi_open=True)
+        if not self.target_modules:
+            fail("train.lora.target_modules is empty (all-linear: every linear layer)")
+
+
+@dataclass
+class TrainConfig:
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    batch_size: int = 4  # sequences per micro-step, all workers together (divisible by num_workers)
+    grad_accum: int = 4
+    max_seq_len: int = 1024
+    num_workers: int = 1  # Ray Train workers (DDP: gloo on CPU, nccl on GPU)
+    # ddp: every worker holds the whole model; fsdp: each decoder layer's weights sharded over the workers
+    # (torch FSDP2, fully_shard) for students too large for one device (12b, 27b)
+    strategy: str = "ddp"
+    use_gpu: bool = False
+    # CPUs (and torch threads) of each worker; None: the cluster's CPUs shared out among the workers
+    # (cascade.cluster.worker_cpus). The thread count changes float summation order, so fused weights are bitwise
+    # reproducible for a fixed count; set it to pin a run's bytes across machines of different sizes.
+    cpus_per_worker: Optional[int] = None
+    bf16: bool = True  # used only where the hardware supports it
+    gradient_checkpointing: bool = False
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    packing: bool = True  # minimum-slack packing of whole examples, block-diagonal attention
+    save_every: int = 50  # mid-phase checkpoint every N optimizer steps (0: none)
+    keep_checkpoints: int = 2  # last K mid-phase checkpoints kept per phase
+    max_failures: int = 2  # Ray Train restarts of a failed worker group (resuming from the last checkpoint)
+
+    def check(self) -> None:
+        for k in ("batch_size", "grad_accum", "max_seq_len", "num_workers", "keep_checkpoints"):
+            number(f"train.{k}", getattr(self, k), 1)
+        if self.cpus_per_worker is not None:
+            number("train.cpus_per_worker", self.cpus_per_worker, 1)
+        for k in ("warmup_steps", "save_every", "max_failures", "weight_decay"):
+            number(f"train.{k}", getattr(self, k), 0)
+        number("train.max_grad_norm", self.max_grad_norm, 0, lo_open=True)
+        if self.batch_size % self.num_workers:
+            fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})")
+        if self.strategy not in ("ddp", "fsdp"):
+            fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
+        self.lora.check()

@@ -1,0 +1,79 @@
+"""Phase kinds: what one curriculum phase trains on and with which loss. A phase names its kind and its options:
+
+    curriculum:
+      - {name: p0_ethics, data: ethics, iters: 300, lr: 1.0e-4}                   # kind: sft (the default)
+      - {name: p2_ethics, data: ethics, iters: 100, kind: distill, options: {weight: 0.5}}
+
+    python -m cascade +stage=4b models=tiny generation.logprobs=8 curriculum.2.kind=distill
+
+A kind is one module; everything else (the schema's check, the plan, curation, the training worker, the
+checkpoints, the planner) asks it, through `load`, and never compares its name. The module declares:
+
+    Options                        a dataclass: the phase's `options:` (unknown keys refused before Ray starts)
+    TEACHER_LOGPROBS               whether it trains on the teachers' stored top-k log-probabilities (then
+                                   generation.logprobs > 0 and every teacher's tokenizer the student's are required)
+    METRICS                        names of its per-step figures beside the loss (kept in mid-phase checkpoints,
+                                   listed in the phase's summary as <name>_losses)
+    check(opts, cfg, where)        any further check of the whole config, before Ray starts
+    encode(opts, tok, rec, max_len, read) -> example    a curated record as token ids, labels masked where no
+                                   loss is taken (cascade.chat; `read` gives a record's stored top-k)
+    loss(opts, model, batch) -> (loss, {metric: value})    one micro-batch's loss per response token
+    cost(opts, train, iters) -> {"token_slots": ..., ...}  the planner's work for the phase
+
+Built in: `sft` (cascade/phases/sft.py) and `distill` (cascade/phases/distill.py). Any other name is the dotted
+path of a module that declares the same (`kind: mypkg.my_kind`), imported by the driver and by every training
+worker: it must be importable on every node, as the config's own code (like Hydra's `_target_`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from types import ModuleType
+from typing import Any
+
+from cascade.validate import fail
+
+BUILTIN = {"sft": "cascade.phases.sft", "distill": "cascade.phases.distill"}
+DECLARES = ("Options", "TEACHER_LOGPROBS", "METRICS", "check", "encode", "loss", "cost")
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def load(kind: str) -> ModuleType:
+    """The module of a phase kind (a ConfigError, naming the built-in kinds, when there is none)."""
+    name = BUILTIN.get(kind, kind)
+    if not _MODULE.match(name):
+        fail(f"phase kind {kind!r}: built-in kinds: {', '.join(BUILTIN)}; or the dotted path of a module")
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        fail(f"phase kind {kind!r}: not a built-in kind ({', '.join(BUILTIN)}) and no module of that name can be "
+             f"imported ({e})")
+    missing = [d for d in DECLARES if not hasattr(module, d)]
+    if missing:
+        fail(f"phase kind {kind!r} ({name}) does not declare {', '.join(missing)} (see cascade/phases/__init__.py)")
+    return module
+
+
+def options(kind: str, given: dict[str, Any], where: str) -> Any:
+    """The phase's options as its kind's Options dataclass; unknown keys or a wrong value refused with `where`."""
+    cls = load(kind).Options
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        fail(f"{where}.options: {', '.join(unknown)} not an option of kind {kind!r} (its options: "
+             f"{', '.join(sorted(known)) or 'none'})")
+    opts = cls(**given)
+    if hasattr(opts, "check"):
+        opts.check(f"{where}.options")
+    return opts
+
+
+def identity(phase: Any) -> dict[str, Any]:
+    """What of a phase determines its trained model (part of the step's key). An `sft` phase without options is
+    keyed as phases were before kinds existed, so run directories made then keep their committed steps."""
+    out = {"name": phase.name, "data": phase.data, "iters": phase.iters, "lr": phase.lr}
+    if phase.kind != "sft" or phase.options:
+        out.update(kind=phase.kind, options=dict(phase.options))
+    return out
