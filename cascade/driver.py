@@ -18,9 +18,10 @@ import os
 from cascade import cluster
 from cascade.config import Config
 from cascade.lease import Lease, LeaseLost
-from cascade.graph import RunGraph, StageGraph, build_graph
+from cascade.graph import Context, RunGraph, StageGraph, build_graph
 from cascade.preemption import Preemption
 from cascade.rundir import RunDir, Step
+from cascade.steps import execute
 
 log = logging.getLogger("cascade.driver")
 
@@ -56,8 +57,9 @@ def run(cfg: Config) -> list[StageGraph]:
 
 
 def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
+    import stages
     from cascade import report
-    from stages import curate, evaluate, generate, release, train
+    from stages import evaluate
 
     cfg, rd = p.cfg, p.rd
     stop = Preemption(rd)
@@ -72,25 +74,22 @@ def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
 
             for gone in evict(node_cache() / "runs" / "models", cfg.cache_max_gb * 1e9):
                 log.info("node cache over cache_max_gb=%s: removed %s (least recently used)", cfg.cache_max_gb, gone)
+        # the base student's score does not wait for the curriculum: it runs while the first phase trains on the
+        # CPUs training leaves free; when training takes every CPU (train.cpus_per_worker=null shares them all
+        # out), it is scored after training, with the trained student, in one task on a worker's CPUs
+        cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
+        spare = cluster.cpus() - cpus * cfg.train.num_workers >= cfg.eval.num_cpus
+        ctx = Context(p, lease, stop, cpus, spare)
         for sp in p.stages:
             if not sp.trains:
                 log.info("stage %s: teacher %s used as is", sp.name, sp.base_model)
-                continue
-            generate.run(rd, cfg, sp, p.prompts)
-            for ph in sp.phases:
-                rd.run_step(ph.dataset, lambda st, ph=ph: curate.run(st, cfg, sp, ph, p.prompts[ph.data], rd))
-            # the base student's score does not wait for the curriculum: it runs while the first phase trains on
-            # the CPUs training leaves free; when training takes every CPU (train.cpus_per_worker=null shares them
-            # all out), it is scored after training, with the trained student, in one task on a worker's CPUs
-            cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
-            spare = cluster.cpus() - cpus * cfg.train.num_workers >= cfg.backend.num_cpus
-            before = evaluate.start_before(cfg, sp, rd) if spare and not rd.committed(sp.eval) else None
-            with stop.deferred():  # SIGTERM: the workers checkpoint at their next optimizer step, then stop
-                train.run(rd, cfg, sp, cpus, lease)
-            rd.run_step(sp.eval, lambda st: evaluate.run(st, cfg, sp, rd, before, None if spare else cpus))
-            if sp.release:
-                rd.run_step(sp.release, lambda st: release.run(st, cfg, sp, rd, p.stages))
-            report.refresh(p)  # <run_dir>/report/, after every stage
+        table = p.work()
+        for i, w in enumerate(table):
+            if w.kind == "train" and spare and not rd.committed(w.stage.eval):
+                ctx.before[w.stage.name] = evaluate.start_before(cfg, w.stage, rd)
+            execute(ctx, w, stages.load(w.kind))
+            if i + 1 == len(table) or table[i + 1].stage is not w.stage:
+                report.refresh(p)  # <run_dir>/report/, after every stage
     finally:
         cluster.stop()
 

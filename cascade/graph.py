@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade import generation
 from cascade.config import Config, ConfigError
 from cascade.generation.types import Sampling
+from cascade.phases import identity as phase_identity
 from cascade.prompts import Prompt, file_digest, load_prompts, read_text
 from cascade.rundir import RunDir, Step, stable_hash
 
@@ -54,6 +56,8 @@ class PhaseGraph:
     lr: float
     dataset: Step  # the curated dataset it trains on
     model: Step  # the fused model after this phase
+    kind: str = "sft"  # cascade/phases/: what it trains on, its loss
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +86,23 @@ class StageGraph:
 
 
 @dataclass
+class Work:
+    """One entry of the run's table: a step of kind `kind` (its module stages/<kind>.py declares `run`, what the
+    driver calls, and `cost`, what the planner calls) for one stage, committing `steps` in order, each by the run
+    directory's step protocol (cascade.steps.execute). Its identity is its steps' keys."""
+
+    kind: str  # generate, curate, train, evaluate, release
+    stage: StageGraph
+    steps: list[Step]
+    teacher: Teacher | None = None  # generate: whose answers
+    phase: PhaseGraph | None = None  # curate: which phase's dataset
+
+    @property
+    def key(self) -> str:
+        return stable_hash(self.kind, [s.key for s in self.steps])
+
+
+@dataclass
 class RunGraph:
     """What a run needs before Ray starts: the config, the run directory, the inputs read and checked, the plan."""
 
@@ -91,18 +112,56 @@ class RunGraph:
     kernel: str
     stages: list[StageGraph]
 
-    def steps(self) -> list[Step]:
-        """Every step of the plan in run order, each once (a teacher's answers are shared by stages)."""
-        steps = []
+    def work(self) -> list[Work]:
+        """The run's table, in run order: what the driver runs and the planner costs. Per trained stage: each
+        teacher's answers (one pool of replicas for its prompt sets), each phase's dataset, the curriculum (one
+        Ray Train job), the evaluation, the release. A teacher's answers shared by stages are listed once."""
+        out, seen = [], set()
+
+        def add(kind: str, sp: StageGraph, steps: list[Step], **kw: Any) -> None:
+            steps = [s for s in steps if s.name not in seen]
+            seen.update(s.name for s in steps)
+            if steps:
+                out.append(Work(kind, sp, steps, **kw))
+
         for sp in self.stages:
-            steps += [j.step for j in sp.gen_jobs] + [p.dataset for p in sp.phases] + [p.model for p in sp.phases]
-            steps += [sp.eval] if sp.trains else []
-            steps += [sp.release] if sp.release else []
-        return list({s.name: s for s in steps}.values())
+            for t in sp.teachers:
+                add("generate", sp, [j.step for j in sp.gen_jobs if j.teacher is t], teacher=t)
+            for ph in sp.phases:
+                add("curate", sp, [ph.dataset], phase=ph)
+            add("train", sp, [ph.model for ph in sp.phases])
+            add("evaluate", sp, [sp.eval] if sp.trains else [])
+            add("release", sp, [sp.release] if sp.release else [])
+        return out
+
+    def steps(self) -> list[Step]:
+        """Every step of the plan in run order, each once."""
+        return [s for w in self.work() for s in w.steps]
 
     def pending(self) -> list[str]:
         """Names of the steps not committed, in run order."""
         return [s.name for s in self.steps() if not self.rd.committed(s)]
+
+
+@dataclass
+class Context:
+    """What every step's run is given: the plan, and the driver's handles and decisions. Steps read it; the run
+    state (the manifest) stays the driver's."""
+
+    graph: RunGraph
+    lease: tuple[int, str] | None = None  # (generation, token): fences commits made inside a worker's job
+    stop: Any = None  # cascade.preemption.Preemption: SIGTERM deferred while training workers checkpoint
+    cpus: int = 1  # CPUs (torch threads) per training worker
+    spare: bool = False  # evaluation has CPUs beside training's: the base student is scored while it trains
+    before: dict[str, Any] = field(default_factory=dict)  # stage -> that score in flight (stages/evaluate.py)
+
+    @property
+    def cfg(self) -> Config:
+        return self.graph.cfg
+
+    @property
+    def rd(self) -> RunDir:
+        return self.graph.rd
 
 
 def heldout(rd: RunDir, sp: StageGraph) -> list[dict]:
@@ -168,12 +227,12 @@ def model_identity(cfg: Config, stage: str, weights: bool = True) -> tuple[str, 
 
 def shard_size_for(cfg: Config, n_prompts: int) -> int:
     """Prompts per shard. generation.shard_size when set; auto (0): large enough to fill one engine batch
-    (hf: backend.batch_size; vllm: engine_kwargs.max_num_seqs, 256 by default), otherwise N / (8 x replicas) so
+    (the backend's batch capacity: hf's batch_size, vllm's max_num_seqs), otherwise N / (8 x replicas) so
     every replica gets about 8 shards and a crash redoes at most ~1/8 of its share; never above N."""
     g, b = cfg.generation, cfg.backend
     if g.shard_size:
         return g.shard_size
-    batch = b.batch_size if b.name == "hf" else int(b.engine_kwargs.get("max_num_seqs", 256))
+    batch = generation.load(b.name).batch_capacity(b.options)
     return max(1, min(n_prompts, max(batch, -(-n_prompts // (8 * g.replicas)))))
 
 
@@ -189,14 +248,9 @@ def prompt_seed(cfg: Config, teacher: Teacher, data: str, prompt_id: str) -> int
 
 
 def backend_kwargs(cfg: Config, teacher: Teacher) -> dict[str, Any]:
-    """Keyword arguments of the configured backend for one teacher's model."""
-    b = cfg.backend
-    kw = dict(dtype=b.dtype, revision=teacher.revision, trust_remote_code=cfg.models.trust_remote_code)
-    if b.name == "hf":
-        return {**kw, "batch_size": b.batch_size}
-    return {**kw, "tensor_parallel_size": b.tensor_parallel_size, "gpu_memory_utilization": b.gpu_memory_utilization,
-            "max_model_len": b.max_model_len, "enforce_eager": b.enforce_eager, "engine_kwargs": dict(b.engine_kwargs),
-            "seed": cfg.seed, "warmup_prompts": b.warmup_prompts, "keep_off_model_cores": b.keep_off_model_cores}
+    """What every backend's create() takes beside its own options, for one teacher's model."""
+    return dict(dtype=cfg.backend.dtype, revision=teacher.revision, trust_remote_code=cfg.models.trust_remote_code,
+                seed=cfg.seed)
 
 
 def _teachers(cfg: Config, stage: str, sp: StageGraph, done: dict[str, StageGraph], kernel: str) -> list[Teacher]:
@@ -212,7 +266,7 @@ def _teachers(cfg: Config, stage: str, sp: StageGraph, done: dict[str, StageGrap
 def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[str, list[Prompt]]) -> list[GenJob]:
     g, b = cfg.generation, cfg.backend
     samp = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "logprobs")}
-    backend_id = (b.name, b.dtype, b.batch_size if b.name == "hf" else None)  # hf's batches change the samples
+    backend_id = (b.name, b.dtype, generation.load(b.name).sample_identity(b.options))
     jobs = []
     for t in teachers:
         for data in dict.fromkeys(p.data for p in cfg.curriculum):
@@ -229,18 +283,20 @@ def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJo
     g = cfg.generation
     # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`, which turns
     # gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
-    train_id = dataclasses.replace(cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
-                                   keep_checkpoints=0, max_failures=0, gradient_checkpointing=False)
+    train_id = dataclasses.asdict(dataclasses.replace(
+        cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0, keep_checkpoints=0, max_failures=0,
+        gradient_checkpointing=False))
+    train_id["distill_weight"] = 0.0  # a setting before phase kinds (now distill's option): keys stay as they were
     phases, prev = [], base_key
     for i, ph in enumerate(cfg.curriculum):
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]
         dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, (g.drop_truncated, g.min_chars, g.max_chars))
-        tkey = stable_hash("train", prev, dkey, ph, train_id, cfg.seed)
+        tkey = stable_hash("train", prev, dkey, phase_identity(ph), train_id, cfg.seed)
         data = Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name),
                     tuple(j.step.path for j in jobs if j.data == ph.data))
         model = Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name),
                      (data.path,) + ((phases[-1].model.path,) if phases else ()))
-        phases.append(PhaseGraph(i, ph.name, ph.data, ph.iters, ph.lr, data, model))
+        phases.append(PhaseGraph(i, ph.name, ph.data, ph.iters, ph.lr, data, model, ph.kind, dict(ph.options)))
         prev = tkey
     return phases
 

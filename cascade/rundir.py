@@ -40,6 +40,7 @@ class Step:
     inputs: tuple[str, ...] = ()  # paths of the committed steps it is built from (re-run when their files change)
 
 
+
 class RunDir(Layout):
     """All reads and writes of a run go through here. With verify, a committed step's files are checked against
     their recorded sha256 (once per step and invocation); otherwise against their recorded sizes."""
@@ -293,19 +294,6 @@ class RunDir(Layout):
         self.write_json(f"{step.path}/{STEP_FILE}", rec)
         self.mark_done(step, rec)
         return rec
-
-    def run_step(self, step: Step, build: Callable[[str], dict]) -> dict:
-        """Run build(staging_dir) -> summary unless the step is committed; commit it."""
-        rec = self.begin(step)
-        if rec is not None:
-            return rec
-        staging = self.staging(step.name)
-        try:
-            summary = build(staging)
-        except BaseException as e:
-            self.mark(step.name, "failed", key=step.key, path=step.path, error=f"{type(e).__name__}: {e}")
-            raise
-        return self.commit_dir(staging, step, summary)
 
     # -- manifest ----------------------------------------------------------------------------------------------
     def manifest(self) -> dict:

@@ -8,8 +8,8 @@ generation.drop_truncated), outside the length bounds (generation.min_chars, max
 another answer to the same prompt (exact, or equal after lower-casing and collapsing whitespace and punctuation).
 Every drop is counted. Output: train.jsonl and heldout.jsonl (datasets.load_dataset("json", ...)
 opens them), each record with its provenance. With generation.logprobs a record also points at its stored
-top-k log-probabilities (file, offset, length); with train.distill_weight > 0 the teachers' vocabulary must be
-the student's, or the step stops here, before training.
+top-k log-probabilities (file, offset, length); for a phase whose kind trains on them (distill) the teachers' vocabulary must
+be the student's, or the step stops here, before training.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import functools
 import random
 import re
 from collections import Counter, defaultdict
+from typing import Any
 
+from cascade import phases
 from cascade.config import Config, ConfigError, GenerationConfig
-from cascade.graph import GenJob, PhaseGraph, StageGraph
+from cascade.graph import Context, GenJob, PhaseGraph, StageGraph, Work
 from cascade.prompts import Prompt
-from cascade.rundir import RunDir, stable_hash
+from cascade.rundir import RunDir, Step, stable_hash
+from cascade.steps import Made
 
 
 def normalize(text: str) -> str:
@@ -42,11 +45,26 @@ def _load(rd: RunDir, job: GenJob) -> dict[str, list[dict]]:
     return by_prompt
 
 
-def run(staging: str, cfg: Config, sp: StageGraph, ph: PhaseGraph, prompts: list[Prompt], rd: RunDir) -> dict:
+def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
+    """The phase's dataset, staged for the driver to commit."""
+    staging = ctx.rd.staging(w.phase.dataset.name)
+    return {w.phase.dataset.name: Made(build(staging, ctx.cfg, w.stage, w.phase, ctx.graph.prompts[w.phase.data],
+                                             ctx.rd), staging)}
+
+
+def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
+    """On the driver's CPU, seconds at most: the answers it filters (one teacher's per prompt)."""
+    n = len(est.p.prompts[w.phase.data])
+    work = {"prompts": n, "answers_at_most": n * est.cfg.generation.n_samples}
+    return [est.row(w.phase.dataset.name, "curate", w.stage.name, est.arch[w.stage.name], 0, {}, work, 0, "", 0.0)]
+
+
+def build(staging: str, cfg: Config, sp: StageGraph, ph: PhaseGraph, prompts: list[Prompt], rd: RunDir) -> dict:
+    """Write the phase's train and held-out records into staging; returns the summary (the funnel's counts)."""
     jobs = [j for j in sp.gen_jobs if j.data == ph.data]
     answers = {j.teacher.name: _load(rd, j) for j in jobs}
-    if cfg.train.distill_weight > 0:
-        check_shared_vocab(cfg, sp, answers)
+    if phases.load(ph.kind).TEACHER_LOGPROBS:
+        check_shared_vocab(cfg, sp, ph, answers)
     weights = [j.teacher.weight for j in jobs]
     by_teacher: dict[str, Counter] = {j.teacher.name: Counter() for j in jobs}  # the funnel of each teacher
     out = {"train": [], "heldout": []}
@@ -122,19 +140,20 @@ def _vocab(model: str, revision: str | None, trust: bool) -> str:
     return vocab_hash(AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust))
 
 
-def check_shared_vocab(cfg: Config, sp: StageGraph, answers: dict[str, dict[str, list[dict]]]) -> None:
-    """Logit distillation compares token ids: every teacher's vocabulary must be the student's."""
+def check_shared_vocab(cfg: Config, sp: StageGraph, ph: PhaseGraph, answers: dict[str, dict[str, list[dict]]]) -> None:
+    """A kind that trains on the teachers' top-k compares token ids: every teacher's vocabulary must be the
+    student's."""
     from cascade.storage import local_model
 
     student = _vocab(local_model(sp.base_model), sp.revision, cfg.models.trust_remote_code)
     for name, by_prompt in answers.items():
         recs = [r for rs in by_prompt.values() for r in rs]
         if not all("logprobs" in r for r in recs):
-            raise ConfigError(f"train.distill_weight > 0 needs the teachers' top-k log-probabilities: teacher "
-                              f"{name}'s answers have none (set generation.logprobs > 0)")
+            raise ConfigError(f"{ph.model.name} (kind {ph.kind}) needs the teachers' top-k log-probabilities: "
+                              f"teacher {name}'s answers have none (set generation.logprobs > 0)")
         theirs = {r.get("vocab_hash") for r in recs}
         if theirs != {student}:
-            raise ConfigError(f"train.distill_weight > 0 needs a shared tokenizer: teacher {name} (vocabulary "
-                              f"{sorted(map(str, theirs))}) and student {sp.name} ({sp.base_model}, vocabulary "
-                              f"{student}) differ; set train.distill_weight=0 for this stage")
+            raise ConfigError(f"{ph.model.name} (kind {ph.kind}) needs a shared tokenizer: teacher {name} "
+                              f"(vocabulary {sorted(map(str, theirs))}) and student {sp.name} ({sp.base_model}, "
+                              f"vocabulary {student}) differ; use kind sft for this stage's phases")
 

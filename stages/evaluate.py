@@ -16,15 +16,15 @@ counts of each phase's dataset.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
-import ray
-
 from cascade.config import Config
 from cascade.metrics import rouge_l
-from cascade.graph import StageGraph, heldout
-from cascade.rundir import RunDir
+from cascade.graph import Context, StageGraph, Work, heldout
+from cascade.rundir import RunDir, Step
+from cascade.steps import Made
 from cascade.storage import local_model
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,17 @@ TEXT_METRIC = "ROUGE-L F1 of the student's greedy answers against the teachers' 
 
 
 def start_before(cfg: Config, sp: StageGraph, rd: RunDir) -> Any:
-    """Score the base student now, as a Ray task on backend.num_cpus CPUs (while the first phase trains on the
+    """Score the base student now, as a Ray task on eval.num_cpus CPUs (while the first phase trains on the
     CPUs training leaves free); run() collects it."""
     return _task(score_records, cfg).options(name=f"eval/{sp.name}/before").remote(
         sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
 
 
 def _task(fn: Any, cfg: Config, num_cpus: float | None = None) -> Any:
-    """fn as a Ray task on `num_cpus` CPUs (default backend.num_cpus) and the backend's GPUs."""
-    return ray.remote(num_cpus=num_cpus or cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(fn)
+    """fn as a Ray task on `num_cpus` CPUs (default eval.num_cpus) and eval.num_gpus GPUs."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus or cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus)(fn)
 
 
 def _score_kwargs(cfg: Config) -> dict:
@@ -54,11 +56,31 @@ def _heldout(cfg: Config, sp: StageGraph, rd: RunDir) -> list[dict]:
     return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
 
 
-def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: Any = None,
-        num_cpus: float | None = None) -> dict:
+def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
+    """The stage's metrics, staged for the driver to commit; the base student's score is the one started while
+    the curriculum trained (ctx.before) or, with no CPUs to spare, scored here on a training worker's CPUs."""
+    sp = w.stage
+    staging = ctx.rd.staging(sp.eval.name)
+    summary = measure(staging, ctx.cfg, sp, ctx.rd, ctx.before.pop(sp.name, None), None if ctx.spare else ctx.cpus)
+    return {sp.eval.name: Made(summary, staging)}
+
+
+def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
+    """Two models scored on the held-out prompts (the base student and the trained one)."""
+    held = sum(1 for ph in est.cfg.curriculum for p in est.p.prompts[ph.data] if p.heldout)
+    work = {"heldout_prompts_at_most": held, "models_scored": 2}
+    units = 2 * math.ceil(est.cfg.eval.num_gpus)
+    return [est.row(w.stage.eval.name, "evaluate", w.stage.name, est.arch[w.stage.name], units, {}, work, 0, "",
+                    0.0)]
+
+
+def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: Any = None,
+            num_cpus: float | None = None) -> dict:
     """The stage's metrics. The base student's score is before_ref's (start_before) or, without one, scored here
-    with the trained student's in one task on `num_cpus` CPUs (default backend.num_cpus): one process, one set
+    with the trained student's in one task on `num_cpus` CPUs (default eval.num_cpus): one process, one set
     of imports, one model in memory at a time."""
+    import ray
+
     records = _heldout(cfg, sp, rd)
     if before_ref is None:
         before, after = ray.get(_task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}").remote(

@@ -8,7 +8,7 @@ stream back as they finish and are kept here until their shard is whole; then th
 generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it. Meanwhile a shard's
 answers so far are saved as its partial shard at most every generation.partial_every_s (and at once on SIGTERM): a
 re-run keeps them and asks the engine only for the rest. When all shards of a
-prompt set are in, its step.json (counts and checksums) commits the set. Each answer is seeded by its prompt, so a
+prompt set are in, the driver commits the set (its step.json: counts and checksums). Each answer is seeded by its prompt, so a
 shard comes out the same whichever replica, or how many, answered it.
 """
 
@@ -17,33 +17,38 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cascade import logprobs
+from cascade import generation, logprobs
 from cascade.config import Config
-from cascade.generation.pool import Answers, ReplicaPool, Work
 from cascade.generation.types import Request
-from cascade.graph import GenJob, StageGraph, Teacher, backend_kwargs, prompt_seed, sampling
+from cascade.graph import Context, GenJob, Teacher, Work, backend_kwargs, prompt_seed, sampling
 from cascade.preemption import Preempted
 from cascade.progress import ProgressFile
 from cascade.prompts import Prompt
-from cascade.rundir import RunDir
+from cascade.rundir import RunDir, Step
+from cascade.steps import Made
+
+if TYPE_CHECKING:  # the pool imports Ray: loaded when generation runs, not when the planner costs it
+    from cascade.generation.pool import ReplicaPool
+    from cascade.generation.pool import Work as Shard
 
 log = logging.getLogger(__name__)
 
 
-def run(rd: RunDir, cfg: Config, sp: StageGraph, prompts: dict[str, list[Prompt]]) -> None:
-    for teacher in sp.teachers:
-        run_teacher(rd, cfg, sp.name, teacher, [j for j in sp.gen_jobs if j.teacher is teacher], prompts)
+def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
+    """One teacher's answers to the prompt sets of `todo`, on one pool of replicas."""
+    names = {s.name for s in todo}
+    jobs = [j for j in w.stage.gen_jobs if j.step.name in names]
+    return run_teacher(ctx.rd, ctx.cfg, w.stage.name, w.teacher, jobs, ctx.graph.prompts)
 
 
-def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: list[GenJob],
-                prompts: dict[str, list[Prompt]]) -> None:
-    """Generate the shards of `jobs` not yet committed on one pool of replicas, then commit each job."""
-    open_jobs = [job for job in jobs if rd.begin(job.step) is None]
-    if not open_jobs:
-        return
+def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs: list[GenJob],
+                prompts: dict[str, list[Prompt]]) -> dict[str, Made]:
+    """Generate the shards of `open_jobs` not yet whole on one pool of replicas; each job's record to commit."""
     # the replicas start (their processes import and load) while this process tokenizes the prompts
+    from cascade.generation.pool import ReplicaPool
+
     names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(cfg.generation.replicas)]
     t_start = time.time()
     pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend, cfg.generation,
@@ -61,15 +66,16 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, jobs: lis
     finally:
         pool.shutdown()
     timing = {k: v for k, v in stats.items() if k != "compute"}
-    for job in open_jobs:
-        _commit(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
-                {**timing, "prompts_too_long": too_long[job.data]})
+    return {job.step.name: _made(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
+                                 {**timing, "prompts_too_long": too_long[job.data]}) for job in open_jobs}
 
 
 def _open_shards(rd: RunDir, cfg: Config, teacher: Teacher, jobs: list[GenJob], prompts: dict[str, list[Prompt]]
-                 ) -> tuple[list[Work], dict[int, list[dict]]]:
+                 ) -> tuple[list[Shard], dict[int, list[dict]]]:
     """The shards still to generate (a damaged one is removed and comes back here) and each one's answers kept
     from an earlier run's partial shard."""
+    from cascade.generation.pool import Work as Shard
+
     work, prior = [], {}
     for job in jobs:
         ps, n = prompts[job.data], job.shard_size
@@ -77,7 +83,7 @@ def _open_shards(rd: RunDir, cfg: Config, teacher: Teacher, jobs: list[GenJob], 
             if not _shard_sound(rd, cfg, job, i, len(ps[i * n : (i + 1) * n])):
                 reqs = [Request(p.id, p.messages, prompt_seed(cfg, teacher, job.data, p.id))
                         for p in ps[i * n : (i + 1) * n]]
-                work.append(Work(f"{teacher.name}/{job.data}/shard-{i:05d}", reqs, (job, i)))
+                work.append(Shard(f"{teacher.name}/{job.data}/shard-{i:05d}", reqs, (job, i)))
                 prior[id(work[-1])] = _partial(rd, job, work[-1])
     return work, prior
 
@@ -85,7 +91,7 @@ def _open_shards(rd: RunDir, cfg: Config, teacher: Teacher, jobs: list[GenJob], 
 def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tuple[dict[str, list[Prompt]],
                                                                                    dict[str, int]]:
     """Each set's prompts whose chat-templated tokens leave generation.max_new_tokens of the engine's context
-    (backend.max_model_len with vLLM, else the model's max_position_embeddings): the others are dropped before
+    (the model's max_position_embeddings, or less where the backend says so: vLLM's max_model_len): the others are dropped before
     generation, counted (the step's prompts_too_long) and logged, never sent to fail their shard again and again."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -96,8 +102,7 @@ def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tu
     tok = AutoTokenizer.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust)
     text_config = AutoConfig.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust).get_text_config()
     ctx = getattr(text_config, "max_position_embeddings", None) or 1 << 30
-    if cfg.backend.name == "vllm":
-        ctx = min(ctx, cfg.backend.max_model_len)
+    ctx = generation.load(cfg.backend.name).context(cfg.backend.options, ctx)
     room = ctx - cfg.generation.max_new_tokens
     kept, dropped = {}, {}
     for data, ps in sets.items():
@@ -140,7 +145,7 @@ def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -
     return False
 
 
-def _partial(rd: RunDir, job: GenJob, work: Work) -> list[dict]:
+def _partial(rd: RunDir, job: GenJob, work: Shard) -> list[dict]:
     """The answers an earlier run saved for this shard (killed or pre-empted): kept, and not asked for again."""
     path = _shard(rd, job, work.tag[1], "partial.jsonl")
     try:
@@ -155,10 +160,12 @@ def _partial(rd: RunDir, job: GenJob, work: Work) -> list[dict]:
 
 
 def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: ReplicaPool, t_start: float,
-              work: list[Work], prior: dict[int, list[dict]], live: dict[str, ProgressFile]) -> dict[str, Any]:
+              work: list[Shard], prior: dict[int, list[dict]], live: dict[str, ProgressFile]) -> dict[str, Any]:
     """Run the shards on the pool's fresh replicas (started at t_start); returns engine seconds
     per prompt set and the step's timing. On SIGTERM the answers already streamed in are written as partial
     shards."""
+    from cascade.generation.pool import Answers
+
     progress = Progress(stage, teacher.name, len(work))
     compute: dict[str, float] = {}
     got: dict[int, list[dict]] = {id(w): list(prior[id(w)]) for w in work}  # a shard's answers, until whole
@@ -194,7 +201,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: Repli
     return {"compute": compute, **timing}
 
 
-def _write_partial(rd: RunDir, work: Work, answers: list[dict]) -> None:
+def _write_partial(rd: RunDir, work: Shard, answers: list[dict]) -> None:
     """The answers of an unfinished shard so far (atomically): the next run keeps them and asks only for the rest."""
     rd.write_jsonl(_shard(rd, work.tag[0], work.tag[1], "partial.jsonl"), answers)
 
@@ -228,8 +235,9 @@ def _write_shard(rd: RunDir, job: GenJob, i: int, recs: list[dict], with_logprob
         rd.remove(partial)
 
 
-def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> None:
-    """Write step.json once every shard is in: record counts (sizes and checksums: RunDir.commit_files)."""
+def _made(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> Made:
+    """Once every shard is in, the job's record: counts (the driver commits it with sizes and checksums, its
+    step.json last: RunDir.commit_files)."""
     shards, tokens, prompt_tokens = [], 0, {}
     for i in range(job.shards(n_prompts)):
         data = rd.read_bytes(_shard(rd, job, i))
@@ -242,7 +250,45 @@ def _commit(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: d
     summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
                "prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": tokens, "compute_seconds": compute_s,
                "model_key": job.teacher.key, **timing}
-    rd.commit_files(job.step, summary, teacher={**vars(job.teacher), "system": bool(job.teacher.system)})
+    return Made(summary, extra={"teacher": {**vars(job.teacher), "system": bool(job.teacher.system)}})
+
+
+def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
+    """Per prompt set: a replica's memory (refused when it cannot fit, with the settings that would), the
+    prompt and generated tokens, the decode rate (given, measured, or estimated from the device) and seconds; the
+    engine's start counted once per teacher (its sets share one pool)."""
+    from cascade.costs import decode_rate, nbytes, prompt_tokens, replica_memory
+
+    cfg, dev, g, b = est.cfg, est.dev, est.cfg.generation, est.cfg.backend
+    rows, names = [], {s.name for s in todo}
+    for job in (j for j in w.stage.gen_jobs if j.step.name in names):
+        who, a = job.teacher.name, est.arch[job.teacher.name.removesuffix("-base")]
+        n = len(est.p.prompts[job.data])
+        ptoks, exact = prompt_tokens(est.p, job, est.toks)
+        engine = generation.load(b.name)
+        nb, tp = nbytes(b.dtype, dev), engine.tensor_parallel(b.options)
+        mem, conc = replica_memory(a, cfg, dev, nb, ptoks / n)
+        if mem["total"] > mem["limit"]:
+            fix = engine.fix(b.options, lambda o: (lambda m: m["total"] <= m["limit"])(
+                replica_memory(a, cfg, dev, nb, ptoks / n, o)[0])) or "a GPU with more memory"
+            est.problems.append(f"{job.step.name}: a replica of {who} needs {mem['total']:.1f} GB, "
+                                f"{mem['limit']:.1f} GB available; would fit: {fix}")
+        budget_new = n * g.n_samples * g.max_new_tokens
+        fills = est.m.gen_fill
+        fill = fills.get(who, sum(fills.values()) / len(fills) if fills else 1.0)  # measured share of max_new_tokens
+        expected = int(budget_new * min(1.0, fill))
+        ctx = ptoks / n + g.max_new_tokens / 2
+        rate, source = est.rate(cfg.plan.generate_tokens_per_s, est.m.gen_rate, "g", who,
+                                lambda: decode_rate(a, dev, nb, tp, max(1, conc), ctx, cfg.plan))
+        prefill = ptoks * g.n_samples * 2 * a.text_params / (dev.tflops * 1e12 * tp * cfg.plan.train_mfu)
+        fixed = 0.0 if who in est.started else est.m.gen_start.get(who, est.overhead("generate"))
+        est.started.add(who)
+        seconds = (expected / rate + prefill) / g.replicas + fixed
+        units = g.replicas * engine.gpus(b.options, b.num_gpus)  # GPUs, or replicas on CPU
+        work = {"prompts": n, "samples": n * g.n_samples, "prompt_tokens": ptoks, "prompt_tokens_exact": exact,
+                "max_new_tokens": budget_new, "expected_new_tokens": expected, "concurrency": conc}
+        rows.append(est.row(job.step.name, "generate", who, a, units, mem, work, rate, source, seconds))
+    return rows
 
 
 class Progress:

@@ -34,14 +34,34 @@ from typing import Any
 from cascade.config import Config
 from cascade.gguf import (EXACT_TYPES, FLOAT_TYPES, ReleaseError, compare_gguf, convert, file_name,
                           llama_cpp_mismatches, quantize, quiet_llama_cpp)
-from cascade.graph import StageGraph, heldout
-from cascade.rundir import RunDir
+from cascade.graph import Context, StageGraph, Work, heldout
+from cascade.rundir import RunDir, Step
+from cascade.steps import Made
 from cascade.storage import local_model
 
 log = logging.getLogger(__name__)
 
 
-def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph]) -> dict:
+def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
+    """The stage's release, staged for the driver to commit."""
+    staging = ctx.rd.staging(w.stage.release.name)
+    return {w.stage.release.name: Made(build_release(staging, ctx.cfg, w.stage, ctx.rd, ctx.graph.stages), staging)}
+
+
+def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
+    """The GGUF files' sizes; host memory: the float32 reference (transformers) and llama.cpp's F16 file, loaded
+    together to compare."""
+    from cascade.devices import GB
+    from cascade.gguf import BITS
+
+    a = est.arch[w.stage.name]
+    sizes = {t: round(a.params * BITS.get(t, 16) / 8 / GB, 2) for t in ["F16", *est.cfg.release.gguf]}
+    mem = {"host_ram": a.params * (4 + 2) / GB, "limit": 0.0}
+    work = {"gguf_gb": sizes, "probes": est.cfg.release.probes}
+    return [est.row(w.stage.release.name, "release", w.stage.name, a, 0, mem, work, 0, "", 0.0)]
+
+
+def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph]) -> dict:
     """Build the release in staging (a Ray task on this node), then write its model card; returns the summary."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -49,7 +69,7 @@ def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, stages: list[Stag
     t0 = time.perf_counter()
     name = cfg.release.name(sp.name)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(build)
+    task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(build)
     probes = heldout(rd, sp)
     formats = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
         staging, sp.final_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
@@ -59,7 +79,7 @@ def run(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, stages: list[Stag
         from cascade.harness import describe
         from cascade.harness import evaluate as harness_eval
 
-        task = ray.remote(num_cpus=cfg.backend.num_cpus, num_gpus=cfg.backend.num_gpus)(harness_eval)
+        task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(harness_eval)
         who = {"student": f"{staging}/hf", **{f"teacher {t.name}": t.model for t in sp.teachers}}
         refs = {k: task.options(name=f"harness/{sp.name}/{k}", scheduling_strategy=here).remote(
             m, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed, probes) for k, m in who.items()}

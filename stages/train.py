@@ -17,8 +17,8 @@ the newest checkpoint and ends with the same adapter as a run never stopped (bit
 Data order: cascade.packing.DataOrder (seeded by (seed, phase)); worker r of W takes rows [r*B/W, (r+1)*B/W) of
 each global micro-batch of B = train.batch_size rows, so W is a resource, not an identity. With
 train.strategy=fsdp the model is sharded (FSDP2, one unit per decoder layer) instead of replicated; at the end of
-a phase the adapter is gathered whole and rank 0 fuses it into a freshly loaded base. With train.distill_weight > 0
-the loss adds the cross-entropy against the teachers' stored top-k distributions (cascade/logprobs.py).
+a phase the adapter is gathered whole and rank 0 fuses it into a freshly loaded base. The loss is the phase's kind's
+(cascade/phases/: sft, or distill adding the cross-entropy against the teachers' stored top-k distributions).
 
 The loop is written by hand rather than TRL's SFTTrainer: the data order above must not depend on the worker
 count, each phase must fuse and commit inside the same Ray Train job, and a Trainer's set-up per phase costs more
@@ -27,52 +27,67 @@ than the tiny phases themselves on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING, Any
 
+from cascade.graph import Context, Work
+from cascade.rundir import RunDir, Step
+from cascade.steps import Made
 
-from cascade import preemption
-from cascade.config import Config
-from cascade.graph import StageGraph
-from cascade.rundir import RunDir
-from cascade.trainer import TrainJob, failure_file, train_loop_per_worker
+if TYPE_CHECKING:  # the trainer imports Ray: loaded when a job runs, not when the planner costs one
+    from cascade.trainer import TrainJob
 
 log = logging.getLogger(__name__)
 
 
-def run(rd: RunDir, cfg: Config, sp: StageGraph, cpus: int, lease: tuple[int, str] | None = None) -> None:
-    """Train the phases of `sp` that are not committed (driver side), `cpus` CPUs (torch threads) per worker."""
-    todo = []
-    for ph in sp.phases:
-        if todo:  # after a phase that must run, every later one runs too (it starts from that one's output)
-            rd.mark(ph.model.name, "running", key=ph.model.key, path=ph.model.path)
-            todo.append(ph)
-        elif rd.begin(ph.model) is None:
-            todo.append(ph)
-    if not todo:
-        return
-    first = todo[0].index
-    job = TrainJob(sp.name, rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
-                   sp.revision if first == 0 else None, todo, dataclasses.replace(cfg.train, cpus_per_worker=cpus),
-                   cfg.seed, cfg.models.trust_remote_code, sp.base_key, lease)
-    try:
-        fit(job, rd, f"{sp.name}-{todo[0].model.key}")
-    except Exception as e:  # a failed fusion check, workers out of restarts: `cascade status` says which and why
-        for ph in todo:
-            if rd.committed(ph.model) is None:
-                rd.mark(ph.model.name, "failed", key=ph.model.key, path=ph.model.path, error=f"{type(e).__name__}: "
-                        f"{str(e)[:500]}")
-        raise
-    if preemption.requested(rd):  # the workers checkpointed and stopped; the driver stops next
-        return
-    for ph in todo:
-        rec = rd.committed(ph.model)
-        if rec is None:
-            raise RuntimeError(f"{ph.model.name}: training ended without committing {ph.model.path}")
-        rd.mark_done(ph.model, rec)
+def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
+    """Train the phases of `todo` (driver side) in one Ray Train job; rank 0 commits each phase's fused model
+    inside it (the next phase starts from it), so nothing is handed back: the driver checks and records them."""
+    from cascade.trainer import TrainJob
+
+    cfg, sp, names = ctx.cfg, w.stage, {s.name for s in todo}
+    phs = [ph for ph in sp.phases if ph.model.name in names]
+    first = phs[0].index
+    job = TrainJob(sp.name, ctx.rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
+                   sp.revision if first == 0 else None, phs, dataclasses.replace(cfg.train, cpus_per_worker=ctx.cpus),
+                   cfg.seed, cfg.models.trust_remote_code, sp.base_key, ctx.lease)
+    # SIGTERM: the workers checkpoint at their next optimizer step and stop, then the driver stops
+    with ctx.stop.deferred() if ctx.stop else contextlib.nullcontext():
+        fit(job, ctx.rd, f"{sp.name}-{phs[0].model.key}")
+    return {}
+
+
+def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
+    """Per phase: a worker's memory (refused when it cannot fit, with the placements that would), the phase
+    kind's token slots, the training rate (given, measured, or the device's peak at plan.train_mfu) and seconds."""
+    from cascade import phases
+    from cascade.costs import train_fixes, train_memory
+
+    cfg, dev, t, a, sp = est.cfg, est.dev, est.cfg.train, est.arch[w.stage.name], w.stage
+    limit = dev.memory_gb * cfg.plan.headroom / (t.num_workers if dev.cpu else 1)
+    rows, names = [], {s.name for s in todo}
+    for ph in (ph for ph in sp.phases if ph.model.name in names):
+        mem = train_memory(a, t, dev, limit)
+        if mem["total"] > limit:
+            fixes = train_fixes(a, t, dev, limit)
+            est.problems.append(
+                f"{ph.model.name}: a training worker needs {mem['total']:.1f} GB ({t.strategy}, "
+                f"gradient_checkpointing={t.gradient_checkpointing}), {limit:.1f} GB available; would fit: "
+                + (" | ".join(fixes) if fixes else f"none on {dev.count} x {dev.memory_gb:.0f} GB: more GPUs, or "
+                   "a smaller train.max_seq_len / train.batch_size"))
+        work = phases.load(ph.kind).cost(phases.options(ph.kind, ph.options, ph.model.name), t, ph.iters)
+        flops = (6 if t.gradient_checkpointing else 4) * a.params
+        rate, source = est.rate(cfg.plan.train_tokens_per_s, est.m.train_rate, "t", sp.name,
+                                lambda: t.num_workers * dev.tflops * 1e12 * cfg.plan.train_mfu / flops)
+        seconds = work["token_slots"] / rate + est.m.train_fixed.get(sp.name, est.overhead("train"))
+        rows.append(est.row(ph.model.name, "train", sp.name, a, t.num_workers, mem, work, rate, source, seconds,
+                            gpus=t.use_gpu))
+    return rows
 
 
 def fit(job: TrainJob, rd: RunDir, name: str) -> None:
@@ -80,6 +95,8 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
     <stage>/train/_work (on an object store through the run directory's own fsspec filesystem)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from cascade.trainer import failure_file, train_loop_per_worker
 
     t, (storage_path, storage_fs) = job.train, rd.ray_storage(rd.train_work(job.stage))
     failed = failure_file(rd, job.stage)

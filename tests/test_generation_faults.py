@@ -32,20 +32,26 @@ def _setup(tmp_path: Path, *overrides: str, shard_size: int = 4):
     from cascade.tiny import build_preset
 
     cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path}/run", f"generation.shard_size={shard_size}",
-                   "backend.batch_size=1", "cluster.auth=false", "cluster.include_dashboard=false", *overrides])
+                   "backend.hf.batch_size=1", "cluster.auth=false", "cluster.include_dashboard=false", *overrides])
     build_preset(cfg)
     p = build_graph(cfg)
     return cfg, p.rd, p.prompts, p.stages[-1]
 
 
 def _run_in_thread(rd, cfg, sp, prompts):
-    from stages import generate
+    import stages
+    from cascade.graph import Context, RunGraph
+    from cascade.steps import execute
+
+    p = RunGraph(cfg, rd, prompts, "", [sp])
 
     box: dict = {}
 
     def target():
         try:
-            generate.run(rd, cfg, sp, prompts)
+            for w in p.work():  # the stage's steps up to its answers, run as the driver runs them
+                if w.kind == "generate":
+                    execute(Context(p), w, stages.load(w.kind))
         except BaseException as e:  # noqa: BLE001 - handed to the test
             box["error"] = e
 
@@ -139,7 +145,8 @@ def test_no_restart_budget_left_fails_naming_the_shard(tmp_path):
         assert "1b/ethics/shard-" in str(err) and "no live replica" in str(err)
         # what was committed stays committed; a re-run would resume from it
         assert len(list(shards.rglob("shard-?????.jsonl"))) >= 1
-        assert rd.manifest()["steps"]["generate/1b/ethics"]["state"] == "running"
+        step = rd.manifest()["steps"]["generate/1b/ethics"]  # `cascade status` says which shard and why
+        assert step["state"] == "failed" and "ShardFailed" in step["error"] and "no live replica" in step["error"]
     finally:
         cluster.stop()
 
@@ -266,10 +273,10 @@ if __name__ == "__main__":
 
 
 def test_a_tensor_parallel_replicas_placement_group_is_removed_with_it(tmp_path):
-    """backend.tensor_parallel_size > 1: each replica first reserves a placement group of GPU bundles on one node
+    """backend.vllm.tensor_parallel_size > 1: each replica first reserves a placement group of GPU bundles on one node
     (cascade/generation/actor.py: spawn), and the pool's shutdown removes it with the replica, so a stage's GPUs are
-    free for training. Real Ray told it has two GPUs; no GPU is used: the hf engine does not start on a
-    tensor-parallel request (its actor fails), the reservation and its removal are what is checked."""
+    free for training. Real Ray told it has two GPUs; no GPU is used: the engine does not start (there is no model,
+    its actor fails), the reservation and its removal are what is checked."""
     import dataclasses
 
     import ray
@@ -279,7 +286,7 @@ def test_a_tensor_parallel_replicas_placement_group_is_removed_with_it(tmp_path)
     from cascade.generation.types import Sampling
 
     cfg, *_ = _setup(tmp_path)
-    b = dataclasses.replace(cfg.backend, tensor_parallel_size=2)
+    b = dataclasses.replace(cfg.backend, name="vllm", vllm=dataclasses.replace(cfg.backend.vllm, tensor_parallel_size=2))
     g = dataclasses.replace(cfg.generation, max_actor_restarts=0)
     names = ["gen/tp/0"]
 

@@ -11,6 +11,8 @@ import pytest
 from conftest import ROOT
 
 PACKAGES = ("cascade", "stages")
+# the modules that iterate the steps of stages/ (the run's table): beside them, not below
+CONTROLLERS = ("cascade.driver", "cascade.plan", "cascade.__main__")
 SCANNED = (*PACKAGES, "data", "benchmarks")  # data/: the harness tasks' code, loaded by lm-eval; benchmarks/: on top
 
 
@@ -38,14 +40,19 @@ def _imports(f: Path) -> set[str]:
 
 
 def _loaded_by_name() -> dict[str, set[str]]:
-    """Arrows no import statement shows: the sub-commands __main__ imports by name, and the code that lm-eval loads
-    from data/harness/ (`!function utils.x` in a task's YAML) for cascade/harness.py, which points it there."""
+    """Arrows no import statement shows: the sub-commands __main__ imports by name, the built-in phase kinds and
+    the backends their registries load by name, and the code that lm-eval loads from data/harness/
+    (`!function utils.x` in a task's YAML) for cascade/harness.py, which points it there."""
     from cascade.__main__ import SUBCOMMANDS
+    from cascade.generation import BACKENDS
+    from cascade.phases import BUILTIN
+    from stages import STEPS
 
     functions = {f"data.harness.{m.group(1)}" for y in (ROOT / "data/harness").glob("*.yaml")
                  for m in re.finditer(r"!function (\w+)\.", y.read_text())}
     return {"cascade.__main__": {f"cascade.{module}" for module, _ in SUBCOMMANDS.values()},
-            "cascade.harness": functions}
+            "cascade.harness": functions, "cascade.phases": set(BUILTIN.values()),
+            "cascade.generation": set(BACKENDS.values()), "stages": set(STEPS.values())}
 
 
 def _graph() -> dict[str, set[str]]:
@@ -77,8 +84,8 @@ def test_steps_and_library_never_import_the_driver():
     graph = _graph()
     importers = sorted(m for m, deps in graph.items() if "cascade.driver" in deps)
     assert importers == ["cascade.__main__"], importers
-    # the library below the driver knows no step: types flow downward only
-    upward = sorted((m, d) for m, deps in graph.items() if m.startswith("cascade") and m != "cascade.driver"
+    # the library below the driver and the planner knows no step: types flow downward only
+    upward = sorted((m, d) for m, deps in graph.items() if m.startswith("cascade") and m not in CONTROLLERS
                     for d in deps if d.startswith("stages"))
     assert not upward, upward
 
@@ -91,7 +98,7 @@ def test_arrows_point_down_through_data_and_benchmarks_too():
     assert "data.harness.utils" in graph["cascade.harness"]  # the name-loaded arrow is seen
 
     def level(m: str) -> int:
-        if m in ("cascade.driver", "cascade.__main__"):
+        if m in CONTROLLERS:
             return 2
         return {"benchmarks": 3, "stages": 2, "cascade": 1, "data": 1}[m.split(".")[0]]
 
@@ -102,6 +109,34 @@ def test_arrows_point_down_through_data_and_benchmarks_too():
 def test_vllm_is_imported_in_exactly_one_module():
     users = sorted(m for m, f in _modules().items() if any(i.split(".")[0] == "vllm" for i in _imports(f)))
     assert users == ["cascade.generation.vllm_backend"], users
+
+
+def test_backends_and_phase_kinds_are_rooms():
+    """Each backend, each built-in phase kind and each step declares what its registry asks, and no module outside a backend's
+    own compares the configured backend's name: it asks the registry (cascade/generation/__init__.py)."""
+    from cascade import generation, phases
+
+    for name in generation.BACKENDS:
+        missing = [d for d in generation.DECLARES if not hasattr(generation.load(name), d)]
+        assert not missing, (name, missing)
+    for kind in phases.BUILTIN:
+        phases.load(kind)  # refuses a module that does not declare phases.DECLARES
+    import stages
+
+    for kind in stages.STEPS:  # the step contract: each step module runs and costs its steps
+        missing = [d for d in stages.DECLARES if not callable(getattr(stages.load(kind), d, None))]
+        assert not missing, (kind, missing)
+    own = set(generation.BACKENDS.values()) | {"cascade.generation"}
+    compared = []
+    for m, f in _modules().items():
+        if m in own:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Compare):
+                sides = [ast.unparse(x) for x in (node.left, *node.comparators)]
+                if any(s.endswith(("backend.name", "b.name")) for s in sides):
+                    compared.append((m, node.lineno, ast.unparse(node)))
+    assert not compared, compared
 
 
 def test_benchmarks_use_public_names_only():

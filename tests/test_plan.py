@@ -58,6 +58,8 @@ def test_27b_ddp_on_80gb_is_refused_with_what_would_fit(tmp_path):
 
     b = make(compose(base))  # the stage's own settings (gradient checkpointing for 27b) fit
     assert not b.problems and "27.4B" in render(b) and "GPU-hours" in render(b), render(b)
+    # one table: the planner costs each step the driver would run, in the driver's order (RunGraph.work)
+    assert [r["step"] for r in b.rows] == b.p.pending() == [s.name for w in b.p.work() for s in w.steps]
     b = make(compose([*base[:2], "plan.gpu=A100-40GB", "plan.gpus=8"]))
     assert b.dev.memory_gb == 40 and any("would fit: train.strategy=fsdp" in p for p in b.problems), b.problems
     rows = {x["step"]: x for x in b.rows}

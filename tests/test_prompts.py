@@ -95,7 +95,7 @@ def test_curation_counts_every_drop(tmp_path):
     ph = PhaseGraph(0, "p0_ethics", "ethics", 1, 1e-3, Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics")),
                    Step("4b/train/p0_ethics", "t", rd.model("4b", 0, "p0_ethics")))
     staging = rd.staging("ds")
-    summary = curate.run(staging, cfg, sp, ph, [Prompt("p1", [{"role": "user", "content": "q"}])], rd)
+    summary = curate.build(staging, cfg, sp, ph, [Prompt("p1", [{"role": "user", "content": "q"}])], rd)
     assert summary["counts"] == {"generated": 8, "kept": 2, "teacher/1b": 2, "duplicate_exact": 1,
                                  "duplicate_normalized": 1, "empty": 1, "truncated": 1, "failed": 1, "too_long": 1}
     kept = [json.loads(x)["response"] for x in open(f"{staging}/train.jsonl")]
