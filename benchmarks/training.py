@@ -185,7 +185,8 @@ def main() -> None:
     from cascade.graph import PhaseGraph
     from cascade.rundir import RunDir, Step
     from cascade.tiny import build_preset, preset_dir
-    from stages.train import TrainJob, fit
+    from cascade.trainer import TrainJob
+    from stages.train import fit
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)

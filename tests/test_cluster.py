@@ -139,7 +139,8 @@ FIT = textwrap.dedent("""
     from cascade.graph import PhaseGraph
     from cascade.rundir import RunDir, Step
     from cascade.tiny import preset_dir
-    from stages.train import TrainJob, fit
+    from cascade.trainer import TrainJob
+    from stages.train import fit
     cfg = compose(["+stage=4b", "models=tiny", "cluster.auth=false", "cluster.include_dashboard=false"])
     rd = RunDir(sys.argv[1])
     data = Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics"))
