@@ -1,0 +1,81 @@
+"""The divergences the distribution-comparing kinds train and measure with (cascade/divergence.py): TRL's beta
+convention, the top-k + tail coarsening, and Gemma's padded vocabulary rows ignored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cascade.divergence import generalized_jsd, top_k_outcomes
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def test_beta_ends_are_forward_and_reverse_kl_and_the_middle_is_jsd():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 7, generator=g).log_softmax(-1), torch.randn(5, 7, generator=g).log_softmax(-1)
+    assert torch.allclose(generalized_jsd(s, t, 0.0), _kl(t.exp(), s.exp()), atol=1e-6)  # forward KL(T || S)
+    assert torch.allclose(generalized_jsd(s, t, 1.0), _kl(s.exp(), t.exp()), atol=1e-6)  # reverse KL(S || T)
+    m = 0.5 * (s.exp() + t.exp())
+    assert torch.allclose(generalized_jsd(s, t, 0.5), 0.5 * _kl(t.exp(), m) + 0.5 * _kl(s.exp(), m), atol=1e-6)
+    # the ends are the scaled limits (TRL's convention), and a distribution is at 0 from itself at every beta
+    eps = 1e-4
+    assert torch.allclose(generalized_jsd(s, t, eps) / eps, generalized_jsd(s, t, 0.0), rtol=1e-2, atol=1e-3)
+    assert torch.allclose(generalized_jsd(s, t, 1 - eps) / eps, generalized_jsd(s, t, 1.0), rtol=1e-2, atol=1e-3)
+    for beta in (0.0, 0.3, 1.0):
+        assert generalized_jsd(s, s, beta).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd(s, t, 1.5)
+
+
+def test_top_k_with_tail_is_exact_when_k_covers_the_vocabulary_and_a_lower_bound_otherwise():
+    g = torch.Generator().manual_seed(1)
+    vocab = 16
+    student, teacher = torch.randn(3, vocab, generator=g), torch.randn(3, vocab, generator=g)
+    t_log = teacher.log_softmax(-1)
+    full = generalized_jsd(student.log_softmax(-1), t_log, 1.0)
+    ids = torch.arange(vocab).expand(3, vocab)
+    s, t = top_k_outcomes(student, ids, t_log, vocab)
+    assert torch.allclose(generalized_jsd(s, t, 1.0), full, atol=1e-5)  # k = V: the tail is empty
+    top = t_log.topk(4, dim=-1)
+    s, t = top_k_outcomes(student, top.indices, top.values, vocab)
+    assert s.shape == (3, 5) and torch.allclose(s.exp().sum(-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(t.exp().sum(-1), torch.ones(3), atol=1e-5)
+    assert (generalized_jsd(s, t, 1.0) <= full + 1e-6).all()  # coarser outcomes never separate more
+
+
+def test_padded_rows_past_the_shared_vocabulary_are_ignored():
+    """Two students whose logits differ only in padded rows (Gemma 3 1B: 262,144 rows; 4B+: 262,208) give the
+    same outcomes; a teacher id past the shared vocabulary, or a student with fewer rows, is refused."""
+    g = torch.Generator().manual_seed(2)
+    vocab, pad = 12, 4
+    logits = torch.randn(2, vocab, generator=g)
+    padded = torch.cat([logits, torch.full((2, pad), 30.0)], dim=-1)  # large padded logits would dominate
+    top = torch.randn(2, vocab, generator=g).log_softmax(-1).topk(3, dim=-1)
+    a = top_k_outcomes(logits, top.indices, top.values, vocab)
+    b = top_k_outcomes(padded, top.indices, top.values, vocab)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="outside the shared vocabulary"):
+        top_k_outcomes(padded, top.indices + vocab, top.values, vocab)
+    with pytest.raises(ValueError, match="fewer than"):
+        top_k_outcomes(logits[:, :8], top.indices.clamp(max=7), top.values, vocab)
+
+
+def test_the_gradient_reaches_the_student_only_and_moves_it_toward_the_teacher():
+    g = torch.Generator().manual_seed(3)
+    vocab = 10
+    logits = torch.randn(4, vocab, generator=g, requires_grad=True)
+    teacher = (torch.randn(4, vocab, generator=g) * 3).log_softmax(-1)
+    top = teacher.topk(3, dim=-1)
+    opt = torch.optim.SGD([logits], lr=0.5)
+    first = None
+    for _ in range(50):
+        s, t = top_k_outcomes(logits, top.indices, top.values, vocab)
+        loss = generalized_jsd(s, t, 1.0).mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first, (first, loss.item())
