@@ -89,17 +89,13 @@ class StageGraph:
 class Work:
     """One entry of the run's table: a step of kind `kind` (its module stages/<kind>.py declares `run`, what the
     driver calls, and `cost`, what the planner calls) for one stage, committing `steps` in order, each by the run
-    directory's step protocol (cascade.steps.execute). Its identity is its steps' keys."""
+    directory's step protocol (cascade.steps.execute). What determines it: its steps' keys."""
 
     kind: str  # generate, curate, train, evaluate, release
     stage: StageGraph
     steps: list[Step]
     teacher: Teacher | None = None  # generate: whose answers
     phase: PhaseGraph | None = None  # curate: which phase's dataset
-
-    @property
-    def key(self) -> str:
-        return stable_hash(self.kind, [s.key for s in self.steps])
 
 
 @dataclass
