@@ -97,6 +97,16 @@ class Work:
     teacher: Teacher | None = None  # generate: whose answers
     phase: PhaseGraph | None = None  # curate: which phase's dataset
 
+    def jobs(self, todo: list[Step]) -> list[GenJob]:
+        """The stage's prompt sets to answer whose steps are among `todo` (generate)."""
+        names = {s.name for s in todo}
+        return [j for j in self.stage.gen_jobs if j.step.name in names]
+
+    def phases(self, todo: list[Step]) -> list[PhaseGraph]:
+        """The stage's phases to train whose steps are among `todo` (train)."""
+        names = {s.name for s in todo}
+        return [ph for ph in self.stage.phases if ph.model.name in names]
+
 
 @dataclass
 class RunGraph:

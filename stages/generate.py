@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
 
 def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
     """One teacher's answers to the prompt sets of `todo`, on one pool of replicas."""
-    names = {s.name for s in todo}
-    jobs = [j for j in w.stage.gen_jobs if j.step.name in names]
-    return run_teacher(ctx.rd, ctx.cfg, w.stage.name, w.teacher, jobs, ctx.graph.prompts)
+    return run_teacher(ctx.rd, ctx.cfg, w.stage.name, w.teacher, w.jobs(todo), ctx.graph.prompts)
 
 
 def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs: list[GenJob],
@@ -260,8 +258,8 @@ def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
     from cascade.costs import decode_rate, nbytes, prompt_tokens, replica_memory
 
     cfg, dev, g, b = est.cfg, est.dev, est.cfg.generation, est.cfg.backend
-    rows, names = [], {s.name for s in todo}
-    for job in (j for j in w.stage.gen_jobs if j.step.name in names):
+    rows = []
+    for job in w.jobs(todo):
         who, a = job.teacher.name, est.arch[job.teacher.name.removesuffix("-base")]
         n = len(est.p.prompts[job.data])
         ptoks, exact = prompt_tokens(est.p, job, est.toks)

@@ -50,8 +50,7 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
     inside it (the next phase starts from it), so nothing is handed back: the driver checks and records them."""
     from cascade.trainer import TrainJob
 
-    cfg, sp, names = ctx.cfg, w.stage, {s.name for s in todo}
-    phs = [ph for ph in sp.phases if ph.model.name in names]
+    cfg, sp, phs = ctx.cfg, w.stage, w.phases(todo)
     first = phs[0].index
     job = TrainJob(sp.name, ctx.rd.url, sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, phs, dataclasses.replace(cfg.train, cpus_per_worker=ctx.cpus),
@@ -70,8 +69,8 @@ def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
 
     cfg, dev, t, a, sp = est.cfg, est.dev, est.cfg.train, est.arch[w.stage.name], w.stage
     limit = dev.memory_gb * cfg.plan.headroom / (t.num_workers if dev.cpu else 1)
-    rows, names = [], {s.name for s in todo}
-    for ph in (ph for ph in sp.phases if ph.model.name in names):
+    rows = []
+    for ph in w.phases(todo):
         mem = train_memory(a, t, dev, limit)
         if mem["total"] > limit:
             fixes = train_fixes(a, t, dev, limit)
