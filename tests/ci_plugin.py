@@ -146,9 +146,12 @@ def pytest_runtest_makereport(item, call):
 
 # -- a hang fails within its limit, with the stacks of what it started ---------------------------------------------
 def _dump(item, before: set[int]) -> str:
-    """py-spy's dump of every Python process the test started, and this process's threads (faulthandler)."""
+    """py-spy's dump of every Python process the test started, and this process's threads (faulthandler): the
+    drivers first, then Ray's workers (where a hang usually is), Ray's own daemons last; threads that py-spy sees
+    idle are left out but for each process's main thread (CI keeps only the head and the tail of a long output)."""
     spy = Path(sys.executable).with_name("py-spy")
     parts = [f"==== {item.nodeid}: over its limit; stacks of the processes it started ===="]
+    procs = []
     for p in _started_since(before):
         try:
             what = " ".join(p.cmdline())[:200]
@@ -156,13 +159,30 @@ def _dump(item, before: set[int]) -> str:
             continue
         if p.name() in ("raylet", "gcs_server") or not what:
             continue
+        order = 0 if " -m cascade" in what else 1 if what.startswith("ray::") else 2
+        procs.append((order, p.pid, what))
+    for _, pid, what in sorted(procs):
         try:
-            out = subprocess.run([str(spy), "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=30)
-            text = out.stdout or out.stderr
+            out = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+            text = _busy(out.stdout) if out.stdout else out.stderr
         except (OSError, subprocess.TimeoutExpired) as e:
             text = f"py-spy failed: {e!r}"
-        parts.append(f"---- pid {p.pid}: {what}\n{text[-6000:]}")
+        parts.append(f"---- pid {pid}: {what}\n{text[-6000:]}")
     return "\n".join(parts)
+
+
+def _busy(dump: str) -> str:
+    """A py-spy dump without its idle threads (a thread's block starts at a line `Thread <id> (<state>): ...`),
+    the main thread kept whatever its state."""
+    keep, out = True, []
+    for line in dump.splitlines():
+        if line.startswith("Thread "):
+            keep = "(idle)" not in line or '"MainThread"' in line
+        elif line.startswith(("Process ", "Python ")):
+            keep = True
+        if keep:
+            out.append(line)
+    return "\n".join(out)
 
 
 def pytest_runtest_setup(item) -> None:
