@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade import generation
+from cascade import phases as phase_kinds
 from cascade.config import Config, ConfigError
 from cascade.generation.types import Sampling
 from cascade.phases import identity as phase_identity
@@ -285,7 +286,7 @@ def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[st
     return jobs
 
 
-def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob]) -> list[PhaseGraph]:
+def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob], kernel: str) -> list[PhaseGraph]:
     g = cfg.generation
     # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`, which turns
     # gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
@@ -297,7 +298,10 @@ def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJo
     for i, ph in enumerate(cfg.curriculum):
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]
         dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, (g.drop_truncated, g.min_chars, g.max_chars))
-        tkey = stable_hash("train", prev, dkey, phase_identity(ph), train_id, cfg.seed)
+        kind = phase_kinds.load(ph.kind)  # a kind that puts the kernel in a teacher's context is keyed by it too
+        uses = getattr(kind, "uses_kernel", None)
+        extra = (stable_hash(kernel),) if uses and uses(phase_kinds.options(ph.kind, ph.options, ph.name)) else ()
+        tkey = stable_hash("train", prev, dkey, phase_identity(ph), train_id, cfg.seed, *extra)
         data = Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name),
                     tuple(j.step.path for j in jobs if j.data == ph.data))
         model = Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name),
@@ -318,7 +322,7 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
         sp.teachers = _teachers(cfg, stage, sp, done, kernel)
         if sp.teachers:
             sp.gen_jobs = _gen_jobs(cfg, rd, sp.teachers, prompts)
-            sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs)
+            sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs, kernel)
             ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases], cfg.eval)
             sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
                            (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))

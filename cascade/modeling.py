@@ -189,13 +189,12 @@ def _chunk_sums(h: Any, y: Any, w: Any, cap: float | None, kd_ids: Any = None, k
     return torch.stack([ce, kd])
 
 
-def response_nll(model: Any, batch: dict, chunk: int = LOSS_CHUNK) -> tuple[Any, Any, int]:
-    """(sum of the cross-entropy over response tokens, the same for the teachers' top-k distributions when the
-    batch carries kd_ids/kd_lp (else 0), the number of response tokens). batch: input_ids, labels and optionally
-    attention_mask, position_ids, kd_ids, kd_lp. Position t's label is predicted from t - 1."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
+def response_hidden(model: Any, batch: dict) -> tuple[Any, Any, Any, Any, Any]:
+    """(h, keep, w, cap, zero): the decoder's final hidden states at the positions that predict a response token
+    ([n, d]; position t's label is predicted from t - 1), the mask that chose them ([batch, width - 1]), the
+    output layer's weight, Gemma's final logit soft-cap (None when the model has none) and a zero in the
+    graph (sums start from it, so they have a gradient with no response token too). batch: input_ids, labels and
+    optionally attention_mask, position_ids."""
     from cascade.chat import IGNORE_INDEX
 
     inner = _unwrapped(model)
@@ -208,12 +207,23 @@ def response_nll(model: Any, batch: dict, chunk: int = LOSS_CHUNK) -> tuple[Any,
         hook.remove()
     hidden, labels = caught[-1], batch["labels"]
     keep = labels[:, 1:] != IGNORE_INDEX
-    h, y = hidden[:, :-1][keep], labels[:, 1:][keep]
+    w, cap = _full(inner.get_output_embeddings().weight), inner.config.get_text_config().final_logit_softcapping
+    return hidden[:, :-1][keep], keep, w, cap, hidden.sum() * 0.0
+
+
+def response_nll(model: Any, batch: dict, chunk: int = LOSS_CHUNK) -> tuple[Any, Any, int]:
+    """(sum of the cross-entropy over response tokens, the same for the teachers' top-k distributions when the
+    batch carries kd_ids/kd_lp (else 0), the number of response tokens). batch: input_ids, labels and optionally
+    attention_mask, position_ids, kd_ids, kd_lp. Position t's label is predicted from t - 1."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    h, keep, w, cap, zero = response_hidden(model, batch)
+    y = batch["labels"][:, 1:][keep]
     kd = "kd_ids" in batch and batch["kd_ids"] is not None
     ids = batch["kd_ids"][:, 1:][keep] if kd else None
     q = torch.softmax(batch["kd_lp"][:, 1:][keep].float(), dim=-1) if kd else None
-    w, cap = _full(inner.get_output_embeddings().weight), inner.config.get_text_config().final_logit_softcapping
-    total = torch.stack([hidden.sum(), hidden.sum()]).float() * 0.0  # in the graph, with no response tokens too
+    total = torch.stack([zero, zero]).float()  # in the graph, with no response tokens too
     for i in range(0, h.shape[0], chunk):
         args = (h[i : i + chunk], y[i : i + chunk], w, cap, ids[i : i + chunk] if kd else None,
                 q[i : i + chunk] if kd else None)

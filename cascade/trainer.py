@@ -6,6 +6,7 @@ finish (rank 0 fuses, checks and commits the phase). The step's docstring tells 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ import ray
 
 from cascade import phases, preemption
 from cascade.config_train import TrainConfig
-from cascade.graph import PhaseGraph
+from cascade.graph import PhaseGraph, Teacher
 from cascade.progress import Board
 from cascade.rundir import RunDir
 from cascade.storage import local_model
@@ -39,6 +40,8 @@ class TrainJob:
     trust_remote_code: bool = False
     model_key: str = ""  # the stage's base model's identity (the planner's measured rates are per model)
     lease: tuple[int, str] | None = None  # the driver's fencing token, checked before every commit (cascade/lease.py)
+    teachers: list[Teacher] = dataclasses.field(default_factory=list)  # the stage's (kinds that score with them)
+    kernel: str | None = None  # the kernel's text (kinds that put it in a teacher's context)
 
 
 def failure_file(rd: RunDir, stage: str) -> str:
@@ -156,7 +159,10 @@ class PhaseTrainer:
             raise ValueError(f"{split}: no example has a response token within train.max_seq_len="
                              f"{self.t.max_seq_len} ({self.too_long} dropped): raise it, or shorten the prompts")
         lengths = [len(e["input_ids"]) for e in self.examples]
-        self.units = pack(lengths, self.t.max_seq_len) if self.t.packing else [[i] for i in range(len(lengths))]
+        # a kind that builds its own batches (on_policy: one prompt and its samples per row) is never packed
+        own = hasattr(self.kind, "batch")
+        self.units = pack(lengths, self.t.max_seq_len) if self.t.packing and not own else [[i] for i in
+                                                                                            range(len(lengths))]
         self.order = DataOrder(len(self.units), self.seed)
 
     def _micro_step(self, step: int, m: int) -> tuple[float, dict[str, float]]:
@@ -166,8 +172,11 @@ class PhaseTrainer:
         b, accum = self.t.batch_size // self.world, self.t.grad_accum  # batch_size is global
         base = (step * accum + m) * b * self.world
         rows = [[self.examples[i] for i in self.units[self.order[base + self.rank * b + j]]] for j in range(b)]
-        batch = collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
-                               getattr(self.mcfg, "sliding_window", None), self.device)
+        if hasattr(self.kind, "batch"):  # the kind's own micro-batch from these rows (on_policy's rollouts)
+            batch = self.kind.batch(self.opts, self, rows, step, m)
+        else:
+            batch = collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
+                                   getattr(self.mcfg, "sliding_window", None), self.device)
         loss, metrics = self.kind.loss(self.opts, self.model, batch)
         (loss / accum).backward()
         self.real, self.slots = self.real + batch["real_tokens"], self.slots + batch["slots"]

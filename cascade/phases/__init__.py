@@ -20,7 +20,14 @@ checkpoints, the planner) asks it, through `load`, and never compares its name. 
     loss(opts, model, batch) -> (loss, {metric: value})    one micro-batch's loss per response token
     cost(opts, train, iters) -> {"token_slots": ..., ...}  the planner's work for the phase
 
-Built in: `sft` (cascade/phases/sft.py) and `distill` (cascade/phases/distill.py). Any other name is the dotted
+and optionally:
+
+    batch(opts, trainer, rows, step, micro) -> batch    the micro-batch the loss takes, built by the kind itself
+                                   from the rows' examples (never packed): on_policy's samples and their scores
+    uses_kernel(opts) -> bool      whether the kernel's text determines what the phase trains (part of its key)
+
+Built in: `sft` (cascade/phases/sft.py), `distill` (cascade/phases/distill.py) and `on_policy`
+(cascade/phases/on_policy.py). Any other name is the dotted
 path of a module that declares the same (`kind: mypkg.my_kind`), imported by the driver and by every training
 worker: it must be importable on every node, as the config's own code (like Hydra's `_target_`).
 """
@@ -35,7 +42,7 @@ from typing import Any
 
 from cascade.validate import fail
 
-BUILTIN = {"sft": "cascade.phases.sft", "distill": "cascade.phases.distill"}
+BUILTIN = {"sft": "cascade.phases.sft", "distill": "cascade.phases.distill", "on_policy": "cascade.phases.on_policy"}
 DECLARES = ("Options", "TEACHER_LOGPROBS", "METRICS", "check", "encode", "loss", "cost")
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
