@@ -163,6 +163,9 @@ class EvalConfig:
     # the text-level measure: greedy answers of up to this many tokens to the held-out prompts, compared with the
     # teachers' answers by ROUGE-L F1; 0: off
     answer_tokens: int = 64
+    # the distribution-level measure: the teachers read the student's own greedy and sampled answers (above) and
+    # give the reverse KL(student || teacher) per token; costs one load of each teacher per stage
+    reverse_kl: bool = True
     num_cpus: float = 1.0  # Ray resources of an evaluation task (it loads the student, and its base, one at a time)
     num_gpus: float = 0.0
 

@@ -66,3 +66,46 @@ def generalized_jsd(log_s: Any, log_t: Any, beta: float) -> Any:
         return kl(log_s, log_t)
     log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
     return beta * kl(log_t, log_m) + (1.0 - beta) * kl(log_s, log_m)
+
+
+# -- the evaluation's measure: reverse KL(student || teacher) on the student's own answers --------------------------
+EVAL_TOP_K = 32  # the student's top-k at each answer token: the outcomes its reverse KL is taken over (+ the tail)
+
+
+def answer_top_k(model: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],
+                 k: int = EVAL_TOP_K) -> list[dict]:
+    """For each (prompt ids, answer ids): the model's top-k token ids and log-probabilities (temperature 1, over
+    the shared vocabulary len(tok)) at every answer token: [{"ids": [[k]...], "lp": [[k]...]}] (empty answers: [])."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p, a in zip(prompts, answers, strict=True):
+            if not a:
+                out.append({"ids": [], "lp": []})
+                continue
+            x = torch.tensor([p + a], device=model.device)
+            logits = model(input_ids=x).logits[0, len(p) - 1 : -1, : len(tok)]
+            top = torch.log_softmax(logits.float(), dim=-1).topk(min(k, len(tok)), dim=-1)
+            out.append({"ids": top.indices.tolist(), "lp": top.values.tolist()})
+    return out
+
+
+def reverse_kl(teacher: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],
+               student: list[dict]) -> tuple[float, int]:
+    """(sum over answer tokens of KL(student || teacher), tokens): the teacher reads each answer after its own
+    prompt (`prompts`: with its context); both distributions compared on the student's top-k and the tail."""
+    import torch
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for p, a, s in zip(prompts, answers, student, strict=True):
+            if not a:
+                continue
+            x = torch.tensor([p + a], device=teacher.device)
+            logits = teacher(input_ids=x).logits[0, len(p) - 1 : -1]
+            log_t, log_s = top_k_outcomes(logits, torch.tensor(s["ids"], device=x.device),
+                                          torch.tensor(s["lp"], device=x.device), len(tok))
+            total += float(generalized_jsd(log_s, log_t, 1.0).sum())
+            n += len(a)
+    return total, n

@@ -21,7 +21,9 @@
                                                   answers so far (every second, and on SIGTERM)
       <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    a phase's curated dataset
       <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
-      <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py)
+      <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py);
+                                                  rollouts/: an on_policy phase's samples and teacher scores,
+                                                  one file per micro-step and rank (cascade/phases/on_policy.py)
       <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/;
                                                   failure.json: a failed fusion check, for the driver
       <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts

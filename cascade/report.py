@@ -38,7 +38,7 @@ def gather(p: RunGraph) -> dict:
                 s = rec["summary"]
                 out["generation"][job.step.name] = {"tokens": s["completion_tokens"], "records": s["records"],
                                                     "tokens_per_s": s["completion_tokens"] / s["compute_seconds"]}
-        st = {"phases": {}, "agreement": None, "funnel": {}}
+        st = {"phases": {}, "agreement": None, "reverse_kl": None, "funnel": {}}
         for ph in sp.phases:
             if rec := rd.committed(ph.model):
                 s = rec["summary"]
@@ -48,7 +48,8 @@ def gather(p: RunGraph) -> dict:
                 groups = s.get("by_teacher") or {"all": s["counts"]}
                 st["funnel"][ph.name] = {t: _funnel(c) for t, c in groups.items()}
         if sp.eval and rd.committed(sp.eval):
-            st["agreement"] = (rd.read_json(rd.metrics(sp.name)) or {}).get("agreement")
+            m = rd.read_json(rd.metrics(sp.name)) or {}
+            st["agreement"], st["reverse_kl"] = m.get("agreement"), (m.get("reverse_kl") or {}).get("sampled")
         if st["phases"] or st["funnel"] or st["agreement"]:
             out["stages"][sp.name] = st
     return out
@@ -85,18 +86,26 @@ def plot_loss(data: dict) -> bytes:
 
 
 def plot_signal(data: dict) -> bytes:
+    """Per stage, before and after its curriculum: the agreement with its teachers (log-likelihood of their
+    held-out answers) and, where measured, the reverse KL to them on the student's own sampled answers."""
     import matplotlib.pyplot as plt
 
     stages = [s for s, st in data["stages"].items() if st["agreement"]]
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(stages) + 2), 3.5))
-    for i, s in enumerate(stages):
-        a = data["stages"][s]["agreement"]
-        ax.bar([i - 0.2, i + 0.2], [a["before"], a["after"]], width=0.4, color=["#bbbbbb", "#3b7dd8"],
-               label=["before", "after"] if i == 0 else None)
-    ax.set_xticks(range(len(stages)), stages)
-    ax.set(ylabel="agreement with teachers\n(mean log-likelihood, nats/token)", title="signal through the cascade")
-    if stages:
-        ax.legend(fontsize=8)
+    panels = [("agreement", "agreement with teachers\n(mean log-likelihood, nats/token)")]
+    if any(data["stages"][s].get("reverse_kl") for s in stages):
+        panels.append(("reverse_kl", "reverse KL to teachers, own\nsampled answers (nats/token; lower = closer)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(4, 1.6 * len(stages) + 2), 3.5),
+                             squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, s in enumerate(stages):
+            a = data["stages"][s].get(key)
+            if a:
+                ax.bar([i - 0.2, i + 0.2], [a["before"], a["after"]], width=0.4, color=["#bbbbbb", "#3b7dd8"],
+                       label=["before", "after"] if i == 0 else None)
+        ax.set_xticks(range(len(stages)), stages)
+        ax.set(ylabel=label, title="signal through the cascade")
+        if stages:
+            ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -134,7 +143,9 @@ def _html(cfg: Config, data: dict) -> str:
         signal = f"{a['before']:.3f} &rarr; {a['after']:.3f} ({a['after'] - a['before']:+.3f})" if a else "-"
         phases = ", ".join(f"{html.escape(n)}: {p['steps']} steps, loss {p['losses'][0]:.3f} &rarr; "
                            f"{p['losses'][-1]:.3f}" for n, p in st["phases"].items()) or "-"
-        rows.append(f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{phases}</td></tr>")
+        k = st.get("reverse_kl")
+        kl = f"{k['before']:.3f} &rarr; {k['after']:.3f}" if k else "-"
+        rows.append(f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{kl}</td><td>{phases}</td></tr>")
     imgs = "\n".join(f'<h2>{n}</h2><img src="{n}.png" alt="{n}">' for n in PLOTS)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cascade report: {html.escape(cfg.target)}</title>
@@ -142,7 +153,8 @@ def _html(cfg: Config, data: dict) -> str:
 img{{max-width:100%}}</style></head><body>
 <h1>cascade run report (target {html.escape(cfg.target)})</h1>
 <p>run directory: <code>{html.escape(cfg.run_dir)}</code></p>
-<table><tr><th>stage</th><th>agreement with teachers, before &rarr; after (nats/token)</th><th>phases</th></tr>
+<table><tr><th>stage</th><th>agreement with teachers, before &rarr; after (nats/token)</th>
+<th>reverse KL to teachers on its own sampled answers, before &rarr; after (nats/token)</th><th>phases</th></tr>
 {''.join(rows)}</table>
 {imgs}
 </body></html>

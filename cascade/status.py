@@ -31,13 +31,14 @@ def collect(cfg: Config) -> dict:
     driver = holder(rd, cfg.lease_ttl_s)
     shards = {j.step.name: (j, j.shards(len(p.prompts[j.data]))) for sp in p.stages for j in sp.gen_jobs}
     rows = [_row(p, s, steps.get(s.name, {}), driver is not None, shards.get(s.name), now) for s in p.steps()]
-    agreement = {}
+    agreement, reverse_kl = {}, {}
     for sp in p.stages:
         if sp.eval and rd.committed(sp.eval):
-            agreement[sp.name] = (rd.read_json(rd.metrics(sp.name)) or {}).get("agreement", {})
+            m = rd.read_json(rd.metrics(sp.name)) or {}
+            agreement[sp.name], reverse_kl[sp.name] = m.get("agreement", {}), m.get("reverse_kl") or {}
     return {"run_dir": rd.url, "target": cfg.target, "time": now,
             "driver": {k: driver[k] for k in ("host", "pid", "start")} if driver else None,
-            "steps": rows, "agreement": agreement, "rerun_would_run": [r["step"] for r in rows if r["state"] != "done"]}
+            "steps": rows, "agreement": agreement, "reverse_kl": reverse_kl, "rerun_would_run": [r["step"] for r in rows if r["state"] != "done"]}
 
 
 def _row(p: RunGraph, step: Step, entry: dict, alive: bool, gen: Any, now: float) -> dict:
@@ -86,6 +87,10 @@ def render(st: dict) -> str:
         if a:
             lines.append(f"\n{stage}: agreement with its teachers {a['before']:.3f} -> {a['after']:.3f} nats/token "
                          f"({a['after'] - a['before']:+.3f})")
+        k = st["reverse_kl"].get(stage, {}).get("sampled")
+        if k:
+            lines.append(f"{stage}: reverse KL to its teachers on its own sampled answers {k['before']:.3f} -> "
+                         f"{k['after']:.3f} nats/token")
     todo = st["rerun_would_run"]
     lines.append(f"\na re-run would execute {len(todo)} steps" + (": " + ", ".join(todo) if todo else ""))
     return "\n".join(lines)

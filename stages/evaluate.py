@@ -9,7 +9,11 @@ closer; `after - before` is what the stage taught. A second, text-level measure:
 lower-cased words (0..1), and the share of them that end by themselves (<end_of_turn>). For the root teacher built
 by kernel context distillation, the teachers' answers are the base model's with the kernel in context, and the
 student is asked *without* it: before/after is how far the kernel's effect moved into the weights (the seed's
-"from weights alone, no system prompt"). The metrics file also gathers the loss of each phase and the curation
+"from weights alone, no system prompt"). The distribution-level measure: the reverse KL(student || teacher) per
+token of the student's own answers (greedy, and sampled at temperature 1), each teacher reading them after its own
+prompt (with the kernel when the root teacher is built), compared on the student's top-32 and the tail
+(cascade/divergence.py); `cut` = 1 - after / before is what the stage moved the student towards its teachers on
+their own ground - the quantity on-policy distillation (kind on_policy) minimises. The metrics file also gathers the loss of each phase and the curation
 counts of each phase's dataset.
 """
 
@@ -30,6 +34,8 @@ from cascade.storage import local_model
 log = logging.getLogger(__name__)
 METRIC = "mean per-token log-likelihood of held-out teacher responses under the student (nats; higher = closer)"
 TEXT_METRIC = "ROUGE-L F1 of the student's greedy answers against the teachers' held-out answers (0..1)"
+KL_METRIC = ("reverse KL(student || teacher) per token of the student's own answers to the held-out prompts, the "
+             "teacher with its context (nats; lower = closer), on the student's top-32 and the tail")
 
 
 def start_before(cfg: Config, sp: StageGraph, rd: RunDir) -> Any:
@@ -48,7 +54,12 @@ def _task(fn: Any, cfg: Config, num_cpus: float | None = None) -> Any:
 
 def _score_kwargs(cfg: Config) -> dict:
     return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size, trust=cfg.models.trust_remote_code,
-                answer_tokens=cfg.eval.answer_tokens)
+                answer_tokens=cfg.eval.answer_tokens, seed=cfg.seed, divergence=cfg.eval.reverse_kl)
+
+
+def _teachers(sp: StageGraph) -> list[tuple]:
+    """The stage's teachers as the evaluation's divergence reads them: (model, revision, weight, context)."""
+    return [(t.model, t.revision, t.weight, t.system) for t in sp.teachers]
 
 
 def _heldout(cfg: Config, sp: StageGraph, rd: RunDir) -> list[dict]:
@@ -81,14 +92,13 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
     of imports, one model in memory at a time."""
     import ray
 
-    records = _heldout(cfg, sp, rd)
+    records, teachers = _heldout(cfg, sp, rd), _teachers(sp)
     if before_ref is None:
-        before, after = ray.get(_task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}").remote(
-            sp.base_model, sp.revision, sp.final_model, records, **_score_kwargs(cfg)))
-    else:
-        after_ref = _task(score_records, cfg).options(name=f"eval/{sp.name}/after").remote(
-            sp.final_model, None, records, **_score_kwargs(cfg))
-        before, after = ray.get([before_ref, after_ref])
+        before, after, kl = ray.get(_task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}").remote(
+            sp.base_model, sp.revision, sp.final_model, records, teachers, **_score_kwargs(cfg)))
+    else:  # the teachers read both students' answers in the "after" task: it waits for the "before" score
+        before, after, kl = ray.get(_task(_score_after, cfg).options(name=f"eval/{sp.name}/after").remote(
+            before_ref, sp.final_model, records, teachers, **_score_kwargs(cfg)))
     metrics = {
         "stage": sp.name,
         "student": sp.final_model,
@@ -97,6 +107,7 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
         "agreement": _delta(METRIC, len(records), before["loglik"], after["loglik"]),
         "text_agreement": _delta(TEXT_METRIC, len(records), before["rouge_l"], after["rouge_l"]),
         "self_ended": {"before": before["self_ended"], "after": after["self_ended"]},
+        "reverse_kl": kl,
         "kernel_in_context": any(t.system for t in sp.teachers),  # the teachers' answers had the kernel
         "phases": {},
         "curation": {},
@@ -108,10 +119,14 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
                                                         "tokens", "tokens_per_s", "seconds", "train_seconds")}
         metrics["curation"][ph.name] = rd.committed(ph.dataset)["summary"]["counts"]
     rd.write_json(f"{staging}/metrics.json", metrics)
-    log.info("stage %s agreement: before %.4f after %.4f; ROUGE-L before %.3f after %.3f", sp.name,
-             _num(before["loglik"]), _num(after["loglik"]), _num(before["rouge_l"]), _num(after["rouge_l"]))
+    sampled = (kl or {}).get("sampled") or {}
+    log.info("stage %s agreement: before %.4f after %.4f; ROUGE-L before %.3f after %.3f; reverse KL to the "
+             "teachers (sampled answers) before %.4f after %.4f", sp.name, _num(before["loglik"]),
+             _num(after["loglik"]), _num(before["rouge_l"]), _num(after["rouge_l"]), _num(sampled.get("before")),
+             _num(sampled.get("after")))
     return {"agreement_before": before["loglik"], "agreement_after": after["loglik"], "records": len(records),
-            "rouge_l_before": before["rouge_l"], "rouge_l_after": after["rouge_l"]}
+            "rouge_l_before": before["rouge_l"], "rouge_l_after": after["rouge_l"],
+            "reverse_kl_before": sampled.get("before"), "reverse_kl_after": sampled.get("after")}
 
 
 def _num(x: float | None) -> float:
@@ -123,21 +138,39 @@ def _delta(metric: str, records: int, before: float | None, after: float | None)
             "delta": None if before is None or after is None else after - before}
 
 
-def _score_both(base: str, revision: str | None, final: str, records: list[dict], **kw: Any) -> tuple[dict, dict]:
-    """(the base student's score, the trained student's), one after the other in this process."""
-    return score_records(base, revision, records, **kw), score_records(final, None, records, **kw)
+def _score_both(base: str, revision: str | None, final: str, records: list[dict], teachers: list[tuple],
+                **kw: Any) -> tuple[dict, dict, dict | None]:
+    """(the base student's score, the trained student's, the teachers' divergence from both), one model after
+    the other in this process."""
+    return _score_after(score_records(base, revision, records, **kw), final, records, teachers, **kw)
+
+
+def _score_after(before: dict, final: str, records: list[dict], teachers: list[tuple],
+                 **kw: Any) -> tuple[dict, dict, dict | None]:
+    """(before, the trained student's score, the teachers' divergence from both students' answers)."""
+    after = score_records(final, None, records, **kw)
+    kl = teacher_divergence(teachers, records, [before, after], trust=kw["trust"])
+    return _public(before), _public(after), kl
+
+
+def _public(score: dict) -> dict:
+    """A score without the answers and top-k it carried for the teachers."""
+    return {k: v for k, v in score.items() if k not in ("answers", "top")}
 
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int, batch_size: int,
-                  trust: bool, answer_tokens: int = 0) -> dict:
+                  trust: bool, answer_tokens: int = 0, seed: int = 0, divergence: bool = False) -> dict:
     """{loglik: mean log-likelihood per response token of the records' responses under the model; rouge_l: mean
     ROUGE-L F1 of its greedy answers (answer_tokens at most) against them; self_ended: the share of those answers
-    that ended by themselves; seconds: compute time}."""
+    that ended by themselves; seconds: compute time; with `divergence`, answers and top: its greedy and sampled
+    answers (temperature 1, seeded) and its top-k at each of their tokens, for the teachers to read
+    (teacher_divergence); vocab_hash}."""
     import torch
     from transformers import AutoTokenizer
 
-    from cascade.chat import collate, encode_example
+    from cascade.chat import collate, encode_example, render_prompt, vocab_hash
     from cascade.cluster import cpu_threads
+    from cascade.divergence import answer_top_k
     from cascade.modeling import load_model, response_nll
 
     if not records:
@@ -155,30 +188,88 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
             nll, _, n = response_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
         total -= float(nll)
         count += n
-    rouge, ended = _answers(model, tok, records, answer_tokens, batch_size, device) if answer_tokens else (None, None)
-    return {"loglik": total / max(1, count), "rouge_l": rouge, "self_ended": ended,
-            "seconds": time.perf_counter() - t0}
+    out = {"loglik": total / max(1, count), "rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
+    if answer_tokens:
+        kinds = ("greedy", "sampled") if divergence else ("greedy",)
+        answers = {how: _answers(model, tok, records, answer_tokens, batch_size, device, how == "sampled", seed)
+                   for how in kinds}
+        out["rouge_l"], out["self_ended"] = _text_agreement(tok, records, answers["greedy"])
+    if answer_tokens and divergence:
+        prompts = [tok(render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in records]
+        out["answers"] = answers
+        out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
+    return {**out, "seconds": time.perf_counter() - t0}
 
 
-def _answers(model: Any, tok: Any, records: list[dict], max_new: int, batch_size: int, device: str) -> tuple:
-    """(mean ROUGE-L F1 of the model's greedy answers against the records' responses, share self-ended)."""
+def _answers(model: Any, tok: Any, records: list[dict], max_new: int, batch_size: int, device: str,
+             sample: bool = False, seed: int = 0) -> list[list[int]]:
+    """The model's answers to the records' prompts (greedy, or sampled at temperature 1 seeded by `seed`), each up
+    to and including its stop token (or max_new tokens long)."""
     import torch
 
     from cascade.chat import render_prompt, stop_token_ids
 
-    stops, scores, ended = stop_token_ids(tok), [], 0
+    stops, answers = stop_token_ids(tok), []
+    how = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     tok.padding_side = "left"
-    for i in range(0, len(records), batch_size):
-        batch = records[i : i + batch_size]
-        enc = tok([render_prompt(tok, r["messages"]) for r in batch], return_tensors="pt", padding=True,
-                  add_special_tokens=False).to(device)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
-                                 pad_token_id=tok.pad_token_id)
-        for r, seq in zip(batch, out[:, enc["input_ids"].shape[1]:].tolist()):
-            stop = next((k for k, t in enumerate(seq) if t in stops), None)
-            ended += stop is not None
-            scores.append(rouge_l(tok.decode(seq[:stop], skip_special_tokens=True), r["response"]))
+    with torch.no_grad(), torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(records), batch_size):
+            batch = records[i : i + batch_size]
+            enc = tok([render_prompt(tok, r["messages"]) for r in batch], return_tensors="pt", padding=True,
+                      add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new, eos_token_id=stops, pad_token_id=tok.pad_token_id,
+                                 **how)
+            for seq in out[:, enc["input_ids"].shape[1]:].tolist():
+                stop = next((k for k, t in enumerate(seq) if t in stops), None)
+                answers.append(seq if stop is None else seq[: stop + 1])
+    return answers
+
+
+def _text_agreement(tok: Any, records: list[dict], answers: list[list[int]]) -> tuple[float, float]:
+    """(mean ROUGE-L F1 of the answers against the records' responses, the share that ended by themselves)."""
+    from cascade.chat import stop_token_ids
+
+    stops, scores, ended = stop_token_ids(tok), [], 0
+    for r, a in zip(records, answers, strict=True):
+        done = bool(a) and a[-1] in stops
+        ended += done
+        scores.append(rouge_l(tok.decode(a[:-1] if done else a, skip_special_tokens=True), r["response"]))
     return sum(scores) / len(scores), ended / len(records)
 
 
+def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[dict], trust: bool) -> dict | None:
+    """For each score (before, after) and its greedy and sampled answers: the reverse KL(student || teacher) per
+    answer token, each teacher reading the answers after its own prompt (with its context: the kernel when the
+    root teacher is built), teachers weighted as in generation; `cut` = 1 - after / before. None without answers
+    or teachers; {"skipped": why} when a teacher's tokenizer is not the student's."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cascade.chat import prompt_messages, render_prompt, vocab_hash
+    from cascade.divergence import reverse_kl
+    from cascade.modeling import load_model
+
+    if not records or not teachers or any("answers" not in s for s in scores):
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sums: dict[tuple[int, str], float] = {}
+    for path, revision, weight, system in teachers:
+        path = local_model(path)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
+        if vocab_hash(tok) != scores[0]["vocab_hash"]:
+            return {"skipped": f"teacher {path}: its tokenizer is not the student's"}
+        model = load_model(path, revision, trust_remote_code=trust).to(device).eval()
+        prompts = [tok(render_prompt(tok, prompt_messages(r["messages"], system)), add_special_tokens=False)
+                   ["input_ids"] for r in records]
+        for i, s in enumerate(scores):
+            for how in ("greedy", "sampled"):
+                total, n = reverse_kl(model, tok, prompts, s["answers"][how], s["top"][how])
+                sums[i, how] = sums.get((i, how), 0.0) + weight * total / max(1, n)
+        del model
+    w = sum(t[2] for t in teachers)
+    out: dict[str, Any] = {"metric": KL_METRIC}
+    for how in ("greedy", "sampled"):
+        before, after = sums[0, how] / w, sums[1, how] / w
+        out[how] = {"before": before, "after": after, "cut": 1 - after / before if before > 0 else None}
+    return out

@@ -268,7 +268,10 @@ def _curriculum_and_evaluation(sp: StageGraph, m: dict) -> list[str]:
                     f"{_f(agree['after'])} |",
                     f"| {text['metric']} | {_f(text['before'])} | {_f(text['after'])} |",
                     f"| share of greedy answers that end by themselves | {_f(m['self_ended']['before'])} | "
-                    f"{_f(m['self_ended']['after'])} |"]
+                    f"{_f(m['self_ended']['after'])} |"] + [
+                    f"| reverse KL(student \\|\\| teacher) per token, its own {how} answers (nats; lower = closer) | "
+                    f"{_f(kl[how]['before'])} | {_f(kl[how]['after'])} |"
+                    for kl in [m.get("reverse_kl") or {}] for how in ("greedy", "sampled") if how in kl]
 
 
 def _harness_table(harness: dict) -> list[str]:

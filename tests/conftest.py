@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # checks it) and the tiny preset at smoke scale: the same steps, each phase a few optimizer steps of half the
 # preset's batch at a higher rate (training is most of a tiny run's compute; two workers still get two rows each).
 # benchmarks/tiny_cascade.py and the README's first command run the preset at its full scale.
-FAST = ["cluster.include_dashboard=false", "train.batch_size=4"] + [
+# (the evaluation's reverse KL, a teacher load and a sampled answer per probe, is measured where a test asks for it)
+FAST = ["cluster.include_dashboard=false", "train.batch_size=4", "eval.reverse_kl=false"] + [
     f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6)) for k, v in (("iters", n), ("lr", 1e-3))]
 
 

@@ -15,7 +15,7 @@ from conftest import FAST, compose, copy_run, kill9, run_cli, start_cli, wait_fo
 ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.2.kind=on_policy", "curriculum.2.iters=8",
         "train.save_every=4", "+curriculum.2.options.teacher_context=kernel",
         "+curriculum.2.options.samples_per_prompt=2", "+curriculum.2.options.max_new_tokens=24",
-        "eval.max_probes=4", "eval.answer_tokens=8"]
+        "eval.max_probes=4", "eval.answer_tokens=8", "eval.reverse_kl=true"]
 
 
 def test_on_policy_options_are_checked_and_planned_before_ray():
@@ -70,6 +70,11 @@ def test_on_policy_phase_killed_mid_phase_resumes_to_the_same_bytes(tiny_4b_run,
     assert s["kind"] == "on_policy" and s["options"]["teacher_context"] == "kernel"
     assert len(s["divergence_losses"]) == s["steps"] == 8 and all(d > 0 for d in s["divergence_losses"])
     assert all(0 < n <= 4 * 2 * 24 for n in s["sample_tokens_losses"])  # 4 prompts x 2 samples x <= 24 tokens
+    # the evaluation's signal: the reverse KL to the teacher on the student's own answers, before and after
+    kl = json.loads((ref / "4b/eval/metrics.json").read_text())["reverse_kl"]
+    assert all(kl[how]["before"] > 0 and kl[how]["after"] >= 0 for how in ("greedy", "sampled")), kl
+    st = run_cli("status", *ARGS, f"run_dir={ref}")
+    assert "4b: reverse KL to its teachers on its own sampled answers" in st.stdout, st.stdout[-2000:]
     ckpt = next((ref / "4b/train/_ckpt").glob("02-p2_ethics-*"))
     assert sorted(p.name for p in (ckpt / "rollouts").iterdir()) == [f"{i:06d}-000-0of1.safetensors"
                                                                       for i in range(8)]
@@ -85,3 +90,30 @@ def test_on_policy_phase_killed_mid_phase_resumes_to_the_same_bytes(tiny_4b_run,
     assert again["summary"]["resumed_from_step"] >= 4
     assert again["files"] == json.loads((ref / "4b/train/02-p2_ethics/step.json").read_text())["files"]
     assert again["summary"]["divergence_losses"] == s["divergence_losses"]
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_before_ray(tmp_path):
+    """Kinds that compare distributions token by token need the teachers' tokenizer to be the student's: a
+    student whose tokenizer has one token more is refused when the run is planned (no Ray, no model loaded)."""
+    from transformers import AutoTokenizer
+
+    from cascade.config import ConfigError
+    from cascade.graph import build_graph
+    from cascade.tiny import build_preset
+
+    cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path / 'run'}"])
+    base = build_preset(cfg) / "4b"
+    other = tmp_path / "4b-other-tokenizer"
+    shutil.copytree(base, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<not-in-the-teachers-vocabulary>"])
+    tok.save_pretrained(other)
+    for kind in ("sft", "on_policy"):
+        cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path / 'run'}", f"curriculum.2.kind={kind}"])
+        cfg.stages["4b"].model = str(other)
+        if kind == "sft":  # text: any tokenizer
+            build_graph(cfg)
+            continue
+        with pytest.raises(ConfigError, match="p2_ethics \\(kind on_policy\\) compares .* teacher 1b .* different "
+                                              "tokenizers"):
+            build_graph(cfg)

@@ -25,6 +25,8 @@ and optionally:
     batch(opts, trainer, rows, step, micro) -> batch    the micro-batch the loss takes, built by the kind itself
                                    from the rows' examples (never packed): on_policy's samples and their scores
     uses_kernel(opts) -> bool      whether the kernel's text determines what the phase trains (part of its key)
+    SHARED_TOKENIZER               compares distributions token by token: every teacher's tokenizer must be the
+                                   student's (checked before Ray starts, cascade/graph.py check_tokenizers)
 
 Built in: `sft` (cascade/phases/sft.py), `distill` (cascade/phases/distill.py) and `on_policy`
 (cascade/phases/on_policy.py). Any other name is the dotted

@@ -17,6 +17,7 @@ import cascade.phases.sft as sft
 from cascade.validate import fail, number
 
 TEACHER_LOGPROBS = True
+SHARED_TOKENIZER = True  # compares the student's and the teachers' distributions token by token
 METRICS = ("distill",)
 
 

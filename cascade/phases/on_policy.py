@@ -36,6 +36,7 @@ import cascade.phases.sft as sft
 from cascade.validate import fail, number
 
 TEACHER_LOGPROBS = False
+SHARED_TOKENIZER = True  # compares the student's and the teachers' distributions token by token
 METRICS = ("divergence", "sample_tokens")
 CONTEXTS = ("teacher", "kernel", "none")
 
