@@ -62,7 +62,7 @@ def test_teacher_must_be_below_its_student():
     ("backend.name=tgi", "valid backends: hf, vllm"),
     ("target=5b", "unknown stage '5b'; valid stages: 1b, 4b, 12b, 27b"),
     ("curriculum.0.kind=distill", "kind distill needs the teachers' top-k log-probabilities: set generation.logprobs"),
-    ("curriculum.0.kind=nope", "phase kind 'nope': not a built-in kind \\(sft, distill\\) and no module"),
+    ("curriculum.0.kind=nope", "phase kind 'nope': not a built-in kind \\(sft, distill, on_policy\\) and no module"),
     ("+curriculum.0.options.weight=1", "options: weight not an option of kind 'sft' \\(its options: none\\)"),
     ("generation.shards_in_flight=0", "shards_in_flight must be > 0"),
 ])
