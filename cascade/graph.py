@@ -333,39 +333,6 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
     return list(done.values())
 
 
-def check_tokenizers(p: RunGraph) -> None:
-    """Before Ray starts: a phase whose kind compares the student's and its teachers' distributions token by token
-    (SHARED_TOKENIZER: distill, on_policy) needs every teacher's tokenizer to be the student's (training never
-    changes a tokenizer, so a teacher trained in this run is compared by its base model's). Gemma 3's 1B and 4B+
-    share one (their embeddings differ only in padded rows, which the kinds drop)."""
-    from cascade.chat import vocab_hash
-
-    stages = {sp.name: sp for sp in p.stages}
-    hashes: dict[tuple, str] = {}
-
-    def of(model: str, revision: str | None) -> str:
-        if (model, revision) not in hashes:
-            from transformers import AutoTokenizer
-
-            hashes[model, revision] = vocab_hash(AutoTokenizer.from_pretrained(
-                model, revision=revision, trust_remote_code=p.cfg.models.trust_remote_code))
-        return hashes[model, revision]
-
-    for sp in p.stages:
-        for ph in sp.phases:
-            if not getattr(phase_kinds.load(ph.kind), "SHARED_TOKENIZER", False):
-                continue
-            student = of(sp.base_model, sp.revision)
-            for t in sp.teachers:
-                base = stages.get(t.name)
-                model, revision = (base.base_model, base.revision) if base else (t.model, t.revision)
-                if of(model, revision) != student:
-                    raise ConfigError(f"{ph.model.name} (kind {ph.kind}) compares the student's and its teachers' "
-                                      f"distributions token by token: teacher {t.name} ({model}) and student "
-                                      f"{sp.name} ({sp.base_model}) have different tokenizers; use kind sft for "
-                                      f"this stage's phases")
-
-
 def build_graph(cfg: Config, weights: bool = True) -> RunGraph:
     """Read and check every input (before Ray starts or a model loads), open the run directory, plan."""
     used = list(dict.fromkeys(p.data for p in cfg.curriculum))
@@ -378,5 +345,5 @@ def build_graph(cfg: Config, weights: bool = True) -> RunGraph:
     rd = RunDir(cfg.run_dir, cfg.verify)
     graph = RunGraph(cfg, rd, prompts, kernel, plan(cfg, rd, prompts, kernel, weights))
     if weights:  # the tokenizers are on this machine
-        check_tokenizers(graph)
+        phase_kinds.check_tokenizers(graph)
     return graph

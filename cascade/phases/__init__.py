@@ -26,7 +26,7 @@ and optionally:
                                    from the rows' examples (never packed): on_policy's samples and their scores
     uses_kernel(opts) -> bool      whether the kernel's text determines what the phase trains (part of its key)
     SHARED_TOKENIZER               compares distributions token by token: every teacher's tokenizer must be the
-                                   student's (checked before Ray starts, cascade/graph.py check_tokenizers)
+                                   student's (checked before Ray starts: check_tokenizers below)
 
 Built in: `sft` (cascade/phases/sft.py), `distill` (cascade/phases/distill.py) and `on_policy`
 (cascade/phases/on_policy.py). Any other name is the dotted
@@ -86,3 +86,36 @@ def identity(phase: Any) -> dict[str, Any]:
     if phase.kind != "sft" or phase.options:
         out.update(kind=phase.kind, options=dict(phase.options))
     return out
+
+
+def check_tokenizers(p: Any) -> None:
+    """Before Ray starts (`p`: the cascade.graph.RunGraph): a phase whose kind compares the student's and its
+    teachers' distributions token by token (SHARED_TOKENIZER: distill, on_policy) needs every teacher's tokenizer
+    to be the student's (training never changes a tokenizer, so a teacher trained in this run is compared by its
+    base model's). Gemma 3's 1B and 4B+ share one (their embeddings differ only in padded rows, which the kinds
+    drop)."""
+    from cascade.chat import vocab_hash
+
+    stages = {sp.name: sp for sp in p.stages}
+    hashes: dict[tuple, str] = {}
+
+    def of(model: str, revision: str | None) -> str:
+        if (model, revision) not in hashes:
+            from transformers import AutoTokenizer
+
+            hashes[model, revision] = vocab_hash(AutoTokenizer.from_pretrained(
+                model, revision=revision, trust_remote_code=p.cfg.models.trust_remote_code))
+        return hashes[model, revision]
+
+    for sp in p.stages:
+        for ph in sp.phases:
+            if not getattr(load(ph.kind), "SHARED_TOKENIZER", False):
+                continue
+            student = of(sp.base_model, sp.revision)
+            for t in sp.teachers:
+                base = stages.get(t.name)
+                model, revision = (base.base_model, base.revision) if base else (t.model, t.revision)
+                if of(model, revision) != student:
+                    fail(f"{ph.model.name} (kind {ph.kind}) compares the student's and its teachers' distributions "
+                         f"token by token: teacher {t.name} ({model}) and student {sp.name} ({sp.base_model}) have "
+                         f"different tokenizers; use kind sft for this stage's phases")

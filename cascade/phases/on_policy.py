@@ -95,9 +95,12 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
 
     examples, n = [row[0] for row in rows], opts.samples_per_prompt
     path = f"{tr.ckpt.dir}/rollouts/{step:06d}-{micro:03d}-{tr.rank}of{tr.world}.safetensors"
-    if not tr.rd.exists(path):
-        tr.rd.write_bytes(path, _rollouts(opts, tr, examples, step, micro))
-    r = st_load(tr.rd.read_bytes(path))  # answers [B, L] (-1 after each), ids and logprobs [teachers, B, L, k]
+    if tr.rd.exists(path):
+        data = tr.rd.read_bytes(path)
+    else:
+        data = _rollouts(opts, tr, examples, step, micro)
+        tr.rd.write_bytes(path, data)
+    r = st_load(data)  # answers [B, L] (-1 after each), ids and logprobs [teachers, B, L, k]
     prompts = [_prompt_ids(tr.tok, e["messages"], None) for e in examples for _ in range(n)]
     answers = [a[: int(m)] for a, m in zip(r["answers"].tolist(), r["lengths"].tolist(), strict=True)]
     seqs = [[{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a}] for p, a in zip(prompts, answers)]
