@@ -47,6 +47,11 @@ def render_prompt(tokenizer: Any, messages: Messages) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def prompt_ids(tokenizer: Any, messages: Messages, system: str | None = None) -> list[int]:
+    """The token ids of a conversation up to the model's turn opener (an optional system turn first)."""
+    return tokenizer(render_prompt(tokenizer, prompt_messages(messages, system)), add_special_tokens=False)["input_ids"]
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """Tokens that end a response: eos and, when the vocabulary has it, <end_of_turn>."""
     ids = {tokenizer.eos_token_id}
@@ -69,10 +74,10 @@ def template_hash(tokenizer: Any) -> str:
 
 def encode_example(tokenizer: Any, messages: Messages, response: str, max_len: int) -> dict[str, list[int]]:
     """input_ids and labels for one prompt -> response pair; labels mask every prompt token (IGNORE_INDEX)."""
-    prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    prompt = prompt_ids(tokenizer, messages)
     response_ids = tokenizer(response.strip() + END_OF_TURN, add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + response_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_len]
+    input_ids = (prompt + response_ids)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + response_ids)[:max_len]
     return {"input_ids": input_ids, "labels": labels}
 
 

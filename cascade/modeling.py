@@ -176,13 +176,19 @@ def _full(w: Any) -> Any:
     return w.full_tensor() if hasattr(w, "full_tensor") else w
 
 
+def logits_of(h: Any, w: Any, cap: float | None) -> Any:
+    """float32 logits of hidden states `h` under the output layer `w`, with Gemma's final soft-cap when it has one."""
+    import torch
+
+    z = (h @ w.t()).float()
+    return torch.tanh(z / cap) * cap if cap else z
+
+
 def _chunk_sums(h: Any, y: Any, w: Any, cap: float | None, kd_ids: Any = None, kd_q: Any = None) -> Any:
     """[sum of -log p(y), sum over k of -q_k log p(id_k)] over the chunk's positions."""
     import torch
 
-    z = (h @ w.t()).float()
-    if cap:
-        z = torch.tanh(z / cap) * cap
+    z = logits_of(h, w, cap)
     lse = torch.logsumexp(z, dim=-1)
     ce = (lse - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)).sum()
     kd = -(kd_q * (z.gather(-1, kd_ids) - lse.unsqueeze(-1))).sum() if kd_ids is not None else ce * 0.0

@@ -38,7 +38,8 @@ def collect(cfg: Config) -> dict:
             agreement[sp.name], reverse_kl[sp.name] = m.get("agreement", {}), m.get("reverse_kl") or {}
     return {"run_dir": rd.url, "target": cfg.target, "time": now,
             "driver": {k: driver[k] for k in ("host", "pid", "start")} if driver else None,
-            "steps": rows, "agreement": agreement, "reverse_kl": reverse_kl, "rerun_would_run": [r["step"] for r in rows if r["state"] != "done"]}
+            "steps": rows, "agreement": agreement, "reverse_kl": reverse_kl,
+            "rerun_would_run": [r["step"] for r in rows if r["state"] != "done"]}
 
 
 def _row(p: RunGraph, step: Step, entry: dict, alive: bool, gen: Any, now: float) -> dict:

@@ -165,9 +165,15 @@ class PhaseTrainer:
                                                                                             range(len(lengths))]
         self.order = DataOrder(len(self.units), self.seed)
 
+    def collate(self, rows: list[list[dict]]) -> dict:
+        """Model inputs for rows of encoded examples, on this worker's device (cascade.packing.collate_packed)."""
+        from cascade.packing import collate_packed
+
+        return collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
+                              getattr(self.mcfg, "sliding_window", None), self.device)
+
     def _micro_step(self, step: int, m: int) -> tuple[float, dict[str, float]]:
         """Forward and backward of one micro-batch (this worker's rows of it): (loss, the kind's metrics)."""
-        from cascade.packing import collate_packed
 
         b, accum = self.t.batch_size // self.world, self.t.grad_accum  # batch_size is global
         base = (step * accum + m) * b * self.world
@@ -175,8 +181,7 @@ class PhaseTrainer:
         if hasattr(self.kind, "batch"):  # the kind's own micro-batch from these rows (on_policy's rollouts)
             batch = self.kind.batch(self.opts, self, rows, step, m)
         else:
-            batch = collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
-                                   getattr(self.mcfg, "sliding_window", None), self.device)
+            batch = self.collate(rows)
         loss, metrics = self.kind.loss(self.opts, self.model, batch)
         (loss / accum).backward()
         self.real, self.slots = self.real + batch["real_tokens"], self.slots + batch["slots"]
@@ -243,7 +248,8 @@ class PhaseTrainer:
         seconds, train_seconds = self.t_end - self.t0, self.t_end - self.t_loop
         losses = self.losses
         out = {
-            "phase": self.ph.name, "kind": self.ph.kind, "options": self.ph.options, "steps": self.ph.iters, "loss_first": losses[0], "loss_last": losses[-1],
+            "phase": self.ph.name, "kind": self.ph.kind, "options": self.ph.options, "steps": self.ph.iters,
+            "loss_first": losses[0], "loss_last": losses[-1],
             "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses,
             "examples": len(self.examples), "examples_without_response": self.too_long,
             "tokens": self.state["tokens"] + self.real * self.world,

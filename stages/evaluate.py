@@ -13,8 +13,8 @@ student is asked *without* it: before/after is how far the kernel's effect moved
 token of the student's own answers (greedy, and sampled at temperature 1), each teacher reading them after its own
 prompt (with the kernel when the root teacher is built), compared on the student's top-32 and the tail
 (cascade/divergence.py); `cut` = 1 - after / before is what the stage moved the student towards its teachers on
-their own ground - the quantity on-policy distillation (kind on_policy) minimises. The metrics file also gathers the loss of each phase and the curation
-counts of each phase's dataset.
+their own ground - the quantity on-policy distillation (kind on_policy) minimises. The metrics file also gathers
+the loss of each phase and the curation counts of each phase's dataset.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     import torch
     from transformers import AutoTokenizer
 
-    from cascade.chat import collate, encode_example, render_prompt, vocab_hash
+    from cascade.chat import collate, encode_example, prompt_ids, vocab_hash
     from cascade.cluster import cpu_threads
     from cascade.divergence import answer_top_k
     from cascade.modeling import load_model, response_nll
@@ -195,7 +195,7 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
                    for how in kinds}
         out["rouge_l"], out["self_ended"] = _text_agreement(tok, records, answers["greedy"])
     if answer_tokens and divergence:
-        prompts = [tok(render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in records]
+        prompts = [prompt_ids(tok, r["messages"]) for r in records]
         out["answers"] = answers
         out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
     return {**out, "seconds": time.perf_counter() - t0}
@@ -246,7 +246,7 @@ def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[
     import torch
     from transformers import AutoTokenizer
 
-    from cascade.chat import prompt_messages, render_prompt, vocab_hash
+    from cascade.chat import prompt_ids, vocab_hash
     from cascade.divergence import reverse_kl
     from cascade.modeling import load_model
 
@@ -260,8 +260,7 @@ def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[
         if vocab_hash(tok) != scores[0]["vocab_hash"]:
             return {"skipped": f"teacher {path}: its tokenizer is not the student's"}
         model = load_model(path, revision, trust_remote_code=trust).to(device).eval()
-        prompts = [tok(render_prompt(tok, prompt_messages(r["messages"], system)), add_special_tokens=False)
-                   ["input_ids"] for r in records]
+        prompts = [prompt_ids(tok, r["messages"], system) for r in records]
         for i, s in enumerate(scores):
             for how in ("greedy", "sampled"):
                 total, n = reverse_kl(model, tok, prompts, s["answers"][how], s["top"][how])

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import cascade.phases.sft as sft
+from cascade.chat import prompt_ids
 from cascade.validate import fail, number
 
 TEACHER_LOGPROBS = False
@@ -91,7 +92,6 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
     from safetensors.torch import load as st_load
 
     from cascade.chat import IGNORE_INDEX
-    from cascade.packing import collate_packed
 
     examples, n = [row[0] for row in rows], opts.samples_per_prompt
     path = f"{tr.ckpt.dir}/rollouts/{step:06d}-{micro:03d}-{tr.rank}of{tr.world}.safetensors"
@@ -101,11 +101,10 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
         data = _rollouts(opts, tr, examples, step, micro)
         tr.rd.write_bytes(path, data)
     r = st_load(data)  # answers [B, L] (-1 after each), ids and logprobs [teachers, B, L, k]
-    prompts = [_prompt_ids(tr.tok, e["messages"], None) for e in examples for _ in range(n)]
+    prompts = [prompt_ids(tr.tok, e["messages"]) for e in examples for _ in range(n)]
     answers = [a[: int(m)] for a, m in zip(r["answers"].tolist(), r["lengths"].tolist(), strict=True)]
     seqs = [[{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a}] for p, a in zip(prompts, answers)]
-    out = collate_packed(seqs, tr.tok.pad_token_id, getattr(tr.mcfg, "layer_types", None),
-                         getattr(tr.mcfg, "sliding_window", None), tr.device)
+    out = tr.collate(seqs)
     width, (t, _, _, k) = out["input_ids"].shape[1], r["ids"].shape
     ids, lp = torch.zeros((t, len(seqs), width, k), dtype=torch.long), torch.zeros((t, len(seqs), width, k))
     for b, (p, a) in enumerate(zip(prompts, answers)):  # position j holds the distribution of token j
@@ -114,8 +113,7 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
     out.update(teacher_ids=ids.to(tr.device), teacher_lp=lp.to(tr.device), vocab=len(tr.tok),
                weights=[w for _, w, _ in _teachers(opts, tr)])
     if opts.sft_weight:
-        out["sft"] = collate_packed(rows, tr.tok.pad_token_id, getattr(tr.mcfg, "layer_types", None),
-                                    getattr(tr.mcfg, "sliding_window", None), tr.device)
+        out["sft"] = tr.collate(rows)
     return out
 
 
@@ -133,7 +131,7 @@ def _rollouts(opts: Options, tr: Any, examples: list[dict], step: int, micro: in
         with torch.no_grad(), torch.random.fork_rng(devices=[tr.device] if tr.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for e in examples:
-                p = _prompt_ids(tr.tok, e["messages"], None)
+                p = prompt_ids(tr.tok, e["messages"])
                 answers += _sample(opts, tr, student, p, min(opts.max_new_tokens, tr.t.max_seq_len - len(p)))
     finally:
         student.train()
@@ -176,7 +174,7 @@ def _score(opts: Options, tr: Any, examples: list[dict], answers: list[list[int]
     with torch.no_grad():
         for t, (model, _, system) in enumerate(teachers):
             for b, a in enumerate(answers):
-                p = _prompt_ids(tr.tok, examples[b // n]["messages"], system)
+                p = prompt_ids(tr.tok, examples[b // n]["messages"], system)
                 logits = model(input_ids=torch.tensor([p + a], device=tr.device)).logits[0, len(p) - 1 : -1]
                 top = torch.log_softmax(logits[:, :vocab].float(), dim=-1).topk(opts.top_k, dim=-1)
                 ids[t, b, : len(a)], lp[t, b, : len(a)] = top.indices.int().cpu(), top.values.cpu()
@@ -209,12 +207,6 @@ def _teachers(opts: Options, tr: Any) -> list[tuple[Any, float, str | None]]:
     return tr.teachers
 
 
-def _prompt_ids(tok: Any, messages: list[dict], system: str | None) -> list[int]:
-    from cascade.chat import prompt_messages, render_prompt
-
-    return tok(render_prompt(tok, prompt_messages(messages, system)), add_special_tokens=False)["input_ids"]
-
-
 # -- the loss ------------------------------------------------------------------------------------------------------
 def loss(opts: Options, model: Any, batch: dict) -> tuple[Any, dict[str, float]]:
     """The weighted mean over teachers of the generalized JSD per answer token (+ sft_weight x the sft loss)."""
@@ -241,13 +233,11 @@ def loss(opts: Options, model: Any, batch: dict) -> tuple[Any, dict[str, float]]
 def _chunk_jsd(h: Any, ids: Any, lp: Any, w: Any, cap: float | None, weights: list[float], vocab: int,
                beta: float) -> Any:
     """Sum over the chunk's positions of the teachers' weighted mean generalized JSD."""
-    import torch
 
     from cascade.divergence import generalized_jsd, top_k_outcomes
+    from cascade.modeling import logits_of
 
-    z = (h @ w.t()).float()
-    if cap:
-        z = torch.tanh(z / cap) * cap
+    z = logits_of(h, w, cap)
     total = z.sum() * 0.0
     for t, weight in enumerate(weights):
         log_s, log_t = top_k_outcomes(z, ids[t], lp[t], vocab)
