@@ -1,29 +1,32 @@
 """Faults survived: one tiny cascade struck again and again, then compared with a run never struck.
 
-    .venv/bin/python benchmarks/faults.py               # ~6 minutes on 2 CPU cores; --faults 8 --seed 0
-    .venv/bin/python benchmarks/faults.py --store s3 --faults 16      # on an S3 API server behind a failing proxy
-    .venv/bin/python benchmarks/faults.py train.cpus_per_worker=null   # more overrides for every run
+    .venv/bin/python benchmarks/faults.py               # ~6 minutes on 2 CPU cores; --faults 8
+    --seed 0 .venv/bin/python benchmarks/faults.py --store s3 --faults 16      # on an S3 API server
+    behind a failing proxy .venv/bin/python benchmarks/faults.py train.cpus_per_worker=null   # more
+    overrides for every run
 
-A reference run of `+stage=4b models=tiny` (smoke scale: small shards, answers one by one, short phases) first.
-Then the same command in a fresh run directory, struck by a seeded series of faults, each while the run is under
-way: kill -9 of the driver at a random moment, SIGTERM (pre-emption), the driver dying inside its Nth atomic
-write, commit or manifest update (cascade/failpoints.py), a full disk at its Nth write, two drivers started at
-once on the run directory (one must be refused; the other is killed at a random moment: twin_starts_both_running
-counts the times both ran, goal 0), the driver frozen (SIGSTOP) for 2-6 s and thawed, a second driver started
-with its wall clock an hour ahead while the first runs (it must be refused: clock_step_takeovers, goal 0). With
---store s3 every run directory is on an S3 API server (moto's, on 127.0.0.1) reached through a proxy
-(tests/store_proxy.py) that also strikes: it refuses and cuts connections, stalls them (past the store timeout,
-CASCADE_STORE_TIMEOUT_S=2 here) or answers 503 SlowDown for 3-6 s while a run goes on, and between runs a node
-copy of a model in the node cache is altered in place (a stale copy: it must be pulled again, not trained on).
-Kinds are drawn in seeded rounds, each kind once per round, so --faults of at least the kinds' number strikes
-each kind. After each fault the
-same command is started again; a run that completes (a fault came too late) is compared and the next faults
-strike a fresh run directory, until --faults have struck; the last run then runs to the end. Records are compared
-by id (every answer in the generation shards, every record of the curated datasets): lost = in the reference, not
-in a struck run; duplicated = more than once in one file. Prints one JSON object on its last line: faults_injected,
-faults_survived (those after which the run still ended with the reference's bytes), records_lost (goal 0),
-records_duplicated (goal 0), bytes_identical, the faults by kind, and peak resident memory (MB) by kind of process
-over every run (cascade/peakmem.py).
+A reference run of `+stage=4b models=tiny` (smoke scale: small shards, answers one by one, short
+phases) first. Then the same command in a fresh run directory, struck by a seeded series of faults,
+each while the run is under way: kill -9 of the driver at a random moment, SIGTERM (pre-emption),
+the driver dying inside its Nth atomic write, commit or manifest update (cascade/failpoints.py), a
+full disk at its Nth write, two drivers started at once on the run directory (one must be refused;
+the other is killed at a random moment: twin_starts_both_running counts the times both ran, goal 0),
+the driver frozen (SIGSTOP) for 2-6 s and thawed, a second driver started with its wall clock an
+hour ahead while the first runs (it must be refused: clock_step_takeovers, goal 0). With --store s3
+every run directory is on an S3 API server (moto's, on 127.0.0.1) reached through a proxy
+(tests/store_proxy.py) that also strikes: it refuses and cuts connections, stalls them (past the
+store timeout, CASCADE_STORE_TIMEOUT_S=2 here) or answers 503 SlowDown for 3-6 s while a run goes
+on, and between runs a node copy of a model in the node cache is altered in place (a stale copy: it
+must be pulled again, not trained on). Kinds are drawn in seeded rounds, each kind once per round,
+so --faults of at least the kinds' number strikes each kind. After each fault the same command is
+started again; a run that completes (a fault came too late) is compared and the next faults strike a
+fresh run directory, until --faults have struck; the last run then runs to the end. Records are
+compared by id (every answer in the generation shards, every record of the curated datasets): lost =
+in the reference, not in a struck run; duplicated = more than once in one file. Prints one JSON
+object on its last line: faults_injected, faults_survived (those after which the run still ended
+with the reference's bytes), records_lost (goal 0), records_duplicated (goal 0), bytes_identical,
+the faults by kind, and peak resident memory (MB) by kind of process over every run
+(cascade/peakmem.py).
 """
 
 from __future__ import annotations
@@ -46,21 +49,25 @@ ARGS = ["+stage=4b", "models=tiny", "cluster.include_dashboard=false", "generati
 DATA = ("generations/**/shard-?????.jsonl", "*/dataset/*/*.jsonl", "*/train/*/model.safetensors")
 
 
-# the driver with its wall clock an hour ahead (time.time only: the lease's liveness checks use clock ticks)
+# the driver with its wall clock an hour ahead (time.time only: the lease's liveness checks use
+# clock ticks)
 CLOCK_AHEAD = ("import runpy, sys, time; _t = time.time; time.time = lambda: _t() + 3600; "
-               "sys.argv = ['cascade', *sys.argv[1:]]; runpy.run_module('cascade', run_name='__main__')")
+               "sys.argv = ['cascade', *sys.argv[1:]]; runpy.run_module('cascade', "
+               "run_name='__main__')")
 STORE: dict = {}  # --store s3: "env" for every run, "proxy", "fs" (straight to the server), "cache"
 
 
 def _start(run: Path | str, env: dict | None = None, clock_ahead: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-c", CLOCK_AHEAD] if clock_ahead else [sys.executable, "-m", "cascade"]
-    return subprocess.Popen([*cmd, *ARGS, f"run_dir={run}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    return subprocess.Popen([*cmd, *ARGS, f"run_dir={run}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT,
                             env={**os.environ, **STORE.get("env", {}), **(env or {})})
 
 
 def _until_done(proc: subprocess.Popen, timeout: float = 900) -> int:
-    """The driver's exit code, once it and the Ray processes it started (seen while it ran) are gone: a killed
-    driver's go on their own, as in tests/conftest.py's kill9; the next run must not meet them."""
+    """The driver's exit code, once it and the Ray processes it started (seen while it ran) are
+    gone: a killed driver's go on their own, as in tests/conftest.py's kill9; the next run must not
+    meet them."""
     import psutil
 
     owned = {c.pid: c for c in SIGNALLED.pop(proc.pid, [])}
@@ -97,8 +104,10 @@ STORE_KINDS = ["outage", "stall", "slowdown", "stale"]
 
 
 def _stale(rng: random.Random) -> bool:
-    """A node copy of a model altered in place (one byte of one file flipped, its marker kept): True if one was."""
-    files = sorted(f for d in sorted(STORE["cache"].glob("runs/models/*/.pulled")) for f in d.parent.rglob("*")
+    """A node copy of a model altered in place (one byte of one file flipped, its marker kept): True
+    if one was."""
+    files = sorted(f for d in sorted(STORE["cache"].glob("runs/models/*/.pulled"))
+                   for f in d.parent.rglob("*")
                    if d.stat().st_mtime >= STORE["since"]  # a copy this run directory's runs used
                    and f.is_file() and f.name != ".pulled" and f.stat().st_size)
     if not files:
@@ -111,7 +120,8 @@ def _stale(rng: random.Random) -> bool:
 
 
 def _strike(run: Path | str, kind: str, rng: random.Random, t_ref: float) -> tuple[str, int, bool]:
-    """One fault while the run is under way: (its kind, the struck run's exit code, whether it struck)."""
+    """One fault while the run is under way: (its kind, the struck run's exit code, whether it
+    struck)."""
     if kind == "stale":  # between runs: then the run goes on and must not use the altered copy
         struck = _stale(rng)
         return kind, _until_done(_start(run)), struck
@@ -124,7 +134,8 @@ def _strike(run: Path | str, kind: str, rng: random.Random, t_ref: float) -> tup
             time.sleep(rng.uniform(3, 6))
             STORE["proxy"].set("ok")
         return kind, _until_done(proc), struck
-    if kind == "clock":  # a second driver, its wall clock an hour ahead, while the first runs: refused (exit 2)
+    if kind == "clock":
+        # a second driver, its wall clock an hour ahead, while the first runs: refused (exit 2)
         proc = _start(run)
         time.sleep(rng.uniform(0.15, 0.8) * t_ref)
         if proc.poll() is not None:
@@ -140,7 +151,8 @@ def _strike(run: Path | str, kind: str, rng: random.Random, t_ref: float) -> tup
         if struck:
             _signal(proc, signal.SIGKILL if kind == "kill9" else signal.SIGTERM)
         return kind, _until_done(proc), struck
-    if kind == "twin":  # two drivers started at once on one run directory: one must be refused (exit 2)
+    if kind == "twin":
+        # two drivers started at once on one run directory: one must be refused (exit 2)
         a, b = _start(run), _start(run)
         time.sleep(rng.uniform(0.15, 0.8) * t_ref)
         rcs = [p.poll() for p in (a, b)]
@@ -149,9 +161,11 @@ def _strike(run: Path | str, kind: str, rng: random.Random, t_ref: float) -> tup
         for p in (a, b):
             if p.poll() is None:
                 _signal(p, signal.SIGKILL)
-        ran = [rc for rc in (_until_done(p) for p in (a, b)) if rc != 2]  # the one that held the run directory
+        # the one that held the run directory
+        ran = [rc for rc in (_until_done(p) for p in (a, b)) if rc != 2]
         return kind, ran[0] if ran else 2, True
-    if kind == "pause":  # the driver frozen (SIGSTOP) for 2-6 s, then thawed: it must go on to the same bytes
+    if kind == "pause":
+        # the driver frozen (SIGSTOP) for 2-6 s, then thawed: it must go on to the same bytes
         proc = _start(run)
         time.sleep(rng.uniform(0.15, 0.8) * t_ref)
         struck = proc.poll() is None
@@ -161,7 +175,8 @@ def _strike(run: Path | str, kind: str, rng: random.Random, t_ref: float) -> tup
             proc.send_signal(signal.SIGCONT)
         return kind, _until_done(proc), struck
     point = {"write": f"write:{rng.randint(4, 45)}", "commit": f"commit:{rng.randint(1, 6)}",
-             "manifest": f"manifest:{rng.randint(2, 14)}", "enospc": f"write:{rng.randint(4, 45)}!enospc"}[kind]
+             "manifest": f"manifest:{rng.randint(2, 14)}",
+             "enospc": f"write:{rng.randint(4, 45)}!enospc"}[kind]
     rc = _until_done(_start(run, {"CASCADE_FAILPOINT": point}))
     return f"{kind}({point})", rc, rc != 0
 
@@ -176,7 +191,8 @@ def _local(run: Path | str, tmp: Path) -> Path:
 
 
 def _store(tmp: Path, seed: int) -> str:
-    """An S3 API server and the failing proxy in front of it; returns the bucket every run directory goes in."""
+    """An S3 API server and the failing proxy in front of it; returns the bucket every run directory
+    goes in."""
     import importlib.util
     import socket
 
@@ -191,10 +207,13 @@ def _store(tmp: Path, seed: int) -> str:
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update({**creds, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})  # this process: straight to it
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}
+    # this process: straight to it
+    os.environ.update({**creds, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
     fs = fsspec.filesystem("s3", use_listings_cache=False)
     for _ in range(100):
         try:
@@ -220,7 +239,9 @@ def _records(run: Path) -> tuple[collections.Counter, int]:
             here = collections.Counter()
             for line in f.read_text().splitlines():
                 r = json.loads(line)
-                here[f"{f.relative_to(run).parent}:{r.get('id') or (r['prompt_id'], r['sample'])}"] += 1
+                here[
+                    f"{f.relative_to(run).parent}:{r.get('id') or (r['prompt_id'], r['sample'])}"
+                ] += 1
             dup += sum(n - 1 for n in here.values() if n > 1)
             ids.update(here.keys())
     return ids, dup
@@ -241,7 +262,8 @@ def main() -> None:
     ap.add_argument("--faults", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--store", choices=("local", "s3"), default="local")
-    ap.add_argument("overrides", nargs="*", help="more config overrides for every run, e.g. train.cpus_per_worker=2")
+    ap.add_argument("overrides", nargs="*",
+                    help="more config overrides for every run, e.g. train.cpus_per_worker=2")
     a = ap.parse_args()
     ARGS.extend(a.overrides)
     from cascade.peakmem import PeakMemory
@@ -249,7 +271,8 @@ def main() -> None:
     peak = PeakMemory().start()  # every run's driver and workers, struck or not
     tmp = Path(tempfile.mkdtemp())
     root: Path | str = tmp if a.store == "local" else _store(tmp, a.seed)
-    where = (lambda name: tmp / name) if a.store == "local" else (lambda name: f"{root}/{name}")  # noqa: E731
+    def where(name: str) -> Path | str:
+        return tmp / name if a.store == "local" else f"{root}/{name}"
     t0 = time.perf_counter()
     assert _until_done(_start(where("ref"))) == 0, "the reference run failed"
     t_ref = time.perf_counter() - t0
@@ -285,11 +308,15 @@ def main() -> None:
     if STORE:
         STORE["server"].terminate()
     print(json.dumps({"store": a.store, "store_proxy": STORE["proxy"].seen if STORE else None,
-                      "faults_injected": injected, "faults_survived": survived, "runs_struck": episodes,
-                      "records_reference": len(ref_ids), "records_lost": lost, "records_duplicated": dup,
+                      "faults_injected": injected, "faults_survived": survived,
+                      "runs_struck": episodes,
+                      "records_reference": len(ref_ids), "records_lost": lost,
+                      "records_duplicated": dup,
                       "bytes_identical": identical, "faults_by_kind": dict(kinds),
-                      "twin_starts_both_running": len(TWO_HOLDERS), "clock_step_takeovers": len(CLOCK_TAKEOVERS),
-                      "reference_wall_s": round(t_ref, 1), "seed": a.seed, "peak_rss_mb": peak.megabytes()}))
+                      "twin_starts_both_running": len(TWO_HOLDERS),
+                      "clock_step_takeovers": len(CLOCK_TAKEOVERS),
+                      "reference_wall_s": round(t_ref, 1), "seed": a.seed,
+                      "peak_rss_mb": peak.megabytes()}))
 
 
 if __name__ == "__main__":

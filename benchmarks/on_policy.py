@@ -1,20 +1,23 @@
-"""On-policy distillation (kind on_policy) against the seed's off-policy recipe (kind sft), at equal training time,
-on the kernel build: the root teacher built by context distillation (`+stage=1b`, stages.1b.build), where the
-teacher is the base model with the kernel in context and the student the same base without it.
+"""On-policy distillation (kind on_policy) against the seed's off-policy recipe (kind sft), at equal
+training time, on the kernel build: the root teacher built by context distillation (`+stage=1b`,
+stages.1b.build), where the teacher is the base model with the kernel in context and the student the
+same base without it.
 
     .venv/bin/python benchmarks/on_policy.py               # tiny preset, ~6 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/on_policy.py --real        # + models=gemma3-270m (long on CPU; not run yet)
+    .venv/bin/python benchmarks/on_policy.py --real        # + models=gemma3-270m (long on CPU; not
+    run yet)
 
-One phase on the ethics probes (the sandwich's P0), lr 1e-3, batch 4, seed 42, in one run directory (the
-teacher's answers are generated once and reused). Off-policy trains `--iters` steps on the teacher's answers;
-on-policy is first timed on 4 steps, then given as many steps as fit in off-policy's training seconds (samples of
-at most 64 tokens, one per prompt, reverse KL: beta 1, the teacher's context as in generation: the kernel).
-Measured by the evaluation on the held-out probes (never used to choose a setting): the reverse KL(student ||
-teacher) per token on the student's own sampled answers (before = the base, the same for both), the log-likelihood
-of the teacher's held-out answers, ROUGE-L of greedy answers, the share of answers that end by themselves, and the
-training seconds. The last line is one JSON object: tiny_reverse_kl_cut (on-policy: 1 - after / before),
-tiny_on_vs_off (on-policy's held-out reverse KL over off-policy's), and the same with real_ when --real ran (else
-null), beside every figure and the settings.
+One phase on the ethics probes (the sandwich's P0), lr 1e-3, batch 4, seed 42, in one run directory
+(the teacher's answers are generated once and reused). Off-policy trains `--iters` steps on the
+teacher's answers; on-policy is first timed on 4 steps, then given as many steps as fit in
+off-policy's training seconds (samples of at most 64 tokens, one per prompt, reverse KL: beta 1, the
+teacher's context as in generation: the kernel). Measured by the evaluation on the held-out probes
+(never used to choose a setting): the reverse KL(student || teacher) per token on the student's own
+sampled answers (before = the base, the same for both), the log-likelihood of the teacher's held-out
+answers, ROUGE-L of greedy answers, the share of answers that end by themselves, and the training
+seconds. The last line is one JSON object: tiny_reverse_kl_cut (on-policy: 1 - after / before),
+tiny_on_vs_off (on-policy's held-out reverse KL over off-policy's), and the same with real_ when
+--real ran (else null), beside every figure and the settings.
 """
 
 from __future__ import annotations
@@ -26,26 +29,32 @@ import tempfile
 from pathlib import Path
 
 PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: 1.0e-3%s}"
-ON = ", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, teacher_context: teacher}"
+ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
+      "teacher_context: teacher}")
 
 
 def _run(conf: Path, run: Path, preset: str, iters: int, on: bool) -> dict:
     (conf / "local" / "bench.yaml").write_text(
-        "# @package _global_\nstages:\n  1b: {build: true}\ncurriculum:\n  - " + PHASE % (iters, ON if on else "")
+        "# @package _global_\nstages:\n  1b: {build: true}\ncurriculum:\n  - "
+                                               + PHASE % (iters, ON if on else "")
         + "\n")
-    args = ["--config-dir", str(conf), "+stage=1b", f"models={preset}", "+local=bench", f"run_dir={run}",
-            "cluster.include_dashboard=false", "train.batch_size=4", "train.save_every=0", "release.enabled=false"]
+    args = ["--config-dir", str(conf), "+stage=1b", f"models={preset}", "+local=bench",
+            f"run_dir={run}",
+            "cluster.include_dashboard=false", "train.batch_size=4", "train.save_every=0",
+            "release.enabled=false"]
     subprocess.run([sys.executable, "-m", "cascade", *args], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     m = json.loads((run / "1b/eval/metrics.json").read_text())
     ph = json.loads((run / "1b/train/00-p0_ethics/step.json").read_text())["summary"]
     kl = m["reverse_kl"]["sampled"]
-    return {"kind": "on_policy" if on else "sft", "iters": iters, "train_seconds": round(ph["train_seconds"], 1),
-            "reverse_kl_before": kl["before"], "reverse_kl_after": kl["after"], "reverse_kl_cut": kl["cut"],
+    return {"kind": "on_policy" if on else "sft", "iters": iters,
+            "train_seconds": round(ph["train_seconds"], 1),
+            "reverse_kl_before": kl["before"], "reverse_kl_after": kl["after"],
+            "reverse_kl_cut": kl["cut"],
             "greedy_reverse_kl_after": m["reverse_kl"]["greedy"]["after"],
             "loglik_after": m["agreement"]["after"], "loglik_before": m["agreement"]["before"],
-            "rouge_l_after": m["text_agreement"]["after"], "self_ended_after": m["self_ended"]["after"],
-            "heldout": m["agreement"]["records"]}
+            "rouge_l_after": m["text_agreement"]["after"],
+            "self_ended_after": m["self_ended"]["after"], "heldout": m["agreement"]["records"]}
 
 
 def compare(preset: str, iters: int) -> dict:
@@ -57,13 +66,16 @@ def compare(preset: str, iters: int) -> dict:
         steps = max(4, round(off["train_seconds"] / (probe["train_seconds"] / 4)))
         on = _run(conf, run, preset, steps, on=True)
     return {"off_policy": off, "on_policy": on, "on_policy_timing_run": probe,
-            "reverse_kl_cut": on["reverse_kl_cut"], "on_vs_off": on["reverse_kl_after"] / off["reverse_kl_after"]}
+            "reverse_kl_cut": on["reverse_kl_cut"],
+            "on_vs_off": on["reverse_kl_after"] / off["reverse_kl_after"]}
 
 
 def main() -> None:
     real = "--real" in sys.argv
-    out: dict = {"settings": {"stage": "1b (build: the kernel in the teacher's context)", "phase": "p0_ethics",
-                              "lr": 1e-3, "batch_size": 4, "seed": 42, "on_policy": ON.split("options: ")[1][:-1],
+    out: dict = {"settings": {"stage": "1b (build: the kernel in the teacher's context)",
+                              "phase": "p0_ethics",
+                              "lr": 1e-3, "batch_size": 4, "seed": 42,
+                              "on_policy": ON.split("options: ")[1][:-1],
                               "off_policy_iters": {"tiny": 600, "gemma3-270m": 60}}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
         if preset != "tiny" and not real:

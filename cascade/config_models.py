@@ -1,6 +1,6 @@
-"""The `models` config group's schema (conf/models/<preset>.yaml): which models the cascade is built from, and how
-the local presets are built (the tiny preset: cascade/tiny.py; Gemma 3 270M: cascade/gemma3_270m.py). Part of
-Config (cascade/config.py)."""
+"""The `models` config group's schema (conf/models/<preset>.yaml): which models the cascade is built
+from, and how the local presets are built (the tiny preset: cascade/tiny.py; Gemma 3 270M:
+cascade/gemma3_270m.py). Part of Config (cascade/config.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ class TinySpec:
     hidden_size: int = MISSING
     num_hidden_layers: int = MISSING
     intermediate_size: int = MISSING
-    pretrain_steps: int = MISSING  # full-parameter steps on the project's texts when the preset is built
-    pretrain_format: str = "text"  # chat: answers in the turn format (a teacher); text: plain prose (a base model)
+    # full-parameter steps on the project's texts when the preset is built
+    pretrain_steps: int = MISSING
+    # chat: answers in the turn format (a teacher); text: plain prose (a base model)
+    pretrain_format: str = "text"
 
 
 @dataclass
@@ -55,7 +57,8 @@ PRESETS = ("real", "tiny", "gemma3-270m")
 @dataclass
 class ModelsConfig:
     preset: str = "real"  # real | tiny | gemma3-270m (conf/models/<preset>.yaml)
-    cache_dir: str = "${oc.env:CASCADE_CACHE,'~/.cache/cascade/models'}"  # built models live here, keyed by spec
+    # built models live here, keyed by spec
+    cache_dir: str = "${oc.env:CASCADE_CACHE,'~/.cache/cascade/models'}"
     trust_remote_code: bool = False
     tiny: TinyConfig = field(default_factory=TinyConfig)
     gemma3: Gemma3Config = field(default_factory=Gemma3Config)

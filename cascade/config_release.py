@@ -1,5 +1,5 @@
-"""The `release` and `serve` sections of the config's schema: what a trained stage ships (stages/release.py) and how
-it is served (cascade/serve.py). Part of Config (cascade/config.py)."""
+"""The `release` and `serve` sections of the config's schema: what a trained stage ships
+(stages/release.py) and how it is served (cascade/serve.py). Part of Config (cascade/config.py)."""
 
 from __future__ import annotations
 
@@ -14,22 +14,29 @@ from cascade.validate import env_name, fail, number, safe_name
 class ReleaseConfig:
     """stages/release.py: what the seed ships, per trained stage, in <run_dir>/<stage>/release/."""
 
-    enabled: bool = False  # the real presets turn it on; the tiny one on a switch: release.enabled=true
-    family: str = "cascade-gemma3"  # names the release: <family>-<stage> (a model card's title, GGUF file names)
-    # GGUF types: F32, F16, BF16 from llama.cpp's converter; any type llama.cpp's quantizer offers (Q8_0, Q4_K_M..)
+    # the real presets turn it on; the tiny one on a switch: release.enabled=true
+    enabled: bool = False
+    # names the release: <family>-<stage> (a model card's title, GGUF file names)
+    family: str = "cascade-gemma3"
+    # GGUF types: F32, F16, BF16 from llama.cpp's converter; any type llama.cpp's quantizer offers
+    # (Q8_0, Q4_K_M..)
     gguf: list[str] = field(default_factory=lambda: ["F16", "Q8_0", "Q4_K_M"])
-    probes: int = 8  # held-out prompts (with their teachers' answers) each GGUF is compared on with transformers
-    min_agreement: float = 0.99  # next-token argmax agreement an F32/F16 file must reach, else the step fails
+    # held-out prompts (with their teachers' answers) each GGUF is compared on with transformers
+    probes: int = 8
+    # next-token argmax agreement an F32/F16 file must reach, else the step fails
+    min_agreement: float = 0.99
     license: str = "eupl-1.2"  # the card's front matter; the base model's own terms still apply
-    # lm-evaluation-harness tasks run on the released model: the project's own (cascade_probes, cascade_format)
-    # work offline; on a cluster any harness task, e.g. ifeval
+    # lm-evaluation-harness tasks run on the released model: the project's own (cascade_probes,
+    # cascade_format) work offline; on a cluster any harness task, e.g. ifeval
     harness: list[str] = field(default_factory=list)
     harness_limit: Optional[int] = None  # documents per harness task; None: all
-    num_cpus: float = 1.0  # Ray resources of the release's task (the student loaded for the GGUF checks, harness)
+    # Ray resources of the release's task (the student loaded for the GGUF checks, harness)
+    num_cpus: float = 1.0
     num_gpus: float = 0.0
 
     def name(self, stage: str) -> str:
-        """A stage's release name: its card's title, its GGUF files' prefix, the served model's id."""
+        """A stage's release name: its card's title, its GGUF files' prefix, the served model's id.
+        """
         return f"{self.family}-{stage}"
 
     def check(self) -> None:
@@ -51,13 +58,16 @@ class ReleaseConfig:
 
 @dataclass
 class ServeConfig:
-    """`python -m cascade serve +stage=<s>`: an OpenAI-compatible server for a stage's release (cascade/serve.py)."""
+    """`python -m cascade serve +stage=<s>`: an OpenAI-compatible server for a stage's release
+    (cascade/serve.py)."""
 
-    engine: str = "vllm"  # vllm: the release's HF directory in vLLM's server; llamacpp: a GGUF in llama_cpp.server
+    # vllm: the release's HF directory in vLLM's server; llamacpp: a GGUF in llama_cpp.server
+    engine: str = "vllm"
     gguf: str = "F16"  # the GGUF type llamacpp serves
     host: str = "127.0.0.1"
     port: int = 8080
-    api_key_env: str = "CASCADE_API_KEY"  # when this variable is set, requests need its value as a bearer key
+    # when this variable is set, requests need its value as a bearer key
+    api_key_env: str = "CASCADE_API_KEY"
 
     def check(self) -> None:
         if self.engine not in ("vllm", "llamacpp"):

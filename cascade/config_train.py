@@ -1,5 +1,6 @@
-"""The `train` section of the schema (cascade/config.py): how every phase of a stage is trained, whatever its kind
-(cascade/phases/). Below the rest of the config so that the model code can use it without importing the whole."""
+"""The `train` section of the schema (cascade/config.py): how every phase of a stage is trained,
+whatever its kind (cascade/phases/). Below the rest of the config so that the model code can use it
+without importing the whole."""
 
 from __future__ import annotations
 
@@ -31,13 +32,14 @@ class TrainConfig:
     grad_accum: int = 4
     max_seq_len: int = 1024
     num_workers: int = 1  # Ray Train workers (DDP: gloo on CPU, nccl on GPU)
-    # ddp: every worker holds the whole model; fsdp: each decoder layer's weights sharded over the workers
-    # (torch FSDP2, fully_shard) for students too large for one device (12b, 27b)
+    # ddp: every worker holds the whole model; fsdp: each decoder layer's weights sharded over the
+    # workers (torch FSDP2, fully_shard) for students too large for one device (12b, 27b)
     strategy: str = "ddp"
     use_gpu: bool = False
     # CPUs (and torch threads) of each worker; None: the cluster's CPUs shared out among the workers
-    # (cascade.cluster.worker_cpus). The thread count changes float summation order, so fused weights are bitwise
-    # reproducible for a fixed count; set it to pin a run's bytes across machines of different sizes.
+    # (cascade.cluster.worker_cpus). The thread count changes float summation order, so fused
+    # weights are bitwise reproducible for a fixed count; set it to pin a run's bytes across
+    # machines of different sizes.
     cpus_per_worker: Optional[int] = None
     bf16: bool = True  # used only where the hardware supports it
     gradient_checkpointing: bool = False
@@ -47,7 +49,8 @@ class TrainConfig:
     packing: bool = True  # minimum-slack packing of whole examples, block-diagonal attention
     save_every: int = 50  # mid-phase checkpoint every N optimizer steps (0: none)
     keep_checkpoints: int = 2  # last K mid-phase checkpoints kept per phase
-    max_failures: int = 2  # Ray Train restarts of a failed worker group (resuming from the last checkpoint)
+    # Ray Train restarts of a failed worker group (resuming from the last checkpoint)
+    max_failures: int = 2
 
     def check(self) -> None:
         for k in ("batch_size", "grad_accum", "max_seq_len", "num_workers", "keep_checkpoints"):
@@ -58,7 +61,8 @@ class TrainConfig:
             number(f"train.{k}", getattr(self, k), 0)
         number("train.max_grad_norm", self.max_grad_norm, 0, lo_open=True)
         if self.batch_size % self.num_workers:
-            fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers ({self.num_workers})")
+            fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers "
+                 f"({self.num_workers})")
         if self.strategy not in ("ddp", "fsdp"):
             fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
         self.lora.check()

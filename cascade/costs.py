@@ -1,6 +1,7 @@
-"""The arithmetic of a step's cost (the planner's, cascade/plan.py; each step's `cost` in stages/): memory of a
-generation replica and of a training worker, the placements that would fit, prompt tokens as the backends count
-them, a replica's decode rate. No Ray is started and no weights are loaded.
+"""The arithmetic of a step's cost (the planner's, cascade/plan.py; each step's `cost` in stages/):
+memory of a generation replica and of a training worker, the placements that would fit, prompt
+tokens as the backends count them, a replica's decode rate. No Ray is started and no weights are
+loaded.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from cascade.config import Config, TrainConfig
 from cascade.devices import GB, Device
 from cascade.graph import GenJob, RunGraph
 
-LOSS_CHUNK_ROWS = 256  # cascade.modeling.LOSS_CHUNK: positions whose vocabulary logits exist at once
-DECODE_STEP_S = 0.005  # per decode step beyond the model: scheduling, sampling, detokenizing (vLLM, batched)
-OVERHEAD_S = {"gpu": {"generate": 120.0, "train": 60.0}, "cpu": {"generate": 5.0, "train": 10.0}}  # per step
+# cascade.modeling.LOSS_CHUNK: positions whose vocabulary logits exist at once
+LOSS_CHUNK_ROWS = 256
+# per decode step beyond the model: scheduling, sampling, detokenizing (vLLM, batched)
+DECODE_STEP_S = 0.005
+# per step
+OVERHEAD_S = {"gpu": {"generate": 120.0, "train": 60.0}, "cpu": {"generate": 5.0, "train": 10.0}}
 
 
 def nbytes(dtype: str, dev: Device) -> int:
@@ -25,11 +29,11 @@ def nbytes(dtype: str, dev: Device) -> int:
 
 def replica_memory(a: Arch, cfg: Config, dev: Device, nbytes: int, prompt_len: float,
                    opts: Any = None) -> tuple[dict, int]:
-    """GB per generation replica by part, its limit, and the sequences it decodes at once (the backend's memory
-    model, cascade/generation/; `opts`: its settings, else the config's)."""
+    """GB per generation replica by part, its limit, and the sequences it decodes at once (the
+    backend's memory model, cascade/generation/; `opts`: its settings, else the config's)."""
     b = cfg.backend
-    mem, conc = generation.load(b.name).memory(opts or b.options, a, cfg.generation, nbytes, prompt_len,
-                                                dev.memory_gb * GB, cfg.plan.headroom)
+    mem, conc = generation.load(b.name).memory(opts or b.options, a, cfg.generation, nbytes,
+                                               prompt_len, dev.memory_gb * GB, cfg.plan.headroom)
     mem = {k: v / GB for k, v in mem.items()}
     mem["total"] = mem["weights"] + mem["runtime"] + mem["kv_cache"]
     return mem, conc
@@ -51,7 +55,8 @@ def train_memory(a: Arch, t: TrainConfig, dev: Device, limit: float) -> dict:
 
 def train_fixes(a: Arch, t: TrainConfig, dev: Device, limit: float) -> list[str]:
     """The overrides (fewest changes first) under which a training worker fits."""
-    n = max(w for w in range(1, dev.count + 1) if t.batch_size % w == 0)  # the most workers the batch divides among
+    # the most workers the batch divides among
+    n = max(w for w in range(1, dev.count + 1) if t.batch_size % w == 0)
     gc, fsdp = {"gradient_checkpointing": True}, {"strategy": "fsdp", "num_workers": n}
     tries = ([gc] if not t.gradient_checkpointing else []) + ([fsdp] if n > 1 else [])
     tries += [{**gc, **fsdp}] if n > 1 and not t.gradient_checkpointing else []
@@ -63,8 +68,9 @@ def train_fixes(a: Arch, t: TrainConfig, dev: Device, limit: float) -> list[str]
 
 
 def prompt_tokens(p: RunGraph, job: GenJob, cache: dict) -> tuple[int, bool]:
-    """The prompt set's tokens as the backends count them (chat template, no extra specials), with the teacher's
-    tokenizer when it is on this machine; else estimated at 4 characters a token (False)."""
+    """The prompt set's tokens as the backends count them (chat template, no extra specials), with
+    the teacher's tokenizer when it is on this machine; else estimated at 4 characters a token
+    (False)."""
     from cascade.chat import prompt_messages, render_prompt
 
     ps = p.prompts[job.data]
@@ -76,19 +82,24 @@ def prompt_tokens(p: RunGraph, job: GenJob, cache: dict) -> tuple[int, bool]:
 
 
 def _tokenizer(p: RunGraph, teacher: str, model: str, cache: dict) -> Any:
-    """The teacher's tokenizer from its directory, or (a stage trained in this run: not made yet) its stage's base
-    model's, which training does not change; from the HF cache for a hub id; None when nowhere on this machine."""
-    base = next((sp.base_model for sp in p.stages if sp.name == teacher.removesuffix("-base")), model)
-    made = next((sp.phases[-1].model for sp in p.stages if sp.phases and sp.final_model == model), None)
-    if made is not None and p.rd.committed(made) is None:  # not made yet, or made from another model: not its own
+    """The teacher's tokenizer from its directory, or (a stage trained in this run: not made yet)
+    its stage's base model's, which training does not change; from the HF cache for a hub id; None
+    when nowhere on this machine."""
+    base = next((sp.base_model for sp in p.stages if sp.name == teacher.removesuffix("-base")),
+                model)
+    made = next((sp.phases[-1].model for sp in p.stages if sp.phases and sp.final_model == model),
+                None)
+    if made is not None and p.rd.committed(made) is None:
+        # not made yet, or made from another model: not its own
         model = base
     for src in dict.fromkeys((model, base)):
         if src not in cache:
             from transformers import AutoTokenizer
 
             try:
-                cache[src] = AutoTokenizer.from_pretrained(src, local_files_only=True,
-                                                           trust_remote_code=p.cfg.models.trust_remote_code)
+                cache[src] = AutoTokenizer.from_pretrained(
+                    src, local_files_only=True, trust_remote_code=p.cfg.models.trust_remote_code
+                )
             except (OSError, ValueError):
                 cache[src] = None
         if cache[src] is not None:
@@ -96,9 +107,13 @@ def _tokenizer(p: RunGraph, teacher: str, model: str, cache: dict) -> Any:
     return None
 
 
-def decode_rate(a: Arch, dev: Device, nbytes: int, tp: int, conc: int, ctx: float, plan: Any) -> float:
-    """Tokens/s of one replica: a decode step reads the weights and every running sequence's KV cache (memory
-    bound), or does 2 x params FLOPs per sequence (compute bound), whichever is slower."""
-    read = (a.params * nbytes + conc * a.kv_bytes(ctx, nbytes)) / (dev.bandwidth_gbs * GB * plan.decode_efficiency * tp)
+def decode_rate(a: Arch, dev: Device, nbytes: int, tp: int, conc: int, ctx: float,
+                plan: Any) -> float:
+    """Tokens/s of one replica: a decode step reads the weights and every running sequence's KV
+    cache (memory bound), or does 2 x params FLOPs per sequence (compute bound), whichever is
+    slower."""
+    read = (a.params * nbytes + conc * a.kv_bytes(ctx, nbytes)) / (
+        dev.bandwidth_gbs * GB * plan.decode_efficiency * tp
+    )
     compute = 2 * a.text_params * conc / (dev.tflops * 1e12 * tp * plan.train_mfu)
     return conc / (max(read, compute) + DECODE_STEP_S)

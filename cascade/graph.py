@@ -1,11 +1,12 @@
-"""The plan of a run: every step of the cascade up to the target, with its identity. No Ray, no model.
+"""The plan of a run: every step of the cascade up to the target, with its identity. No Ray, no
+model.
 
     python -m cascade +stage=4b models=tiny --cfg job     # the config the plan is made from
 
-Each step's key is a hash of the config and the keys of its inputs, so a changed setting re-runs that step and
-those downstream, and a run with nothing to do ends before Ray starts. Stages are resolved like make: a stage's
-teachers (and theirs) are planned first. The driver, every step, the tests and the benchmarks share these types;
-nothing here imports a step or the driver.
+Each step's key is a hash of the config and the keys of its inputs, so a changed setting re-runs
+that step and those downstream, and a run with nothing to do ends before Ray starts. Stages are
+resolved like make: a stage's teachers (and theirs) are planned first. The driver, every step, the
+tests and the benchmarks share these types; nothing here imports a step or the driver.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from cascade.rundir import RunDir, Step, stable_hash
 
 @dataclass
 class Teacher:
-    name: str  # the stage whose model answers ("1b"), or "<root>-base" when the root teacher is being built
+    # the stage whose model answers ("1b"), or "<root>-base" when the root teacher is being built
+    name: str
     model: str  # local directory or HF id
     key: str  # identity of its weights
     weight: float = 1.0
@@ -88,9 +90,10 @@ class StageGraph:
 
 @dataclass
 class Work:
-    """One entry of the run's table: a step of kind `kind` (its module stages/<kind>.py declares `run`, what the
-    driver calls, and `cost`, what the planner calls) for one stage, committing `steps` in order, each by the run
-    directory's step protocol (cascade.steps.execute). What determines it: its steps' keys."""
+    """One entry of the run's table: a step of kind `kind` (its module stages/<kind>.py declares
+    `run`, what the driver calls, and `cost`, what the planner calls) for one stage, committing
+    `steps` in order, each by the run directory's step protocol (cascade.steps.execute). What
+    determines it: its steps' keys."""
 
     kind: str  # generate, curate, train, evaluate, release
     stage: StageGraph
@@ -111,7 +114,8 @@ class Work:
 
 @dataclass
 class RunGraph:
-    """What a run needs before Ray starts: the config, the run directory, the inputs read and checked, the plan."""
+    """What a run needs before Ray starts: the config, the run directory, the inputs read and
+    checked, the plan."""
 
     cfg: Config
     rd: RunDir
@@ -120,9 +124,10 @@ class RunGraph:
     stages: list[StageGraph]
 
     def work(self) -> list[Work]:
-        """The run's table, in run order: what the driver runs and the planner costs. Per trained stage: each
-        teacher's answers (one pool of replicas for its prompt sets), each phase's dataset, the curriculum (one
-        Ray Train job), the evaluation, the release. A teacher's answers shared by stages are listed once."""
+        """The run's table, in run order: what the driver runs and the planner costs. Per trained
+        stage: each teacher's answers (one pool of replicas for its prompt sets), each phase's
+        dataset, the curriculum (one Ray Train job), the evaluation, the release. A teacher's
+        answers shared by stages are listed once."""
         out, seen = [], set()
 
         def add(kind: str, sp: StageGraph, steps: list[Step], **kw: Any) -> None:
@@ -152,15 +157,19 @@ class RunGraph:
 
 @dataclass
 class Context:
-    """What every step's run is given: the plan, and the driver's handles and decisions. Steps read it; the run
-    state (the manifest) stays the driver's."""
+    """What every step's run is given: the plan, and the driver's handles and decisions. Steps read
+    it; the run state (the manifest) stays the driver's."""
 
     graph: RunGraph
-    lease: tuple[int, str] | None = None  # (generation, token): fences commits made inside a worker's job
-    stop: Any = None  # cascade.preemption.Preemption: SIGTERM deferred while training workers checkpoint
+    # (generation, token): fences commits made inside a worker's job
+    lease: tuple[int, str] | None = None
+    # cascade.preemption.Preemption: SIGTERM deferred while training workers checkpoint
+    stop: Any = None
     cpus: int = 1  # CPUs (torch threads) per training worker
-    spare: bool = False  # evaluation has CPUs beside training's: the base student is scored while it trains
-    before: dict[str, Any] = field(default_factory=dict)  # stage -> that score in flight (stages/evaluate.py)
+    # evaluation has CPUs beside training's: the base student is scored while it trains
+    spare: bool = False
+    # stage -> that score in flight (stages/evaluate.py)
+    before: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cfg(self) -> Config:
@@ -172,8 +181,9 @@ class Context:
 
 
 def heldout(rd: RunDir, sp: StageGraph) -> list[dict]:
-    """A trained stage's held-out records (prompt messages, teachers' answer) from its committed datasets, each
-    prompt once: what evaluate scores, the release checks its GGUF files on, the harness's cascade_probes task."""
+    """A trained stage's held-out records (prompt messages, teachers' answer) from its committed
+    datasets, each prompt once: what evaluate scores, the release checks its GGUF files on, the
+    harness's cascade_probes task."""
     records, seen = [], set()
     for ph in sp.phases:
         for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
@@ -199,15 +209,16 @@ def _looks_local(model: str) -> bool:
 
 
 def model_identity(cfg: Config, stage: str, weights: bool = True) -> tuple[str, str]:
-    """(path or id, key) of a stage's base model; raises ConfigError when a local path is missing (or, with
-    HF_HUB_OFFLINE=1 and weights, a hub model is not in the cache)."""
+    """(path or id, key) of a stage's base model; raises ConfigError when a local path is missing
+    (or, with HF_HUB_OFFLINE=1 and weights, a hub model is not in the cache)."""
     spec = cfg.stages[stage]
     if spec.model.startswith("tiny:"):
         from cascade.tiny import preset_dir, preset_key
 
         size = spec.model.split(":", 1)[1]
         if cfg.models.preset != "tiny" or size not in cfg.models.tiny.sizes:
-            raise ConfigError(f"stages.{stage}.model={spec.model!r}: no such tiny model (use models=tiny)")
+            raise ConfigError(f"stages.{stage}.model={spec.model!r}: no such tiny model (use "
+                              "models=tiny)")
         return str(preset_dir(cfg) / size), stable_hash("tiny", preset_key(cfg), size)
     if spec.model.startswith("gemma3-270m:"):
         from cascade import gemma3_270m
@@ -218,24 +229,29 @@ def model_identity(cfg: Config, stage: str, weights: bool = True) -> tuple[str, 
     if _looks_local(spec.model):
         p = Path(spec.model).expanduser()
         if not (p / "config.json").is_file():
-            raise ConfigError(f"stages.{stage}.model: model path not found (no config.json): {spec.model}")
+            raise ConfigError(f"stages.{stage}.model: model path not found (no config.json): "
+                              f"{spec.model}")
         from cascade.storage import content_hash
 
         # its bytes, not only its names and sizes: weights retrained in place are another model
-        files = sorted((f.name, f.stat().st_size, content_hash(f)) for f in p.iterdir() if f.is_file())
+        files = sorted((f.name, f.stat().st_size, content_hash(f)) for f in p.iterdir()
+                       if f.is_file())
         return str(p.resolve()), stable_hash("local", (p / "config.json").read_text(), files)
     if weights and os.environ.get("HF_HUB_OFFLINE") == "1":
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(spec.model, "config.json", revision=spec.revision), str):
-            raise ConfigError(f"stages.{stage}.model: {spec.model!r} is not in the local HF cache (HF_HUB_OFFLINE=1)")
+        if not isinstance(try_to_load_from_cache(spec.model, "config.json", revision=spec.revision),
+                          str):
+            raise ConfigError(f"stages.{stage}.model: {spec.model!r} is not in the local HF cache "
+                              "(HF_HUB_OFFLINE=1)")
     return spec.model, stable_hash("hub", spec.model, spec.revision)
 
 
 def shard_size_for(cfg: Config, n_prompts: int) -> int:
-    """Prompts per shard. generation.shard_size when set; auto (0): large enough to fill one engine batch
-    (the backend's batch capacity: hf's batch_size, vllm's max_num_seqs), otherwise N / (8 x replicas) so
-    every replica gets about 8 shards and a crash redoes at most ~1/8 of its share; never above N."""
+    """Prompts per shard. generation.shard_size when set; auto (0): large enough to fill one engine
+    batch (the backend's batch capacity: hf's batch_size, vllm's max_num_seqs), otherwise N / (8 x
+    replicas) so every replica gets about 8 shards and a crash redoes at most ~1/8 of its share;
+    never above N."""
     g, b = cfg.generation, cfg.backend
     if g.shard_size:
         return g.shard_size
@@ -256,23 +272,29 @@ def prompt_seed(cfg: Config, teacher: Teacher, data: str, prompt_id: str) -> int
 
 def backend_kwargs(cfg: Config, teacher: Teacher) -> dict[str, Any]:
     """What every backend's create() takes beside its own options, for one teacher's model."""
-    return dict(dtype=cfg.backend.dtype, revision=teacher.revision, trust_remote_code=cfg.models.trust_remote_code,
-                seed=cfg.seed)
+    return dict(dtype=cfg.backend.dtype, revision=teacher.revision,
+                trust_remote_code=cfg.models.trust_remote_code, seed=cfg.seed)
 
 
-def _teachers(cfg: Config, stage: str, sp: StageGraph, done: dict[str, StageGraph], kernel: str) -> list[Teacher]:
+def _teachers(cfg: Config, stage: str, sp: StageGraph, done: dict[str, StageGraph],
+              kernel: str) -> list[Teacher]:
     spec = cfg.stages[stage]
     if spec.teachers:
-        return [Teacher(t.stage, done[t.stage].final_model, done[t.stage].final_key, t.weight,
-                        revision=None if done[t.stage].trains else done[t.stage].revision) for t in spec.teachers]
+        return [
+            Teacher(t.stage, done[t.stage].final_model, done[t.stage].final_key, t.weight,
+                    revision=None if done[t.stage].trains else done[t.stage].revision)
+            for t in spec.teachers
+        ]
     if spec.build:  # context distillation: the base answers with the kernel in context
         return [Teacher(f"{stage}-base", sp.base_model, sp.base_key, 1.0, kernel, spec.revision)]
     return []
 
 
-def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[str, list[Prompt]]) -> list[GenJob]:
+def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher],
+              prompts: dict[str, list[Prompt]]) -> list[GenJob]:
     g, b = cfg.generation, cfg.backend
-    samp = {k: getattr(g, k) for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "logprobs")}
+    samp = {k: getattr(g, k)
+            for k in ("max_new_tokens", "temperature", "top_p", "n_samples", "logprobs")}
     backend_id = (b.name, b.dtype, generation.load(b.name).sample_identity(b.options))
     jobs = []
     for t in teachers:
@@ -280,41 +302,51 @@ def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher], prompts: dict[st
             shard = shard_size_for(cfg, len(prompts[data]))
             data_id = (file_digest(cfg.data[data].path), dataclasses.asdict(cfg.data[data]))
             key = stable_hash("gen", t.key, t.system, samp, shard, backend_id, cfg.seed, data_id)
-            made_by = tuple(m for m in (t.model,) if m.startswith(f"{rd.root}/"))  # a teacher trained in this run
-            jobs.append(GenJob(t, data, Step(f"generate/{t.name}/{data}", key, rd.generation(t.name, data, key),
+            # a teacher trained in this run
+            made_by = tuple(m for m in (t.model,) if m.startswith(f"{rd.root}/"))
+            jobs.append(GenJob(t, data,
+                               Step(f"generate/{t.name}/{data}", key,
+                                    rd.generation(t.name, data, key),
                                              made_by), shard))
     return jobs
 
 
-def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob], kernel: str) -> list[PhaseGraph]:
+def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob],
+            kernel: str) -> list[PhaseGraph]:
     g = cfg.generation
-    # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`, which turns
-    # gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
+    # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`,
+    # which turns gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
     train_id = dataclasses.asdict(dataclasses.replace(
-        cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0, keep_checkpoints=0, max_failures=0,
-        gradient_checkpointing=False))
-    train_id["distill_weight"] = 0.0  # a setting before phase kinds (now distill's option): keys stay as they were
+        cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
+        keep_checkpoints=0, max_failures=0, gradient_checkpointing=False))
+    # a setting before phase kinds (now distill's option): keys stay as they were
+    train_id["distill_weight"] = 0.0
     phases, prev = [], base_key
     for i, ph in enumerate(cfg.curriculum):
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]
-        dkey = stable_hash("data", stage, ph.name, gens, cfg.seed, (g.drop_truncated, g.min_chars, g.max_chars))
-        kind = phase_kinds.load(ph.kind)  # a kind that puts the kernel in a teacher's context is keyed by it too
+        dkey = stable_hash("data", stage, ph.name, gens, cfg.seed,
+                           (g.drop_truncated, g.min_chars, g.max_chars))
+        # a kind that puts the kernel in a teacher's context is keyed by it too
+        kind = phase_kinds.load(ph.kind)
         uses = getattr(kind, "uses_kernel", None)
-        extra = (stable_hash(kernel),) if uses and uses(phase_kinds.options(ph.kind, ph.options, ph.name)) else ()
+        extra = ((stable_hash(kernel),) if uses
+                 and uses(phase_kinds.options(ph.kind, ph.options, ph.name)) else ())
         tkey = stable_hash("train", prev, dkey, phase_identity(ph), train_id, cfg.seed, *extra)
         data = Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name),
                     tuple(j.step.path for j in jobs if j.data == ph.data))
         model = Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name),
                      (data.path,) + ((phases[-1].model.path,) if phases else ()))
-        phases.append(PhaseGraph(i, ph.name, ph.data, ph.iters, ph.lr, data, model, ph.kind, dict(ph.options)))
+        phases.append(PhaseGraph(i, ph.name, ph.data, ph.iters, ph.lr, data, model, ph.kind,
+                                 dict(ph.options)))
         prev = tkey
     return phases
 
 
 def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
          weights: bool = True) -> list[StageGraph]:
-    """Every stage up to cfg.target with its steps and their keys, lowest stage first. weights=False: the hub
-    models need not be in the local cache (status and the planner, on a machine that only reads the run)."""
+    """Every stage up to cfg.target with its steps and their keys, lowest stage first.
+    weights=False: the hub models need not be in the local cache (status and the planner, on a
+    machine that only reads the run)."""
     done: dict[str, StageGraph] = {}
     for stage in needed_stages(cfg):
         base_model, base_key = model_identity(cfg, stage, weights)
@@ -323,23 +355,28 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
         if sp.teachers:
             sp.gen_jobs = _gen_jobs(cfg, rd, sp.teachers, prompts)
             sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs, kernel)
-            ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases], cfg.eval)
+            ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases],
+                               cfg.eval)
             sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
                            (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
             if cfg.release.enabled:
-                rkey = stable_hash("release", sp.final_key, ekey, cfg.release, cfg.train.max_seq_len)
-                sp.release = Step(f"{stage}/release", rkey, rd.release(stage), (sp.final_model, sp.eval.path))
+                rkey = stable_hash("release", sp.final_key, ekey, cfg.release,
+                                   cfg.train.max_seq_len)
+                sp.release = Step(f"{stage}/release", rkey, rd.release(stage),
+                                  (sp.final_model, sp.eval.path))
         done[stage] = sp
     return list(done.values())
 
 
 def build_graph(cfg: Config, weights: bool = True) -> RunGraph:
-    """Read and check every input (before Ray starts or a model loads), open the run directory, plan."""
+    """Read and check every input (before Ray starts or a model loads), open the run directory,
+    plan."""
     used = list(dict.fromkeys(p.data for p in cfg.curriculum))
     prompts = {k: load_prompts(cfg.data[k]) for k in used}
     for k, ps in prompts.items():
         if all(p.heldout for p in ps):
-            raise ConfigError(f"data.{k} ({cfg.data[k].path}): all {len(ps)} prompts are held out, none left to train "
+            raise ConfigError(f"data.{k} ({cfg.data[k].path}): all {len(ps)} prompts are held out, "
+                              "none left to train "
                               f"on (lower heldout_fraction, or mark fewer rows heldout)")
     kernel = read_text(cfg.kernel)
     rd = RunDir(cfg.run_dir, cfg.verify)

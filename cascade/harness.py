@@ -1,15 +1,18 @@
-"""A standard evaluation: EleutherAI's lm-evaluation-harness on a model directory or a served endpoint.
+"""A standard evaluation: EleutherAI's lm-evaluation-harness on a model directory or a served
+endpoint.
 
-    python -m cascade +stage=4b models=tiny release.enabled=true release.harness=[cascade_probes,cascade_format]
-    python -m cascade harness +stage=4b models=tiny release.enabled=true release.harness=[cascade_format]
-        # the same tasks through the endpoint `python -m cascade serve` runs (serve.host, serve.port)
+    python -m cascade +stage=4b models=tiny release.enabled=true
+    release.harness=[cascade_probes,cascade_format] python -m cascade harness +stage=4b models=tiny
+    release.enabled=true release.harness=[cascade_format] # the same tasks through the endpoint
+    `python -m cascade serve` runs (serve.host, serve.port)
 
-Offline tasks ship with the project (data/harness/): `cascade_probes` - the stage's held-out probes, the model's
-greedy answer against its teachers' (ROUGE-L F1), written beside a copy of the task at run time; `cascade_format` -
-sixteen prompts with verifiable instructions in IFEval's manner (prompt- and instruction-level accuracy), no hub, no
-NLTK data. Any other name is a task of the harness itself (on a cluster with the hub: `ifeval`, the nearest public
-relative of the seed's LiveBench instruction-following result). Greedy decoding in the model's chat template;
-every seed the harness takes is the config's seed.
+Offline tasks ship with the project (data/harness/): `cascade_probes` - the stage's held-out probes,
+the model's greedy answer against its teachers' (ROUGE-L F1), written beside a copy of the task at
+run time; `cascade_format` - sixteen prompts with verifiable instructions in IFEval's manner
+(prompt- and instruction-level accuracy), no hub, no NLTK data. Any other name is a task of the
+harness itself (on a cluster with the hub: `ifeval`, the nearest public relative of the seed's
+LiveBench instruction-following result). Greedy decoding in the model's chat template; every seed
+the harness takes is the config's seed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ OURS = ("cascade_probes", "cascade_format")
 
 
 def _task_dir(probes: list[dict]) -> Path:
-    """A copy of data/harness/ whose data files are absolute paths (the harness reads them from the cwd)."""
+    """A copy of data/harness/ whose data files are absolute paths (the harness reads them from the
+    cwd)."""
     src = resources.files("cascade.data") / "harness"
     out = Path(tempfile.mkdtemp(prefix="cascade-harness-"))
     for f in src.iterdir():
@@ -36,7 +40,8 @@ def _task_dir(probes: list[dict]) -> Path:
             (out / f.name).write_bytes(f.read_bytes())
     with open(out / "cascade_probes.jsonl", "w") as f:
         for p in probes:
-            f.write(json.dumps({"prompt": p["messages"][-1]["content"], "reference": p["response"]}) + "\n")
+            f.write(json.dumps({"prompt": p["messages"][-1]["content"],
+                                "reference": p["response"]}) + "\n")
     for name in OURS:
         y = out / f"{name}.yaml"
         y.write_text(y.read_text().replace(f"test: {name}.jsonl", f"test: {out / f'{name}.jsonl'}"))
@@ -44,8 +49,10 @@ def _task_dir(probes: list[dict]) -> Path:
 
 
 def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, probes: list[dict],
-             base_url: str | None = None, served_name: str | None = None, api_key: str | None = None) -> dict:
-    """{results: {task: {metric: value}}, samples: {task: n}, lm_eval: version, model: what was scored}."""
+             base_url: str | None = None, served_name: str | None = None,
+             api_key: str | None = None) -> dict:
+    """{results: {task: {metric: value}}, samples: {task: n}, lm_eval: version, model: what was
+    scored}."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -54,11 +61,12 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
     if not tasks:
         return {}
     if base_url:
-        # the key reaches lm-eval through its environment variable (OPENAI_API_KEY, read when a request is made),
-        # never through model_args, which lm-eval logs at INFO and writes into its results
-        lm, args = "local-chat-completions", {"base_url": f"{base_url.rstrip('/')}/chat/completions",
-                                              "model": served_name, "tokenized_requests": False,
-                                              "max_retries": 1, "num_concurrent": 1}
+        # the key reaches lm-eval through its environment variable (OPENAI_API_KEY, read when a
+        # request is made), never through model_args, which lm-eval logs at INFO and writes into its
+        # results
+        lm, args = ("local-chat-completions",
+                    {"base_url": f"{base_url.rstrip('/')}/chat/completions", "model": served_name,
+                     "tokenized_requests": False, "max_retries": 1, "num_concurrent": 1})
         os.environ.pop("OPENAI_API_KEY", None)
         if api_key:
             os.environ["OPENAI_API_KEY"] = api_key
@@ -72,12 +80,16 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
     tdir = _task_dir(probes)
     try:
         out = lm_eval.simple_evaluate(
-            model=lm, model_args=args, tasks=tasks, task_manager=TaskManager(include_path=str(tdir)), limit=limit,
-            apply_chat_template=True, batch_size=1 if base_url else 8, log_samples=False, random_seed=seed,
-            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
+            model=lm, model_args=args, tasks=tasks,
+                                      task_manager=TaskManager(include_path=str(tdir)), limit=limit,
+            apply_chat_template=True, batch_size=1 if base_url else 8, log_samples=False,
+                                      random_seed=seed,
+            numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      bootstrap_iters=0)
     finally:
         shutil.rmtree(tdir, ignore_errors=True)
-    results = {t: {k.split(",")[0]: v for k, v in r.items() if k not in ("alias", "sample_len") and "_stderr" not in k
+    results = {t: {k.split(",")[0]: v for k,
+                   v in r.items() if k not in ("alias", "sample_len") and "_stderr" not in k
                    and isinstance(v, (int, float))} for t, r in out["results"].items()}
     return {"results": results, "samples": {t: n.get("effective", n.get("original")) for t, n in
                                             out.get("n-samples", {}).items()},
@@ -85,8 +97,9 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
 
 
 def main(cfg: Any) -> None:
-    """`python -m cascade harness <overrides>`: the release's harness tasks through the endpoint `cascade serve`
-    runs (cascade/__main__.py composes the config); prints the results as one JSON line."""
+    """`python -m cascade harness <overrides>`: the release's harness tasks through the endpoint
+    `cascade serve` runs (cascade/__main__.py composes the config); prints the results as one JSON
+    line."""
     from cascade.config import ConfigError
     from cascade.graph import heldout, build_graph
 
@@ -102,4 +115,5 @@ def main(cfg: Any) -> None:
 
 
 def describe(res: dict[str, Any]) -> str:
-    return ", ".join(f"{t} {k} {v:.3f}" for t, r in res.get("results", {}).items() for k, v in r.items())
+    return ", ".join(f"{t} {k} {v:.3f}" for t, r in res.get("results", {}).items() for k,
+                     v in r.items())

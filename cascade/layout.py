@@ -1,41 +1,40 @@
-"""The run directory's layout, written down here once; every path of a run is made by a method of `Layout`
-(RunDir's base, cascade/rundir.py), no other module joins run-directory paths by hand.
+"""The run directory's layout, written down here once; every path of a run is made by a method of
+`Layout` (RunDir's base, cascade/rundir.py), no other module joins run-directory paths by hand.
 
-    <run_dir>/                                    made absolute first (Ray Train workers run in their own cwd)
-      lease/<NNNNNNNN>.json                       the lease's generations, the highest current: its holder (host,
-                                                  boot id, pid), heartbeat; every commit fenced by it (cascade/lease.py)
-      manifest.json                               every step: {name: {state, key, path, summary, time}}; rewritten
-                                                  atomically, always after the output it describes
-      config.yaml, config.sha256                  the resolved config of the latest invocation (no secrets)
-      logs/driver.log                             the driver's log, appended by every invocation
-      progress/**                                 <step name>.json: a running step's live progress (done/total
-                                                  shards or optimizer steps, start, last update), written by the
-                                                  driver (generation) and training's rank 0 (cascade/progress.py)
-      report/index.html, *.png                    the run report, rebuilt after every stage (cascade/report.py)
-      generations/<teacher>/<data>/<key>/step.json                  a teacher's answers to one prompt set,
-      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl   content-addressed by key (teacher weights,
-      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template, sampling, prompts) and
-      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl  shared by stages; each shard file
-                                                  commits itself, step.json (counts, checksums) the set; .npz: top-k
-                                                  log-probs (cascade/logprobs.py); .partial: an unfinished shard's
-                                                  answers so far (every second, and on SIGTERM)
-      <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    a phase's curated dataset
-      <stage>/train/<NN>-<phase>/*                the student fused after that phase: a plain HF model directory
-      <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase checkpoints, step-NNNNNN/ (cascade/checkpoints.py);
-                                                  rollouts/: an on_policy phase's samples and teacher scores,
-                                                  one file per micro-step and rank (cascade/phases/on_policy.py)
-      <stage>/train/_work/**                      Ray Train's storage for the stage; tensorboard/<phase>/;
-                                                  failure.json: a failed fusion check, for the driver
-      <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation counts
-      <stage>/release/README.md, release.json, hf/*, gguf/*.gguf   the model card, its figures, the released HF
-                                                  directory and the checked GGUF files (stages/release.py)
-      models/<key>/**                             an object store's copy of base models that are directories on the
-                                                  driver's node (the tiny preset), loaded from here by every node
-      tmp/**                                      staging; anything here is uncommitted and may be deleted;
-                                                  tmp/preempt.json asks the training workers to checkpoint and stop
+    <run_dir>/                                    made absolute first (Ray Train workers run in
+    their own cwd) lease/<NNNNNNNN>.json                       the lease's generations, the highest
+    current: its holder (host, boot id, pid), heartbeat; every commit fenced by it
+    (cascade/lease.py) manifest.json                               every step: {name: {state, key,
+    path, summary, time}}; rewritten atomically, always after the output it describes config.yaml,
+    config.sha256                  the resolved config of the latest invocation (no secrets)
+    logs/driver.log                             the driver's log, appended by every invocation
+    progress/**                                 <step name>.json: a running step's live progress
+    (done/total shards or optimizer steps, start, last update), written by the driver (generation)
+    and training's rank 0 (cascade/progress.py) report/index.html, *.png                    the run
+    report, rebuilt after every stage (cascade/report.py)
+    generations/<teacher>/<data>/<key>/step.json                  a teacher's answers to one prompt
+    set, generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl   content-addressed by key
+    (teacher weights, generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template,
+    sampling, prompts) and generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl
+    shared by stages; each shard file commits itself, step.json (counts, checksums) the set; .npz:
+    top-k log-probs (cascade/logprobs.py); .partial: an unfinished shard's answers so far (every
+    second, and on SIGTERM) <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    a
+    phase's curated dataset <stage>/train/<NN>-<phase>/*                the student fused after that
+    phase: a plain HF model directory <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase
+    checkpoints, step-NNNNNN/ (cascade/checkpoints.py); rollouts/: an on_policy phase's samples and
+    teacher scores, one file per micro-step and rank (cascade/phases/on_policy.py)
+    <stage>/train/_work/**                      Ray Train's storage for the stage;
+    tensorboard/<phase>/; failure.json: a failed fusion check, for the driver
+    <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation
+    counts <stage>/release/README.md, release.json, hf/*, gguf/*.gguf   the model card, its figures,
+    the released HF directory and the checked GGUF files (stages/release.py) models/<key>/**
+    an object store's copy of base models that are directories on the driver's node (the tiny
+    preset), loaded from here by every node tmp/**                                      staging;
+    anything here is uncommitted and may be deleted; tmp/preempt.json asks the training workers to
+    checkpoint and stop
 
-Where it lives (a filesystem or an object store) and what that changes: cascade/storage.py; how a step commits:
-cascade/rundir.py.
+Where it lives (a filesystem or an object store) and what that changes: cascade/storage.py; how a
+step commits: cascade/rundir.py.
 """
 
 from __future__ import annotations
@@ -46,8 +45,8 @@ from typing import Any
 
 
 class Layout:
-    """Paths of a run: `root` (the run directory, a URL on an object store), `mirror` (this node's local copy of what
-    must be a local file), `fs` and `is_local` (RunDir sets all four)."""
+    """Paths of a run: `root` (the run directory, a URL on an object store), `mirror` (this node's
+    local copy of what must be a local file), `fs` and `is_local` (RunDir sets all four)."""
 
     root: str
     mirror: str
@@ -55,7 +54,7 @@ class Layout:
     lfs: Any  # the local filesystem (staging is always on this node)
     is_local: bool
 
-    # -- the paths ------------------------------------------------------------------------------------------
+    # -- the paths ---------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
@@ -63,7 +62,8 @@ class Layout:
         return self.path("generations", teacher, data, key)
 
     def shard_file(self, teacher: str, data: str, key: str, name: str) -> str:
-        """A file of a generation's shards directory (a shard, or the log-probs file a record names)."""
+        """A file of a generation's shards directory (a shard, or the log-probs file a record
+        names)."""
         return f"{self.generation(teacher, data, key)}/shards/{name}"
 
     def shard(self, teacher: str, data: str, key: str, i: int, ext: str = "jsonl") -> str:
@@ -117,7 +117,8 @@ class Layout:
         return self.local("logs", "driver.log")
 
     def local(self, *parts: str) -> Path:
-        """A file that must be local (a log, TensorBoard's): in the run directory, or this node's mirror of it."""
+        """A file that must be local (a log, TensorBoard's): in the run directory, or this node's
+        mirror of it."""
         return Path(self.mirror, *parts)
 
     def as_local(self, path: str) -> Path:

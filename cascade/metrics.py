@@ -1,11 +1,13 @@
-"""Text measures shared by the stage's evaluation (stages/evaluate.py) and the offline lm-evaluation-harness
-tasks (data/harness/utils.py): one definition, so both report the same number."""
+"""Text measures shared by the stage's evaluation (stages/evaluate.py) and the offline
+lm-evaluation-harness tasks (data/harness/utils.py): one definition, so both report the same number.
+"""
 
 from __future__ import annotations
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased whitespace words: the longest common subsequence's share of both texts."""
+    """ROUGE-L F1 over lower-cased whitespace words: the longest common subsequence's share of both
+    texts."""
     a, b = candidate.lower().split(), reference.lower().split()
     if not a or not b:
         return 0.0

@@ -1,28 +1,31 @@
 """Before launch: what a run will need and take. No Ray is started and no weights are loaded.
 
-    python -m cascade +stage=27b plan=true                             # 8 x H100-80GB unless found or given
-    python -m cascade +stage=27b plan=true plan.gpus=16 plan.gpu=A100-80GB
-    python -m cascade plan +stage=27b --json                           # the same, as JSON
+    python -m cascade +stage=27b plan=true                             # 8 x H100-80GB unless found
+    or given python -m cascade +stage=27b plan=true plan.gpus=16 plan.gpu=A100-80GB python -m
+    cascade plan +stage=27b --json                           # the same, as JSON
 
-For every step still to run (cascade.graph: the same table of steps and keys the driver runs; each step's module
-under stages/ costs its own, with cascade/costs.py's arithmetic):
-- parameters, from the model's config.json: shipped with the project for the presets' models (data/models/),
-  read from a local directory or the HF cache otherwise;
-- memory of a generation replica: weights (divided by tensor parallelism) and the KV cache (2 x kv heads x
-  head_dim per token and layer; a sliding-window layer keeps at most the window) for one sequence at
-  max_model_len at least, within backend.vllm.gpu_memory_utilization; what is left sets the concurrency;
-- memory of a training worker: frozen weights (bf16 on GPU with train.bf16), the LoRA's parameters, gradients and
-  Adam states (fp32: 16 bytes each), activations at max_seq_len (every layer's, or with gradient checkpointing
-  each layer's input plus one layer's), the loss's logits chunk; FSDP divides weights and LoRA states by the
-  workers; it fits within plan.headroom of a GPU. A placement that cannot fit is refused (exit 2) with the
-  changes that would fit (gradient checkpointing, FSDP over more workers, tensor parallelism);
-- prompts, samples and tokens: prompt tokens counted with the teacher's tokenizer when it is on this machine (the
-  way the backends count them; estimated from characters otherwise), generated tokens at most samples x
-  max_new_tokens, training token slots = steps x batch x grad_accum x max_seq_len;
-- hours and GPU-hours: decoding reads the weights and the batch's KV cache at every step (plan.decode_efficiency
-  of the GPU's bandwidth), training costs 4 (6 with recomputation) x params FLOPs per token at plan.train_mfu of
-  its peak; a rate measured by a committed step of this run (or plan.measured_from) replaces the estimate, and
-  plan.generate_tokens_per_s / plan.train_tokens_per_s replace both; plus plan.overhead_s per step.
+For every step still to run (cascade.graph: the same table of steps and keys the driver runs; each
+step's module under stages/ costs its own, with cascade/costs.py's arithmetic):
+- parameters, from the model's config.json: shipped with the project for the presets' models
+  (data/models/), read from a local directory or the HF cache otherwise;
+- memory of a generation replica: weights (divided by tensor parallelism) and the KV cache (2 x kv
+  heads x head_dim per token and layer; a sliding-window layer keeps at most the window) for one
+  sequence at max_model_len at least, within backend.vllm.gpu_memory_utilization; what is left sets
+  the concurrency;
+- memory of a training worker: frozen weights (bf16 on GPU with train.bf16), the LoRA's parameters,
+  gradients and Adam states (fp32: 16 bytes each), activations at max_seq_len (every layer's, or
+  with gradient checkpointing each layer's input plus one layer's), the loss's logits chunk; FSDP
+  divides weights and LoRA states by the workers; it fits within plan.headroom of a GPU. A placement
+  that cannot fit is refused (exit 2) with the changes that would fit (gradient checkpointing, FSDP
+  over more workers, tensor parallelism);
+- prompts, samples and tokens: prompt tokens counted with the teacher's tokenizer when it is on this
+  machine (the way the backends count them; estimated from characters otherwise), generated tokens
+  at most samples x max_new_tokens, training token slots = steps x batch x grad_accum x max_seq_len;
+- hours and GPU-hours: decoding reads the weights and the batch's KV cache at every step
+  (plan.decode_efficiency of the GPU's bandwidth), training costs 4 (6 with recomputation) x params
+  FLOPs per token at plan.train_mfu of its peak; a rate measured by a committed step of this run (or
+  plan.measured_from) replaces the estimate, and plan.generate_tokens_per_s /
+  plan.train_tokens_per_s replace both; plus plan.overhead_s per step.
 """
 
 from __future__ import annotations
@@ -46,12 +49,19 @@ log = logging.getLogger("cascade.plan")
 
 
 class Plan:
-    """Every step still to run with what it needs and takes (each step module's `cost`, stages/, over the same
-    table the driver runs: RunGraph.work); `problems` lists what cannot fit."""
+    """Every step still to run with what it needs and takes (each step module's `cost`, stages/,
+    over the same table the driver runs: RunGraph.work); `problems` lists what cannot fit."""
 
     def __init__(self, p: RunGraph, dev: Device) -> None:
         cfg = self.cfg = p.cfg
-        self.p, self.dev, self.rows, self.problems, self.toks, self.started = p, dev, [], [], {}, set()
+        self.p, self.dev, self.rows, self.problems, self.toks, self.started = (
+            p,
+            dev,
+            [],
+            [],
+            {},
+            set(),
+        )
         self.arch = {sp.name: Arch.of(model_config(cfg, sp.name)) for sp in p.stages}
         # the identity of each model this plan runs: a measured rate counts only for the same one
         self.keys = {f"t/{sp.name}": sp.base_key for sp in p.stages}
@@ -65,12 +75,14 @@ class Plan:
                 self.rows += step_module(w.kind).cost(self, w, todo)
 
     def overhead(self, kind: str) -> float:
-        return self.cfg.plan.overhead_s.get(kind, OVERHEAD_S["cpu" if self.dev.cpu else "gpu"][kind])
+        return self.cfg.plan.overhead_s.get(kind,
+                                            OVERHEAD_S["cpu" if self.dev.cpu else "gpu"][kind])
 
-    def rate(self, given: dict, measured: dict, kind: str, who: str, estimate: Any) -> tuple[float, str]:
-        """Given, else measured for this very model (the identity this plan has for it, on the kind of device
-        planned for: Measured.read), else measured for the nearest such model in size, scaled by the parameters
-        (time per token grows with them), else estimated."""
+    def rate(self, given: dict, measured: dict, kind: str, who: str,
+             estimate: Any) -> tuple[float, str]:
+        """Given, else measured for this very model (the identity this plan has for it, on the kind
+        of device planned for: Measured.read), else measured for the nearest such model in size,
+        scaled by the parameters (time per token grows with them), else estimated."""
         if who in given:
             return given[who], "given"
         usable = [k for k in measured if k.removesuffix("-base") in self.arch
@@ -84,18 +96,22 @@ class Plan:
                     f"measured ({k} on {self.dev.kind}, scaled by parameters)")
         return estimate(), "estimate"
 
-    def row(self, step: str, kind: str, model: str, a: Arch, units: int, mem: dict, work: dict, rate: float,
+    def row(self, step: str, kind: str, model: str, a: Arch, units: int, mem: dict, work: dict,
+            rate: float,
              source: str, seconds: float, gpus: bool = True) -> dict:
         return {"step": step, "kind": kind, "model": model, "params": a.params, "units": units,
                 "memory_gb": {k: round(v, 3) for k, v in mem.items()},
-                "fits": not mem or not mem.get("limit") or mem["total"] <= mem["limit"], "work": work,
+                "fits": not mem or not mem.get("limit") or mem["total"] <= mem["limit"],
+                "work": work,
                 "tokens_per_s": round(rate, 1), "rate_source": source, "hours": seconds / 3600,
                 "gpu_hours": seconds / 3600 * units if gpus and not self.dev.cpu else 0.0}
 
     def totals(self) -> dict:
-        return {"hours": sum(r["hours"] for r in self.rows), "gpu_hours": sum(r["gpu_hours"] for r in self.rows),
-                "generate_new_tokens_max": sum(r["work"].get("max_new_tokens", 0) for r in self.rows),
-                "train_token_slots": sum(r["work"].get("token_slots", 0) for r in self.rows)}
+        work = [r["work"] for r in self.rows]
+        return {"hours": sum(r["hours"] for r in self.rows),
+                "gpu_hours": sum(r["gpu_hours"] for r in self.rows),
+                "generate_new_tokens_max": sum(w.get("max_new_tokens", 0) for w in work),
+                "train_token_slots": sum(w.get("token_slots", 0) for w in work)}
 
 
 def _count_problems(b: Plan) -> None:
@@ -103,11 +119,12 @@ def _count_problems(b: Plan) -> None:
     if dev.cpu:
         return
     if cfg.train.use_gpu and cfg.train.num_workers > dev.count:
-        b.problems.append(f"train.num_workers={cfg.train.num_workers} workers need a GPU each; {dev.count} GPUs")
+        b.problems.append(f"train.num_workers={cfg.train.num_workers} workers need a GPU each; "
+                          f"{dev.count} GPUs")
     tp = generation.load(cfg.backend.name).tensor_parallel(cfg.backend.options)
     if cfg.generation.replicas * tp > dev.count:
-        b.problems.append(f"generation.replicas={cfg.generation.replicas} x tensor_parallel_size={tp} GPUs; "
-                          f"{dev.count} GPUs")
+        b.problems.append(f"generation.replicas={cfg.generation.replicas} x "
+                          f"tensor_parallel_size={tp} GPUs; {dev.count} GPUs")
 
 
 def _fmt(n: float) -> str:
@@ -119,30 +136,38 @@ def _fmt(n: float) -> str:
 
 def render(b: Plan) -> str:
     d = b.dev
-    lines = [f"plan for +stage={b.cfg.target}: {d.count} x {d.kind} ({d.memory_gb:.0f} GB), {d.source}; "
-             f"{len(b.rows)} steps to run", ""]
-    head = f"{'step':34} {'model':7} {'params':>7} {'units':>5} {'memory GB (per unit)':34} {'fits':4}  work"
+    lines = [f"plan for +stage={b.cfg.target}: {d.count} x {d.kind} ({d.memory_gb:.0f} GB), "
+             f"{d.source}; {len(b.rows)} steps to run", ""]
+    head = (f"{'step':34} {'model':7} {'params':>7} {'units':>5} {'memory GB (per unit)':34} "
+            f"{'fits':4}  work")
     lines += [head, "-" * len(head)]
     for r in b.rows:
         m = r["memory_gb"]
-        mem = " + ".join(f"{v:.1f} {k}" for k, v in m.items() if k not in ("total", "limit") and v >= 0.05)
+        mem = " + ".join(f"{v:.1f} {k}" for k,
+                         v in m.items() if k not in ("total", "limit") and v >= 0.05)
         mem = f"{m['total']:.1f}/{m['limit']:.0f} ({mem})" if m.get("limit") else mem
         w = r["work"]
         if r["kind"] == "generate":
-            work = (f"{w['prompts']} prompts, {w['samples']} samples, {'' if w['prompt_tokens_exact'] else '~'}"
-                    f"{_fmt(w['prompt_tokens'])} prompt tok, <= {_fmt(w['max_new_tokens'])} new tok")
+            work = (
+                f"{w['prompts']} prompts, {w['samples']} samples, "
+                f"{'' if w['prompt_tokens_exact'] else '~'}"
+                f"{_fmt(w['prompt_tokens'])} prompt tok, <= {_fmt(w['max_new_tokens'])} new tok"
+            )
         elif r["kind"] == "train":
-            work = f"{w['steps']} steps, {w['sequences']} seqs, {_fmt(w['token_slots'])} token slots"
+            work = (
+                f"{w['steps']} steps, {w['sequences']} seqs, {_fmt(w['token_slots'])} token slots"
+            )
         else:
             work = ", ".join(f"{k} {v}" for k, v in w.items())
-        rate = (f"; {_fmt(r['tokens_per_s'])} tok/s ({r['rate_source']}), {duration(r['hours'] * 3600)}"
+        rate = (f"; {_fmt(r['tokens_per_s'])} tok/s ({r['rate_source']}), "
+                f"{duration(r['hours'] * 3600)}"
                 if r["hours"] else "")
-        lines.append(f"{r['step']:34} {r['model']:7} {_fmt(r['params']):>7} {r['units']:>5} {mem:34} "
-                     f"{'yes' if r['fits'] else 'NO':4}  {work}{rate}")
+        lines.append(f"{r['step']:34} {r['model']:7} {_fmt(r['params']):>7} {r['units']:>5} "
+                     f"{mem:34} {'yes' if r['fits'] else 'NO':4}  {work}{rate}")
     t = b.totals()
     lines += ["", f"total: {duration(t['hours'] * 3600)} wall (steps one after another), "
-              f"{t['gpu_hours']:.1f} GPU-hours; "
-              f"<= {_fmt(t['generate_new_tokens_max'])} tokens to generate, {_fmt(t['train_token_slots'])} to train"]
+              f"{t['gpu_hours']:.1f} GPU-hours; <= {_fmt(t['generate_new_tokens_max'])} tokens to "
+              f"generate, {_fmt(t['train_token_slots'])} to train"]
     lines += [f"does not fit: {p}" for p in b.problems]
     return "\n".join(lines)
 
@@ -154,11 +179,12 @@ def make(cfg: Config) -> Plan:
 
 
 def main(cfg: Config, *flags: str) -> None:
-    """`python -m cascade +stage=<s> plan=true [--json]`: print the budget; exit 2 when a step cannot fit."""
+    """`python -m cascade +stage=<s> plan=true [--json]`: print the budget; exit 2 when a step
+    cannot fit."""
     b = make(cfg)
     if "--json" in flags:
-        print(json.dumps({"target": cfg.target, "device": vars(b.dev), "steps": b.rows, "totals": b.totals(),
-                          "problems": b.problems}, indent=1))
+        print(json.dumps({"target": cfg.target, "device": vars(b.dev), "steps": b.rows,
+                          "totals": b.totals(), "problems": b.problems}, indent=1))
     else:
         print(render(b))
     if b.problems:

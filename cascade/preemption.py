@@ -1,13 +1,14 @@
-"""SIGTERM (a scheduler's stop, a spot pre-emption) saves what the run has, then the driver exits non-zero.
+"""SIGTERM (a scheduler's stop, a spot pre-emption) saves what the run has, then the driver exits
+non-zero.
 
     kill -TERM <driver pid>        # exit 143: "pre-empted"; the same command resumes
 
 While generating, the answers already streamed to the driver are written as partial shards
-(shard-NNNNN.partial.jsonl) that the next run completes, asking only for the missing answers. While training, the
-driver writes tmp/preempt.json; every training worker looks for it after each optimizer step (the ranks agree
-through an all-reduce), checkpoints at that step and stops; then the driver stops. The next run resumes from
-that checkpoint, so at most the optimizer step in flight is redone. Ray installs its own SIGTERM handler when it
-starts, so `install()` runs after Ray is up.
+(shard-NNNNN.partial.jsonl) that the next run completes, asking only for the missing answers. While
+training, the driver writes tmp/preempt.json; every training worker looks for it after each
+optimizer step (the ranks agree through an all-reduce), checkpoints at that step and stops; then the
+driver stops. The next run resumes from that checkpoint, so at most the optimizer step in flight is
+redone. Ray installs its own SIGTERM handler when it starts, so `install()` runs after Ray is up.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from collections.abc import Iterator
 from cascade.rundir import RunDir
 
 log = logging.getLogger(__name__)
-EXIT_CODE = 128 + signal.SIGTERM  # 143, what a scheduler expects of a process it stopped with SIGTERM
+# 143, what a scheduler expects of a process it stopped with SIGTERM
+EXIT_CODE = 128 + signal.SIGTERM
 
 
 class Preempted(BaseException):
-    """The driver was asked to stop (SIGTERM); what it had is saved. A BaseException, like KeyboardInterrupt, so
-    that no `except Exception` on the way swallows it."""
+    """The driver was asked to stop (SIGTERM); what it had is saved. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
 
 
 class Preemption:
@@ -46,7 +48,8 @@ class Preemption:
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
-        """While the training workers run: they see the marker, checkpoint and stop; then this raises."""
+        """While the training workers run: they see the marker, checkpoint and stop; then this
+        raises."""
         self._deferred = True
         try:
             yield

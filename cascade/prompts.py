@@ -1,4 +1,5 @@
-"""Prompt sets: load a DataSource (built-in JSONL, local JSONL/Parquet, or a `datasets` name), check it, split it.
+"""Prompt sets: load a DataSource (built-in JSONL, local JSONL/Parquet, or a `datasets` name), check
+it, split it.
 
 Every problem is raised as ConfigError naming the file and line, before Ray starts.
 
@@ -25,7 +26,8 @@ class Prompt:
     id: str
     messages: list[dict[str, str]]
     heldout: bool = False
-    reference: str | None = None  # a reference answer, when the data has one (tiny preset pre-training)
+    # a reference answer, when the data has one (tiny preset pre-training)
+    reference: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -34,14 +36,16 @@ class Prompt:
 
 
 def resolve_path(path: str) -> Path | None:
-    """A local file for `path` (built-in names resolve inside the installed package), or None for a hub name."""
+    """A local file for `path` (built-in names resolve inside the installed package), or None for a
+    hub name."""
     if path.startswith(BUILTIN):
         p = Path(str(resources.files("cascade.data").joinpath(path[len(BUILTIN):])))
         if not p.is_file():
             raise ConfigError(f"no built-in data file {path!r} (looked in {p.parent})")
         return p
     p = Path(path).expanduser()
-    if p.exists() or p.suffix in (".jsonl", ".json", ".parquet") or path.startswith((".", "/", "~")):
+    if (p.exists() or p.suffix in (".jsonl", ".json", ".parquet")
+        or path.startswith((".", "/", "~"))):
         if not p.is_file():
             raise ConfigError(f"data file not found: {path}")
         return p
@@ -56,7 +60,8 @@ def read_text(path: str) -> str:
 
 
 def file_digest(path: str) -> str:
-    """Content hash of a local data file or, for a hub dataset, of its name (its revision is the hub's concern)."""
+    """Content hash of a local data file or, for a hub dataset, of its name (its revision is the
+    hub's concern)."""
     p = resolve_path(path)
     if p is None:
         return hashlib.sha256(path.encode()).hexdigest()[:16]
@@ -73,7 +78,9 @@ def _rows(src: DataSource) -> Iterator[tuple[str, dict[str, Any]]]:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     bad = raw[e.start : e.start + 1]
-                    raise ConfigError(f"{p}:{n}: not UTF-8 text (byte {e.start}: {bad!r})") from None
+                    raise ConfigError(
+                        f"{p}:{n}: not UTF-8 text (byte {e.start}: {bad!r})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -105,7 +112,8 @@ def _rows(src: DataSource) -> Iterator[tuple[str, dict[str, Any]]]:
 def _messages(where: str, row: dict[str, Any], src: DataSource) -> list[dict[str, str]]:
     if src.prompt_column is not None:
         if src.prompt_column not in row:
-            raise ConfigError(f"{where}: missing column {src.prompt_column!r} (columns: {', '.join(row)})")
+            raise ConfigError(f"{where}: missing column {src.prompt_column!r} (columns: "
+                              f"{', '.join(row)})")
         text = row[src.prompt_column]
         if not isinstance(text, str):
             raise ConfigError(f"{where}: column {src.prompt_column!r} must be a string")
@@ -114,12 +122,16 @@ def _messages(where: str, row: dict[str, Any], src: DataSource) -> list[dict[str
     if col not in row:
         raise ConfigError(f"{where}: missing column {col!r} (columns: {', '.join(row)})")
     msgs = row[col]
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+    def message(m: Any) -> bool:
+        return isinstance(m, dict) and "role" in m and "content" in m
+
+    if not isinstance(msgs, list) or not all(message(m) for m in msgs):
         raise ConfigError(f"{where}: column {col!r} must be a list of {{role, content}} messages")
     for i, m in enumerate(msgs):
         if m["role"] not in ("system", "user", "assistant") or not isinstance(m["content"], str):
-            raise ConfigError(f"{where}: message {i} must have a role of system, user or assistant and text content "
-                              f"(a string), not role {m['role']!r} with {type(m['content']).__name__} content")
+            raise ConfigError(f"{where}: message {i} must have a role of system, user or assistant "
+                              f"and text content (a string), not role {m['role']!r} with "
+                              f"{type(m['content']).__name__} content")
     msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
     if msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]  # the teacher writes the answer
@@ -133,7 +145,8 @@ def _heldout_by_hash(pid: str, fraction: float) -> bool:
 
 
 def load_prompts(src: DataSource) -> list[Prompt]:
-    """All usable prompts of a source in file order; raises ConfigError on malformed rows or an empty set."""
+    """All usable prompts of a source in file order; raises ConfigError on malformed rows or an
+    empty set."""
     out: list[Prompt] = []
     seen: dict[str, str] = {}
     for where, row in _rows(src):
@@ -142,13 +155,14 @@ def load_prompts(src: DataSource) -> list[Prompt]:
             raise ConfigError(f"{where}: empty prompt")
         if src.id_column is not None:
             if src.id_column not in row:
-                raise ConfigError(f"{where}: missing column {src.id_column!r} (or set id_column: null)")
+                raise ConfigError(f"{where}: missing column {src.id_column!r} (or set id_column: "
+                                  "null)")
             pid = str(row[src.id_column])
         else:
             pid = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
         if not pid or "/" in pid or pid != pid.strip():
-            raise ConfigError(f"{where}: id {pid!r} must be non-empty, without '/' or surrounding spaces "
-                              f"(record ids are <prompt id>/<teacher>/<sample>)")
+            raise ConfigError(f"{where}: id {pid!r} must be non-empty, without '/' or surrounding "
+                              "spaces (record ids are <prompt id>/<teacher>/<sample>)")
         if pid in seen:
             raise ConfigError(f"{where}: duplicate id {pid!r} (first at {seen[pid]})")
         seen[pid] = where

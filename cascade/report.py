@@ -1,16 +1,18 @@
-"""The run report: <run_dir>/report/index.html with PNG plots (matplotlib), static, opened from disk (no server).
+"""The run report: <run_dir>/report/index.html with PNG plots (matplotlib), static, opened from disk
+(no server).
 
-    python -m cascade report +stage=4b        # rebuilds it; the driver rebuilds it after every stage
+    python -m cascade report +stage=4b        # rebuilds it; the driver rebuilds it after every
+    stage
 
-Made from the run's committed records only (step records, the evaluation's metrics), for every stage of the plan
-that has them:
+Made from the run's committed records only (step records, the evaluation's metrics), for every stage
+of the plan that has them:
 - loss.png: training loss per optimizer step, a panel per stage, the phases end to end;
-- signal.png: student-teacher agreement before and after each stage's curriculum, stages side by side (the
-  seed's claim: the alignment signal carries upward through the cascade);
-- funnel.png: the curation funnel per stage, phase and teacher: generated, failed, empty, truncated, too long,
-  duplicate, kept;
-- throughput.png: generation tokens/s per teacher and prompt set, training tokens/s per stage and phase.
-A failure to build it is logged and never stops a run.
+- signal.png: student-teacher agreement before and after each stage's curriculum, stages side by
+  side (the seed's claim: the alignment signal carries upward through the cascade);
+- funnel.png: the curation funnel per stage, phase and teacher: generated, failed, empty, truncated,
+  too long, duplicate, kept;
+- throughput.png: generation tokens/s per teacher and prompt set, training tokens/s per stage and
+  phase. A failure to build it is logged and never stops a run.
 """
 
 from __future__ import annotations
@@ -29,27 +31,33 @@ PLOTS = ("signal", "loss", "funnel", "throughput")
 
 
 def gather(p: RunGraph) -> dict:
-    """What the report shows, from committed records: {stages: {name: {phases, agreement, funnel}}, generation}."""
+    """What the report shows, from committed records: {stages: {name: {phases, agreement, funnel}},
+    generation}."""
     rd, out = p.rd, {"stages": {}, "generation": {}}
     for sp in p.stages:
         for job in sp.gen_jobs:
             rec = rd.committed(job.step)
             if rec and rec["summary"].get("compute_seconds"):
                 s = rec["summary"]
-                out["generation"][job.step.name] = {"tokens": s["completion_tokens"], "records": s["records"],
-                                                    "tokens_per_s": s["completion_tokens"] / s["compute_seconds"]}
+                out["generation"][job.step.name] = {
+                    "tokens": s["completion_tokens"],
+                    "records": s["records"],
+                    "tokens_per_s": s["completion_tokens"] / s["compute_seconds"],
+                }
         st = {"phases": {}, "agreement": None, "reverse_kl": None, "funnel": {}}
         for ph in sp.phases:
             if rec := rd.committed(ph.model):
                 s = rec["summary"]
-                st["phases"][ph.name] = {"losses": s["losses"], "tokens_per_s": s["tokens_per_s"], "steps": s["steps"]}
+                st["phases"][ph.name] = {"losses": s["losses"], "tokens_per_s": s["tokens_per_s"],
+                                         "steps": s["steps"]}
             if rec := rd.committed(ph.dataset):
                 s = rec["summary"]
                 groups = s.get("by_teacher") or {"all": s["counts"]}
                 st["funnel"][ph.name] = {t: _funnel(c) for t, c in groups.items()}
         if sp.eval and rd.committed(sp.eval):
             m = rd.read_json(rd.metrics(sp.name)) or {}
-            st["agreement"], st["reverse_kl"] = m.get("agreement"), (m.get("reverse_kl") or {}).get("sampled")
+            st["agreement"], st["reverse_kl"] = (m.get("agreement"),
+                                                 (m.get("reverse_kl") or {}).get("sampled"))
         if st["phases"] or st["funnel"] or st["agreement"]:
             out["stages"][sp.name] = st
     return out
@@ -74,7 +82,8 @@ def plot_loss(data: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     stages = [s for s, st in data["stages"].items() if st["phases"]]
-    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5),
+                             squeeze=False)
     for ax, s in zip(axes[0], stages):
         at = 0
         for name, ph in data["stages"][s]["phases"].items():
@@ -86,21 +95,25 @@ def plot_loss(data: dict) -> bytes:
 
 
 def plot_signal(data: dict) -> bytes:
-    """Per stage, before and after its curriculum: the agreement with its teachers (log-likelihood of their
-    held-out answers) and, where measured, the reverse KL to them on the student's own sampled answers."""
+    """Per stage, before and after its curriculum: the agreement with its teachers (log-likelihood
+    of their held-out answers) and, where measured, the reverse KL to them on the student's own
+    sampled answers."""
     import matplotlib.pyplot as plt
 
     stages = [s for s, st in data["stages"].items() if st["agreement"]]
     panels = [("agreement", "agreement with teachers\n(mean log-likelihood, nats/token)")]
     if any(data["stages"][s].get("reverse_kl") for s in stages):
-        panels.append(("reverse_kl", "reverse KL to teachers, own\nsampled answers (nats/token; lower = closer)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * max(4, 1.6 * len(stages) + 2), 3.5),
+        panels.append(("reverse_kl",
+                       "reverse KL to teachers, own\nsampled answers (nats/token; lower = closer)"))
+    fig, axes = plt.subplots(1, len(panels),
+                             figsize=(len(panels) * max(4, 1.6 * len(stages) + 2), 3.5),
                              squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for i, s in enumerate(stages):
             a = data["stages"][s].get(key)
             if a:
-                ax.bar([i - 0.2, i + 0.2], [a["before"], a["after"]], width=0.4, color=["#bbbbbb", "#3b7dd8"],
+                ax.bar([i - 0.2, i + 0.2], [a["before"], a["after"]], width=0.4,
+                       color=["#bbbbbb", "#3b7dd8"],
                        label=["before", "after"] if i == 0 else None)
         ax.set_xticks(range(len(stages)), stages)
         ax.set(ylabel=label, title="signal through the cascade")
@@ -112,13 +125,16 @@ def plot_signal(data: dict) -> bytes:
 def plot_funnel(data: dict) -> bytes:
     import matplotlib.pyplot as plt
 
-    groups = [(f"{s}/{ph}\n{t}", f) for s, st in data["stages"].items() for ph, ts in st["funnel"].items()
+    groups = [(f"{s}/{ph}\n{t}", f) for s, st in data["stages"].items() for ph,
+              ts in st["funnel"].items()
               for t, f in ts.items()]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(groups) + 2), 3.8))
     width = 0.8 / len(FUNNEL)
     for k, name in enumerate(FUNNEL):
-        ax.bar([i + k * width for i in range(len(groups))], [f[name] for _, f in groups], width=width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [g for g, _ in groups], fontsize=7)
+        ax.bar([i + k * width for i in range(len(groups))], [f[name] for _, f in groups],
+               width=width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], [g for g, _ in groups],
+                  fontsize=7)
     ax.set(ylabel="answers", title="curation funnel per teacher")
     ax.legend(fontsize=7, ncol=4)
     return _png(fig)
@@ -128,9 +144,11 @@ def plot_throughput(data: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     gen = [(k.removeprefix("generate/"), v["tokens_per_s"]) for k, v in data["generation"].items()]
-    train = [(f"{s}/{ph}", v["tokens_per_s"]) for s, st in data["stages"].items() for ph, v in st["phases"].items()]
+    train = [(f"{s}/{ph}", v["tokens_per_s"]) for s, st in data["stages"].items() for ph,
+             v in st["phases"].items()]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for ax, rows, title in ((axes[0], gen, "generation (engine tokens/s)"), (axes[1], train, "training (tokens/s)")):
+    for ax, rows, title in ((axes[0], gen, "generation (engine tokens/s)"),
+                            (axes[1], train, "training (tokens/s)")):
         ax.barh([r[0] for r in rows], [r[1] for r in rows], color="#3b7dd8")
         ax.set(title=title, xlabel="tokens/s")
     return _png(fig)
@@ -140,21 +158,26 @@ def _html(cfg: Config, data: dict) -> str:
     rows = []
     for s, st in data["stages"].items():
         a = st["agreement"]
-        signal = f"{a['before']:.3f} &rarr; {a['after']:.3f} ({a['after'] - a['before']:+.3f})" if a else "-"
-        phases = ", ".join(f"{html.escape(n)}: {p['steps']} steps, loss {p['losses'][0]:.3f} &rarr; "
-                           f"{p['losses'][-1]:.3f}" for n, p in st["phases"].items()) or "-"
+        signal = (f"{a['before']:.3f} &rarr; {a['after']:.3f} ({a['after'] - a['before']:+.3f})"
+                  if a else "-")
+        phases = ", ".join(f"{html.escape(n)}: {p['steps']} steps, loss {p['losses'][0]:.3f} "
+                           f"&rarr; {p['losses'][-1]:.3f}" for n, p in st["phases"].items()) or "-"
         k = st.get("reverse_kl")
         kl = f"{k['before']:.3f} &rarr; {k['after']:.3f}" if k else "-"
-        rows.append(f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{kl}</td><td>{phases}</td></tr>")
+        rows.append(
+            f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{kl}</td><td>{phases}</td></tr>"
+        )
     imgs = "\n".join(f'<h2>{n}</h2><img src="{n}.png" alt="{n}">' for n in PLOTS)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cascade report: {html.escape(cfg.target)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
+<style>body{{font-family:sans-serif;margin:2em}}
+td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
 img{{max-width:100%}}</style></head><body>
 <h1>cascade run report (target {html.escape(cfg.target)})</h1>
 <p>run directory: <code>{html.escape(cfg.run_dir)}</code></p>
 <table><tr><th>stage</th><th>agreement with teachers, before &rarr; after (nats/token)</th>
-<th>reverse KL to teachers on its own sampled answers, before &rarr; after (nats/token)</th><th>phases</th></tr>
+<th>reverse KL to teachers on its own sampled answers, before &rarr; after (nats/token)</th>
+<th>phases</th></tr>
 {''.join(rows)}</table>
 {imgs}
 </body></html>
@@ -167,9 +190,11 @@ def build(p: RunGraph) -> str:
 
     matplotlib.use("Agg")
     rd, data = p.rd, gather(p)
-    plots = {"loss": plot_loss, "signal": plot_signal, "funnel": plot_funnel, "throughput": plot_throughput}
+    plots = {"loss": plot_loss, "signal": plot_signal, "funnel": plot_funnel,
+             "throughput": plot_throughput}
     for name in PLOTS:
-        rd.write_bytes(rd.report(f"{name}.png"), plots[name](data), point="")  # not a failpoint: best effort
+        # not a failpoint: best effort
+        rd.write_bytes(rd.report(f"{name}.png"), plots[name](data), point="")
     rd.write_bytes(rd.report("index.html"), _html(p.cfg, data).encode(), point="")
     return rd.report("index.html")
 

@@ -1,11 +1,13 @@
-"""A SentencePiece `tokenizer.model` written from a Gemma-form `tokenizer.json`, for llama.cpp's converter.
+"""A SentencePiece `tokenizer.model` written from a Gemma-form `tokenizer.json`, for llama.cpp's
+converter.
 
-llama.cpp converts a Gemma 3 tokenizer only from SentencePiece's file (its other route needs a pre-tokenizer it
-recognises by hash); transformers keeps only `tokenizer.json` (so do models dequantized from a GGUF). A Gemma-form
-tokenizer.json - BPE with byte fallback over "▁"-for-space text, no pre-tokenizer but a split at spaces - is a
-SentencePiece BPE model written another way: the same pieces and ids; a piece's score orders the merges (the
-earlier its merge, the higher), bytes <0xNN> are BYTE pieces, special added tokens CONTROL, other added tokens
-USER_DEFINED. llama.cpp then tokenizes as transformers does; the release step checks that on held-out prompts.
+llama.cpp converts a Gemma 3 tokenizer only from SentencePiece's file (its other route needs a
+pre-tokenizer it recognises by hash); transformers keeps only `tokenizer.json` (so do models
+dequantized from a GGUF). A Gemma-form tokenizer.json - BPE with byte fallback over "▁"-for-space
+text, no pre-tokenizer but a split at spaces - is a SentencePiece BPE model written another way: the
+same pieces and ids; a piece's score orders the merges (the earlier its merge, the higher), bytes
+<0xNN> are BYTE pieces, special added tokens CONTROL, other added tokens USER_DEFINED. llama.cpp
+then tokenizes as transformers does; the release step checks that on held-out prompts.
 
     write_sentencepiece(model_dir)   # model_dir/tokenizer.model, unless it has one
 """
@@ -32,11 +34,13 @@ def write_sentencepiece(model_dir: str | Path) -> Path:
     tj = json.loads((model_dir / "tokenizer.json").read_text())
     m = tj["model"]
     if m.get("type") != "BPE" or not m.get("byte_fallback"):
-        raise TokenizerFormError(f"{model_dir}: tokenizer.json is {m.get('type')} without byte fallback; llama.cpp "
-                                 "converts a Gemma tokenizer only as SentencePiece (BPE, byte fallback)")
+        raise TokenizerFormError(f"{model_dir}: tokenizer.json is {m.get('type')} without byte "
+                                 "fallback; llama.cpp converts a Gemma tokenizer only as "
+                                 "SentencePiece (BPE, byte fallback)")
     norm = tj.get("normalizer") or {}
     if norm.get("type") != "Replace" or norm.get("content") != "▁":
-        raise TokenizerFormError(f"{model_dir}: tokenizer.json does not write spaces as '▁' (not Gemma's form)")
+        raise TokenizerFormError(f"{model_dir}: tokenizer.json does not write spaces as '▁' (not "
+                                 "Gemma's form)")
     proto = _proto(m, tj.get("added_tokens", []))
     tmp = out.with_suffix(".model.tmp")
     tmp.write_bytes(proto.SerializeToString())
@@ -76,8 +80,10 @@ def _proto(m: dict, added_tokens: list[dict]) -> Any:
             p.type = pb.ModelProto.SentencePiece.UNUSED
         else:
             p.type = pb.ModelProto.SentencePiece.NORMAL
-        # SentencePiece's BPE merges the adjacent pair whose joined piece scores highest: the merge rank, negated
-        p.score = -float(rank.get(piece, len(m["merges"]) + i)) if p.type == p.NORMAL and len(piece) > 1 else 0.0
+        # SentencePiece's BPE merges the adjacent pair whose joined piece scores highest: the merge
+        # rank, negated
+        p.score = (-float(rank.get(piece, len(m["merges"]) + i)) if p.type == p.NORMAL
+                   and len(piece) > 1 else 0.0)
     ids = {t["content"]: i for i, t in added.items()}
     ts = proto.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE
@@ -85,7 +91,8 @@ def _proto(m: dict, added_tokens: list[dict]) -> Any:
     ts.byte_fallback = True
     ts.split_digits = True
     ts.unk_id = vocab.get(unk, ids.get(unk, 3))
-    ts.bos_id, ts.eos_id, ts.pad_id = (ids.get(t, vocab.get(t, -1)) for t in ("<bos>", "<eos>", "<pad>"))
+    ts.bos_id, ts.eos_id, ts.pad_id = (ids.get(t, vocab.get(t, -1))
+                                       for t in ("<bos>", "<eos>", "<pad>"))
     ns = proto.normalizer_spec
     ns.name = "identity"
     ns.add_dummy_prefix = False

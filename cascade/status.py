@@ -1,14 +1,16 @@
-"""`python -m cascade status +stage=4b [--json]`: where a run stands, read-only, from any machine that can read its
-run directory (a filesystem or an object store), while it runs or after.
+"""`python -m cascade status +stage=4b [--json]`: where a run stands, read-only, from any machine
+that can read its run directory (a filesystem or an object store), while it runs or after.
 
-    python -m cascade status +stage=27b run_dir=s3://bucket/cascade          # the same overrides as the run
+    python -m cascade status +stage=27b run_dir=s3://bucket/cascade          # the same overrides as
+    the run
 
-One row per planned step of the target (cascade.graph: the keys a re-run would use): its state - done (committed
-with this key), running (the manifest says so and the run's driver is alive: cascade.lease.holder), stopped (the
-manifest says running but no driver holds the run: killed, pre-empted), failed (with its error), pending -, its key,
-elapsed time, progress (shards done/total, optimizer step/iters: cascade/progress.py, or the shards already on disk)
-and an ETA from the rate measured since the step (re)started. Then each trained stage's agreement before/after,
-and the steps a re-run would execute. Nothing here starts Ray, loads a model or writes to the run directory.
+One row per planned step of the target (cascade.graph: the keys a re-run would use): its state -
+done (committed with this key), running (the manifest says so and the run's driver is alive:
+cascade.lease.holder), stopped (the manifest says running but no driver holds the run: killed,
+pre-empted), failed (with its error), pending -, its key, elapsed time, progress (shards done/total,
+optimizer step/iters: cascade/progress.py, or the shards already on disk) and an ETA from the rate
+measured since the step (re)started. Then each trained stage's agreement before/after, and the steps
+a re-run would execute. Nothing here starts Ray, loads a model or writes to the run directory.
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ def collect(cfg: Config) -> dict:
     rd, now = p.rd, time.time()
     steps = rd.manifest()["steps"]
     driver = holder(rd, cfg.lease_ttl_s)
-    shards = {j.step.name: (j, j.shards(len(p.prompts[j.data]))) for sp in p.stages for j in sp.gen_jobs}
-    rows = [_row(p, s, steps.get(s.name, {}), driver is not None, shards.get(s.name), now) for s in p.steps()]
+    shards = {j.step.name: (j, j.shards(len(p.prompts[j.data]))) for sp in p.stages
+              for j in sp.gen_jobs}
+    rows = [_row(p, s, steps.get(s.name, {}), driver is not None, shards.get(s.name), now)
+            for s in p.steps()]
     agreement, reverse_kl = {}, {}
     for sp in p.stages:
         if sp.eval and rd.committed(sp.eval):
             m = rd.read_json(rd.metrics(sp.name)) or {}
-            agreement[sp.name], reverse_kl[sp.name] = m.get("agreement", {}), m.get("reverse_kl") or {}
+            agreement[sp.name], reverse_kl[sp.name] = (m.get("agreement", {}),
+                                                       m.get("reverse_kl") or {})
     return {"run_dir": rd.url, "target": cfg.target, "time": now,
             "driver": {k: driver[k] for k in ("host", "pid", "start")} if driver else None,
             "steps": rows, "agreement": agreement, "reverse_kl": reverse_kl,
@@ -45,12 +50,14 @@ def collect(cfg: Config) -> dict:
 def _row(p: RunGraph, step: Step, entry: dict, alive: bool, gen: Any, now: float) -> dict:
     rd = p.rd
     entry = entry if entry.get("key") == step.key else {}
-    row = {"step": step.name, "key": step.key, "state": "pending", "elapsed_s": None, "progress": None,
-           "eta_s": None}
+    row = {"step": step.name, "key": step.key, "state": "pending", "elapsed_s": None,
+           "progress": None, "eta_s": None}
     if rec := rd.committed(step):
-        row["state"] = "done"  # elapsed: the step's own measure (a phase's, a teacher's sets'), else the manifest's
+        # elapsed: the step's own measure (a phase's, a teacher's sets'), else the manifest's
+        row["state"] = "done"
         s = rec.get("summary") or {}
-        own = s.get("seconds") or (s.get("engine_start_s", 0) + s["generate_wall_s"] if "generate_wall_s" in s else 0)
+        own = s.get("seconds") or (s.get("engine_start_s", 0) + s["generate_wall_s"]
+                                   if "generate_wall_s" in s else 0)
         if own or (entry.get("state") == "done" and entry.get("started")):
             row["elapsed_s"] = own or entry["time"] - entry["started"]
         return row
@@ -66,9 +73,11 @@ def _row(p: RunGraph, step: Step, entry: dict, alive: bool, gen: Any, now: float
         rate = (prog["done"] - prog["start_done"]) / max(1e-9, prog["updated"] - prog["started"])
         if row["state"] == "running" and rate > 0:
             row["eta_s"] = (prog["total"] - prog["done"]) / rate
-    elif gen is not None:  # the shards already committed (a stopped or pending generation keeps them)
+    elif gen is not None:
+        # the shards already committed (a stopped or pending generation keeps them)
         job, total = gen
-        done = sum(1 for i in range(total) if rd.exists(rd.shard(job.teacher.name, job.data, job.step.key, i)))
+        done = sum(1 for i in range(total)
+                   if rd.exists(rd.shard(job.teacher.name, job.data, job.step.key, i)))
         row["progress"] = {"unit": "shards", "done": done, "total": total}
     return row
 
@@ -82,18 +91,20 @@ def render(st: dict) -> str:
     for r in st["steps"]:
         pr = r["progress"]
         prog = f"{pr['done']}/{pr['total']} {pr['unit']}" if pr else "-"
-        lines.append(f"{r['step']:34} {r['state']:8} {r['key']:17} {duration(r['elapsed_s']):>8} {prog:>18} "
+        lines.append(f"{r['step']:34} {r['state']:8} {r['key']:17} {duration(r['elapsed_s']):>8} "
+                     f"{prog:>18} "
                      f"{duration(r['eta_s']):>8}" + (f"  {r['error']}" if r.get("error") else ""))
     for stage, a in st["agreement"].items():
         if a:
-            lines.append(f"\n{stage}: agreement with its teachers {a['before']:.3f} -> {a['after']:.3f} nats/token "
-                         f"({a['after'] - a['before']:+.3f})")
+            lines.append(f"\n{stage}: agreement with its teachers {a['before']:.3f} -> "
+                         f"{a['after']:.3f} nats/token ({a['after'] - a['before']:+.3f})")
         k = st["reverse_kl"].get(stage, {}).get("sampled")
         if k:
-            lines.append(f"{stage}: reverse KL to its teachers on its own sampled answers {k['before']:.3f} -> "
-                         f"{k['after']:.3f} nats/token")
+            lines.append(f"{stage}: reverse KL to its teachers on its own sampled answers "
+                         f"{k['before']:.3f} -> {k['after']:.3f} nats/token")
     todo = st["rerun_would_run"]
-    lines.append(f"\na re-run would execute {len(todo)} steps" + (": " + ", ".join(todo) if todo else ""))
+    lines.append(f"\na re-run would execute {len(todo)} steps"
+                 + (": " + ", ".join(todo) if todo else ""))
     return "\n".join(lines)
 
 

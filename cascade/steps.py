@@ -1,5 +1,6 @@
-"""The step contract (stages/__init__.py says what each step module declares): what a step's run hands back to be
-committed (Made), and the protocol every step is run and committed by (execute), the driver's and the tests'.
+"""The step contract (stages/__init__.py says what each step module declares): what a step's run
+hands back to be committed (Made), and the protocol every step is run and committed by (execute),
+the driver's and the tests'.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from cascade.rundir import Step
 
 @dataclass
 class Made:
-    """What a step's run made for one of its steps: its summary, and the directory it staged (RunDir.staging) to be
-    published at the step's path, or None when its files were written in place, each atomically (a teacher's
-    shards)."""
+    """What a step's run made for one of its steps: its summary, and the directory it staged
+    (RunDir.staging) to be published at the step's path, or None when its files were written in
+    place, each atomically (a teacher's shards)."""
 
     summary: dict
     staging: str | None = None
@@ -23,10 +24,11 @@ class Made:
 
 
 def execute(ctx: Context, w: Work, step: Any) -> None:
-    """Begin each of the work's steps (a committed one is skipped; one built from a step that runs again runs too),
-    run the step's module (`step.run`) on the rest, commit what it made (a staged directory: RunDir.commit_dir;
-    files in place: RunDir.commit_files, step.json last), check and record what its workers published. A failure
-    marks the steps it did not commit as failed (`cascade status` says which and why)."""
+    """Begin each of the work's steps (a committed one is skipped; one built from a step that runs
+    again runs too), run the step's module (`step.run`) on the rest, commit what it made (a staged
+    directory: RunDir.commit_dir; files in place: RunDir.commit_files, step.json last), check and
+    record what its workers published. A failure marks the steps it did not commit as failed
+    (`cascade status` says which and why)."""
     rd, todo, again = ctx.rd, [], set()
     for s in w.steps:
         if again & set(s.inputs):  # it starts from the output of a step that runs again
@@ -42,7 +44,8 @@ def execute(ctx: Context, w: Work, step: Any) -> None:
     except Exception as e:
         for s in todo:
             if rd.committed(s) is None:
-                rd.mark(s.name, "failed", key=s.key, path=s.path, error=f"{type(e).__name__}: {str(e)[:500]}")
+                rd.mark(s.name, "failed", key=s.key, path=s.path,
+                        error=f"{type(e).__name__}: {str(e)[:500]}")
         raise
     for s in todo:
         _commit(ctx, s, made.get(s.name))

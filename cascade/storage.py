@@ -1,13 +1,14 @@
 """Where the run directory lives, and what that changes (the layout itself: cascade/layout.py):
 - a local or shared filesystem (a path, or file://): staging under tmp/, commits by rename;
 - an object store (s3://bucket/prefix; credentials and endpoint from the environment, e.g.
-  AWS_ENDPOINT_URL): nothing is renamed. Each object is written by one PUT; a step's files are uploaded first
-  and its step.json (a checkpoint's meta.json) last, after any stale marker was deleted, so a reader that trusts
-  only markers never sees half a step. Staging, TensorBoard logs and the driver's log are written in this
-  node's mirror (<CASCADE_CACHE>/runs/<hash of the URL>/, made by `local()`) and uploaded; model directories
-  that transformers, PEFT or vLLM must open are pulled into this node's cache by `local_model`, each file
-  checked against the sha256 its step.json records, the copy keyed by those sha256s (a step re-committed with
-  new bytes is pulled again, never served stale).
+  AWS_ENDPOINT_URL): nothing is renamed. Each object is written by one PUT; a step's files are
+  uploaded first and its step.json (a checkpoint's meta.json) last, after any stale marker was
+  deleted, so a reader that trusts only markers never sees half a step. Staging, TensorBoard logs
+  and the driver's log are written in this node's mirror (<CASCADE_CACHE>/runs/<hash of the URL>/,
+  made by `local()`) and uploaded; model directories that transformers, PEFT or vLLM must open are
+  pulled into this node's cache by `local_model`, each file checked against the sha256 its step.json
+  records, the copy keyed by those sha256s (a step re-committed with new bytes is pulled again,
+  never served stale).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def absolute(url: str) -> str:
-    """A run directory's URL with a local path made absolute (fsspec URLs with a protocol are kept)."""
+    """A run directory's URL with a local path made absolute (fsspec URLs with a protocol are kept).
+    """
     url = os.path.expanduser(url)
     return url if "://" in url else os.path.abspath(url)
 
@@ -38,48 +40,58 @@ def is_object_store(url: str) -> bool:
 
 
 def node_cache() -> Path:
-    """This node's cache: CASCADE_CACHE (each node of a cluster may set its own), else ~/.cache/cascade/models."""
+    """This node's cache: CASCADE_CACHE (each node of a cluster may set its own), else
+    ~/.cache/cascade/models."""
     return Path(os.environ.get("CASCADE_CACHE") or "~/.cache/cascade/models").expanduser()
 
 
 def open_fs(url: str) -> tuple[Any, str]:
-    """(filesystem, path) of a URL; an object store's listings are not cached (other processes write to it), and
-    its calls are retried while it cannot be reached (Retrying; CASCADE_STORE_RETRY_S, default 60 s). A store that
-    stalls (accepts, then never answers) fails a call after CASCADE_STORE_TIMEOUT_S (default 60 s: botocore's own)
-    without a byte moving on its connection, and the call is retried like any other."""
+    """(filesystem, path) of a URL; an object store's listings are not cached (other processes write
+    to it), and its calls are retried while it cannot be reached (Retrying; CASCADE_STORE_RETRY_S,
+    default 60 s). A store that stalls (accepts, then never answers) fails a call after
+    CASCADE_STORE_TIMEOUT_S (default 60 s: botocore's own) without a byte moving on its connection,
+    and the call is retried like any other."""
     if not is_object_store(url):
         return fsspec.core.url_to_fs(url)
     timeout = float(os.environ.get("CASCADE_STORE_TIMEOUT_S") or 60)
-    # one retry layer, Retrying's: it logs every retry with its reason and stops at the lease's deadline, where
-    # botocore's and s3fs's own silent retries (5 attempts each, each up to the timeout) could outlast the lease
-    fs, path = fsspec.core.url_to_fs(url, use_listings_cache=False, config_kwargs={
-        "connect_timeout": timeout, "read_timeout": timeout, "retries": {"mode": "standard", "total_max_attempts": 1}})
+    # one retry layer, Retrying's: it logs every retry with its reason and stops at the lease's
+    # deadline, where botocore's and s3fs's own silent retries (5 attempts each, each up to the
+    # timeout) could outlast the lease
+    fs, path = fsspec.core.url_to_fs(
+        url,
+        use_listings_cache=False,
+        config_kwargs={"connect_timeout": timeout, "read_timeout": timeout,
+                       "retries": {"mode": "standard", "total_max_attempts": 1}},
+    )
     fs.retries = 1  # s3fs's own loop (a class attribute, no constructor argument)
     return Retrying(fs, float(os.environ.get("CASCADE_STORE_RETRY_S") or 60)), path
 
 
 # Errors that say something about the request, not the store's reachability: never retried
-DEFINITE = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
-            TypeError, KeyError)
+DEFINITE = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError, ValueError, TypeError, KeyError)
 
 
 class Retrying:
-    """An object store's filesystem whose calls are retried while the store cannot be reached, refuses, stalls or
-    throttles (503 SlowDown): exponential backoff from 0.5 s to 8 s, each retry logged with its reason, until
-    `budget_s` has passed or, sooner, `deadline()` (a monotonic time: the driver's lease sets it to the moment it
-    must stop writing, cascade/lease.py). Errors that describe the request (missing, exists, forbidden) are raised
-    at once. Attribute reads pass through; `raw` is the filesystem itself (fsspec and pyarrow take that one)."""
+    """An object store's filesystem whose calls are retried while the store cannot be reached,
+    refuses, stalls or throttles (503 SlowDown): exponential backoff from 0.5 s to 8 s, each retry
+    logged with its reason, until `budget_s` has passed or, sooner, `deadline()` (a monotonic time:
+    the driver's lease sets it to the moment it must stop writing, cascade/lease.py). Errors that
+    describe the request (missing, exists, forbidden) are raised at once. Attribute reads pass
+    through; `raw` is the filesystem itself (fsspec and pyarrow take that one)."""
 
     def __init__(self, fs: Any, budget_s: float) -> None:
         self.raw, self.budget_s = fs, budget_s
         self.deadline: Any = None  # () -> monotonic time after which nothing is retried
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("raw", "budget_s", "deadline") or name.startswith("__"):  # unpickling: not set yet
+        if name in ("raw", "budget_s", "deadline") or name.startswith("__"):
+            # unpickling: not set yet
             raise AttributeError(name)
         attr = getattr(self.raw, name)
         if not callable(attr) or name.startswith("_") or name in ("open", "unstrip_protocol"):
-            return attr  # open(): the callers that stream read through cat_file instead (RunDir.read_bytes)
+            # open(): the callers that stream read through cat_file instead (RunDir.read_bytes)
+            return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
             t0, delay = time.monotonic(), 0.5
@@ -88,14 +100,16 @@ class Retrying:
                     return attr(*args, **kwargs)
                 except DEFINITE:
                     raise
-                except Exception as e:  # noqa: BLE001 - refused, reset, timed out, 5xx: the store's state
+                # refused, reset, timed out, 5xx: the store's state
+                except Exception as e:  # noqa: BLE001
                     end = t0 + self.budget_s
                     if self.deadline is not None:
                         end = min(end, self.deadline())
                     if time.monotonic() + delay > end:
                         raise
                     log.warning(
-                        "store: %s(%s) failed (%s: %s): retrying in %.1f s", name, str(args[0])[:120] if args else "",
+                        "store: %s(%s) failed (%s: %s): retrying in %.1f s", name,
+                                str(args[0])[:120] if args else "",
                         type(e).__name__, str(e)[:200], delay)
                     time.sleep(delay)
                     delay = min(8.0, delay * 2)
@@ -108,7 +122,8 @@ PULLED = ".pulled"  # written last into a directory pulled from an object store
 
 
 def write_synced(path: str, data: bytes) -> str:
-    """Write a local file and flush it to disk (before a rename or link makes it visible); returns path."""
+    """Write a local file and flush it to disk (before a rename or link makes it visible); returns
+    path."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -117,7 +132,8 @@ def write_synced(path: str, data: bytes) -> str:
 
 
 def fsync_dir(path: str) -> None:
-    """Make a rename or link in this directory durable (POSIX; a no-op where directories cannot be opened)."""
+    """Make a rename or link in this directory durable (POSIX; a no-op where directories cannot be
+    opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -131,7 +147,8 @@ def fsync_dir(path: str) -> None:
 
 
 def fsync_tree(root: str) -> None:
-    """Every file under a staged directory, and the directories, flushed to disk (before the marker)."""
+    """Every file under a staged directory, and the directories, flushed to disk (before the
+    marker)."""
     for d, _, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(d, name), os.O_RDONLY)
@@ -143,28 +160,34 @@ def fsync_tree(root: str) -> None:
 
 
 def safe_rel(rel: str, where: str) -> str:
-    """A file name read from storage (a step record), checked to stay under its directory: relative, no `..`."""
+    """A file name read from storage (a step record), checked to stay under its directory: relative,
+    no `..`."""
     parts = rel.replace("\\", "/").split("/")
-    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]:
-        raise RuntimeError(f"{where}: refusing the recorded file name {rel!r} (it would leave its directory)")
+    if (not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts)
+        or ":" in parts[0]):
+        raise RuntimeError(f"{where}: refusing the recorded file name {rel!r} (it would leave its "
+                           "directory)")
     return rel
 
 
 def download(fs: Any, src: str, files: dict[str, list], dest: Path) -> None:
-    """Copy the recorded files under src to dest (a sibling first, renamed into place), checking each one's size
-    and sha256 against its record; raises if one differs, or a recorded name would leave dest."""
+    """Copy the recorded files under src to dest (a sibling first, renamed into place), checking
+    each one's size and sha256 against its record; raises if one differs, or a recorded name would
+    leave dest."""
     import shutil
 
     for rel in files:
         safe_rel(rel, src)
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # the pid: stray_pulls
+    # the pid: stray_pulls
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         for rel, (size, digest) in sorted(files.items()):
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{src}/{rel}", str(tmp / rel))
             got = sha256_file(fsspec.filesystem("file"), str(tmp / rel))
             if (tmp / rel).stat().st_size != size or (digest is not None and got != digest):
-                raise RuntimeError(f"{src}/{rel} does not match its record (size {size}, sha256 {digest})")
+                raise RuntimeError(f"{src}/{rel} does not match its record (size {size}, sha256 "
+                                   f"{digest})")
         (tmp / PULLED).write_text(json.dumps(files))
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -173,14 +196,16 @@ def download(fs: Any, src: str, files: dict[str, list], dest: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         ok = [(dest / rel, d) for rel, (_, d) in sorted(files.items()) if d]
-        content_hashes([p for p, _ in ok], [d for _, d in ok])  # every later use checks the copy against them
+        # every later use checks the copy against them
+        content_hashes([p for p, _ in ok], [d for _, d in ok])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def stray_pulls(root: Path) -> list[Path]:
-    """Pulls under root left by processes that died mid-way (`<dest>.tmp-<pid>-<hex>`, that pid gone)."""
+    """Pulls under root left by processes that died mid-way (`<dest>.tmp-<pid>-<hex>`, that pid
+    gone)."""
     import psutil
 
     out = []
@@ -192,13 +217,15 @@ def stray_pulls(root: Path) -> list[Path]:
 
 
 def evict(root: Path, max_bytes: float) -> list[Path]:
-    """Node copies under root (directories with a .pulled marker), least recently used first (the marker's mtime,
-    touched at every use), removed until the rest fit in max_bytes; returns what was removed."""
+    """Node copies under root (directories with a .pulled marker), least recently used first (the
+    marker's mtime, touched at every use), removed until the rest fit in max_bytes; returns what was
+    removed."""
     import shutil
 
     if max_bytes <= 0 or not root.exists():
         return []
-    copies = sorted((d.parent for d in root.glob(f"*/{PULLED}")), key=lambda d: (d / PULLED).stat().st_mtime)
+    copies = sorted((d.parent for d in root.glob(f"*/{PULLED}")),
+                    key=lambda d: (d / PULLED).stat().st_mtime)
     sizes = {d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in copies}
     total, gone = sum(sizes.values()), []
     for d in copies[:-1]:  # the newest copy stays, whatever its size
@@ -211,14 +238,14 @@ def evict(root: Path, max_bytes: float) -> list[Path]:
 
 
 def content_hash(path: Path) -> str:
-    """The sha256 of a local file, cached by (path, size, mtime, inode) in this node's cache (hashes.json) so that
-    a 27B's weights are hashed once, and again only when they change."""
+    """The sha256 of a local file, cached by (path, size, mtime, inode) in this node's cache
+    (hashes.json) so that a 27B's weights are hashed once, and again only when they change."""
     return content_hashes([path])[0]
 
 
 def content_hashes(paths: list[Path], known: list[str] | None = None) -> list[str]:
-    """content_hash of each path, the cache read and written once; `known`: their sha256s, just computed (a
-    download's), recorded without hashing again."""
+    """content_hash of each path, the cache read and written once; `known`: their sha256s, just
+    computed (a download's), recorded without hashing again."""
     stamps = []
     for path in paths:
         st = path.stat()
@@ -234,7 +261,8 @@ def content_hashes(paths: list[Path], known: list[str] | None = None) -> list[st
             new[stamp] = known[k]
         elif stamp not in cached:
             new[stamp] = sha256_file(fsspec.filesystem("file"), str(path))
-    if any(cached.get(k) != v for k, v in new.items()):  # concurrent writers: one may lose the other's, recomputed
+    if any(cached.get(k) != v for k, v in new.items()):
+        # concurrent writers: one may lose the other's, recomputed
         cached.update(new)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"hashes.json.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -264,17 +292,23 @@ def stable_hash(*parts: Any) -> str:
 
 
 def local_model(path: str) -> str:
-    """A model directory that transformers, PEFT or vLLM can open: `path` itself, unless it is a committed step
-    on an object store; that one is pulled once into this node's cache, every file checked against the size and
-    sha256 its step.json records."""
+    """A model directory that transformers, PEFT or vLLM can open: `path` itself, unless it is a
+    committed step on an object store; that one is pulled once into this node's cache, every file
+    checked against the size and sha256 its step.json records."""
     if not is_object_store(path):
         return path
     fs, p = open_fs(path)
     rec = json.loads(fs.cat_file(f"{p}/{STEP_FILE}"))
     # keyed by the recorded sha256s: a step committed again with other bytes is another copy
-    dest = node_cache() / "runs" / "models" / f"{stable_hash(path)}-{rec['key']}-{stable_hash(rec['files'])}"
+    dest = (
+        node_cache()
+        / "runs"
+        / "models"
+        / f"{stable_hash(path)}-{rec['key']}-{stable_hash(rec['files'])}"
+    )
     pulled = dest / PULLED
-    if pulled.exists() and (json.loads(pulled.read_text()) != rec["files"] or _altered(dest, rec["files"])):
+    if pulled.exists() and (json.loads(pulled.read_text()) != rec["files"]
+                            or _altered(dest, rec["files"])):
         import shutil  # not what the record says, or changed since it was pulled: pulled again
 
         log.warning("node copy %s differs from %s's record: pulled again", dest, path)
@@ -289,8 +323,8 @@ def local_model(path: str) -> str:
 
 
 def _altered(dest: Path, files: dict[str, list]) -> bool:
-    """Whether a node copy's files differ from their recorded sha256s (each file hashed again only when its size,
-    mtime or inode changed since it was last hashed: content_hashes)."""
+    """Whether a node copy's files differ from their recorded sha256s (each file hashed again only
+    when its size, mtime or inode changed since it was last hashed: content_hashes)."""
     rels = sorted(files)
     if not all((dest / rel).is_file() for rel in rels):
         return True

@@ -1,7 +1,8 @@
-"""What runs in every Ray Train worker of a stage's training job (stages/train.py starts the job): the phases of a
-`TrainJob` in order, each a `PhaseTrainer` - setup (the previous phase's fused model, a PEFT LoRA, the newest
-mid-phase checkpoint), steps (the loss of the phase's kind, cascade/phases/, on response tokens),
-finish (rank 0 fuses, checks and commits the phase). The step's docstring tells the whole story.
+"""What runs in every Ray Train worker of a stage's training job (stages/train.py starts the job):
+the phases of a `TrainJob` in order, each a `PhaseTrainer` - setup (the previous phase's fused
+model, a PEFT LoRA, the newest mid-phase checkpoint), steps (the loss of the phase's kind,
+cascade/phases/, on response tokens), finish (rank 0 fuses, checks and commits the phase). The
+step's docstring tells the whole story.
 """
 
 from __future__ import annotations
@@ -38,20 +39,25 @@ class TrainJob:
     train: TrainConfig
     seed: int
     trust_remote_code: bool = False
-    model_key: str = ""  # the stage's base model's identity (the planner's measured rates are per model)
-    lease: tuple[int, str] | None = None  # the driver's fencing token, checked before every commit (cascade/lease.py)
-    teachers: list[Teacher] = dataclasses.field(default_factory=list)  # the stage's (kinds that score with them)
+    # the stage's base model's identity (the planner's measured rates are per model)
+    model_key: str = ""
+    # the driver's fencing token, checked before every commit (cascade/lease.py)
+    lease: tuple[int, str] | None = None
+    # the stage's (kinds that score with them)
+    teachers: list[Teacher] = dataclasses.field(default_factory=list)
     kernel: str | None = None  # the kernel's text (kinds that put it in a teacher's context)
 
 
 def failure_file(rd: RunDir, stage: str) -> str:
-    """Where rank 0 leaves a deterministic failure for the driver (<stage>/train/_work/failure.json)."""
+    """Where rank 0 leaves a deterministic failure for the driver
+    (<stage>/train/_work/failure.json)."""
     return f"{rd.train_work(stage)}/failure.json"
 
 
-# -- the worker ---------------------------------------------------------------------------------------------------
+# -- the worker ------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
-    """Every phase of the job not yet committed, in order; each starts from the previous one's fused model."""
+    """Every phase of the job not yet committed, in order; each starts from the previous one's fused
+    model."""
     import torch
     from transformers import AutoTokenizer
 
@@ -65,7 +71,8 @@ def train_loop_per_worker(config: dict) -> None:
 
         rd.fence = functools.partial(check_fence, rd, job.lease)
     model_path, revision = local_model(job.start_model), job.revision
-    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=job.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(model_path, revision=revision,
+                                        trust_remote_code=job.trust_remote_code)
     device = ray.train.torch.get_device()
     for ph in job.phases:
         if stop_requested(rd, device):
@@ -94,13 +101,15 @@ def agreed(device: Any, *flags: bool) -> list[bool]:
     return list(flags)
 
 
-# Ray's pre-emption notice is asked for at most this often (rank 0's clock, agreed with the stop flag): asking is
-# a barrier across the workers (~5 ms), a notice gives tens of seconds (a spot reclaim: 30 s to 2 min)
+# Ray's pre-emption notice is asked for at most this often (rank 0's clock, agreed with the stop
+# flag): asking is a barrier across the workers (~5 ms), a notice gives tens of seconds (a spot
+# reclaim: 30 s to 2 min)
 NOTICE_EVERY_S = 5.0
 
 
 class PhaseTrainer:
-    """One phase on one worker: setup (model, LoRA, data, optimizer, resume), steps, finish (fuse and commit)."""
+    """One phase on one worker: setup (model, LoRA, data, optimizer, resume), steps, finish (fuse
+    and commit)."""
 
     def __init__(self, job: TrainJob, rd: RunDir, ph: PhaseGraph, tok: Any, model_path: str,
                  revision: str | None) -> None:
@@ -128,18 +137,20 @@ class PhaseTrainer:
         model = with_lora(model, self.t.lora)
         self._data()
         self.model = self._distribute(model)
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=ph.lr,
-                                     weight_decay=self.t.weight_decay)
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                     lr=ph.lr, weight_decay=self.t.weight_decay)
         warm = max(1, self.t.warmup_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         self.ckpt = Checkpoints(rd, rd.checkpoints(job.stage, ph.index, ph.name, ph.model.key),
                                 self.t.keep_checkpoints, self.rank, self.t.strategy == "fsdp")
         # mid-phase resume: adapter, optimizer, scheduler, RNG, data position
         self.state = self.ckpt.restore(self.model, self.opt, self.sched)
-        self.losses, old = self.state["losses"], {"distill": self.state.get("distill_losses", [])}  # before kinds
+        # before kinds
+        self.losses, old = self.state["losses"], {"distill": self.state.get("distill_losses", [])}
         self.metrics = {m: self.state.get("metrics", old).get(m, []) for m in self.kind.METRICS}
         self.real = self.slots = 0
-        self.noticed, self.asked = False, 0.0  # Ray's pre-emption notice: seen (and acted on) in this phase; asked
+        # Ray's pre-emption notice: seen (and acted on) in this phase; asked
+        self.noticed, self.asked = False, 0.0
 
     def _distribute(self, model: Any) -> Any:
         """DDP when world > 1 (Ray Train's prepare_model), or FSDP2: each decoder layer sharded."""
@@ -153,32 +164,38 @@ class PhaseTrainer:
         from cascade.packing import DataOrder, pack
 
         split = self.rd.dataset_file(self.job.stage, self.ph.name, "train")
-        self.examples, self.too_long = load_examples(self.rd, split, self.tok, self.t.max_seq_len, self.kind,
-                                                     self.opts)
+        self.examples, self.too_long = load_examples(self.rd, split, self.tok, self.t.max_seq_len,
+                                                     self.kind, self.opts)
         if not self.examples:
             raise ValueError(f"{split}: no example has a response token within train.max_seq_len="
-                             f"{self.t.max_seq_len} ({self.too_long} dropped): raise it, or shorten the prompts")
+                             f"{self.t.max_seq_len} ({self.too_long} dropped): raise it, or "
+                             "shorten the prompts")
         lengths = [len(e["input_ids"]) for e in self.examples]
-        # a kind that builds its own batches (on_policy: one prompt and its samples per row) is never packed
+        # a kind that builds its own batches (on_policy: one prompt and its samples per row) is
+        # never packed
         own = hasattr(self.kind, "batch")
-        self.units = pack(lengths, self.t.max_seq_len) if self.t.packing and not own else [[i] for i in
-                                                                                            range(len(lengths))]
+        self.units = (pack(lengths, self.t.max_seq_len) if self.t.packing and not own
+                      else [[i] for i in range(len(lengths))])
         self.order = DataOrder(len(self.units), self.seed)
 
     def collate(self, rows: list[list[dict]]) -> dict:
-        """Model inputs for rows of encoded examples, on this worker's device (cascade.packing.collate_packed)."""
+        """Model inputs for rows of encoded examples, on this worker's device
+        (cascade.packing.collate_packed)."""
         from cascade.packing import collate_packed
 
         return collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
                               getattr(self.mcfg, "sliding_window", None), self.device)
 
     def _micro_step(self, step: int, m: int) -> tuple[float, dict[str, float]]:
-        """Forward and backward of one micro-batch (this worker's rows of it): (loss, the kind's metrics)."""
+        """Forward and backward of one micro-batch (this worker's rows of it): (loss, the kind's
+        metrics)."""
 
         b, accum = self.t.batch_size // self.world, self.t.grad_accum  # batch_size is global
         base = (step * accum + m) * b * self.world
-        rows = [[self.examples[i] for i in self.units[self.order[base + self.rank * b + j]]] for j in range(b)]
-        if hasattr(self.kind, "batch"):  # the kind's own micro-batch from these rows (on_policy's rollouts)
+        rows = [[self.examples[i] for i in self.units[self.order[base + self.rank * b + j]]]
+                for j in range(b)]
+        if hasattr(self.kind, "batch"):
+            # the kind's own micro-batch from these rows (on_policy's rollouts)
             batch = self.kind.batch(self.opts, self, rows, step, m)
         else:
             batch = self.collate(rows)
@@ -188,11 +205,12 @@ class PhaseTrainer:
         return loss.item(), metrics
 
     def steps(self) -> bool:
-        """The optimizer steps left in the phase, checkpointing every train.save_every; False when the run was
-        pre-empted (checkpointed at the step it was in)."""
+        """The optimizer steps left in the phase, checkpointing every train.save_every; False when
+        the run was pre-empted (checkpointed at the step it was in)."""
         import torch
 
-        board = Board(self.rd, self.job.stage, self.ph, self.state["step"]) if self.rank == 0 else None
+        board = (Board(self.rd, self.job.stage, self.ph, self.state["step"]) if self.rank == 0
+                 else None)
         self.t_loop, start, accum, stop = time.time(), self.state["step"], self.t.grad_accum, False
         self.model.train()
         for step in range(start, self.ph.iters):
@@ -208,36 +226,47 @@ class PhaseTrainer:
                 self.ckpt.mark_resumed(step + 1)
             if board:
                 board.log(step, self.losses[-1], self.sched.get_last_lr()[0],
-                          self.real * self.world / (time.time() - self.t_loop), self.real * self.world)
+                          self.real * self.world / (time.time() - self.t_loop),
+                          self.real * self.world)
             last = step + 1 == self.ph.iters
             due = self.rank == 0 and not self.noticed and time.time() - self.asked >= NOTICE_EVERY_S
-            stop, ask = agreed(self.device, not last and preemption.requested(self.rd), not last and due)
-            # after Ray's notice, a checkpoint at every step until the node goes: at most one step is redone
-            notice = not stop and not last and (self.noticed or (ask and self._preemption_notice(step + 1)))
-            if stop or notice or (self.t.save_every and (step + 1) % self.t.save_every == 0 and not last):
+            stop, ask = agreed(self.device, not last and preemption.requested(self.rd),
+                               not last and due)
+            # after Ray's notice, a checkpoint at every step until the node goes: at most one step
+            # is redone
+            notice = not stop and not last and (self.noticed
+                                                or (ask and self._preemption_notice(step + 1)))
+            if stop or notice or (self.t.save_every and (step + 1) % self.t.save_every == 0
+                                  and not last):
                 self.ckpt.save(self.model, self.opt, self.sched, step + 1, self.losses,
-                               self.state["tokens"] + self.real * self.world, self.world, self.metrics,
-                               reason="sigterm" if stop else "preemption-notice" if notice else "periodic")
+                               self.state["tokens"] + self.real * self.world, self.world,
+                               self.metrics,
+                               reason="sigterm" if stop else "preemption-notice" if notice
+                               else "periodic")
             if stop:
-                log.warning("pre-empted: checkpointed at step %d of %s", step + 1, self.ph.model.name)
+                log.warning("pre-empted: checkpointed at step %d of %s", step + 1,
+                            self.ph.model.name)
                 break
-        self.t_end = time.time()  # the loop's end: what comes after (TensorBoard's flush, fusion) is not training
+        # the loop's end: what comes after (TensorBoard's flush, fusion) is not training
+        self.t_end = time.time()
         if board:
             board.close()
         return not stop
 
     def _preemption_notice(self, step: int) -> bool:
-        """Ray's pre-emption notice (a node of this worker group is being drained, e.g. a spot reclaim), once:
-        from then on a checkpoint is saved at every step and training goes on; when the node goes, Ray Train
-        restarts the group and it resumes from the last one. Every rank calls this the same number of times
-        (Ray agrees the value)."""
+        """Ray's pre-emption notice (a node of this worker group is being drained, e.g. a spot
+        reclaim), once: from then on a checkpoint is saved at every step and training goes on; when
+        the node goes, Ray Train restarts the group and it resumes from the last one. Every rank
+        calls this the same number of times (Ray agrees the value)."""
         self.asked = time.time()
         info = ray.train.get_preemption_info()
         if info is None:
             return False
         self.noticed = True
-        log.warning("pre-emption notice (nodes %s, ranks %s, deadline %s ms): checkpoint at step %d of %s",
-                    info.preempted_node_ids, info.preempted_ranks, info.deadline_ms, step, self.ph.model.name)
+        log.warning("pre-emption notice (nodes %s, ranks %s, deadline %s ms): checkpoint at step "
+                    "%d of %s",
+                    info.preempted_node_ids, info.preempted_ranks, info.deadline_ms, step,
+                    self.ph.model.name)
         return True
 
     def summary(self) -> dict:
@@ -247,27 +276,27 @@ class PhaseTrainer:
 
         seconds, train_seconds = self.t_end - self.t0, self.t_end - self.t_loop
         losses = self.losses
-        out = {
-            "phase": self.ph.name, "kind": self.ph.kind, "options": self.ph.options, "steps": self.ph.iters,
-            "loss_first": losses[0], "loss_last": losses[-1],
-            "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses,
-            "examples": len(self.examples), "examples_without_response": self.too_long,
-            "tokens": self.state["tokens"] + self.real * self.world,
-            "seconds": seconds, "train_seconds": train_seconds, "tokens_per_s": self.real * self.world / train_seconds,
-            "real_token_fraction": self.real / max(1, self.slots),
-            "packing": self.t.packing, "workers": self.world, "threads": torch.get_num_threads(),
-            "device": device_name(), "model_key": self.job.model_key,
-            "resumed_from_step": self.state["step"],
-            "resumed_from_reason": self.state.get("reason"),
-        }
+        out = {"phase": self.ph.name, "kind": self.ph.kind, "options": self.ph.options,
+               "steps": self.ph.iters, "loss_first": losses[0], "loss_last": losses[-1],
+               "loss_mean_last": sum(losses[-5:]) / len(losses[-5:]), "losses": losses,
+               "examples": len(self.examples), "examples_without_response": self.too_long,
+               "tokens": self.state["tokens"] + self.real * self.world, "seconds": seconds,
+               "train_seconds": train_seconds,
+               "tokens_per_s": self.real * self.world / train_seconds,
+               "real_token_fraction": self.real / max(1, self.slots), "packing": self.t.packing,
+               "workers": self.world, "threads": torch.get_num_threads(), "device": device_name(),
+               "model_key": self.job.model_key, "resumed_from_step": self.state["step"],
+               "resumed_from_reason": self.state.get("reason")}
         for name, values in self.metrics.items():
-            out.update({f"{name}_losses": values, f"{name}_loss_first": values[0], f"{name}_loss_last": values[-1]})
+            out.update({f"{name}_losses": values, f"{name}_loss_first": values[0],
+                        f"{name}_loss_last": values[-1]})
         return out
 
     def finish(self) -> bool:
-        """Rank 0 fuses the adapter into the weights, verifies and commits the fused model; all report. A failed
-        fusion check is deterministic: rank 0 leaves it in failure_file (the driver raises it) and the job ends
-        without an error, so Ray Train's failure policy does not run the phase again; False then."""
+        """Rank 0 fuses the adapter into the weights, verifies and commits the fused model; all
+        report. A failed fusion check is deterministic: rank 0 leaves it in failure_file (the driver
+        raises it) and the job ends without an error, so Ray Train's failure policy does not run the
+        phase again; False then."""
         from cascade.modeling import FusionError
 
         summary, model, error = self.summary(), self.model, ""
@@ -275,7 +304,8 @@ class PhaseTrainer:
             model = self._gathered()
         if self.rank == 0:
             heldout = self.rd.dataset_file(self.job.stage, self.ph.name, "heldout")
-            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len, self.kind, self.opts)[0]
+            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len, self.kind,
+                                  self.opts)[0]
             probe = probe or self.examples
             try:
                 self._fuse_and_commit(model, summary, probe)
@@ -284,11 +314,13 @@ class PhaseTrainer:
                 error = f"{self.ph.model.name}: {e}"
                 self.rd.write_json(failure_file(self.rd, self.job.stage), {"error": error})
         failed = agreed(self.device, bool(error))[0]  # also the barrier after rank 0's commit
-        ray.train.report({"phase": self.ph.index, "loss": self.losses[-1], "tokens_per_s": summary["tokens_per_s"]})
+        ray.train.report({"phase": self.ph.index, "loss": self.losses[-1],
+                          "tokens_per_s": summary["tokens_per_s"]})
         return not failed
 
     def _gathered(self) -> Any:
-        """FSDP: the adapter gathered from its shards (a collective), and on rank 0 base + adapter rebuilt whole."""
+        """FSDP: the adapter gathered from its shards (a collective), and on rank 0 base + adapter
+        rebuilt whole."""
         from cascade.checkpoints import full_adapter
         from cascade.modeling import load_model, with_lora
 
@@ -304,7 +336,8 @@ class PhaseTrainer:
         return model
 
     def _fuse_and_commit(self, model: Any, summary: dict, probe: list) -> None:
-        """Merge the LoRA into the weights, verify the saved model (cascade.modeling.fuse), commit it."""
+        """Merge the LoRA into the weights, verify the saved model (cascade.modeling.fuse), commit
+        it."""
         from cascade.modeling import fuse
 
         peft_model = model.module if hasattr(model, "module") else model
@@ -314,9 +347,10 @@ class PhaseTrainer:
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
 
 
-def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, kind: Any, opts: Any) -> tuple[list[dict], int]:
-    """A dataset file's records encoded for training by the phase's kind ([] when the file does not exist), and how
-    many were dropped for having no response token within max_len."""
+def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, kind: Any,
+                  opts: Any) -> tuple[list[dict], int]:
+    """A dataset file's records encoded for training by the phase's kind ([] when the file does not
+    exist), and how many were dropped for having no response token within max_len."""
     from cascade.chat import IGNORE_INDEX
     from cascade.logprobs import Reader
 
@@ -325,7 +359,8 @@ def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, kind: Any, opts
     # a prompt as long as max_seq_len leaves no response token to learn from: dropped, counted
     kept = [e for e in out if any(x != IGNORE_INDEX for x in e["labels"])]
     if len(kept) < len(out):
-        log.warning("%s: %d of %d examples dropped: their prompt fills train.max_seq_len=%d, no response token "
+        log.warning("%s: %d of %d examples dropped: their prompt fills train.max_seq_len=%d, no "
+                    "response token "
                     "is left to train on", path, len(out) - len(kept), len(out), max_len)
     return kept, len(out) - len(kept)
 

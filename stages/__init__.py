@@ -3,13 +3,13 @@
     generate -> curate -> train (+ fuse) -> evaluate -> release
 
 Each module declares the same two things, its side of the step contract:
-- `run(ctx, work, todo) -> {step name: Made}`: make the outputs of `todo` (the work's steps not yet committed,
-  in order) and hand each back to be committed (cascade.steps.Made: a staged directory, or files written in
-  place). A step whose worker must publish it inside its own job (a training phase: the next phase starts from
-  it) is left out; the protocol (cascade.steps.execute) checks and records it. `ctx` (cascade.graph.Context):
-  the plan and the driver's handles.
-- `cost(planner, work, todo) -> [row]`: what each step of `todo` needs and takes (cascade/plan.py prints them).
-A step's identity is its key (cascade/graph.py), computed before any step runs.
+- `run(ctx, work, todo) -> {step name: Made}`: make the outputs of `todo` (the work's steps not yet
+  committed, in order) and hand each back to be committed (cascade.steps.Made: a staged directory,
+  or files written in place). A step whose worker must publish it inside its own job (a training
+  phase: the next phase starts from it) is left out; the protocol (cascade.steps.execute) checks and
+  records it. `ctx` (cascade.graph.Context): the plan and the driver's handles.
+- `cost(planner, work, todo) -> [row]`: what each step of `todo` needs and takes (cascade/plan.py
+  prints them). A step's identity is its key (cascade/graph.py), computed before any step runs.
 """
 
 from __future__ import annotations

@@ -2,14 +2,15 @@
 
     python -m cascade +stage=4b models=tiny       # runs this step for teacher 1b, among the others
 
-Prompts are cut into fixed shards (in file order; size: cascade.graph.shard_size_for) and handed to a pool of
-named replicas (cascade/generation/pool.py: dispatch, re-queue of a lost replica's shards, restarts). Answers
-stream back as they finish and are kept here until their shard is whole; then the shard is written to
-generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill skips it. Meanwhile a shard's
-answers so far are saved as its partial shard at most every generation.partial_every_s (and at once on SIGTERM): a
-re-run keeps them and asks the engine only for the rest. When all shards of a
-prompt set are in, the driver commits the set (its step.json: counts and checksums). Each answer is seeded by its prompt, so a
-shard comes out the same whichever replica, or how many, answered it.
+Prompts are cut into fixed shards (in file order; size: cascade.graph.shard_size_for) and handed to
+a pool of named replicas (cascade/generation/pool.py: dispatch, re-queue of a lost replica's shards,
+restarts). Answers stream back as they finish and are kept here until their shard is whole; then the
+shard is written to generations/<teacher>/<data>/<key>/shards/ atomically, so a re-run after a kill
+skips it. Meanwhile a shard's answers so far are saved as its partial shard at most every
+generation.partial_every_s (and at once on SIGTERM): a re-run keeps them and asks the engine only
+for the rest. When all shards of a prompt set are in, the driver commits the set (its step.json:
+counts and checksums). Each answer is seeded by its prompt, so a shard comes out the same whichever
+replica, or how many, answered it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from cascade.prompts import Prompt
 from cascade.rundir import RunDir, Step
 from cascade.steps import Made
 
-if TYPE_CHECKING:  # the pool imports Ray: loaded when generation runs, not when the planner costs it
+if TYPE_CHECKING:
+    # the pool imports Ray: loaded when generation runs, not when the planner costs it
     from cascade.generation.pool import ReplicaPool
     from cascade.generation.pool import Work as Shard
 
@@ -43,35 +45,45 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
 
 def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs: list[GenJob],
                 prompts: dict[str, list[Prompt]]) -> dict[str, Made]:
-    """Generate the shards of `open_jobs` not yet whole on one pool of replicas; each job's record to commit."""
+    """Generate the shards of `open_jobs` not yet whole on one pool of replicas; each job's record
+    to commit."""
     # the replicas start (their processes import and load) while this process tokenizes the prompts
     from cascade.generation.pool import ReplicaPool
 
     names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(cfg.generation.replicas)]
     t_start = time.time()
-    pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend, cfg.generation,
-                       sampling(cfg), teacher.system)
+    pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend,
+                       cfg.generation, sampling(cfg), teacher.system)
     log.info("replicas %s: %s backend, model %s", names, cfg.backend.name, teacher.model)
     try:
-        prompts, too_long = _fitting(cfg, teacher, {job.data: prompts[job.data] for job in open_jobs})
+        prompts, too_long = _fitting(cfg, teacher,
+                                     {job.data: prompts[job.data] for job in open_jobs})
         work, prior = _open_shards(rd, cfg, teacher, open_jobs, prompts)
         shards = {job.step.name: job.shards(len(prompts[job.data])) for job in open_jobs}
-        live = {job.step.name: ProgressFile(rd, job.step.name, job.step.key, "shards", shards[job.step.name],
-                                            shards[job.step.name] - sum(w.tag[0] is job for w in work))
-                for job in open_jobs}
+        live = {
+            job.step.name: ProgressFile(rd, job.step.name, job.step.key, "shards",
+                                        shards[job.step.name],
+                                        shards[job.step.name] - sum(w.tag[0] is job for w in work))
+            for job in open_jobs
+        }
         # no work: every shard was already whole (a run killed before its commit)
-        stats = _generate(rd, cfg, stage, teacher, pool, t_start, work, prior, live) if work else {"compute": {}}
+        stats = (_generate(rd, cfg, stage, teacher, pool, t_start, work, prior, live) if work
+                 else {"compute": {}})
     finally:
         pool.shutdown()
     timing = {k: v for k, v in stats.items() if k != "compute"}
-    return {job.step.name: _made(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
-                                 {**timing, "prompts_too_long": too_long[job.data]}) for job in open_jobs}
+    return {
+        job.step.name: _made(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
+                             {**timing, "prompts_too_long": too_long[job.data]})
+        for job in open_jobs
+    }
 
 
-def _open_shards(rd: RunDir, cfg: Config, teacher: Teacher, jobs: list[GenJob], prompts: dict[str, list[Prompt]]
+def _open_shards(rd: RunDir, cfg: Config, teacher: Teacher, jobs: list[GenJob],
+                 prompts: dict[str, list[Prompt]]
                  ) -> tuple[list[Shard], dict[int, list[dict]]]:
-    """The shards still to generate (a damaged one is removed and comes back here) and each one's answers kept
-    from an earlier run's partial shard."""
+    """The shards still to generate (a damaged one is removed and comes back here) and each one's
+    answers kept from an earlier run's partial shard."""
     from cascade.generation.pool import Work as Shard
 
     work, prior = [], {}
@@ -86,11 +98,13 @@ def _open_shards(rd: RunDir, cfg: Config, teacher: Teacher, jobs: list[GenJob], 
     return work, prior
 
 
-def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tuple[dict[str, list[Prompt]],
+def _fitting(cfg: Config, teacher: Teacher,
+             sets: dict[str, list[Prompt]]) -> tuple[dict[str, list[Prompt]],
                                                                                    dict[str, int]]:
-    """Each set's prompts whose chat-templated tokens leave generation.max_new_tokens of the engine's context
-    (the model's max_position_embeddings, or less where the backend says so: vLLM's max_model_len): the others are dropped before
-    generation, counted (the step's prompts_too_long) and logged, never sent to fail their shard again and again."""
+    """Each set's prompts whose chat-templated tokens leave generation.max_new_tokens of the
+    engine's context (the model's max_position_embeddings, or less where the backend says so: vLLM's
+    max_model_len): the others are dropped before generation, counted (the step's prompts_too_long)
+    and logged, never sent to fail their shard again and again."""
     from transformers import AutoConfig, AutoTokenizer
 
     from cascade.chat import prompt_messages, render_prompt
@@ -98,7 +112,9 @@ def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tu
 
     path, trust = local_model(teacher.model), cfg.models.trust_remote_code
     tok = AutoTokenizer.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust)
-    text_config = AutoConfig.from_pretrained(path, revision=teacher.revision, trust_remote_code=trust).get_text_config()
+    text_config = AutoConfig.from_pretrained(
+        path, revision=teacher.revision, trust_remote_code=trust
+    ).get_text_config()
     ctx = getattr(text_config, "max_position_embeddings", None) or 1 << 30
     ctx = generation.load(cfg.backend.name).context(cfg.backend.options, ctx)
     room = ctx - cfg.generation.max_new_tokens
@@ -109,9 +125,10 @@ def _fitting(cfg: Config, teacher: Teacher, sets: dict[str, list[Prompt]]) -> tu
         kept[data] = [p for p, n in zip(ps, lengths) if n <= room]
         dropped[data] = len(ps) - len(kept[data])
         if dropped[data]:
-            log.warning("generate %s/%s: %d of %d prompts dropped: longer than %d tokens (context %d - "
-                        "generation.max_new_tokens %d)", teacher.name, data, dropped[data], len(ps), room, ctx,
-                        cfg.generation.max_new_tokens)
+            log.warning("generate %s/%s: %d of %d prompts dropped: longer than %d tokens (context "
+                        "%d - "
+                        "generation.max_new_tokens %d)", teacher.name, data, dropped[data], len(ps),
+                        room, ctx, cfg.generation.max_new_tokens)
     return kept, dropped
 
 
@@ -120,8 +137,9 @@ def _shard(rd: RunDir, job: GenJob, i: int, ext: str = "jsonl") -> str:
 
 
 def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -> bool:
-    """Whether shard i is committed whole: every line a record, n_samples of them per prompt, its log-probs file
-    beside it when asked for. A damaged shard (truncated, emptied, torn) is removed, to be generated again."""
+    """Whether shard i is committed whole: every line a record, n_samples of them per prompt, its
+    log-probs file beside it when asked for. A damaged shard (truncated, emptied, torn) is removed,
+    to be generated again."""
     path = _shard(rd, job, i)
     if not rd.exists(path):
         return False
@@ -132,11 +150,13 @@ def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -
     want = n_prompts * cfg.generation.n_samples
     npz = _shard(rd, job, i, "logprobs.npz")
     if n == want and (not cfg.generation.logprobs or rd.exists(npz)):
-        # a run stopped between committing the shard and removing its partial answers: they are stale
+        # a run stopped between committing the shard and removing its partial answers: they are
+        # stale
         if rd.exists(partial := _shard(rd, job, i, "partial.jsonl")):
             rd.remove(partial)
         return True
-    log.warning("shard %s is damaged (%s records of %d): generated again", path, n if n >= 0 else "torn", want)
+    log.warning("shard %s is damaged (%s records of %d): generated again", path,
+                n if n >= 0 else "torn", want)
     for f in (path, npz):
         if rd.exists(f):
             rd.remove(f)
@@ -144,7 +164,8 @@ def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -
 
 
 def _partial(rd: RunDir, job: GenJob, work: Shard) -> list[dict]:
-    """The answers an earlier run saved for this shard (killed or pre-empted): kept, and not asked for again."""
+    """The answers an earlier run saved for this shard (killed or pre-empted): kept, and not asked
+    for again."""
     path = _shard(rd, job, work.tag[1], "partial.jsonl")
     try:
         answers = [c for c in rd.read_jsonl(path) if c["prompt_id"] in work.pending]
@@ -157,16 +178,19 @@ def _partial(rd: RunDir, job: GenJob, work: Shard) -> list[dict]:
     return answers
 
 
-def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: ReplicaPool, t_start: float,
-              work: list[Shard], prior: dict[int, list[dict]], live: dict[str, ProgressFile]) -> dict[str, Any]:
-    """Run the shards on the pool's fresh replicas (started at t_start); returns engine seconds
-    per prompt set and the step's timing. On SIGTERM the answers already streamed in are written as partial
-    shards."""
+def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: ReplicaPool,
+              t_start: float,
+              work: list[Shard], prior: dict[int, list[dict]],
+              live: dict[str, ProgressFile]) -> dict[str, Any]:
+    """Run the shards on the pool's fresh replicas (started at t_start); returns engine seconds per
+    prompt set and the step's timing. On SIGTERM the answers already streamed in are written as
+    partial shards."""
     from cascade.generation.pool import Answers
 
     progress = Progress(stage, teacher.name, len(work))
     compute: dict[str, float] = {}
-    got: dict[int, list[dict]] = {id(w): list(prior[id(w)]) for w in work}  # a shard's answers, until whole
+    # a shard's answers, until whole
+    got: dict[int, list[dict]] = {id(w): list(prior[id(w)]) for w in work}
     saved: dict[int, float] = {}  # when a shard's answers were last saved as its partial shard
     every = cfg.generation.partial_every_s
     try:
@@ -200,27 +224,24 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: Repli
 
 
 def _write_partial(rd: RunDir, work: Shard, answers: list[dict]) -> None:
-    """The answers of an unfinished shard so far (atomically): the next run keeps them and asks only for the rest."""
+    """The answers of an unfinished shard so far (atomically): the next run keeps them and asks only
+    for the rest."""
     rd.write_jsonl(_shard(rd, work.tag[0], work.tag[1], "partial.jsonl"), answers)
 
 
-def _records(cfg: Config, job: GenJob, info: dict, requests: list[Request], answers: list[dict]) -> list[dict]:
+def _records(cfg: Config, job: GenJob, info: dict, requests: list[Request],
+             answers: list[dict]) -> list[dict]:
     """A shard's records in prompt order (then sample order), each with its provenance."""
     g = cfg.generation
-    samp = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p, "n": g.n_samples}
+    samp = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+            "n": g.n_samples}
     order = {r.prompt_id: k for k, r in enumerate(requests)}
     answers = sorted(answers, key=lambda c: (order[c["prompt_id"]], c["sample"]))
     return [
-        {
-            **{k: v for k, v in c.items() if g.logprobs or k not in logprobs.LISTS},
-            "data": job.data,
-            "teacher": job.teacher.name,
-            "teacher_key": job.teacher.key,
-            "system_in_context": job.teacher.system is not None,
-            "sampling": samp,
-            "seed": prompt_seed(cfg, job.teacher, job.data, c["prompt_id"]),
-            **info,
-        }
+        {**{k: v for k, v in c.items() if g.logprobs or k not in logprobs.LISTS}, "data": job.data,
+         "teacher": job.teacher.name, "teacher_key": job.teacher.key,
+         "system_in_context": job.teacher.system is not None, "sampling": samp,
+         "seed": prompt_seed(cfg, job.teacher, job.data, c["prompt_id"]), **info}
         for c in answers
     ]
 
@@ -234,8 +255,8 @@ def _write_shard(rd: RunDir, job: GenJob, i: int, recs: list[dict], with_logprob
 
 
 def _made(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> Made:
-    """Once every shard is in, the job's record: counts (the driver commits it with sizes and checksums, its
-    step.json last: RunDir.commit_files)."""
+    """Once every shard is in, the job's record: counts (the driver commits it with sizes and
+    checksums, its step.json last: RunDir.commit_files)."""
     shards, tokens, prompt_tokens = [], 0, {}
     for i in range(job.shards(n_prompts)):
         data = rd.read_bytes(_shard(rd, job, i))
@@ -243,18 +264,19 @@ def _made(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dic
         for rec in map(json.loads, data.splitlines()):
             tokens += rec["completion_tokens"]
             prompt_tokens[rec["prompt_id"]] = rec["prompt_tokens"]
-    # compute_seconds: engine time of this invocation; timing: this invocation's, shared by the teacher's sets;
-    # prompt_tokens: of each prompt once (cascade/plan.py plans the same count)
+    # compute_seconds: engine time of this invocation; timing: this invocation's, shared by the
+    # teacher's sets; prompt_tokens: of each prompt once (cascade/plan.py plans the same count)
     summary = {"prompts": n_prompts, "records": sum(s["records"] for s in shards), "shards": shards,
-               "prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": tokens, "compute_seconds": compute_s,
-               "model_key": job.teacher.key, **timing}
-    return Made(summary, extra={"teacher": {**vars(job.teacher), "system": bool(job.teacher.system)}})
+               "prompt_tokens": sum(prompt_tokens.values()), "completion_tokens": tokens,
+               "compute_seconds": compute_s, "model_key": job.teacher.key, **timing}
+    return Made(summary,
+                extra={"teacher": {**vars(job.teacher), "system": bool(job.teacher.system)}})
 
 
 def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
-    """Per prompt set: a replica's memory (refused when it cannot fit, with the settings that would), the
-    prompt and generated tokens, the decode rate (given, measured, or estimated from the device) and seconds; the
-    engine's start counted once per teacher (its sets share one pool)."""
+    """Per prompt set: a replica's memory (refused when it cannot fit, with the settings that
+    would), the prompt and generated tokens, the decode rate (given, measured, or estimated from the
+    device) and seconds; the engine's start counted once per teacher (its sets share one pool)."""
     from cascade.costs import decode_rate, nbytes, prompt_tokens, replica_memory
 
     cfg, dev, g, b = est.cfg, est.dev, est.cfg.generation, est.cfg.backend
@@ -273,26 +295,32 @@ def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
                                 f"{mem['limit']:.1f} GB available; would fit: {fix}")
         budget_new = n * g.n_samples * g.max_new_tokens
         fills = est.m.gen_fill
-        fill = fills.get(who, sum(fills.values()) / len(fills) if fills else 1.0)  # measured share of max_new_tokens
+        # measured share of max_new_tokens
+        fill = fills.get(who, sum(fills.values()) / len(fills) if fills else 1.0)
         expected = int(budget_new * min(1.0, fill))
         ctx = ptoks / n + g.max_new_tokens / 2
         rate, source = est.rate(cfg.plan.generate_tokens_per_s, est.m.gen_rate, "g", who,
                                 lambda: decode_rate(a, dev, nb, tp, max(1, conc), ctx, cfg.plan))
-        prefill = ptoks * g.n_samples * 2 * a.text_params / (dev.tflops * 1e12 * tp * cfg.plan.train_mfu)
+        prefill = (
+            ptoks * g.n_samples * 2 * a.text_params / (dev.tflops * 1e12 * tp * cfg.plan.train_mfu)
+        )
         fixed = 0.0 if who in est.started else est.m.gen_start.get(who, est.overhead("generate"))
         est.started.add(who)
         seconds = (expected / rate + prefill) / g.replicas + fixed
         units = g.replicas * engine.gpus(b.options, b.num_gpus)  # GPUs, or replicas on CPU
-        work = {"prompts": n, "samples": n * g.n_samples, "prompt_tokens": ptoks, "prompt_tokens_exact": exact,
+        work = {"prompts": n, "samples": n * g.n_samples, "prompt_tokens": ptoks,
+                "prompt_tokens_exact": exact,
                 "max_new_tokens": budget_new, "expected_new_tokens": expected, "concurrency": conc}
-        rows.append(est.row(job.step.name, "generate", who, a, units, mem, work, rate, source, seconds))
+        rows.append(est.row(job.step.name, "generate", who, a, units, mem, work, rate, source,
+                            seconds))
     return rows
 
 
 class Progress:
-    """Shards done / total and tokens/s: a log line per shard, a progress bar on a terminal, Ray metrics
-    (cascade_generation_tokens, cascade_generation_tokens_per_s, cascade_generation_shards_done/_total, tagged
-    by stage and teacher) for the Ray dashboard's metrics view."""
+    """Shards done / total and tokens/s: a log line per shard, a progress bar on a terminal, Ray
+    metrics (cascade_generation_tokens, cascade_generation_tokens_per_s,
+    cascade_generation_shards_done/_total, tagged by stage and teacher) for the Ray dashboard's
+    metrics view."""
 
     def __init__(self, stage: str, teacher: str, total: int) -> None:
         from ray.util.metrics import Counter, Gauge
@@ -300,13 +328,22 @@ class Progress:
 
         keys = ("stage", "teacher")
         self.tags = {"stage": stage, "teacher": teacher}
-        self.tokens_metric = Counter("cascade_generation_tokens", "tokens generated by teachers", tag_keys=keys)
-        self.rate_metric = Gauge("cascade_generation_tokens_per_s", "teacher generation throughput", tag_keys=keys)
-        self.done_metric = Gauge("cascade_generation_shards_done", "shards committed", tag_keys=keys)
+        self.tokens_metric = Counter("cascade_generation_tokens", "tokens generated by teachers",
+                                     tag_keys=keys)
+        self.rate_metric = Gauge("cascade_generation_tokens_per_s", "teacher generation throughput",
+                                 tag_keys=keys)
+        self.done_metric = Gauge("cascade_generation_shards_done", "shards committed",
+                                 tag_keys=keys)
         total_metric = Gauge("cascade_generation_shards_total", "shards to generate", tag_keys=keys)
         total_metric.set(total, tags=self.tags)
         self.bar = tqdm(total=total, desc=f"generate {stage}/{teacher}", unit="shard", disable=None)
-        self.teacher, self.total, self.done, self.tokens, self.t0 = teacher, total, 0, 0, time.time()
+        self.teacher, self.total, self.done, self.tokens, self.t0 = (
+            teacher,
+            total,
+            0,
+            0,
+            time.time(),
+        )
 
     def shard_done(self, data: str, shard: int, tokens: int) -> None:
         self.done += 1
@@ -318,8 +355,8 @@ class Progress:
         self.rate_metric.set(rate, tags=self.tags)
         self.done_metric.set(self.done, tags=self.tags)
         self.bar.update(1)
-        log.info("generate %s/%s: shard %d done (%d/%d shards, %.0f tok/s, ETA %.0f s)", self.teacher, data, shard,
-                 self.done, self.total, rate, eta)
+        log.info("generate %s/%s: shard %d done (%d/%d shards, %.0f tok/s, ETA %.0f s)",
+                 self.teacher, data, shard, self.done, self.total, rate, eta)
 
     def close(self) -> None:
         self.bar.close()

@@ -3,22 +3,23 @@
     python -m cascade +stage=4b models=tiny release.enabled=true    # <run_dir>/4b/release/
     python -m cascade serve +stage=4b                               # serves it (cascade/serve.py)
 
-    <stage>/release/hf/              the fused student: safetensors, tokenizer (+ SentencePiece's tokenizer.model),
-                                     chat template, generation config; what transformers and vLLM load
+    <stage>/release/hf/              the fused student: safetensors, tokenizer (+ SentencePiece's
+    tokenizer.model), chat template, generation config; what transformers and vLLM load
     <stage>/release/gguf/<family>-<stage>-<TYPE>.gguf   one file per release.gguf type
     <stage>/release/README.md        the model card (hub front matter; body written from the run)
     <stage>/release/release.json     the formats table's figures and the harness's results
 
-GGUF files come from llama.cpp's own converter and quantizer (cascade/gguf.py), never from a writer of ours. Each
-file is checked before the step commits: llama.cpp loads it and tokenizes the held-out prompts as transformers does,
-and its next-token distributions at every position of release.probes held-out prompts with their teachers' answers
-are compared with transformers': argmax agreement and mean KL(transformers || GGUF). A F32 or F16 file below
-release.min_agreement fails the step: a conversion that silently changes the model (a config field llama.cpp
-ignores, say) commits nothing. Known mismatches are refused before converting (see
-cascade.gguf.llama_cpp_mismatches). BF16 and quantized types are not held to the bar; their agreement and KL go in
-the card.
+GGUF files come from llama.cpp's own converter and quantizer (cascade/gguf.py), never from a writer
+of ours. Each file is checked before the step commits: llama.cpp loads it and tokenizes the held-out
+prompts as transformers does, and its next-token distributions at every position of release.probes
+held-out prompts with their teachers' answers are compared with transformers': argmax agreement and
+mean KL(transformers || GGUF). A F32 or F16 file below release.min_agreement fails the step: a
+conversion that silently changes the model (a config field llama.cpp ignores, say) commits nothing.
+Known mismatches are refused before converting (see cascade.gguf.llama_cpp_mismatches). BF16 and
+quantized types are not held to the bar; their agreement and KL go in the card.
 
-The heavy part runs as one Ray task on the driver's node (staging is there); the driver writes the card.
+The heavy part runs as one Ray task on the driver's node (staging is there); the driver writes the
+card.
 """
 
 from __future__ import annotations
@@ -45,24 +46,28 @@ log = logging.getLogger(__name__)
 def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
     """The stage's release, staged for the driver to commit."""
     staging = ctx.rd.staging(w.stage.release.name)
-    return {w.stage.release.name: Made(build_release(staging, ctx.cfg, w.stage, ctx.rd, ctx.graph.stages), staging)}
+    return {w.stage.release.name: Made(build_release(staging, ctx.cfg, w.stage, ctx.rd,
+                                                     ctx.graph.stages), staging)}
 
 
 def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
-    """The GGUF files' sizes; host memory: the float32 reference (transformers) and llama.cpp's F16 file, loaded
-    together to compare."""
+    """The GGUF files' sizes; host memory: the float32 reference (transformers) and llama.cpp's F16
+    file, loaded together to compare."""
     from cascade.devices import GB
     from cascade.gguf import BITS
 
     a = est.arch[w.stage.name]
-    sizes = {t: round(a.params * BITS.get(t, 16) / 8 / GB, 2) for t in ["F16", *est.cfg.release.gguf]}
+    sizes = {t: round(a.params * BITS.get(t, 16) / 8 / GB, 2)
+             for t in ["F16", *est.cfg.release.gguf]}
     mem = {"host_ram": a.params * (4 + 2) / GB, "limit": 0.0}
     work = {"gguf_gb": sizes, "probes": est.cfg.release.probes}
     return [est.row(w.stage.release.name, "release", w.stage.name, a, 0, mem, work, 0, "", 0.0)]
 
 
-def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph]) -> dict:
-    """Build the release in staging (a Ray task on this node), then write its model card; returns the summary."""
+def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir,
+                  stages: list[StageGraph]) -> dict:
+    """Build the release in staging (a Ray task on this node), then write its model card; returns
+    the summary."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -79,21 +84,27 @@ def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, stages:
         from cascade.harness import describe
         from cascade.harness import evaluate as harness_eval
 
-        task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(harness_eval)
+        task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(
+            harness_eval
+        )
         who = {"student": f"{staging}/hf", **{f"teacher {t.name}": t.model for t in sp.teachers}}
         refs = {k: task.options(name=f"harness/{sp.name}/{k}", scheduling_strategy=here).remote(
-            m, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed, probes) for k, m in who.items()}
+            m, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed, probes) for k,
+                m in who.items()}
         harness = {k: ray.get(r) for k, r in refs.items()}
         for k, r in harness.items():
             log.info("harness %s %s: %s", sp.name, k, describe(r))
-    summary = {"name": name, "formats": formats, "harness": harness, "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {"name": name, "formats": formats, "harness": harness,
+               "seconds": round(time.perf_counter() - t0, 1)}
     rd.write_json(f"{staging}/release.json", summary)
-    Path(staging, "README.md").write_text(model_card(cfg, sp, name, formats, harness, _provenance(cfg, sp, rd, stages)))
+    Path(staging, "README.md").write_text(model_card(cfg, sp, name, formats, harness,
+                                                     _provenance(cfg, sp, rd, stages)))
     return summary
 
 
 def _provenance(cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph]) -> dict:
-    """What the card is written from: the stage's metrics and the chain of stages it learnt from, with keys."""
+    """What the card is written from: the stage's metrics and the chain of stages it learnt from,
+    with keys."""
     by_name, chain, todo = {s.name: s for s in stages}, {}, [sp.name]
     while todo:
         s = by_name[todo.pop()]
@@ -101,14 +112,16 @@ def _provenance(cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph
                          "teachers": [(t.name, t.weight) for t in s.teachers]}
         todo += [t.name for t in s.teachers if t.name in by_name and t.name not in chain]
     lineage = [chain[s.name] for s in stages if s.name in chain]
-    return {"metrics": rd.read_json(rd.metrics(sp.name)), "lineage": lineage, "probes": cfg.release.probes}
+    return {"metrics": rd.read_json(rd.metrics(sp.name)), "lineage": lineage,
+            "probes": cfg.release.probes}
 
 
 
 
 def build(staging: str, model: str, name: str, types: list[str], probes: list[dict],
           min_agreement: float, max_len: int, trust: bool) -> list[dict]:
-    """The HF directory, the GGUF files, each checked against transformers; the formats table's rows."""
+    """The HF directory, the GGUF files, each checked against transformers; the formats table's
+    rows."""
     quiet_llama_cpp()
     hf = Path(staging, "hf")
     for part in ("hf", "gguf"):  # a retried task (its worker died) starts from nothing
@@ -135,20 +148,23 @@ def build(staging: str, model: str, name: str, types: list[str], probes: list[di
             quantize(files[source], files[t], t)
     made = time.perf_counter() - t0
     reference = _reference(hf, probes, max_len, trust)
-    rows = [{"format": "safetensors", "file": "hf/", "bytes": _size(hf), "engines": "transformers, vLLM"}]
+    rows = [{"format": "safetensors", "file": "hf/", "bytes": _size(hf),
+             "engines": "transformers, vLLM"}]
     for t in files:
         check = compare_gguf(files[t], reference)
-        row = {"format": f"GGUF {t}", "file": f"gguf/{files[t].name}", "bytes": files[t].stat().st_size,
-               "engines": "llama.cpp", **check}
-        log.info("release %s %s: %d bytes, argmax agreement %.4f, KL %.2e, tokenization %s", name, t, row["bytes"],
-                 check["agreement"], check["kl"], "same" if check["tokenization_same"] else "DIFFERS")
+        row = {"format": f"GGUF {t}", "file": f"gguf/{files[t].name}",
+               "bytes": files[t].stat().st_size, "engines": "llama.cpp", **check}
+        log.info("release %s %s: %d bytes, argmax agreement %.4f, KL %.2e, tokenization %s", name,
+                 t, row["bytes"],
+                 check["agreement"], check["kl"],
+                 "same" if check["tokenization_same"] else "DIFFERS")
         if not check["tokenization_same"]:
-            raise ReleaseError(f"{files[t].name}: llama.cpp tokenizes the held-out prompts differently from "
-                               f"transformers ({check['tokenization_detail']})")
+            raise ReleaseError(f"{files[t].name}: llama.cpp tokenizes the held-out prompts "
+                               f"differently from transformers ({check['tokenization_detail']})")
         if t in EXACT_TYPES and check["agreement"] < min_agreement:
             raise ReleaseError(f"{files[t].name}: next-token argmax agreement with transformers is "
-                               f"{check['agreement']:.4f} < release.min_agreement {min_agreement} (KL "
-                               f"{check['kl']:.3g}): the GGUF is not the student")
+                               f"{check['agreement']:.4f} < release.min_agreement {min_agreement} "
+                               f"(KL {check['kl']:.3g}): the GGUF is not the student")
         if t in types:
             rows.append(row)
         else:  # the quantizer's source, not asked for
@@ -158,7 +174,8 @@ def build(staging: str, model: str, name: str, types: list[str], probes: list[di
 
 
 def _copy_model(src: Path, dst: Path) -> None:
-    """The fused model's files (hard links where the filesystem allows: committed files are never rewritten)."""
+    """The fused model's files (hard links where the filesystem allows: committed files are never
+    rewritten)."""
     dst.mkdir(parents=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != "step.json":
@@ -175,7 +192,8 @@ def _size(path: Path) -> int:
 
 
 def _reference(hf: Path, probes: list[dict], max_len: int, trust: bool) -> list[dict]:
-    """transformers' side: each probe's prompt text, its token ids (prompt + answer) and log-probs everywhere."""
+    """transformers' side: each probe's prompt text, its token ids (prompt + answer) and log-probs
+    everywhere."""
     import torch
     from transformers import AutoTokenizer
 
@@ -195,7 +213,7 @@ def _reference(hf: Path, probes: list[dict], max_len: int, trust: bool) -> list[
     return out
 
 
-# -- the model card ------------------------------------------------------------------------------------------------
+# -- the model card --------------------------------------------------------------------------------
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -204,8 +222,10 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harness: dict, prov: dict) -> str:
-    """The card, as the seed's: front matter the hub reads, then lineage, curriculum, metrics, formats, quick start."""
+def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harness: dict,
+               prov: dict) -> str:
+    """The card, as the seed's: front matter the hub reads, then lineage, curriculum, metrics,
+    formats, quick start."""
     m = prov["metrics"]
     gguf = [f for f in formats if f["format"].startswith("GGUF")]
     pick = next((f for f in gguf if "Q4_K_M" in f["file"]), gguf[0])["file"]
@@ -213,65 +233,92 @@ def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harn
     base = cfg.stages[sp.name].model if os.path.isabs(sp.base_model) else sp.base_model
     front = ["---", f"license: {cfg.release.license}", f"base_model: {base}",
              "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [gemma3, distillation, lora, cascade, gguf]", f"datasets: [{', '.join(datasets)}]", "---", ""]
+             "tags: [gemma3, distillation, lora, cascade, gguf]",
+             f"datasets: [{', '.join(datasets)}]", "---", ""]
     lines = front + [
         f"# {name}", "",
-        f"Stage `{sp.name}` of a teacher-student distillation cascade built by cascade: the base model "
-        f"`{cfg.stages[sp.name].model}` trained through the ethics-composure-ethics curriculum on the answers of "
-        f"{', '.join(f'`{t.name}`' for t in sp.teachers)}; every phase a LoRA fused into the weights.", "",
+        f"Stage `{sp.name}` of a teacher-student distillation cascade built by cascade: the base "
+        f"model `{cfg.stages[sp.name].model}` trained through the ethics-composure-ethics "
+        f"curriculum on the answers of {', '.join(f'`{t.name}`' for t in sp.teachers)}; every "
+        "phase a LoRA fused into the weights.", "",
         "## Quick start", "",
         "No system prompt needed.", "", "llama.cpp (any platform):", "", "```bash",
         f"llama-server -m {pick} --port 8080", "# or, from the run directory's project:",
-        f"python -m cascade serve +stage={sp.name} serve.engine=llamacpp serve.port=8080", "```", "",
+        f"python -m cascade serve +stage={sp.name} serve.engine=llamacpp serve.port=8080", "```",
+                     "",
         "vLLM (the `hf/` directory):", "", "```bash", "vllm serve ./hf --port 8080",
-        f"# or: python -m cascade serve +stage={sp.name} serve.engine=vllm serve.port=8080", "```", "",
-        "Any OpenAI client:", "", "```bash", "curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: "
-        f"application/json' \\\n  -d '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is "
+        f"# or: python -m cascade serve +stage={sp.name} serve.engine=vllm serve.port=8080", "```",
+                     "",
+        "Any OpenAI client:", "", "```bash",
+                     "curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: "
+        "application/json' \\\n  -d "
+        f"'{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is "
         "kindness?\"}]}'", "```", "",
-        "HuggingFace Transformers:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("./hf")', 'tokenizer = AutoTokenizer.from_pretrained("./hf")',
+        "HuggingFace Transformers:", "", "```python",
+                     "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("./hf")',
+                     'tokenizer = AutoTokenizer.from_pretrained("./hf")',
         'messages = [{"role": "user", "content": "What does sovereignty mean to you?"}]',
-        "inputs = tokenizer.apply_chat_template(messages, return_tensors=\"pt\", add_generation_prompt=True, "
+        "inputs = tokenizer.apply_chat_template(messages, return_tensors=\"pt\", "
+        "add_generation_prompt=True, "
         "return_dict=True)", "outputs = model.generate(**inputs, max_new_tokens=512)",
-        'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
+        'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], '
+        'skip_special_tokens=True))', "```", "",
         "## Lineage", "", "| Stage | Model | Key | Taught by |", "|---|---|---|---|",
     ]
     for s in prov["lineage"]:
-        lines.append(f"| {s['stage']} | `{s['model']}` | `{s['key']}` | "
-                     f"{', '.join(f'{t[0]} (weight {t[1]:g})' for t in s['teachers']) or 'root teacher'} |")
+        lines.append(
+            f"| {s['stage']} | `{s['model']}` | `{s['key']}` | "
+            f"{', '.join(f'{t[0]} (weight {t[1]:g})' for t in s['teachers']) or 'root teacher'} |"
+        )
     lines += _curriculum_and_evaluation(sp, m) + _harness_table(harness)
     lines += ["", "## Available formats", "",
-              "Each GGUF was made by llama.cpp's converter and quantizer and compared with transformers on "
-              f"{prov['probes']} held-out prompts with their teachers' answers (next-token argmax agreement, mean "
-              "KL(transformers || GGUF) per position).", "",
+              "Each GGUF was made by llama.cpp's converter and quantizer and compared with "
+              f"transformers on {prov['probes']} held-out prompts with their teachers' answers "
+              "(next-token argmax agreement, mean KL(transformers || GGUF) per position).", "",
               "| Format | File | Size | Engines | Agreement | KL |", "|---|---|---|---|---|---|"]
     for f in formats:
         lines.append(f"| {f['format']} | `{f['file']}` | {_human(f['bytes'])} | {f['engines']} | "
                      f"{_f(f.get('agreement'))} | {_f(f.get('kl'), '.2e')} |")
     lines += ["", "## Licence", "",
-              f"Released under {cfg.release.license.upper()}. The base model is subject to its own licence terms "
-              "(Gemma 3: Google's Gemma terms).", ""]
+              f"Released under {cfg.release.license.upper()}. The base model is subject to its own "
+              "licence terms (Gemma 3: Google's Gemma terms).", ""]
     return "\n".join(lines)
 
 
 def _curriculum_and_evaluation(sp: StageGraph, m: dict) -> list[str]:
-    """The card's curriculum as run (per phase: data, records, iters, lr, loss) and its evaluation table."""
+    """The card's curriculum as run (per phase: data, records, iters, lr, loss) and its evaluation
+    table."""
     agree, text = m["agreement"], m["text_agreement"]
-    lines = ["", "## Curriculum, as run", "", "| Phase | Data | Records | Iters | LR | Loss first -> last |",
+    lines = ["", "## Curriculum, as run", "",
+             "| Phase | Data | Records | Iters | LR | Loss first -> last |",
              "|---|---|---|---|---|---|"]
     for ph in sp.phases:
         t, c = m["phases"][ph.name], m["curation"][ph.name]
         lines.append(f"| {ph.name} | {ph.data} | {c.get('kept', '?')} | {ph.iters} | {ph.lr:g} | "
                      f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
-    return lines + ["", "## Evaluation", "", "| Measure | Before | After |", "|---|---|---|",
-                    f"| {agree['metric']} ({agree['records']} held-out) | {_f(agree['before'])} | "
-                    f"{_f(agree['after'])} |",
-                    f"| {text['metric']} | {_f(text['before'])} | {_f(text['after'])} |",
-                    f"| share of greedy answers that end by themselves | {_f(m['self_ended']['before'])} | "
-                    f"{_f(m['self_ended']['after'])} |"] + [
-                    f"| reverse KL(student \\|\\| teacher) per token, its own {how} answers (nats; lower = closer) | "
-                    f"{_f(kl[how]['before'])} | {_f(kl[how]['after'])} |"
-                    for kl in [m.get("reverse_kl") or {}] for how in ("greedy", "sampled") if how in kl]
+    return (
+        lines
+        + [
+            "",
+            "## Evaluation",
+            "",
+            "| Measure | Before | After |",
+            "|---|---|---|",
+            f"| {agree['metric']} ({agree['records']} held-out) | {_f(agree['before'])} | "
+            f"{_f(agree['after'])} |",
+            f"| {text['metric']} | {_f(text['before'])} | {_f(text['after'])} |",
+            "| share of greedy answers that end by themselves | "
+            f"{_f(m['self_ended']['before'])} | {_f(m['self_ended']['after'])} |",
+        ]
+        + [
+            f"| reverse KL(student \\|\\| teacher) per token, its own {how} answers (nats; "
+            f"lower = closer) | {_f(kl[how]['before'])} | {_f(kl[how]['after'])} |"
+            for kl in [m.get("reverse_kl") or {}]
+            for how in ("greedy", "sampled")
+            if how in kl
+        ]
+    )
 
 
 def _harness_table(harness: dict) -> list[str]:
@@ -280,13 +327,15 @@ def _harness_table(harness: dict) -> list[str]:
         return []
     who = list(harness)
     first = next(iter(harness.values()))
-    lines = ["", f"EleutherAI's lm-evaluation-harness {first.get('lm_eval', '')} (greedy, chat template; "
-             "`cascade_*`: offline tasks shipped with cascade, data/harness/):", "",
+    lines = ["",
+             f"EleutherAI's lm-evaluation-harness {first.get('lm_eval', '')} (greedy, chat "
+             "template; `cascade_*`: offline tasks shipped with cascade, data/harness/):", "",
              f"| Task | Metric | {' | '.join(who)} |", "|---|---|" + "---|" * len(who)]
     for task, r in first.get("results", {}).items():
         for k in r:
             vals = [_f(harness[w].get("results", {}).get(task, {}).get(k)) for w in who]
-            lines.append(f"| {task} ({first['samples'].get(task, '?')} prompts) | {k} | {' | '.join(vals)} |")
+            lines.append(f"| {task} ({first['samples'].get(task, '?')} prompts) | {k} | "
+                         f"{' | '.join(vals)} |")
     return lines
 
 

@@ -1,23 +1,26 @@
-"""How the suite runs: every test bounded, a hang read from its stacks; two at a time where the machine allows.
+"""How the suite runs: every test bounded, a hang read from its stacks; two at a time where the
+machine allows.
 
-- `pytest` runs one test at a time (pyproject's addopts); `pytest -n 2 --dist loadgroup` (pytest-xdist) two at a
-  time, for a machine with cores to spare: on this 2-core one it took 101 minutes against 65 (every test's
-  training loop and engine wants both cores). Under xdist a test marked `alone` (real multi-node clusters on this
-  machine, whose node kills and timings another test's load would disturb) runs with no other test running: a
-  reader-writer lock across the workers, with a turnstile so that a waiting `alone` test is not starved.
+- `pytest` runs one test at a time (pyproject's addopts); `pytest -n 2 --dist loadgroup`
+  (pytest-xdist) two at a time, for a machine with cores to spare: on this 2-core one it took 101
+  minutes against 65 (every test's training loop and engine wants both cores). Under xdist a test
+  marked `alone` (real multi-node clusters on this machine, whose node kills and timings another
+  test's load would disturb) runs with no other test running: a reader-writer lock across the
+  workers, with a turnstile so that a waiting `alone` test is not starved.
 - Every test has a limit: tests/durations.json holds each test's measured call time (written by
-  `CASCADE_RECORD_DURATIONS=tests/durations.json pytest`), the limit is LIMIT(measured); a test not measured gets
-  UNMEASURED_S; a `timeout` marker overrides. pytest-timeout times the test's call (timeout_func_only: shared
-  fixtures bound their own waits).
-- When a limit passes: py-spy dumps of every process the test started (drivers, Ray's workers) and faulthandler's
-  dump of this process go to the test's output, and the test fails. If the test does not stop within GRACE_S,
-  the processes it started are killed; if it still does not stop, this worker exits (pytest-timeout's `thread`
-  method does the same).
-- The suite as a whole has a budget when CASCADE_SUITE_BUDGET_S is set (.ci/run: what is left of CI's 90 minutes
-  after set-up, less a margin): each test's limit is cut to what is left of it, and once it is spent every test not
-  yet run fails at once, named, instead of the CI job being killed with no report.
-- After a test that failed, the processes it started and left running are killed: only those (descendants of this
-  worker that were not there when the test began), never another test's.
+  `CASCADE_RECORD_DURATIONS=tests/durations.json pytest`), the limit is LIMIT(measured); a test not
+  measured gets UNMEASURED_S; a `timeout` marker overrides. pytest-timeout times the test's call
+  (timeout_func_only: shared fixtures bound their own waits).
+- When a limit passes: py-spy dumps of every process the test started (drivers, Ray's workers) and
+  faulthandler's dump of this process go to the test's output, and the test fails. If the test does
+  not stop within GRACE_S, the processes it started are killed; if it still does not stop, this
+  worker exits (pytest-timeout's `thread` method does the same).
+- The suite as a whole has a budget when CASCADE_SUITE_BUDGET_S is set (.ci/run: what is left of
+  CI's 90 minutes after set-up, less a margin): each test's limit is cut to what is left of it, and
+  once it is spent every test not yet run fails at once, named, instead of the CI job being killed
+  with no report.
+- After a test that failed, the processes it started and left running are killed: only those
+  (descendants of this worker that were not there when the test began), never another test's.
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ def _budget_left() -> float:
 
 
 def LIMIT(measured_s: float) -> int:  # noqa: N802 - a rule, named as one
-    """3x the measured call time (this machine is shared and noisy, two tests run at once) plus two minutes."""
+    """3x the measured call time (this machine is shared and noisy, two tests run at once) plus two
+    minutes."""
     return int(math.ceil(3 * measured_s + 120))
 
 
-# -- two at a time, `alone` by itself ------------------------------------------------------------------------------
+# -- two at a time, `alone` by itself --------------------------------------------------------------
 class _Gate:
     """flock-based reader-writer lock shared by the xdist workers of one run."""
 
@@ -82,7 +86,9 @@ _gate: _Gate | None = None
 
 def pytest_configure(config) -> None:
     global _gate
-    config.addinivalue_line("markers", "alone: runs with no other test running (multi-node clusters, node kills)")
+    config.addinivalue_line("markers",
+                            "alone: runs with no other test running (multi-node clusters, node "
+                            "kills)")
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
     if run and hasattr(config, "workerinput"):
         _gate = _Gate(Path(tempfile.gettempdir()) / f"cascade-tests-{run}")
@@ -144,11 +150,12 @@ def pytest_runtest_makereport(item, call):
         item._cascade_failed = True
 
 
-# -- a hang fails within its limit, with the stacks of what it started ---------------------------------------------
+# -- a hang fails within its limit, with the stacks of what it started -----------------------------
 def _dump(item, before: set[int]) -> str:
-    """py-spy's dump of every Python process the test started, and this process's threads (faulthandler): the
-    drivers first, then Ray's workers (where a hang usually is), Ray's own daemons last; threads that py-spy sees
-    idle are left out but for each process's main thread (CI keeps only the head and the tail of a long output)."""
+    """py-spy's dump of every Python process the test started, and this process's threads
+    (faulthandler): the drivers first, then Ray's workers (where a hang usually is), Ray's own
+    daemons last; threads that py-spy sees idle are left out but for each process's main thread (CI
+    keeps only the head and the tail of a long output)."""
     spy = Path(sys.executable).with_name("py-spy")
     parts = [f"==== {item.nodeid}: over its limit; stacks of the processes it started ===="]
     procs = []
@@ -163,7 +170,8 @@ def _dump(item, before: set[int]) -> str:
         procs.append((order, p.pid, what))
     for _, pid, what in sorted(procs):
         try:
-            out = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+            out = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True,
+                                 text=True, timeout=30)
             text = _busy(out.stdout) if out.stdout else out.stderr
         except (OSError, subprocess.TimeoutExpired) as e:
             text = f"py-spy failed: {e!r}"
@@ -172,8 +180,8 @@ def _dump(item, before: set[int]) -> str:
 
 
 def _busy(dump: str) -> str:
-    """A py-spy dump without its idle threads (a thread's block starts at a line `Thread <id> (<state>): ...`),
-    the main thread kept whatever its state."""
+    """A py-spy dump without its idle threads (a thread's block starts at a line `Thread <id>
+    (<state>): ...`), the main thread kept whatever its state."""
     keep, out = True, []
     for line in dump.splitlines():
         if line.startswith("Thread "):
@@ -187,7 +195,8 @@ def _busy(dump: str) -> str:
 
 def pytest_runtest_setup(item) -> None:
     if _budget_left() <= 0:
-        pytest.fail(f"not run: the suite's budget (CASCADE_SUITE_BUDGET_S={_BUDGET:.0f}) is spent", pytrace=False)
+        pytest.fail(f"not run: the suite's budget (CASCADE_SUITE_BUDGET_S={_BUDGET:.0f}) is spent",
+                    pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -199,7 +208,8 @@ def pytest_timeout_set_timer(item, settings):
     before = getattr(item, "_cascade_before", set())
 
     def fail(signum, frame):
-        pytest.fail(f"Timeout: over its limit of {settings.timeout:.0f} s (stacks above)", pytrace=False)
+        pytest.fail(f"Timeout: over its limit of {settings.timeout:.0f} s (stacks above)",
+                    pytrace=False)
 
     def fire():
         if done.is_set():
@@ -213,7 +223,8 @@ def pytest_timeout_set_timer(item, settings):
         kill_all(_started_since(before))  # a main thread blocked on what it started
         if done.wait(GRACE_S):
             return
-        sys.__stderr__.write(f"{item.nodeid}: still running {2 * GRACE_S} s past its limit: this worker exits\n")
+        sys.__stderr__.write(f"{item.nodeid}: still running {2 * GRACE_S} s past its limit: this "
+                             "worker exits\n")
         sys.__stderr__.flush()
         os._exit(1)
 
@@ -232,7 +243,7 @@ def pytest_timeout_cancel_timer(item):
     return True
 
 
-# -- measured call times, for the limits above ---------------------------------------------------------------------
+# -- measured call times, for the limits above -----------------------------------------------------
 _calls: dict[str, float] = {}
 
 
@@ -248,4 +259,5 @@ def pytest_sessionfinish(session) -> None:
         Path(out).write_text(json.dumps({**old, **_calls}, indent=0, sort_keys=True) + "\n")
     slow = sorted(_calls.items(), key=lambda kv: -kv[1])[:10]
     if slow and not hasattr(session.config, "workerinput"):
-        print("\nslowest ten tests (call, s): " + ", ".join(f"{k} {v}" for k, v in slow), file=sys.stderr)
+        print("\nslowest ten tests (call, s): " + ", ".join(f"{k} {v}" for k, v in slow),
+              file=sys.stderr)

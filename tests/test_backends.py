@@ -1,4 +1,5 @@
-"""Generation backends: top-k log-probabilities (stored compactly per shard), n samples, seeded batches."""
+"""Generation backends: top-k log-probabilities (stored compactly per shard), n samples, seeded
+batches."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_hf_backend_topk_logprobs_pack_into_npz():
     for c in out:
         assert len(c.top_ids) == len(c.top_logprobs) == c.completion_tokens
         assert all(len(row) == 5 for row in c.top_ids)
-        assert all(a >= b for row in c.top_logprobs for a, b in zip(row, row[1:]))  # sorted, best first
+        # sorted, best first
+        assert all(a >= b for row in c.top_logprobs for a, b in zip(row, row[1:]))
         assert all(v <= 0 for row in c.top_logprobs for v in row)
     blob = pack(recs, 0)
     z = np.load(io.BytesIO(blob))
@@ -35,7 +37,8 @@ def test_hf_backend_topk_logprobs_pack_into_npz():
     assert "top_ids" not in r and r["logprobs"]["length"] == out[1].completion_tokens
     sl = slice(r["logprobs"]["offset"], r["logprobs"]["offset"] + r["logprobs"]["length"])
     assert z["token_ids"][sl].tolist() == out[1].top_ids
-    assert z["sampled"][sl].tolist() == out[1].token_ids  # what the teacher sampled, its stop token included
+    # what the teacher sampled, its stop token included
+    assert z["sampled"][sl].tolist() == out[1].token_ids
     assert hf.tok.decode(out[1].token_ids, skip_special_tokens=True) == out[1].text
 
 

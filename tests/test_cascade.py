@@ -1,4 +1,5 @@
-"""End to end on the tiny preset: `+stage=4b` builds usable artifacts; stages resolve and reuse like make."""
+"""End to end on the tiny preset: `+stage=4b` builds usable artifacts; stages resolve and reuse like
+make."""
 
 from __future__ import annotations
 
@@ -22,13 +23,17 @@ def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
     run = tiny_4b_run
     steps = manifest(run)["steps"]
     assert steps and all(s["state"] == "done" for s in steps.values()), steps
-    assert {"generate/1b/ethics", "generate/1b/composure", "4b/train/p2_ethics", "4b/eval"} <= set(steps)
+    assert {"generate/1b/ethics", "generate/1b/composure", "4b/train/p2_ethics", "4b/eval"} <= set(
+        steps
+    )
     # a lone training worker runs on every CPU of this one-node cluster
-    assert {json.loads(p.read_text())["summary"]["threads"] for p in run.glob("4b/train/*/step.json")} == {
+    assert {json.loads(p.read_text())["summary"]["threads"]
+            for p in run.glob("4b/train/*/step.json")} == {
         os.cpu_count()}
 
     # the distilled dataset, with provenance on every record
-    ds = datasets.load_dataset("json", data_files=str(run / "4b/dataset/p0_ethics/train.jsonl"), split="train")
+    ds = datasets.load_dataset("json", data_files=str(run / "4b/dataset/p0_ethics/train.jsonl"),
+                               split="train")
     assert len(ds) > 0
     for rec in ds:
         assert rec["phase"] == "p0_ethics" and rec["teacher"] == "1b" and rec["response"].strip()
@@ -36,7 +41,8 @@ def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
         assert isinstance(rec["seed"], int) and rec["finish_reason"] == "stop"
     assert len(set(ds["prompt_id"])) == len(ds)
 
-    # the fused student: a plain HF directory (safetensors, tokenizer, chat template), no adapter left over
+    # the fused student: a plain HF directory (safetensors, tokenizer, chat template), no adapter
+    # left over
     student = run / "4b/train" / PHASES[-1]
     names = {p.name for p in student.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names, names
@@ -62,8 +68,9 @@ def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
     t = m["text_agreement"]  # its own greedy answers against the teacher's, ROUGE-L F1
     assert t["records"] == a["records"] and 0 <= t["before"] <= 1 and 0 <= t["after"] <= 1, t
     assert 0 <= m["self_ended"]["after"] <= 1 and m["kernel_in_context"] is False
-    assert m["curation"]["p0_ethics"]["kept"] == len(read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")) + len(
-        read_jsonl(run / "4b/dataset/p0_ethics/heldout.jsonl"))
+    assert m["curation"]["p0_ethics"]["kept"] == len(
+        read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")
+    ) + len(read_jsonl(run / "4b/dataset/p0_ethics/heldout.jsonl"))
 
     # self-describing: the resolved config, and a step record in every committed directory
     assert "target: 4b" in (run / "config.yaml").read_text()
@@ -72,10 +79,12 @@ def test_4b_artifacts_open_with_stock_tools(tiny_4b_run: Path):
 
 
 def test_rerun_has_nothing_to_do(tiny_4b_run: Path, tmp_path):
-    """The same command again does nothing; so do settings that change how, not what, is trained (gradient
-    checkpointing: recomputation gives the same gradients, and `+stage=27b` turns it on for every stage)."""
+    """The same command again does nothing; so do settings that change how, not what, is trained
+    (gradient checkpointing: recomputation gives the same gradients, and `+stage=27b` turns it on
+    for every stage)."""
     run = copy_run(tiny_4b_run, tmp_path / "run")
-    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "train.gradient_checkpointing=true")
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}",
+                "train.gradient_checkpointing=true")
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-2000:]
     assert "Ray 2." not in r.stdout  # decided before Ray starts
 
@@ -96,49 +105,60 @@ def test_12b_on_a_run_with_4b_done_reuses_it(tiny_4b_run: Path, tmp_path):
 
 
 def test_12b_on_a_fresh_run_plans_4b_first(tmp_path):
-    """Like make: a fresh 12b run has every step of 4b (its teacher) before 12b's, in the order the driver runs
-    them (stage by stage; the run itself is test_12b_on_a_run_with_4b_done_reuses_it, after 4b)."""
+    """Like make: a fresh 12b run has every step of 4b (its teacher) before 12b's, in the order the
+    driver runs them (stage by stage; the run itself is test_12b_on_a_run_with_4b_done_reuses_it,
+    after 4b)."""
     from cascade.graph import build_graph
 
     p = build_graph(compose([*FAST, "+stage=12b", "models=tiny", f"run_dir={tmp_path / 'run'}"]))
     assert [sp.name for sp in p.stages] == ["1b", "4b", "12b"]
     todo = p.pending()
-    assert todo.index("4b/eval") < min(i for i, s in enumerate(todo) if s.startswith(("12b/", "generate/4b/")))
+    assert todo.index("4b/eval") < min(i for i,
+                                       s in enumerate(todo)
+                                       if s.startswith(("12b/", "generate/4b/")))
     assert todo[0] == "generate/1b/ethics" and todo[-1] == "12b/eval" and len(todo) == 2 + 7 + 2 + 7
 
 
 def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
-    """stages.1b.build: the base answers with the kernel in context, then learns those answers without it."""
+    """stages.1b.build: the base answers with the kernel in context, then learns those answers
+    without it."""
     conf = tmp_path / "conf" / "local"
     conf.mkdir(parents=True)
     (conf / "build.yaml").write_text("# @package _global_\nstages:\n  1b: {build: true}\n")
     run = tmp_path / "run"
-    r = run_cli("--config-dir", str(tmp_path / "conf"), *FAST, "+stage=1b", "models=tiny", "+local=build",
-                f"run_dir={run}")
+    r = run_cli("--config-dir", str(tmp_path / "conf"), *FAST, "+stage=1b", "models=tiny",
+                "+local=build", f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
-    gen = [x for f in sorted((run / "generations/1b-base/ethics").rglob("shard-?????.jsonl")) for x in read_jsonl(f)]
+    gen = [x for f in sorted((run / "generations/1b-base/ethics").rglob("shard-?????.jsonl"))
+           for x in read_jsonl(f)]
     assert gen and all(x["system_in_context"] for x in gen)
     train = read_jsonl(run / "1b/dataset/p0_ethics/train.jsonl")
-    assert train and all(len(x["messages"]) == 1 and x["messages"][0]["role"] == "user" for x in train)
-    assert not any("Prime-Imperative" in x["messages"][0]["content"] for x in train)  # kernel not in the data
+    assert train and all(len(x["messages"]) == 1 and x["messages"][0]["role"] == "user"
+                         for x in train)
+    # kernel not in the data
+    assert not any("Prime-Imperative" in x["messages"][0]["content"] for x in train)
     assert (run / "1b/train/02-p2_ethics/model.safetensors").exists()
     assert json.loads((run / "1b/eval/metrics.json").read_text())["agreement"]["records"] > 0
 
 
 def test_changed_config_reruns_only_what_it_determines(tiny_4b_run: Path, tmp_path):
     run = copy_run(tiny_4b_run, tmp_path / "run")
-    # a student-only change (and two DDP workers): generations and datasets are reused, training re-runs
-    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "train.lora.r=4", "train.num_workers=2")
+    # a student-only change (and two DDP workers): generations and datasets are reused, training
+    # re-runs
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "train.lora.r=4",
+                "train.num_workers=2")
     assert r.returncode == 0, r.stdout[-4000:]
     assert "[skip] generate/1b/ethics" in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
     assert "[run ] 4b/eval" in r.stdout and "world_size=2" in r.stdout
     summary = json.loads((run / "4b/train/00-p0_ethics/step.json").read_text())["summary"]
-    assert summary["workers"] == 2 and summary["threads"] == max(1, os.cpu_count() // 2)  # the CPUs shared out
+    # the CPUs shared out
+    assert summary["workers"] == 2 and summary["threads"] == max(1, os.cpu_count() // 2)
     # a sampling change: the teacher answers again
     r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "generation.temperature=0.5",
                 *(f"curriculum.{i}.iters=1" for i in range(3)))  # only the new answers matter here
     assert r.returncode == 0, r.stdout[-4000:]
-    assert "[skip] generate/1b/ethics" not in r.stdout and "generate 1b/ethics: shard 0 done" in r.stdout
+    assert ("[skip] generate/1b/ethics" not in r.stdout
+            and "generate 1b/ethics: shard 0 done" in r.stdout)
     recs = read_jsonl(run / "4b/dataset/p0_ethics/train.jsonl")
     assert {x["sampling"]["temperature"] for x in recs} == {0.5}
 
@@ -154,8 +174,10 @@ def test_logit_distillation_needs_a_shared_tokenizer(tiny_4b_run: Path):
                    "curriculum.0.kind=distill"])
     sp = build_graph(cfg).stages[-1]
     ph = sp.phases[0]
-    answers = {"1b": {"p": [{"logprobs": {"file": "x", "offset": 0, "length": 1}, "vocab_hash": "0123abcd"}]}}
-    with pytest.raises(ConfigError, match="needs a shared tokenizer: teacher 1b .*0123abcd.* and student 4b"):
+    answers = {"1b": {"p": [{"logprobs": {"file": "x", "offset": 0, "length": 1},
+                             "vocab_hash": "0123abcd"}]}}
+    with pytest.raises(ConfigError,
+                       match="needs a shared tokenizer: teacher 1b .*0123abcd.* and student 4b"):
         check_shared_vocab(cfg, sp, ph, answers)
     answers["1b"]["p"][0].pop("logprobs")
     with pytest.raises(ConfigError, match="teacher 1b's answers have none"):

@@ -1,4 +1,5 @@
-"""Secure defaults: Ray starts with token auth and its dashboard on 127.0.0.1; requests without the token fail."""
+"""Secure defaults: Ray starts with token auth and its dashboard on 127.0.0.1; requests without the
+token fail."""
 
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ def test_dashboard_is_local_and_needs_the_token():
     import json
     import os
 
-    env = {**os.environ, "RAY_AUTH_TOKEN": "cascade-test-token-0123456789abcdef", "PORT": str(_free_port())}
+    env = {**os.environ, "RAY_AUTH_TOKEN": "cascade-test-token-0123456789abcdef",
+           "PORT": str(_free_port())}
     env.pop("RAY_AUTH_MODE", None)
-    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["mode"] == "token"
@@ -54,8 +57,9 @@ def test_dashboard_is_local_and_needs_the_token():
 
 @pytest.mark.slow
 def test_a_taken_dashboard_port_falls_back_to_a_free_one_and_says_so():
-    """A second cascade on the machine (another experiment, or tests run two at a time) finds the dashboard's port
-    held by the first: its dashboard goes on a free port, named in the log, instead of Ray failing to bind."""
+    """A second cascade on the machine (another experiment, or tests run two at a time) finds the
+    dashboard's port held by the first: its dashboard goes on a free port, named in the log, instead
+    of Ray failing to bind."""
     import json
     import os
     import socket
@@ -64,21 +68,26 @@ def test_a_taken_dashboard_port_falls_back_to_a_free_one_and_says_so():
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        env = {**os.environ, "RAY_AUTH_TOKEN": "cascade-test-token-0123456789abcdef", "PORT": str(port)}
+        env = {**os.environ, "RAY_AUTH_TOKEN": "cascade-test-token-0123456789abcdef",
+               "PORT": str(port)}
         env.pop("RAY_AUTH_MODE", None)
-        r = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level='INFO')\n" + SCRIPT],
+        r = subprocess.run([sys.executable, "-c",
+                            "import logging; logging.basicConfig(level='INFO')\n" + SCRIPT],
                            env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     got = int(out["url"].rsplit(":", 1)[1])
     assert got != port and out["authed"] == 200, out
-    assert f"the dashboard port {port} on 127.0.0.1 is taken (another Ray on this machine?): using {got}" in r.stderr
+    want = (f"the dashboard port {port} on 127.0.0.1 is taken (another Ray on this machine?): "
+            f"using {got}")
+    assert want in r.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray_start")  # a `ray start` head: fixed default ports, one at a time
 def test_joined_cluster_without_auth_is_refused(tmp_path):
-    """cluster=multinode joins a running cluster; one started without token auth is refused before any step runs."""
+    """cluster=multinode joins a running cluster; one started without token auth is refused before
+    any step runs."""
     import os
 
     from conftest import ray_start_ports, run_cli, stop_nodes
@@ -90,15 +99,18 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
     from pathlib import Path
 
     ray_cli = str(Path(sys.executable).parent / "ray")
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
-    up = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
+    # Ray's socket paths must stay under 108 bytes
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    up = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1",
+                         "--include-dashboard=true",
                          f"--ray-client-server-port={_free_port()}", *ray_start_ports(),
-                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}"],
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                         f"--temp-dir={ray_tmp}"],
                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert up.returncode == 0, up.stderr[-3000:]
     try:
-        r = run_cli("+stage=4b", "models=tiny", "cluster=multinode", f"cluster.address=127.0.0.1:{port}",
-                    f"run_dir={tmp_path}/run")
+        r = run_cli("+stage=4b", "models=tiny", "cluster=multinode",
+                    f"cluster.address=127.0.0.1:{port}", f"run_dir={tmp_path}/run")
         assert r.returncode == 2, r.stdout[-3000:]
         assert "does not enforce auth" in r.stdout and "cluster.auth=false" in r.stdout
         assert not list((tmp_path / "run").glob("generations/**/shard-?????.jsonl"))
@@ -109,8 +121,8 @@ def test_joined_cluster_without_auth_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_dead_clusters_address_file_is_not_followed():
-    """`ray start` clusters that died unstopped leave <ray tmp>/ray_current_cluster behind; a plain ray.init() would
-    try to join that dead address. cluster=local always starts a Ray of its own."""
+    """`ray start` clusters that died unstopped leave <ray tmp>/ray_current_cluster behind; a plain
+    ray.init() would try to join that dead address. cluster=local always starts a Ray of its own."""
     import os
     import shutil
     import tempfile
@@ -124,8 +136,8 @@ def test_a_dead_clusters_address_file_is_not_followed():
               "import ray\nprint('CPUS', ray.cluster_resources()['CPU'])\ncluster.stop()\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
-        r = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp}, capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_TMPDIR": ray_tmp},
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and "CPUS 1.0" in r.stdout, r.stderr[-3000:]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -141,13 +153,15 @@ FIT = textwrap.dedent("""
     from cascade.tiny import preset_dir
     from cascade.trainer import TrainJob
     from stages.train import fit
-    cfg = compose(["+stage=4b", "models=tiny", "cluster.auth=false", "cluster.include_dashboard=false"])
+    cfg = compose(["+stage=4b", "models=tiny", "cluster.auth=false",
+                   "cluster.include_dashboard=false"])
     rd = RunDir(sys.argv[1])
     data = Step("4b/dataset/p0_ethics", "d", rd.dataset("4b", "p0_ethics"))
     model = Step("4b/train/again", "again", rd.model("4b", 0, "again"))
     phase = PhaseGraph(0, "p0_ethics", "ethics", 2, 1e-3, data, model)
     cluster.start(cfg.cluster)
-    fit(TrainJob("4b", rd.url, str(preset_dir(cfg) / "4b"), None, [phase], cfg.train, cfg.seed), rd, "again")
+    job = TrainJob("4b", rd.url, str(preset_dir(cfg) / "4b"), None, [phase], cfg.train, cfg.seed)
+    fit(job, rd, "again")
     def left():  # Ray Train's processes of the finished job still running under this driver
         titles = set()
         for p in psutil.Process().children(recursive=True):
@@ -155,7 +169,8 @@ FIT = textwrap.dedent("""
                 titles.add(" ".join(p.cmdline()).strip())
             except psutil.Error:
                 pass
-        return sorted(t for t in titles if t.startswith(("ray::TrainController", "ray::DatasetManager")))
+        kinds = ("ray::TrainController", "ray::DatasetManager")
+        return sorted(t for t in titles if t.startswith(kinds))
     deadline = time.time() + 30
     while left() and time.time() < deadline:
         time.sleep(0.5)
@@ -166,11 +181,13 @@ FIT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_a_finished_training_job_leaves_no_controller_behind(tiny_4b_run, tmp_path):
-    """Ray Train's fit() keeps its controller (and dataset manager) alive through the Ctrl-C handler it installs;
-    stages/train.fit puts the previous handler back, so they go as the job ends, not at the next job."""
+    """Ray Train's fit() keeps its controller (and dataset manager) alive through the Ctrl-C handler
+    it installs; stages/train.fit puts the previous handler back, so they go as the job ends, not at
+    the next job."""
     from conftest import copy_run
 
     run = copy_run(tiny_4b_run, tmp_path / "run")
-    r = subprocess.run([sys.executable, "-c", FIT, str(run)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", FIT, str(run)], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "LEFT []" in r.stdout, r.stdout[-2000:]

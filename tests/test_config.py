@@ -1,4 +1,5 @@
-"""The config tree: every YAML composes into the typed schema; the real preset is the seed's cascade."""
+"""The config tree: every YAML composes into the typed schema; the real preset is the seed's
+cascade."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ CONF = ROOT / "conf"
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 @pytest.mark.parametrize("cluster", ["local", "multinode"])
 def test_every_yaml_composes(stage, models, backend, cluster):
-    cfg = compose([f"+stage={stage}", f"models={models}", f"backend={backend}", f"cluster={cluster}"])
+    cfg = compose([f"+stage={stage}", f"models={models}", f"backend={backend}",
+                   f"cluster={cluster}"])
     assert cfg.target == stage and cfg.backend.name == backend and cfg.models.preset == models
 
 
@@ -32,7 +34,8 @@ def test_real_preset_is_the_seed_cascade():
     cfg = compose(["+stage=27b"])
     assert cfg.backend.name == "vllm"
     assert [(p.name, p.data, p.iters) for p in cfg.curriculum] == [
-        ("p0_ethics", "ethics", 300), ("p1_composure", "composure", 300), ("p2_ethics", "ethics", 100)]
+        ("p0_ethics", "ethics", 300), ("p1_composure", "composure",
+                                       300), ("p2_ethics", "ethics", 100)]
     assert cfg.stages["1b"].model == "lthn/LEM-Gemma3-1B" and not cfg.stages["1b"].teachers
     assert [cfg.stages[s].model for s in ("4b", "12b", "27b")] == [
         "google/gemma-3-4b-it", "google/gemma-3-12b-it", "google/gemma-3-27b-it"]
@@ -40,7 +43,8 @@ def test_real_preset_is_the_seed_cascade():
     assert [t.stage for t in cfg.stages["12b"].teachers] == ["4b", "1b"]
     assert [t.stage for t in cfg.stages["27b"].teachers] == ["12b", "4b", "1b"]
     assert needed_stages(cfg) == ["1b", "4b", "12b", "27b"]
-    assert cfg.models.trust_remote_code is False and cfg.cluster.auth and cfg.cluster.dashboard_host == "127.0.0.1"
+    assert (cfg.models.trust_remote_code is False and cfg.cluster.auth
+            and cfg.cluster.dashboard_host == "127.0.0.1")
 
 
 def test_tiny_preset_defaults():
@@ -61,9 +65,12 @@ def test_teacher_must_be_below_its_student():
     ("curriculum.0.iters=0", "iters must be > 0"),
     ("backend.name=tgi", "valid backends: hf, vllm"),
     ("target=5b", "unknown stage '5b'; valid stages: 1b, 4b, 12b, 27b"),
-    ("curriculum.0.kind=distill", "kind distill needs the teachers' top-k log-probabilities: set generation.logprobs"),
-    ("curriculum.0.kind=nope", "phase kind 'nope': not a built-in kind \\(sft, distill, on_policy\\) and no module"),
-    ("+curriculum.0.options.weight=1", "options: weight not an option of kind 'sft' \\(its options: none\\)"),
+    ("curriculum.0.kind=distill",
+     "kind distill needs the teachers' top-k log-probabilities: set generation.logprobs"),
+    ("curriculum.0.kind=nope",
+     "phase kind 'nope': not a built-in kind \\(sft, distill, on_policy\\) and no module"),
+    ("+curriculum.0.options.weight=1",
+     "options: weight not an option of kind 'sft' \\(its options: none\\)"),
     ("generation.shards_in_flight=0", "shards_in_flight must be > 0"),
 ])
 def test_bad_values_fail_at_composition(override, message):
@@ -94,12 +101,17 @@ def test_cli_typo_in_key_is_an_error(tmp_path):
 def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
     """conf/ ships inside the installed package: found from any working directory."""
     r = run_cli("--help", cwd=tmp_path)
-    assert r.returncode == 0 and "stage: 12b, 1b, 27b, 4b" in r.stdout and "models: gemma3-270m, real, tiny" in r.stdout
-    assert r.stdout.startswith("cascade: a teacher-student distillation cascade") and "docs/" in r.stdout
-    for sub in ("status", "plan", "report", "serve", "harness"):  # each named on the page, each with its own
+    assert (r.returncode == 0 and "stage: 12b, 1b, 27b, 4b" in r.stdout
+            and "models: gemma3-270m, real, tiny" in r.stdout)
+    assert (r.stdout.startswith("cascade: a teacher-student distillation cascade")
+            and "docs/" in r.stdout)
+    for sub in ("status", "plan", "report", "serve", "harness"):
+        # each named on the page, each with its own
         assert f"\n  {sub} " in r.stdout, sub
         page = run_cli(sub, "--help", cwd=tmp_path)
-        assert page.returncode == 0 and page.stdout.startswith(f"python -m cascade {sub} +stage="), page.stdout[-2000:]
+        assert page.returncode == 0 and page.stdout.startswith(
+            f"python -m cascade {sub} +stage="
+        ), page.stdout[-2000:]
         assert len(page.stdout.splitlines()) > 5, page.stdout
     r = run_cli("+stage=12b", "models=tiny", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "target: 12b" in r.stdout and "model: tiny:12b" in r.stdout
@@ -120,26 +132,32 @@ def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
     ("generation.restart_timeout_s=-5", "generation.restart_timeout_s must be in (0, inf]"),
     ("backend.hf.batch_size=0", "backend.hf.batch_size must be > 0"),
     ("backend.dtype=int7", "backend.dtype 'int7': valid dtypes: auto, float32, bfloat16, float16"),
-    ("backend.vllm.gpu_memory_utilization=5", "backend.vllm.gpu_memory_utilization must be in (0, 1]"),
+    ("backend.vllm.gpu_memory_utilization=5",
+     "backend.vllm.gpu_memory_utilization must be in (0, 1]"),
     ("cluster.dashboard_port=70000", "cluster.dashboard_port must be in [1, 65535]"),
     ("eval.batch_size=0", "eval.batch_size must be > 0"),
     ("seed=-1", "seed must be in [0, 4294967295]"),
     ("seed=18446744073709551616", "seed must be in [0, 4294967295]"),
     ("curriculum.0.name=../x", "curriculum phase '../x'.name '../x': use letters, digits"),
-    ("+backend.vllm.engine_kwargs.hf_token=abc", "backend.vllm.engine_kwargs.hf_token: looks like a credential"),
-    ("+backend.vllm.engine_kwargs.x=hf_abcdefghijklmnopqrstuvwxyz0123", "backend.vllm.engine_kwargs.x: holds what looks"),
-    ("data.ethics.path=hf_abcdefghijklmnopqrstuvwxyz0123", "data.ethics.path: holds what looks like a token"),
+    ("+backend.vllm.engine_kwargs.hf_token=abc",
+     "backend.vllm.engine_kwargs.hf_token: looks like a credential"),
+    ("+backend.vllm.engine_kwargs.x=hf_abcdefghijklmnopqrstuvwxyz0123",
+     "backend.vllm.engine_kwargs.x: holds what looks"),
+    ("data.ethics.path=hf_abcdefghijklmnopqrstuvwxyz0123",
+     "data.ethics.path: holds what looks like a token"),
     ("hf_token_env=hf_abcdefghijklmnopqrstuvwxyz0123", "holds what looks like a token"),
 ], ids=lambda v: v if "=" in v else None)
 def test_every_value_is_checked_before_ray_starts(override, message):
     with pytest.raises(ConfigError) as e:
         compose(["+stage=4b", "models=tiny", override])
     assert message in str(e.value)
-    assert "abcdefghijklmnopqrstuvwxyz0123" not in str(e.value)  # a secret is named by its field, never echoed
+    # a secret is named by its field, never echoed
+    assert "abcdefghijklmnopqrstuvwxyz0123" not in str(e.value)
 
 
 def test_names_that_become_paths_are_restricted():
-    """Stage names and data keys name directories: a YAML file could set '../x', which the CLI cannot parse."""
+    """Stage names and data keys name directories: a YAML file could set '../x', which the CLI
+    cannot parse."""
     import copy
 
     cfg = compose(["+stage=4b", "models=tiny"])
@@ -172,7 +190,8 @@ def test_inherited_auth_off_is_refused_and_the_token_file_made_private(tmp_path,
     for k in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    with pytest.raises(ConfigError, match="RAY_AUTH_MODE=disabled is set in the environment while cluster.auth"):
+    with pytest.raises(ConfigError,
+                       match="RAY_AUTH_MODE=disabled is set in the environment while cluster.auth"):
         cluster.ensure_auth_token()
     monkeypatch.delenv("RAY_AUTH_MODE")
     token = tmp_path / ".ray" / "auth_token"
@@ -180,20 +199,25 @@ def test_inherited_auth_off_is_refused_and_the_token_file_made_private(tmp_path,
     token.write_text("an-existing-token-0123456789")
     token.chmod(0o644)
     cluster.ensure_auth_token()
-    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.read_text() == "an-existing-token-0123456789"
+    assert (stat.S_IMODE(token.stat().st_mode) == 0o600
+            and token.read_text() == "an-existing-token-0123456789")
     token.unlink()
     cluster.ensure_auth_token()  # none: a new one, private from the start
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text()) == 64
 
 
 def test_cli_refuses_inherited_auth_off_before_anything_runs(tmp_path):
-    r = run_cli("+stage=4b", "models=tiny", f"run_dir={tmp_path}/run", env={"RAY_AUTH_MODE": "disabled"})
-    assert r.returncode == 2 and "RAY_AUTH_MODE=disabled is set in the environment" in r.stdout, r.stdout[-2000:]
+    r = run_cli("+stage=4b", "models=tiny", f"run_dir={tmp_path}/run",
+                env={"RAY_AUTH_MODE": "disabled"})
+    assert r.returncode == 2 and "RAY_AUTH_MODE=disabled is set in the environment" in r.stdout, (
+        r.stdout[-2000:]
+    )
     assert not (tmp_path / "run" / "config.yaml").exists() and "Ray 2." not in r.stdout
 
 
 def test_training_threads_are_the_cpus_shared_out():
-    """train.cpus_per_worker unset: each worker gets the most CPUs every worker can hold at once on the nodes."""
+    """train.cpus_per_worker unset: each worker gets the most CPUs every worker can hold at once on
+    the nodes."""
     from cascade.cluster import share_cpus
 
     assert share_cpus([2], 1) == 2 and share_cpus([2], 2) == 1 and share_cpus([1, 1], 2) == 1

@@ -1,5 +1,5 @@
-"""The divergences the distribution-comparing kinds train and measure with (cascade/divergence.py): TRL's beta
-convention, the top-k + tail coarsening, and Gemma's padded vocabulary rows ignored."""
+"""The divergences the distribution-comparing kinds train and measure with (cascade/divergence.py):
+TRL's beta convention, the top-k + tail coarsening, and Gemma's padded vocabulary rows ignored."""
 
 from __future__ import annotations
 
@@ -15,15 +15,22 @@ def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def test_beta_ends_are_forward_and_reverse_kl_and_the_middle_is_jsd():
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(5, 7, generator=g).log_softmax(-1), torch.randn(5, 7, generator=g).log_softmax(-1)
-    assert torch.allclose(generalized_jsd(s, t, 0.0), _kl(t.exp(), s.exp()), atol=1e-6)  # forward KL(T || S)
-    assert torch.allclose(generalized_jsd(s, t, 1.0), _kl(s.exp(), t.exp()), atol=1e-6)  # reverse KL(S || T)
+    s, t = (torch.randn(5, 7, generator=g).log_softmax(-1),
+            torch.randn(5, 7, generator=g).log_softmax(-1))
+    # forward KL(T || S)
+    assert torch.allclose(generalized_jsd(s, t, 0.0), _kl(t.exp(), s.exp()), atol=1e-6)
+    # reverse KL(S || T)
+    assert torch.allclose(generalized_jsd(s, t, 1.0), _kl(s.exp(), t.exp()), atol=1e-6)
     m = 0.5 * (s.exp() + t.exp())
-    assert torch.allclose(generalized_jsd(s, t, 0.5), 0.5 * _kl(t.exp(), m) + 0.5 * _kl(s.exp(), m), atol=1e-6)
-    # the ends are the scaled limits (TRL's convention), and a distribution is at 0 from itself at every beta
+    assert torch.allclose(generalized_jsd(s, t, 0.5), 0.5 * _kl(t.exp(), m) + 0.5 * _kl(s.exp(), m),
+                          atol=1e-6)
+    # the ends are the scaled limits (TRL's convention), and a distribution is at 0 from itself at
+    # every beta
     eps = 1e-4
-    assert torch.allclose(generalized_jsd(s, t, eps) / eps, generalized_jsd(s, t, 0.0), rtol=1e-2, atol=1e-3)
-    assert torch.allclose(generalized_jsd(s, t, 1 - eps) / eps, generalized_jsd(s, t, 1.0), rtol=1e-2, atol=1e-3)
+    assert torch.allclose(generalized_jsd(s, t, eps) / eps, generalized_jsd(s, t, 0.0), rtol=1e-2,
+                          atol=1e-3)
+    assert torch.allclose(generalized_jsd(s, t, 1 - eps) / eps, generalized_jsd(s, t, 1.0),
+                          rtol=1e-2, atol=1e-3)
     for beta in (0.0, 0.3, 1.0):
         assert generalized_jsd(s, s, beta).abs().max() < 1e-6
     with pytest.raises(ValueError, match="beta"):
@@ -47,12 +54,14 @@ def test_top_k_with_tail_is_exact_when_k_covers_the_vocabulary_and_a_lower_bound
 
 
 def test_padded_rows_past_the_shared_vocabulary_are_ignored():
-    """Two students whose logits differ only in padded rows (Gemma 3 1B: 262,144 rows; 4B+: 262,208) give the
-    same outcomes; a teacher id past the shared vocabulary, or a student with fewer rows, is refused."""
+    """Two students whose logits differ only in padded rows (Gemma 3 1B: 262,144 rows; 4B+: 262,208)
+    give the same outcomes; a teacher id past the shared vocabulary, or a student with fewer rows,
+    is refused."""
     g = torch.Generator().manual_seed(2)
     vocab, pad = 12, 4
     logits = torch.randn(2, vocab, generator=g)
-    padded = torch.cat([logits, torch.full((2, pad), 30.0)], dim=-1)  # large padded logits would dominate
+    # large padded logits would dominate
+    padded = torch.cat([logits, torch.full((2, pad), 30.0)], dim=-1)
     top = torch.randn(2, vocab, generator=g).log_softmax(-1).topk(3, dim=-1)
     a = top_k_outcomes(logits, top.indices, top.values, vocab)
     b = top_k_outcomes(padded, top.indices, top.values, vocab)

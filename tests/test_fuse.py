@@ -1,4 +1,5 @@
-"""Fusion: the saved, merged Gemma3 equals base + adapter; a corrupted merge is caught; loss masks prompts."""
+"""Fusion: the saved, merged Gemma3 equals base + adapter; a corrupted merge is caught; loss masks
+prompts."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def base():
     path = preset_dir(cfg) / "4b"
     tok = AutoTokenizer.from_pretrained(path)
     examples = [encode_example(tok, [{"role": "user", "content": q}], a, 128)
-                for q, a in [("What is kindness?", "Kindness softens the world."), ("Who am I?", "A wave.")]]
+                for q,
+                a in [("What is kindness?", "Kindness softens the world."),
+                      ("Who am I?", "A wave.")]]
     return path, tok, examples
 
 
@@ -30,7 +33,8 @@ def _peft(path):
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                      task_type="CAUSAL_LM"))
     for n, p in model.named_parameters():  # a trained-looking adapter: B is zero at init
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
@@ -68,7 +72,8 @@ def test_corrupted_merge_is_caught(base, tmp_path):
     fuse(model, tok, examples, out)
     w = load_file(out / "model.safetensors")
     key = next(k for k in w if "layers.0.mlp.down_proj.weight" in k)
-    # a merge that added one adapter's delta twice; not a uniform scale, which Gemma3's post-MLP norm would undo
+    # a merge that added one adapter's delta twice; not a uniform scale, which Gemma3's post-MLP
+    # norm would undo
     w[key] = w[key] + 0.02 * torch.randn(w[key].shape, generator=torch.Generator().manual_seed(0))
     save_file(w, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(FusionError, match="differs from base \\+ adapter"):
@@ -88,9 +93,10 @@ def test_loss_masks_prompt_tokens(base):
 
 
 def test_chunked_response_loss_equals_the_full_vocabulary_loss(base):
-    """cascade.modeling.response_nll (the output layer applied a few positions at a time, each chunk recomputed
-    in the backward pass) gives transformers' own loss and the same gradients; its distillation sum is the
-    cross-entropy against the renormalised top-k distribution computed from full logits."""
+    """cascade.modeling.response_nll (the output layer applied a few positions at a time, each chunk
+    recomputed in the backward pass) gives transformers' own loss and the same gradients; its
+    distillation sum is the cross-entropy against the renormalised top-k distribution computed from
+    full logits."""
     from cascade.chat import collate
     from cascade.modeling import response_nll
 
@@ -111,10 +117,12 @@ def test_chunked_response_loss_equals_the_full_vocabulary_loss(base):
     (ce / n).backward()
     for name, grad in ref_grads.items():
         got = dict(model.named_parameters())[name].grad
-        # float32 sums in another order: elementwise to 1e-4, near-zero ones to 1e-5 of the gradient's scale
+        # float32 sums in another order: elementwise to 1e-4, near-zero ones to 1e-5 of the
+        # gradient's scale
         assert torch.allclose(got, grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max())), name
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(),
+                                 -1)
         keep = labels[:, 1:] != IGNORE_INDEX
         want = -(torch.softmax(kd_lp[:, 1:], -1) * logp.gather(-1, kd_ids[:, 1:]))[keep].sum()
     assert torch.allclose(kd, want, rtol=1e-5), (float(kd), float(want))

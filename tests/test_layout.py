@@ -1,4 +1,5 @@
-"""The house: imports flow downward only, vllm stays in one module, and the run directory's written layout is true."""
+"""The house: imports flow downward only, vllm stays in one module, and the run directory's written
+layout is true."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from conftest import ROOT
 PACKAGES = ("cascade", "stages")
 # the modules that iterate the steps of stages/ (the run's table): beside them, not below
 CONTROLLERS = ("cascade.driver", "cascade.plan", "cascade.__main__")
-SCANNED = (*PACKAGES, "data", "benchmarks")  # data/: the harness tasks' code, loaded by lm-eval; benchmarks/: on top
+# data/: the harness tasks' code, loaded by lm-eval; benchmarks/: on top
+SCANNED = (*PACKAGES, "data", "benchmarks")
 
 
 def _modules() -> dict[str, Path]:
@@ -28,7 +30,8 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(f: Path) -> set[str]:
-    """Every module named by an import anywhere in the file (lazy imports inside functions included)."""
+    """Every module named by an import anywhere in the file (lazy imports inside functions
+    included)."""
     names = set()
     for node in ast.walk(ast.parse(f.read_text())):
         if isinstance(node, ast.Import):
@@ -40,9 +43,10 @@ def _imports(f: Path) -> set[str]:
 
 
 def _loaded_by_name() -> dict[str, set[str]]:
-    """Arrows no import statement shows: the sub-commands __main__ imports by name, the built-in phase kinds and
-    the backends their registries load by name, and the code that lm-eval loads from data/harness/
-    (`!function utils.x` in a task's YAML) for cascade/harness.py, which points it there."""
+    """Arrows no import statement shows: the sub-commands __main__ imports by name, the built-in
+    phase kinds and the backends their registries load by name, and the code that lm-eval loads from
+    data/harness/ (`!function utils.x` in a task's YAML) for cascade/harness.py, which points it
+    there."""
     from cascade.__main__ import SUBCOMMANDS
     from cascade.generation import BACKENDS
     from cascade.phases import BUILTIN
@@ -59,7 +63,8 @@ def _graph() -> dict[str, set[str]]:
     mods, extra = _modules(), _loaded_by_name()
     for m, deps in extra.items():
         assert m in mods and deps <= set(mods), (m, deps - set(mods))
-    return {m: {i for i in _imports(f) | extra.get(m, set()) if i in mods and i != m} for m, f in mods.items()}
+    return {m: {i for i in _imports(f) | extra.get(m, set()) if i in mods and i != m} for m,
+            f in mods.items()}
 
 
 def test_no_import_circle():
@@ -85,15 +90,16 @@ def test_steps_and_library_never_import_the_driver():
     importers = sorted(m for m, deps in graph.items() if "cascade.driver" in deps)
     assert importers == ["cascade.__main__"], importers
     # the library below the driver and the planner knows no step: types flow downward only
-    upward = sorted((m, d) for m, deps in graph.items() if m.startswith("cascade") and m not in CONTROLLERS
+    upward = sorted((m, d) for m,
+                    deps in graph.items() if m.startswith("cascade") and m not in CONTROLLERS
                     for d in deps if d.startswith("stages"))
     assert not upward, upward
 
 
 def test_arrows_point_down_through_data_and_benchmarks_too():
-    """benchmarks/ on top (nothing imports them); the driver and the steps; the library with data/'s code (lm-eval
-    loads it for cascade/harness.py; it may use the library, e.g. cascade.metrics, but no step and not the driver).
-    Within a level, test_no_import_circle keeps the order."""
+    """benchmarks/ on top (nothing imports them); the driver and the steps; the library with data/'s
+    code (lm-eval loads it for cascade/harness.py; it may use the library, e.g. cascade.metrics, but
+    no step and not the driver). Within a level, test_no_import_circle keeps the order."""
     graph = _graph()
     assert "data.harness.utils" in graph["cascade.harness"]  # the name-loaded arrow is seen
 
@@ -107,13 +113,15 @@ def test_arrows_point_down_through_data_and_benchmarks_too():
 
 
 def test_vllm_is_imported_in_exactly_one_module():
-    users = sorted(m for m, f in _modules().items() if any(i.split(".")[0] == "vllm" for i in _imports(f)))
+    users = sorted(m for m,
+                   f in _modules().items() if any(i.split(".")[0] == "vllm" for i in _imports(f)))
     assert users == ["cascade.generation.vllm_backend"], users
 
 
 def test_backends_and_phase_kinds_are_rooms():
-    """Each backend, each built-in phase kind and each step declares what its registry asks, and no module outside a backend's
-    own compares the configured backend's name: it asks the registry (cascade/generation/__init__.py)."""
+    """Each backend, each built-in phase kind and each step declares what its registry asks, and no
+    module outside a backend's own compares the configured backend's name: it asks the registry
+    (cascade/generation/__init__.py)."""
     from cascade import generation, phases
 
     for name in generation.BACKENDS:
@@ -150,7 +158,8 @@ def test_benchmarks_use_public_names_only():
 
 
 def _documented() -> list[tuple[str, re.Pattern]]:
-    """The layout in cascade/layout.py's docstring: each entry's paths as regexes over run-relative paths."""
+    """The layout in cascade/layout.py's docstring: each entry's paths as regexes over run-relative
+    paths."""
     from cascade import layout
 
     lines = layout.__doc__.split("<run_dir>/", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
@@ -177,11 +186,14 @@ def test_the_written_layout_is_what_a_run_writes(tiny_4b_run: Path):
     files = [str(p.relative_to(tiny_4b_run)) for p in tiny_4b_run.rglob("*") if p.is_file()]
     undocumented = [f for f in files if not any(rx.match(f) for _, rx in documented)]
     assert not undocumented, undocumented[:10]
-    optional = {"generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz",  # logprobs off
-                "generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl",  # none unfinished
+    # logprobs off
+    optional = {"generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz",
+                # none unfinished
+                "generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl",
                 "tmp/**",  # staging cleaned
                 "models/<key>/**",  # an object store's run directory only
                 "<stage>/release/README.md", "<stage>/release/release.json", "<stage>/release/hf/*",
                 "<stage>/release/gguf/*.gguf"}  # release.enabled only (tests/test_release.py)
-    missing = [n for n, rx in documented if n not in optional and not any(rx.match(f) for f in files)]
+    missing = [n for n,
+               rx in documented if n not in optional and not any(rx.match(f) for f in files)]
     assert not missing, missing

@@ -1,6 +1,7 @@
-"""One writer per run directory, provably (cascade/lease.py): simultaneous starts, a paused driver, a store that goes
-away, a stepped clock, another host with this host's name. The lease's own code, real processes, real S3 API
-(moto's server); the whole CLI's refusal and takeover: tests/test_faults.py."""
+"""One writer per run directory, provably (cascade/lease.py): simultaneous starts, a paused driver,
+a store that goes away, a stepped clock, another host with this host's name. The lease's own code,
+real processes, real S3 API (moto's server); the whole CLI's refusal and takeover:
+tests/test_faults.py."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ HOLDER = [sys.executable, str(ROOT / "tests" / "lease_holder.py")]
 
 
 def _holder(*args: str, env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
-    """A lease holder started as a shell starts a background job (`nohup python -m cascade ... &`): SIGINT ignored,
-    so the lease cannot count on it to stop the driver."""
+    """A lease holder started as a shell starts a background job (`nohup python -m cascade ... &`):
+    SIGINT ignored, so the lease cannot count on it to stop the driver."""
     out = open(log, "w") if log else subprocess.PIPE
     return subprocess.Popen([*HOLDER, *args], stdout=out, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
@@ -70,7 +71,8 @@ def test_twenty_processes_starting_at_once_one_holds(s3, tmp_path, where):
         fsspec.filesystem("s3").mkdir(url.removeprefix("s3://").split("/")[0])
     go = tmp_path / "go"
     procs = [_holder(url, "30", "--go", str(go), "--hold", "8", env=s3) for _ in range(20)]
-    for p in procs:  # every process imported and waiting, however loaded the machine: then all start at once
+    for p in procs:
+        # every process imported and waiting, however loaded the machine: then all start at once
         assert p.stdout.readline().strip() == "READY"
     go.touch()
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -80,8 +82,9 @@ def test_twenty_processes_starting_at_once_one_holds(s3, tmp_path, where):
 
 
 def test_a_paused_driver_commits_nothing_after_the_takeover(tmp_path):
-    """A driver on another host (to this one, only its heartbeat says it lives) is SIGSTOPped past the ttl; another
-    driver takes over; resumed, the first one stops before its next commit, saying why."""
+    """A driver on another host (to this one, only its heartbeat says it lives) is SIGSTOPped past
+    the ttl; another driver takes over; resumed, the first one stops before its next commit, saying
+    why."""
     from cascade.lease import Lease, current
     from cascade.rundir import RunDir
 
@@ -108,15 +111,17 @@ def test_a_paused_driver_commits_nothing_after_the_takeover(tmp_path):
 
 
 def test_a_driver_that_found_its_lease_lost_is_not_interrupted_again(tmp_path):
-    """The main thread learns of the takeover at a commit and stops; the heartbeat, finding the same loss a moment
-    later, must not interrupt it inside its clean-up (a KeyboardInterrupt in the middle of release)."""
+    """The main thread learns of the takeover at a commit and stops; the heartbeat, finding the same
+    loss a moment later, must not interrupt it inside its clean-up (a KeyboardInterrupt in the
+    middle of release)."""
     from cascade.lease import Lease, LeaseLost, _gen_path
     from cascade.rundir import RunDir
 
     rd = RunDir(str(tmp_path / "run"))
     lease = Lease(rd, 30.0)
     lease.acquire()
-    rd.write_json(_gen_path(rd, 2), {"id": "rival", "host": "h", "node": "n", "pid": 1, "start": 0, "beat": 0,
+    rd.write_json(_gen_path(rd, 2),
+                  {"id": "rival", "host": "h", "node": "n", "pid": 1, "start": 0, "beat": 0,
                                      "heartbeat": time.time()})
     with pytest.raises(LeaseLost, match="generation 2 is held by h pid 1"):
         rd.mark("after", "done")
@@ -127,8 +132,9 @@ def test_a_driver_that_found_its_lease_lost_is_not_interrupted_again(tmp_path):
 
 
 def test_a_store_outage_longer_than_the_ttl_stops_the_driver_before_a_takeover(s3, tmp_path):
-    """The store cannot be reached for twice the ttl: the holder, unable to renew, stops within the ttl (before any
-    rival could take over) and commits nothing while cut off; once the store is back, a new driver takes over."""
+    """The store cannot be reached for twice the ttl: the holder, unable to renew, stops within the
+    ttl (before any rival could take over) and commits nothing while cut off; once the store is
+    back, a new driver takes over."""
     import fsspec
 
     from cascade.lease import Lease, current
@@ -151,7 +157,7 @@ def test_a_store_outage_longer_than_the_ttl_stops_the_driver_before_a_takeover(s
         proxy.set("ok")
     log = (tmp_path / "a.log").read_text()
     assert "could not be renewed" in log, log
-    assert max(_ticks(rd)) < cut_at + ttl / 2 + 1 and stopped - cut_at < ttl + 20, (stopped - cut_at)
+    assert max(_ticks(rd)) < cut_at + ttl / 2 + 1 and stopped - cut_at < ttl + 20, stopped - cut_at
     taker = Lease(RunDir(url), ttl)  # its heartbeat no longer moves: taken over after a ttl
     taker.acquire()
     assert current(rd)[0] == 2
@@ -159,8 +165,8 @@ def test_a_store_outage_longer_than_the_ttl_stops_the_driver_before_a_takeover(s
 
 
 def test_a_live_holder_on_this_host_survives_a_clock_step(tmp_path, monkeypatch):
-    """The wall clock stepped an hour forward (psutil's process start times move with it): a live holder on this
-    host still reads as alive, by its start in clock ticks since boot."""
+    """The wall clock stepped an hour forward (psutil's process start times move with it): a live
+    holder on this host still reads as alive, by its start in clock ticks since boot."""
     import psutil
 
     from cascade.lease import Lease, RunDirBusy, holder
@@ -184,8 +190,9 @@ def test_a_live_holder_on_this_host_survives_a_clock_step(tmp_path, monkeypatch)
 
 
 def test_another_host_with_this_hostname_is_not_taken_for_a_dead_local_holder(tmp_path):
-    """A lease held on another machine or container that has this host's name, its heartbeat moving: refused (the
-    old check compared hostnames and saw pid 1 here... alive, or a dead pid, and took over)."""
+    """A lease held on another machine or container that has this host's name, its heartbeat moving:
+    refused (the old check compared hostnames and saw pid 1 here... alive, or a dead pid, and took
+    over)."""
     from cascade.lease import Lease, RunDirBusy, node_id
     from cascade.rundir import RunDir
 

@@ -1,6 +1,7 @@
-"""Phase kind `on_policy` (cascade/phases/on_policy.py): checked before Ray starts, planned with its rollouts, and
-trained on the student's own samples scored by its teacher with the kernel in context; a phase killed mid-way
-(kill -9 of the driver, its rollouts and a checkpoint on disk) resumes to the bytes of a run never killed."""
+"""Phase kind `on_policy` (cascade/phases/on_policy.py): checked before Ray starts, planned with its
+rollouts, and trained on the student's own samples scored by its teacher with the kernel in context;
+a phase killed mid-way (kill -9 of the driver, its rollouts and a checkpoint on disk) resumes to the
+bytes of a run never killed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from conftest import FAST, compose, copy_run, kill9, run_cli, start_cli, wait_for
 
-# P2 on-policy, the teacher (the tiny 1B) with the kernel in its context; short samples, a checkpoint every 4 steps
+# P2 on-policy, the teacher (the tiny 1B) with the kernel in its context; short samples, a
+# checkpoint every 4 steps
 ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.2.kind=on_policy", "curriculum.2.iters=8",
         "train.save_every=4", "+curriculum.2.options.teacher_context=kernel",
         "+curriculum.2.options.samples_per_prompt=2", "+curriculum.2.options.max_new_tokens=24",
@@ -24,11 +26,13 @@ def test_on_policy_options_are_checked_and_planned_before_ray():
     from cascade.tiny import build_preset
 
     base = ["+stage=4b", "models=tiny", "curriculum.2.kind=on_policy"]
-    with pytest.raises(ConfigError, match="teacher_temperature: only 1.0 .*vLLM applies no temperature"):
+    with pytest.raises(ConfigError,
+                       match="teacher_temperature: only 1.0 .*vLLM applies no temperature"):
         compose([*base, "+curriculum.2.options.teacher_temperature=0.7"])
     with pytest.raises(ConfigError, match="options.beta must be in \\[0, 1\\]"):
         compose([*base, "+curriculum.2.options.beta=1.5"])
-    with pytest.raises(ConfigError, match="teacher_context: 'system' is not one of teacher, kernel, none"):
+    with pytest.raises(ConfigError,
+                       match="teacher_context: 'system' is not one of teacher, kernel, none"):
         compose([*base, "+curriculum.2.options.teacher_context=system"])
     with pytest.raises(ConfigError, match="samples_per_prompt must be a whole number"):
         compose([*base, "+curriculum.2.options.samples_per_prompt=1.5"])
@@ -45,7 +49,8 @@ def test_on_policy_options_are_checked_and_planned_before_ray():
     from cascade.rundir import RunDir
 
     def p2_key(ctx: str, kernel: str) -> str:
-        c = compose([*base, f"+curriculum.2.options.teacher_context={ctx}", "run_dir=/tmp/never-made"])
+        c = compose([*base, f"+curriculum.2.options.teacher_context={ctx}",
+                     "run_dir=/tmp/never-made"])
         prompts = {k: load_prompts(c.data[k]) for k in dict.fromkeys(p.data for p in c.curriculum)}
         return plan(c, RunDir(c.run_dir), prompts, kernel, weights=False)[-1].phases[2].model.key
 
@@ -54,7 +59,8 @@ def test_on_policy_options_are_checked_and_planned_before_ray():
 
 
 def _p2_fresh(tiny_4b_run, dst):
-    """A copy of the shared tiny run without its P2 and evaluation: a run of ARGS goes straight to P2."""
+    """A copy of the shared tiny run without its P2 and evaluation: a run of ARGS goes straight to
+    P2."""
     copy_run(tiny_4b_run, dst)
     for d in ("progress", "4b/train/_ckpt", "4b/train/02-p2_ethics", "4b/eval"):
         shutil.rmtree(dst / d, ignore_errors=True)
@@ -68,33 +74,42 @@ def test_on_policy_phase_killed_mid_phase_resumes_to_the_same_bytes(tiny_4b_run,
     assert r.returncode == 0, r.stdout[-4000:]
     s = json.loads((ref / "4b/train/02-p2_ethics/step.json").read_text())["summary"]
     assert s["kind"] == "on_policy" and s["options"]["teacher_context"] == "kernel"
-    assert len(s["divergence_losses"]) == s["steps"] == 8 and all(d > 0 for d in s["divergence_losses"])
-    assert all(0 < n <= 4 * 2 * 24 for n in s["sample_tokens_losses"])  # 4 prompts x 2 samples x <= 24 tokens
-    # the evaluation's signal: the reverse KL to the teacher on the student's own answers, before and after
+    assert len(s["divergence_losses"]) == s["steps"] == 8 and all(
+        d > 0 for d in s["divergence_losses"]
+    )
+    # 4 prompts x 2 samples x <= 24 tokens
+    assert all(0 < n <= 4 * 2 * 24 for n in s["sample_tokens_losses"])
+    # the evaluation's signal: the reverse KL to the teacher on the student's own answers, before
+    # and after
     kl = json.loads((ref / "4b/eval/metrics.json").read_text())["reverse_kl"]
     assert all(kl[how]["before"] > 0 and kl[how]["after"] >= 0 for how in ("greedy", "sampled")), kl
     st = run_cli("status", *ARGS, f"run_dir={ref}")
-    assert "4b: reverse KL to its teachers on its own sampled answers" in st.stdout, st.stdout[-2000:]
+    assert "4b: reverse KL to its teachers on its own sampled answers" in st.stdout, st.stdout[
+        -2000:
+    ]
     ckpt = next((ref / "4b/train/_ckpt").glob("02-p2_ethics-*"))
     assert sorted(p.name for p in (ckpt / "rollouts").iterdir()) == [f"{i:06d}-000-0of1.safetensors"
                                                                       for i in range(8)]
 
     proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
-    wait_for(lambda: any(run.glob("4b/train/_ckpt/02-p2_ethics-*/step-000004/meta.json")), 600, proc,
-             "a P2 checkpoint")
+    wait_for(lambda: any(run.glob("4b/train/_ckpt/02-p2_ethics-*/step-000004/meta.json")), 600,
+             proc, "a P2 checkpoint")
     kill9(proc)
     assert not (run / "4b/train/02-p2_ethics/step.json").exists(), "the kill must land mid-phase"
     r = run_cli(*ARGS, f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
     again = json.loads((run / "4b/train/02-p2_ethics/step.json").read_text())
     assert again["summary"]["resumed_from_step"] >= 4
-    assert again["files"] == json.loads((ref / "4b/train/02-p2_ethics/step.json").read_text())["files"]
+    assert (
+        again["files"] == json.loads((ref / "4b/train/02-p2_ethics/step.json").read_text())["files"]
+    )
     assert again["summary"]["divergence_losses"] == s["divergence_losses"]
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_before_ray(tmp_path):
-    """Kinds that compare distributions token by token need the teachers' tokenizer to be the student's: a
-    student whose tokenizer has one token more is refused when the run is planned (no Ray, no model loaded)."""
+    """Kinds that compare distributions token by token need the teachers' tokenizer to be the
+    student's: a student whose tokenizer has one token more is refused when the run is planned (no
+    Ray, no model loaded)."""
     from transformers import AutoTokenizer
 
     from cascade.config import ConfigError
@@ -109,11 +124,14 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_ray(tmp_path):
     tok.add_tokens(["<not-in-the-teachers-vocabulary>"])
     tok.save_pretrained(other)
     for kind in ("sft", "on_policy"):
-        cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path / 'run'}", f"curriculum.2.kind={kind}"])
+        cfg = compose(["+stage=4b", "models=tiny", f"run_dir={tmp_path / 'run'}",
+                       f"curriculum.2.kind={kind}"])
         cfg.stages["4b"].model = str(other)
         if kind == "sft":  # text: any tokenizer
             build_graph(cfg)
             continue
-        with pytest.raises(ConfigError, match="p2_ethics \\(kind on_policy\\) compares .* teacher 1b .* different "
+        with pytest.raises(ConfigError,
+                           match="p2_ethics \\(kind on_policy\\) compares .* teacher 1b .* "
+                                 "different "
                                               "tokenizers"):
             build_graph(cfg)

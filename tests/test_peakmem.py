@@ -1,4 +1,5 @@
-"""The benchmarks' peak-memory sampler: a child's peak is seen even after it has freed it, by its kind."""
+"""The benchmarks' peak-memory sampler: a child's peak is seen even after it has freed it, by its
+kind."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from cascade.peakmem import PeakMemory
 
 
 def test_a_childs_peak_is_kept_by_kind():
-    grow = "import time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); del b; time.sleep(1.5)"
+    grow = ("import time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); del b; "
+            "time.sleep(1.5)")
     with PeakMemory(every=0.1) as peak:
         subprocess.run([sys.executable, "-c", grow], check=True)
     mb = peak.megabytes()

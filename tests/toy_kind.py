@@ -1,8 +1,10 @@
 """A phase kind that exists only for tests/test_phase_kinds.py: one module, one conf file
-(tests/conf/curriculum/toy.yaml) and its test, with nothing else in the project edited, is all a new kind takes.
+(tests/conf/curriculum/toy.yaml) and its test, with nothing else in the project edited, is all a new
+kind takes.
 
-It learns only the first `first` tokens of each answer (its own encoding), at `scale` x the mean cross-entropy
-(its own loss), and records the unscaled figure at every step (its own metric, kept in mid-phase checkpoints).
+It learns only the first `first` tokens of each answer (its own encoding), at `scale` x the mean
+cross-entropy (its own loss), and records the unscaled figure at every step (its own metric, kept in
+mid-phase checkpoints).
 """
 
 from __future__ import annotations

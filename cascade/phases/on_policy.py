@@ -1,29 +1,34 @@
-"""Phase kind `on_policy`: on-policy distillation. At every optimizer step the student (base + its adapter as it
-stands) samples `samples_per_prompt` answers to each prompt of the micro-batch; each of the stage's teachers scores
-every token of those answers from its own prompt (`teacher_context`: as it answered in generation, which is the
-kernel in context when the root teacher is built; `kernel`: the kernel in every teacher's context; `none`); the
-loss is the generalized JSD (`beta`: 0 forward KL, 1 reverse KL, TRL's GKD convention) between the student's and
-each teacher's distribution over the teacher's top-k and the tail (cascade/divergence.py), teachers weighted as in
+"""Phase kind `on_policy`: on-policy distillation. At every optimizer step the student (base + its
+adapter as it stands) samples `samples_per_prompt` answers to each prompt of the micro-batch; each
+of the stage's teachers scores every token of those answers from its own prompt (`teacher_context`:
+as it answered in generation, which is the kernel in context when the root teacher is built;
+`kernel`: the kernel in every teacher's context; `none`); the loss is the generalized JSD (`beta`: 0
+forward KL, 1 reverse KL, TRL's GKD convention) between the student's and each teacher's
+distribution over the teacher's top-k and the tail (cascade/divergence.py), teachers weighted as in
 generation, plus `sft_weight` x the sft loss on the teachers' own answers.
 
     python -m cascade +stage=4b models=tiny curriculum.2.kind=on_policy
     curriculum: [..., {name: p2_ethics, data: ethics, iters: 100, kind: on_policy,
                        options: {beta: 1.0, samples_per_prompt: 2, teacher_context: kernel}}]
 
-This is the seed's idea (the kernel seen by the teacher and not by the student) done on the student's own
-distribution: what TRL's GKD trainer, verl's and OpenRLHF's on-policy distillation do within one model pair.
+This is the seed's idea (the kernel seen by the teacher and not by the student) done on the
+student's own distribution: what TRL's GKD trainer, verl's and OpenRLHF's on-policy distillation do
+within one model pair.
 
-- Rollouts run in the training worker, with transformers (the worker already holds the student); each teacher is
-  loaded once per phase into the worker (hf forward, temperature 1). A teacher's temperature other than 1 is
-  refused: vLLM applies none to prompt log-probabilities, so no engine could score at another one alike.
-- Exactly once: each micro-step's rollouts and scores are written (atomically, one file per micro-step and rank,
-  under the phase's checkpoint directory, named by what determines them: the phase's key, the step, the
-  micro-batch, the rank and the world) before the optimizer step uses them; a resumed phase reads them instead of
-  sampling again. Sampling is seeded by (seed, phase, step, micro-batch, rank), so a file lost is made again alike.
-- The student's and the teachers' vocabularies are compared up to the shared tokenizer's length: Gemma 3 4B+'s
-  padded rows past it are dropped (the teachers must share the student's tokenizer: curation checks the hashes).
-- Not with train.strategy=fsdp (the student samples from its whole weights); train.packing does not apply (each
-  row is one prompt and one sample).
+- Rollouts run in the training worker, with transformers (the worker already holds the student);
+  each teacher is loaded once per phase into the worker (hf forward, temperature 1). A teacher's
+  temperature other than 1 is refused: vLLM applies none to prompt log-probabilities, so no engine
+  could score at another one alike.
+- Exactly once: each micro-step's rollouts and scores are written (atomically, one file per
+  micro-step and rank, under the phase's checkpoint directory, named by what determines them: the
+  phase's key, the step, the micro-batch, the rank and the world) before the optimizer step uses
+  them; a resumed phase reads them instead of sampling again. Sampling is seeded by (seed, phase,
+  step, micro-batch, rank), so a file lost is made again alike.
+- The student's and the teachers' vocabularies are compared up to the shared tokenizer's length:
+  Gemma 3 4B+'s padded rows past it are dropped (the teachers must share the student's tokenizer:
+  curation checks the hashes).
+- Not with train.strategy=fsdp (the student samples from its whole weights); train.packing does not
+  apply (each row is one prompt and one sample).
 """
 
 from __future__ import annotations
@@ -62,15 +67,18 @@ class Options:
         number(f"{where}.sft_weight", self.sft_weight, 0)
         number(f"{where}.temperature", self.temperature, 0, lo_open=True)
         if self.teacher_context not in CONTEXTS:
-            fail(f"{where}.teacher_context: {self.teacher_context!r} is not one of {', '.join(CONTEXTS)}")
+            fail(f"{where}.teacher_context: {self.teacher_context!r} is not one of "
+                 f"{', '.join(CONTEXTS)}")
         if self.teacher_temperature != 1.0:
-            fail(f"{where}.teacher_temperature: only 1.0 (the teachers score at temperature 1: vLLM applies no "
-                 f"temperature to prompt log-probabilities, so no backend could score at {self.teacher_temperature})")
+            fail(f"{where}.teacher_temperature: only 1.0 (the teachers score at temperature 1: "
+                 "vLLM applies no temperature to prompt log-probabilities, so no backend could "
+                 f"score at {self.teacher_temperature})")
 
 
 def check(opts: Options, cfg: Any, where: str) -> None:
     if cfg.train.strategy == "fsdp":
-        fail(f"{where}: kind on_policy samples from the student's whole weights: not with train.strategy=fsdp")
+        fail(f"{where}: kind on_policy samples from the student's whole weights: not with "
+             "train.strategy=fsdp")
 
 
 def uses_kernel(opts: Options) -> bool:
@@ -79,15 +87,17 @@ def uses_kernel(opts: Options) -> bool:
 
 
 def encode(opts: Options, tok: Any, rec: dict, max_len: int, read: Any) -> dict:
-    """The teacher's answer (for sft_weight) and the prompt's turns (the student samples its own answer)."""
+    """The teacher's answer (for sft_weight) and the prompt's turns (the student samples its own
+    answer)."""
     return {**sft.encode(opts, tok, rec, max_len, read), "messages": rec["messages"]}
 
 
-# -- per micro-step: the student's samples and the teachers' scores ------------------------------------------------
+# -- per micro-step: the student's samples and the teachers' scores --------------------------------
 def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int) -> dict:
-    """The micro-batch the loss takes (this worker's rows of it, `tr` its PhaseTrainer): each prompt with
-    `samples_per_prompt` of the student's answers, every answer token with each teacher's top-k; read back when
-    this micro-step's rollouts were written before (a resumed phase), else made and written first."""
+    """The micro-batch the loss takes (this worker's rows of it, `tr` its PhaseTrainer): each prompt
+    with `samples_per_prompt` of the student's answers, every answer token with each teacher's
+    top-k; read back when this micro-step's rollouts were written before (a resumed phase), else
+    made and written first."""
     import torch
     from safetensors.torch import load as st_load
 
@@ -102,12 +112,16 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
         tr.rd.write_bytes(path, data)
     r = st_load(data)  # answers [B, L] (-1 after each), ids and logprobs [teachers, B, L, k]
     prompts = [prompt_ids(tr.tok, e["messages"]) for e in examples for _ in range(n)]
-    answers = [a[: int(m)] for a, m in zip(r["answers"].tolist(), r["lengths"].tolist(), strict=True)]
-    seqs = [[{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a}] for p, a in zip(prompts, answers)]
+    answers = [a[: int(m)] for a,
+               m in zip(r["answers"].tolist(), r["lengths"].tolist(), strict=True)]
+    seqs = [[{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a}] for p,
+            a in zip(prompts, answers)]
     out = tr.collate(seqs)
     width, (t, _, _, k) = out["input_ids"].shape[1], r["ids"].shape
-    ids, lp = torch.zeros((t, len(seqs), width, k), dtype=torch.long), torch.zeros((t, len(seqs), width, k))
-    for b, (p, a) in enumerate(zip(prompts, answers)):  # position j holds the distribution of token j
+    ids, lp = torch.zeros((t, len(seqs), width, k),
+                          dtype=torch.long), torch.zeros((t, len(seqs), width, k))
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        # position j holds the distribution of token j
         ids[:, b, len(p) : len(p) + len(a)] = r["ids"][:, b, : len(a)].long()
         lp[:, b, len(p) : len(p) + len(a)] = r["logprobs"][:, b, : len(a)]
     out.update(teacher_ids=ids.to(tr.device), teacher_lp=lp.to(tr.device), vocab=len(tr.tok),
@@ -118,40 +132,47 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
 
 
 def _rollouts(opts: Options, tr: Any, examples: list[dict], step: int, micro: int) -> bytes:
-    """The student's samples (seeded by seed, phase, step, micro-batch and rank; its adapter as it stands, in eval
-    mode) and the teachers' scores of them, as safetensors bytes."""
+    """The student's samples (seeded by seed, phase, step, micro-batch and rank; its adapter as it
+    stands, in eval mode) and the teachers' scores of them, as safetensors bytes."""
     import torch
     from safetensors.torch import save
 
     student = tr.model.module if hasattr(tr.model, "module") else tr.model
-    seed = int.from_bytes(hashlib.sha256(f"{tr.seed}/{step}/{micro}/{tr.rank}".encode()).digest()[:4], "big")
+    seed = int.from_bytes(
+        hashlib.sha256(f"{tr.seed}/{step}/{micro}/{tr.rank}".encode()).digest()[:4], "big"
+    )
     answers: list[list[int]] = []
     student.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[tr.device] if tr.device.type == "cuda" else []):
+        devices = [tr.device] if tr.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for e in examples:
                 p = prompt_ids(tr.tok, e["messages"])
-                answers += _sample(opts, tr, student, p, min(opts.max_new_tokens, tr.t.max_seq_len - len(p)))
+                answers += _sample(opts, tr, student, p,
+                                   min(opts.max_new_tokens, tr.t.max_seq_len - len(p)))
     finally:
         student.train()
     longest = max(len(a) for a in answers)
     padded = torch.tensor([a + [-1] * (longest - len(a)) for a in answers], dtype=torch.int32)
     ids, lp = _score(opts, tr, examples, answers, longest)
-    return save({"answers": padded, "lengths": torch.tensor([len(a) for a in answers], dtype=torch.int32),
+    return save({"answers": padded,
+                 "lengths": torch.tensor([len(a) for a in answers], dtype=torch.int32),
                  "ids": ids, "logprobs": lp})
 
 
-def _sample(opts: Options, tr: Any, student: Any, prompt: list[int], max_new: int) -> list[list[int]]:
-    """`samples_per_prompt` answers to one prompt, each up to and including its stop token (or max_new long);
-    the padded rows of an embedding past the shared vocabulary are never sampled."""
+def _sample(opts: Options, tr: Any, student: Any, prompt: list[int],
+            max_new: int) -> list[list[int]]:
+    """`samples_per_prompt` answers to one prompt, each up to and including its stop token (or
+    max_new long); the padded rows of an embedding past the shared vocabulary are never sampled."""
     import torch
     from transformers import GenerationConfig
 
     from cascade.chat import stop_token_ids
 
     stops, rows = stop_token_ids(tr.tok), student.get_output_embeddings().weight.shape[0]
-    gen = GenerationConfig(do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0, max_new_tokens=max_new,
+    gen = GenerationConfig(do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
+                           max_new_tokens=max_new,
                            eos_token_id=stops, pad_token_id=tr.tok.pad_token_id,
                            suppress_tokens=list(range(len(tr.tok), rows)) or None)
     x = torch.tensor([prompt] * opts.samples_per_prompt, device=tr.device)
@@ -163,9 +184,11 @@ def _sample(opts: Options, tr: Any, student: Any, prompt: list[int], max_new: in
     return answers
 
 
-def _score(opts: Options, tr: Any, examples: list[dict], answers: list[list[int]], longest: int) -> tuple[Any, Any]:
-    """Each teacher's top-k log-probabilities (temperature 1, over the shared vocabulary) at every answer token,
-    from its own prompt: ([teachers, B, longest, k] int32 ids, float32 log-probs; zeros past an answer's end)."""
+def _score(opts: Options, tr: Any, examples: list[dict], answers: list[list[int]],
+           longest: int) -> tuple[Any, Any]:
+    """Each teacher's top-k log-probabilities (temperature 1, over the shared vocabulary) at every
+    answer token, from its own prompt: ([teachers, B, longest, k] int32 ids, float32 log-probs;
+    zeros past an answer's end)."""
     import torch
 
     teachers, n, vocab = _teachers(opts, tr), opts.samples_per_prompt, len(tr.tok)
@@ -175,15 +198,17 @@ def _score(opts: Options, tr: Any, examples: list[dict], answers: list[list[int]
         for t, (model, _, system) in enumerate(teachers):
             for b, a in enumerate(answers):
                 p = prompt_ids(tr.tok, examples[b // n]["messages"], system)
-                logits = model(input_ids=torch.tensor([p + a], device=tr.device)).logits[0, len(p) - 1 : -1]
+                logits = model(input_ids=torch.tensor([p + a], device=tr.device)).logits[
+                    0, len(p) - 1 : -1
+                ]
                 top = torch.log_softmax(logits[:, :vocab].float(), dim=-1).topk(opts.top_k, dim=-1)
                 ids[t, b, : len(a)], lp[t, b, : len(a)] = top.indices.int().cpu(), top.values.cpu()
     return ids, lp
 
 
 def _teachers(opts: Options, tr: Any) -> list[tuple[Any, float, str | None]]:
-    """The stage's teachers as (model, weight, context), each loaded once per phase on this worker; a teacher whose
-    tokenizer is not the student's refused."""
+    """The stage's teachers as (model, weight, context), each loaded once per phase on this worker;
+    a teacher whose tokenizer is not the student's refused."""
     if getattr(tr, "teachers", None) is None:
         from transformers import AutoTokenizer
 
@@ -192,35 +217,48 @@ def _teachers(opts: Options, tr: Any) -> list[tuple[Any, float, str | None]]:
         from cascade.storage import local_model
 
         if not tr.job.teachers:
-            raise ValueError(f"{tr.ph.model.name}: kind on_policy needs the stage's teachers; this stage has none")
+            raise ValueError(f"{tr.ph.model.name}: kind on_policy needs the stage's teachers; this "
+                             "stage has none")
         tr.teachers, ours = [], vocab_hash(tr.tok)
         for t in tr.job.teachers:
             path = local_model(t.model)
-            theirs = vocab_hash(AutoTokenizer.from_pretrained(path, revision=t.revision,
-                                                              trust_remote_code=tr.job.trust_remote_code))
+            theirs = vocab_hash(
+                AutoTokenizer.from_pretrained(path, revision=t.revision,
+                                              trust_remote_code=tr.job.trust_remote_code)
+            )
             if theirs != ours:
-                raise ValueError(f"teacher {t.name}'s tokenizer is not the student's ({theirs} != {ours}): kind "
+                raise ValueError(f"teacher {t.name}'s tokenizer is not the student's ({theirs} != "
+                                 f"{ours}): kind "
                                  f"on_policy compares their distributions token by token")
-            model = load_model(path, t.revision, tr.dtype, tr.job.trust_remote_code).to(tr.device).eval()
-            context = {"teacher": t.system, "kernel": tr.job.kernel, "none": None}[opts.teacher_context]
+            model = (
+                load_model(path, t.revision, tr.dtype, tr.job.trust_remote_code)
+                .to(tr.device)
+                .eval()
+            )
+            context = {"teacher": t.system, "kernel": tr.job.kernel, "none": None}[
+                opts.teacher_context
+            ]
             tr.teachers.append((model, t.weight, context))
     return tr.teachers
 
 
-# -- the loss ------------------------------------------------------------------------------------------------------
+# -- the loss --------------------------------------------------------------------------------------
 def loss(opts: Options, model: Any, batch: dict) -> tuple[Any, dict[str, float]]:
-    """The weighted mean over teachers of the generalized JSD per answer token (+ sft_weight x the sft loss)."""
+    """The weighted mean over teachers of the generalized JSD per answer token (+ sft_weight x the
+    sft loss)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
     from cascade.modeling import LOSS_CHUNK, response_hidden, response_nll
 
     h, keep, w, cap, zero = response_hidden(model, batch)
-    ids, lp = batch["teacher_ids"][:, :, 1:][:, keep], batch["teacher_lp"][:, :, 1:][:, keep]  # [teachers, N, k]
+    # [teachers, N, k]
+    ids, lp = batch["teacher_ids"][:, :, 1:][:, keep], batch["teacher_lp"][:, :, 1:][:, keep]
     total, args = zero.float(), (w, cap, batch["weights"], batch["vocab"], opts.beta)
     for i in range(0, h.shape[0], LOSS_CHUNK):
         part = (h[i : i + LOSS_CHUNK], ids[:, i : i + LOSS_CHUNK], lp[:, i : i + LOSS_CHUNK], *args)
-        total = total + (checkpoint(_chunk_jsd, *part, use_reentrant=False) if torch.is_grad_enabled()
+        total = total + (checkpoint(_chunk_jsd, *part, use_reentrant=False)
+                         if torch.is_grad_enabled()
                          else _chunk_jsd(*part))
     div = total / max(1, h.shape[0])
     out = div
@@ -230,8 +268,8 @@ def loss(opts: Options, model: Any, batch: dict) -> tuple[Any, dict[str, float]]
     return out, {"divergence": div.item(), "sample_tokens": float(h.shape[0])}
 
 
-def _chunk_jsd(h: Any, ids: Any, lp: Any, w: Any, cap: float | None, weights: list[float], vocab: int,
-               beta: float) -> Any:
+def _chunk_jsd(h: Any, ids: Any, lp: Any, w: Any, cap: float | None, weights: list[float],
+               vocab: int, beta: float) -> Any:
     """Sum over the chunk's positions of the teachers' weighted mean generalized JSD."""
 
     from cascade.divergence import generalized_jsd, top_k_outcomes
@@ -246,9 +284,9 @@ def _chunk_jsd(h: Any, ids: Any, lp: Any, w: Any, cap: float | None, weights: li
 
 
 def cost(opts: Options, train: Any, iters: int) -> dict[str, int]:
-    """Training: a forward and backward over each sample's slots (+ the sft rows' when sft_weight); rollouts: every
-    sample's new tokens decoded by the student; scoring: one forward of each teacher over every sample (counted
-    per teacher by the planner's rate: here per sample)."""
+    """Training: a forward and backward over each sample's slots (+ the sft rows' when sft_weight);
+    rollouts: every sample's new tokens decoded by the student; scoring: one forward of each teacher
+    over every sample (counted per teacher by the planner's rate: here per sample)."""
     prompts = iters * train.batch_size * train.grad_accum
     samples = prompts * opts.samples_per_prompt
     slots = samples * train.max_seq_len + (prompts * train.max_seq_len if opts.sft_weight else 0)

@@ -1,4 +1,5 @@
-"""Phase kind `sft` (the default, the seed's recipe): cross-entropy on the teachers' answers, prompt tokens masked.
+"""Phase kind `sft` (the default, the seed's recipe): cross-entropy on the teachers' answers, prompt
+tokens masked.
 
     curriculum: [{name: p0_ethics, data: ethics, iters: 300, lr: 1.0e-4}]    # kind: sft
 """

@@ -1,4 +1,5 @@
-"""Scoring of cascade's offline lm-evaluation-harness tasks (loaded by the harness from this directory)."""
+"""Scoring of cascade's offline lm-evaluation-harness tasks (loaded by the harness from this
+directory)."""
 
 from __future__ import annotations
 
@@ -20,18 +21,15 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[A-Za-z0-9']+", text)
 
 
-CHECKS = {
-    "lowercase": lambda t, a: t == t.lower() and any(c.isalpha() for c in t),
-    "uppercase": lambda t, a: t == t.upper() and any(c.isalpha() for c in t),
-    "max_words": lambda t, a: 0 < len(_words(t)) < a["n"],
-    "min_words": lambda t, a: len(_words(t)) >= a["n"],
-    "include": lambda t, a: a["word"].lower() in (w.lower() for w in _words(t)),
-    "exclude": lambda t, a: a["word"].lower() not in (w.lower() for w in _words(t)),
-    "no_commas": lambda t, a: "," not in t and bool(t),
-    "ends_with": lambda t, a: t.rstrip().endswith(a["text"]),
-    "starts_with": lambda t, a: t.lstrip().startswith(a["text"]),
-    "quoted": lambda t, a: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"',
-}
+CHECKS = {"lowercase": lambda t, a: t == t.lower() and any(c.isalpha() for c in t),
+          "uppercase": lambda t, a: t == t.upper() and any(c.isalpha() for c in t),
+          "max_words": lambda t, a: 0 < len(_words(t)) < a["n"], "min_words": lambda t,
+          a: len(_words(t)) >= a["n"], "include": lambda t,
+          a: a["word"].lower() in (w.lower() for w in _words(t)), "exclude": lambda t,
+          a: a["word"].lower() not in (w.lower() for w in _words(t)), "no_commas": lambda t,
+          a: "," not in t and bool(t), "ends_with": lambda t, a: t.rstrip().endswith(a["text"]),
+          "starts_with": lambda t, a: t.lstrip().startswith(a["text"]), "quoted": lambda t,
+          a: len(t.strip()) > 1 and t.strip()[0] == '"' and t.strip()[-1] == '"'}
 
 
 def format_results(doc: dict, results: list[str]) -> dict:
