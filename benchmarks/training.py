@@ -1,8 +1,7 @@
 """Training: the Ray Train phase loop vs a bare PEFT loop and vs TRL's SFTTrainer, packing
 efficiency, resume time.
 
-    .venv/bin/python benchmarks/training.py          # ~8 minutes on 2 CPU cores, tiny preset
-    (--rounds 3)
+    .venv/bin/python benchmarks/training.py  # ~8 minutes on 2 CPU cores, tiny preset (--rounds 3)
 
 1. One LoRA phase on the tiny 27b student (the largest tiny model) over the project's prompts and
    reference answers, every trainer on the same threads (the CPUs a worker gets:

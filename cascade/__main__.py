@@ -1,13 +1,13 @@
 """Entry point: compose the Hydra config, turn it into typed dataclasses, hand it to the driver.
 
-    python -m cascade +stage=4b models=tiny python -m cascade +stage=27b
-    run_dir=s3://my-bucket/cascade cluster=multinode   # or a shared path python -m cascade --help |
-    --cfg job python -m cascade serve +stage=4b release.enabled=true     # sub-commands come first
-    (cascade/serve.py, python -m cascade harness +stage=4b release.enabled=true   #
-    cascade/harness.py) python -m cascade status +stage=4b [--json]                # the run's state
-    (cascade/status.py) python -m cascade report +stage=4b                         #
-    <run_dir>/report/index.html (cascade/report.py) python -m cascade +stage=27b plan=true [--json]
-    # what it needs and takes (cascade/plan.py)
+    python -m cascade +stage=4b models=tiny
+    python -m cascade +stage=27b run_dir=s3://bucket/cascade cluster=multinode  # or a shared path
+    python -m cascade --help | --cfg job
+    python -m cascade serve +stage=4b release.enabled=true    # sub-commands come first
+    python -m cascade harness +stage=4b release.enabled=true  # (cascade/serve.py, harness.py)
+    python -m cascade status +stage=4b [--json]               # the run's state (cascade/status.py)
+    python -m cascade report +stage=4b          # <run_dir>/report/index.html (cascade/report.py)
+    python -m cascade +stage=27b plan=true [--json]   # what it needs and takes (cascade/plan.py)
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def shipped_configs() -> dict[str, dict]:
 
 def model_config(cfg: Config, stage: str) -> dict:
     """A stage's base model's config.json, with no weights and no network."""
-    from cascade.graph import model_identity
+    from cascade.models import model_identity
 
     model = cfg.stages[stage].model
     if model.startswith("gemma3-270m:"):

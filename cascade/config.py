@@ -108,7 +108,7 @@ class GenerationConfig:
     n_samples: int = 1  # responses per prompt and teacher
     # store the top-k log-probabilities of every response token (logit distillation); 0: none
     logprobs: int = 0
-    # prompts per shard, the unit of commit and retry; 0: auto (driver.shard_size_for)
+    # prompts per shard, the unit of commit and retry; 0: auto (cascade.graph.shard_size_for)
     shard_size: int = 0
     replicas: int = 1  # generation actors per teacher
     # shards each replica holds at once: vllm batches the next shards' prompts into the slots a

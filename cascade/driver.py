@@ -1,8 +1,7 @@
 """The single controller: plan every step of the cascade (cascade/graph.py), then run each step not
 yet committed.
 
-    python -m cascade +stage=4b models=tiny      # plans 1b -> 4b, runs what is missing, skips the
-    rest
+    python -m cascade +stage=4b models=tiny  # plans 1b -> 4b, runs what is missing, skips the rest
 
 Per stage, as in the seed's cascade table:
 

@@ -1,11 +1,10 @@
 """Failpoints for fault tests: the process dies (os._exit(137), as under kill -9) at a named point
 of a write, or the write fails as on a full disk.
 
-    CASCADE_FAILPOINT=commit:3 python -m cascade +stage=4b models=tiny    # dies at the 3rd commit
-    of this process CASCADE_FAILPOINT=checkpoint:1@/tmp/once ...                          # once:
-    not again after /tmp/once exists CASCADE_FAILPOINT=write:7!enospc ...
-    # the 7th write fails: no space left CASCADE_FAILPOINT=fuse:1!corrupt ...
-    # the 1st fused model saved is damaged
+    CASCADE_FAILPOINT=commit:3 python -m cascade +stage=4b models=tiny  # dies at the 3rd commit
+    CASCADE_FAILPOINT=checkpoint:1@/tmp/once ...  # once: not again after /tmp/once exists
+    CASCADE_FAILPOINT=write:7!enospc ...          # the 7th write fails: no space left
+    CASCADE_FAILPOINT=fuse:1!corrupt ...          # the 1st fused model saved is damaged
 
 Points: write (a file written, before its rename), commit (a step's files in place, before its
 commit), manifest (before the manifest is rewritten), checkpoint (a checkpoint written, before its

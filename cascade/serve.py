@@ -1,9 +1,10 @@
 """`python -m cascade serve`: an OpenAI-compatible server on 127.0.0.1 for a stage's released model.
 
-    python -m cascade serve +stage=4b models=tiny release.enabled=true                    # vLLM:
-    release/hf/ python -m cascade serve +stage=4b models=tiny release.enabled=true
-    serve.engine=llamacpp serve.gguf=Q4_K_M CASCADE_API_KEY=... python -m cascade serve ...      #
-    requests then need `Authorization: Bearer <key>`
+    python -m cascade serve +stage=4b models=tiny release.enabled=true  # vLLM: release/hf/
+    python -m cascade serve +stage=4b models=tiny release.enabled=true serve.engine=llamacpp \
+        serve.gguf=Q4_K_M
+    # requests then need `Authorization: Bearer <key>`
+    CASCADE_API_KEY=... python -m cascade serve ...
 
 Give the same run_dir and overrides as the run that made the release: the plan's key names which
 release is meant, and a stage whose release is not committed is refused with the command that makes

@@ -48,6 +48,17 @@ def write_sentencepiece(model_dir: str | Path) -> Path:
     return out
 
 
+def _piece_type(pb: Any, piece: str, added: dict | None, unk: str) -> int:
+    kind = pb.ModelProto.SentencePiece
+    if piece == unk:
+        return kind.UNKNOWN
+    if added is not None:
+        return kind.CONTROL if added.get("special") else kind.USER_DEFINED
+    if _BYTE.match(piece):
+        return kind.BYTE
+    return kind.NORMAL if piece else kind.UNUSED
+
+
 def _proto(m: dict, added_tokens: list[dict]) -> Any:
     """The SentencePiece ModelProto of a tokenizer.json's BPE model (m) and its added tokens."""
     from sentencepiece import sentencepiece_model_pb2 as pb
@@ -69,21 +80,11 @@ def _proto(m: dict, added_tokens: list[dict]) -> Any:
     for i, piece in enumerate(pieces):
         p = proto.pieces.add()
         p.piece = piece or f"<unused-id-{i}>"
-        if piece == unk:
-            p.type = pb.ModelProto.SentencePiece.UNKNOWN
-        elif i in added:
-            p.type = (pb.ModelProto.SentencePiece.CONTROL if added[i].get("special")
-                      else pb.ModelProto.SentencePiece.USER_DEFINED)
-        elif _BYTE.match(piece):
-            p.type = pb.ModelProto.SentencePiece.BYTE
-        elif not piece:
-            p.type = pb.ModelProto.SentencePiece.UNUSED
-        else:
-            p.type = pb.ModelProto.SentencePiece.NORMAL
+        p.type = _piece_type(pb, piece, added.get(i), unk)
         # SentencePiece's BPE merges the adjacent pair whose joined piece scores highest: the merge
         # rank, negated
-        p.score = (-float(rank.get(piece, len(m["merges"]) + i)) if p.type == p.NORMAL
-                   and len(piece) > 1 else 0.0)
+        last = len(m["merges"]) + i
+        p.score = -float(rank.get(piece, last)) if p.type == p.NORMAL and len(piece) > 1 else 0.0
     ids = {t["content"]: i for i, t in added.items()}
     ts = proto.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE

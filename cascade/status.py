@@ -1,8 +1,7 @@
 """`python -m cascade status +stage=4b [--json]`: where a run stands, read-only, from any machine
 that can read its run directory (a filesystem or an object store), while it runs or after.
 
-    python -m cascade status +stage=27b run_dir=s3://bucket/cascade          # the same overrides as
-    the run
+    python -m cascade status +stage=27b run_dir=s3://bucket/cascade  # the same overrides as the run
 
 One row per planned step of the target (cascade.graph: the keys a re-run would use): its state -
 done (committed with this key), running (the manifest says so and the run's driver is alive:

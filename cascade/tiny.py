@@ -10,8 +10,8 @@ questions and answers, like base models that can hold a conversation but have ne
 answered, so that what they learn of them comes from their teachers. Models are cached under
 models.cache_dir keyed by everything that determines them; a build commits by rename.
 
-    python -c "from cascade.tiny import main; main()"      # build the tiny preset into the cache,
-    print paths
+    # build the tiny preset into the cache, print paths
+    python -c "from cascade.tiny import main; main()"
 """
 
 from __future__ import annotations

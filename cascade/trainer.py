@@ -75,30 +75,13 @@ def train_loop_per_worker(config: dict) -> None:
                                         trust_remote_code=job.trust_remote_code)
     device = ray.train.torch.get_device()
     for ph in job.phases:
-        if stop_requested(rd, device):
+        if preemption.stop_requested(rd, device):
             return
         if not rd.committed(ph.model):  # a phase committed before a worker restart is not redone
             trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision)
             if not trainer.steps() or not trainer.finish():
                 return
         model_path, revision = local_model(ph.model.path), None
-
-
-def stop_requested(rd: RunDir, device: Any) -> bool:
-    """Whether the driver was pre-empted (cascade/preemption.py), agreed by every rank."""
-    return agreed(device, preemption.requested(rd))[0]
-
-
-def agreed(device: Any, *flags: bool) -> list[bool]:
-    """Flags as every rank sees them: each the max over ranks (one all_reduce for all of them)."""
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([int(f) for f in flags], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(x) for x in t.tolist()]
-    return list(flags)
 
 
 # Ray's pre-emption notice is asked for at most this often (rank 0's clock, agreed with the stop
@@ -164,8 +147,9 @@ class PhaseTrainer:
         from cascade.packing import DataOrder, pack
 
         split = self.rd.dataset_file(self.job.stage, self.ph.name, "train")
-        self.examples, self.too_long = load_examples(self.rd, split, self.tok, self.t.max_seq_len,
-                                                     self.kind, self.opts)
+        self.examples, self.too_long = phases.load_examples(self.rd, split, self.tok,
+                                                            self.t.max_seq_len, self.kind,
+                                                            self.opts)
         if not self.examples:
             raise ValueError(f"{split}: no example has a response token within train.max_seq_len="
                              f"{self.t.max_seq_len} ({self.too_long} dropped): raise it, or "
@@ -230,8 +214,8 @@ class PhaseTrainer:
                           self.real * self.world)
             last = step + 1 == self.ph.iters
             due = self.rank == 0 and not self.noticed and time.time() - self.asked >= NOTICE_EVERY_S
-            stop, ask = agreed(self.device, not last and preemption.requested(self.rd),
-                               not last and due)
+            stop, ask = preemption.agreed(self.device, not last and preemption.requested(self.rd),
+                                          not last and due)
             # after Ray's notice, a checkpoint at every step until the node goes: at most one step
             # is redone
             notice = not stop and not last and (self.noticed
@@ -304,8 +288,8 @@ class PhaseTrainer:
             model = self._gathered()
         if self.rank == 0:
             heldout = self.rd.dataset_file(self.job.stage, self.ph.name, "heldout")
-            probe = load_examples(self.rd, heldout, self.tok, self.t.max_seq_len, self.kind,
-                                  self.opts)[0]
+            probe = phases.load_examples(self.rd, heldout, self.tok, self.t.max_seq_len,
+                                         self.kind, self.opts)[0]
             probe = probe or self.examples
             try:
                 self._fuse_and_commit(model, summary, probe)
@@ -313,7 +297,8 @@ class PhaseTrainer:
                 log.error("%s: %s", self.ph.model.name, e)
                 error = f"{self.ph.model.name}: {e}"
                 self.rd.write_json(failure_file(self.rd, self.job.stage), {"error": error})
-        failed = agreed(self.device, bool(error))[0]  # also the barrier after rank 0's commit
+        # also the barrier after rank 0's commit
+        failed = preemption.agreed(self.device, bool(error))[0]
         ray.train.report({"phase": self.ph.index, "loss": self.losses[-1],
                           "tokens_per_s": summary["tokens_per_s"]})
         return not failed
@@ -345,24 +330,6 @@ class PhaseTrainer:
         summary["fusion"] = fuse(peft_model, self.tok, probe, self.rd.as_local(staging))
         summary["fusion_max_abs_logit_diff"] = summary["fusion"]["max_abs_logit_diff"]
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
-
-
-def load_examples(rd: RunDir, path: str, tok: Any, max_len: int, kind: Any,
-                  opts: Any) -> tuple[list[dict], int]:
-    """A dataset file's records encoded for training by the phase's kind ([] when the file does not
-    exist), and how many were dropped for having no response token within max_len."""
-    from cascade.chat import IGNORE_INDEX
-    from cascade.logprobs import Reader
-
-    read = Reader(rd.read_bytes)
-    out = [kind.encode(opts, tok, r, max_len, read) for r in rd.read_jsonl(path)]
-    # a prompt as long as max_seq_len leaves no response token to learn from: dropped, counted
-    kept = [e for e in out if any(x != IGNORE_INDEX for x in e["labels"])]
-    if len(kept) < len(out):
-        log.warning("%s: %d of %d examples dropped: their prompt fills train.max_seq_len=%d, no "
-                    "response token "
-                    "is left to train on", path, len(out) - len(kept), len(out), max_len)
-    return kept, len(out) - len(kept)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

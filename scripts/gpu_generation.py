@@ -1,8 +1,8 @@
 """GPU check of the generation step (one device run): vLLM replica actor vs bare vLLM, and TP
 placement.
 
-    python scripts/gpu_generation.py          # on a machine with >= 1 NVIDIA GPU, vllm==0.32.0 and
-    CUDA torch
+    # on a machine with >= 1 NVIDIA GPU, vllm==0.32.0 and CUDA torch
+    python scripts/gpu_generation.py
 
 1. benchmarks/generation.py --gpu --rounds 2: orchestrated vs bare vllm.LLM.generate on the same
    prompts (tiny preset teacher; engine start excluded); PASS when ratio_vs_bare_vllm >= 0.95.

@@ -1,8 +1,7 @@
 """GPU check of the training step (one device run): Ray Train on CUDA with NCCL, DDP and FSDP,
 fusion, bf16.
 
-    python scripts/gpu_training.py        # on a machine with >= 1 NVIDIA GPU and CUDA torch (~5
-    minutes)
+    python scripts/gpu_training.py  # on a machine with >= 1 NVIDIA GPU and CUDA torch (~5 minutes)
 
 For each strategy (ddp, fsdp) runs `+stage=4b models=tiny` at smoke scale with train.use_gpu=true,
 bf16 on, and as many workers as there are GPUs (NCCL process group), then checks: the run exits 0;

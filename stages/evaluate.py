@@ -100,24 +100,8 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
     """The stage's metrics. The base student's score is before_ref's (start_before) or, without one,
     scored here with the trained student's in one task on `num_cpus` CPUs (default eval.num_cpus):
     one process, one set of imports, one model in memory at a time."""
-    import ray
-
-    records, teachers = _heldout(cfg, sp, rd), _teachers(sp)
-    if before_ref is None:
-        before, after, kl = ray.get(
-            _task(_score_both, cfg, num_cpus)
-            .options(name=f"eval/{sp.name}")
-            .remote(sp.base_model, sp.revision, sp.final_model, records, teachers,
-                    **_score_kwargs(cfg))
-        )
-    else:
-        # the teachers read both students' answers in the "after" task: it waits for the "before"
-        # score
-        before, after, kl = ray.get(
-            _task(_score_after, cfg)
-            .options(name=f"eval/{sp.name}/after")
-            .remote(before_ref, sp.final_model, records, teachers, **_score_kwargs(cfg))
-        )
+    records = _heldout(cfg, sp, rd)
+    before, after, kl = _scores(cfg, sp, records, before_ref, num_cpus)
     metrics = {
         "stage": sp.name,
         "student": sp.final_model,
@@ -133,24 +117,37 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
         "curation": {},
         "compute_seconds": before["seconds"] + after["seconds"],
     }
+    keep = ("loss_first", "loss_last", "loss_mean_last", "steps", "tokens", "tokens_per_s",
+            "seconds", "train_seconds")
     for ph in sp.phases:
         t = rd.committed(ph.model)["summary"]
-        metrics["phases"][ph.name] = {k: t[k]
-                                      for k in ("loss_first", "loss_last", "loss_mean_last",
-                                                "steps", "tokens", "tokens_per_s", "seconds",
-                                                "train_seconds")}
+        metrics["phases"][ph.name] = {k: t[k] for k in keep}
         metrics["curation"][ph.name] = rd.committed(ph.dataset)["summary"]["counts"]
     rd.write_json(f"{staging}/metrics.json", metrics)
     sampled = (kl or {}).get("sampled") or {}
     log.info("stage %s agreement: before %.4f after %.4f; ROUGE-L before %.3f after %.3f; reverse "
-             "KL to the "
-             "teachers (sampled answers) before %.4f after %.4f", sp.name, _num(before["loglik"]),
-             _num(after["loglik"]), _num(before["rouge_l"]), _num(after["rouge_l"]),
-             _num(sampled.get("before")), _num(sampled.get("after")))
+             "KL to the teachers (sampled answers) before %.4f after %.4f", sp.name,
+             _num(before["loglik"]), _num(after["loglik"]), _num(before["rouge_l"]),
+             _num(after["rouge_l"]), _num(sampled.get("before")), _num(sampled.get("after")))
     return {"agreement_before": before["loglik"], "agreement_after": after["loglik"],
-            "records": len(records),
-            "rouge_l_before": before["rouge_l"], "rouge_l_after": after["rouge_l"],
-            "reverse_kl_before": sampled.get("before"), "reverse_kl_after": sampled.get("after")}
+            "records": len(records), "rouge_l_before": before["rouge_l"],
+            "rouge_l_after": after["rouge_l"], "reverse_kl_before": sampled.get("before"),
+            "reverse_kl_after": sampled.get("after")}
+
+
+def _scores(cfg: Config, sp: StageGraph, records: list[dict], before_ref: Any,
+            num_cpus: float | None) -> tuple[dict, dict, dict | None]:
+    """(the base student's score, the trained student's, the teachers' divergence from both)."""
+    import ray
+
+    teachers, kw = _teachers(sp), _score_kwargs(cfg)
+    if before_ref is None:
+        task = _task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}")
+        return ray.get(task.remote(sp.base_model, sp.revision, sp.final_model, records, teachers,
+                                   **kw))
+    # the teachers read both students' answers in the "after" task: it waits for the "before" score
+    task = _task(_score_after, cfg).options(name=f"eval/{sp.name}/after")
+    return ray.get(task.remote(before_ref, sp.final_model, records, teachers, **kw))
 
 
 def _num(x: float | None) -> float:

@@ -4,7 +4,8 @@
     python -m cascade serve +stage=4b                               # serves it (cascade/serve.py)
 
     <stage>/release/hf/              the fused student: safetensors, tokenizer (+ SentencePiece's
-    tokenizer.model), chat template, generation config; what transformers and vLLM load
+                                     tokenizer.model), chat template, generation config; what
+                                     transformers and vLLM load
     <stage>/release/gguf/<family>-<stage>-<TYPE>.gguf   one file per release.gguf type
     <stage>/release/README.md        the model card (hub front matter; body written from the run)
     <stage>/release/release.json     the formats table's figures and the harness's results
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cascade.card import model_card
 from cascade.config import Config
 from cascade.gguf import (EXACT_TYPES, FLOAT_TYPES, ReleaseError, compare_gguf, convert, file_name,
                           llama_cpp_mismatches, quantize, quiet_llama_cpp)
@@ -151,26 +153,32 @@ def build(staging: str, model: str, name: str, types: list[str], probes: list[di
     rows = [{"format": "safetensors", "file": "hf/", "bytes": _size(hf),
              "engines": "transformers, vLLM"}]
     for t in files:
-        check = compare_gguf(files[t], reference)
-        row = {"format": f"GGUF {t}", "file": f"gguf/{files[t].name}",
-               "bytes": files[t].stat().st_size, "engines": "llama.cpp", **check}
-        log.info("release %s %s: %d bytes, argmax agreement %.4f, KL %.2e, tokenization %s", name,
-                 t, row["bytes"],
-                 check["agreement"], check["kl"],
-                 "same" if check["tokenization_same"] else "DIFFERS")
-        if not check["tokenization_same"]:
-            raise ReleaseError(f"{files[t].name}: llama.cpp tokenizes the held-out prompts "
-                               f"differently from transformers ({check['tokenization_detail']})")
-        if t in EXACT_TYPES and check["agreement"] < min_agreement:
-            raise ReleaseError(f"{files[t].name}: next-token argmax agreement with transformers is "
-                               f"{check['agreement']:.4f} < release.min_agreement {min_agreement} "
-                               f"(KL {check['kl']:.3g}): the GGUF is not the student")
+        row = _checked(name, t, files[t], reference, min_agreement)
         if t in types:
             rows.append(row)
         else:  # the quantizer's source, not asked for
             files[t].unlink()
     rows[0]["convert_seconds"] = round(made, 1)
     return rows
+
+
+def _checked(name: str, t: str, path: Path, reference: Any, min_agreement: float) -> dict:
+    """A GGUF file's row of the formats table, compared with transformers; raises ReleaseError when
+    llama.cpp tokenizes differently, or an exact type does not reach release.min_agreement."""
+    check = compare_gguf(path, reference)
+    row = {"format": f"GGUF {t}", "file": f"gguf/{path.name}", "bytes": path.stat().st_size,
+           "engines": "llama.cpp", **check}
+    log.info("release %s %s: %d bytes, argmax agreement %.4f, KL %.2e, tokenization %s", name, t,
+             row["bytes"], check["agreement"], check["kl"],
+             "same" if check["tokenization_same"] else "DIFFERS")
+    if not check["tokenization_same"]:
+        raise ReleaseError(f"{path.name}: llama.cpp tokenizes the held-out prompts differently "
+                           f"from transformers ({check['tokenization_detail']})")
+    if t in EXACT_TYPES and check["agreement"] < min_agreement:
+        raise ReleaseError(f"{path.name}: next-token argmax agreement with transformers is "
+                           f"{check['agreement']:.4f} < release.min_agreement {min_agreement} "
+                           f"(KL {check['kl']:.3g}): the GGUF is not the student")
+    return row
 
 
 def _copy_model(src: Path, dst: Path) -> None:
@@ -214,130 +222,3 @@ def _reference(hf: Path, probes: list[dict], max_len: int, trust: bool) -> list[
 
 
 # -- the model card --------------------------------------------------------------------------------
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harness: dict,
-               prov: dict) -> str:
-    """The card, as the seed's: front matter the hub reads, then lineage, curriculum, metrics,
-    formats, quick start."""
-    m = prov["metrics"]
-    gguf = [f for f in formats if f["format"].startswith("GGUF")]
-    pick = next((f for f in gguf if "Q4_K_M" in f["file"]), gguf[0])["file"]
-    datasets = sorted({ph.data for ph in sp.phases})
-    base = cfg.stages[sp.name].model if os.path.isabs(sp.base_model) else sp.base_model
-    front = ["---", f"license: {cfg.release.license}", f"base_model: {base}",
-             "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [gemma3, distillation, lora, cascade, gguf]",
-             f"datasets: [{', '.join(datasets)}]", "---", ""]
-    lines = front + [
-        f"# {name}", "",
-        f"Stage `{sp.name}` of a teacher-student distillation cascade built by cascade: the base "
-        f"model `{cfg.stages[sp.name].model}` trained through the ethics-composure-ethics "
-        f"curriculum on the answers of {', '.join(f'`{t.name}`' for t in sp.teachers)}; every "
-        "phase a LoRA fused into the weights.", "",
-        "## Quick start", "",
-        "No system prompt needed.", "", "llama.cpp (any platform):", "", "```bash",
-        f"llama-server -m {pick} --port 8080", "# or, from the run directory's project:",
-        f"python -m cascade serve +stage={sp.name} serve.engine=llamacpp serve.port=8080", "```",
-                     "",
-        "vLLM (the `hf/` directory):", "", "```bash", "vllm serve ./hf --port 8080",
-        f"# or: python -m cascade serve +stage={sp.name} serve.engine=vllm serve.port=8080", "```",
-                     "",
-        "Any OpenAI client:", "", "```bash",
-                     "curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: "
-        "application/json' \\\n  -d "
-        f"'{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is "
-        "kindness?\"}]}'", "```", "",
-        "HuggingFace Transformers:", "", "```python",
-                     "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("./hf")',
-                     'tokenizer = AutoTokenizer.from_pretrained("./hf")',
-        'messages = [{"role": "user", "content": "What does sovereignty mean to you?"}]',
-        "inputs = tokenizer.apply_chat_template(messages, return_tensors=\"pt\", "
-        "add_generation_prompt=True, "
-        "return_dict=True)", "outputs = model.generate(**inputs, max_new_tokens=512)",
-        'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], '
-        'skip_special_tokens=True))', "```", "",
-        "## Lineage", "", "| Stage | Model | Key | Taught by |", "|---|---|---|---|",
-    ]
-    for s in prov["lineage"]:
-        lines.append(
-            f"| {s['stage']} | `{s['model']}` | `{s['key']}` | "
-            f"{', '.join(f'{t[0]} (weight {t[1]:g})' for t in s['teachers']) or 'root teacher'} |"
-        )
-    lines += _curriculum_and_evaluation(sp, m) + _harness_table(harness)
-    lines += ["", "## Available formats", "",
-              "Each GGUF was made by llama.cpp's converter and quantizer and compared with "
-              f"transformers on {prov['probes']} held-out prompts with their teachers' answers "
-              "(next-token argmax agreement, mean KL(transformers || GGUF) per position).", "",
-              "| Format | File | Size | Engines | Agreement | KL |", "|---|---|---|---|---|---|"]
-    for f in formats:
-        lines.append(f"| {f['format']} | `{f['file']}` | {_human(f['bytes'])} | {f['engines']} | "
-                     f"{_f(f.get('agreement'))} | {_f(f.get('kl'), '.2e')} |")
-    lines += ["", "## Licence", "",
-              f"Released under {cfg.release.license.upper()}. The base model is subject to its own "
-              "licence terms (Gemma 3: Google's Gemma terms).", ""]
-    return "\n".join(lines)
-
-
-def _curriculum_and_evaluation(sp: StageGraph, m: dict) -> list[str]:
-    """The card's curriculum as run (per phase: data, records, iters, lr, loss) and its evaluation
-    table."""
-    agree, text = m["agreement"], m["text_agreement"]
-    lines = ["", "## Curriculum, as run", "",
-             "| Phase | Data | Records | Iters | LR | Loss first -> last |",
-             "|---|---|---|---|---|---|"]
-    for ph in sp.phases:
-        t, c = m["phases"][ph.name], m["curation"][ph.name]
-        lines.append(f"| {ph.name} | {ph.data} | {c.get('kept', '?')} | {ph.iters} | {ph.lr:g} | "
-                     f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
-    return (
-        lines
-        + [
-            "",
-            "## Evaluation",
-            "",
-            "| Measure | Before | After |",
-            "|---|---|---|",
-            f"| {agree['metric']} ({agree['records']} held-out) | {_f(agree['before'])} | "
-            f"{_f(agree['after'])} |",
-            f"| {text['metric']} | {_f(text['before'])} | {_f(text['after'])} |",
-            "| share of greedy answers that end by themselves | "
-            f"{_f(m['self_ended']['before'])} | {_f(m['self_ended']['after'])} |",
-        ]
-        + [
-            f"| reverse KL(student \\|\\| teacher) per token, its own {how} answers (nats; "
-            f"lower = closer) | {_f(kl[how]['before'])} | {_f(kl[how]['after'])} |"
-            for kl in [m.get("reverse_kl") or {}]
-            for how in ("greedy", "sampled")
-            if how in kl
-        ]
-    )
-
-
-def _harness_table(harness: dict) -> list[str]:
-    """The lm-evaluation-harness results, one column per model scored (none: no lines)."""
-    if not harness:
-        return []
-    who = list(harness)
-    first = next(iter(harness.values()))
-    lines = ["",
-             f"EleutherAI's lm-evaluation-harness {first.get('lm_eval', '')} (greedy, chat "
-             "template; `cascade_*`: offline tasks shipped with cascade, data/harness/):", "",
-             f"| Task | Metric | {' | '.join(who)} |", "|---|---|" + "---|" * len(who)]
-    for task, r in first.get("results", {}).items():
-        for k in r:
-            vals = [_f(harness[w].get("results", {}).get(task, {}).get(k)) for w in who]
-            lines.append(f"| {task} ({first['samples'].get(task, '?')} prompts) | {k} | "
-                         f"{' | '.join(vals)} |")
-    return lines
-
-
-def _f(x: Any, fmt: str = ".4f") -> str:
-    return "-" if x is None else format(x, fmt)

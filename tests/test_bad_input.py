@@ -121,7 +121,7 @@ def test_over_long_prompts_dropped_before_generation_empty_examples_before_train
     from cascade.tiny import build_preset, preset_dir
     from stages.generate import _fitting
     from cascade import phases
-    from cascade.trainer import load_examples
+    from cascade.phases import load_examples
 
     cfg = compose(["+stage=4b", "models=tiny", "generation.max_new_tokens=64"])
     build_preset(cfg)

@@ -147,6 +147,27 @@ def test_backends_and_phase_kinds_are_rooms():
     assert not compared, compared
 
 
+def test_sizes_a_reader_can_hold():
+    """No file in cascade/ and stages/ over 350 lines, no function there over 50; no line of the
+    project's Python over 100 columns."""
+    def files(dirs: tuple[str, ...]) -> list[Path]:
+        return [p for d in dirs for p in sorted((ROOT / d).rglob("*.py"))]
+
+    big, long_functions = [], []
+    for p in files(PACKAGES):
+        text, where = p.read_text(), p.relative_to(ROOT)
+        if (n := len(text.splitlines())) > 350:
+            big.append(f"{where}: {n}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > 50:
+                    long_functions.append(f"{where}:{node.lineno} {node.name}: {n}")
+    wide = [f"{p.relative_to(ROOT)}:{i}" for p in files((*SCANNED, "tests", "scripts"))
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if len(line) > 100]
+    assert not big and not long_functions and not wide, (big, long_functions, wide[:20])
+
+
 def test_benchmarks_use_public_names_only():
     for f in sorted((ROOT / "benchmarks").glob("*.py")):
         text = f.read_text()

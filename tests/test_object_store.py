@@ -295,7 +295,7 @@ def test_a_local_models_identity_is_its_bytes_hashed_once(tmp_path, monkeypatch)
     another key, so nothing built on the old weights is reused. Their sha256 is cached by path,
     size, mtime and inode: an unchanged 27B is not hashed again at every run."""
     from cascade import storage
-    from cascade.graph import model_identity
+    from cascade.models import model_identity
 
     monkeypatch.setenv("CASCADE_CACHE", str(tmp_path / "node"))
     model = tmp_path / "my-model"

@@ -22,7 +22,7 @@ def test_a_kind_is_one_module_and_one_conf_file(tmp_path, monkeypatch):
 
     from cascade import phases
     from cascade.rundir import RunDir
-    from cascade.trainer import load_examples
+    from cascade.phases import load_examples
 
     run = tmp_path / "run"
     r = run_cli("cluster.include_dashboard=false", "+stage=4b", "models=tiny", f"run_dir={run}",

@@ -37,7 +37,7 @@ def test_parameters_of_the_tiny_preset_equal_its_weights(tiny_4b_run: Path):
     from transformers import AutoModelForCausalLM
 
     from cascade.arch import Arch, model_config
-    from cascade.graph import model_identity
+    from cascade.models import model_identity
 
     cfg = compose(ARGS)
     for stage in ("1b", "4b"):

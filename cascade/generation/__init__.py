@@ -5,17 +5,22 @@ A backend is one module, registered in BACKENDS; everything else (the schema, th
 generation step, the replica, the planner) asks it through `load` and never compares its name. The
 module declares:
 
-    Options                                  a dataclass: its settings, the config's
-    `backend.<name>` section (conf/backend/<name>.yaml), checked before Ray starts create(model,
-    opts, dtype, revision, trust_remote_code, seed) -> Backend    the engine, in the replica
-    batch_capacity(opts) -> int              sequences one engine batch holds (the shard size, when
-    auto) sample_identity(opts) -> JSON            what of its settings changes the samples (part of
-    the step's key) tensor_parallel(opts) -> int             GPUs one replica spans in a placement
-    group (1: none) gpus(opts, num_gpus) -> int              devices the planner counts per replica
-    context(opts, model_context) -> int      the longest prompt + answer it takes memory(opts, arch,
-    g, nbytes, prompt_len, device_bytes, headroom) -> ({weights, runtime, kv_cache, limit: bytes per
-    device}, sequences decoded at once) fix(opts, fits) -> str | None            a setting that
-    makes a replica fit, given fits(opts) -> bool
+    Options                             a dataclass: its settings, the config's `backend.<name>`
+                                        section (conf/backend/<name>.yaml), checked before Ray
+                                        starts
+    create(model, opts, dtype, revision, trust_remote_code, seed) -> Backend
+                                        the engine, in the replica
+    batch_capacity(opts) -> int         sequences one engine batch holds (the shard size, when auto)
+    sample_identity(opts) -> JSON       what of its settings changes the samples (part of the step's
+                                        key)
+    tensor_parallel(opts) -> int        GPUs one replica spans in a placement group (1: none)
+    gpus(opts, num_gpus) -> int         devices the planner counts per replica
+    context(opts, model_context) -> int
+                                        the longest prompt + answer it takes
+    memory(opts, arch, g, nbytes, prompt_len, device_bytes, headroom)
+                                        ({weights, runtime, kv_cache, limit: bytes per device},
+                                        sequences decoded at once)
+    fix(opts, fits) -> str | None       a setting that makes a replica fit, given fits(opts) -> bool
 
     python -m cascade +stage=4b models=tiny backend=vllm backend.vllm.max_model_len=1024
 """

@@ -2,8 +2,7 @@
 its options:
 
     curriculum:
-      - {name: p0_ethics, data: ethics, iters: 300, lr: 1.0e-4}                   # kind: sft (the
-        default)
+      - {name: p0_ethics, data: ethics, iters: 300, lr: 1.0e-4}      # kind: sft (the default)
       - {name: p2_ethics, data: ethics, iters: 100, kind: distill, options: {weight: 0.5}}
 
     python -m cascade +stage=4b models=tiny generation.logprobs=8 curriculum.2.kind=distill
@@ -12,24 +11,33 @@ A kind is one module; everything else (the schema's check, the plan, curation, t
 the checkpoints, the planner) asks it, through `load`, and never compares its name. The module
 declares:
 
-    Options                        a dataclass: the phase's `options:` (unknown keys refused before
-    Ray starts) TEACHER_LOGPROBS               whether it trains on the teachers' stored top-k
-    log-probabilities (then generation.logprobs > 0 and every teacher's tokenizer the student's are
-    required) METRICS                        names of its per-step figures beside the loss (kept in
-    mid-phase checkpoints, listed in the phase's summary as <name>_losses) check(opts, cfg, where)
-    any further check of the whole config, before Ray starts encode(opts, tok, rec, max_len, read)
-    -> example    a curated record as token ids, labels masked where no loss is taken (cascade.chat;
-    `read` gives a record's stored top-k) loss(opts, model, batch) -> (loss, {metric: value})    one
-    micro-batch's loss per response token cost(opts, train, iters) -> {"token_slots": ..., ...}  the
-    planner's work for the phase
+    Options                         a dataclass: the phase's `options:` (unknown keys refused before
+                                    Ray starts)
+    TEACHER_LOGPROBS                whether it trains on the teachers' stored top-k
+                                    log-probabilities (then generation.logprobs > 0 and every
+                                    teacher's tokenizer the student's are required)
+    METRICS                         names of its per-step figures beside the loss (kept in mid-phase
+                                    checkpoints, listed in the phase's summary as <name>_losses)
+    check(opts, cfg, where)         any further check of the whole config, before Ray starts
+    encode(opts, tok, rec, max_len, read) -> example
+                                    a curated record as token ids, labels masked where no loss is
+                                    taken (cascade.chat; `read` gives a record's stored top-k)
+    loss(opts, model, batch) -> (loss, {metric: value})
+                                    one micro-batch's loss per response token
+    cost(opts, train, iters) -> {"token_slots": ..., ...}
+                                    the planner's work for the phase
 
 and optionally:
 
-    batch(opts, trainer, rows, step, micro) -> batch    the micro-batch the loss takes, built by the
-    kind itself from the rows' examples (never packed): on_policy's samples and their scores
-    uses_kernel(opts) -> bool      whether the kernel's text determines what the phase trains (part
-    of its key) SHARED_TOKENIZER               compares distributions token by token: every
-    teacher's tokenizer must be the student's (checked before Ray starts: check_tokenizers below)
+    batch(opts, trainer, rows, step, micro) -> batch
+                                    the micro-batch the loss takes, built by the kind itself from
+                                    the rows' examples (never packed): on_policy's samples and their
+                                    scores
+    uses_kernel(opts) -> bool       whether the kernel's text determines what the phase trains (part
+                                    of its key)
+    SHARED_TOKENIZER                compares distributions token by token: every teacher's tokenizer
+                                    must be the student's (checked before Ray starts:
+                                    check_tokenizers below)
 
 Built in: `sft` (cascade/phases/sft.py), `distill` (cascade/phases/distill.py) and `on_policy`
 (cascade/phases/on_policy.py). Any other name is the dotted path of a module that declares the same
@@ -41,11 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import re
 from types import ModuleType
 from typing import Any
 
 from cascade.validate import fail
+
+log = logging.getLogger(__name__)
 
 BUILTIN = {"sft": "cascade.phases.sft", "distill": "cascade.phases.distill",
            "on_policy": "cascade.phases.on_policy"}
@@ -129,3 +140,21 @@ def check_tokenizers(p: Any) -> None:
                          f"teachers' distributions token by token: teacher {t.name} ({model}) and "
                          f"student {sp.name} ({sp.base_model}) have different tokenizers; use kind "
                          "sft for this stage's phases")
+
+
+def load_examples(rd: Any, path: str, tok: Any, max_len: int, kind: Any,
+                  opts: Any) -> tuple[list[dict], int]:
+    """A dataset file's records encoded for training by the phase's kind ([] when the file does not
+    exist), and how many were dropped for having no response token within max_len."""
+    from cascade.chat import IGNORE_INDEX
+    from cascade.logprobs import Reader
+
+    read = Reader(rd.read_bytes)
+    out = [kind.encode(opts, tok, r, max_len, read) for r in rd.read_jsonl(path)]
+    # a prompt as long as max_seq_len leaves no response token to learn from: dropped, counted
+    kept = [e for e in out if any(x != IGNORE_INDEX for x in e["labels"])]
+    if len(kept) < len(out):
+        log.warning("%s: %d of %d examples dropped: their prompt fills train.max_seq_len=%d, no "
+                    "response token is left to train on", path, len(out) - len(kept), len(out),
+                    max_len)
+    return kept, len(out) - len(kept)
