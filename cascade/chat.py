@@ -48,6 +48,14 @@ def prompt_ids(tokenizer: Any, messages: Messages, system: str | None = None) ->
     )["input_ids"]
 
 
+def padded_ids(model: Any, tok: Any) -> list[int] | None:
+    """The ids of the model's output rows past its tokenizer (Gemma 3 4B/12B/27B carry 64 such
+    padding rows over 1B's vocabulary): never a token, so never sampled (generate's
+    suppress_tokens); None when there are none."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    return list(range(len(tok), rows)) or None
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """Tokens that end a response: eos and, when the vocabulary has it, <end_of_turn>."""
     ids = {tokenizer.eos_token_id}

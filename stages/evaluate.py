@@ -182,8 +182,7 @@ def _public(score: dict) -> dict:
 
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int,
-                  batch_size: int,
-                  trust: bool, answer_tokens: int = 0, seed: int = 0,
+                  batch_size: int, trust: bool, answer_tokens: int = 0, seed: int = 0,
                   divergence: bool = False) -> dict:
     """{loglik: mean log-likelihood per response token of the records' responses under the model;
     rouge_l: mean ROUGE-L F1 of its greedy answers (answer_tokens at most) against them; self_ended:
@@ -237,9 +236,9 @@ def _answers(model: Any, tok: Any, records: list[dict], max_new: int, batch_size
     `seed`), each up to and including its stop token (or max_new tokens long)."""
     import torch
 
-    from cascade.chat import render_prompt, stop_token_ids
+    from cascade.chat import padded_ids, render_prompt, stop_token_ids
 
-    stops, answers = stop_token_ids(tok), []
+    stops, answers, padded = stop_token_ids(tok), [], padded_ids(model, tok)
     how = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample
            else dict(do_sample=False))
     tok.padding_side = "left"
@@ -251,7 +250,7 @@ def _answers(model: Any, tok: Any, records: list[dict], max_new: int, batch_size
             enc = tok([render_prompt(tok, r["messages"]) for r in batch], return_tensors="pt",
                       padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new, eos_token_id=stops,
-                                 pad_token_id=tok.pad_token_id, **how)
+                                 pad_token_id=tok.pad_token_id, suppress_tokens=padded, **how)
             for seq in out[:, enc["input_ids"].shape[1]:].tolist():
                 stop = next((k for k, t in enumerate(seq) if t in stops), None)
                 answers.append(seq if stop is None else seq[: stop + 1])

@@ -88,3 +88,57 @@ def test_the_gradient_reaches_the_student_only_and_moves_it_toward_the_teacher()
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 * first, (first, loss.item())
+
+
+def test_two_tiny_models_differing_only_in_padding_are_at_zero_divergence(tmp_path):
+    """Gemma 3 1B (262,144 rows) and 4B (262,208, the same tokenizer), in small: the tiny 1b model,
+    and a copy of it whose embedding (tied to its output) carries 64 rows more, each a copy of a
+    real token's row so that, were the rows not dropped, they would take that token's mass. Loaded
+    from disk, the padded copy is the same tokenizer (vocab_hash), never samples a padded id, and
+    both the evaluation's reverse KL and on_policy's training divergence find it at 0 from the
+    original; with the padded rows kept in the softmax the same comparison is far from 0."""
+    from transformers import AutoTokenizer
+
+    from cascade.chat import padded_ids, prompt_ids, vocab_hash
+    from cascade.config import compose
+    from cascade.divergence import answer_top_k, reverse_kl
+    from cascade.modeling import load_model
+    from cascade.tiny import preset_dir
+    from stages.evaluate import _answers
+
+    teacher_dir = preset_dir(compose(["+stage=4b", "models=tiny"])) / "1b"
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = load_model(teacher_dir).eval()
+    padded = load_model(teacher_dir)
+    n = padded.get_input_embeddings().weight.shape[0]
+    assert n == len(tok) and padded_ids(teacher, tok) is None
+    padded.resize_token_embeddings(n + 64, mean_resizing=False)
+    with torch.no_grad():
+        emb = padded.get_input_embeddings().weight
+        emb[n:] = emb[torch.arange(64) * 7 % n]
+    padded.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    student = load_model(tmp_path / "padded").eval()
+    s_tok = AutoTokenizer.from_pretrained(tmp_path / "padded")
+    assert student.get_output_embeddings().weight.shape[0] == n + 64
+    assert vocab_hash(s_tok) == vocab_hash(tok)
+    assert padded_ids(student, s_tok) == list(range(n, n + 64))
+
+    records = [{"messages": [{"role": "user", "content": q}]}
+               for q in ("What is kindness?", "Is it ever right to lie?", "Why keep a promise?")]
+    answers = _answers(student, s_tok, records, 24, 3, "cpu", sample=True, seed=0)
+    assert all(t < n for a in answers for t in a), "a padded row was sampled"
+    prompts = [prompt_ids(tok, r["messages"]) for r in records]
+    total, count = reverse_kl(teacher, tok, prompts, answers, answer_top_k(student, s_tok, prompts,
+                                                                            answers))
+    assert count > 0 and total / count < 1e-5, total / count
+
+    # on_policy's divergence: the student's logits over its padded rows, the teacher's top-k
+    x = torch.tensor([prompts[0] + answers[0]])
+    with torch.no_grad():
+        s_logits = student(input_ids=x).logits[0, len(prompts[0]) - 1 : -1]
+        t_top = teacher(input_ids=x).logits[0, len(prompts[0]) - 1 : -1].log_softmax(-1).topk(20)
+    log_s, log_t = top_k_outcomes(s_logits, t_top.indices, t_top.values, len(tok))
+    assert generalized_jsd(log_s, log_t, 1.0).abs().max() < 1e-5
+    log_s, log_t = top_k_outcomes(s_logits, t_top.indices, t_top.values, n + 64)  # rows kept
+    assert generalized_jsd(log_s, log_t, 1.0).mean() > 1e-3  # hundreds of times the bound above

@@ -168,13 +168,13 @@ def _sample(opts: Options, tr: Any, student: Any, prompt: list[int],
     import torch
     from transformers import GenerationConfig
 
-    from cascade.chat import stop_token_ids
+    from cascade.chat import padded_ids, stop_token_ids
 
-    stops, rows = stop_token_ids(tr.tok), student.get_output_embeddings().weight.shape[0]
+    stops = stop_token_ids(tr.tok)
     gen = GenerationConfig(do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=max_new,
-                           eos_token_id=stops, pad_token_id=tr.tok.pad_token_id,
-                           suppress_tokens=list(range(len(tr.tok), rows)) or None)
+                           max_new_tokens=max_new, eos_token_id=stops,
+                           pad_token_id=tr.tok.pad_token_id,
+                           suppress_tokens=padded_ids(student, tr.tok))
     x = torch.tensor([prompt] * opts.samples_per_prompt, device=tr.device)
     out = student.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)
     answers = []
