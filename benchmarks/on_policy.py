@@ -8,16 +8,18 @@ same base without it.
     .venv/bin/python benchmarks/on_policy.py --real
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3, batch 4, seed 42, in one run directory
-(the teacher's answers are generated once and reused). Off-policy trains `--iters` steps on the
-teacher's answers; on-policy is first timed on 4 steps, then given as many steps as fit in
-off-policy's training seconds (samples of at most 64 tokens, one per prompt, reverse KL: beta 1, the
-teacher's context as in generation: the kernel). Measured by the evaluation on the held-out probes
-(never used to choose a setting): the reverse KL(student || teacher) per token on the student's own
-sampled answers (before = the base, the same for both), the log-likelihood of the teacher's held-out
-answers, ROUGE-L of greedy answers, the share of answers that end by themselves, and the training
-seconds. The last line is one JSON object: tiny_reverse_kl_cut (on-policy: 1 - after / before),
-tiny_on_vs_off (on-policy's held-out reverse KL over off-policy's), and the same with real_ when
---real ran (else null), beside every figure and the settings.
+(the teacher's answers are generated once and reused). Off-policy trains 600 steps (60 on the 270M)
+on the teacher's answers; on-policy (samples of at most 64 tokens, one per prompt, reverse KL: beta
+1, the teacher's context as in generation: the kernel) is first timed on 4 steps, then given as many
+steps as fit in off-policy's training seconds, re-run with its step count corrected until its
+training time is within 10 % of off-policy's (at most 3 runs, each printed). Measured by the
+evaluation on the held-out probes (never used to choose a setting): the reverse KL(student ||
+teacher) per token on the student's own sampled answers (before = the base, the same for both), the
+log-likelihood of the teacher's held-out answers, ROUGE-L of greedy answers, the share of answers
+that end by themselves, and the training seconds. The last line is one JSON object:
+tiny_reverse_kl_cut (on-policy: 1 - after / before), tiny_on_vs_off (on-policy's held-out reverse KL
+over off-policy's), and the same with real_ when --real ran (else null), beside every figure and the
+settings.
 """
 
 from __future__ import annotations
@@ -34,14 +36,12 @@ ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_to
 
 
 def _run(conf: Path, run: Path, preset: str, iters: int, on: bool) -> dict:
+    phase = PHASE % (iters, ON if on else "")
     (conf / "local" / "bench.yaml").write_text(
-        "# @package _global_\nstages:\n  1b: {build: true}\ncurriculum:\n  - "
-                                               + PHASE % (iters, ON if on else "")
-        + "\n")
+        f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n")
     args = ["--config-dir", str(conf), "+stage=1b", f"models={preset}", "+local=bench",
-            f"run_dir={run}",
-            "cluster.include_dashboard=false", "train.batch_size=4", "train.save_every=0",
-            "release.enabled=false"]
+            f"run_dir={run}", "cluster.include_dashboard=false", "train.batch_size=4",
+            "train.save_every=0", "release.enabled=false"]
     subprocess.run([sys.executable, "-m", "cascade", *args], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     m = json.loads((run / "1b/eval/metrics.json").read_text())
@@ -62,10 +62,17 @@ def compare(preset: str, iters: int) -> dict:
         conf, run = Path(d, "conf"), Path(d, "run")
         (conf / "local").mkdir(parents=True)
         off = _run(conf, run, preset, iters, on=False)
-        probe = _run(conf, run, preset, 4, on=True)  # the on-policy step's time
-        steps = max(4, round(off["train_seconds"] / (probe["train_seconds"] / 4)))
-        on = _run(conf, run, preset, steps, on=True)
+        probe = _run(conf, run, preset, 4, on=True)  # the on-policy step's time, a first guess
+        steps, tries = max(4, round(off["train_seconds"] / (probe["train_seconds"] / 4))), []
+        for _ in range(3):  # until its training time is within 10 % of off-policy's
+            on = _run(conf, run, preset, steps, on=True)
+            tries.append({"iters": steps, "train_seconds": on["train_seconds"]})
+            ratio = on["train_seconds"] / off["train_seconds"]
+            if abs(ratio - 1) <= 0.10:
+                break
+            steps = max(4, round(steps / ratio))
     return {"off_policy": off, "on_policy": on, "on_policy_timing_run": probe,
+            "on_policy_tries": tries, "time_ratio": round(ratio, 3),
             "reverse_kl_cut": on["reverse_kl_cut"],
             "on_vs_off": on["reverse_kl_after"] / off["reverse_kl_after"]}
 

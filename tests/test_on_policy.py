@@ -1,20 +1,26 @@
 """Phase kind `on_policy` (cascade/phases/on_policy.py): checked before Ray starts, planned with its
 rollouts, and trained on the student's own samples scored by its teacher with the kernel in context;
-a phase killed mid-way (kill -9 of the driver, its rollouts and a checkpoint on disk) resumes to the
-bytes of a run never killed."""
+a phase pre-empted (SIGTERM), its training worker killed and its driver killed (-9), one after the
+other, resumes each time from the right step (its rollouts read back) to the bytes of a run never
+struck."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
+
+import psutil
 
 import pytest
 
 from conftest import FAST, compose, copy_run, kill9, run_cli, start_cli, wait_for
 
+P2 = "4b/train/02-p2_ethics"
 # P2 on-policy, the teacher (the tiny 1B) with the kernel in its context; short samples, a
 # checkpoint every 4 steps
-ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.2.kind=on_policy", "curriculum.2.iters=8",
+ARGS = [*FAST, "+stage=4b", "models=tiny", "curriculum.2.kind=on_policy", "curriculum.2.iters=12",
         "train.save_every=4", "+curriculum.2.options.teacher_context=kernel",
         "+curriculum.2.options.samples_per_prompt=2", "+curriculum.2.options.max_new_tokens=24",
         "eval.max_probes=4", "eval.answer_tokens=8", "eval.reverse_kl=true"]
@@ -68,13 +74,15 @@ def _p2_fresh(tiny_4b_run, dst):
 
 
 @pytest.mark.slow
-def test_on_policy_phase_killed_mid_phase_resumes_to_the_same_bytes(tiny_4b_run, tmp_path):
+@pytest.mark.faults
+def test_on_policy_phase_preempted_struck_and_killed_resumes_to_the_same_bytes(tiny_4b_run,
+                                                                                tmp_path):
     ref, run = _p2_fresh(tiny_4b_run, tmp_path / "ref"), _p2_fresh(tiny_4b_run, tmp_path / "run")
     r = run_cli(*ARGS, f"run_dir={ref}")
     assert r.returncode == 0, r.stdout[-4000:]
     s = json.loads((ref / "4b/train/02-p2_ethics/step.json").read_text())["summary"]
     assert s["kind"] == "on_policy" and s["options"]["teacher_context"] == "kernel"
-    assert len(s["divergence_losses"]) == s["steps"] == 8 and all(
+    assert len(s["divergence_losses"]) == s["steps"] == 12 and all(
         d > 0 for d in s["divergence_losses"]
     )
     # 4 prompts x 2 samples x <= 24 tokens
@@ -84,26 +92,64 @@ def test_on_policy_phase_killed_mid_phase_resumes_to_the_same_bytes(tiny_4b_run,
     kl = json.loads((ref / "4b/eval/metrics.json").read_text())["reverse_kl"]
     assert all(kl[how]["before"] > 0 and kl[how]["after"] >= 0 for how in ("greedy", "sampled")), kl
     st = run_cli("status", *ARGS, f"run_dir={ref}")
-    assert "4b: reverse KL to its teachers on its own sampled answers" in st.stdout, st.stdout[
-        -2000:
-    ]
-    ckpt = next((ref / "4b/train/_ckpt").glob("02-p2_ethics-*"))
+    said = "4b: reverse KL to its teachers on its own sampled answers"
+    assert said in st.stdout, st.stdout[-2000:]
+    ckpt = next((ref / "4b/train/_ckpt").glob("02-p2_ethics-*"))  # the reference's own
     assert sorted(p.name for p in (ckpt / "rollouts").iterdir()) == [f"{i:06d}-000-0of1.safetensors"
-                                                                      for i in range(8)]
+                                                                      for i in range(12)]
 
-    proc = start_cli(*ARGS, f"run_dir={run}", log=tmp_path / "a.log")
-    wait_for(lambda: any(run.glob("4b/train/_ckpt/02-p2_ethics-*/step-000004/meta.json")), 600,
-             proc, "a P2 checkpoint")
-    kill9(proc)
-    assert not (run / "4b/train/02-p2_ethics/step.json").exists(), "the kill must land mid-phase"
+    # three faults in one run directory, each resumed from the right step (the rollouts of the
+    # steps already taken read back, not sampled again), and the bytes in the end the reference's:
+    # 1. SIGTERM while P2 samples and trains: a checkpoint at the step it was in, exit 143
+    proc = start_cli(*ARGS, "train.save_every=1000", f"run_dir={run}", log=tmp_path / "a.log")
+    wait_for(lambda: (run / "progress/4b/train/p2_ethics.json").exists(), 600, proc, "P2 under way")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, (tmp_path / "a.log").read_text()[-4000:]
+    saved = _ckpts(run)
+    assert saved and not (run / P2 / "step.json").exists(), "the signal must land mid-phase"
+    at = _step(saved[-1])
+    assert json.loads(saved[-1].read_text())["reason"] == "sigterm" and at < 12
+
+    # 2. the same command; after a checkpoint past that step, its Ray Train worker killed: Ray Train
+    #    restarts the group, which resumes from that checkpoint
+    proc = start_cli(*ARGS, "train.save_every=1", f"run_dir={run}", log=tmp_path / "b.log")
+    wait_for(lambda: _resumed(run) is not None and _resumed(run)["step"] == at + 1, 600, proc,
+             "the resume")
+    wait_for(lambda: _step(_ckpts(run)[-1]) > at, 600, proc, "a checkpoint after the resume")
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]
+    assert workers, "no Ray Train worker process found under the driver"
+    struck, t_kill = _step(_ckpts(run)[-1]), time.time()
+    for p in workers:
+        p.kill()
+    wait_for(lambda: _resumed(run)["time"] > t_kill or (run / P2 / "step.json").exists(), 600,
+             proc, "the restarted group's resume")
+
+    # 3. kill -9 of the driver (if the phase is still going), and the same command to the end
+    if proc.poll() is None and not (run / P2 / "step.json").exists():
+        kill9(proc)
+    else:
+        proc.wait(timeout=300)
     r = run_cli(*ARGS, f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-4000:]
-    again = json.loads((run / "4b/train/02-p2_ethics/step.json").read_text())
-    assert again["summary"]["resumed_from_step"] >= 4
-    assert (
-        again["files"] == json.loads((ref / "4b/train/02-p2_ethics/step.json").read_text())["files"]
-    )
+    again = json.loads((run / P2 / "step.json").read_text())
+    assert again["summary"]["resumed_from_step"] >= struck
+    assert again["files"] == json.loads((ref / P2 / "step.json").read_text())["files"]
     assert again["summary"]["divergence_losses"] == s["divergence_losses"]
+
+
+def _ckpts(run) -> list:
+    return sorted(run.glob("4b/train/_ckpt/02-*/step-*/meta.json"))
+
+
+def _step(meta) -> int:
+    return json.loads(meta.read_text())["step"]
+
+
+def _resumed(run) -> dict | None:
+    """The first optimizer step taken after the latest resume of P2, and when (rank 0 writes it)."""
+    f = next(run.glob("4b/train/_ckpt/02-*/resumed.json"), None)
+    return json.loads(f.read_text()) if f else None
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_before_ray(tmp_path):
@@ -130,8 +176,6 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_ray(tmp_path):
         if kind == "sft":  # text: any tokenizer
             build_graph(cfg)
             continue
-        with pytest.raises(ConfigError,
-                           match="p2_ethics \\(kind on_policy\\) compares .* teacher 1b .* "
-                                 "different "
-                                              "tokenizers"):
+        with pytest.raises(ConfigError, match="p2_ethics \\(kind on_policy\\) compares .* "
+                                              "teacher 1b .* different tokenizers"):
             build_graph(cfg)
