@@ -56,6 +56,20 @@ def start_cli(*args: str, log: Path, cwd: Path | None = None,
                             text=True, env={**os.environ, **(env or {})})
 
 
+def kill_train_workers(proc: subprocess.Popen) -> float:
+    """Kill this driver's Ray Train workers (found under it: no other run's), as a node's crash
+    would; returns when."""
+    import psutil
+
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]
+    assert workers, "no Ray Train worker process found under the driver"
+    t = time.time()
+    for p in workers:
+        p.kill()
+    return t
+
+
 def kill9(proc: subprocess.Popen) -> None:
     """kill -9 the driver process only (as a crash would), then wait (up to 15 s) for the Ray
     processes it started to go on their own (Ray's own processes exit when the driver that started

@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import time
-
-import psutil
 
 import pytest
 
-from conftest import FAST, compose, copy_run, kill9, run_cli, start_cli, wait_for
+from conftest import (FAST, compose, copy_run, kill9, kill_train_workers, run_cli, start_cli,
+                      wait_for)
 
 P2 = "4b/train/02-p2_ethics"
 # P2 on-policy, the teacher (the tiny 1B) with the kernel in its context; short samples, a
@@ -116,12 +114,8 @@ def test_on_policy_phase_preempted_struck_and_killed_resumes_to_the_same_bytes(t
     wait_for(lambda: _resumed(run) is not None and _resumed(run)["step"] == at + 1, 600, proc,
              "the resume")
     wait_for(lambda: _step(_ckpts(run)[-1]) > at, 600, proc, "a checkpoint after the resume")
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]
-    assert workers, "no Ray Train worker process found under the driver"
-    struck, t_kill = _step(_ckpts(run)[-1]), time.time()
-    for p in workers:
-        p.kill()
+    struck = _step(_ckpts(run)[-1])
+    t_kill = kill_train_workers(proc)
     wait_for(lambda: _resumed(run)["time"] > t_kill or (run / P2 / "step.json").exists(), 600,
              proc, "the restarted group's resume")
 

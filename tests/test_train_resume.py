@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import KILL_ARGS as ARGS
-from conftest import kill9, resumable, run_cli, start_cli, wait_for
+from conftest import kill9, kill_train_workers, resumable, run_cli, start_cli, wait_for
 
 # one reference
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.xdist_group("train_resume")]
@@ -143,13 +141,8 @@ def test_sigterm_a_killed_worker_and_a_damaged_checkpoint_in_one_phase_end_bitwi
     wait_for(lambda: _resumed(run) is not None, 600, proc, "the resume")
     assert _resumed(run)["step"] == at + 1, (_resumed(run), at)  # not a step more is redone
     wait_for(lambda: step(_ckpts(run)[-1]) > at, 600, proc, "a checkpoint after the resume")
-    # this run's, no other's
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]
-    assert workers, "no Ray Train worker process found under the driver"
-    struck, t_kill = step(_ckpts(run)[-1]), time.time()
-    for p in workers:
-        p.kill()
+    struck = step(_ckpts(run)[-1])
+    t_kill = kill_train_workers(proc)
     wait_for(lambda: _resumed(run)["time"] > t_kill, 600, proc, "the restarted group's resume")
     restarted = _resumed(run)["step"] - 1
     # from the last checkpoint, not from the phase's start
