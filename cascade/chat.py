@@ -13,15 +13,23 @@ from typing import Any
 
 # Gemma3's turn format, text only. Used by the tiny tokenizer; real models bring their own template.
 GEMMA3_CHAT_TEMPLATE = (
-    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = "
-    "messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- "
-    "set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for "
-    "message in loop_messages -%}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) "
-    "-%}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') "
-    "}}{%- endif -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] "
-    "-%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + "
-    "message['content'] | trim + '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt "
-    "-%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') "
+    "+ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
 END_OF_TURN = "<end_of_turn>"
