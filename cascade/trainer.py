@@ -46,6 +46,7 @@ class TrainJob:
     # the stage's (kinds that score with them)
     teachers: list[Teacher] = dataclasses.field(default_factory=list)
     kernel: str | None = None  # the kernel's text (kinds that put it in a teacher's context)
+    vllm: Any = None  # backend.vllm's settings (kinds that run vLLM engines in the workers)
 
 
 def failure_file(rd: RunDir, stage: str) -> str:
@@ -79,7 +80,12 @@ def train_loop_per_worker(config: dict) -> None:
             return
         if not rd.committed(ph.model):  # a phase committed before a worker restart is not redone
             trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision)
-            if not trainer.steps() or not trainer.finish():
+            try:
+                trained = trainer.steps()
+            finally:
+                if hasattr(trainer.kind, "close"):  # the kind's engines (on_policy's vLLM)
+                    trainer.kind.close(trainer.opts, trainer)
+            if not trained or not trainer.finish():
                 return
         model_path, revision = local_model(ph.model.path), None
 

@@ -62,7 +62,7 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
                    sp.revision if first == 0 else None, phs,
                    dataclasses.replace(cfg.train, cpus_per_worker=ctx.cpus),
                    cfg.seed, cfg.models.trust_remote_code, sp.base_key, ctx.lease, sp.teachers,
-                   ctx.graph.kernel)
+                   ctx.graph.kernel, cfg.backend.vllm)
     # SIGTERM: the workers checkpoint at their next optimizer step and stop, then the driver stops
     with ctx.stop.deferred() if ctx.stop else contextlib.nullcontext():
         fit(job, ctx.rd, f"{sp.name}-{phs[0].model.key}")

