@@ -39,11 +39,15 @@ def _hydra_main(dcfg: DictConfig) -> None:
     from cascade.gguf import ReleaseError
     from cascade.modeling import FusionError
     from cascade.preemption import EXIT_CODE, Preempted
+    from stages.gate import NotPromoted
 
     try:
         run(cfg)
     except ConfigError as e:
         log.error("input error: %s", e)
+        sys.exit(2)
+    except NotPromoted as e:
+        log.error("%s", e)
         sys.exit(2)
     except FusionError as e:
         log.error("fusion check failed, nothing committed for the phase (not retried: it is "

@@ -81,12 +81,13 @@ def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harn
         f"curriculum on the answers of {', '.join(f'`{t.name}`' for t in sp.teachers)}; every "
         "phase a LoRA fused into the weights.", "",
         *QUICK_START.format(pick=pick, stage=sp.name, name=name).split("\n"),
-        "## Lineage", "", "| Stage | Model | Key | Taught by |", "|---|---|---|---|",
+        "## Lineage", "", "| Stage | Model | Key | Taught by | Gate |", "|---|---|---|---|---|",
     ]
     for s in prov["lineage"]:
         taught = ", ".join(f"{t[0]} (weight {t[1]:g})" for t in s["teachers"]) or "root teacher"
-        lines.append(f"| {s['stage']} | `{s['model']}` | `{s['key']}` | {taught} |")
-    lines += _curriculum_and_evaluation(sp, m) + _harness_table(harness)
+        lines.append(f"| {s['stage']} | `{s['model']}` | `{s['key']}` | {taught} | {s['gate']} |")
+    lines += (_curriculum_and_evaluation(sp, m) + _gate(prov.get("verdict"))
+              + _harness_table(harness))
     lines += ["", "## Available formats", "",
               "Each GGUF was made by llama.cpp's converter and quantizer and compared with "
               f"transformers on {prov['probes']} held-out prompts with their teachers' answers "
@@ -134,6 +135,21 @@ def _curriculum_and_evaluation(sp: StageGraph, m: dict) -> list[str]:
             if how in kl
         ]
     )
+
+
+def _gate(v: dict | None) -> list[str]:
+    """The stage's promotion gate: its verdict, each criterion with its value and threshold."""
+    if not v:
+        return []
+    head = f"**{v['verdict']}**" + "".join(f"; {r}" for r in v["reasons"])
+    if v["verdict"] != "PROMOTE":
+        head += (" - not promoted, and released anyway: this model is not fit to teach"
+                 + (" (gate.enforce=false let it teach)" if not v["enforce"] else ""))
+    return ["", "## Promotion gate", "", head, "", "| Criterion | Value | Threshold | Passed |",
+            "|---|---|---|---|"] + [
+        f"| {c['name']} | {_f(c['value'])} | {c['op']} {c['threshold']:g} | "
+        f"{'-' if c['passed'] is None else 'yes' if c['passed'] else 'no'} |"
+        for c in v["criteria"]]
 
 
 def _harness_table(harness: dict) -> list[str]:

@@ -198,6 +198,43 @@ class EvalConfig:
         number("eval.answer_tokens", self.answer_tokens, 0)
 
 
+@dataclass
+class GateConfig:
+    """A stage's promotion gate (stages/gate.py): criteria on its held-out evaluation; a student
+    that is not promoted never teaches the next stage (with `enforce`)."""
+
+    enforce: bool = True  # false: a stage not promoted still teaches, and every record says so
+    # agreement (log-likelihood/token of the teachers' held-out answers) after - before, at least
+    min_gain: float = 0.0
+    min_self_ended: float = 0.5  # share of the student's greedy answers that end by themselves
+    # reverse KL to the teachers on the student's sampled answers (where measured): after may be at
+    # most this share above before (0: it must not rise)
+    max_kl_rise: float = 0.25
+
+    def check(self) -> None:
+        number("gate.min_self_ended", self.min_self_ended, 0, 1)
+        number("gate.max_kl_rise", self.max_kl_rise, 0)
+        number("gate.min_gain", self.min_gain)
+
+
+@dataclass
+class TrackingConfig:
+    """The run in MLflow (cascade/tracking.py), from its committed records."""
+
+    mlflow: bool = False
+    # None: a file store in the run directory (<run_dir>/mlflow); or any tracking URI (a server's
+    # credentials come from MLflow's environment variables, never the config)
+    uri: Optional[str] = None
+    experiment: str = "cascade"
+
+    def check(self) -> None:
+        if self.uri and "@" in self.uri.split("://", 1)[-1].split("/", 1)[0]:
+            fail("tracking.uri carries credentials: give them through MLflow's environment "
+                 "variables (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, ...)")
+        if not self.experiment.strip():
+            fail("tracking.experiment is empty")
+
+
 # accelerators the planner knows (cascade/plan.py): memory (GB), memory bandwidth (GB/s), dense bf16
 # peak (TFLOP/s), from the makers' data sheets; "cpu" is this machine, its memory read at plan time
 DEVICES = {"H100-80GB": (80, 3350, 989), "H200": (141, 4800, 989), "B200": (180, 8000, 2250),
@@ -258,6 +295,8 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -6,7 +6,10 @@ yet committed.
 Per stage, as in the seed's cascade table:
 
     generate (stages/generate.py) -> curate (stages/curate.py) -> train + fuse (stages/train.py)
-    -> evaluate (stages/evaluate.py) -> release (stages/release.py, with release.enabled)
+    -> evaluate (stages/evaluate.py) -> gate (stages/gate.py) -> release (stages/release.py, with
+    release.enabled)
+
+A stage starts only when each of its trained teachers was promoted by its gate (gate.enforce).
 
 The driver owns the loop and all run state (the manifest); Ray actors and Ray Train workers only
 hold weights.
@@ -41,6 +44,11 @@ def run(cfg: Config) -> list[StageGraph]:
         return p.stages
     log.info("stages %s; %d steps to run: %s", [s.name for s in p.stages], len(todo),
              ", ".join(todo))
+    from stages.gate import require_promoted
+
+    for sp in p.stages:  # a teacher already refused by its gate: stop before Ray starts
+        if any(s.name in todo for w in p.work() if w.stage is sp for s in w.steps):
+            require_promoted(p, sp, committed_only=True)
     if any(sp.release and not p.rd.committed(sp.release) for sp in p.stages):
         from cascade.gguf import check_tools
 
@@ -67,44 +75,59 @@ def run(cfg: Config) -> list[StageGraph]:
 
 
 def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
+    """Each entry of the run's table in order (cascade.steps.execute skips what is committed), Ray
+    started for the first that needs it (a gate reads committed figures only: a changed threshold
+    starts no cluster); a stage starts only when its teachers were promoted; the report rebuilt
+    after every stage."""
     import stages
-    from cascade import report
+    from cascade import report, tracking
     from stages import evaluate
+    from stages.gate import require_promoted
 
-    cfg, rd = p.cfg, p.rd
-    stop = Preemption(rd)
+    rd, ctx, table = p.rd, Context(p, lease), p.work()
+    try:
+        for i, w in enumerate(table):
+            if i == 0 or table[i - 1].stage is not w.stage:
+                require_promoted(p, w.stage)  # its teachers' gates, committed by now
+            if ctx.stop is None and w.kind != "gate" and not all(map(rd.committed, w.steps)):
+                _start(ctx)
+            if w.kind == "train" and ctx.spare and not rd.committed(w.stage.eval):
+                ctx.before[w.stage.name] = evaluate.start_before(p.cfg, w.stage, rd)
+            execute(ctx, w, stages.load(w.kind))
+            if i + 1 == len(table) or table[i + 1].stage is not w.stage:
+                report.refresh(p)  # <run_dir>/report/, after every stage
+                tracking.sync(p)  # tracking.mlflow
+    finally:
+        if ctx.stop is not None:
+            cluster.stop()
+
+
+def _start(ctx: Context) -> None:
+    """Ray up (cascade/cluster.py), SIGTERM deferred to the pre-emption handler, staging cleaned;
+    the CPUs a training worker gets, and whether evaluation has CPUs of its own beside them."""
+    p, cfg, rd = ctx.graph, ctx.cfg, ctx.rd
+    ctx.stop = Preemption(rd)
     if cfg.cache_max_gb:
         # this node's Ray workers inherit it (another node: set in its own environment)
         os.environ.setdefault("CASCADE_CACHE_MAX_GB", str(cfg.cache_max_gb))
     cluster.start(cfg.cluster)
-    stop.install()  # after Ray's own SIGTERM handler
-    try:
-        rd.clean_staging()
-        if cfg.cache_max_gb:
-            from cascade.storage import evict, node_cache
+    ctx.stop.install()  # after Ray's own SIGTERM handler
+    rd.clean_staging()
+    if cfg.cache_max_gb:
+        from cascade.storage import evict, node_cache
 
-            for gone in evict(node_cache() / "runs" / "models", cfg.cache_max_gb * 1e9):
-                log.info("node cache over cache_max_gb=%s: removed %s (least recently used)",
-                         cfg.cache_max_gb, gone)
-        # the base student's score does not wait for the curriculum: it runs while the first phase
-        # trains on the CPUs training leaves free; when training takes every CPU
-        # (train.cpus_per_worker=null shares them all out), it is scored after training, with the
-        # trained student, in one task on a worker's CPUs
-        cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
-        spare = cluster.cpus() - cpus * cfg.train.num_workers >= cfg.eval.num_cpus
-        ctx = Context(p, lease, stop, cpus, spare)
-        for sp in p.stages:
-            if not sp.trains:
-                log.info("stage %s: teacher %s used as is", sp.name, sp.base_model)
-        table = p.work()
-        for i, w in enumerate(table):
-            if w.kind == "train" and spare and not rd.committed(w.stage.eval):
-                ctx.before[w.stage.name] = evaluate.start_before(cfg, w.stage, rd)
-            execute(ctx, w, stages.load(w.kind))
-            if i + 1 == len(table) or table[i + 1].stage is not w.stage:
-                report.refresh(p)  # <run_dir>/report/, after every stage
-    finally:
-        cluster.stop()
+        for gone in evict(node_cache() / "runs" / "models", cfg.cache_max_gb * 1e9):
+            log.info("node cache over cache_max_gb=%s: removed %s (least recently used)",
+                     cfg.cache_max_gb, gone)
+    # the base student's score does not wait for the curriculum: it runs while the first phase
+    # trains on the CPUs training leaves free; when training takes every CPU
+    # (train.cpus_per_worker=null shares them all out), it is scored after training, with the
+    # trained student, in one task on a worker's CPUs
+    ctx.cpus = cluster.worker_cpus(cfg.train.num_workers, cfg.train.cpus_per_worker)
+    ctx.spare = cluster.cpus() - ctx.cpus * cfg.train.num_workers >= cfg.eval.num_cpus
+    for sp in p.stages:
+        if not sp.trains:
+            log.info("stage %s: teacher %s used as is", sp.name, sp.base_model)
 
 
 def _prepare(p: RunGraph) -> None:
@@ -162,10 +185,11 @@ def _log_to_file(rd: RunDir) -> None:
 
 
 def _report(p: RunGraph) -> None:
-    from cascade import report
+    from cascade import report, tracking
 
     if not p.rd.exists(p.rd.report("index.html")):  # a run directory made before reports were
         report.refresh(p)
+    tracking.sync(p)  # tracking.mlflow: what this invocation committed, or tracking just turned on
     for sp in p.stages:
         if sp.trains:
             metrics = p.rd.read_json(p.rd.metrics(sp.name)) or {}

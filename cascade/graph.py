@@ -72,6 +72,7 @@ class StageGraph:
     gen_jobs: list[GenJob] = field(default_factory=list)
     phases: list[PhaseGraph] = field(default_factory=list)
     eval: Step | None = None
+    gate: Step | None = None  # the promotion gate's verdict (stages/gate.py)
     release: Step | None = None  # release.enabled: the model card, HF directory and GGUF files
 
     @property
@@ -94,7 +95,7 @@ class Work:
     `steps` in order, each by the run directory's step protocol (cascade.steps.execute). What
     determines it: its steps' keys."""
 
-    kind: str  # generate, curate, train, evaluate, release
+    kind: str  # generate, curate, train, evaluate, gate, release
     stage: StageGraph
     steps: list[Step]
     teacher: Teacher | None = None  # generate: whose answers
@@ -125,8 +126,8 @@ class RunGraph:
     def work(self) -> list[Work]:
         """The run's table, in run order: what the driver runs and the planner costs. Per trained
         stage: each teacher's answers (one pool of replicas for its prompt sets), each phase's
-        dataset, the curriculum (one Ray Train job), the evaluation, the release. A teacher's
-        answers shared by stages are listed once."""
+        dataset, the curriculum (one Ray Train job), the evaluation, the gate, the release. A
+        teacher's answers shared by stages are listed once."""
         out, seen = [], set()
 
         def add(kind: str, sp: StageGraph, steps: list[Step], **kw: Any) -> None:
@@ -142,6 +143,7 @@ class RunGraph:
                 add("curate", sp, [ph.dataset], phase=ph)
             add("train", sp, [ph.model for ph in sp.phases])
             add("evaluate", sp, [sp.eval] if sp.trains else [])
+            add("gate", sp, [sp.gate] if sp.gate else [])
             add("release", sp, [sp.release] if sp.release else [])
         return out
 
@@ -315,11 +317,15 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
                                cfg.eval)
             sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
                            (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
+            # the teachers' verdicts are part of the ledger (not of any other step's key)
+            gkey = stable_hash("gate", ekey, cfg.gate, [done[t.name].gate.key for t in sp.teachers
+                                                        if t.name in done and done[t.name].gate])
+            sp.gate = Step(f"{stage}/gate", gkey, rd.gate(stage), (sp.eval.path,))
             if cfg.release.enabled:
-                rkey = stable_hash("release", sp.final_key, ekey, cfg.release,
+                rkey = stable_hash("release", sp.final_key, ekey, gkey, cfg.release,
                                    cfg.train.max_seq_len)
                 sp.release = Step(f"{stage}/release", rkey, rd.release(stage),
-                                  (sp.final_model, sp.eval.path))
+                                  (sp.final_model, sp.eval.path, sp.gate.path))
         done[stage] = sp
     return list(done.values())
 

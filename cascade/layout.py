@@ -40,6 +40,8 @@
       <stage>/train/_work/**                Ray Train's storage for the stage; tensorboard/<phase>/;
                                             failure.json: a failed fusion check, for the driver
       <stage>/eval/metrics.json, step.json  agreement before/after, loss per phase, curation counts
+      <stage>/gate/verdict.json, step.json  the promotion gate's verdict (PROMOTE, HOLD, REJECT),
+                                            its criteria and the ledger (stages/gate.py)
       <stage>/release/README.md, release.json, hf/*, gguf/*.gguf
                                             the model card, its figures, the released HF directory
                                             and the checked GGUF files (stages/release.py)
@@ -113,6 +115,9 @@ class Layout:
 
     def eval(self, stage: str) -> str:
         return self.path(stage, "eval")
+
+    def gate(self, stage: str) -> str:
+        return self.path(stage, "gate")
 
     def release(self, stage: str) -> str:
         return self.path(stage, "release")

@@ -6,8 +6,9 @@
 Made from the run's committed records only (step records, the evaluation's metrics), for every stage
 of the plan that has them:
 - loss.png: training loss per optimizer step, a panel per stage, the phases end to end;
-- signal.png: student-teacher agreement before and after each stage's curriculum, stages side by
-  side (the seed's claim: the alignment signal carries upward through the cascade);
+- signal.png: the ledger - student-teacher agreement before and after each stage's curriculum, and
+  each gate criterion's value against its threshold, stages side by side with their verdicts (the
+  seed's claim: the alignment signal carries upward through the cascade);
 - funnel.png: the curation funnel per stage, phase and teacher: generated, failed, empty, truncated,
   too long, duplicate, kept;
 - throughput.png: generation tokens/s per teacher and prompt set, training tokens/s per stage and
@@ -43,7 +44,7 @@ def gather(p: RunGraph) -> dict:
                     "records": s["records"],
                     "tokens_per_s": s["completion_tokens"] / s["compute_seconds"],
                 }
-        st = {"phases": {}, "agreement": None, "reverse_kl": None, "funnel": {}}
+        st = {"phases": {}, "agreement": None, "reverse_kl": None, "funnel": {}, "gate": None}
         for ph in sp.phases:
             if rec := rd.committed(ph.model):
                 s = rec["summary"]
@@ -57,6 +58,8 @@ def gather(p: RunGraph) -> dict:
             m = rd.read_json(rd.metrics(sp.name)) or {}
             st["agreement"], st["reverse_kl"] = (m.get("agreement"),
                                                  (m.get("reverse_kl") or {}).get("sampled"))
+        if sp.gate and rd.committed(sp.gate):
+            st["gate"] = rd.read_json(f"{rd.gate(sp.name)}/verdict.json")  # stages/gate.py
         if st["phases"] or st["funnel"] or st["agreement"]:
             out["stages"][sp.name] = st
     return out
@@ -94,30 +97,37 @@ def plot_loss(data: dict) -> bytes:
 
 
 def plot_signal(data: dict) -> bytes:
-    """Per stage, before and after its curriculum: the agreement with its teachers (log-likelihood
-    of their held-out answers) and, where measured, the reverse KL to them on the student's own
-    sampled answers."""
+    """The ledger: per stage, its agreement with its teachers before and after its curriculum, then
+    each of its gate's criteria (stages/gate.py) side by side, its threshold dashed, a bar green
+    when it passed, red when it failed; each stage named with its verdict."""
     import matplotlib.pyplot as plt
 
     stages = [s for s, st in data["stages"].items() if st["agreement"]]
-    panels = [("agreement", "agreement with teachers\n(mean log-likelihood, nats/token)")]
-    if any(data["stages"][s].get("reverse_kl") for s in stages):
-        panels.append(("reverse_kl",
-                       "reverse KL to teachers, own\nsampled answers (nats/token; lower = closer)"))
-    fig, axes = plt.subplots(1, len(panels),
-                             figsize=(len(panels) * max(4, 1.6 * len(stages) + 2), 3.5),
+    gates = {s: data["stages"][s].get("gate") or {} for s in stages}
+    names = list(dict.fromkeys(c["name"] for g in gates.values() for c in g.get("criteria", [])))
+    fig, axes = plt.subplots(1, 1 + len(names),
+                             figsize=((1 + len(names)) * max(3.2, 1.2 * len(stages) + 1.5), 3.5),
                              squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
+    ticks = [f"{s}\n{gates[s].get('verdict', '')}" for s in stages]
+    ax = axes[0][0]
+    for i, s in enumerate(stages):
+        a = data["stages"][s]["agreement"]
+        ax.bar([i - 0.2, i + 0.2], [a["before"], a["after"]], width=0.4,
+               color=["#bbbbbb", "#3b7dd8"], label=["before", "after"] if i == 0 else None)
+    ax.set(ylabel="agreement with teachers\n(log-likelihood, nats/token)",
+           title="signal through the cascade")
+    ax.set_xticks(range(len(stages)), ticks)
+    if stages:
+        ax.legend(fontsize=8)
+    for ax, name in zip(axes[0][1:], names):
         for i, s in enumerate(stages):
-            a = data["stages"][s].get(key)
-            if a:
-                ax.bar([i - 0.2, i + 0.2], [a["before"], a["after"]], width=0.4,
-                       color=["#bbbbbb", "#3b7dd8"],
-                       label=["before", "after"] if i == 0 else None)
-        ax.set_xticks(range(len(stages)), stages)
-        ax.set(ylabel=label, title="signal through the cascade")
-        if stages:
-            ax.legend(fontsize=8)
+            c = next((c for c in gates[s].get("criteria", []) if c["name"] == name), None)
+            if c and c["value"] is not None:
+                ax.bar(i, c["value"], width=0.5,
+                       color="#3a9b4b" if c["passed"] else "#d0443c")
+                ax.hlines(c["threshold"], i - 0.4, i + 0.4, colors="k", linestyles="dashed")
+        ax.set_xticks(range(len(stages)), ticks)
+        ax.set(title=f"gate: {name}", ylabel="value (dashed: threshold)")
     return _png(fig)
 
 
@@ -163,9 +173,12 @@ def _html(cfg: Config, data: dict) -> str:
                            f"&rarr; {p['losses'][-1]:.3f}" for n, p in st["phases"].items()) or "-"
         k = st.get("reverse_kl")
         kl = f"{k['before']:.3f} &rarr; {k['after']:.3f}" if k else "-"
-        rows.append(
-            f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{kl}</td><td>{phases}</td></tr>"
-        )
+        g = st.get("gate")
+        gate = html.escape(f"{g['verdict']}" + "".join(f"; {r}" for r in g["reasons"]) + (
+            " (gate.enforce=false: teaches anyway)" if g["verdict"] != "PROMOTE"
+            and not g["enforce"] else "")) if g else "-"
+        rows.append(f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{kl}</td><td>{gate}</td>"
+                    f"<td>{phases}</td></tr>")
     imgs = "\n".join(f'<h2>{n}</h2><img src="{n}.png" alt="{n}">' for n in PLOTS)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cascade report: {html.escape(cfg.target)}</title>
@@ -176,7 +189,7 @@ img{{max-width:100%}}</style></head><body>
 <p>run directory: <code>{html.escape(cfg.run_dir)}</code></p>
 <table><tr><th>stage</th><th>agreement with teachers, before &rarr; after (nats/token)</th>
 <th>reverse KL to teachers on its own sampled answers, before &rarr; after (nats/token)</th>
-<th>phases</th></tr>
+<th>gate (stages/gate.py)</th><th>phases</th></tr>
 {''.join(rows)}</table>
 {imgs}
 </body></html>

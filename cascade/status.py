@@ -34,15 +34,17 @@ def collect(cfg: Config) -> dict:
               for j in sp.gen_jobs}
     rows = [_row(p, s, steps.get(s.name, {}), driver is not None, shards.get(s.name), now)
             for s in p.steps()]
-    agreement, reverse_kl = {}, {}
+    agreement, reverse_kl, gate = {}, {}, {}
     for sp in p.stages:
+        if sp.gate and (rec := rd.committed(sp.gate)):
+            gate[sp.name] = rec["summary"]  # verdict, reasons, enforce
         if sp.eval and rd.committed(sp.eval):
             m = rd.read_json(rd.metrics(sp.name)) or {}
             agreement[sp.name], reverse_kl[sp.name] = (m.get("agreement", {}),
                                                        m.get("reverse_kl") or {})
     return {"run_dir": rd.url, "target": cfg.target, "time": now,
             "driver": {k: driver[k] for k in ("host", "pid", "start")} if driver else None,
-            "steps": rows, "agreement": agreement, "reverse_kl": reverse_kl,
+            "steps": rows, "agreement": agreement, "reverse_kl": reverse_kl, "gate": gate,
             "rerun_would_run": [r["step"] for r in rows if r["state"] != "done"]}
 
 
@@ -101,6 +103,11 @@ def render(st: dict) -> str:
         if k:
             lines.append(f"{stage}: reverse KL to its teachers on its own sampled answers "
                          f"{k['before']:.3f} -> {k['after']:.3f} nats/token")
+        if v := st["gate"].get(stage):
+            lines.append(f"{stage}: gate {v['verdict']}" + "".join(f"; {r}" for r in v["reasons"])
+                         + ("" if v["verdict"] == "PROMOTE" else
+                            " (teaches anyway: gate.enforce=false)" if not v["enforce"] else
+                            " (does not teach)"))
     todo = st["rerun_would_run"]
     lines.append(f"\na re-run would execute {len(todo)} steps"
                  + (": " + ", ".join(todo) if todo else ""))

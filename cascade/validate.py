@@ -97,8 +97,8 @@ def check(cfg: Any) -> None:
     for key, src in cfg.data.items():
         safe_name("data key", key)
         src.check(f"data.{key}")
-    for section in (cfg.generation, cfg.backend, cfg.train, cfg.eval, cfg.release, cfg.serve,
-                    cfg.plan, cfg.cluster):
+    for section in (cfg.generation, cfg.backend, cfg.train, cfg.eval, cfg.gate, cfg.tracking,
+                    cfg.release, cfg.serve, cfg.plan, cfg.cluster):
         section.check()
     cfg.models.check(cfg.stage_order())
     number("seed", cfg.seed, 0, 2**32 - 1)  # numpy's and Ray's seeds are 32-bit

@@ -1,6 +1,6 @@
 """The steps of a stage, one module each, in run order (cascade.graph.RunGraph.work lists a run's):
 
-    generate -> curate -> train (+ fuse) -> evaluate -> release
+    generate -> curate -> train (+ fuse) -> evaluate -> gate -> release
 
 Each module declares the same two things, its side of the step contract:
 - `run(ctx, work, todo) -> {step name: Made}`: make the outputs of `todo` (the work's steps not yet
@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-STEPS = {kind: f"stages.{kind}" for kind in ("generate", "curate", "train", "evaluate", "release")}
+STEPS = {kind: f"stages.{kind}" for kind in ("generate", "curate", "train", "evaluate", "gate",
+                                                    "release")}
 DECLARES = ("run", "cost")
 
 

@@ -1,4 +1,4 @@
-"""Step 5 of a stage: the release - what the seed ships, made from the run's own provenance.
+"""Step 6 of a stage: the release - what the seed ships, made from the run's own provenance.
 
     python -m cascade +stage=4b models=tiny release.enabled=true    # <run_dir>/4b/release/
     python -m cascade serve +stage=4b                               # serves it (cascade/serve.py)
@@ -110,12 +110,15 @@ def _provenance(cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph
     by_name, chain, todo = {s.name: s for s in stages}, {}, [sp.name]
     while todo:
         s = by_name[todo.pop()]
+        gate = (rd.committed(s.gate) or {}).get("summary", {}) if s.gate else {}
         chain[s.name] = {"stage": s.name, "model": cfg.stages[s.name].model, "key": s.final_key,
-                         "teachers": [(t.name, t.weight) for t in s.teachers]}
+                         "teachers": [(t.name, t.weight) for t in s.teachers],
+                         "gate": gate.get("verdict", "-") if s.gate else "used as is"}
         todo += [t.name for t in s.teachers if t.name in by_name and t.name not in chain]
     lineage = [chain[s.name] for s in stages if s.name in chain]
     return {"metrics": rd.read_json(rd.metrics(sp.name)), "lineage": lineage,
-            "probes": cfg.release.probes}
+            "probes": cfg.release.probes,
+            "verdict": rd.read_json(f"{rd.gate(sp.name)}/verdict.json")}
 
 
 

@@ -3,6 +3,7 @@ make."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -90,11 +91,24 @@ def test_rerun_has_nothing_to_do(tiny_4b_run: Path, tmp_path):
 
 
 def test_12b_on_a_run_with_4b_done_reuses_it(tiny_4b_run: Path, tmp_path):
+    """...with a gate no student passes, not enforced (gate.enforce=false): the 4b's gate alone runs
+    again, rejects it, and it teaches anyway, as every record says; the 12b's verdict chains the
+    4b's (the ledger). The gate enforced: tests/test_gate.py."""
     run = copy_run(tiny_4b_run, tmp_path / "run")
     before = {p: (run / "4b/train" / p / "step.json").read_text() for p in PHASES}
-    r = run_cli(*FAST, "+stage=12b", "models=tiny", f"run_dir={run}")
+    r = run_cli(*FAST, "+stage=12b", "models=tiny", f"run_dir={run}", "gate.min_gain=100",
+                "gate.enforce=false")
     assert r.returncode == 0, r.stdout[-4000:]
-    assert "[run ] 4b/" not in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
+    ran = [x.split("[run ] ")[1].split()[0] for x in r.stdout.splitlines() if "[run ] 4b/" in x]
+    assert ran == ["4b/gate"] and "[skip] 4b/dataset/p0_ethics" in r.stdout, ran
+    assert "teacher 4b was not promoted (REJECT: agreement" in r.stdout
+    assert "it teaches anyway (gate.enforce=false)" in r.stdout
+    v4, v12 = (json.loads((run / s / "gate/verdict.json").read_text()) for s in ("4b", "12b"))
+    assert v4["verdict"] == v12["verdict"] == "REJECT" and not v12["enforce"]
+    digest = hashlib.sha256((run / "4b/gate/verdict.json").read_bytes()).hexdigest()
+    assert v12["ledger"]["teachers"] == [
+        {"stage": "4b", "verdict": "REJECT", "verdict_sha256": digest},
+        {"stage": "1b", "weights_key": v4["ledger"]["teachers"][0]["weights_key"]}]
     assert before == {p: (run / "4b/train" / p / "step.json").read_text() for p in PHASES}
     # the 1b's answers made for 4b are reused by 12b (same teacher, sampling and prompts)
     assert "[skip] generate/1b/ethics" in r.stdout
@@ -116,7 +130,8 @@ def test_12b_on_a_fresh_run_plans_4b_first(tmp_path):
     assert todo.index("4b/eval") < min(i for i,
                                        s in enumerate(todo)
                                        if s.startswith(("12b/", "generate/4b/")))
-    assert todo[0] == "generate/1b/ethics" and todo[-1] == "12b/eval" and len(todo) == 2 + 7 + 2 + 7
+    assert todo.index("4b/gate") < todo.index("generate/4b/ethics")  # a teacher only if promoted
+    assert todo[0] == "generate/1b/ethics" and todo[-1] == "12b/gate" and len(todo) == 2 + 8 + 2 + 8
 
 
 def test_root_teacher_built_by_kernel_context_distillation(tmp_path):

@@ -61,6 +61,8 @@ def test_release_has_the_seeds_formats_each_checked_and_a_card_from_provenance(r
     step = json.loads((released / "4b/train/02-p2_ethics/step.json").read_text())
     assert f"`{step['key']}`" in card, "the lineage names the student's key"
     assert "| 1b | `tiny:1b` |" in card and "| 4b | `tiny:4b` |" in card
+    assert " | root teacher | used as is |" in card and " | PROMOTE |" in card  # each one's gate
+    assert "## Promotion gate\n\n**PROMOTE**" in card and "| agreement | " in card
     for phase in ("p0_ethics", "p1_composure", "p2_ethics"):
         assert f"| {phase} |" in card
     assert f"{metrics['agreement']['before']:.4f} | {metrics['agreement']['after']:.4f}" in card

@@ -1,0 +1,73 @@
+"""The promotion gate (stages/gate.py): a student teaches the next stage only if its held-out
+evaluation promotes it; its verdict a committed step carrying the ledger from the root teacher
+up."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, copy_run, run_cli
+from stages.gate import judge
+
+
+def _metrics(delta=0.5, ended=0.9, kl=(1.0, 0.8)) -> dict:
+    return {"agreement": {"delta": delta}, "self_ended": {"after": ended},
+            "reverse_kl": {"sampled": {"before": kl[0], "after": kl[1]}} if kl else None}
+
+
+@pytest.mark.parametrize("metrics,verdict,failed", [
+    (_metrics(), "PROMOTE", []),
+    (_metrics(kl=None), "PROMOTE", []),  # reverse KL not measured: not counted
+    (_metrics(delta=-0.3), "REJECT", ["agreement"]),
+    (_metrics(ended=0.2, kl=(1.0, 1.3)), "REJECT", ["self_ended", "reverse_kl_rise"]),
+    (_metrics(delta=None), "HOLD", []),
+])
+def test_verdict_from_the_figures(metrics, verdict, failed):
+    from cascade.config import GateConfig
+
+    v = judge(GateConfig(), metrics)
+    assert v["verdict"] == verdict, v
+    assert [c["name"] for c in v["criteria"] if c["passed"] is False] == failed
+    assert len(v["reasons"]) == len(failed) or verdict == "HOLD"
+    for c in v["criteria"]:  # each with its value and threshold
+        assert {"name", "value", "op", "threshold", "passed"} <= set(c)
+
+
+def test_a_student_not_promoted_never_teaches(tiny_4b_run: Path, tmp_path: Path):
+    # the shared healthy run: promoted, and its verdict's ledger is made of committed bytes
+    v = json.loads((tiny_4b_run / "4b/gate/verdict.json").read_text())
+    assert v["verdict"] == "PROMOTE" and v["reasons"] == [] and v["enforce"], v
+    weights = (tiny_4b_run / "4b/train/02-p2_ethics/model.safetensors").read_bytes()
+    metrics = (tiny_4b_run / "4b/eval/metrics.json").read_bytes()
+    assert v["ledger"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert v["ledger"]["metrics_sha256"] == hashlib.sha256(metrics).hexdigest()
+    assert v["ledger"]["teachers"] == [{"stage": "1b", "weights_key": v["ledger"]["teachers"][0][
+        "weights_key"]}]  # the root teacher, used as is: its weights' identity
+    assert v["thresholds"]["min_gain"] == 0.0
+
+    # a stricter gate re-runs the gate alone, rejects the 4b, and the 12b stops before generating
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    args = [*FAST, "+stage=12b", "models=tiny", f"run_dir={run}", "gate.min_gain=100"]
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stdout[-4000:]
+    assert "[run ] 4b/gate" in r.stdout and "[run ] 4b/train" not in r.stdout
+    assert "[run ] generate/4b" not in r.stdout and not (run / "generations/4b").exists()
+    assert not (run / "12b").exists()
+    said = r.stdout[r.stdout.index("stage 12b not started"):]
+    assert "stage 4b, was not promoted" in said and "REJECT: agreement" in said, said[:600]
+    v = json.loads((run / "4b/gate/verdict.json").read_text())
+    assert v["verdict"] == "REJECT" and v["reasons"][0].startswith("agreement "), v
+    assert v["criteria"][0]["threshold"] == 100 and v["criteria"][0]["passed"] is False
+
+    # the same command again: refused from the committed verdict, before Ray starts
+    r = run_cli(*args)
+    assert r.returncode == 2 and "stage 12b not started" in r.stdout, r.stdout[-3000:]
+    assert " up (node " not in r.stdout  # cascade.cluster's line when Ray is up
+    # `cascade status` and the report say why
+    st = run_cli("status", *args)
+    assert "4b: gate REJECT; agreement" in st.stdout and "(does not teach)" in st.stdout, st.stdout
+    assert "REJECT; agreement" in (run / "report/index.html").read_text()
