@@ -66,8 +66,9 @@ def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harn
     """The card, as the seed's: front matter the hub reads, then lineage, curriculum, metrics,
     formats, quick start."""
     m = prov["metrics"]
-    gguf = [f for f in formats if f["format"].startswith("GGUF")]
-    pick = next((f for f in gguf if "Q4_K_M" in f["file"]), gguf[0])["file"]
+    gguf = [f for f in formats if f["format"].startswith("GGUF") and f["file"]]  # shipped
+    pick = next((f for f in gguf if "Q4_K_M" in f["file"] and f["verdict"] == "ship"),
+                gguf[0])["file"]
     datasets = sorted({ph.data for ph in sp.phases})
     base = cfg.stages[sp.name].model if os.path.isabs(sp.base_model) else sp.base_model
     front = ["---", f"license: {cfg.release.license}", f"base_model: {base}",
@@ -92,10 +93,15 @@ def model_card(cfg: Config, sp: StageGraph, name: str, formats: list[dict], harn
               "Each GGUF was made by llama.cpp's converter and quantizer and compared with "
               f"transformers on {prov['probes']} held-out prompts with their teachers' answers "
               "(next-token argmax agreement, mean KL(transformers || GGUF) per position).", "",
-              "| Format | File | Size | Engines | Agreement | KL |", "|---|---|---|---|---|---|"]
+              "A type other than F32/F16 ships when its agreement reaches "
+              f"{cfg.release.min_quant_agreement:g} (release.min_quant_agreement).", "",
+              "| Format | File | Size | Engines | Agreement | KL | Verdict |",
+              "|---|---|---|---|---|---|---|"]
     for f in formats:
-        lines.append(f"| {f['format']} | `{f['file']}` | {_human(f['bytes'])} | {f['engines']} | "
-                     f"{_f(f.get('agreement'))} | {_f(f.get('kl'), '.2e')} |")
+        where = f"`{f['file']}`" if f["file"] else "-"
+        lines.append(f"| {f['format']} | {where} | {_human(f['bytes'])} | {f['engines']} | "
+                     f"{_f(f.get('agreement'))} | {_f(f.get('kl'), '.2e')} | "
+                     f"{f.get('verdict', 'ship')} |")
     lines += ["", "## Licence", "",
               f"Released under {cfg.release.license.upper()}. The base model is subject to its own "
               "licence terms (Gemma 3: Google's Gemma terms).", ""]

@@ -25,6 +25,10 @@ class ReleaseConfig:
     probes: int = 8
     # next-token argmax agreement an F32/F16 file must reach, else the step fails
     min_agreement: float = 0.99
+    # ... any other type (BF16, quantized) must reach to ship; below it, `below_bar`: drop (not
+    # shipped, the card says so) or mark (shipped, marked in the card's formats table)
+    min_quant_agreement: float = 0.9
+    below_bar: str = "drop"
     license: str = "eupl-1.2"  # the card's front matter; the base model's own terms still apply
     # lm-evaluation-harness tasks run on the released model: the project's own (cascade_probes,
     # cascade_format) work offline; on a cluster any harness task, e.g. ifeval
@@ -50,6 +54,9 @@ class ReleaseConfig:
                 fail(f"release.gguf: {t!r} is not a llama.cpp type name (F16, Q8_0, Q4_K_M, ...)")
         number("release.probes", self.probes, 1)
         number("release.min_agreement", self.min_agreement, 0, 1)
+        number("release.min_quant_agreement", self.min_quant_agreement, 0, 1)
+        if self.below_bar not in ("drop", "mark"):
+            fail(f"release.below_bar {self.below_bar!r}: drop or mark")
         for t in self.harness:
             safe_name("release.harness task", t)
         if self.harness_limit is not None:

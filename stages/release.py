@@ -80,7 +80,8 @@ def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir,
     probes = heldout(rd, sp)
     formats = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
         staging, sp.final_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
-        cfg.release.min_agreement, cfg.train.max_seq_len, cfg.models.trust_remote_code))
+        (cfg.release.min_agreement, cfg.release.min_quant_agreement, cfg.release.below_bar),
+        cfg.train.max_seq_len, cfg.models.trust_remote_code))
     harness = {}
     if cfg.release.harness:  # the student and its teachers on the same tasks (cascade/harness.py)
         from cascade.harness import describe
@@ -124,9 +125,9 @@ def _provenance(cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph
 
 
 def build(staging: str, model: str, name: str, types: list[str], probes: list[dict],
-          min_agreement: float, max_len: int, trust: bool) -> list[dict]:
+          bars: tuple[float, float, str], max_len: int, trust: bool) -> list[dict]:
     """The HF directory, the GGUF files, each checked against transformers; the formats table's
-    rows."""
+    rows. bars: (release.min_agreement, release.min_quant_agreement, release.below_bar)."""
     quiet_llama_cpp()
     hf = Path(staging, "hf")
     for part in ("hf", "gguf"):  # a retried task (its worker died) starts from nothing
@@ -156,13 +157,32 @@ def build(staging: str, model: str, name: str, types: list[str], probes: list[di
     rows = [{"format": "safetensors", "file": "hf/", "bytes": _size(hf),
              "engines": "transformers, vLLM"}]
     for t in files:
-        row = _checked(name, t, files[t], reference, min_agreement)
+        row = _checked(name, t, files[t], reference, bars[0])
         if t in types:
-            rows.append(row)
+            rows.append(_judged(row, t, files[t], *bars[1:]))
         else:  # the quantizer's source, not asked for
             files[t].unlink()
+    if all(r["verdict"] == "not shipped" for r in rows[1:]):
+        asked = ", ".join(r["format"] for r in rows[1:])
+        raise ReleaseError(f"no GGUF type reached release.min_quant_agreement {bars[1]} ({asked}): "
+                           "nothing to ship (release.below_bar=mark ships them marked)")
     rows[0]["convert_seconds"] = round(made, 1)
     return rows
+
+
+def _judged(row: dict, t: str, path: Path, bar: float, below: str) -> dict:
+    """A format's verdict: an exact type has passed release.min_agreement already; any other type
+    (BF16, quantized) ships when its next-token argmax agreement with the student on the held-out
+    probes reaches release.min_quant_agreement, else is not shipped (its file removed; below_bar
+    drop) or shipped marked (mark)."""
+    if t in EXACT_TYPES or row["agreement"] >= bar:
+        return {**row, "verdict": "ship"}
+    log.warning("release %s: argmax agreement %.4f < release.min_quant_agreement %s: %s", path.name,
+                row["agreement"], bar, "not shipped" if below == "drop" else "shipped, marked")
+    if below == "drop":
+        path.unlink()
+        return {**row, "file": None, "bytes": 0, "verdict": "not shipped"}
+    return {**row, "verdict": "below the bar"}
 
 
 def _checked(name: str, t: str, path: Path, reference: Any, min_agreement: float) -> dict:

@@ -173,3 +173,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_ray(tmp_path):
         with pytest.raises(ConfigError, match="p2_ethics \\(kind on_policy\\) compares .* "
                                               "teacher 1b .* different tokenizers"):
             build_graph(cfg)
+    # a preset not built yet (a fresh cache; the driver builds it after this check) is passed over
+    cfg = compose(["+stage=4b", "models=gemma3-270m", f"run_dir={tmp_path / 'run'}",
+                   f"models.cache_dir={tmp_path / 'empty-cache'}", "curriculum.2.kind=on_policy"])
+    assert build_graph(cfg).stages[-1].phases[-1].kind == "on_policy"

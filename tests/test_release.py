@@ -106,7 +106,8 @@ def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Pat
     (bad / "config.json").write_text(json.dumps(c))
     assert any("query_pre_attn_scalar" in m for m in gguf.llama_cpp_mismatches(c))
     with pytest.raises(ReleaseError, match="llama.cpp would run a different model"):
-        release.build(str(tmp_path / "stage"), str(bad), "x", ["F16"], [], 0.99, 256, False)
+        release.build(str(tmp_path / "stage"), str(bad), "x", ["F16"], [], (0.99, 0.9, "drop"), 256,
+                      False)
     # converted anyway: the GGUF answers as the changed config says, not as the student does
     probes = [json.loads(line)
               for line in (released / "4b/dataset/p0_ethics/heldout.jsonl").open()][:4]
