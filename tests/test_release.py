@@ -262,3 +262,19 @@ def test_sentencepiece_file_tokenizes_as_transformers(tiny_4b_run, tmp_path: Pat
     texts += ["Hello  123 wörld ☃ 😀\n\n\ttabs", " leading and trailing  "]
     assert all(sp.encode(t) == tok(t, add_special_tokens=False)["input_ids"] for t in texts)
     assert sp.vocab_size() == len(tok)
+
+
+def test_a_format_below_the_bar_is_not_shipped_or_is_marked(tmp_path: Path):
+    """release.min_quant_agreement judges every type but F32/F16: below it the file is removed
+    (below_bar drop) or shipped marked (mark); the row keeps its figures either way."""
+    from stages.release import _judged
+
+    for below, verdict in (("drop", "not shipped"), ("mark", "below the bar")):
+        f = tmp_path / f"x-Q4_K_M-{below}.gguf"
+        f.write_bytes(b"GGUF")
+        row = {"format": "GGUF Q4_K_M", "file": f"gguf/{f.name}", "bytes": 4, "agreement": 0.45}
+        out = _judged(row, "Q4_K_M", f, 0.9, below)
+        assert out["verdict"] == verdict and out["agreement"] == 0.45
+        assert f.exists() == (below == "mark") and (out["file"] is None) == (below == "drop")
+    f16 = {"format": "GGUF F16", "file": "gguf/x-F16.gguf", "bytes": 4, "agreement": 0.995}
+    assert _judged(f16, "F16", tmp_path / "x-F16.gguf", 0.999, "drop")["verdict"] == "ship"
