@@ -40,14 +40,18 @@ def run(cfg: Config) -> list[StageGraph]:
     if not todo:
         log.info("nothing to do: every step up to stage %s is committed in %s", cfg.target,
                  p.rd.url)
+        from cascade import tracking
+
+        tracking.sync(p)  # tracking.mlflow turned on for a finished run, or a half-logged step
         _report(p)
         return p.stages
     log.info("stages %s; %d steps to run: %s", [s.name for s in p.stages], len(todo),
              ", ".join(todo))
     from stages.gate import require_promoted
 
+    pending = {w.stage.name for w in p.work() if any(s.name in todo for s in w.steps)}
     for sp in p.stages:  # a teacher already refused by its gate: stop before Ray starts
-        if any(s.name in todo for w in p.work() if w.stage is sp for s in w.steps):
+        if sp.name in pending:
             require_promoted(p, sp, committed_only=True)
     if any(sp.release and not p.rd.committed(sp.release) for sp in p.stages):
         from cascade.gguf import check_tools
@@ -185,11 +189,10 @@ def _log_to_file(rd: RunDir) -> None:
 
 
 def _report(p: RunGraph) -> None:
-    from cascade import report, tracking
+    from cascade import report
 
     if not p.rd.exists(p.rd.report("index.html")):  # a run directory made before reports were
         report.refresh(p)
-    tracking.sync(p)  # tracking.mlflow: what this invocation committed, or tracking just turned on
     for sp in p.stages:
         if sp.trains:
             metrics = p.rd.read_json(p.rd.metrics(sp.name)) or {}

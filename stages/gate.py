@@ -27,11 +27,13 @@ teachers' verdicts': a changed threshold re-runs the gate alone, never training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from typing import Any
 
 from cascade.graph import Context, RunGraph, StageGraph, Work, heldout
-from cascade.rundir import RunDir, Step, stable_hash
+from cascade.rundir import RunDir, Step
 from cascade.steps import Made
 
 log = logging.getLogger(__name__)
@@ -104,11 +106,16 @@ def ledger(g: RunGraph, sp: StageGraph) -> dict:
                         {"stage": t.name, "verdict": (rec or {}).get("summary", {}).get("verdict"),
                          "verdict_sha256": _sha(rd, gate, VERDICT)})
     return {"student": sp.final_model,
+            # one file's sha256, or that of the {file: sha256} of a sharded model
             "weights_sha256": (next(iter(weights.values())) if len(weights) == 1
-                               else stable_hash(weights)),
+                               else _sha256_json(weights)),
             "metrics_sha256": _sha(rd, sp.eval, "metrics.json"),
-            "heldout_sha256": stable_hash(heldout(rd, sp)),
+            "heldout_sha256": _sha256_json(heldout(rd, sp)),
             "teachers": teachers}
+
+
+def _sha256_json(x: Any) -> str:
+    return hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()
 
 
 def _sha(rd: RunDir, step: Step, name: str) -> str | None:

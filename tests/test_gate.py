@@ -45,6 +45,7 @@ def test_a_student_not_promoted_never_teaches(tiny_4b_run: Path, tmp_path: Path)
     metrics = (tiny_4b_run / "4b/eval/metrics.json").read_bytes()
     assert v["ledger"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     assert v["ledger"]["metrics_sha256"] == hashlib.sha256(metrics).hexdigest()
+    assert len(v["ledger"]["heldout_sha256"]) == 64  # of the held-out records it was judged on
     assert v["ledger"]["teachers"] == [{"stage": "1b", "weights_key": v["ledger"]["teachers"][0][
         "weights_key"]}]  # the root teacher, used as is: its weights' identity
     assert v["thresholds"]["min_gain"] == 0.0
