@@ -175,7 +175,7 @@ def resumable(tiny_4b_run: Path, dst: Path) -> Path:
     live progress) is dropped, so that a test sees only this run's."""
     copy_run(tiny_4b_run, dst)
     for d in ("progress", "4b/train/_ckpt", "4b/train/01-p1_composure", "4b/train/02-p2_ethics",
-              "4b/eval"):
+              "4b/eval", "4b/gate"):
         shutil.rmtree(dst / d, ignore_errors=True)
     return dst
 

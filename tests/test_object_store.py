@@ -238,7 +238,8 @@ def test_tiny_cascade_on_s3_through_outages_killed_mid_phase_resumes_to_local_by
     p1 = rows["4b/train/p1_composure"]
     assert (p1["state"] == "stopped" and p1["progress"]["unit"] == "steps"
             and 0 < p1["progress"]["done"] < 40), p1
-    assert st["rerun_would_run"] == ["4b/train/p1_composure", "4b/train/p2_ethics", "4b/eval"]
+    assert st["rerun_would_run"] == ["4b/train/p1_composure", "4b/train/p2_ethics", "4b/eval",
+                                    "4b/gate"]
     r = run_cli(*args, f"run_dir={url}", env=env)
     assert r.returncode == 0, r.stdout[-4000:]
     steps = json.loads(fs.cat_file(f"{root}/manifest.json"))["steps"]

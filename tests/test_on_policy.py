@@ -66,7 +66,7 @@ def _p2_fresh(tiny_4b_run, dst):
     """A copy of the shared tiny run without its P2 and evaluation: a run of ARGS goes straight to
     P2."""
     copy_run(tiny_4b_run, dst)
-    for d in ("progress", "4b/train/_ckpt", "4b/train/02-p2_ethics", "4b/eval"):
+    for d in ("progress", "4b/train/_ckpt", "4b/train/02-p2_ethics", "4b/eval", "4b/gate"):
         shutil.rmtree(dst / d, ignore_errors=True)
     return dst
 
