@@ -105,7 +105,7 @@ def ledger(g: RunGraph, sp: StageGraph) -> dict:
         teachers.append({"stage": t.name, "weights_key": t.key} if gate is None else
                         {"stage": t.name, "verdict": (rec or {}).get("summary", {}).get("verdict"),
                          "verdict_sha256": _sha(rd, gate, VERDICT)})
-    return {"student": sp.final_model,
+    return {"student": sp.phases[-1].model.name,  # its step: the same wherever the run lives
             # one file's sha256, or that of the {file: sha256} of a sharded model
             "weights_sha256": (next(iter(weights.values())) if len(weights) == 1
                                else _sha256_json(weights)),
