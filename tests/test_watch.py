@@ -64,9 +64,8 @@ def test_status_while_the_run_goes_and_after(tiny_4b_run: Path):
     # P1 changed
     text = render(collect(compose([*ARGS, f"run_dir={tiny_4b_run}", "curriculum.1.lr=5e-4"])))
     assert re.search(r"4b/train/p1_composure\s+pending", text), text
-    assert (
-        "a re-run would execute 3 steps: 4b/train/p1_composure, 4b/train/p2_ethics, 4b/eval" in text
-    )
+    assert ("a re-run would execute 4 steps: 4b/train/p1_composure, 4b/train/p2_ethics, 4b/eval, "
+            "4b/gate" in text)
 
 
 @pytest.mark.slow
