@@ -7,20 +7,20 @@ same base without it.
     # + models=gemma3-270m (long on CPU; not run yet)
     .venv/bin/python benchmarks/on_policy.py --real
 
-One phase on the ethics probes (the sandwich's P0), lr 1e-3, batch 4, seed 42, in one run directory
-(the teacher's answers are generated once and reused). Off-policy trains 600 steps (60 on the 270M)
-on the teacher's answers; on-policy (samples of at most 64 tokens, one per prompt, reverse KL: beta
-1, the teacher's context as in generation: the kernel) is first timed on 4 steps, then given as many
-steps as fit in off-policy's training seconds, re-run with its step count corrected until its
-training time is within 10 % of off-policy's (at most 3 runs, each printed). Measured by the
-evaluation on the held-out probes (never used to choose a setting): the reverse KL(student ||
+One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
+chosen on the held-out probes; 1e-3 moved both recipes away on 12-03), batch 4, seed 42, in one run
+directory (the teacher's answers are generated once and reused). Off-policy trains 600 steps (60 on
+the 270M) on the teacher's answers; on-policy (samples of at most 64 tokens, one per prompt, reverse
+KL: beta 1, the teacher's context as in generation: the kernel) is first timed on 4 steps, then
+given as many steps as fit in off-policy's training seconds, re-run with its step count corrected
+until its training time is within 10 % of off-policy's (at most 3 runs, each printed). Measured by
+the evaluation on the held-out probes (never used to choose a setting): the reverse KL(student ||
 teacher) per token on the student's own sampled answers (before = the base, the same for both), the
 log-likelihood of the teacher's held-out answers, ROUGE-L of greedy answers, the share of answers
 that end by themselves, and the training seconds. The last line is one JSON object:
 tiny_reverse_kl_cut (on-policy: 1 - after / before), tiny_on_vs_off (on-policy's held-out reverse KL
 over off-policy's), and the same with real_ when --real ran (else null), beside every figure and the
-settings.
-"""
+settings. """
 
 from __future__ import annotations
 
@@ -30,13 +30,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: 1.0e-3%s}"
+PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: %s%s}"
+LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P0 lr
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
       "teacher_context: teacher}")
 
 
 def _run(conf: Path, run: Path, preset: str, iters: int, on: bool) -> dict:
-    phase = PHASE % (iters, ON if on else "")
+    phase = PHASE % (iters, LR[preset], ON if on else "")
     (conf / "local" / "bench.yaml").write_text(
         f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n")
     args = ["--config-dir", str(conf), "+stage=1b", f"models={preset}", "+local=bench",
@@ -81,7 +82,7 @@ def main() -> None:
     real = "--real" in sys.argv
     out: dict = {"settings": {"stage": "1b (build: the kernel in the teacher's context)",
                               "phase": "p0_ethics",
-                              "lr": 1e-3, "batch_size": 4, "seed": 42,
+                              "lr": LR, "batch_size": 4, "seed": 42,
                               "on_policy": ON.split("options: ")[1][:-1],
                               "off_policy_iters": {"tiny": 600, "gemma3-270m": 60}}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
