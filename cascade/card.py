@@ -133,6 +133,8 @@ def _curriculum_and_evaluation(sp: StageGraph, m: dict) -> list[str]:
             "| share of greedy answers that end by themselves | "
             f"{_f(m['self_ended']['before'])} | {_f(m['self_ended']['after'])} |",
         ]
+        + [f"| {c['metric']} | {_f(c['before'])} | {_f(c['after'])} |"
+           for c in [m.get("conditioning")] if c]
         + [
             f"| reverse KL(student \\|\\| teacher) per token, its own {how} answers (nats; "
             f"lower = closer) | {_f(kl[how]['before'])} | {_f(kl[how]['after'])} |"

@@ -210,6 +210,10 @@ class GateConfig:
     # reverse KL to the teachers on the student's sampled answers (where measured): after may be at
     # most this share above before (0: it must not rise)
     max_kl_rise: float = 0.25
+    # what the teachers' answers owe to their questions (their log-likelihood/token after their own
+    # prompt minus after another held-out prompt): after - before, at least. A student that learnt
+    # the answers without their questions (answers shuffled among prompts) loses it.
+    min_conditioning_gain: float = 0.0
 
     def check(self) -> None:
         number("gate.min_self_ended", self.min_self_ended, 0, 1)
@@ -298,6 +302,11 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
+
+    @property
+    def train_seed(self) -> int:
+        """The seed of every training step: train.seed, else the run's."""
+        return self.seed if self.train.seed is None else self.train.seed
     serve: ServeConfig = field(default_factory=ServeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)

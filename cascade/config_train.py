@@ -51,6 +51,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # last K mid-phase checkpoints kept per phase
     # Ray Train restarts of a failed worker group (resuming from the last checkpoint)
     max_failures: int = 2
+    # the training's own seed (data order, adapter init, on-policy samples); None: the run's `seed`.
+    # Set it to re-train a stage with other noise without regenerating or rebuilding anything.
+    seed: Optional[int] = None
 
     def check(self) -> None:
         for k in ("batch_size", "grad_accum", "max_seq_len", "num_workers", "keep_checkpoints"):

@@ -279,6 +279,7 @@ def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJo
         keep_checkpoints=0, max_failures=0, gradient_checkpointing=False))
     # a setting before phase kinds (now distill's option): keys stay as they were
     train_id["distill_weight"] = 0.0
+    del train_id["seed"]  # train.seed: keyed below as the seed it resolves to (cfg.train_seed)
     phases, prev = [], base_key
     for i, ph in enumerate(cfg.curriculum):
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]
@@ -289,7 +290,8 @@ def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJo
         uses = getattr(kind, "uses_kernel", None)
         extra = ((stable_hash(kernel),) if uses
                  and uses(phase_kinds.options(ph.kind, ph.options, ph.name)) else ())
-        tkey = stable_hash("train", prev, dkey, phase_identity(ph), train_id, cfg.seed, *extra)
+        tkey = stable_hash("train", prev, dkey, phase_identity(ph), train_id, cfg.train_seed,
+                           *extra)
         data = Step(f"{stage}/dataset/{ph.name}", dkey, rd.dataset(stage, ph.name),
                     tuple(j.step.path for j in jobs if j.data == ph.data))
         model = Step(f"{stage}/train/{ph.name}", tkey, rd.model(stage, i, ph.name),

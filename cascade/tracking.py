@@ -159,9 +159,10 @@ def _log_step(client: Any, rid: str, p: RunGraph, kind: str, s: Step, rec: dict)
 
 
 def _flat(m: dict) -> dict:
-    """The evaluation's numbers: agreement, text agreement, self-ended, reverse KL, before/after."""
+    """The evaluation's numbers: agreement, text agreement, self-ended, conditioning, reverse KL,
+    before/after."""
     out = {}
-    for k in ("agreement", "text_agreement", "self_ended"):
+    for k in ("agreement", "text_agreement", "self_ended", "conditioning"):
         for when in ("before", "after", "delta"):
             out[f"{k}_{when}"] = (m.get(k) or {}).get(when)
     for how, kl in (m.get("reverse_kl") or {}).items():

@@ -39,6 +39,9 @@ METRIC = ("mean per-token log-likelihood of held-out teacher responses under the
           "(nats; higher = closer)")
 TEXT_METRIC = ("ROUGE-L F1 of the student's greedy answers against the teachers' held-out "
                "answers (0..1)")
+COND_METRIC = ("log-likelihood/token of the teachers' held-out answers after their own prompt "
+               "minus after another held-out prompt (nats: what the answers owe to their "
+               "questions)")
 KL_METRIC = ("reverse KL(student || teacher) per token of the student's own answers to the "
              "held-out prompts, the teacher with its context (nats; lower = closer), on the "
              "student's top-32 and the tail")
@@ -109,6 +112,8 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
         "teachers": [{"stage": t.name, "weight": t.weight, "key": t.key} for t in sp.teachers],
         "agreement": _delta(METRIC, len(records), before["loglik"], after["loglik"]),
         "text_agreement": _delta(TEXT_METRIC, len(records), before["rouge_l"], after["rouge_l"]),
+        "conditioning": _delta(COND_METRIC, len(records), before.get("conditioning"),
+                               after.get("conditioning")),
         "self_ended": {"before": before["self_ended"], "after": after["self_ended"]},
         "reverse_kl": kl,
         # the teachers' answers had the kernel
@@ -192,31 +197,28 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     import torch
     from transformers import AutoTokenizer
 
-    from cascade.chat import collate, encode_example, prompt_ids, vocab_hash
+    from cascade.chat import prompt_ids, vocab_hash
     from cascade.cluster import cpu_threads
     from cascade.divergence import answer_top_k
-    from cascade.modeling import load_model, response_nll
+    from cascade.modeling import load_model
 
     if not records:
-        return {"loglik": None, "rouge_l": None, "self_ended": None, "seconds": 0.0}
+        return {"loglik": None, "rouge_l": None, "self_ended": None, "conditioning": None,
+                "seconds": 0.0}
     model_path = local_model(model_path)  # pulled into this node's cache from an object store
     torch.set_num_threads(cpu_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
     model = load_model(model_path, revision, trust_remote_code=trust).to(device).eval()
-    total, count, t0 = 0.0, 0, time.perf_counter()
-    for i in range(0, len(records), batch_size):
-        batch = [encode_example(tok, r["messages"], r["response"], max_len)
-                 for r in records[i : i + batch_size]]
-        ids, labels, mask = collate(batch, tok.pad_token_id, device)
-        with torch.no_grad():
-            # the output layer applied in chunks: no [batch, tokens, vocab] tensor
-            nll, _, n = response_nll(model,
-                                     {"input_ids": ids, "attention_mask": mask, "labels": labels})
-        total -= float(nll)
-        count += n
-    out = {"loglik": total / max(1, count), "rouge_l": None, "self_ended": None,
-           "vocab_hash": vocab_hash(tok)}
+    t0 = time.perf_counter()
+
+    def loglik(pairs: list[tuple[list[dict], str]]) -> float:
+        return _loglik(model, tok, pairs, max_len, batch_size, device)
+
+    out = {"loglik": loglik([(r["messages"], r["response"]) for r in records]),
+           "rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
+    swapped = mismatched(records)
+    out["conditioning"] = None if swapped is None else out["loglik"] - loglik(swapped)
     if answer_tokens:
         kinds = ("greedy", "sampled") if divergence else ("greedy",)
         answers = {how: _answers(model, tok, records, answer_tokens, batch_size, device,
@@ -228,6 +230,41 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
         out["answers"] = answers
         out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
     return {**out, "seconds": time.perf_counter() - t0}
+
+
+def _loglik(model: Any, tok: Any, pairs: list[tuple[list[dict], str]], max_len: int,
+            batch_size: int, device: str) -> float:
+    """Mean log-likelihood per response token of each (messages, response) under the model."""
+    import torch
+
+    from cascade.chat import collate, encode_example
+    from cascade.modeling import response_nll
+
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        batch = [encode_example(tok, m, r, max_len) for m, r in pairs[i : i + batch_size]]
+        ids, labels, mask = collate(batch, tok.pad_token_id, device)
+        with torch.no_grad():
+            # the output layer applied in chunks: no [batch, tokens, vocab] tensor
+            nll, _, n = response_nll(
+                model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        total -= float(nll)
+        count += n
+    return total / max(1, count)
+
+
+def mismatched(records: list[dict]) -> list[tuple[list[dict], str]] | None:
+    """Each record's response after the next record's prompt that differs from its own (None when
+    all prompts are one): what the log-likelihood of an answer owes to being asked its question."""
+    n = len(records)
+    out = []
+    for i, r in enumerate(records):
+        other = next((records[(i + k) % n] for k in range(1, n)
+                      if records[(i + k) % n]["messages"] != r["messages"]), None)
+        if other is None:
+            return None
+        out.append((other["messages"], r["response"]))
+    return out
 
 
 def _answers(model: Any, tok: Any, records: list[dict], max_new: int, batch_size: int, device: str,

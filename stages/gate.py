@@ -8,6 +8,9 @@ Criteria (the `gate:` section, cascade/config.py GateConfig), each recorded with
 threshold:
     agreement     log-likelihood/token of the teachers' held-out answers rose by >= gate.min_gain
     self_ended    the share of the student's greedy answers ending by themselves >= min_self_ended
+    conditioning  what the teachers' held-out answers owe to their own prompts (log-likelihood/token
+                  after their prompt minus after another's) rose by >= gate.min_conditioning_gain:
+                  answers learnt without their questions (shuffled among prompts) lower it
     reverse_kl    the reverse KL(student || teachers) per token on the student's sampled answers
                   rose by at most gate.max_kl_rise (a share of before); where measured
                   (eval.reverse_kl)
@@ -72,7 +75,9 @@ def judge(gate: Any, metrics: dict) -> dict:
     kl = ((metrics.get("reverse_kl") or {}).get("sampled") or {})
     rise = (kl["after"] / kl["before"] - 1 if kl.get("before") and kl.get("after") is not None
             else None)
+    conditioning = (metrics.get("conditioning") or {}).get("delta")
     criteria = [_criterion("agreement", agreement, ">=", gate.min_gain),
+                _criterion("conditioning", conditioning, ">=", gate.min_conditioning_gain),
                 _criterion("self_ended", ended, ">=", gate.min_self_ended),
                 _criterion("reverse_kl_rise", rise, "<=", gate.max_kl_rise)]
     failed = [c for c in criteria if c["passed"] is False]

@@ -61,8 +61,8 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
                    sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, phs,
                    dataclasses.replace(cfg.train, cpus_per_worker=ctx.cpus),
-                   cfg.seed, cfg.models.trust_remote_code, sp.base_key, ctx.lease, sp.teachers,
-                   ctx.graph.kernel, cfg.backend.vllm)
+                   cfg.train_seed, cfg.models.trust_remote_code, sp.base_key, ctx.lease,
+                   sp.teachers, ctx.graph.kernel, cfg.backend.vllm)
     # SIGTERM: the workers checkpoint at their next optimizer step and stop, then the driver stops
     with ctx.stop.deferred() if ctx.stop else contextlib.nullcontext():
         fit(job, ctx.rd, f"{sp.name}-{phs[0].model.key}")

@@ -14,8 +14,9 @@ from conftest import FAST, copy_run, run_cli
 from stages.gate import judge
 
 
-def _metrics(delta=0.5, ended=0.9, kl=(1.0, 0.8)) -> dict:
+def _metrics(delta=0.5, ended=0.9, kl=(1.0, 0.8), cond=0.1) -> dict:
     return {"agreement": {"delta": delta}, "self_ended": {"after": ended},
+            "conditioning": {"delta": cond},
             "reverse_kl": {"sampled": {"before": kl[0], "after": kl[1]}} if kl else None}
 
 
@@ -25,6 +26,8 @@ def _metrics(delta=0.5, ended=0.9, kl=(1.0, 0.8)) -> dict:
     (_metrics(delta=-0.3), "REJECT", ["agreement"]),
     (_metrics(ended=0.2, kl=(1.0, 1.3)), "REJECT", ["self_ended", "reverse_kl_rise"]),
     (_metrics(delta=None), "HOLD", []),
+    (_metrics(cond=-0.05), "REJECT", ["conditioning"]),  # answers learnt without their questions
+    (_metrics(cond=None), "PROMOTE", []),  # an evaluation from before it was measured
 ])
 def test_verdict_from_the_figures(metrics, verdict, failed):
     from cascade.config import GateConfig
@@ -72,3 +75,29 @@ def test_a_student_not_promoted_never_teaches(tiny_4b_run: Path, tmp_path: Path)
     st = run_cli("status", *args)
     assert "4b: gate REJECT; agreement" in st.stdout and "(does not teach)" in st.stdout, st.stdout
     assert "REJECT; agreement" in (run / "report/index.html").read_text()
+
+
+def test_seeded_bad_students_are_rejected(tiny_4b_run: Path, tmp_path: Path):
+    # tests/seeded_bad.py: the 4b re-trained (its teacher's answers reused) on answers shuffled
+    # among its prompts, on answers contradicting the kernel, and at 100 x the learning rate; the
+    # gate at its defaults rejects each, naming the criterion that caught it (benchmarks/gate.py:
+    # 10 seeds of each, on the preset's own curriculum)
+    import os
+
+    from seeded_bad import overrides
+
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                          os.environ.get("PYTHONPATH", "")])}
+    caught = {}
+    for kind in ("shuffled", "contradict", "lr_x100"):
+        # FAST's curriculum (lr 1e-3 each phase), its learning rates replaced for lr_x100
+        args = [a for a in FAST if not (kind == "lr_x100" and ".lr=" in a)]
+        extra = overrides(kind, 1, [1e-3] * 3)
+        r = run_cli(*args, *extra, "+stage=4b", "models=tiny", f"run_dir={run}", env=env)
+        assert r.returncode == 0, r.stdout[-3000:]
+        assert "[run ] 4b/train/p0_ethics" in r.stdout and "[run ] generate/" not in r.stdout
+        v = json.loads((run / "4b/gate/verdict.json").read_text())
+        caught[kind] = (v["verdict"], [c["name"] for c in v["criteria"] if c["passed"] is False])
+    assert all(verdict == "REJECT" for verdict, _ in caught.values()), caught
+    assert "conditioning" in caught["shuffled"][1], caught

@@ -1,0 +1,85 @@
+"""Does the promotion gate (stages/gate.py) catch the students it should, and only those?
+
+    .venv/bin/python benchmarks/gate.py               # 10 seeds, ~50 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/gate.py --seeds 3
+
+One tiny `+stage=4b` run directory (the preset's own curriculum, release off): the teacher's answers
+are generated once; then, per seed (train.seed: the data order and the adapter's initialisation;
+nothing else is rebuilt), the 4b student is trained again four ways and judged by the gate at its
+default thresholds (conf/config.yaml):
+
+    healthy      the preset's recipe
+    shuffled     every phase on answers shuffled among the prompts of its data set (a seeded
+                 derangement: tests/seeded_bad.py)
+    lr_x100      every phase at 100 x the preset's learning rate
+    contradict   every phase on answers contradicting the LEK-1 kernel, written for the test
+                 (tests/data/contradicting_answers.json)
+
+A bad student is caught when its verdict is not PROMOTE; a healthy one wrongly rejected when it is
+not PROMOTE either. The goal: each bad kind caught in every seed, no healthy one rejected. Prints a
+line per run (its verdict and the figures the gate read), then one JSON object: caught per kind,
+healthy_rejected, and the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from seeded_bad import KINDS, overrides  # noqa: E402  (the kind and its overrides live there)
+
+BASE = ["+stage=4b", "models=tiny", "cluster.include_dashboard=false", "release.enabled=false"]
+
+
+def _curriculum() -> list[dict]:
+    return yaml.safe_load((ROOT / "conf/models/tiny.yaml").read_text())["curriculum"]
+
+
+def judge(run: Path, kind: str, seed: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    t0 = time.perf_counter()
+    lrs = [ph["lr"] for ph in _curriculum()]
+    subprocess.run([sys.executable, "-m", "cascade", *BASE, f"run_dir={run}",
+                    *overrides(kind, seed, lrs)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    v = json.loads((run / "4b/gate/verdict.json").read_text())
+    return {"kind": kind, "seed": seed, "verdict": v["verdict"],
+            "figures": {c["name"]: c["value"] for c in v["criteria"]},
+            "failed": [c["name"] for c in v["criteria"] if c["passed"] is False],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main() -> None:
+    seeds = int(sys.argv[sys.argv.index("--seeds") + 1]) if "--seeds" in sys.argv else 10
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        run = Path(d, "run")
+        for seed in range(1, seeds + 1):
+            for kind in KINDS:
+                rows.append(judge(run, kind, seed))
+                print(json.dumps(rows[-1]), flush=True)
+        thresholds = json.loads((run / "4b/gate/verdict.json").read_text())["thresholds"]
+    missed = {k: sum(r["verdict"] == "PROMOTE" for r in rows if r["kind"] == k) for k in KINDS}
+    out = {"seeds": seeds,
+           "caught": {k: f"{seeds - missed[k]}/{seeds}" for k in KINDS if k != "healthy"},
+           "healthy_rejected": f"{seeds - missed['healthy']}/{seeds}",
+           "all_caught": all(missed[k] == 0 for k in KINDS if k != "healthy"),
+           "healthy_all_promoted": missed["healthy"] == seeds,
+           "settings": {"command": " ".join(BASE), "gate": thresholds,
+                        "curriculum": _curriculum(), "lr_x100": "every phase's lr x 100"},
+           "seconds_per_run": round(sum(r["seconds"] for r in rows) / len(rows), 1)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
