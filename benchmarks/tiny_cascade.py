@@ -17,6 +17,9 @@ interpreter that imports what the driver imports, starts Ray as the cascade does
 student in one Ray task (one warm worker holding every model, which the cascade does not have) and
 stops Ray; best of three (fixed_floor_s). The share floor is that over itself plus the 4b run's
 model compute (stage_4b_overhead_share_floor).
+
+stage_<s>_loads: every weight load of the run by stage and model (cascade/loads.py): how many times
+each model was loaded, its bytes and seconds, by which kind of process.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def _threads(run: Path) -> list[int]:
 
 
 def main() -> None:
+    from cascade import loads
     from cascade.peakmem import PeakMemory
 
     t0 = time.perf_counter()
@@ -103,6 +107,7 @@ def main() -> None:
             out[f"stage_{stage}_wall_s"] = round(wall, 1)
             out[f"stage_{stage}_compute_s"] = {k: round(v, 1) for k, v in compute.items()}
             out[f"stage_{stage}_overhead_share"] = round(1 - total / wall, 3)
+            out[f"stage_{stage}_loads"] = loads.of_run(f"+stage={stage}", f"run_dir={run}", *ARGS)
             noop = _cli(f"+stage={stage}", f"run_dir={run}", *ARGS)
             out[f"stage_{stage}_rerun_nothing_to_do_s"] = round(noop, 1)
             if stage == "4b":

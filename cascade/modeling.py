@@ -32,10 +32,13 @@ def load_model(path: str | Path, revision: str | None = None, dtype: Any = None,
     """A causal LM from a local directory or hub id, from safetensors only."""
     from transformers import AutoModelForCausalLM
 
+    from cascade import loads
+
     kw = {} if dtype is None else {"dtype": dtype}
-    return AutoModelForCausalLM.from_pretrained(path, revision=revision,
-                                                trust_remote_code=trust_remote_code,
-                                                use_safetensors=True, **kw)
+    with loads.timed(path):  # recorded: cascade/loads.py
+        return AutoModelForCausalLM.from_pretrained(path, revision=revision,
+                                                    trust_remote_code=trust_remote_code,
+                                                    use_safetensors=True, **kw)
 
 
 def with_lora(model: Any, spec: LoraSpec) -> Any:

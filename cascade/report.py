@@ -22,6 +22,7 @@ import io
 import logging
 from typing import Any
 
+from cascade import loads
 from cascade.config import Config
 from cascade.graph import RunGraph, build_graph
 
@@ -34,6 +35,7 @@ def gather(p: RunGraph) -> dict:
     """What the report shows, from committed records: {stages: {name: {phases, agreement, funnel}},
     generation}."""
     rd, out = p.rd, {"stages": {}, "generation": {}}
+    weights = loads.per_stage(p)
     for sp in p.stages:
         for job in sp.gen_jobs:
             rec = rd.committed(job.step)
@@ -44,7 +46,8 @@ def gather(p: RunGraph) -> dict:
                     "records": s["records"],
                     "tokens_per_s": s["completion_tokens"] / s["compute_seconds"],
                 }
-        st = {"phases": {}, "agreement": None, "reverse_kl": None, "funnel": {}, "gate": None}
+        st = {"phases": {}, "agreement": None, "reverse_kl": None, "funnel": {}, "gate": None,
+              "loads": loads.per_model(weights.get(sp.name, []))}
         for ph in sp.phases:
             if rec := rd.committed(ph.model):
                 s = rec["summary"]
@@ -177,8 +180,9 @@ def _html(cfg: Config, data: dict) -> str:
         gate = html.escape(f"{g['verdict']}" + "".join(f"; {r}" for r in g["reasons"]) + (
             " (gate.enforce=false: teaches anyway)" if g["verdict"] != "PROMOTE"
             and not g["enforce"] else "")) if g else "-"
+        lw = html.escape(loads.describe(st["loads"])) if st.get("loads") else "-"
         rows.append(f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{kl}</td><td>{gate}</td>"
-                    f"<td>{phases}</td></tr>")
+                    f"<td>{phases}</td><td>{lw}</td></tr>")
     imgs = "\n".join(f'<h2>{n}</h2><img src="{n}.png" alt="{n}">' for n in PLOTS)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cascade report: {html.escape(cfg.target)}</title>
@@ -189,7 +193,7 @@ img{{max-width:100%}}</style></head><body>
 <p>run directory: <code>{html.escape(cfg.run_dir)}</code></p>
 <table><tr><th>stage</th><th>agreement with teachers, before &rarr; after (nats/token)</th>
 <th>reverse KL to teachers on its own sampled answers, before &rarr; after (nats/token)</th>
-<th>gate (stages/gate.py)</th><th>phases</th></tr>
+<th>gate (stages/gate.py)</th><th>phases</th><th>weight loads (cascade/loads.py)</th></tr>
 {''.join(rows)}</table>
 {imgs}
 </body></html>

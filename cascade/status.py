@@ -18,6 +18,7 @@ import json
 import time
 from typing import Any
 
+from cascade import loads
 from cascade.config import Config
 from cascade.lease import holder
 from cascade.graph import RunGraph, build_graph
@@ -42,7 +43,8 @@ def collect(cfg: Config) -> dict:
             m = rd.read_json(rd.metrics(sp.name)) or {}
             agreement[sp.name], reverse_kl[sp.name] = (m.get("agreement", {}),
                                                        m.get("reverse_kl") or {})
-    return {"run_dir": rd.url, "target": cfg.target, "time": now,
+    weights = {s: loads.per_model(r) for s, r in loads.per_stage(p).items() if r}
+    return {"run_dir": rd.url, "target": cfg.target, "time": now, "loads": weights,
             "driver": {k: driver[k] for k in ("host", "pid", "start")} if driver else None,
             "steps": rows, "agreement": agreement, "reverse_kl": reverse_kl, "gate": gate,
             "rerun_would_run": [r["step"] for r in rows if r["state"] != "done"]}
@@ -108,6 +110,8 @@ def render(st: dict) -> str:
                          + ("" if v["verdict"] == "PROMOTE" else
                             " (teaches anyway: gate.enforce=false)" if not v["enforce"] else
                             " (does not teach)"))
+    for stage, pm in st.get("loads", {}).items():
+        lines.append(f"{stage}: weight loads: {loads.describe(pm)}")
     todo = st["rerun_would_run"]
     lines.append(f"\na re-run would execute {len(todo)} steps"
                  + (": " + ", ".join(todo) if todo else ""))

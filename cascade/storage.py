@@ -295,6 +295,8 @@ def local_model(path: str) -> str:
     """A model directory that transformers, PEFT or vLLM can open: `path` itself, unless it is a
     committed step on an object store; that one is pulled once into this node's cache, every file
     checked against the size and sha256 its step.json records."""
+    from cascade import loads
+
     if not is_object_store(path):
         return path
     fs, p = open_fs(path)
@@ -313,12 +315,15 @@ def local_model(path: str) -> str:
 
         log.warning("node copy %s differs from %s's record: pulled again", dest, path)
         shutil.rmtree(dest, ignore_errors=True)
+    where = "node cache"
     if not pulled.exists():
         download(fs, p, rec["files"], dest)
+        where = "object store"
         limit = float(os.environ.get("CASCADE_CACHE_MAX_GB") or 0)
         for gone in evict(dest.parent, limit * 1e9):
             log.info("node cache over %s GB: removed %s (least recently used)", limit, gone)
     os.utime(pulled)  # its last use, for eviction
+    loads.pulled(str(dest), where, loads.name_of(path))  # what a load of it records
     return str(dest)
 
 

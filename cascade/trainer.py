@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from cascade import phases, preemption
+from cascade import loads, phases, preemption
 from cascade.config_train import TrainConfig
 from cascade.graph import PhaseGraph, Teacher
 from cascade.progress import Board
@@ -118,6 +118,7 @@ class PhaseTrainer:
         self.kind = phases.load(ph.kind)
         self.opts = phases.options(ph.kind, ph.options, ph.model.name)
         torch.manual_seed(self.seed)
+        loads.process = "train"
         model = load_model(model_path, revision, self.dtype, job.trust_remote_code)
         self.mcfg = model.config
         if self.t.gradient_checkpointing:
@@ -335,6 +336,11 @@ class PhaseTrainer:
         staging = self.rd.staging(f"{self.job.stage}-{self.ph.name}")
         summary["fusion"] = fuse(peft_model, self.tok, probe, self.rd.as_local(staging))
         summary["fusion_max_abs_logit_diff"] = summary["fusion"]["max_abs_logit_diff"]
+        # rank 0's loads in this phase, the fusion check's reload named as the step it commits to;
+        # each worker loads the same
+        staged, step = loads.name_of(self.rd.as_local(staging)), loads.name_of(self.ph.model.path)
+        summary["loads"] = [{**r, "model": step} if r["model"] == staged else r
+                            for r in loads.taken()]
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
 
 

@@ -27,6 +27,7 @@ import math
 import time
 from typing import Any
 
+from cascade import loads
 from cascade.config import Config
 from cascade.metrics import rouge_l
 from cascade.graph import Context, StageGraph, Work, heldout
@@ -134,7 +135,8 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
              "KL to the teachers (sampled answers) before %.4f after %.4f", sp.name,
              _num(before["loglik"]), _num(after["loglik"]), _num(before["rouge_l"]),
              _num(after["rouge_l"]), _num(sampled.get("before")), _num(sampled.get("after")))
-    return {"agreement_before": before["loglik"], "agreement_after": after["loglik"],
+    return {"loads": before.get("loads", []) + after.get("loads", []),
+            "agreement_before": before["loglik"], "agreement_after": after["loglik"],
             "records": len(records), "rouge_l_before": before["rouge_l"],
             "rouge_l_after": after["rouge_l"], "reverse_kl_before": sampled.get("before"),
             "reverse_kl_after": sampled.get("after")}
@@ -178,6 +180,7 @@ def _score_after(before: dict, final: str, records: list[dict], teachers: list[t
     """
     after = score_records(final, None, records, **kw)
     kl = teacher_divergence(teachers, records, [before, after], trust=kw["trust"])
+    after["loads"] = after.get("loads", []) + loads.taken()  # the teachers'
     return _public(before), _public(after), kl
 
 
@@ -204,7 +207,8 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
 
     if not records:
         return {"loglik": None, "rouge_l": None, "self_ended": None, "conditioning": None,
-                "seconds": 0.0}
+                "seconds": 0.0, "loads": []}
+    loads.process = "eval"
     model_path = local_model(model_path)  # pulled into this node's cache from an object store
     torch.set_num_threads(cpu_threads())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,7 +233,7 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
         prompts = [prompt_ids(tok, r["messages"]) for r in records]
         out["answers"] = answers
         out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
-    return {**out, "seconds": time.perf_counter() - t0}
+    return {**out, "seconds": time.perf_counter() - t0, "loads": loads.taken()}
 
 
 def _loglik(model: Any, tok: Any, pairs: list[tuple[list[dict], str]], max_len: int,

@@ -69,13 +69,15 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs
         # no work: every shard was already whole (a run killed before its commit)
         stats = (_generate(rd, cfg, stage, teacher, pool, t_start, work, prior, live) if work
                  else {"compute": {}})
+        got = pool.loads()  # the teacher's replicas: counted once, on its first prompt set's step
     finally:
         pool.shutdown()
     timing = {k: v for k, v in stats.items() if k != "compute"}
     return {
         job.step.name: _made(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),
-                             {**timing, "prompts_too_long": too_long[job.data]})
-        for job in open_jobs
+                             {**timing, "prompts_too_long": too_long[job.data],
+                              "loads": got if k == 0 else []})
+        for k, job in enumerate(open_jobs)
     }
 
 

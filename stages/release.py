@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cascade import loads
 from cascade.card import model_card
 from cascade.config import Config
 from cascade.gguf import (EXACT_TYPES, FLOAT_TYPES, ReleaseError, compare_gguf, convert, file_name,
@@ -76,9 +77,9 @@ def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir,
     t0 = time.perf_counter()
     name = cfg.release.name(sp.name)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(build)
+    task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(_built)
     probes = heldout(rd, sp)
-    formats = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
+    formats, got = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
         staging, sp.final_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
         (cfg.release.min_agreement, cfg.release.min_quant_agreement, cfg.release.below_bar),
         cfg.train.max_seq_len, cfg.models.trust_remote_code))
@@ -102,7 +103,7 @@ def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir,
     rd.write_json(f"{staging}/release.json", summary)
     Path(staging, "README.md").write_text(model_card(cfg, sp, name, formats, harness,
                                                      _provenance(cfg, sp, rd, stages)))
-    return summary
+    return {**summary, "loads": got}  # the weight loads (cascade/loads.py), not in release.json
 
 
 def _provenance(cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph]) -> dict:
@@ -122,6 +123,12 @@ def _provenance(cfg: Config, sp: StageGraph, rd: RunDir, stages: list[StageGraph
             "verdict": rd.read_json(f"{rd.gate(sp.name)}/verdict.json")}
 
 
+
+
+def _built(*args: Any) -> tuple[list[dict], list[dict]]:
+    """build(*args) and the weight loads it made (cascade/loads.py), as one Ray task."""
+    loads.process = "release"
+    return build(*args), loads.taken()
 
 
 def build(staging: str, model: str, name: str, types: list[str], probes: list[dict],

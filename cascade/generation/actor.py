@@ -23,13 +23,13 @@ class GenerationWorker:
         """The backend `backend` (cascade/generation/__init__.py: only its module is imported, vllm
         only when asked for) with its options and the kwargs every backend takes
         (graph.backend_kwargs)."""
-        from cascade import generation
+        from cascade import generation, loads
         from cascade.storage import local_model
 
         self.name = name
-        self.backend: Backend = generation.load(backend).create(
-            local_model(model), options, **common
-        )
+        path = local_model(model)
+        with loads.timed(path, "generate"):  # the engine's start, its weights' load included
+            self.backend: Backend = generation.load(backend).create(path, options, **common)
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return self.name
@@ -38,6 +38,12 @@ class GenerationWorker:
         from cascade.cluster import device_name
 
         return {**self.backend.info(), "device": device_name()}
+
+    def loads(self) -> list[dict]:
+        """This replica's weight loads since the last call (cascade/loads.py)."""
+        from cascade import loads
+
+        return loads.taken()
 
     def node(self) -> str:
         """The id of the node this replica runs on (the pool checks it against Ray's node table)."""

@@ -124,6 +124,17 @@ class ReplicaPool:
             else:
                 yield from self._read(ready[0], r, work)
 
+    def loads(self, timeout: float = 60.0) -> list[dict]:
+        """The weight loads of the live replicas (cascade/loads.py; a lost replica's are lost)."""
+        refs = [a.loads.remote() for r, a in enumerate(self.replicas) if r not in self.dead]
+        out: list[dict] = []
+        for ref in refs:
+            try:
+                out += ray.get(ref, timeout=timeout)
+            except Exception as e:  # noqa: BLE001 - a replica gone since: its loads are not known
+                log.debug("replica loads: %s", e)
+        return out
+
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stop every replica's engine (its processes exit before this returns), then the actors."""
         refs = [a.shutdown.remote() for r, a in enumerate(self.replicas) if r not in self.dead]

@@ -77,9 +77,15 @@ def _engines(opts: Any, tr: Any) -> list[Any]:
         common = dict(opts=tr.job.vllm, dtype=str(tr.dtype).removeprefix("torch."),
                       trust_remote_code=tr.job.trust_remote_code, seed=tr.seed,
                       memory=opts.engine_memory, max_len=tr.t.max_seq_len)
-        tr.engines = [token_engine(tr.model_path, tr.revision, lora_rank=tr.t.lora.r, **common)]
-        tr.engines += [token_engine(local_model(t.model), t.revision, top_k=opts.top_k, **common)
-                       for t in tr.job.teachers]
+        from cascade import loads
+
+        with loads.timed(tr.model_path):  # an engine's start, its weights' load included
+            tr.engines = [token_engine(tr.model_path, tr.revision, lora_rank=tr.t.lora.r,
+                                       **common)]
+        for t in tr.job.teachers:
+            path = local_model(t.model)
+            with loads.timed(path):
+                tr.engines.append(token_engine(path, t.revision, top_k=opts.top_k, **common))
         tr.adapter, tr.adapter_dir = (None, ""), tempfile.mkdtemp(prefix="cascade-adapter-")
     return tr.engines
 

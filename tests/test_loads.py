@@ -1,0 +1,71 @@
+"""Every weight load recorded (cascade/loads.py): which model, bytes, seconds, process kind, where
+from; in the step records of a real run, summed per stage by `cascade status` and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import FAST, run_cli
+
+ARGS = [*FAST, "+stage=4b", "models=tiny"]
+
+
+def test_a_load_is_recorded_with_its_source(tmp_path: Path):
+    from cascade import loads
+
+    m = tmp_path / "run/4b/train/02-p2_ethics"
+    m.mkdir(parents=True)
+    (m / "model.safetensors").write_bytes(b"x" * 1000)
+    (m / "config.json").write_text("{}")
+    loads.taken()
+    with loads.timed(m, "eval"):
+        pass
+    copy = tmp_path / "node-cache/abc"
+    copy.mkdir(parents=True)
+    (copy / "model.safetensors").write_bytes(b"y" * 10)
+    loads.pulled(str(copy), "object store", loads.name_of("s3://b/run/4b/train/00-p0_ethics"))
+    with loads.timed(copy):
+        pass
+    got = loads.taken()
+    assert loads.taken() == []  # drained
+    assert [(r["model"], r["bytes"], r["process"], r["where"]) for r in got] == [
+        ("4b/train/02-p2_ethics", 1000, "eval", "local"),
+        ("4b/train/00-p0_ethics", 10, loads.process, "object store")]
+    pm = loads.per_model(got + got[:1])
+    assert pm["4b/train/02-p2_ethics"]["loads"] == 2
+    assert pm["4b/train/02-p2_ethics"]["bytes"] == 2000
+    assert "3 of 2 models" in loads.describe(pm)
+    assert loads.name_of("/cache/tiny-abc/4b") == "tiny-abc/4b"
+
+
+def test_every_load_of_a_run_is_in_its_steps_and_status(tiny_4b_run: Path):
+    def summary(rel: str) -> dict:
+        return json.loads((tiny_4b_run / rel / "step.json").read_text())["summary"]
+
+    base = next(r["model"] for r in summary("4b/train/00-p0_ethics")["loads"])
+    assert base.endswith("/4b")  # the student's base, from the model cache
+    # each phase: its starting weights and the fusion check's reload of the fused model
+    names = [f"4b/train/{i:02d}-{ph}" for i, ph in enumerate(("p0_ethics", "p1_composure",
+                                                             "p2_ethics"))]
+    for i, name in enumerate(names):
+        got = summary(name)["loads"]
+        assert [r["process"] for r in got] == ["train", "train"], got
+        assert all(r["bytes"] > 0 and r["seconds"] >= 0 and r["where"] == "local" for r in got)
+        # its starting weights (the base, then the phase before), and the fusion check's reload
+        assert [r["model"] for r in got] == [names[i - 1] if i else base, name], got
+    # the teacher's replica: once, on its first prompt set's step
+    gen = [summary("generate/1b/ethics")["loads"], summary("generate/1b/composure")["loads"]]
+    assert [len(g) for g in gen] == [1, 0] and gen[0][0]["process"] == "generate", gen
+    # the evaluation: the base student and the trained one
+    ev = summary("4b/eval")["loads"]
+    assert sorted(r["model"] for r in ev) == sorted([base, "4b/train/02-p2_ethics"]), ev
+    assert {r["process"] for r in ev} == {"eval"}
+
+    r = run_cli("status", *ARGS, f"run_dir={tiny_4b_run}", "--json")
+    st = json.loads(r.stdout[r.stdout.index("{\n"):])
+    assert st["loads"]["4b"][base]["loads"] == 2  # the first phase's start and the "before" score
+    assert st["loads"]["4b"]["4b/train/02-p2_ethics"]["processes"] == {"train": 1, "eval": 1}
+    r = run_cli("status", *ARGS, f"run_dir={tiny_4b_run}")
+    assert "4b: weight loads: 9 of " in r.stdout, r.stdout[-2000:]
+    assert "weight loads" in (tiny_4b_run / "report/index.html").read_text()
