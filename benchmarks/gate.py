@@ -34,9 +34,20 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from seeded_bad import KINDS, overrides  # noqa: E402  (the kind and its overrides live there)
 
+
+def _seeded_bad():
+    """tests/seeded_bad.py: the kind of the bad students and the overrides that make each."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seeded_bad", ROOT / "tests/seeded_bad.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SEEDED = _seeded_bad()
+KINDS = SEEDED.KINDS
 BASE = ["+stage=4b", "models=tiny", "cluster.include_dashboard=false", "release.enabled=false"]
 
 
@@ -50,7 +61,7 @@ def judge(run: Path, kind: str, seed: int) -> dict:
     t0 = time.perf_counter()
     lrs = [ph["lr"] for ph in _curriculum()]
     subprocess.run([sys.executable, "-m", "cascade", *BASE, f"run_dir={run}",
-                    *overrides(kind, seed, lrs)], check=True, stdout=subprocess.DEVNULL,
+                    *SEEDED.overrides(kind, seed, lrs)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     v = json.loads((run / "4b/gate/verdict.json").read_text())
     return {"kind": kind, "seed": seed, "verdict": v["verdict"],

@@ -157,8 +157,9 @@ def generate(mode: str) -> dict:
 
 
 def _cascade(tmp: Path, overrides: list[str]) -> dict:
-    from cascade import loads
+    from cascade.config import compose
     from cascade.peakmem import PeakMemory
+    from cascade.status import collect
     from cascade.rundir import RunDir
 
     run = tmp / "run"
@@ -196,8 +197,8 @@ def _cascade(tmp: Path, overrides: list[str]) -> dict:
         "student_4b": pick(m4),
         "release": {s: _release(run / s / "release/release.json") for s in ("1b", "4b")},
         "fusion_rel_logit_diff_max": max(t["fusion"]["rel_logit_diff"] for t in trains),
-        **{f"stage_{s}_loads": pm for s, pm in
-           loads.of_run(*PRESET, f"run_dir={run}", *overrides).items()},
+        **{f"stage_{s}_loads": pm for s, pm in  # as `cascade status` reads them
+           collect(compose([*PRESET, f"run_dir={run}", *overrides]))["loads"].items()},
     }
 
 

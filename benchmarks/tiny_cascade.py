@@ -87,8 +87,9 @@ def _threads(run: Path) -> list[int]:
 
 
 def main() -> None:
-    from cascade import loads
+    from cascade.config import compose
     from cascade.peakmem import PeakMemory
+    from cascade.status import collect
 
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "from cascade.tiny import main; main()"], check=True,
@@ -107,7 +108,9 @@ def main() -> None:
             out[f"stage_{stage}_wall_s"] = round(wall, 1)
             out[f"stage_{stage}_compute_s"] = {k: round(v, 1) for k, v in compute.items()}
             out[f"stage_{stage}_overhead_share"] = round(1 - total / wall, 3)
-            out[f"stage_{stage}_loads"] = loads.of_run(f"+stage={stage}", f"run_dir={run}", *ARGS)
+            # as `cascade status` reads them (cascade/loads.py)
+            args = [f"+stage={stage}", f"run_dir={run}", *ARGS]
+            out[f"stage_{stage}_loads"] = collect(compose(args))["loads"]
             noop = _cli(f"+stage={stage}", f"run_dir={run}", *ARGS)
             out[f"stage_{stage}_rerun_nothing_to_do_s"] = round(noop, 1)
             if stage == "4b":

@@ -102,16 +102,6 @@ def per_stage(p: Any) -> dict[str, list[dict]]:
     return out
 
 
-def of_run(*overrides: str) -> dict[str, dict]:
-    """{stage: per_model} of the run `python -m cascade <overrides>` made, from its committed step
-    records, as `cascade status` reads them (benchmarks)."""
-    from cascade.config import compose
-    from cascade.graph import build_graph
-
-    return {s: per_model(r)
-            for s, r in per_stage(build_graph(compose(list(overrides)), weights=False)).items()}
-
-
 def describe(pm: dict[str, dict]) -> str:
     """One line of per_model's figures: loads, models, GB, seconds, then each model's loads."""
     n = sum(v["loads"] for v in pm.values())

@@ -115,9 +115,11 @@ def logits(model: Any, examples: list[dict]) -> list[Any]:
 
 
 def check(reference: list[Any], fused_dir: Path, examples: list[dict], rtol: float,
-          dtype: Any = None) -> dict:
+          dtype: Any = None, keep: dict | None = None) -> dict:
     """The model saved at fused_dir against `reference` (base + adapter's logits of `examples`):
-    {max_abs_logit_diff, rel_logit_diff, top1_agreement, mean_kl}; raises FusionError past rtol."""
+    {max_abs_logit_diff, rel_logit_diff, top1_agreement, mean_kl}; raises FusionError past rtol.
+    keep: given a dict, the model read back and verified is left in keep["model"] (the next
+    phase starts from it instead of reading the same file again)."""
     import torch
     import torch.nn.functional as F
 
@@ -138,12 +140,15 @@ def check(reference: list[Any], fused_dir: Path, examples: list[dict], rtol: flo
         raise FusionError(f"fused model at {fused_dir} differs from base + adapter: max |Δlogit| "
                           f"{diff:.3g} is {rel:.3g} of the logits' scale > {rtol:g} (top-1 "
                           f"agreement {out['top1_agreement']:.3f})")
+    if keep is not None:
+        keep["model"] = fused
     return out
 
 
-def fuse(peft_model: Any, tokenizer: Any, examples: list[dict], out_dir: Path) -> dict:
+def fuse(peft_model: Any, tokenizer: Any, examples: list[dict], out_dir: Path,
+         keep: dict | None = None) -> dict:
     """Merge, save (safetensors, tokenizer, chat template) to out_dir, verify; returns the check's
-    figures."""
+    figures (keep: see check)."""
     peft_model.eval()
     dtype = next(peft_model.parameters()).dtype
     examples = probe(examples, peft_model.config.vocab_size)
@@ -153,7 +158,7 @@ def fuse(peft_model: Any, tokenizer: Any, examples: list[dict], out_dir: Path) -
     tokenizer.save_pretrained(str(out_dir))
     if failpoint("fuse", str(out_dir)) == "corrupt":  # fault tests: a merge that went wrong
         _damage(out_dir)
-    return check(reference, out_dir, examples, tolerance(dtype), dtype)
+    return check(reference, out_dir, examples, tolerance(dtype), dtype, keep)
 
 
 def _damage(out_dir: Path) -> None:

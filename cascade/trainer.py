@@ -39,19 +39,15 @@ class TrainJob:
     train: TrainConfig
     seed: int
     trust_remote_code: bool = False
-    # the stage's base model's identity (the planner's measured rates are per model)
-    model_key: str = ""
-    # the driver's fencing token, checked before every commit (cascade/lease.py)
-    lease: tuple[int, str] | None = None
-    # the stage's (kinds that score with them)
-    teachers: list[Teacher] = dataclasses.field(default_factory=list)
+    model_key: str = ""  # the stage's base model's identity (the planner's rates are per model)
+    lease: tuple[int, str] | None = None  # the driver's fencing token, checked before commits
+    teachers: list[Teacher] = dataclasses.field(default_factory=list)  # kinds that score with them
     kernel: str | None = None  # the kernel's text (kinds that put it in a teacher's context)
     vllm: Any = None  # backend.vllm's settings (kinds that run vLLM engines in the workers)
 
 
 def failure_file(rd: RunDir, stage: str) -> str:
-    """Where rank 0 leaves a deterministic failure for the driver
-    (<stage>/train/_work/failure.json)."""
+    """Where rank 0 leaves a deterministic failure for the driver (<stage>/train/_work/)."""
     return f"{rd.train_work(stage)}/failure.json"
 
 
@@ -75,11 +71,13 @@ def train_loop_per_worker(config: dict) -> None:
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision,
                                         trust_remote_code=job.trust_remote_code)
     device = ray.train.torch.get_device()
+    start = None  # the last phase's fused model as its fusion check read it back (rank 0)
     for ph in job.phases:
         if preemption.stop_requested(rd, device):
             return
         if not rd.committed(ph.model):  # a phase committed before a worker restart is not redone
-            trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision)
+            trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision, start)
+            start = None
             try:
                 trained = trainer.steps()
             finally:
@@ -87,7 +85,11 @@ def train_loop_per_worker(config: dict) -> None:
                     trainer.kind.close(trainer.opts, trainer)
             if not trained or not trainer.finish():
                 return
+            start = trainer.kept
+            del trainer  # its model and optimizer freed before the next phase's
         model_path, revision = local_model(ph.model.path), None
+        if start is not None:  # named as a load of it would be
+            start.config._name_or_path = start.name_or_path = model_path
 
 
 # Ray's pre-emption notice is asked for at most this often (rank 0's clock, agreed with the stop
@@ -101,7 +103,8 @@ class PhaseTrainer:
     and commit)."""
 
     def __init__(self, job: TrainJob, rd: RunDir, ph: PhaseGraph, tok: Any, model_path: str,
-                 revision: str | None) -> None:
+                 revision: str | None, start: Any = None) -> None:
+        # start: the model at model_path already in memory (the last phase's, read back), or None
         import torch
 
         from cascade.checkpoints import Checkpoints
@@ -119,7 +122,9 @@ class PhaseTrainer:
         self.opts = phases.options(ph.kind, ph.options, ph.model.name)
         torch.manual_seed(self.seed)
         loads.process = "train"
-        model = load_model(model_path, revision, self.dtype, job.trust_remote_code)
+        model = (start if start is not None else
+                 load_model(model_path, revision, self.dtype, job.trust_remote_code))
+        self.kept: Any = None  # this phase's fused model, read back (rank 0): the next one's start
         self.mcfg = model.config
         if self.t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -162,25 +167,20 @@ class PhaseTrainer:
                              f"{self.t.max_seq_len} ({self.too_long} dropped): raise it, or "
                              "shorten the prompts")
         lengths = [len(e["input_ids"]) for e in self.examples]
-        # a kind that builds its own batches (on_policy: one prompt and its samples per row) is
-        # never packed
-        own = hasattr(self.kind, "batch")
+        own = hasattr(self.kind, "batch")  # its own batches (on_policy): never packed
         self.units = (pack(lengths, self.t.max_seq_len) if self.t.packing and not own
                       else [[i] for i in range(len(lengths))])
         self.order = DataOrder(len(self.units), self.seed)
 
     def collate(self, rows: list[list[dict]]) -> dict:
-        """Model inputs for rows of encoded examples, on this worker's device
-        (cascade.packing.collate_packed)."""
+        """Model inputs for rows of encoded examples, on this worker's device (collate_packed)."""
         from cascade.packing import collate_packed
 
         return collate_packed(rows, self.tok.pad_token_id, getattr(self.mcfg, "layer_types", None),
                               getattr(self.mcfg, "sliding_window", None), self.device)
 
     def _micro_step(self, step: int, m: int) -> tuple[float, dict[str, float]]:
-        """Forward and backward of one micro-batch (this worker's rows of it): (loss, the kind's
-        metrics)."""
-
+        """Forward and backward of one micro-batch (this worker's rows): (loss, its metrics)."""
         b, accum = self.t.batch_size // self.world, self.t.grad_accum  # batch_size is global
         base = (step * accum + m) * b * self.world
         rows = [[self.examples[i] for i in self.units[self.order[base + self.rank * b + j]]]
@@ -334,14 +334,15 @@ class PhaseTrainer:
 
         peft_model = model.module if hasattr(model, "module") else model
         staging = self.rd.staging(f"{self.job.stage}-{self.ph.name}")
-        summary["fusion"] = fuse(peft_model, self.tok, probe, self.rd.as_local(staging))
+        kept: dict = {}
+        summary["fusion"] = fuse(peft_model, self.tok, probe, self.rd.as_local(staging), kept)
         summary["fusion_max_abs_logit_diff"] = summary["fusion"]["max_abs_logit_diff"]
-        # rank 0's loads in this phase, the fusion check's reload named as the step it commits to;
-        # each worker loads the same
+        # rank 0's loads (each worker's are the same), the fusion check's named as its step's
         staged, step = loads.name_of(self.rd.as_local(staging)), loads.name_of(self.ph.model.path)
         summary["loads"] = [{**r, "model": step} if r["model"] == staged else r
                             for r in loads.taken()]
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
+        self.kept = kept.get("model")
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -214,15 +214,12 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
     model = load_model(model_path, revision, trust_remote_code=trust).to(device).eval()
-    t0 = time.perf_counter()
-
-    def loglik(pairs: list[tuple[list[dict], str]]) -> float:
-        return _loglik(model, tok, pairs, max_len, batch_size, device)
-
-    out = {"loglik": loglik([(r["messages"], r["response"]) for r in records]),
+    t0, args = time.perf_counter(), (max_len, batch_size, device)
+    out = {"loglik": _loglik(model, tok, [(r["messages"], r["response"]) for r in records], *args),
            "rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
     swapped = mismatched(records)
-    out["conditioning"] = None if swapped is None else out["loglik"] - loglik(swapped)
+    out["conditioning"] = (None if swapped is None
+                           else out["loglik"] - _loglik(model, tok, swapped, *args))
     if answer_tokens:
         kinds = ("greedy", "sampled") if divergence else ("greedy",)
         answers = {how: _answers(model, tok, records, answer_tokens, batch_size, device,
