@@ -25,6 +25,7 @@ from typing import Any
 from cascade import loads
 from cascade.config import Config
 from cascade.graph import RunGraph, build_graph
+from cascade.status import said
 
 log = logging.getLogger(__name__)
 FUNNEL = ("generated", "failed", "empty", "truncated", "too_long", "duplicate", "kept")
@@ -177,9 +178,7 @@ def _html(cfg: Config, data: dict) -> str:
         k = st.get("reverse_kl")
         kl = f"{k['before']:.3f} &rarr; {k['after']:.3f}" if k else "-"
         g = st.get("gate")
-        gate = html.escape(f"{g['verdict']}" + "".join(f"; {r}" for r in g["reasons"]) + (
-            " (gate.enforce=false: teaches anyway)" if g["verdict"] != "PROMOTE"
-            and not g["enforce"] else "")) if g else "-"
+        gate = html.escape(said(g)) if g else "-"
         lw = html.escape(loads.describe(st["loads"])) if st.get("loads") else "-"
         rows.append(f"<tr><td>{html.escape(s)}</td><td>{signal}</td><td>{kl}</td><td>{gate}</td>"
                     f"<td>{phases}</td><td>{lw}</td></tr>")

@@ -85,6 +85,16 @@ def _row(p: RunGraph, step: Step, entry: dict, alive: bool, gen: Any, now: float
     return row
 
 
+def said(v: dict) -> str:
+    """A gate's verdict in one line (stages/gate.py): VERDICT; its reasons; and when it is not
+    PROMOTE, whether the stage teaches anyway (gate.enforce=false) or not."""
+    text = v["verdict"] + "".join(f"; {r}" for r in v["reasons"])
+    if v["verdict"] == "PROMOTE":
+        return text
+    return text + (" (teaches anyway: gate.enforce=false)" if not v["enforce"] else
+                   " (does not teach)")
+
+
 def render(st: dict) -> str:
     d = st["driver"]
     who = f"driver {d['host']} pid {d['pid']} running" if d else "no driver running"
@@ -106,10 +116,7 @@ def render(st: dict) -> str:
             lines.append(f"{stage}: reverse KL to its teachers on its own sampled answers "
                          f"{k['before']:.3f} -> {k['after']:.3f} nats/token")
         if v := st["gate"].get(stage):
-            lines.append(f"{stage}: gate {v['verdict']}" + "".join(f"; {r}" for r in v["reasons"])
-                         + ("" if v["verdict"] == "PROMOTE" else
-                            " (teaches anyway: gate.enforce=false)" if not v["enforce"] else
-                            " (does not teach)"))
+            lines.append(f"{stage}: gate {said(v)}")
     for stage, pm in st.get("loads", {}).items():
         lines.append(f"{stage}: weight loads: {loads.describe(pm)}")
     todo = st["rerun_would_run"]
