@@ -1,6 +1,7 @@
 """Does the promotion gate (stages/gate.py) catch the students it should, and only those?
 
-    .venv/bin/python benchmarks/gate.py               # 10 seeds, ~50 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/gate.py               # 10 seeds, ~90 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/gate.py --fast        # the tests' short curriculum, ~35 minutes
     .venv/bin/python benchmarks/gate.py --seeds 3
 
 One tiny `+stage=4b` run directory (the preset's own curriculum, release off): the teacher's answers
@@ -42,6 +43,7 @@ def _seeded_bad():
 
     spec = importlib.util.spec_from_file_location("seeded_bad", ROOT / "tests/seeded_bad.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["seeded_bad"] = module  # its dataclass looks itself up there
     spec.loader.exec_module(module)
     return module
 
@@ -51,17 +53,35 @@ KINDS = SEEDED.KINDS
 BASE = ["+stage=4b", "models=tiny", "cluster.include_dashboard=false", "release.enabled=false"]
 
 
-def _curriculum() -> list[dict]:
-    return yaml.safe_load((ROOT / "conf/models/tiny.yaml").read_text())["curriculum"]
+# --fast: tests/conftest.py's FAST curriculum (each phase at lr 1e-3, 16/16/6 steps, batch 4)
+FAST = {"iters": (16, 16, 6), "lr": 1e-3, "batch_size": 4}
 
 
-def judge(run: Path, kind: str, seed: int) -> dict:
+def _curriculum(fast: bool) -> list[dict]:
+    phases = yaml.safe_load((ROOT / "conf/models/tiny.yaml").read_text())["curriculum"]
+    if fast:
+        phases = [{**ph, "iters": n, "lr": FAST["lr"]} for ph, n in zip(phases, FAST["iters"])]
+    return phases
+
+
+def _args(kind: str, seed: int, fast: bool) -> list[str]:
+    """The overrides of one run: the curriculum (--fast: its steps, batch and lr) and the kind's."""
+    phases = _curriculum(fast)
+    out = []
+    if fast:
+        out += [f"train.batch_size={FAST['batch_size']}"]
+        out += [f"curriculum.{i}.iters={ph['iters']}" for i, ph in enumerate(phases)]
+        if kind != "lr_x100":  # which sets its own
+            out += [f"curriculum.{i}.lr={ph['lr']:g}" for i, ph in enumerate(phases)]
+    return out + SEEDED.overrides(kind, seed, [ph["lr"] for ph in phases])
+
+
+def judge(run: Path, kind: str, seed: int, fast: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"),
                                                          os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    lrs = [ph["lr"] for ph in _curriculum()]
     subprocess.run([sys.executable, "-m", "cascade", *BASE, f"run_dir={run}",
-                    *SEEDED.overrides(kind, seed, lrs)], check=True, stdout=subprocess.DEVNULL,
+                    *_args(kind, seed, fast)], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     v = json.loads((run / "4b/gate/verdict.json").read_text())
     return {"kind": kind, "seed": seed, "verdict": v["verdict"],
@@ -72,12 +92,13 @@ def judge(run: Path, kind: str, seed: int) -> dict:
 
 def main() -> None:
     seeds = int(sys.argv[sys.argv.index("--seeds") + 1]) if "--seeds" in sys.argv else 10
+    fast = "--fast" in sys.argv
     rows = []
     with tempfile.TemporaryDirectory() as d:
         run = Path(d, "run")
         for seed in range(1, seeds + 1):
             for kind in KINDS:
-                rows.append(judge(run, kind, seed))
+                rows.append(judge(run, kind, seed, fast))
                 print(json.dumps(rows[-1]), flush=True)
         thresholds = json.loads((run / "4b/gate/verdict.json").read_text())["thresholds"]
     missed = {k: sum(r["verdict"] == "PROMOTE" for r in rows if r["kind"] == k) for k in KINDS}
@@ -86,8 +107,10 @@ def main() -> None:
            "healthy_rejected": f"{seeds - missed['healthy']}/{seeds}",
            "all_caught": all(missed[k] == 0 for k in KINDS if k != "healthy"),
            "healthy_all_promoted": missed["healthy"] == seeds,
-           "settings": {"command": " ".join(BASE), "gate": thresholds,
-                        "curriculum": _curriculum(), "lr_x100": "every phase's lr x 100"},
+           "settings": {"command": " ".join(BASE), "fast": fast,
+                        "example_args": {k: _args(k, 1, fast) for k in KINDS},
+                        "gate": thresholds, "curriculum": _curriculum(fast),
+                        "lr_x100": "every phase's lr x 100"},
            "seconds_per_run": round(sum(r["seconds"] for r in rows) / len(rows), 1)}
     print(json.dumps(out))
 
