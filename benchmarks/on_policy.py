@@ -6,6 +6,7 @@ same base without it.
     .venv/bin/python benchmarks/on_policy.py               # tiny preset, ~6 minutes on 2 CPU cores
     # + models=gemma3-270m (long on CPU; not run yet)
     .venv/bin/python benchmarks/on_policy.py --real
+    .venv/bin/python benchmarks/on_policy.py --real --real-iters 30    # half the 270M's steps
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
 chosen on the held-out probes; 1e-3 moved both recipes away on 12-03), batch 4, seed 42, in one run
@@ -80,11 +81,14 @@ def compare(preset: str, iters: int) -> dict:
 
 def main() -> None:
     real = "--real" in sys.argv
+    iters = {"tiny": 600, "gemma3-270m": 60}
+    if "--real-iters" in sys.argv:  # off-policy's steps on the 270M (its time sets on-policy's)
+        iters["gemma3-270m"] = int(sys.argv[sys.argv.index("--real-iters") + 1])
     out: dict = {"settings": {"stage": "1b (build: the kernel in the teacher's context)",
                               "phase": "p0_ethics",
                               "lr": LR, "batch_size": 4, "seed": 42,
                               "on_policy": ON.split("options: ")[1][:-1],
-                              "off_policy_iters": {"tiny": 600, "gemma3-270m": 60}}}
+                              "off_policy_iters": iters}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
         if preset != "tiny" and not real:
             out[f"{key}_reverse_kl_cut"] = out[f"{key}_on_vs_off"] = None
