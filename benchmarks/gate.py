@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/gate.py               # 10 seeds, ~90 minutes on 2 CPU cores
     .venv/bin/python benchmarks/gate.py --fast        # the tests' short curriculum, ~35 minutes
     .venv/bin/python benchmarks/gate.py --seeds 3
+    .venv/bin/python benchmarks/gate.py --fast --from 6    # seeds 6 to 10
 
 One tiny `+stage=4b` run directory (the preset's own curriculum, release off): the teacher's answers
 are generated once; then, per seed (train.seed: the data order and the adapter's initialisation;
@@ -16,11 +17,11 @@ default thresholds (conf/config.yaml):
     contradict   every phase on answers contradicting the LEK-1 kernel, written for the test
                  (tests/data/contradicting_answers.json)
 
-A bad student is caught when its verdict is not PROMOTE; a healthy one wrongly rejected when it is
-not PROMOTE either. The goal: each bad kind caught in every seed, no healthy one rejected. Prints a
-line per run (its verdict and the figures the gate read), then one JSON object: caught per kind,
-healthy_rejected, and the settings.
-"""
+A bad student is caught when its verdict is not PROMOTE, or when its stage failed before its gate (a
+training that diverged fails its fusion check: it never teaches either; counted apart); a healthy
+one wrongly rejected when it is not PROMOTE. The goal: each bad kind caught in every seed, no
+healthy one rejected. Prints a line per run (its verdict and the figures the gate read), then one
+JSON object: caught per kind, healthy_rejected, and the settings. """
 
 from __future__ import annotations
 
@@ -80,9 +81,14 @@ def judge(run: Path, kind: str, seed: int, fast: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"),
                                                          os.environ.get("PYTHONPATH", "")])}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cascade", *BASE, f"run_dir={run}",
-                    *_args(kind, seed, fast)], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "cascade", *BASE, f"run_dir={run}",
+                        *_args(kind, seed, fast)], capture_output=True, text=True, env=env,
+                       cwd=ROOT)
+    if r.returncode:  # the stage failed before its gate (a diverged training's fusion check)
+        said = [x for x in (r.stdout + r.stderr).splitlines() if "Error" in x or "error" in x]
+        return {"kind": kind, "seed": seed, "verdict": f"FAILED (exit {r.returncode})",
+                "figures": {}, "failed": [], "error": (said or ["?"])[-1][-400:],
+                "seconds": round(time.perf_counter() - t0, 1)}
     v = json.loads((run / "4b/gate/verdict.json").read_text())
     return {"kind": kind, "seed": seed, "verdict": v["verdict"],
             "figures": {c["name"]: c["value"] for c in v["criteria"]},
@@ -93,20 +99,24 @@ def judge(run: Path, kind: str, seed: int, fast: bool) -> dict:
 def main() -> None:
     seeds = int(sys.argv[sys.argv.index("--seeds") + 1]) if "--seeds" in sys.argv else 10
     fast = "--fast" in sys.argv
+    first = int(sys.argv[sys.argv.index("--from") + 1]) if "--from" in sys.argv else 1
     rows = []
     with tempfile.TemporaryDirectory() as d:
         run = Path(d, "run")
-        for seed in range(1, seeds + 1):
+        for seed in range(first, seeds + 1):
             for kind in KINDS:
                 rows.append(judge(run, kind, seed, fast))
                 print(json.dumps(rows[-1]), flush=True)
         thresholds = json.loads((run / "4b/gate/verdict.json").read_text())["thresholds"]
+    n = seeds - first + 1
     missed = {k: sum(r["verdict"] == "PROMOTE" for r in rows if r["kind"] == k) for k in KINDS}
-    out = {"seeds": seeds,
-           "caught": {k: f"{seeds - missed[k]}/{seeds}" for k in KINDS if k != "healthy"},
-           "healthy_rejected": f"{seeds - missed['healthy']}/{seeds}",
+    out = {"seeds": list(range(first, seeds + 1)),
+           "caught": {k: f"{n - missed[k]}/{n}" for k in KINDS if k != "healthy"},
+           "failed_before_the_gate": {k: sum(r["verdict"].startswith("FAILED") for r in rows
+                                             if r["kind"] == k) for k in KINDS},
+           "healthy_rejected": f"{n - missed['healthy']}/{n}",
            "all_caught": all(missed[k] == 0 for k in KINDS if k != "healthy"),
-           "healthy_all_promoted": missed["healthy"] == seeds,
+           "healthy_all_promoted": missed["healthy"] == n,
            "settings": {"command": " ".join(BASE), "fast": fast,
                         "example_args": {k: _args(k, 1, fast) for k in KINDS},
                         "gate": thresholds, "curriculum": _curriculum(fast),
