@@ -85,7 +85,7 @@ def judge(run: Path, kind: str, seed: int, fast: bool) -> dict:
                         *_args(kind, seed, fast)], capture_output=True, text=True, env=env,
                        cwd=ROOT)
     if r.returncode:  # the stage failed before its gate (a diverged training's fusion check)
-        said = [x for x in (r.stdout + r.stderr).splitlines() if "Error" in x or "error" in x]
+        said = [x for x in (r.stdout + r.stderr).splitlines() if "error" in x.lower()]
         return {"kind": kind, "seed": seed, "verdict": f"FAILED (exit {r.returncode})",
                 "figures": {}, "failed": [], "error": (said or ["?"])[-1][-400:],
                 "seconds": round(time.perf_counter() - t0, 1)}
