@@ -47,10 +47,19 @@ def name_of(path: str | Path) -> str:
 
 
 def weight_bytes(path: str | Path) -> int:
-    """The size of the weight files in a model directory (0: a hub id or not a directory)."""
+    """The size of the weight files in a model directory, or of a hub id's snapshot in the local HF
+    cache (0: neither)."""
     p = Path(path)
     if not p.is_dir():
-        return 0
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(path), "config.json")
+        except Exception:  # noqa: BLE001 - not a repo id: its size is not known
+            found = None
+        if not isinstance(found, str):
+            return 0
+        p = Path(found).parent
     return sum(f.stat().st_size for f in p.iterdir() if f.name.endswith(WEIGHTS) and f.is_file())
 
 

@@ -72,3 +72,19 @@ def test_every_load_of_a_run_is_in_its_steps_and_status(tiny_4b_run: Path):
     r = run_cli("status", *ARGS, f"run_dir={tiny_4b_run}")
     assert "4b: weight loads: 7 of " in r.stdout, r.stdout[-2000:]
     assert "weight loads" in (tiny_4b_run / "report/index.html").read_text()
+
+
+def test_a_hub_models_bytes_are_its_cached_snapshots(tmp_path: Path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from cascade import loads
+
+    snap = tmp_path / "models--org--model/snapshots/abc123"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"z" * 321)
+    (tmp_path / "models--org--model/refs").mkdir()
+    (tmp_path / "models--org--model/refs/main").write_text("abc123")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    assert loads.weight_bytes("org/model") == 321
+    assert loads.weight_bytes("org/absent") == 0
