@@ -94,11 +94,19 @@ def answer_top_k(model: Any, tok: Any, prompts: list[list[int]], answers: list[l
             if not a:
                 out.append({"ids": [], "lp": []})
                 continue
-            x = torch.tensor([p + a], device=model.device)
-            logits = model(input_ids=x).logits[0, len(p) - 1 : -1, : len(tok)]
-            top = torch.log_softmax(logits.float(), dim=-1).topk(min(k, len(tok)), dim=-1)
+            top = position_top_k(model, p + a, len(p), k, len(tok))
             out.append({"ids": top.indices.tolist(), "lp": top.values.tolist()})
     return out
+
+
+def position_top_k(model: Any, seq: list[int], start: int, k: int, vocab: int) -> Any:
+    """The model's top k (`.indices`, `.values`: log-probabilities at temperature 1 over the first
+    `vocab` rows, the shared vocabulary) for each token seq[start:] given the tokens before it, by
+    one forward (called under torch.no_grad())."""
+    import torch
+
+    logits = model(input_ids=torch.tensor([seq], device=model.device)).logits[0, start - 1 : -1]
+    return torch.log_softmax(logits[:, :vocab].float(), dim=-1).topk(min(k, vocab), dim=-1)
 
 
 def reverse_kl(teacher: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],

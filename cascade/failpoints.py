@@ -8,8 +8,9 @@ of a write, or the write fails as on a full disk.
 
 Points: write (a file written, before its rename), commit (a step's files in place, before its
 commit), manifest (before the manifest is rewritten), checkpoint (a checkpoint written, before its
-rename), fuse (a fused model saved, before its check; with !corrupt the caller damages it). Unset, a
-call costs one dictionary lookup.
+rename), fuse (a fused model saved, before its check; with !corrupt the caller damages it), score (a
+teacher's replica asked for on_policy's scores: the replica dies). Unset, a call costs one
+dictionary lookup.
 """
 
 from __future__ import annotations

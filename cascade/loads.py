@@ -81,6 +81,12 @@ def taken() -> list[dict]:
     return out
 
 
+def add(records: list[dict]) -> None:
+    """Records made in another process this one stands for (on_policy's scoring replicas, their
+    loads carried by the phase's rank 0)."""
+    _LOADS.extend(records)
+
+
 def per_model(records: list[dict]) -> dict[str, dict]:
     """{model: {loads, bytes, seconds, processes: {process: loads}}} of a list of records."""
     out: dict[str, dict] = {}

@@ -44,6 +44,8 @@ class TrainJob:
     teachers: list[Teacher] = dataclasses.field(default_factory=list)  # kinds that score with them
     kernel: str | None = None  # the kernel's text (kinds that put it in a teacher's context)
     vllm: Any = None  # backend.vllm's settings (kinds that run vLLM engines in the workers)
+    scorers: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # teacher -> replicas
+    scorer_timeout_s: float = 600.0  # how long a lost scoring replica is waited for
 
 
 def failure_file(rd: RunDir, stage: str) -> str:

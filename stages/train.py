@@ -57,16 +57,65 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
 
     cfg, sp, phs = ctx.cfg, w.stage, w.phases(todo)
     first = phs[0].index
+    # started first: the replicas load while Ray Train starts its workers
+    pools, cpus = _scorers(ctx, sp, phs)
     job = TrainJob(sp.name, ctx.rd.url,
                    sp.phases[first - 1].model.path if first > 0 else sp.base_model,
                    sp.revision if first == 0 else None, phs,
-                   dataclasses.replace(cfg.train, cpus_per_worker=ctx.cpus),
+                   dataclasses.replace(cfg.train, cpus_per_worker=cpus),
                    cfg.train_seed, cfg.models.trust_remote_code, sp.base_key, ctx.lease,
-                   sp.teachers, ctx.graph.kernel, cfg.backend.vllm)
-    # SIGTERM: the workers checkpoint at their next optimizer step and stop, then the driver stops
-    with ctx.stop.deferred() if ctx.stop else contextlib.nullcontext():
-        fit(job, ctx.rd, f"{sp.name}-{phs[0].model.key}")
+                   sp.teachers, ctx.graph.kernel, cfg.backend.vllm,
+                   {t: p.names for t, p in pools.items()}, cfg.generation.restart_timeout_s)
+    try:
+        # SIGTERM: the workers checkpoint at their next optimizer step and stop, then the driver
+        # stops
+        with ctx.stop.deferred() if ctx.stop else contextlib.nullcontext():
+            fit(job, ctx.rd, f"{sp.name}-{phs[0].model.key}")
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
     return {}
+
+
+def _scorers(ctx: Context, sp: Any, phs: list) -> tuple[dict[str, Any], int]:
+    """With a phase that scores on its teachers' replicas (on_policy's scorer pool): each teacher's
+    replicas (`score/<stage>/<teacher>/<i>`, the generation pool's backend and resources), and the
+    CPUs each training worker may take beside them; else none, and the context's CPUs."""
+    from cascade import cluster, phases
+
+    cfg = ctx.cfg
+    opts = [phases.options(ph.kind, ph.options, ph.model.name) for ph in phs]
+    top_k = max((o.top_k for o in opts if getattr(o, "scorer", "") == "pool"), default=0)
+    if not top_k:
+        return {}, ctx.cpus
+    from cascade import generation
+    from cascade.generation.pool import ReplicaPool
+    from cascade.graph import backend_kwargs, sampling
+
+    b = dataclasses.replace(cfg.backend, **{
+        cfg.backend.name: generation.load(cfg.backend.name).scoring(cfg.backend.options, top_k)})
+
+    n = len(sp.teachers) * cfg.generation.replicas
+    left = cluster.cpus() - n * cfg.backend.num_cpus
+    cpus = cfg.train.cpus_per_worker or int(left // cfg.train.num_workers)
+    if cpus < 1 or left < cpus * cfg.train.num_workers:
+        raise RuntimeError(f"{sp.name}: on_policy's scorer pool: {n} teacher replicas of "
+                           f"backend.num_cpus={cfg.backend.num_cpus} leave {left:g} of the "
+                           f"cluster's {cluster.cpus()} CPUs, not enough for "
+                           f"{cfg.train.num_workers} training worker(s)")
+    pools: dict[str, Any] = {}
+    try:
+        for t in sp.teachers:
+            names = [f"score/{sp.name}/{t.name}/{r}" for r in range(cfg.generation.replicas)]
+            pools[t.name] = ReplicaPool(names, t.model, backend_kwargs(cfg, t), b,
+                                        cfg.generation, sampling(cfg), t.system)
+            log.info("scoring replicas %s: %s backend, model %s", names, cfg.backend.name,
+                     t.model)
+    except BaseException:
+        for pool in pools.values():
+            pool.shutdown()
+        raise
+    return pools, cpus
 
 
 def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:

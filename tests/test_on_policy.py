@@ -2,7 +2,8 @@
 rollouts, and trained on the student's own samples scored by its teacher with the kernel in context;
 a phase pre-empted (SIGTERM), its training worker killed and its driver killed (-9), one after the
 other, resumes each time from the right step (its rollouts read back) to the bytes of a run never
-struck."""
+struck; scored on the teacher's own replica (scorer pool), one of whose calls kills it, to the same
+bytes again."""
 
 from __future__ import annotations
 
@@ -130,6 +131,19 @@ def test_on_policy_phase_preempted_struck_and_killed_resumes_to_the_same_bytes(t
     assert again["summary"]["resumed_from_step"] >= struck
     assert again["files"] == json.loads((ref / P2 / "step.json").read_text())["files"]
     assert again["summary"]["divergence_losses"] == s["divergence_losses"]
+
+    # 4. the teachers' scores on their own replica (scorer pool) instead of in the worker, the
+    #    replica dying at its 3rd call (Ray restarts it, the worker asks again): the same bytes
+    pool = _p2_fresh(tiny_4b_run, tmp_path / "pool")
+    r = run_cli(*ARGS, "+curriculum.2.options.scorer=pool", f"run_dir={pool}",
+                env={"CASCADE_FAILPOINT": f"score:3@{tmp_path / 'struck'}"})
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert (tmp_path / "struck").exists() and "score/4b/1b/0: " in r.stdout, r.stdout[-4000:]
+    got = json.loads((pool / P2 / "step.json").read_text())
+    assert got["files"] == json.loads((ref / P2 / "step.json").read_text())["files"]
+    assert got["summary"]["divergence_losses"] == s["divergence_losses"]
+    # the teacher loaded by its replica (restarted: the new one's load), not by the worker
+    assert [x["process"] for x in got["summary"]["loads"] if "1b" in x["model"]] == ["generate"]
 
 
 def _ckpts(run) -> list:

