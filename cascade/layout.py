@@ -38,7 +38,9 @@
                                             phase's samples and teacher scores, one file per
                                             micro-step and rank (cascade/phases/on_policy.py)
       <stage>/train/_work/**                Ray Train's storage for the stage; tensorboard/<phase>/;
-                                            failure.json: a failed fusion check, for the driver
+                                            failure.json: a failed fusion check, for the driver;
+                                            after.json: the last phase's fused model scored where
+                                            it was trained, for the evaluation (cascade/scoring.py)
       <stage>/eval/metrics.json, step.json  agreement before/after, loss per phase, curation counts
       <stage>/gate/verdict.json, step.json  the promotion gate's verdict (PROMOTE, HOLD, REJECT),
                                             its criteria and the ledger (stages/gate.py)
@@ -108,6 +110,14 @@ class Layout:
 
     def train_work(self, stage: str) -> str:
         return self.path(stage, "train", "_work")
+
+    def train_failure(self, stage: str) -> str:
+        """Where training's rank 0 leaves a deterministic failure for the driver."""
+        return f"{self.train_work(stage)}/failure.json"
+
+    def after_score(self, stage: str) -> str:
+        """The evaluation's score of the stage's last fused model, made by training's rank 0."""
+        return f"{self.train_work(stage)}/after.json"
 
     def tensorboard(self, stage: str, phase: str) -> Path:
         """Written locally (this node's mirror on an object store; uploaded when the phase ends)."""

@@ -1,9 +1,9 @@
 """What runs in every Ray Train worker of a stage's training job (stages/train.py starts the job):
 the phases of a `TrainJob` in order, each a `PhaseTrainer` - setup (the previous phase's fused
 model, a PEFT LoRA, the newest mid-phase checkpoint), steps (the loss of the phase's kind,
-cascade/phases/, on response tokens), finish (rank 0 fuses, checks and commits the phase). The
-step's docstring tells the whole story.
-"""
+cascade/phases/, on response tokens), finish (rank 0 fuses, checks, commits the phase; after the
+stage's last, scores the model it read back for the evaluation: cascade/scoring.py). The step's
+docstring tells the whole story."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from cascade import loads, phases, preemption
+from cascade import loads, phases, preemption, scoring
 from cascade.config_train import TrainConfig
 from cascade.graph import PhaseGraph, Teacher
 from cascade.progress import Board
@@ -46,11 +46,7 @@ class TrainJob:
     vllm: Any = None  # backend.vllm's settings (kinds that run vLLM engines in the workers)
     scorers: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # teacher -> replicas
     scorer_timeout_s: float = 600.0  # how long a lost scoring replica is waited for
-
-
-def failure_file(rd: RunDir, stage: str) -> str:
-    """Where rank 0 leaves a deterministic failure for the driver (<stage>/train/_work/)."""
-    return f"{rd.train_work(stage)}/failure.json"
+    after: dict | None = None  # the evaluation's score of the stage's last phase (scoring.plan)
 
 
 # -- the worker ------------------------------------------------------------------------------------
@@ -287,9 +283,9 @@ class PhaseTrainer:
 
     def finish(self) -> bool:
         """Rank 0 fuses the adapter into the weights, verifies and commits the fused model; all
-        report. A failed fusion check is deterministic: rank 0 leaves it in failure_file (the driver
-        raises it) and the job ends without an error, so Ray Train's failure policy does not run the
-        phase again; False then."""
+        report. A failed fusion check is deterministic: rank 0 leaves it in rd.train_failure (the
+        driver raises it) and the job ends without an error, so Ray Train's failure policy does not
+        run the phase again; False then."""
         from cascade.modeling import FusionError
 
         summary, model, error = self.summary(), self.model, ""
@@ -305,7 +301,7 @@ class PhaseTrainer:
             except FusionError as e:
                 log.error("%s: %s", self.ph.model.name, e)
                 error = f"{self.ph.model.name}: {e}"
-                self.rd.write_json(failure_file(self.rd, self.job.stage), {"error": error})
+                self.rd.write_json(self.rd.train_failure(self.job.stage), {"error": error})
         # also the barrier after rank 0's commit
         failed = preemption.agreed(self.device, bool(error))[0]
         ray.train.report({"phase": self.ph.index, "loss": self.losses[-1],
@@ -343,6 +339,8 @@ class PhaseTrainer:
         staged, step = loads.name_of(self.rd.as_local(staging)), loads.name_of(self.ph.model.path)
         summary["loads"] = [{**r, "model": step} if r["model"] == staged else r
                             for r in loads.taken()]
+        # before the commit: a committed last phase always has its score
+        scoring.in_worker(self.job.after, self.rd, self.ph.index, kept.get("model"), self.tok)
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
         self.kept = kept.get("model")
 

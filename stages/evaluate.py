@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 from cascade import loads
 from cascade.config import Config
-from cascade.metrics import rouge_l
-from cascade.graph import Context, StageGraph, Work, heldout
+from cascade.graph import Context, StageGraph, Work
 from cascade.rundir import RunDir, Step
+from cascade.scoring import heldout_records, score_records, settings, taken
 from cascade.steps import Made
 from cascade.storage import local_model
 
@@ -52,7 +51,7 @@ def start_before(cfg: Config, sp: StageGraph, rd: RunDir) -> Any:
     """Score the base student now, as a Ray task on eval.num_cpus CPUs (while the first phase trains
     on the CPUs training leaves free); run() collects it."""
     return _task(score_records, cfg).options(name=f"eval/{sp.name}/before").remote(
-        sp.base_model, sp.revision, _heldout(cfg, sp, rd), **_score_kwargs(cfg))
+        sp.base_model, sp.revision, heldout_records(cfg, rd, sp), **_score_kwargs(cfg))
 
 
 def _task(fn: Any, cfg: Config, num_cpus: float | None = None) -> Any:
@@ -63,20 +62,13 @@ def _task(fn: Any, cfg: Config, num_cpus: float | None = None) -> Any:
 
 
 def _score_kwargs(cfg: Config) -> dict:
-    return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size,
-                trust=cfg.models.trust_remote_code,
-                answer_tokens=cfg.eval.answer_tokens, seed=cfg.seed, divergence=cfg.eval.reverse_kl)
+    return {**settings(cfg), "trust": cfg.models.trust_remote_code}
 
 
 def _teachers(sp: StageGraph) -> list[tuple]:
     """The stage's teachers as the evaluation's divergence reads them: (model, revision, weight,
     context)."""
     return [(t.model, t.revision, t.weight, t.system) for t in sp.teachers]
-
-
-def _heldout(cfg: Config, sp: StageGraph, rd: RunDir) -> list[dict]:
-    records = heldout(rd, sp)
-    return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
 
 
 def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
@@ -104,8 +96,10 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
     """The stage's metrics. The base student's score is before_ref's (start_before) or, without one,
     scored here with the trained student's in one task on `num_cpus` CPUs (default eval.num_cpus):
     one process, one set of imports, one model in memory at a time."""
-    records = _heldout(cfg, sp, rd)
-    before, after, kl = _scores(cfg, sp, records, before_ref, num_cpus)
+    records = heldout_records(cfg, rd, sp)
+    # the trained student as training's rank 0 scored it where it was (no load), else its path
+    final = taken(rd, sp.name, sp.phases[-1].model.key, records, settings(cfg)) or sp.final_model
+    before, after, kl = _scores(cfg, sp, records, before_ref, num_cpus, final)
     metrics = {
         "stage": sp.name,
         "student": sp.final_model,
@@ -143,18 +137,18 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
 
 
 def _scores(cfg: Config, sp: StageGraph, records: list[dict], before_ref: Any,
-            num_cpus: float | None) -> tuple[dict, dict, dict | None]:
-    """(the base student's score, the trained student's, the teachers' divergence from both)."""
+            num_cpus: float | None, final: str | dict) -> tuple[dict, dict, dict | None]:
+    """(the base student's score, the trained student's (`final`: its path, or its score), the
+    teachers' divergence from both)."""
     import ray
 
     teachers, kw = _teachers(sp), _score_kwargs(cfg)
     if before_ref is None:
         task = _task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}")
-        return ray.get(task.remote(sp.base_model, sp.revision, sp.final_model, records, teachers,
-                                   **kw))
+        return ray.get(task.remote(sp.base_model, sp.revision, final, records, teachers, **kw))
     # the teachers read both students' answers in the "after" task: it waits for the "before" score
     task = _task(_score_after, cfg).options(name=f"eval/{sp.name}/after")
-    return ray.get(task.remote(before_ref, sp.final_model, records, teachers, **kw))
+    return ray.get(task.remote(before_ref, final, records, teachers, **kw))
 
 
 def _num(x: float | None) -> float:
@@ -166,7 +160,7 @@ def _delta(metric: str, records: int, before: float | None, after: float | None)
             "delta": None if before is None or after is None else after - before}
 
 
-def _score_both(base: str, revision: str | None, final: str, records: list[dict],
+def _score_both(base: str, revision: str | None, final: str | dict, records: list[dict],
                 teachers: list[tuple], **kw: Any) -> tuple[dict, dict, dict | None]:
     """(the base student's score, the trained student's, the teachers' divergence from both), one
     model after the other in this process."""
@@ -174,11 +168,11 @@ def _score_both(base: str, revision: str | None, final: str, records: list[dict]
                         **kw)
 
 
-def _score_after(before: dict, final: str, records: list[dict], teachers: list[tuple],
+def _score_after(before: dict, final: str | dict, records: list[dict], teachers: list[tuple],
                  **kw: Any) -> tuple[dict, dict, dict | None]:
-    """(before, the trained student's score, the teachers' divergence from both students' answers).
-    """
-    after = score_records(final, None, records, **kw)
+    """(before, the trained student's score (`final`'s: its path, or the score itself), the
+    teachers' divergence from both students' answers)."""
+    after = final if isinstance(final, dict) else score_records(final, None, records, **kw)
     kl = teacher_divergence(teachers, records, [before, after], trust=kw["trust"])
     after["loads"] = after.get("loads", []) + loads.taken()  # the teachers'
     return _public(before), _public(after), kl
@@ -187,126 +181,6 @@ def _score_after(before: dict, final: str, records: list[dict], teachers: list[t
 def _public(score: dict) -> dict:
     """A score without the answers and top-k it carried for the teachers."""
     return {k: v for k, v in score.items() if k not in ("answers", "top")}
-
-
-def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int,
-                  batch_size: int, trust: bool, answer_tokens: int = 0, seed: int = 0,
-                  divergence: bool = False) -> dict:
-    """{loglik: mean log-likelihood per response token of the records' responses under the model;
-    rouge_l: mean ROUGE-L F1 of its greedy answers (answer_tokens at most) against them; self_ended:
-    the share of those answers that ended by themselves; seconds: compute time; with `divergence`,
-    answers and top: its greedy and sampled answers (temperature 1, seeded) and its top-k at each of
-    their tokens, for the teachers to read (teacher_divergence); vocab_hash}."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from cascade.chat import prompt_ids, vocab_hash
-    from cascade.cluster import cpu_threads
-    from cascade.divergence import answer_top_k
-    from cascade.modeling import load_model
-
-    if not records:
-        return {"loglik": None, "rouge_l": None, "self_ended": None, "conditioning": None,
-                "seconds": 0.0, "loads": []}
-    loads.process = "eval"
-    model_path = local_model(model_path)  # pulled into this node's cache from an object store
-    torch.set_num_threads(cpu_threads())
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
-    model = load_model(model_path, revision, trust_remote_code=trust).to(device).eval()
-    t0, args = time.perf_counter(), (max_len, batch_size, device)
-    out = {"loglik": _loglik(model, tok, [(r["messages"], r["response"]) for r in records], *args),
-           "rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
-    swapped = mismatched(records)
-    out["conditioning"] = (None if swapped is None
-                           else out["loglik"] - _loglik(model, tok, swapped, *args))
-    if answer_tokens:
-        kinds = ("greedy", "sampled") if divergence else ("greedy",)
-        answers = {how: _answers(model, tok, records, answer_tokens, batch_size, device,
-                                 how == "sampled", seed)
-                   for how in kinds}
-        out["rouge_l"], out["self_ended"] = _text_agreement(tok, records, answers["greedy"])
-    if answer_tokens and divergence:
-        prompts = [prompt_ids(tok, r["messages"]) for r in records]
-        out["answers"] = answers
-        out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
-    return {**out, "seconds": time.perf_counter() - t0, "loads": loads.taken()}
-
-
-def _loglik(model: Any, tok: Any, pairs: list[tuple[list[dict], str]], max_len: int,
-            batch_size: int, device: str) -> float:
-    """Mean log-likelihood per response token of each (messages, response) under the model."""
-    import torch
-
-    from cascade.chat import collate, encode_example
-    from cascade.modeling import response_nll
-
-    total, count = 0.0, 0
-    for i in range(0, len(pairs), batch_size):
-        batch = [encode_example(tok, m, r, max_len) for m, r in pairs[i : i + batch_size]]
-        ids, labels, mask = collate(batch, tok.pad_token_id, device)
-        with torch.no_grad():
-            # the output layer applied in chunks: no [batch, tokens, vocab] tensor
-            nll, _, n = response_nll(
-                model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-        total -= float(nll)
-        count += n
-    return total / max(1, count)
-
-
-def mismatched(records: list[dict]) -> list[tuple[list[dict], str]] | None:
-    """Each record's response after the next record's prompt that differs from its own (None when
-    all prompts are one): what the log-likelihood of an answer owes to being asked its question."""
-    n = len(records)
-    out = []
-    for i, r in enumerate(records):
-        other = next((records[(i + k) % n] for k in range(1, n)
-                      if records[(i + k) % n]["messages"] != r["messages"]), None)
-        if other is None:
-            return None
-        out.append((other["messages"], r["response"]))
-    return out
-
-
-def _answers(model: Any, tok: Any, records: list[dict], max_new: int, batch_size: int, device: str,
-             sample: bool = False, seed: int = 0) -> list[list[int]]:
-    """The model's answers to the records' prompts (greedy, or sampled at temperature 1 seeded by
-    `seed`), each up to and including its stop token (or max_new tokens long)."""
-    import torch
-
-    from cascade.chat import padded_ids, render_prompt, stop_token_ids
-
-    stops, answers, padded = stop_token_ids(tok), [], padded_ids(model, tok)
-    how = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample
-           else dict(do_sample=False))
-    tok.padding_side = "left"
-    devices = [torch.cuda.current_device()] if device == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for i in range(0, len(records), batch_size):
-            batch = records[i : i + batch_size]
-            enc = tok([render_prompt(tok, r["messages"]) for r in batch], return_tensors="pt",
-                      padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new, eos_token_id=stops,
-                                 pad_token_id=tok.pad_token_id, suppress_tokens=padded, **how)
-            for seq in out[:, enc["input_ids"].shape[1]:].tolist():
-                stop = next((k for k, t in enumerate(seq) if t in stops), None)
-                answers.append(seq if stop is None else seq[: stop + 1])
-    return answers
-
-
-def _text_agreement(tok: Any, records: list[dict], answers: list[list[int]]) -> tuple[float, float]:
-    """(mean ROUGE-L F1 of the answers against the records' responses, the share that ended by
-    themselves)."""
-    from cascade.chat import stop_token_ids
-
-    stops, scores, ended = stop_token_ids(tok), [], 0
-    for r, a in zip(records, answers, strict=True):
-        done = bool(a) and a[-1] in stops
-        ended += done
-        scores.append(rouge_l(tok.decode(a[:-1] if done else a, skip_special_tokens=True),
-                              r["response"]))
-    return sum(scores) / len(scores), ended / len(records)
 
 
 def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[dict],

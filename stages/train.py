@@ -53,6 +53,7 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
     """Train the phases of `todo` (driver side) in one Ray Train job; rank 0 commits each phase's
     fused model inside it (the next phase starts from it), so nothing is handed back: the driver
     checks and records them."""
+    from cascade import scoring
     from cascade.trainer import TrainJob
 
     cfg, sp, phs = ctx.cfg, w.stage, w.phases(todo)
@@ -65,7 +66,10 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
                    dataclasses.replace(cfg.train, cpus_per_worker=cpus),
                    cfg.train_seed, cfg.models.trust_remote_code, sp.base_key, ctx.lease,
                    sp.teachers, ctx.graph.kernel, cfg.backend.vllm,
-                   {t: p.names for t, p in pools.items()}, cfg.generation.restart_timeout_s)
+                   {t: p.names for t, p in pools.items()}, cfg.generation.restart_timeout_s,
+                   # the evaluation's score of the last phase, made by rank 0 where it is
+                   scoring.plan(ctx.rd, sp.name, sp.phases[-1].index, sp.phases[-1].model.key,
+                                scoring.heldout_records(cfg, ctx.rd, sp), scoring.settings(cfg)))
     try:
         # SIGTERM: the workers checkpoint at their next optimizer step and stop, then the driver
         # stops
@@ -162,10 +166,10 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cascade.trainer import failure_file, train_loop_per_worker
+    from cascade.trainer import train_loop_per_worker
 
     t, (storage_path, storage_fs) = job.train, rd.ray_storage(rd.train_work(job.stage))
-    failed = failure_file(rd, job.stage)
+    failed = rd.train_failure(job.stage)
     if rd.exists(failed):  # a previous run's
         rd.remove(failed)
     # Ray Train's fit() installs a Ctrl-C handler that holds its controller's handle, which keeps

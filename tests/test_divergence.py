@@ -104,7 +104,7 @@ def test_two_tiny_models_differing_only_in_padding_are_at_zero_divergence(tmp_pa
     from cascade.divergence import answer_top_k, reverse_kl
     from cascade.modeling import load_model
     from cascade.tiny import preset_dir
-    from stages.evaluate import _answers
+    from cascade.scoring import answers_to
 
     teacher_dir = preset_dir(compose(["+stage=4b", "models=tiny"])) / "1b"
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -126,7 +126,7 @@ def test_two_tiny_models_differing_only_in_padding_are_at_zero_divergence(tmp_pa
 
     records = [{"messages": [{"role": "user", "content": q}]}
                for q in ("What is kindness?", "Is it ever right to lie?", "Why keep a promise?")]
-    answers = _answers(student, s_tok, records, 24, 3, "cpu", sample=True, seed=0)
+    answers = answers_to(student, s_tok, records, 24, 3, "cpu", sample=True, seed=0)
     assert all(t < n for a in answers for t in a), "a padded row was sampled"
     prompts = [prompt_ids(tok, r["messages"]) for r in records]
     total, count = reverse_kl(teacher, tok, prompts, answers, answer_top_k(student, s_tok, prompts,

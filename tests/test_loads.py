@@ -60,18 +60,43 @@ def test_every_load_of_a_run_is_in_its_steps_and_status(tiny_4b_run: Path):
            for f in sorted(tiny_4b_run.glob("generations/1b/*/*/step.json"))]
     assert sorted(len(g) for g in gen) == [0, 1], gen
     assert [r["process"] for g in gen for r in g] == ["generate"], gen
-    # the evaluation: the base student and the trained one
+    # the evaluation: the base student; the trained one was scored by training's rank 0 where it
+    # was (cascade/scoring.py), as an evaluation task would have scored it
     ev = summary("4b/eval")["loads"]
-    assert sorted(r["model"] for r in ev) == sorted([base, "4b/train/02-p2_ethics"]), ev
-    assert {r["process"] for r in ev} == {"eval"}
+    assert [r["model"] for r in ev] == [base] and ev[0]["process"] == "eval", ev
+    _scored_as_the_evaluation_would(tiny_4b_run)
 
     r = run_cli("status", *ARGS, f"run_dir={tiny_4b_run}", "--json")
     st = json.loads(r.stdout[r.stdout.index("{\n"):])
     assert st["loads"]["4b"][base]["loads"] == 2  # the first phase's start and the "before" score
-    assert st["loads"]["4b"]["4b/train/02-p2_ethics"]["processes"] == {"train": 1, "eval": 1}
+    assert st["loads"]["4b"]["4b/train/02-p2_ethics"]["processes"] == {"train": 1}
     r = run_cli("status", *ARGS, f"run_dir={tiny_4b_run}")
-    assert "4b: weight loads: 7 of " in r.stdout, r.stdout[-2000:]
+    assert "4b: weight loads: 6 of " in r.stdout, r.stdout[-2000:]
     assert "weight loads" in (tiny_4b_run / "report/index.html").read_text()
+
+
+def _scored_as_the_evaluation_would(run: Path) -> None:
+    """The evaluation's "after" figures are the ones training's rank 0 wrote, and an evaluation
+    task loading the model gets them too (to float rounding: its threads are not the worker's)."""
+    from types import SimpleNamespace
+
+    from cascade.graph import heldout
+    from cascade.rundir import RunDir
+    from cascade.scoring import score_records, settings
+    from conftest import compose
+
+    cfg = compose(ARGS)
+    sp = SimpleNamespace(name="4b", phases=[SimpleNamespace(name=ph.name)
+                                            for ph in cfg.curriculum])
+    records = heldout(RunDir(str(run)), sp)[: cfg.eval.max_probes or None]
+    made = json.loads((run / "4b/train/_work/after.json").read_text())["score"]
+    m = json.loads((run / "4b/eval/metrics.json").read_text())
+    assert m["agreement"]["after"] == made["loglik"] and m["self_ended"]["after"] == made[
+        "self_ended"]
+    again = score_records(str(run / "4b/train/02-p2_ethics"), None, records, **settings(cfg),
+                          trust=False)
+    for k in ("loglik", "conditioning", "rouge_l", "self_ended"):
+        assert abs(again[k] - made[k]) <= 1e-5 * max(1.0, abs(made[k])), (k, again[k], made[k])
 
 
 def test_a_hub_models_bytes_are_its_cached_snapshots(tmp_path: Path, monkeypatch):

@@ -1,0 +1,196 @@
+"""A model's score on held-out records: the evaluation's measures of one student (stages/evaluate.py
+reads them before and after a stage's curriculum; the training workers score the last phase's fused
+model where it already is, cascade/trainer.py). What each measure means: stages/evaluate.py.
+
+    score_records(path, revision, records, max_len=..., batch_size=..., trust=False)  # loads it
+    score_model(model, tok, records, max_len=..., batch_size=...)  # a model in memory
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cascade import loads
+from cascade.metrics import rouge_l
+
+
+def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int,
+                  batch_size: int, trust: bool, answer_tokens: int = 0, seed: int = 0,
+                  divergence: bool = False) -> dict:
+    """score_model of the model at `model_path`, loaded for it (in an evaluation task)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cascade.cluster import cpu_threads
+    from cascade.modeling import load_model
+    from cascade.storage import local_model
+
+    if not records:
+        return {"loglik": None, "rouge_l": None, "self_ended": None, "conditioning": None,
+                "seconds": 0.0, "loads": []}
+    loads.process = "eval"
+    model_path = local_model(model_path)  # pulled into this node's cache from an object store
+    torch.set_num_threads(cpu_threads())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
+    model = load_model(model_path, revision, trust_remote_code=trust).to(device).eval()
+    return {**score_model(model, tok, records, max_len=max_len, batch_size=batch_size,
+                          answer_tokens=answer_tokens, seed=seed, divergence=divergence),
+            "loads": loads.taken()}
+
+
+def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batch_size: int,
+                answer_tokens: int = 0, seed: int = 0, divergence: bool = False) -> dict:
+    """{loglik: mean log-likelihood per response token of the records' responses under the model;
+    conditioning: that minus the same after other records' prompts (mismatched); rouge_l: mean
+    ROUGE-L F1 of its greedy answers (answer_tokens at most) against them; self_ended: the share of
+    those answers that ended by themselves; seconds: compute time; with `divergence`, answers and
+    top: its greedy and sampled answers (temperature 1, seeded) and its top-k at each of their
+    tokens, for the teachers to read (stages/evaluate.py teacher_divergence); vocab_hash}."""
+    from cascade.chat import prompt_ids, vocab_hash
+    from cascade.divergence import answer_top_k
+
+    device = str(model.device.type)
+    t0, args = time.perf_counter(), (max_len, batch_size, device)
+    out = {"loglik": loglik(model, tok, [(r["messages"], r["response"]) for r in records], *args),
+           "rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
+    swapped = mismatched(records)
+    out["conditioning"] = (None if swapped is None
+                           else out["loglik"] - loglik(model, tok, swapped, *args))
+    if answer_tokens:
+        kinds = ("greedy", "sampled") if divergence else ("greedy",)
+        answers = {how: answers_to(model, tok, records, answer_tokens, batch_size, device,
+                                   how == "sampled", seed)
+                   for how in kinds}
+        out["rouge_l"], out["self_ended"] = text_agreement(tok, records, answers["greedy"])
+    if answer_tokens and divergence:
+        prompts = [prompt_ids(tok, r["messages"]) for r in records]
+        out["answers"] = answers
+        out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
+    return {**out, "seconds": time.perf_counter() - t0}
+
+
+def loglik(model: Any, tok: Any, pairs: list[tuple[list[dict], str]], max_len: int,
+            batch_size: int, device: str) -> float:
+    """Mean log-likelihood per response token of each (messages, response) under the model."""
+    import torch
+
+    from cascade.chat import collate, encode_example
+    from cascade.modeling import response_nll
+
+    total, count = 0.0, 0
+    for i in range(0, len(pairs), batch_size):
+        batch = [encode_example(tok, m, r, max_len) for m, r in pairs[i : i + batch_size]]
+        ids, labels, mask = collate(batch, tok.pad_token_id, device)
+        with torch.no_grad():
+            # the output layer applied in chunks: no [batch, tokens, vocab] tensor
+            nll, _, n = response_nll(
+                model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
+        total -= float(nll)
+        count += n
+    return total / max(1, count)
+
+
+def mismatched(records: list[dict]) -> list[tuple[list[dict], str]] | None:
+    """Each record's response after the next record's prompt that differs from its own (None when
+    all prompts are one): what the log-likelihood of an answer owes to being asked its question."""
+    n = len(records)
+    out = []
+    for i, r in enumerate(records):
+        other = next((records[(i + k) % n] for k in range(1, n)
+                      if records[(i + k) % n]["messages"] != r["messages"]), None)
+        if other is None:
+            return None
+        out.append((other["messages"], r["response"]))
+    return out
+
+
+def answers_to(model: Any, tok: Any, records: list[dict], max_new: int, batch_size: int,
+               device: str, sample: bool = False, seed: int = 0) -> list[list[int]]:
+    """The model's answers to the records' prompts (greedy, or sampled at temperature 1 seeded by
+    `seed`), each up to and including its stop token (or max_new tokens long)."""
+    import torch
+
+    from cascade.chat import padded_ids, render_prompt, stop_token_ids
+
+    stops, answers, padded = stop_token_ids(tok), [], padded_ids(model, tok)
+    how = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample
+           else dict(do_sample=False))
+    side, tok.padding_side = tok.padding_side, "left"
+    devices = [torch.cuda.current_device()] if device == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for i in range(0, len(records), batch_size):
+            batch = records[i : i + batch_size]
+            enc = tok([render_prompt(tok, r["messages"]) for r in batch], return_tensors="pt",
+                      padding=True, add_special_tokens=False).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new, eos_token_id=stops,
+                                 pad_token_id=tok.pad_token_id, suppress_tokens=padded, **how)
+            for seq in out[:, enc["input_ids"].shape[1]:].tolist():
+                stop = next((k for k, t in enumerate(seq) if t in stops), None)
+                answers.append(seq if stop is None else seq[: stop + 1])
+    tok.padding_side = side
+    return answers
+
+
+def text_agreement(tok: Any, records: list[dict], answers: list[list[int]]) -> tuple[float, float]:
+    """(mean ROUGE-L F1 of the answers against the records' responses, the share that ended by
+    themselves)."""
+    from cascade.chat import stop_token_ids
+
+    stops, scores, ended = stop_token_ids(tok), [], 0
+    for r, a in zip(records, answers, strict=True):
+        done = bool(a) and a[-1] in stops
+        ended += done
+        scores.append(rouge_l(tok.decode(a[:-1] if done else a, skip_special_tokens=True),
+                              r["response"]))
+    return sum(scores) / len(scores), ended / len(records)
+
+
+def heldout_records(cfg: Any, rd: Any, sp: Any) -> list[dict]:
+    """The stage's held-out records the evaluation scores (eval.max_probes of them at most)."""
+    from cascade.graph import heldout
+
+    records = heldout(rd, sp)
+    return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
+
+
+def settings(cfg: Any) -> dict:
+    """score_model's settings, from the config."""
+    return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size,
+                answer_tokens=cfg.eval.answer_tokens, seed=cfg.seed,
+                divergence=cfg.eval.reverse_kl)
+
+
+# -- the last phase's score, made where it was trained ---------------------------------------------
+def plan(rd: Any, stage: str, phase: int, key: str, records: list[dict], kw: dict) -> dict:
+    """What training's rank 0 needs to score the stage's last phase (index `phase`, its model's key)
+    as the evaluation would: the held-out records, score_model's settings, where to write it."""
+    return {"phase": phase, "records": records, "kw": kw, "file": rd.after_score(stage),
+            "stamp": _stamp(key, records, kw)}
+
+
+def in_worker(spec: dict | None, rd: Any, phase: int, model: Any, tok: Any) -> None:
+    """Training's rank 0, the phase's fused model read back by the fusion check (`model`): when it
+    is the stage's last phase, its score (score_model) written for the evaluation, which then
+    loads it no more (before the phase commits: a committed last phase always has it)."""
+    if not spec or phase != spec["phase"] or model is None:
+        return
+    model.eval()
+    rd.write_json(spec["file"], {"stamp": spec["stamp"],
+                                 "score": score_model(model, tok, spec["records"], **spec["kw"])})
+
+
+def taken(rd: Any, stage: str, key: str, records: list[dict], kw: dict) -> dict | None:
+    """The score training's rank 0 made of the model `key` on these records with these settings, or
+    None (none made, or made for another model, records or settings)."""
+    got = rd.read_json(rd.after_score(stage))
+    return got["score"] if got and got.get("stamp") == _stamp(key, records, kw) else None
+
+
+def _stamp(key: str, records: list[dict], kw: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([key, records, kw], sort_keys=True).encode()).hexdigest()
