@@ -52,8 +52,9 @@ def main() -> None:
     types = args.types.split(",")
     with tempfile.TemporaryDirectory(prefix="cascade-release-bench-") as tmp, PeakMemory() as peak:
         t0 = time.perf_counter()
-        rows = release.build(tmp, str(base), "gemma3-270m", types, probes, (0.99, 0.0, "mark"), 256,
-                            False)  # every type measured, none dropped
+        # every type measured, none dropped
+        rows, _ = release.build(tmp, str(base), "gemma3-270m", types, probes,
+                                (0.99, 0.0, "mark"), 256, False)
         total = time.perf_counter() - t0
     f16 = next(r["bytes"] for r in rows if r["format"] == "GGUF F16")
     out = {"model": "gemma3-270m:base", "probes": len(probes), "positions": rows[1]["positions"],

@@ -49,11 +49,37 @@ def _task_dir(probes: list[dict]) -> Path:
     return out
 
 
+def _lm(model: str | None, base_url: str | None, served_name: str | None, api_key: str | None,
+        loaded: tuple[Any, Any] | None) -> tuple[Any, dict | None]:
+    """lm-eval's model and model_args: the endpoint's, the model in memory, or the model's path."""
+    if base_url:
+        # the key reaches lm-eval through its environment variable (OPENAI_API_KEY, read when a
+        # request is made), never through model_args, which lm-eval logs at INFO and writes into its
+        # results
+        os.environ.pop("OPENAI_API_KEY", None)
+        if api_key:
+            os.environ["OPENAI_API_KEY"] = api_key
+        return ("local-chat-completions",
+                {"base_url": f"{base_url.rstrip('/')}/chat/completions", "model": served_name,
+                 "tokenized_requests": False, "max_retries": 1, "num_concurrent": 1})
+    if loaded:
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=loaded[0], tokenizer=loaded[1], batch_size=8), None
+    import torch
+
+    from cascade.storage import local_model
+
+    return "hf", {"pretrained": local_model(model), "dtype": "float32",
+                  "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
 def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, probes: list[dict],
              base_url: str | None = None, served_name: str | None = None,
-             api_key: str | None = None) -> dict:
+             api_key: str | None = None, loaded: tuple[Any, Any] | None = None) -> dict:
     """{results: {task: {metric: value}}, samples: {task: n}, lm_eval: version, model: what was
-    scored}."""
+    scored}. loaded: the model at `model` already in this process, float32, and its tokenizer
+    (the release's reference): lm-eval scores it without loading it again."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -61,23 +87,7 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
         tasks = [t for t in tasks if t != "cascade_probes"]
     if not tasks:
         return {}
-    if base_url:
-        # the key reaches lm-eval through its environment variable (OPENAI_API_KEY, read when a
-        # request is made), never through model_args, which lm-eval logs at INFO and writes into its
-        # results
-        lm, args = ("local-chat-completions",
-                    {"base_url": f"{base_url.rstrip('/')}/chat/completions", "model": served_name,
-                     "tokenized_requests": False, "max_retries": 1, "num_concurrent": 1})
-        os.environ.pop("OPENAI_API_KEY", None)
-        if api_key:
-            os.environ["OPENAI_API_KEY"] = api_key
-    else:
-        from cascade.storage import local_model
-
-        import torch
-
-        lm, args = "hf", {"pretrained": local_model(model), "dtype": "float32",
-                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    lm, args = _lm(model, base_url, served_name, api_key, loaded)
     tdir = _task_dir(probes)
     try:
         out = lm_eval.simple_evaluate(

@@ -39,8 +39,9 @@
                                             micro-step and rank (cascade/phases/on_policy.py)
       <stage>/train/_work/**                Ray Train's storage for the stage; tensorboard/<phase>/;
                                             failure.json: a failed fusion check, for the driver;
-                                            after.json: the last phase's fused model scored where
-                                            it was trained, for the evaluation (cascade/scoring.py)
+                                            before.json, after.json: the stage's base and its last
+                                            fused model scored where they were trained, for the
+                                            evaluation (cascade/scoring.py)
       <stage>/eval/metrics.json, step.json  agreement before/after, loss per phase, curation counts
       <stage>/gate/verdict.json, step.json  the promotion gate's verdict (PROMOTE, HOLD, REJECT),
                                             its criteria and the ledger (stages/gate.py)
@@ -115,9 +116,10 @@ class Layout:
         """Where training's rank 0 leaves a deterministic failure for the driver."""
         return f"{self.train_work(stage)}/failure.json"
 
-    def after_score(self, stage: str) -> str:
-        """The evaluation's score of the stage's last fused model, made by training's rank 0."""
-        return f"{self.train_work(stage)}/after.json"
+    def stage_score(self, stage: str, which: str) -> str:
+        """The evaluation's score of the stage's base ("before") or last fused model ("after"),
+        made by training's rank 0."""
+        return f"{self.train_work(stage)}/{which}.json"
 
     def tensorboard(self, stage: str, phase: str) -> Path:
         """Written locally (this node's mirror on an object store; uploaded when the phase ends)."""

@@ -1,6 +1,7 @@
 """A model's score on held-out records: the evaluation's measures of one student (stages/evaluate.py
-reads them before and after a stage's curriculum; the training workers score the last phase's fused
-model where it already is, cascade/trainer.py). What each measure means: stages/evaluate.py.
+reads them before and after a stage's curriculum; training's rank 0 scores the stage's base and its
+last fused model where they already are, cascade/trainer.py). What each measure means:
+stages/evaluate.py.
 
     score_records(path, revision, records, max_len=..., batch_size=..., trust=False)  # loads it
     score_model(model, tok, records, max_len=..., batch_size=...)  # a model in memory
@@ -163,29 +164,41 @@ def settings(cfg: Any) -> dict:
                 divergence=cfg.eval.reverse_kl)
 
 
-# -- the last phase's score, made where it was trained ---------------------------------------------
-def plan(rd: Any, stage: str, phase: int, key: str, records: list[dict], kw: dict) -> dict:
-    """What training's rank 0 needs to score the stage's last phase (index `phase`, its model's key)
-    as the evaluation would: the held-out records, score_model's settings, where to write it."""
-    return {"phase": phase, "records": records, "kw": kw, "file": rd.after_score(stage),
-            "stamp": _stamp(key, records, kw)}
+# -- a stage's scores, made in the training workers where the models already are -----------------
+def plan(rd: Any, stage: str, which: str, phase: int, key: str, records: list[dict],
+         kw: dict) -> dict:
+    """What training's rank 0 needs to score a model of the stage as the evaluation would:
+    `which` "before" (the stage's base as phase `phase`, the first, loaded it) or "after" (phase
+    `phase`'s fused model, the stage's last, as its fusion check read it back); `key` the model's;
+    the held-out records, score_model's settings, where to write it."""
+    return {"which": which, "phase": phase, "records": records, "kw": kw,
+            "file": rd.stage_score(stage, which), "stamp": _stamp(key, records, kw)}
 
 
-def in_worker(spec: dict | None, rd: Any, phase: int, model: Any, tok: Any) -> None:
-    """Training's rank 0, the phase's fused model read back by the fusion check (`model`): when it
-    is the stage's last phase, its score (score_model) written for the evaluation, which then
-    loads it no more (before the phase commits: a committed last phase always has it)."""
-    if not spec or phase != spec["phase"] or model is None:
-        return
-    model.eval()
-    rd.write_json(spec["file"], {"stamp": spec["stamp"],
-                                 "score": score_model(model, tok, spec["records"], **spec["kw"])})
+def in_worker(plans: list[dict], rd: Any, phase: int, which: str, model: Any, tok: Any,
+              device: Any) -> None:
+    """Training's rank 0 with `model` in memory (moved to `device`): the plans for this phase and
+    moment scored (score_model) and written for the evaluation, which then loads them no more;
+    one already written (a phase resumed) is kept. "after" is written before its phase commits,
+    so a committed last phase always has it."""
+    for spec in plans:
+        if (spec["phase"], spec["which"]) != (phase, which) or model is None:
+            continue
+        if (rd.read_json(spec["file"]) or {}).get("stamp") == spec["stamp"]:
+            continue
+        mode = model.training
+        model.to(device).eval()
+        rd.write_json(spec["file"], {"stamp": spec["stamp"],
+                                     "score": score_model(model, tok, spec["records"],
+                                                          **spec["kw"])})
+        model.train(mode)
 
 
-def taken(rd: Any, stage: str, key: str, records: list[dict], kw: dict) -> dict | None:
-    """The score training's rank 0 made of the model `key` on these records with these settings, or
-    None (none made, or made for another model, records or settings)."""
-    got = rd.read_json(rd.after_score(stage))
+def taken(rd: Any, stage: str, which: str, key: str, records: list[dict],
+          kw: dict) -> dict | None:
+    """The score training's rank 0 made of the model `key` on these records with these settings
+    ("before" or "after"), or None (none made, or made for another model, records or settings)."""
+    got = rd.read_json(rd.stage_score(stage, which))
     return got["score"] if got and got.get("stamp") == _stamp(key, records, kw) else None
 
 

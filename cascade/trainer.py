@@ -2,8 +2,8 @@
 the phases of a `TrainJob` in order, each a `PhaseTrainer` - setup (the previous phase's fused
 model, a PEFT LoRA, the newest mid-phase checkpoint), steps (the loss of the phase's kind,
 cascade/phases/, on response tokens), finish (rank 0 fuses, checks, commits the phase; after the
-stage's last, scores the model it read back for the evaluation: cascade/scoring.py). The step's
-docstring tells the whole story."""
+stage's last, scores the model it read back for the evaluation, as the first phase does the base:
+cascade/scoring.py). The step's docstring tells the whole story."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class TrainJob:
     vllm: Any = None  # backend.vllm's settings (kinds that run vLLM engines in the workers)
     scorers: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # teacher -> replicas
     scorer_timeout_s: float = 600.0  # how long a lost scoring replica is waited for
-    after: dict | None = None  # the evaluation's score of the stage's last phase (scoring.plan)
+    scores: list[dict] = dataclasses.field(default_factory=list)  # the evaluation's (scoring.plan)
 
 
 # -- the worker ------------------------------------------------------------------------------------
@@ -74,8 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
         if preemption.stop_requested(rd, device):
             return
         if not rd.committed(ph.model):  # a phase committed before a worker restart is not redone
-            trainer = PhaseTrainer(job, rd, ph, tok, model_path, revision, start)
-            start = None
+            trainer, start = PhaseTrainer(job, rd, ph, tok, model_path, revision, start), None
             try:
                 trained = trainer.steps()
             finally:
@@ -91,8 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # Ray's pre-emption notice is asked for at most this often (rank 0's clock, agreed with the stop
-# flag): asking is a barrier across the workers (~5 ms), a notice gives tens of seconds (a spot
-# reclaim: 30 s to 2 min)
+# flag): asking is a barrier across the workers (~5 ms), a notice gives 30 s to 2 min (spot)
 NOTICE_EVERY_S = 5.0
 
 
@@ -124,6 +122,8 @@ class PhaseTrainer:
                  load_model(model_path, revision, self.dtype, job.trust_remote_code))
         self.kept: Any = None  # this phase's fused model, read back (rank 0): the next one's start
         self.mcfg = model.config
+        if self.rank == 0:  # the stage's base, scored for the evaluation where it is (first phase)
+            scoring.in_worker(job.scores, rd, ph.index, "before", model, tok, self.device)
         if self.t.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -136,9 +136,9 @@ class PhaseTrainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
         self.ckpt = Checkpoints(rd, rd.checkpoints(job.stage, ph.index, ph.name, ph.model.key),
                                 self.t.keep_checkpoints, self.rank, self.t.strategy == "fsdp")
-        # mid-phase resume: adapter, optimizer, scheduler, RNG, data position
+        # mid-phase resume: adapter, optimizer, scheduler, RNG, data position (checkpoints from
+        # before phase kinds: old)
         self.state = self.ckpt.restore(self.model, self.opt, self.sched)
-        # before kinds
         self.losses, old = self.state["losses"], {"distill": self.state.get("distill_losses", [])}
         self.metrics = {m: self.state.get("metrics", old).get(m, []) for m in self.kind.METRICS}
         self.real = self.slots = 0
@@ -340,7 +340,8 @@ class PhaseTrainer:
         summary["loads"] = [{**r, "model": step} if r["model"] == staged else r
                             for r in loads.taken()]
         # before the commit: a committed last phase always has its score
-        scoring.in_worker(self.job.after, self.rd, self.ph.index, kept.get("model"), self.tok)
+        scoring.in_worker(self.job.scores, self.rd, self.ph.index, "after", kept.get("model"),
+                          self.tok, self.device)
         self.rd.commit_dir(staging, self.ph.model, summary, record=False)
         self.kept = kept.get("model")
 

@@ -73,8 +73,9 @@ def _teachers(sp: StageGraph) -> list[tuple]:
 
 def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
     """The stage's metrics, staged for the driver to commit; the base student's score is the one
-    started while the curriculum trained (ctx.before) or, with no CPUs to spare, scored here on a
-    training worker's CPUs."""
+    started while the curriculum trained (ctx.before) or, with no CPUs to spare, the one training's
+    rank 0 made as the first phase loaded it (cascade/scoring.py; else scored here on a training
+    worker's CPUs)."""
     sp = w.stage
     staging = ctx.rd.staging(sp.eval.name)
     summary = measure(staging, ctx.cfg, sp, ctx.rd, ctx.before.pop(sp.name, None),
@@ -96,9 +97,11 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
     """The stage's metrics. The base student's score is before_ref's (start_before) or, without one,
     scored here with the trained student's in one task on `num_cpus` CPUs (default eval.num_cpus):
     one process, one set of imports, one model in memory at a time."""
-    records = heldout_records(cfg, rd, sp)
-    # the trained student as training's rank 0 scored it where it was (no load), else its path
-    final = taken(rd, sp.name, sp.phases[-1].model.key, records, settings(cfg)) or sp.final_model
+    records, kw = heldout_records(cfg, rd, sp), settings(cfg)
+    # the students as training's rank 0 scored them where they were (no load), else their paths
+    final = taken(rd, sp.name, "after", sp.phases[-1].model.key, records, kw) or sp.final_model
+    if before_ref is None:
+        before_ref = taken(rd, sp.name, "before", sp.base_key, records, kw)
     before, after, kl = _scores(cfg, sp, records, before_ref, num_cpus, final)
     metrics = {
         "stage": sp.name,
@@ -138,11 +141,13 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
 
 def _scores(cfg: Config, sp: StageGraph, records: list[dict], before_ref: Any,
             num_cpus: float | None, final: str | dict) -> tuple[dict, dict, dict | None]:
-    """(the base student's score, the trained student's (`final`: its path, or its score), the
-    teachers' divergence from both)."""
+    """(the base student's score (before_ref: a task's, or the score itself), the trained
+    student's (`final`: its path, or its score), the teachers' divergence from both)."""
     import ray
 
     teachers, kw = _teachers(sp), _score_kwargs(cfg)
+    if isinstance(before_ref, dict) and isinstance(final, dict) and "answers" not in final:
+        return _score_after(before_ref, final, records, [], **kw)  # no model to load: here
     if before_ref is None:
         task = _task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}")
         return ray.get(task.remote(sp.base_model, sp.revision, final, records, teachers, **kw))

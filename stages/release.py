@@ -79,23 +79,26 @@ def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir,
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(_built)
     probes = heldout(rd, sp)
-    formats, got = ray.get(task.options(name=f"release/{sp.name}", scheduling_strategy=here).remote(
+    # the harness's tasks: the student's scored in the release's task on the model it loaded
+    spec = ((list(cfg.release.harness), cfg.release.harness_limit, cfg.seed, probes)
+            if cfg.release.harness else None)
+    (formats, student), got = ray.get(task.options(
+        name=f"release/{sp.name}", scheduling_strategy=here).remote(
         staging, sp.final_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
         (cfg.release.min_agreement, cfg.release.min_quant_agreement, cfg.release.below_bar),
-        cfg.train.max_seq_len, cfg.models.trust_remote_code))
+        cfg.train.max_seq_len, cfg.models.trust_remote_code, spec))
     harness = {}
-    if cfg.release.harness:  # the student and its teachers on the same tasks (cascade/harness.py)
+    if spec:  # the student and its teachers on the same tasks (cascade/harness.py)
         from cascade.harness import describe
         from cascade.harness import evaluate as harness_eval
 
         task = ray.remote(num_cpus=cfg.release.num_cpus, num_gpus=cfg.release.num_gpus)(
             harness_eval
         )
-        who = {"student": f"{staging}/hf", **{f"teacher {t.name}": t.model for t in sp.teachers}}
-        refs = {k: task.options(name=f"harness/{sp.name}/{k}", scheduling_strategy=here).remote(
-            m, list(cfg.release.harness), cfg.release.harness_limit, cfg.seed, probes) for k,
-                m in who.items()}
-        harness = {k: ray.get(r) for k, r in refs.items()}
+        refs = {f"teacher {t.name}": task.options(
+            name=f"harness/{sp.name}/teacher {t.name}", scheduling_strategy=here).remote(
+            t.model, *spec) for t in sp.teachers}
+        harness = {"student": student, **{k: ray.get(r) for k, r in refs.items()}}
         for k, r in harness.items():
             log.info("harness %s %s: %s", sp.name, k, describe(r))
     summary = {"name": name, "formats": formats, "harness": harness,
@@ -132,9 +135,12 @@ def _built(*args: Any) -> tuple[list[dict], list[dict]]:
 
 
 def build(staging: str, model: str, name: str, types: list[str], probes: list[dict],
-          bars: tuple[float, float, str], max_len: int, trust: bool) -> list[dict]:
-    """The HF directory, the GGUF files, each checked against transformers; the formats table's
-    rows. bars: (release.min_agreement, release.min_quant_agreement, release.below_bar)."""
+          bars: tuple[float, float, str], max_len: int, trust: bool,
+          harness: tuple | None = None) -> tuple[list[dict], dict]:
+    """The HF directory, the GGUF files, each checked against transformers: (the formats table's
+    rows, the harness's results for the HF directory's model, {} without `harness`: (tasks,
+    limit, seed, probes) of cascade.harness.evaluate, run on the model the checks loaded). bars:
+    (release.min_agreement, release.min_quant_agreement, release.below_bar)."""
     quiet_llama_cpp()
     hf = Path(staging, "hf")
     for part in ("hf", "gguf"):  # a retried task (its worker died) starts from nothing
@@ -160,7 +166,7 @@ def build(staging: str, model: str, name: str, types: list[str], probes: list[di
         if t not in FLOAT_TYPES:
             quantize(files[source], files[t], t)
     made = time.perf_counter() - t0
-    reference = _reference(hf, probes, max_len, trust)
+    reference, student = _reference(hf, probes, max_len, trust, harness)
     rows = [{"format": "safetensors", "file": "hf/", "bytes": _size(hf),
              "engines": "transformers, vLLM"}]
     for t in files:
@@ -174,7 +180,7 @@ def build(staging: str, model: str, name: str, types: list[str], probes: list[di
         raise ReleaseError(f"no GGUF type reached release.min_quant_agreement {bars[1]} ({asked}): "
                            "nothing to ship (release.below_bar=mark ships them marked)")
     rows[0]["convert_seconds"] = round(made, 1)
-    return rows
+    return rows, student
 
 
 def _judged(row: dict, t: str, path: Path, bar: float, below: str) -> dict:
@@ -229,9 +235,10 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _reference(hf: Path, probes: list[dict], max_len: int, trust: bool) -> list[dict]:
+def _reference(hf: Path, probes: list[dict], max_len: int, trust: bool,
+               harness: tuple | None) -> tuple[list[dict], dict]:
     """transformers' side: each probe's prompt text, its token ids (prompt + answer) and log-probs
-    everywhere."""
+    everywhere; and, with `harness`, the harness's results for the same model in memory."""
     import torch
     from transformers import AutoTokenizer
 
@@ -248,7 +255,11 @@ def _reference(hf: Path, probes: list[dict], max_len: int, trust: bool) -> list[
         prompt = render_prompt(tok, p["messages"])
         out.append({"ids": ids, "logp": logp.numpy(), "prompt": prompt,
                     "prompt_ids": tok(prompt, add_special_tokens=False)["input_ids"]})
-    return out
+    if not harness:
+        return out, {}
+    from cascade.harness import evaluate
+
+    return out, evaluate(str(hf), *harness, loaded=(model, tok))
 
 
 # -- the model card --------------------------------------------------------------------------------

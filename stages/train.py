@@ -53,7 +53,6 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
     """Train the phases of `todo` (driver side) in one Ray Train job; rank 0 commits each phase's
     fused model inside it (the next phase starts from it), so nothing is handed back: the driver
     checks and records them."""
-    from cascade import scoring
     from cascade.trainer import TrainJob
 
     cfg, sp, phs = ctx.cfg, w.stage, w.phases(todo)
@@ -67,9 +66,7 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
                    cfg.train_seed, cfg.models.trust_remote_code, sp.base_key, ctx.lease,
                    sp.teachers, ctx.graph.kernel, cfg.backend.vllm,
                    {t: p.names for t, p in pools.items()}, cfg.generation.restart_timeout_s,
-                   # the evaluation's score of the last phase, made by rank 0 where it is
-                   scoring.plan(ctx.rd, sp.name, sp.phases[-1].index, sp.phases[-1].model.key,
-                                scoring.heldout_records(cfg, ctx.rd, sp), scoring.settings(cfg)))
+                   _scores(ctx, sp))
     try:
         # SIGTERM: the workers checkpoint at their next optimizer step and stop, then the driver
         # stops
@@ -79,6 +76,21 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
         for pool in pools.values():
             pool.shutdown()
     return {}
+
+
+def _scores(ctx: Context, sp: Any) -> list[dict]:
+    """The evaluation's scores rank 0 makes where the models are (cascade/scoring.py): the last
+    phase's fused model, and the base as the first phase loads it unless the driver scores it
+    while training runs (CPUs to spare: ctx.spare)."""
+    from cascade import scoring
+
+    records, kw = scoring.heldout_records(ctx.cfg, ctx.rd, sp), scoring.settings(ctx.cfg)
+    last = sp.phases[-1]
+    out = [scoring.plan(ctx.rd, sp.name, "after", last.index, last.model.key, records, kw)]
+    if not ctx.spare:
+        out.append(scoring.plan(ctx.rd, sp.name, "before", sp.phases[0].index, sp.base_key,
+                                records, kw))
+    return out
 
 
 def _scorers(ctx: Context, sp: Any, phs: list) -> tuple[dict[str, Any], int]:

@@ -112,7 +112,7 @@ def test_a_conversion_that_changes_the_model_fails(released: Path, tmp_path: Pat
     probes = [json.loads(line)
               for line in (released / "4b/dataset/p0_ethics/heldout.jsonl").open()][:4]
     # transformers scales by 1/16, llama.cpp by 1/8
-    reference = release._reference(bad, probes, 256, False)
+    reference, _ = release._reference(bad, probes, 256, False, None)
     gguf.convert(bad, tmp_path / "bad.gguf", "F16")
     check = gguf.compare_gguf(tmp_path / "bad.gguf", reference)
     assert check["agreement"] < 0.99, check
