@@ -28,8 +28,8 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     from cascade.storage import local_model
 
     if not records:
-        return {"loglik": None, "rouge_l": None, "self_ended": None, "conditioning": None,
-                "seconds": 0.0, "loads": []}
+        return {**score_model(None, None, records, max_len=max_len, batch_size=batch_size),
+                "loads": []}
     loads.process = "eval"
     model_path = local_model(model_path)  # pulled into this node's cache from an object store
     torch.set_num_threads(cpu_threads())
@@ -52,6 +52,9 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
     from cascade.chat import prompt_ids, vocab_hash
     from cascade.divergence import answer_top_k
 
+    if not records:  # nothing held out: no figure
+        return {"loglik": None, "rouge_l": None, "self_ended": None, "conditioning": None,
+                "seconds": 0.0}
     device = str(model.device.type)
     t0, args = time.perf_counter(), (max_len, batch_size, device)
     out = {"loglik": loglik(model, tok, [(r["messages"], r["response"]) for r in records], *args),

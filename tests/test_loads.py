@@ -116,3 +116,23 @@ def test_a_hub_models_bytes_are_its_cached_snapshots(tmp_path: Path, monkeypatch
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
     assert loads.weight_bytes("org/model") == 321
     assert loads.weight_bytes("org/absent") == 0
+
+
+def test_a_score_made_in_training_is_taken_only_for_its_model_records_and_settings(tmp_path):
+    """cascade/scoring.py: the evaluation takes training's rank 0's score only when it was made of
+    the same model, on the same held-out records, with the same settings; else it scores again."""
+    from cascade.rundir import RunDir
+    from cascade.scoring import plan, taken
+
+    rd = RunDir(str(tmp_path / "run"))
+    recs = [{"messages": [{"role": "user", "content": "q"}], "response": "a"}]
+    kw = {"max_len": 64, "batch_size": 8, "answer_tokens": 8, "seed": 42, "divergence": False}
+    spec = plan(rd, "4b", "after", 2, "key1", recs, kw)
+    assert spec["file"].endswith("4b/train/_work/after.json")
+    assert taken(rd, "4b", "after", "key1", recs, kw) is None  # none made
+    rd.write_json(spec["file"], {"stamp": spec["stamp"], "score": {"loglik": -1.5}})
+    assert taken(rd, "4b", "after", "key1", recs, kw) == {"loglik": -1.5}
+    assert taken(rd, "4b", "after", "key2", recs, kw) is None  # another model
+    assert taken(rd, "4b", "after", "key1", recs * 2, kw) is None  # other records
+    assert taken(rd, "4b", "after", "key1", recs, {**kw, "seed": 1}) is None  # other settings
+    assert taken(rd, "4b", "before", "key1", recs, kw) is None  # the other score's file
