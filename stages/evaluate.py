@@ -204,6 +204,7 @@ def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[
 
     if not records or not teachers or any("answers" not in s for s in scores):
         return None
+    loads.process = "eval"  # an evaluation task's (score_records may not have run in it)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sums: dict[tuple[int, str], float] = {}
     for path, revision, weight, system in teachers:
