@@ -7,6 +7,7 @@ same base without it.
     # + models=gemma3-270m (long on CPU; not run yet)
     .venv/bin/python benchmarks/on_policy.py --real
     .venv/bin/python benchmarks/on_policy.py --real --real-iters 30    # half the 270M's steps
+    .venv/bin/python benchmarks/on_policy.py --real --tune    # each recipe's lr chosen first
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
 chosen on the held-out probes; 1e-3 moved both recipes away on 12-03), batch 4, seed 42, in one run
@@ -21,7 +22,14 @@ log-likelihood of the teacher's held-out answers, ROUGE-L of greedy answers, the
 that end by themselves, and the training seconds. The last line is one JSON object:
 tiny_reverse_kl_cut (on-policy: 1 - after / before), tiny_on_vs_off (on-policy's held-out reverse KL
 over off-policy's), and the same with real_ when --real ran (else null), beside every figure and the
-settings. """
+settings.
+
+--tune chooses each recipe's learning rate first, never on the held-out probes: the preset's
+training probes only (its held-out rows dropped, `limit` applied), every fifth of them (by file
+order) held out as the tuning split; each recipe trained at each lr of the preset's grid (TUNE_LRS;
+off-policy its steps, on-policy the steps its timing run fits in off-policy's time at the preset's
+lr) and scored on the tuning split; the lr with the lower reverse KL after is the one the comparison
+then runs with (a tie: the preset's). Every tuning run is printed and kept in the JSON line. """
 
 from __future__ import annotations
 
@@ -33,14 +41,18 @@ from pathlib import Path
 
 PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: %s%s}"
 LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P0 lr
+TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4", "2.0e-5")}
+LIMIT = {"tiny": None, "gemma3-270m": 40}  # the presets' data.ethics.limit
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
       "teacher_context: teacher}")
 
 
-def _run(conf: Path, run: Path, preset: str, iters: int, on: bool) -> dict:
-    phase = PHASE % (iters, LR[preset], ON if on else "")
+def _run(conf: Path, run: Path, preset: str, iters: int, on: bool, lr: str | None = None,
+         data: Path | None = None) -> dict:
+    phase = PHASE % (iters, lr or LR[preset], ON if on else "")
+    ethics = f"data:\n  ethics: {{path: {data}, limit: null}}\n" if data else ""
     (conf / "local" / "bench.yaml").write_text(
-        f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n")
+        f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n{ethics}")
     args = ["--config-dir", str(conf), "+stage=1b", f"models={preset}", "+local=bench",
             f"run_dir={run}", "cluster.include_dashboard=false", "train.batch_size=4",
             "train.save_every=0", "release.enabled=false"]
@@ -49,7 +61,7 @@ def _run(conf: Path, run: Path, preset: str, iters: int, on: bool) -> dict:
     m = json.loads((run / "1b/eval/metrics.json").read_text())
     ph = json.loads((run / "1b/train/00-p0_ethics/step.json").read_text())["summary"]
     kl = m["reverse_kl"]["sampled"]
-    return {"kind": "on_policy" if on else "sft", "iters": iters,
+    return {"kind": "on_policy" if on else "sft", "iters": iters, "lr": lr or LR[preset],
             "train_seconds": round(ph["train_seconds"], 1),
             "reverse_kl_before": kl["before"], "reverse_kl_after": kl["after"],
             "reverse_kl_cut": kl["cut"],
@@ -59,21 +71,55 @@ def _run(conf: Path, run: Path, preset: str, iters: int, on: bool) -> dict:
             "self_ended_after": m["self_ended"]["after"], "heldout": m["agreement"]["records"]}
 
 
-def compare(preset: str, iters: int) -> dict:
+def _tuning_split(preset: str, to: Path) -> Path:
+    """The preset's training probes (its held-out rows dropped), every fifth held out: the
+    tuning split."""
+    rows = (Path(__file__).parents[1] / "data/ethics_probes.jsonl").read_text().splitlines()
+    rows = [json.loads(r) for r in rows[: LIMIT[preset]]]
+    train = [r for r in rows if r.get("split") != "heldout"]
+    for i, r in enumerate(train):
+        r["split"] = "heldout" if i % 5 == 4 else "train"
+    to.write_text("".join(json.dumps(r) + "\n" for r in train))
+    return to
+
+
+def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[dict]]:
+    """Each recipe's lr from TUNE_LRS, chosen on the tuning split: ({"sft": lr, "on_policy":
+    lr}, every run)."""
+    conf, run = d / "tune-conf", d / "tune-run"
+    (conf / "local").mkdir(parents=True)
+    data = _tuning_split(preset, d / "tuning-split.jsonl")
+    runs, best = [], {}
+    for on in (False, True):
+        for lr in TUNE_LRS[preset]:
+            r = _run(conf, run, preset, on_iters if on else iters, on, lr, data)
+            print(json.dumps({"tuning": preset, **r}), flush=True)
+            runs.append(r)
+        mine = [r for r in runs if r["kind"] == ("on_policy" if on else "sft")]
+        pick = min(mine, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
+        best[pick["kind"]] = pick["lr"]
+    return best, runs
+
+
+def compare(preset: str, iters: int, tuned: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as d:
         conf, run = Path(d, "conf"), Path(d, "run")
         (conf / "local").mkdir(parents=True)
-        off = _run(conf, run, preset, iters, on=False)
         probe = _run(conf, run, preset, 4, on=True)  # the on-policy step's time, a first guess
+        off = _run(conf, run, preset, iters, on=False)
         steps, tries = max(4, round(off["train_seconds"] / (probe["train_seconds"] / 4))), []
+        lrs, tuning = tune(preset, iters, steps, Path(d)) if tuned else ({}, [])
+        if lrs.get("sft", LR[preset]) != LR[preset]:
+            off = _run(conf, run, preset, iters, on=False, lr=lrs["sft"])
         for _ in range(3):  # until its training time is within 10 % of off-policy's
-            on = _run(conf, run, preset, steps, on=True)
+            on = _run(conf, run, preset, steps, on=True, lr=lrs.get("on_policy"))
             tries.append({"iters": steps, "train_seconds": on["train_seconds"]})
             ratio = on["train_seconds"] / off["train_seconds"]
             if abs(ratio - 1) <= 0.10:
                 break
             steps = max(4, round(steps / ratio))
     return {"off_policy": off, "on_policy": on, "on_policy_timing_run": probe,
+            "tuned_lr": lrs or None, "tuning_runs": tuning,
             "on_policy_tries": tries, "time_ratio": round(ratio, 3),
             "reverse_kl_cut": on["reverse_kl_cut"],
             "on_vs_off": on["reverse_kl_after"] / off["reverse_kl_after"]}
@@ -88,12 +134,14 @@ def main() -> None:
                               "phase": "p0_ethics",
                               "lr": LR, "batch_size": 4, "seed": 42,
                               "on_policy": ON.split("options: ")[1][:-1],
-                              "off_policy_iters": iters}}
+                              "off_policy_iters": iters,
+                              "tune": {"lrs": TUNE_LRS, "split": "every 5th training probe"}
+                              if "--tune" in sys.argv else None}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
         if preset != "tiny" and not real:
             out[f"{key}_reverse_kl_cut"] = out[f"{key}_on_vs_off"] = None
             continue
-        r = compare(preset, out["settings"]["off_policy_iters"][preset])
+        r = compare(preset, out["settings"]["off_policy_iters"][preset], "--tune" in sys.argv)
         print(json.dumps({preset: r}, indent=1), flush=True)
         out[preset] = r
         out[f"{key}_reverse_kl_cut"], out[f"{key}_on_vs_off"] = r["reverse_kl_cut"], r["on_vs_off"]
