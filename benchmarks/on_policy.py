@@ -8,6 +8,7 @@ same base without it.
     .venv/bin/python benchmarks/on_policy.py --real
     .venv/bin/python benchmarks/on_policy.py --real --real-iters 30    # half the 270M's steps
     .venv/bin/python benchmarks/on_policy.py --real --tune    # each recipe's lr chosen first
+    .venv/bin/python benchmarks/on_policy.py --real --real-only --tune --real-iters 30  # no tiny
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
 chosen on the held-out probes; 1e-3 moved both recipes away on 12-03), batch 4, seed 42, in one run
@@ -41,7 +42,7 @@ from pathlib import Path
 
 PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: %s%s}"
 LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P0 lr
-TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4", "2.0e-5")}
+TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
 LIMIT = {"tiny": None, "gemma3-270m": 40}  # the presets' data.ethics.limit
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
       "teacher_context: teacher}")
@@ -138,7 +139,7 @@ def main() -> None:
                               "tune": {"lrs": TUNE_LRS, "split": "every 5th training probe"}
                               if "--tune" in sys.argv else None}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
-        if preset != "tiny" and not real:
+        if (preset != "tiny" and not real) or (preset == "tiny" and "--real-only" in sys.argv):
             out[f"{key}_reverse_kl_cut"] = out[f"{key}_on_vs_off"] = None
             continue
         r = compare(preset, out["settings"]["off_policy_iters"][preset], "--tune" in sys.argv)

@@ -11,6 +11,9 @@ threshold:
     conditioning  what the teachers' held-out answers owe to their own prompts (log-likelihood/token
                   after their prompt minus after another's) rose by >= gate.min_conditioning_gain:
                   answers learnt without their questions (shuffled among prompts) lower it
+    conditioning_share  the conditioning's gain over the agreement's >= min_conditioning_share
+                  (where the agreement rose): the share of what the student learnt that it owes to
+                  the questions, comparable from stage to stage where an absolute gain is not
     reverse_kl    the reverse KL(student || teachers) per token on the student's sampled answers
                   rose by at most gate.max_kl_rise (a share of before); where measured
                   (eval.reverse_kl)
@@ -76,8 +79,10 @@ def judge(gate: Any, metrics: dict) -> dict:
     rise = (kl["after"] / kl["before"] - 1 if kl.get("before") and kl.get("after") is not None
             else None)
     conditioning = (metrics.get("conditioning") or {}).get("delta")
+    share = conditioning / agreement if conditioning is not None and (agreement or 0) > 0 else None
     criteria = [_criterion("agreement", agreement, ">=", gate.min_gain),
                 _criterion("conditioning", conditioning, ">=", gate.min_conditioning_gain),
+                _criterion("conditioning_share", share, ">=", gate.min_conditioning_share),
                 _criterion("self_ended", ended, ">=", gate.min_self_ended),
                 _criterion("reverse_kl_rise", rise, "<=", gate.max_kl_rise)]
     failed = [c for c in criteria if c["passed"] is False]

@@ -26,7 +26,10 @@ def _metrics(delta=0.5, ended=0.9, kl=(1.0, 0.8), cond=0.1) -> dict:
     (_metrics(delta=-0.3), "REJECT", ["agreement"]),
     (_metrics(ended=0.2, kl=(1.0, 1.3)), "REJECT", ["self_ended", "reverse_kl_rise"]),
     (_metrics(delta=None), "HOLD", []),
-    (_metrics(cond=-0.05), "REJECT", ["conditioning"]),  # answers learnt without their questions
+    # answers learnt without their questions: the conditioning falls, and its share of the gain
+    (_metrics(cond=-0.05), "REJECT", ["conditioning", "conditioning_share"]),
+    (_metrics(cond=0.02), "REJECT", ["conditioning_share"]),  # rose, by 4 % of the agreement's
+    (_metrics(delta=0.05, cond=0.02), "PROMOTE", []),  # a small gain, 40 % of it conditioning
     (_metrics(cond=None), "PROMOTE", []),  # an evaluation from before it was measured
 ])
 def test_verdict_from_the_figures(metrics, verdict, failed):

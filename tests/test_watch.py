@@ -104,8 +104,8 @@ def test_the_report_is_complete(tiny_4b_run: Path, tmp_path):
     assert st["agreement"]["after"] > st["agreement"]["before"]
     # the ledger: the gate's verdict and each criterion, as signal.png draws them
     assert st["gate"]["verdict"] == "PROMOTE" and "PROMOTE" in page
-    assert [c["name"] for c in st["gate"]["criteria"]] == ["agreement", "conditioning",
-                                                           "self_ended", "reverse_kl_rise"]
+    assert [c["name"] for c in st["gate"]["criteria"]] == [
+        "agreement", "conditioning", "conditioning_share", "self_ended", "reverse_kl_rise"]
     counts = _step(run, "4b/dataset/p0_ethics")["summary"]
     assert st["funnel"]["p0_ethics"]["1b"]["kept"] == counts["counts"]["kept"]
     assert st["funnel"]["p0_ethics"]["1b"]["generated"] == counts["by_teacher"]["1b"]["generated"]
