@@ -114,7 +114,8 @@ def compare(preset: str, iters: int, tuned: bool = False) -> dict:
             off = _run(conf, run, preset, iters, on=False, lr=lrs["sft"])
         for _ in range(3):  # until its training time is within 10 % of off-policy's
             on = _run(conf, run, preset, steps, on=True, lr=lrs.get("on_policy"))
-            tries.append({"iters": steps, "train_seconds": on["train_seconds"]})
+            tries.append({"iters": steps, "train_seconds": on["train_seconds"],
+                          "reverse_kl_after": on["reverse_kl_after"]})
             ratio = on["train_seconds"] / off["train_seconds"]
             if abs(ratio - 1) <= 0.10:
                 break
