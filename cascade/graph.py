@@ -1,5 +1,4 @@
-"""The plan of a run: every step of the cascade up to the target, with its identity. No Ray, no
-model.
+"""The plan of a run: every step of the cascade up to the target, its identity. No Ray, no model.
 
     python -m cascade +stage=4b models=tiny --cfg job     # the config the plan is made from
 
@@ -316,7 +315,8 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
             sp.gen_jobs = _gen_jobs(cfg, rd, sp.teachers, prompts)
             sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs, kernel)
             ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases],
-                               cfg.eval)
+                               cfg.eval, *([[list(cfg.release.harness), cfg.release.harness_limit]]
+                                           if cfg.gate.max_harness_drop is not None else []))
             sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
                            (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
             # the teachers' verdicts are part of the ledger (not of any other step's key)

@@ -102,9 +102,34 @@ def evaluate(model: str | None, tasks: list[str], limit: int | None, seed: int, 
     results = {t: {k.split(",")[0]: v for k,
                    v in r.items() if k not in ("alias", "sample_len") and "_stderr" not in k
                    and isinstance(v, (int, float))} for t, r in out["results"].items()}
+    better = {t: {k.split(",")[0]: bool(v) for k, v in r.items()}
+              for t, r in out.get("higher_is_better", {}).items()}
     return {"results": results, "samples": {t: n.get("effective", n.get("original")) for t, n in
                                             out.get("n-samples", {}).items()},
-            "lm_eval": lm_eval.__version__, "model": base_url or model}
+            "higher_is_better": better, "lm_eval": lm_eval.__version__,
+            "model": base_url or model}
+
+
+def spec(cfg: Any) -> tuple | None:
+    """What the gate's harness criterion needs run (the release's tasks, limit and seed), or None
+    when gate.max_harness_drop does not judge them."""
+    if cfg.gate.max_harness_drop is None:
+        return None
+    return list(cfg.release.harness), cfg.release.harness_limit, cfg.seed
+
+
+def lead(student: dict, teacher: dict) -> float | None:
+    """The teacher's largest lead over the student on the metrics both were scored on (a metric
+    lower-is-better counted the other way round): negative when the student is ahead on all;
+    None when nothing compares."""
+    leads = []
+    for task, metrics in teacher.get("results", {}).items():
+        mine = student.get("results", {}).get(task, {})
+        for k, v in metrics.items():
+            if k in mine:
+                up = teacher.get("higher_is_better", {}).get(task, {}).get(k, True)
+                leads.append((v - mine[k]) if up else (mine[k] - v))
+    return max(leads) if leads else None
 
 
 def main(cfg: Any) -> None:

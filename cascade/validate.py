@@ -101,6 +101,9 @@ def check(cfg: Any) -> None:
                     cfg.release, cfg.serve, cfg.plan, cfg.cluster):
         section.check()
     cfg.models.check(cfg.stage_order())
+    if cfg.gate.max_harness_drop is not None and not cfg.release.harness:
+        fail("gate.max_harness_drop judges the release's harness tasks: name some in "
+             "release.harness (e.g. release.harness=[cascade_probes,cascade_format])")
     number("seed", cfg.seed, 0, 2**32 - 1)  # numpy's and Ray's seeds are 32-bit
     number("lease_ttl_s", cfg.lease_ttl_s, 1)
     number("cache_max_gb", cfg.cache_max_gb, 0)

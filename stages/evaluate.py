@@ -114,6 +114,7 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
                                after.get("conditioning")),
         "self_ended": {"before": before["self_ended"], "after": after["self_ended"]},
         "reverse_kl": kl,
+        "harness": harness_scores(cfg, sp, rd),  # the gate's harness tasks, when it judges them
         # the teachers' answers had the kernel
         "kernel_in_context": any(t.system for t in sp.teachers),
         "phases": {},
@@ -154,6 +155,28 @@ def _scores(cfg: Config, sp: StageGraph, records: list[dict], before_ref: Any,
     # the teachers read both students' answers in the "after" task: it waits for the "before" score
     task = _task(_score_after, cfg).options(name=f"eval/{sp.name}/after")
     return ray.get(task.remote(before_ref, final, records, teachers, **kw))
+
+
+def harness_scores(cfg: Config, sp: StageGraph, rd: RunDir) -> dict | None:
+    """With gate.max_harness_drop: the release's harness tasks (cascade/harness.py) on the trained
+    student and on each teacher, each a task on eval's resources ({tasks, limit, seed, results:
+    {"student": .., "teacher <stage>": ..}}; the release takes them); else None."""
+    import ray
+
+    from cascade.graph import heldout
+    from cascade.harness import describe, evaluate, spec
+
+    judged = spec(cfg)
+    if judged is None:
+        return None
+    task, probes = _task(evaluate, cfg), heldout(rd, sp)
+    models = {"student": sp.final_model, **{f"teacher {t.name}": t.model for t in sp.teachers}}
+    refs = {k: task.options(name=f"harness/{sp.name}/{k}").remote(m, *judged, probes)
+            for k, m in models.items()}
+    results = {k: ray.get(r) for k, r in refs.items()}
+    for k, r in results.items():
+        log.info("harness %s %s: %s", sp.name, k, describe(r))
+    return {"tasks": judged[0], "limit": judged[1], "seed": judged[2], "results": results}
 
 
 def _num(x: float | None) -> float:

@@ -17,6 +17,9 @@ threshold:
     reverse_kl    the reverse KL(student || teachers) per token on the student's sampled answers
                   rose by at most gate.max_kl_rise (a share of before); where measured
                   (eval.reverse_kl)
+    harness_drop  with gate.max_harness_drop: on the release's harness tasks (release.harness,
+                  run by the evaluation on the student and each teacher), no teacher ahead of the
+                  student by more than it on any metric
 A measured criterion that fails: REJECT. None failed but the agreement could not be measured (no
 held-out records): HOLD. Otherwise PROMOTE. Only a promoted student teaches: with gate.enforce (the
 default) a stage whose teacher was not promoted stops before generating (exit 2, naming the stage,
@@ -85,6 +88,9 @@ def judge(gate: Any, metrics: dict) -> dict:
                 _criterion("conditioning_share", share, ">=", gate.min_conditioning_share),
                 _criterion("self_ended", ended, ">=", gate.min_self_ended),
                 _criterion("reverse_kl_rise", rise, "<=", gate.max_kl_rise)]
+    if gate.max_harness_drop is not None:
+        criteria.append(_criterion("harness_drop", harness_drop(metrics.get("harness")), "<=",
+                                   gate.max_harness_drop))
     failed = [c for c in criteria if c["passed"] is False]
     reasons = [f"{c['name']} {c['value']:.4g} is not {c['op']} {c['threshold']:.4g}"
                for c in failed]
@@ -95,6 +101,18 @@ def judge(gate: Any, metrics: dict) -> dict:
     else:
         verdict = "PROMOTE"
     return {"verdict": verdict, "reasons": reasons, "criteria": criteria}
+
+
+def harness_drop(harness: dict | None) -> float | None:
+    """The largest lead of any teacher over the student on the harness tasks' metrics (None: not
+    run)."""
+    from cascade.harness import lead
+
+    results = (harness or {}).get("results") or {}
+    student = results.get("student")
+    leads = [lead(student, r) for k, r in results.items() if k != "student" and student]
+    leads = [x for x in leads if x is not None]
+    return max(leads) if leads else None
 
 
 def _criterion(name: str, value: float | None, op: str, threshold: float) -> dict:

@@ -82,12 +82,16 @@ def build_release(staging: str, cfg: Config, sp: StageGraph, rd: RunDir,
     # the harness's tasks: the student's scored in the release's task on the model it loaded
     spec = ((list(cfg.release.harness), cfg.release.harness_limit, cfg.seed, probes)
             if cfg.release.harness else None)
+    # ... unless the evaluation ran them for the gate (gate.max_harness_drop): taken from it
+    judged = (rd.read_json(rd.metrics(sp.name)) or {}).get("harness")
+    if spec and judged and [judged["tasks"], judged["limit"], judged["seed"]] == list(spec[:3]):
+        spec = None
     (formats, student), got = ray.get(task.options(
         name=f"release/{sp.name}", scheduling_strategy=here).remote(
         staging, sp.final_model, name, list(cfg.release.gguf), probes[: cfg.release.probes],
         (cfg.release.min_agreement, cfg.release.min_quant_agreement, cfg.release.below_bar),
         cfg.train.max_seq_len, cfg.models.trust_remote_code, spec))
-    harness = {}
+    harness = judged["results"] if judged and spec is None else {}
     if spec:  # the student and its teachers on the same tasks (cascade/harness.py)
         from cascade.harness import describe
         from cascade.harness import evaluate as harness_eval

@@ -72,6 +72,8 @@ def test_teacher_must_be_below_its_student():
     ("+curriculum.0.options.weight=1",
      "options: weight not an option of kind 'sft' \\(its options: none\\)"),
     ("generation.shards_in_flight=0", "shards_in_flight must be > 0"),
+    ("gate.max_harness_drop=0.1", "gate.max_harness_drop judges the release's harness tasks: name"),
+    ("gate.max_harness_drop=-1", "gate.max_harness_drop must be >= 0"),
 ])
 def test_bad_values_fail_at_composition(override, message):
     with pytest.raises(ConfigError, match=message):

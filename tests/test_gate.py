@@ -43,6 +43,35 @@ def test_verdict_from_the_figures(metrics, verdict, failed):
         assert {"name", "value", "op", "threshold", "passed"} <= set(c)
 
 
+def _harness(student: float, teacher: float, better: bool = True) -> dict:
+    res = {"results": {"cascade_format": {"acc": student, "loss": 1 - student}},
+           "higher_is_better": {"cascade_format": {"acc": True, "loss": False}}}
+    other = {"results": {"cascade_format": {"acc": teacher, "loss": 1 - teacher}},
+             "higher_is_better": res["higher_is_better"]}
+    return {"tasks": ["cascade_format"], "limit": None, "seed": 1,
+            "results": {"student": res, "teacher 1b": other}}
+
+
+@pytest.mark.parametrize("harness,drop,verdict", [
+    (_harness(0.5, 0.8), 0.1, "REJECT"),  # the teacher 0.3 ahead, more than allowed
+    (_harness(0.5, 0.8), 0.5, "PROMOTE"),
+    (_harness(0.9, 0.8), 0.0, "PROMOTE"),  # the student ahead: a lead of -0.1
+    (None, 0.1, "PROMOTE"),  # not run: not judged
+])
+def test_harness_tasks_against_the_teachers(harness, drop, verdict):
+    from cascade.config import GateConfig
+
+    v = judge(GateConfig(max_harness_drop=drop), {**_metrics(), "harness": harness})
+    c = next(c for c in v["criteria"] if c["name"] == "harness_drop")
+    assert v["verdict"] == verdict, v
+    if harness:  # acc (higher is better) and loss (lower) give the same lead
+        assert c["value"] == pytest.approx(harness["results"]["teacher 1b"]["results"][
+            "cascade_format"]["acc"] - harness["results"]["student"]["results"][
+            "cascade_format"]["acc"])
+    # without max_harness_drop the criterion is not listed
+    assert "harness_drop" not in [c["name"] for c in judge(GateConfig(), _metrics())["criteria"]]
+
+
 def test_a_student_not_promoted_never_teaches(tiny_4b_run: Path, tmp_path: Path):
     # the shared healthy run: promoted, and its verdict's ledger is made of committed bytes
     v = json.loads((tiny_4b_run / "4b/gate/verdict.json").read_text())

@@ -85,6 +85,35 @@ def test_release_has_the_seeds_formats_each_checked_and_a_card_from_provenance(r
     assert "| cascade_format (16 prompts) | prompt_level_acc |" in card
 
 
+def test_the_gate_judges_the_harness_tasks_and_the_release_takes_them(released: Path,
+                                                                      tmp_path: Path):
+    """gate.max_harness_drop: the evaluation runs the release's harness tasks on the student and its
+    teacher (training is not re-run), the gate judges the teacher's lead, and the release ships the
+    evaluation's results instead of running them again."""
+    from cascade.harness import lead
+
+    run = copy_run(released, tmp_path / "run")
+    r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", *REL,
+                "gate.max_harness_drop=1.0")
+    assert r.returncode == 0, r.stdout[-4000:]
+    assert "[run ] 4b/eval" in r.stdout and "[run ] 4b/train" not in r.stdout, r.stdout[-3000:]
+    judged = json.loads((run / "4b/eval/metrics.json").read_text())["harness"]
+    assert judged["tasks"] == ["cascade_probes", "cascade_format"]
+    res = judged["results"]
+    assert set(res) == {"student", "teacher 1b"}
+    before = json.loads((released / "4b/release/release.json").read_text())["harness"]
+    for who in res:  # the same tasks on the same weights: the release's own figures before
+        for task, figures in before[who]["results"].items():
+            assert res[who]["results"][task] == pytest.approx(figures, abs=1e-6), (who, task)
+    v = json.loads((run / "4b/gate/verdict.json").read_text())
+    c = next(c for c in v["criteria"] if c["name"] == "harness_drop")
+    assert c["value"] == pytest.approx(lead(res["student"], res["teacher 1b"]))
+    assert c["threshold"] == 1.0 and c["passed"] is True and v["verdict"] == "PROMOTE", v
+    shipped = json.loads((run / "4b/release/release.json").read_text())["harness"]
+    assert shipped == res, "the release takes the evaluation's harness results"
+    assert "harness 4b student: " in r.stdout
+
+
 def test_a_committed_release_is_skipped(released: Path):
     r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={released}", *REL)
     assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout[-3000:]
