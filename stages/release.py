@@ -8,7 +8,8 @@
                                      transformers and vLLM load
     <stage>/release/gguf/<family>-<stage>-<TYPE>.gguf   one file per release.gguf type
     <stage>/release/README.md        the model card (hub front matter; body written from the run)
-    <stage>/release/release.json     the formats table's figures and the harness's results
+    <stage>/release/release.json     the formats table's figures and the harness's results (the
+                                     evaluation's when the gate judged them: gate.max_harness_drop)
 
 GGUF files come from llama.cpp's own converter and quantizer (cascade/gguf.py), never from a writer
 of ours. Each file is checked before the step commits: llama.cpp loads it and tokenizes the held-out
