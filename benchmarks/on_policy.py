@@ -4,7 +4,7 @@ stages.1b.build), where the teacher is the base model with the kernel in context
 same base without it.
 
     .venv/bin/python benchmarks/on_policy.py               # tiny preset, ~6 minutes on 2 CPU cores
-    # + models=gemma3-270m (long on CPU; not run yet)
+    # + models=gemma3-270m (long on CPU: ~90 minutes with --tune --real-iters 30)
     .venv/bin/python benchmarks/on_policy.py --real
     .venv/bin/python benchmarks/on_policy.py --real --real-iters 30    # half the 270M's steps
     .venv/bin/python benchmarks/on_policy.py --real --tune    # each recipe's lr chosen first
@@ -43,7 +43,6 @@ from pathlib import Path
 PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: %s%s}"
 LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P0 lr
 TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
-LIMIT = {"tiny": None, "gemma3-270m": 40}  # the presets' data.ethics.limit
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
       "teacher_context: teacher}")
 
@@ -75,8 +74,13 @@ def _run(conf: Path, run: Path, preset: str, iters: int, on: bool, lr: str | Non
 def _tuning_split(preset: str, to: Path) -> Path:
     """The preset's training probes (its held-out rows dropped), every fifth held out: the
     tuning split."""
-    rows = (Path(__file__).parents[1] / "data/ethics_probes.jsonl").read_text().splitlines()
-    rows = [json.loads(r) for r in rows[: LIMIT[preset]]]
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    preset_data = yaml.safe_load((root / f"conf/models/{preset}.yaml").read_text()).get("data")
+    limit = ((preset_data or {}).get("ethics") or {}).get("limit")  # the preset's data.ethics.limit
+    rows = (root / "data/ethics_probes.jsonl").read_text().splitlines()
+    rows = [json.loads(r) for r in rows[:limit]]
     train = [r for r in rows if r.get("split") != "heldout"]
     for i, r in enumerate(train):
         r["split"] = "heldout" if i % 5 == 4 else "train"
