@@ -7,6 +7,8 @@
     # a threshold chosen on seeds 1-10, checked on seeds it was not chosen on
     .venv/bin/python benchmarks/gate.py --fast --from 11 --seeds 20 --kinds healthy,shuffled \
         --set gate.min_conditioning_gain=0.05
+    # models=gemma3-270m: its root built and judged, then a healthy and a shuffled 4b (one seed)
+    .venv/bin/python benchmarks/gate.py --real
 
 One tiny `+stage=4b` run directory (the preset's own curriculum, release off): the teacher's answers
 are generated once; then, per seed (train.seed: the data order and the adapter's initialisation;
@@ -54,24 +56,24 @@ def _seeded_bad():
 
 SEEDED = _seeded_bad()
 KINDS = SEEDED.KINDS
-BASE = ["+stage=4b", "models=tiny", "cluster.include_dashboard=false", "release.enabled=false"]
+BASE = ["cluster.include_dashboard=false", "release.enabled=false"]
 
 
 # --fast: tests/conftest.py's FAST curriculum (each phase at lr 1e-3, 16/16/6 steps, batch 4)
 FAST = {"iters": (16, 16, 6), "lr": 1e-3, "batch_size": 4}
 
 
-def _curriculum(fast: bool) -> list[dict]:
-    phases = yaml.safe_load((ROOT / "conf/models/tiny.yaml").read_text())["curriculum"]
+def _curriculum(fast: bool, preset: str) -> list[dict]:
+    phases = yaml.safe_load((ROOT / f"conf/models/{preset}.yaml").read_text())["curriculum"]
     if fast:
         phases = [{**ph, "iters": n, "lr": FAST["lr"]} for ph, n in zip(phases, FAST["iters"])]
     return phases
 
 
-def _args(kind: str, seed: int, fast: bool) -> list[str]:
+def _args(kind: str, seed: int, fast: bool, preset: str) -> list[str]:
     """The overrides of one run: the curriculum (--fast: its steps, batch and lr) and the kind's."""
-    phases = _curriculum(fast)
-    out = []
+    phases = _curriculum(fast, preset)
+    out = [f"models={preset}"]
     if fast:
         out += [f"train.batch_size={FAST['batch_size']}"]
         out += [f"curriculum.{i}.iters={ph['iters']}" for i, ph in enumerate(phases)]
@@ -80,59 +82,94 @@ def _args(kind: str, seed: int, fast: bool) -> list[str]:
     return out + SEEDED.overrides(kind, seed, [ph["lr"] for ph in phases])
 
 
-def judge(run: Path, kind: str, seed: int, fast: bool, extra: list[str]) -> dict:
+def _cascade(stage: str, run: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"),
                                                          os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "cascade", *BASE, f"+stage={stage}",
+                           f"run_dir={run}", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+
+
+def _verdict(run: Path, stage: str) -> dict:
+    v = json.loads((run / f"{stage}/gate/verdict.json").read_text())
+    return {"verdict": v["verdict"], "figures": {c["name"]: c["value"] for c in v["criteria"]},
+            "failed": [c["name"] for c in v["criteria"] if c["passed"] is False]}
+
+
+def judge(run: Path, kind: str, seed: int, args: list[str]) -> dict:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "cascade", *BASE, f"run_dir={run}",
-                        *_args(kind, seed, fast), *extra], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
+    r = _cascade("4b", run, args)
     if r.returncode:  # the stage failed before its gate (a diverged training's fusion check)
         said = [x for x in (r.stdout + r.stderr).splitlines() if "error" in x.lower()]
         return {"kind": kind, "seed": seed, "verdict": f"FAILED (exit {r.returncode})",
                 "figures": {}, "failed": [], "error": (said or ["?"])[-1][-400:],
                 "seconds": round(time.perf_counter() - t0, 1)}
-    v = json.loads((run / "4b/gate/verdict.json").read_text())
-    return {"kind": kind, "seed": seed, "verdict": v["verdict"],
-            "figures": {c["name"]: c["value"] for c in v["criteria"]},
-            "failed": [c["name"] for c in v["criteria"] if c["passed"] is False],
+    return {"kind": kind, "seed": seed, **_verdict(run, "4b"),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def built_root(d: Path, extra: list[str]) -> tuple[list[str], dict]:
+    """--real: the 270M preset's root teacher built once (`+stage=1b`, kernel context
+    distillation at the preset's curriculum), judged by its own gate; every student after is
+    taught by that model, read as a local directory. (The seeded kinds corrupt every phase of
+    the curriculum, which the root's build shares: built per kind, the root would be bad too.)"""
+    run = d / "root"
+    t0 = time.perf_counter()
+    r = _cascade("1b", run, [f"models={PRESETS[True]}", *extra])
+    if r.returncode:
+        raise SystemExit(f"the root's build failed (exit {r.returncode}):\n{r.stdout[-3000:]}"
+                         f"\n{r.stderr[-3000:]}")
+    last = sorted((run / "1b/train").glob("[0-9][0-9]-*"))[-1]
+    root = {"stage": "1b", **_verdict(run, "1b"), "model": str(last.relative_to(run)),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(root), flush=True)
+    return ["stages.1b.build=false", f"stages.1b.model={last}"], root
+
+
+PRESETS = {False: "tiny", True: "gemma3-270m"}
+
+
 def main() -> None:
+    real = "--real" in sys.argv
     seeds = int(sys.argv[sys.argv.index("--seeds") + 1]) if "--seeds" in sys.argv else 10
     fast = "--fast" in sys.argv
     first = int(sys.argv[sys.argv.index("--from") + 1]) if "--from" in sys.argv else 1
-    kinds = sys.argv[sys.argv.index("--kinds") + 1].split(",") if "--kinds" in sys.argv else KINDS
+    kinds = (sys.argv[sys.argv.index("--kinds") + 1].split(",") if "--kinds" in sys.argv
+             else ["healthy", "shuffled"] if real else KINDS)
+    if real and "--seeds" not in sys.argv:
+        seeds = first
     # --set K=V ...: overrides every run takes (e.g. a gate threshold)
     extra = [a for i, a in enumerate(sys.argv) if i and sys.argv[i - 1] == "--set"]
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise SystemExit(f"--kinds: {sorted(unknown)} not among {KINDS}")
-    rows = []
+    rows, preset, root = [], PRESETS[real], None
     with tempfile.TemporaryDirectory() as d:
         run = Path(d, "run")
+        taught, root = built_root(Path(d), extra) if real else ([], None)
         for seed in range(first, seeds + 1):
             for kind in kinds:
-                rows.append(judge(run, kind, seed, fast, extra))
+                args = [*_args(kind, seed, fast, preset), *taught, *extra]
+                rows.append(judge(run, kind, seed, args))
                 print(json.dumps(rows[-1]), flush=True)
         thresholds = json.loads((run / "4b/gate/verdict.json").read_text())["thresholds"]
     n = seeds - first + 1
     missed = {k: sum(r["verdict"] == "PROMOTE" for r in rows if r["kind"] == k) for k in kinds}
-    out = {"seeds": list(range(first, seeds + 1)),
+    out = {"preset": preset, "seeds": list(range(first, seeds + 1)), "root": root,
            "caught": {k: f"{n - missed[k]}/{n}" for k in kinds if k != "healthy"},
            "failed_before_the_gate": {k: sum(r["verdict"].startswith("FAILED") for r in rows
                                              if r["kind"] == k) for k in kinds},
            "healthy_rejected": (f"{n - missed['healthy']}/{n}" if "healthy" in kinds else None),
            "all_caught": all(missed[k] == 0 for k in kinds if k != "healthy"),
            "healthy_all_promoted": missed.get("healthy") == n if "healthy" in kinds else None,
-           "settings": {"command": " ".join(BASE), "fast": fast, "kinds": kinds, "set": extra,
-                        "example_args": {k: [*_args(k, 1, fast), *extra] for k in kinds},
-                        "gate": thresholds, "curriculum": _curriculum(fast),
+           "settings": {"command": " ".join(["+stage=4b", *BASE]), "fast": fast, "kinds": kinds,
+                        "set": extra,
+                        "example_args": {k: [*_args(k, first, fast, preset), *extra]
+                                         for k in kinds},
+                        "gate": thresholds, "curriculum": _curriculum(fast, preset),
                         "lr_x100": "every phase's lr x 100"},
            "seconds_per_run": round(sum(r["seconds"] for r in rows) / len(rows), 1)}
     print(json.dumps(out))
-
 
 if __name__ == "__main__":
     main()

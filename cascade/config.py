@@ -21,7 +21,7 @@ from omegaconf import MISSING
 from cascade import generation, phases
 from cascade.cluster import ClusterConfig
 from cascade.config_models import ModelsConfig
-from cascade.config_release import ReleaseConfig, ServeConfig
+from cascade.config_release import ReleaseConfig, ServeConfig, TrackingConfig
 from cascade.config_train import TrainConfig
 from cascade.validate import DTYPES, ConfigError, check, fail, number, safe_name
 
@@ -225,24 +225,6 @@ class GateConfig:
         number("gate.min_self_ended", self.min_self_ended, 0, 1)
         number("gate.max_kl_rise", self.max_kl_rise, 0)
         number("gate.min_gain", self.min_gain)
-
-
-@dataclass
-class TrackingConfig:
-    """The run in MLflow (cascade/tracking.py), from its committed records."""
-
-    mlflow: bool = False
-    # None: a file store in the run directory (<run_dir>/mlflow); or any tracking URI (a server's
-    # credentials come from MLflow's environment variables, never the config)
-    uri: Optional[str] = None
-    experiment: str = "cascade"
-
-    def check(self) -> None:
-        if self.uri and "@" in self.uri.split("://", 1)[-1].split("/", 1)[0]:
-            fail("tracking.uri carries credentials: give them through MLflow's environment "
-                 "variables (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, ...)")
-        if not self.experiment.strip():
-            fail("tracking.experiment is empty")
 
 
 # accelerators the planner knows (cascade/plan.py): memory (GB), memory bandwidth (GB/s), dense bf16

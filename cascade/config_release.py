@@ -1,8 +1,10 @@
-"""The `release` and `serve` sections of the config's schema: what a trained stage ships
-(stages/release.py) and how it is served (cascade/serve.py). Part of Config (cascade/config.py)."""
+"""The `release`, `serve` and `tracking` sections of the config's schema: what a trained stage ships
+(stages/release.py), how it is served (cascade/serve.py) and where its figures are shown
+(cascade/tracking.py). Part of Config (cascade/config.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -81,3 +83,26 @@ class ServeConfig:
             fail(f"serve.engine {self.engine!r}: valid engines: vllm, llamacpp")
         number("serve.port", self.port, 1, 65535)
         env_name("serve.api_key_env", self.api_key_env)
+
+
+@dataclass
+class TrackingConfig:
+    """The run in MLflow and W&B (cascade/tracking.py), from its committed records."""
+
+    mlflow: bool = False
+    wandb: bool = False  # offline, into <run_dir>/wandb (`wandb sync` uploads it)
+    # None: a file store in the run directory (<run_dir>/mlflow); or any tracking URI (a server's
+    # credentials come from MLflow's environment variables, never the config)
+    uri: Optional[str] = None
+    experiment: str = "cascade"  # MLflow's experiment, W&B's project
+
+    def check(self) -> None:
+        for name, on in (("mlflow", self.mlflow), ("wandb", self.wandb)):
+            if on and importlib.util.find_spec(name) is None:
+                fail(f"tracking.{name}=true: {name} is not installed "
+                     "(pip install -e '.[tracking]')")
+        if self.uri and "@" in self.uri.split("://", 1)[-1].split("/", 1)[0]:
+            fail("tracking.uri carries credentials: give them through MLflow's environment "
+                 "variables (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, ...)")
+        if not self.experiment.strip():
+            fail("tracking.experiment is empty")

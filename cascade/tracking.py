@@ -1,5 +1,6 @@
-"""The run in MLflow (tracking.mlflow=true): what users of TRL, verl and axolotl look at, from the
-run's committed records only, written by the driver after every stage and on every invocation.
+"""The run in MLflow (tracking.mlflow=true) and W&B (tracking.wandb=true, offline): what users of
+TRL, verl and axolotl look at, from the run's committed records only, written by the driver after
+every stage and on every invocation.
 
     python -m cascade +stage=4b models=tiny tracking.mlflow=true   # into <run_dir>/mlflow/
     mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow/mlflow.db    # http://127.0.0.1:5000
@@ -14,13 +15,14 @@ credentials from MLflow's own environment variables, never the config).
 Exactly once: a step's run is found by its tags (run directory, step name, step key); one that was
 not finished (`cascade.logged` unset: the driver died while logging it) is deleted and logged again,
 so a re-run, a resume or a second invocation adds no run and no point. TensorBoard's logs stay
-(<stage>/train/_work/tensorboard).
+(<stage>/train/_work/tensorboard). W&B: the same figures per step, offline (`_sync_wandb`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,15 +49,17 @@ def _store(p: RunGraph) -> Path:
 
 
 def sync(p: RunGraph) -> None:
-    """Every committed step of the plan's trained stages logged once; a failure is logged and never
-    stops the run."""
-    if not p.cfg.tracking.mlflow:
-        return
-    try:
-        _sync(p)
-    except Exception as e:  # the run's own records stay the truth; tracking is a view of them
-        log.warning("MLflow tracking at %s failed (the run goes on): %s: %s", uri(p),
-                    type(e).__name__, str(e)[:300])
+    """Every committed step of the plan's trained stages logged once to each tracker chosen; a
+    failure is logged and never stops the run."""
+    for name, on, log_to in (("MLflow", p.cfg.tracking.mlflow, _sync),
+                             ("W&B", p.cfg.tracking.wandb, _sync_wandb)):
+        if not on:
+            continue
+        try:
+            log_to(p)
+        except Exception as e:  # the run's own records stay the truth; tracking is a view of them
+            log.warning("%s tracking failed (the run goes on): %s: %s", name, type(e).__name__,
+                        str(e)[:300])
 
 
 def _sync(p: RunGraph) -> None:
@@ -115,47 +119,102 @@ def _run(client: Any, exp_id: str, tags: dict, name: str, fill: Any,
 
 
 def _log_stage(client: Any, rid: str, p: RunGraph, sp: StageGraph) -> None:
-    spec = p.cfg.stages[sp.name]
-    client.log_batch(rid, params=_params({
-        "stage": sp.name, "model": spec.model, "base_key": sp.base_key, "seed": p.cfg.seed,
-        "teachers": ",".join(f"{t.name}:{t.weight:g}" for t in sp.teachers),
-        "curriculum": ",".join(f"{ph.name}:{ph.kind}:{ph.iters}:{ph.lr:g}" for ph in sp.phases),
-    }))
+    client.log_batch(rid, params=_params(_stage_params(p, sp)))
     cfg = p.rd.read_bytes(p.rd.path("config.yaml"))  # the resolved config: no secret in it
     if cfg:
         _artifact(client, rid, "config.yaml", cfg)
 
 
+def _stage_params(p: RunGraph, sp: StageGraph) -> dict:
+    return {"stage": sp.name, "model": p.cfg.stages[sp.name].model, "base_key": sp.base_key,
+            "seed": p.cfg.seed, "teachers": ",".join(f"{t.name}:{t.weight:g}" for t in sp.teachers),
+            "curriculum": ",".join(f"{ph.name}:{ph.kind}:{ph.iters}:{ph.lr:g}"
+                                   for ph in sp.phases)}
+
+
 def _log_step(client: Any, rid: str, p: RunGraph, kind: str, s: Step, rec: dict) -> None:
     """A committed step's figures (at its commit time), parameters and files."""
+    f = _figures(p, kind, s, rec)
+    for key, values in f["series"].items():
+        _series(client, rid, rec, key, values)
+    for k, v in f["tags"].items():
+        client.set_tag(rid, k, v)
+    client.log_batch(rid, metrics=_metrics(rec, f["metrics"]), params=_params(f["params"]))
+    for name, path in f["files"].items():
+        _artifact(client, rid, name, p.rd.read_bytes(path))
+
+
+def _figures(p: RunGraph, kind: str, s: Step, rec: dict) -> dict[str, dict]:
+    """What a tracker shows of a committed step: per-step series (a training phase's losses),
+    metrics, parameters, tags and files (name: path in the run directory)."""
     rd, summary = p.rd, rec["summary"]
-    metrics, params, files = {}, {}, {}
+    out: dict[str, dict] = {"series": {}, "metrics": {}, "params": {}, "tags": {}, "files": {}}
     if kind == "train":
-        _series(client, rid, rec, "loss", summary["losses"])
-        for k in (x for x in summary if x.endswith("_losses")):
-            _series(client, rid, rec, k[: -len("es")], summary[k])
-        metrics = {k: summary.get(k) for k in ("tokens_per_s", "train_seconds", "tokens")}
-        params = {"iters": summary.get("steps"), "options": json.dumps(summary.get("options", {}))}
+        out["series"] = {"loss": summary["losses"], **{
+            k[: -len("es")]: summary[k] for k in summary if k.endswith("_losses")}}
+        out["metrics"] = {k: summary.get(k) for k in ("tokens_per_s", "train_seconds", "tokens")}
+        out["params"] = {"iters": summary.get("steps"),
+                         "options": json.dumps(summary.get("options", {}))}
     elif kind == "generate":
-        metrics = {k: summary.get(k) for k in ("records", "completion_tokens", "compute_seconds")}
+        out["metrics"] = {k: summary.get(k)
+                          for k in ("records", "completion_tokens", "compute_seconds")}
     elif kind == "curate":
-        metrics = {f"records_{k}": v for k, v in summary["counts"].items()}
+        out["metrics"] = {f"records_{k}": v for k, v in summary["counts"].items()}
     elif kind == "evaluate":
-        metrics = _flat(rd.read_json(f"{s.path}/metrics.json") or {})
-        files["metrics.json"] = f"{s.path}/metrics.json"
+        out["metrics"] = _flat(rd.read_json(f"{s.path}/metrics.json") or {})
+        out["files"]["metrics.json"] = f"{s.path}/metrics.json"
     elif kind == "gate":
         v = rd.read_json(f"{s.path}/verdict.json")
-        client.set_tag(rid, "cascade.verdict", v["verdict"])
-        metrics = {f"gate_{c['name']}": c["value"] for c in v["criteria"]}
-        params = {f"gate.{k}": x for k, x in v["thresholds"].items()}
-        files["verdict.json"] = f"{s.path}/verdict.json"
+        out["tags"]["cascade.verdict"] = v["verdict"]
+        out["metrics"] = {f"gate_{c['name']}": c["value"] for c in v["criteria"]}
+        out["params"] = {f"gate.{k}": x for k, x in v["thresholds"].items()}
+        out["files"]["verdict.json"] = f"{s.path}/verdict.json"
     else:  # the release
-        metrics = {f"agreement_{f['format'].split()[-1]}": f.get("agreement")
-                   for f in summary.get("formats", [])}
-        files["README.md"] = f"{s.path}/README.md"
-    client.log_batch(rid, metrics=_metrics(rec, metrics), params=_params(params))
-    for name, path in files.items():
-        _artifact(client, rid, name, rd.read_bytes(path))
+        out["metrics"] = {f"agreement_{f['format'].split()[-1]}": f.get("agreement")
+                          for f in summary.get("formats", [])}
+        out["files"]["README.md"] = f"{s.path}/README.md"
+    return out
+
+
+def _sync_wandb(p: RunGraph) -> None:
+    """W&B, offline: a run per committed step under <run_dir>/wandb/wandb/offline-run-*-<id> (its
+    id from the run directory, the step and its key; grouped by stage, its job type the step's
+    kind; `wandb sync <that directory>` uploads it, with WANDB_API_KEY from the environment). No
+    system metrics, console or code captured. Exactly once: a marker (<run_dir>/wandb/logged/<id>)
+    is written after the run finished; a run without one (the driver died while logging it) is
+    deleted and logged again."""
+    import wandb
+
+    root = p.rd.local("wandb").resolve()
+    (root / "logged").mkdir(parents=True, exist_ok=True)
+    settings = wandb.Settings(mode="offline", console="off", save_code=False, silent=True,
+                              x_disable_stats=True, x_disable_meta=True)
+    new = 0
+    for sp in p.stages:
+        for kind, s, rec in [(k, s, r) for k, s in _steps(sp) if (r := p.rd.committed(s))]:
+            rid = stable_hash(p.rd.url, s.name, s.key)
+            if (root / "logged" / rid).exists():
+                continue
+            for half in (root / "wandb").glob(f"offline-run-*-{rid}"):
+                shutil.rmtree(half)
+            f = _figures(p, kind, s, rec)
+            run = wandb.init(dir=root, id=rid, project=p.cfg.tracking.experiment, group=sp.name,
+                             job_type=kind, name=s.name, settings=settings, config={
+                                 **_stage_params(p, sp), **f["params"], "step_key": s.key,
+                                 "run_dir": p.rd.url})
+            for i in range(max(map(len, f["series"].values()), default=0)):
+                run.log({k: float(v[i]) for k, v in f["series"].items() if i < len(v)}, step=i)
+            run.summary.update({**{k: v for k, v in f["metrics"].items() if v is not None},
+                                **f["tags"]})
+            for name, path in f["files"].items():
+                Path(run.dir, name).write_bytes(p.rd.read_bytes(path))
+                run.save(str(Path(run.dir, name)), base_path=run.dir, policy="now")
+            run.finish()
+            (root / "logged" / rid).write_text(s.name + "\n")
+            new += 1
+    if new:
+        log.info("W&B (offline): %d step runs logged under %s (wandb %s)", new, root / "wandb",
+                 wandb.__version__)
 
 
 def _flat(m: dict) -> dict:

@@ -1,9 +1,11 @@
-"""The run in MLflow (cascade/tracking.py): read back through MLflow's client and through `mlflow
-ui`'s REST API; logged once however often the command runs, a half-logged step replaced."""
+"""The run in MLflow and W&B (cascade/tracking.py): MLflow's read back through its client and
+through `mlflow ui`'s REST API, W&B's offline runs through their record files (wandb's own protobuf
+schema); logged once however often the command runs, a half-logged step replaced."""
 
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import time
@@ -98,3 +100,86 @@ def _post(url: str, body: dict, proc: subprocess.Popen, wait_s: float = 120) -> 
             if time.time() > deadline or proc.poll() is not None:
                 raise
             time.sleep(1)
+
+
+SECRET = "sk-cascade-test-0f9e8d7c"
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is None,
+                    reason="wandb is not installed (scripts/setup.sh)")
+def test_the_run_in_wandb_offline_once(tiny_4b_run: Path, tmp_path: Path):
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    args = [*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "tracking.wandb=true"]
+    env = {"WANDB_API_KEY": SECRET, "HF_TOKEN": SECRET}  # offline: used by nothing, in no file
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0 and "W&B (offline): 10 step runs logged" in r.stdout, r.stdout[-3000:]
+    runs = _wandb_runs(run)
+    assert sorted(runs) == sorted(STEPS)
+    gate = runs["4b/gate"]
+    assert gate["run"].run_group == "4b" and gate["run"].job_type == "gate"
+    assert gate["summary"]["cascade.verdict"] == "PROMOTE" and "gate.min_gain" in gate["config"]
+    assert "verdict.json" in gate["files"]
+    summary = json.loads((run / "4b/train/00-p0_ethics/step.json").read_text())["summary"]
+    history = [(h["_step"], h["loss"]) for h in runs["4b/train/p0_ethics"]["history"]]
+    assert history == list(enumerate(summary["losses"]))
+    metrics = json.loads((run / "4b/eval/metrics.json").read_text())
+    assert runs["4b/eval"]["summary"]["agreement_after"] == pytest.approx(
+        metrics["agreement"]["after"])
+
+    # the driver died while logging the evaluation's run (its marker not yet written): the next
+    # invocation logs it again, in place of the half one; nothing else is logged again
+    eval_id = runs["4b/eval"]["run"].run_id
+    (run / "wandb/logged" / eval_id).unlink()
+    r = run_cli(*args, env=env)
+    assert r.returncode == 0 and "W&B (offline): 1 step runs logged" in r.stdout, r.stdout[-3000:]
+    again = _wandb_runs(run)
+    assert sorted(again) == sorted(runs)
+    assert all(again[s]["path"] == runs[s]["path"] for s in runs if s != "4b/eval")
+    assert again["4b/eval"]["path"] != runs["4b/eval"]["path"]
+    assert not any(SECRET.encode() in f.read_bytes() for f in run.rglob("*") if f.is_file())
+
+
+def _wandb_runs(run: Path) -> dict[str, dict]:
+    """Each offline run's records by step name: run, config, summary, history, files (its .wandb
+    file: LevelDB's log format of wandb's protobuf records)."""
+    out = {}
+    for d in sorted((run / "wandb/wandb").glob("offline-run-*")):
+        got: dict = {"path": d.name, "config": {}, "summary": {}, "history": [], "files": []}
+        for rec in _records(next(d.glob("run-*.wandb"))):
+            kind = rec.WhichOneof("record_type")
+            if kind == "run":
+                got["run"] = rec.run
+                got["config"].update(_items(rec.run.config.update))
+            elif kind == "summary":
+                got["summary"].update(_items(rec.summary.update))
+            elif kind == "history":
+                got["history"].append({i.nested_key[0]: json.loads(i.value_json)
+                                       for i in rec.history.item})
+            elif kind == "files":
+                got["files"] += [f.path for f in rec.files.files]
+        assert got["run"].display_name not in out, f"{got['run'].display_name} logged twice"
+        out[got["run"].display_name] = got
+    return out
+
+
+def _items(updates) -> dict:
+    return {u.key or ".".join(u.nested_key): json.loads(u.value_json) for u in updates}
+
+
+def _records(path: Path):
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, part = path.read_bytes(), 7, b""
+    assert data[:4] == b":W&B", data[:8]  # and a 3-byte magic/version
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768  # 32 KiB blocks; a header never straddles two
+        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or kind == 0:
+            pos += left
+            continue
+        part, pos = part + data[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(part)
+            part = b""
+            yield rec
