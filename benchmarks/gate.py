@@ -9,6 +9,8 @@
         --set gate.min_conditioning_gain=0.05
     # models=gemma3-270m: its root built and judged, then a healthy and a shuffled 4b (one seed)
     .venv/bin/python benchmarks/gate.py --real
+    .venv/bin/python benchmarks/gate.py --real --root-run outputs/cascade   # a root built already
+    .venv/bin/python benchmarks/gate.py --real --root-as-is   # the chat model teaches, not built
 
 One tiny `+stage=4b` run directory (the preset's own curriculum, release off): the teacher's answers
 are generated once; then, per seed (train.seed: the data order and the adapter's initialisation;
@@ -79,15 +81,20 @@ def _args(kind: str, seed: int, fast: bool, preset: str) -> list[str]:
         out += [f"curriculum.{i}.iters={ph['iters']}" for i, ph in enumerate(phases)]
         if kind != "lr_x100":  # which sets its own
             out += [f"curriculum.{i}.lr={ph['lr']:g}" for i, ph in enumerate(phases)]
+    if kind in SEEDED.MODES:  # the phase's kind replaced: the preset's options for its own go
+        out += [f"~curriculum.{i}.options.{k}" for i, ph in enumerate(phases)
+                for k in ph.get("options", {})]
     return out + SEEDED.overrides(kind, seed, [ph["lr"] for ph in phases])
 
 
 def _cascade(stage: str, run: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"),
                                                          os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "cascade", *BASE, f"+stage={stage}",
-                           f"run_dir={run}", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+    flags = [a for i, a in enumerate(args) if a == "--config-dir" or
+             (i and args[i - 1] == "--config-dir")]  # before the overrides, for Hydra's parser
+    return subprocess.run([sys.executable, "-m", "cascade", *flags, *BASE, f"+stage={stage}",
+                           f"run_dir={run}", *[a for a in args if a not in flags]],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
 
 
 def _verdict(run: Path, stage: str) -> dict:
@@ -108,25 +115,43 @@ def judge(run: Path, kind: str, seed: int, args: list[str]) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def built_root(d: Path, extra: list[str]) -> tuple[list[str], dict]:
+def built_root(d: Path, extra: list[str], given: Path | None) -> tuple[list[str], dict]:
     """--real: the 270M preset's root teacher built once (`+stage=1b`, kernel context
     distillation at the preset's curriculum), judged by its own gate; every student after is
     taught by that model, read as a local directory. (The seeded kinds corrupt every phase of
-    the curriculum, which the root's build shares: built per kind, the root would be bad too.)"""
-    run = d / "root"
+    the curriculum, which the root's build shares: built per kind, the root would be bad too.)
+    --root-run DIR: the root a run directory of the preset's own command already built (its
+    curriculum, from its config.yaml, is in the JSON line)."""
+    if given == AS_IS:  # --root-as-is: the chat model teaches as it is, as the real preset's root
+        root = {"stage": "1b", "as_is": "gemma3-270m:chat"}
+        print(json.dumps(root), flush=True)
+        return _local_root(d, "gemma3-270m:chat"), root
+    run = given or d / "root"
     t0 = time.perf_counter()
-    r = _cascade("1b", run, [f"models={PRESETS[True]}", *extra])
-    if r.returncode:
+    r = None if given else _cascade("1b", run, [f"models={PRESETS[True]}", *extra])
+    if r is not None and r.returncode:
         raise SystemExit(f"the root's build failed (exit {r.returncode}):\n{r.stdout[-3000:]}"
                          f"\n{r.stderr[-3000:]}")
     last = sorted((run / "1b/train").glob("[0-9][0-9]-*"))[-1]
+    built_by = yaml.safe_load((run / "config.yaml").read_text())["curriculum"]
     root = {"stage": "1b", **_verdict(run, "1b"), "model": str(last.relative_to(run)),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "run_dir": str(given) if given else None, "curriculum": built_by,
+            "seconds": None if given else round(time.perf_counter() - t0, 1)}
     print(json.dumps(root), flush=True)
-    return ["stages.1b.build=false", f"stages.1b.model={last}"], root
+    return _local_root(d, str(last)), root
+
+
+def _local_root(d: Path, model: str) -> list[str]:
+    """The overrides that make `model` the root teacher, used as is. A stage's key path starts
+    with a digit, which Hydra's command line refuses: a YAML."""
+    (d / "conf/local").mkdir(parents=True)
+    (d / "conf/local/root.yaml").write_text(
+        f"# @package _global_\nstages:\n  1b: {{model: {json.dumps(model)}, build: false}}\n")
+    return ["--config-dir", str(d / "conf"), "+local=root"]
 
 
 PRESETS = {False: "tiny", True: "gemma3-270m"}
+AS_IS = Path("as-is")
 
 
 def main() -> None:
@@ -146,7 +171,9 @@ def main() -> None:
     rows, preset, root = [], PRESETS[real], None
     with tempfile.TemporaryDirectory() as d:
         run = Path(d, "run")
-        taught, root = built_root(Path(d), extra) if real else ([], None)
+        given = Path(sys.argv[sys.argv.index("--root-run") + 1]).resolve() if (
+            "--root-run" in sys.argv) else AS_IS if "--root-as-is" in sys.argv else None
+        taught, root = built_root(Path(d), extra, given) if real else ([], None)
         for seed in range(first, seeds + 1):
             for kind in kinds:
                 args = [*_args(kind, seed, fast, preset), *taught, *extra]
