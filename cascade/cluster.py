@@ -171,14 +171,42 @@ def start(c: ClusterConfig) -> None:
         # address="local": always a fresh instance of our own. Without it ray.init() follows
         # RAY_ADDRESS or the address in /tmp/ray/ray_current_cluster, which a `ray start` cluster
         # that died unstopped leaves behind.
+        _pin_address()
         ray.init(address="local", num_cpus=c.num_cpus, include_dashboard=c.include_dashboard,
                  dashboard_host=c.dashboard_host, dashboard_port=dashboard_port,
                  _metrics_export_port=metrics_port,
                  _system_config={"prestart_worker_first_driver": False}, **kw)
+        if ray.get_runtime_context().gcs_address != os.environ["RAY_ADDRESS"]:
+            log.warning("Ray's address %s is not the one its processes were given (%s)",
+                        ray.get_runtime_context().gcs_address, os.environ["RAY_ADDRESS"])
     ctx = ray.get_runtime_context()
     url = getattr(ray, "_private").worker.get_dashboard_url() if c.include_dashboard else None
     log.info("Ray %s up (node %s); dashboard: %s", ray.__version__, ctx.get_node_id()[:8],
              url or "off")
+
+
+_PINNED = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")
+_saved: dict[str, str | None] = {}
+
+
+def _pin_address() -> None:
+    """A local Ray's GCS port chosen here, and RAY_ADDRESS set to it before Ray starts: its daemons
+    inherit this environment and hand it to every worker, so code inside the cluster that finds
+    "its" Ray by itself (Ray Train's placement-group cleaner asks the state API, which without
+    RAY_ADDRESS picks the newest Ray on the machine) finds this one. Without it, a second local Ray
+    on the machine (another cascade, a test) made the first run's cleaner see its Train controller
+    as gone and remove the live placement group: a training worker SIGTERMed. Undone by stop()."""
+    import socket
+
+    from ray._private.services import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    for k in _PINNED:
+        _saved.setdefault(k, os.environ.get(k))
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"
 
 
 def _port_or_free(host: str, port: int, what: str) -> int:
@@ -210,3 +238,9 @@ def stop() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    for k, v in _saved.items():  # the environment as it was before _pin_address
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _saved.clear()

@@ -143,6 +143,65 @@ def test_a_dead_clusters_address_file_is_not_followed():
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+OWN = textwrap.dedent("""
+    import json, os
+    from cascade import cluster
+    from cascade.config import ClusterConfig
+    before = os.environ.get("RAY_ADDRESS")
+    cluster.start(ClusterConfig(num_cpus=1, auth=False, dashboard_port=int(os.environ["PORT"])))
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def who(self):  # what Ray Train's placement-group cleaner does: the state API, no address
+            from ray._private.services import canonicalize_bootstrap_address
+            from ray.util.state import get_actor
+            me = get_actor(ray.get_runtime_context().get_actor_id(), timeout=30)
+            return {"auto": canonicalize_bootstrap_address("auto"), "seen": me and me.state,
+                    "own": ray.get_runtime_context().gcs_address}
+
+    print("WHO", json.dumps(ray.get(Probe.remote().who.remote())))
+    cluster.stop()
+    print("RESTORED", os.environ.get("RAY_ADDRESS") == before)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_start")
+def test_processes_inside_the_cluster_find_their_own_ray_beside_another(tmp_path):
+    """A second Ray on the machine (another cascade, `ray start`): code inside our cluster that
+    looks its Ray up by itself (the state API, as Ray Train's placement-group cleaner does every
+    second) finds ours, not the other. Without that, the cleaner of a run saw its live Train
+    controller as gone and removed its placement group: a training worker SIGTERMed (2026-12-04)."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from conftest import ray_start_ports, stop_nodes
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    up = subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head",
+                         f"--port={_free_port()}", "--num-cpus=1", "--include-dashboard=true",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+                         f"--ray-client-server-port={_free_port()}", *ray_start_ports(),
+                         f"--temp-dir={ray_tmp}"], env={**env, "RAY_AUTH_MODE": "disabled"},
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        r = subprocess.run([sys.executable, "-c", OWN], capture_output=True, text=True,
+                           timeout=300, env={**env, "PORT": str(_free_port())})
+        assert r.returncode == 0, r.stderr[-3000:]
+        who = json.loads(r.stdout.split("WHO ", 1)[1].splitlines()[0])
+        assert who["auto"] == who["own"] and who["seen"] == "ALIVE", who
+        assert "RESTORED True" in r.stdout
+    finally:
+        stop_nodes(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 FIT = textwrap.dedent("""
     import json, sys, time
     import psutil
