@@ -172,10 +172,14 @@ def start(c: ClusterConfig) -> None:
         # RAY_ADDRESS or the address in /tmp/ray/ray_current_cluster, which a `ray start` cluster
         # that died unstopped leaves behind.
         _pin_address()
-        ray.init(address="local", num_cpus=c.num_cpus, include_dashboard=c.include_dashboard,
-                 dashboard_host=c.dashboard_host, dashboard_port=dashboard_port,
-                 _metrics_export_port=metrics_port,
-                 _system_config={"prestart_worker_first_driver": False}, **kw)
+        try:
+            ray.init(address="local", num_cpus=c.num_cpus, include_dashboard=c.include_dashboard,
+                     dashboard_host=c.dashboard_host, dashboard_port=dashboard_port,
+                     _metrics_export_port=metrics_port,
+                     _system_config={"prestart_worker_first_driver": False}, **kw)
+        except BaseException:
+            _unpin()
+            raise
         if ray.get_runtime_context().gcs_address != os.environ["RAY_ADDRESS"]:
             log.warning("Ray's address %s is not the one its processes were given (%s)",
                         ray.get_runtime_context().gcs_address, os.environ["RAY_ADDRESS"])
@@ -238,7 +242,12 @@ def stop() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    for k, v in _saved.items():  # the environment as it was before _pin_address
+    _unpin()
+
+
+def _unpin() -> None:
+    """The environment as it was before _pin_address."""
+    for k, v in _saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
