@@ -215,6 +215,9 @@ class GateConfig:
     # the conditioning's gain over the agreement's, at least (where the agreement rose); 0.05:
     # shuffled answers <= 0.035 (benchmarks/gate.py), healthy tiny students >= 0.075
     min_conditioning_share: float = 0.05
+    # the records' conditioning gains' mean over its standard error, at least (a one-sided bound:
+    # the gain is above 0 with that many standard errors to spare)
+    min_conditioning_z: float = 2.0
     # any teacher's lead over the student on the release.harness tasks' metrics, at most (None: not
     # judged; when judged, the evaluation runs them and the release takes its results)
     max_harness_drop: Optional[float] = None

@@ -267,3 +267,23 @@ def response_nll(model: Any, batch: dict, chunk: int = LOSS_CHUNK) -> tuple[Any,
                          if torch.is_grad_enabled()
                          else _chunk_sums(*args))
     return total[0], total[1], int(y.shape[0])
+
+
+def response_nll_rows(model: Any, batch: dict, chunk: int = LOSS_CHUNK) -> tuple[list, list]:
+    """Without gradients: ([the cross-entropy summed over each row's response tokens], [each row's
+    number of response tokens]) - response_nll per example, in one forward pass."""
+    import torch
+
+    with torch.no_grad():
+        h, keep, w, cap, _ = response_hidden(model, batch)
+        y = batch["labels"][:, 1:][keep]
+        parts = [h.new_zeros(0).float()]
+        for i in range(0, h.shape[0], chunk):  # the output layer in chunks, as response_nll
+            z = logits_of(h[i : i + chunk], w, cap)
+            parts.append(torch.logsumexp(z, dim=-1)
+                         - z.gather(-1, y[i : i + chunk].unsqueeze(-1)).squeeze(-1))
+        ce = torch.cat(parts)
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(keep.shape[0], dtype=torch.float64, device=ce.device)
+        sums.index_add_(0, rows, ce.double())
+    return sums.tolist(), keep.sum(dim=1).tolist()

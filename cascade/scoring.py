@@ -48,7 +48,8 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
     ROUGE-L F1 of its greedy answers (answer_tokens at most) against them; self_ended: the share of
     those answers that ended by themselves; seconds: compute time; with `divergence`, answers and
     top: its greedy and sampled answers (temperature 1, seeded) and its top-k at each of their
-    tokens, for the teachers to read (stages/evaluate.py teacher_divergence); vocab_hash}."""
+    tokens, for the teachers to read (stages/evaluate.py teacher_divergence); vocab_hash;
+    conditioning_records: each record's conditioning (its own means per token)}."""
     from cascade.chat import prompt_ids, vocab_hash
     from cascade.divergence import answer_top_k
 
@@ -57,11 +58,15 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
                 "seconds": 0.0}
     device = str(model.device.type)
     t0, args = time.perf_counter(), (max_len, batch_size, device)
-    out = {"loglik": loglik(model, tok, [(r["messages"], r["response"]) for r in records], *args),
-           "rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
+    out = {"rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
+    out["loglik"], own = loglik(model, tok, [(r["messages"], r["response"]) for r in records],
+                                *args)
     swapped = mismatched(records)
-    out["conditioning"] = (None if swapped is None
-                           else out["loglik"] - loglik(model, tok, swapped, *args))
+    other = None if swapped is None else loglik(model, tok, swapped, *args)
+    out["conditioning"] = None if other is None else out["loglik"] - other[0]
+    # each record's: the paired figures the gate's confidence bound reads (stages/evaluate.py)
+    out["conditioning_records"] = (None if other is None
+                                   else [a - b for a, b in zip(own, other[1], strict=True)])
     if answer_tokens:
         kinds = ("greedy", "sampled") if divergence else ("greedy",)
         answers = {how: answers_to(model, tok, records, answer_tokens, batch_size, device,
@@ -76,24 +81,23 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
 
 
 def loglik(model: Any, tok: Any, pairs: list[tuple[list[dict], str]], max_len: int,
-            batch_size: int, device: str) -> float:
-    """Mean log-likelihood per response token of each (messages, response) under the model."""
-    import torch
-
+           batch_size: int, device: str) -> tuple[float, list[float]]:
+    """(mean log-likelihood per response token of the (messages, response) pairs under the model,
+    each pair's own mean per token)."""
     from cascade.chat import collate, encode_example
-    from cascade.modeling import response_nll
+    from cascade.modeling import response_nll_rows
 
-    total, count = 0.0, 0
+    sums, counts = [], []
     for i in range(0, len(pairs), batch_size):
         batch = [encode_example(tok, m, r, max_len) for m, r in pairs[i : i + batch_size]]
         ids, labels, mask = collate(batch, tok.pad_token_id, device)
-        with torch.no_grad():
-            # the output layer applied in chunks: no [batch, tokens, vocab] tensor
-            nll, _, n = response_nll(
-                model, {"input_ids": ids, "attention_mask": mask, "labels": labels})
-        total -= float(nll)
-        count += n
-    return total / max(1, count)
+        # the output layer applied in chunks: no [batch, tokens, vocab] tensor
+        nll, n = response_nll_rows(model, {"input_ids": ids, "attention_mask": mask,
+                                           "labels": labels})
+        sums += nll
+        counts += n
+    return (-sum(sums) / max(1, sum(counts)),
+            [-s / max(1, n) for s, n in zip(sums, counts, strict=True)])
 
 
 def mismatched(records: list[dict]) -> list[tuple[list[dict], str]] | None:

@@ -110,8 +110,10 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
         "teachers": [{"stage": t.name, "weight": t.weight, "key": t.key} for t in sp.teachers],
         "agreement": _delta(METRIC, len(records), before["loglik"], after["loglik"]),
         "text_agreement": _delta(TEXT_METRIC, len(records), before["rouge_l"], after["rouge_l"]),
-        "conditioning": _delta(COND_METRIC, len(records), before.get("conditioning"),
-                               after.get("conditioning")),
+        "conditioning": {**_delta(COND_METRIC, len(records), before.get("conditioning"),
+                                  after.get("conditioning")),
+                         **paired_gain(before.get("conditioning_records"),
+                                       after.get("conditioning_records"))},
         "self_ended": {"before": before["self_ended"], "after": after["self_ended"]},
         "reverse_kl": kl,
         "harness": harness_scores(cfg, sp, rd),  # the gate's harness tasks, when it judges them
@@ -181,6 +183,18 @@ def harness_scores(cfg: Config, sp: StageGraph, rd: RunDir) -> dict | None:
 
 def _num(x: float | None) -> float:
     return float("nan") if x is None else x
+
+
+def paired_gain(before: list[float] | None, after: list[float] | None) -> dict:
+    """{record_gains: each held-out record's after - before, z: their mean over its standard
+    error (how many standard errors the gain stands above 0: the gate's confidence bound)}; {}
+    with fewer than two records' figures on either side."""
+    if not before or not after or len(before) != len(after) or len(before) < 2:
+        return {}
+    gains = [a - b for a, b in zip(after, before, strict=True)]
+    n, mean = len(gains), sum(gains) / len(gains)
+    sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / (n - 1))
+    return {"record_gains": gains, "z": mean / max(sd / math.sqrt(n), 1e-12)}
 
 
 def _delta(metric: str, records: int, before: float | None, after: float | None) -> dict:

@@ -14,6 +14,9 @@ threshold:
     conditioning_share  the conditioning's gain over the agreement's >= min_conditioning_share
                   (where the agreement rose): the share of what the student learnt that it owes to
                   the questions, comparable from stage to stage where an absolute gain is not
+    conditioning_z  the held-out records' conditioning gains (each record's after - before) stand
+                  >= gate.min_conditioning_z standard errors above 0: a gain the student's luck on
+                  a few records cannot make (shuffled answers gain about 0, give or take)
     reverse_kl    the reverse KL(student || teachers) per token on the student's sampled answers
                   rose by at most gate.max_kl_rise (a share of before); where measured
                   (eval.reverse_kl)
@@ -82,10 +85,12 @@ def judge(gate: Any, metrics: dict) -> dict:
     rise = (kl["after"] / kl["before"] - 1 if kl.get("before") and kl.get("after") is not None
             else None)
     conditioning = (metrics.get("conditioning") or {}).get("delta")
+    z = (metrics.get("conditioning") or {}).get("z")
     share = conditioning / agreement if conditioning is not None and (agreement or 0) > 0 else None
     criteria = [_criterion("agreement", agreement, ">=", gate.min_gain),
                 _criterion("conditioning", conditioning, ">=", gate.min_conditioning_gain),
                 _criterion("conditioning_share", share, ">=", gate.min_conditioning_share),
+                _criterion("conditioning_z", z, ">=", gate.min_conditioning_z),
                 _criterion("self_ended", ended, ">=", gate.min_self_ended),
                 _criterion("reverse_kl_rise", rise, "<=", gate.max_kl_rise)]
     if gate.max_harness_drop is not None:
