@@ -18,7 +18,7 @@ from cascade.metrics import rouge_l
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int,
                   batch_size: int, trust: bool, answer_tokens: int = 0, seed: int = 0,
-                  divergence: bool = False) -> dict:
+                  divergence: bool = False, other_prompts: int = 1) -> dict:
     """score_model of the model at `model_path`, loaded for it (in an evaluation task)."""
     import torch
     from transformers import AutoTokenizer
@@ -37,19 +37,21 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     tok = AutoTokenizer.from_pretrained(model_path, revision=revision, trust_remote_code=trust)
     model = load_model(model_path, revision, trust_remote_code=trust).to(device).eval()
     return {**score_model(model, tok, records, max_len=max_len, batch_size=batch_size,
-                          answer_tokens=answer_tokens, seed=seed, divergence=divergence),
+                          answer_tokens=answer_tokens, seed=seed, divergence=divergence,
+                          other_prompts=other_prompts),
             "loads": loads.taken()}
 
 
 def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batch_size: int,
-                answer_tokens: int = 0, seed: int = 0, divergence: bool = False) -> dict:
+                answer_tokens: int = 0, seed: int = 0, divergence: bool = False,
+                other_prompts: int = 1) -> dict:
     """{loglik: mean log-likelihood per response token of the records' responses under the model;
-    conditioning: that minus the same after other records' prompts (mismatched); rouge_l: mean
-    ROUGE-L F1 of its greedy answers (answer_tokens at most) against them; self_ended: the share of
-    those answers that ended by themselves; seconds: compute time; with `divergence`, answers and
-    top: its greedy and sampled answers (temperature 1, seeded) and its top-k at each of their
-    tokens, for the teachers to read (stages/evaluate.py teacher_divergence); vocab_hash;
-    conditioning_records: each record's conditioning (its own means per token)}."""
+    conditioning: that minus the same after up to `other_prompts` other records' prompts each
+    (mismatched), and conditioning_records: each record's; rouge_l: mean ROUGE-L F1 of its greedy
+    answers (answer_tokens at most) against them; self_ended: the share of those answers that
+    ended by themselves; seconds: compute time; with `divergence`, answers and top: its greedy and
+    sampled answers (temperature 1, seeded) and its top-k at each of their tokens, for the
+    teachers to read (stages/evaluate.py teacher_divergence); vocab_hash}."""
     from cascade.chat import prompt_ids, vocab_hash
     from cascade.divergence import answer_top_k
 
@@ -61,12 +63,8 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
     out = {"rouge_l": None, "self_ended": None, "vocab_hash": vocab_hash(tok)}
     out["loglik"], own = loglik(model, tok, [(r["messages"], r["response"]) for r in records],
                                 *args)
-    swapped = mismatched(records)
-    other = None if swapped is None else loglik(model, tok, swapped, *args)
-    out["conditioning"] = None if other is None else out["loglik"] - other[0]
-    # each record's: the paired figures the gate's confidence bound reads (stages/evaluate.py)
-    out["conditioning_records"] = (None if other is None
-                                   else [a - b for a, b in zip(own, other[1], strict=True)])
+    out["conditioning"], out["conditioning_records"] = conditioning(
+        model, tok, records, out["loglik"], own, other_prompts, args)
     if answer_tokens:
         kinds = ("greedy", "sampled") if divergence else ("greedy",)
         answers = {how: answers_to(model, tok, records, answer_tokens, batch_size, device,
@@ -78,6 +76,23 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
         out["answers"] = answers
         out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
     return {**out, "seconds": time.perf_counter() - t0}
+
+
+def conditioning(model: Any, tok: Any, records: list[dict], mean: float, own: list[float],
+                 k: int, args: tuple) -> tuple[float | None, list[float] | None]:
+    """(what the records' responses owe to their own prompts: `mean`, their log-likelihood/token
+    after them, minus the same after up to `k` other records' prompts each; each record's own
+    figure, from `own`, its log-likelihood/token after its prompt); (None, None) when all prompts
+    are one."""
+    swapped = mismatched(records, k)
+    if swapped is None:
+        return None, None
+    other, each = loglik(model, tok, [p for ps in swapped for p in ps], *args)
+    per, at = [], 0
+    for a, ps in zip(own, swapped, strict=True):  # each record's pairs are consecutive
+        per.append(a - sum(each[at : at + len(ps)]) / len(ps))
+        at += len(ps)
+    return mean - other, per
 
 
 def loglik(model: Any, tok: Any, pairs: list[tuple[list[dict], str]], max_len: int,
@@ -100,17 +115,17 @@ def loglik(model: Any, tok: Any, pairs: list[tuple[list[dict], str]], max_len: i
             [-s / max(1, n) for s, n in zip(sums, counts, strict=True)])
 
 
-def mismatched(records: list[dict]) -> list[tuple[list[dict], str]] | None:
-    """Each record's response after the next record's prompt that differs from its own (None when
-    all prompts are one): what the log-likelihood of an answer owes to being asked its question."""
-    n = len(records)
-    out = []
+def mismatched(records: list[dict], k: int = 1) -> list[list[tuple[list[dict], str]]] | None:
+    """For each record, its response after each of the next `k` records' prompts that differ from
+    its own (None when all prompts are one): what the log-likelihood of an answer owes to being
+    asked its question."""
+    n, out = len(records), []
     for i, r in enumerate(records):
-        other = next((records[(i + k) % n] for k in range(1, n)
-                      if records[(i + k) % n]["messages"] != r["messages"]), None)
-        if other is None:
+        others = [records[(i + j) % n]["messages"] for j in range(1, n)
+                  if records[(i + j) % n]["messages"] != r["messages"]][:k]
+        if not others:
             return None
-        out.append((other["messages"], r["response"]))
+        out.append([(m, r["response"]) for m in others])
     return out
 
 
@@ -168,7 +183,7 @@ def settings(cfg: Any) -> dict:
     """score_model's settings, from the config."""
     return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size,
                 answer_tokens=cfg.eval.answer_tokens, seed=cfg.seed,
-                divergence=cfg.eval.reverse_kl)
+                divergence=cfg.eval.reverse_kl, other_prompts=cfg.eval.other_prompts)
 
 
 # -- a stage's scores, made in the training workers where the models already are -----------------

@@ -14,9 +14,9 @@ threshold:
     conditioning_share  the conditioning's gain over the agreement's >= min_conditioning_share
                   (where the agreement rose): the share of what the student learnt that it owes to
                   the questions, comparable from stage to stage where an absolute gain is not
-    conditioning_z  the held-out records' conditioning gains (each record's after - before) stand
-                  >= gate.min_conditioning_z standard errors above 0: a gain the student's luck on
-                  a few records cannot make (shuffled answers gain about 0, give or take)
+    conditioning_z  with gate.min_conditioning_z: the held-out records' conditioning gains (each
+                  record's after - before) stand >= it standard errors above 0: a gain the
+                  student's luck on a few records cannot make (needs enough held-out records)
     reverse_kl    the reverse KL(student || teachers) per token on the student's sampled answers
                   rose by at most gate.max_kl_rise (a share of before); where measured
                   (eval.reverse_kl)
@@ -90,9 +90,10 @@ def judge(gate: Any, metrics: dict) -> dict:
     criteria = [_criterion("agreement", agreement, ">=", gate.min_gain),
                 _criterion("conditioning", conditioning, ">=", gate.min_conditioning_gain),
                 _criterion("conditioning_share", share, ">=", gate.min_conditioning_share),
-                _criterion("conditioning_z", z, ">=", gate.min_conditioning_z),
                 _criterion("self_ended", ended, ">=", gate.min_self_ended),
                 _criterion("reverse_kl_rise", rise, "<=", gate.max_kl_rise)]
+    if gate.min_conditioning_z is not None:
+        criteria.insert(3, _criterion("conditioning_z", z, ">=", gate.min_conditioning_z))
     if gate.max_harness_drop is not None:
         criteria.append(_criterion("harness_drop", harness_drop(metrics.get("harness")), "<=",
                                    gate.max_harness_drop))

@@ -126,3 +126,23 @@ def test_chunked_response_loss_equals_the_full_vocabulary_loss(base):
         keep = labels[:, 1:] != IGNORE_INDEX
         want = -(torch.softmax(kd_lp[:, 1:], -1) * logp.gather(-1, kd_ids[:, 1:]))[keep].sum()
     assert torch.allclose(kd, want, rtol=1e-5), (float(kd), float(want))
+
+
+def test_per_row_response_loss_is_each_examples_own(base):
+    """cascade.modeling.response_nll_rows (the evaluation's per-record log-likelihoods, one pass
+    for a batch) gives each example what response_nll gives it alone, padding and all."""
+    from cascade.chat import collate
+    from cascade.modeling import response_nll, response_nll_rows
+
+    path, tok, examples = base
+    model = _peft(path).eval()
+    ids, labels, mask = collate(examples, tok.pad_token_id)
+    sums, counts = response_nll_rows(model, {"input_ids": ids, "attention_mask": mask,
+                                             "labels": labels}, chunk=5)
+    assert len(sums) == len(examples) > 1
+    for ex, got, n in zip(examples, sums, counts, strict=True):
+        one_ids, one_labels, one_mask = collate([ex], tok.pad_token_id)
+        with torch.no_grad():
+            want, _, m = response_nll(model, {"input_ids": one_ids, "attention_mask": one_mask,
+                                              "labels": one_labels})
+        assert n == m > 0 and abs(got - float(want)) <= 1e-5 * float(want), (got, float(want))

@@ -14,9 +14,9 @@ from conftest import FAST, copy_run, run_cli
 from stages.gate import judge
 
 
-def _metrics(delta=0.5, ended=0.9, kl=(1.0, 0.8), cond=0.1) -> dict:
+def _metrics(delta=0.5, ended=0.9, kl=(1.0, 0.8), cond=0.1, z=None) -> dict:
     return {"agreement": {"delta": delta}, "self_ended": {"after": ended},
-            "conditioning": {"delta": cond},
+            "conditioning": {"delta": cond, **({} if z is None else {"z": z})},
             "reverse_kl": {"sampled": {"before": kl[0], "after": kl[1]}} if kl else None}
 
 
@@ -41,6 +41,34 @@ def test_verdict_from_the_figures(metrics, verdict, failed):
     assert len(v["reasons"]) == len(failed) or verdict == "HOLD"
     for c in v["criteria"]:  # each with its value and threshold
         assert {"name", "value", "op", "threshold", "passed"} <= set(c)
+
+
+@pytest.mark.parametrize("z,threshold,verdict", [
+    (1.2, 2.0, "REJECT"),  # a share large enough, on gains too scattered to stand above 0
+    (4.0, 2.0, "PROMOTE"),
+    (1.2, None, "PROMOTE"),  # the default: not judged
+    (None, 2.0, "PROMOTE"),  # not measured (fewer than two records)
+])
+def test_conditioning_z_when_asked(z, threshold, verdict):
+    from cascade.config import GateConfig
+
+    v = judge(GateConfig(min_conditioning_z=threshold), _metrics(cond=0.1, z=z))
+    assert v["verdict"] == verdict
+    names = [c["name"] for c in v["criteria"]]
+    assert ("conditioning_z" in names) == (threshold is not None)
+
+
+def test_the_records_paired_gain():
+    """stages/evaluate.py paired_gain: each record's after - before, and their mean over its
+    standard error; nothing from fewer than two records."""
+    from stages.evaluate import paired_gain
+
+    got = paired_gain([0.1, 0.2, 0.3, 0.4], [0.3, 0.3, 0.6, 0.5])
+    gains = [0.2, 0.1, 0.3, 0.1]
+    assert got["record_gains"] == pytest.approx(gains)
+    sd = (sum((g - 0.175) ** 2 for g in gains) / 3) ** 0.5
+    assert got["z"] == pytest.approx(0.175 / (sd / 2))
+    assert paired_gain([0.1], [0.2]) == {} and paired_gain(None, [0.1, 0.2]) == {}
 
 
 def _harness(student: float, teacher: float, better: bool = True) -> dict:
