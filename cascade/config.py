@@ -215,7 +215,7 @@ class GateConfig:
     # reverse KL to the teachers on the student's sampled answers (where measured): after / before
     max_kl_rise: float = 0.25  # - 1, at most (0: it must not rise)
     # what the teachers' answers owe to their questions (log-likelihood/token after their own prompt
-    # minus after another held-out prompt): after - before, at least
+    # minus after other held-out prompts): after - before, at least
     min_conditioning_gain: float = 0.0
     # the conditioning's gain over the agreement's, at least (where the agreement rose); 0.05:
     # shuffled answers <= 0.035 (benchmarks/gate.py), healthy tiny students >= 0.075

@@ -16,8 +16,11 @@ KL(student || teacher) per token of the student's own answers (greedy, and sampl
 1), each teacher reading them after its own prompt (with the kernel when the root teacher is built),
 compared on the student's top-32 and the tail (cascade/divergence.py); `cut` = 1 - after / before is
 what the stage moved the student towards its teachers on their own ground - the quantity on-policy
-distillation (kind on_policy) minimises. The metrics file also gathers the loss of each phase and
-the curation counts of each phase's dataset.
+distillation (kind on_policy) minimises. The conditioning: what the teachers' held-out answers owe
+to their own questions - their log-likelihood/token after their own prompt minus their mean after up
+to eval.other_prompts other held-out prompts (one prompt alone made a noisy figure); with each
+record's gain (after - before) and `z`, the gains' mean over its standard error. The metrics file
+also gathers the loss of each phase and the curation counts of each phase's dataset.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ METRIC = ("mean per-token log-likelihood of held-out teacher responses under the
 TEXT_METRIC = ("ROUGE-L F1 of the student's greedy answers against the teachers' held-out "
                "answers (0..1)")
 COND_METRIC = ("log-likelihood/token of the teachers' held-out answers after their own prompt "
-               "minus after another held-out prompt (nats: what the answers owe to their "
-               "questions)")
+               "minus their mean after other held-out prompts (nats: what the answers owe to "
+               "their questions)")
 KL_METRIC = ("reverse KL(student || teacher) per token of the student's own answers to the "
              "held-out prompts, the teacher with its context (nats; lower = closer), on the "
              "student's top-32 and the tail")

@@ -9,7 +9,7 @@ threshold:
     agreement     log-likelihood/token of the teachers' held-out answers rose by >= gate.min_gain
     self_ended    the share of the student's greedy answers ending by themselves >= min_self_ended
     conditioning  what the teachers' held-out answers owe to their own prompts (log-likelihood/token
-                  after their prompt minus after another's) rose by >= gate.min_conditioning_gain:
+                  after their prompt minus after others') rose by >= gate.min_conditioning_gain:
                   answers learnt without their questions (shuffled among prompts) lower it
     conditioning_share  the conditioning's gain over the agreement's >= min_conditioning_share
                   (where the agreement rose): the share of what the student learnt that it owes to
