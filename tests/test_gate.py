@@ -71,6 +71,21 @@ def test_the_records_paired_gain():
     assert paired_gain([0.1], [0.2]) == {} and paired_gain(None, [0.1, 0.2]) == {}
 
 
+def test_each_answer_after_other_prompts():
+    """cascade/scoring.py mismatched: each record's answer after the next `k` prompts that are not
+    its own (a repeated prompt skipped), wrapping around; none when every prompt is the same."""
+    from cascade.scoring import mismatched
+
+    recs = [{"messages": [{"role": "user", "content": p}], "response": f"r{i}"}
+            for i, p in enumerate("abac")]
+    got = mismatched(recs, 2)
+    assert [[m[0]["content"] for m, _ in ps] for ps in got] == [
+        ["b", "c"], ["a", "c"], ["c", "b"], ["a", "b"]]
+    assert all(r == f"r{i}" for i, ps in enumerate(got) for _, r in ps)
+    assert [len(ps) for ps in mismatched(recs, 16)] == [2, 3, 2, 3]  # at most the others
+    assert mismatched(recs[:1] + recs[2:3], 4) is None
+
+
 def _harness(student: float, teacher: float, better: bool = True) -> dict:
     res = {"results": {"cascade_format": {"acc": student, "loss": 1 - student}},
            "higher_is_better": {"cascade_format": {"acc": True, "loss": False}}}
