@@ -218,7 +218,7 @@ class GateConfig:
     # minus after other held-out prompts): after - before, at least
     min_conditioning_gain: float = 0.0
     # the conditioning's gain over the agreement's, at least (where the agreement rose); 0.05:
-    # shuffled answers <= 0.035 (benchmarks/gate.py), healthy tiny students >= 0.075
+    # shuffled answers <= -0.004 (benchmarks/gate.py), healthy tiny students >= 0.109
     min_conditioning_share: float = 0.05
     # the held-out records' conditioning gains' mean over its standard error, at least (a one-sided
     # bound: the gain stands above 0 with that many standard errors to spare). None: not judged -
