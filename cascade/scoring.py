@@ -119,10 +119,12 @@ def mismatched(records: list[dict], k: int = 1) -> list[list[tuple[list[dict], s
     """For each record, its response after each of the next `k` records' prompts that differ from
     its own (None when all prompts are one): what the log-likelihood of an answer owes to being
     asked its question."""
+    from itertools import islice
+
     n, out = len(records), []
-    for i, r in enumerate(records):
-        others = [records[(i + j) % n]["messages"] for j in range(1, n)
-                  if records[(i + j) % n]["messages"] != r["messages"]][:k]
+    for i, r in enumerate(records):  # the first k found: O(n k), not O(n^2), for many records
+        others = list(islice((records[(i + j) % n]["messages"] for j in range(1, n)
+                              if records[(i + j) % n]["messages"] != r["messages"]), k))
         if not others:
             return None
         out.append([(m, r["response"]) for m in others])
