@@ -90,10 +90,10 @@ def judge(gate: Any, metrics: dict) -> dict:
     criteria = [_criterion("agreement", agreement, ">=", gate.min_gain),
                 _criterion("conditioning", conditioning, ">=", gate.min_conditioning_gain),
                 _criterion("conditioning_share", share, ">=", gate.min_conditioning_share),
+                *([_criterion("conditioning_z", z, ">=", gate.min_conditioning_z)]
+                  if gate.min_conditioning_z is not None else []),
                 _criterion("self_ended", ended, ">=", gate.min_self_ended),
                 _criterion("reverse_kl_rise", rise, "<=", gate.max_kl_rise)]
-    if gate.min_conditioning_z is not None:
-        criteria.insert(3, _criterion("conditioning_z", z, ">=", gate.min_conditioning_z))
     if gate.max_harness_drop is not None:
         criteria.append(_criterion("harness_drop", harness_drop(metrics.get("harness")), "<=",
                                    gate.max_harness_drop))
