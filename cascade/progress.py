@@ -5,11 +5,11 @@ reads the run dir.
     "started", "updated"}
 
 The driver writes it for generation (shards), training's rank 0 for a phase (optimizer steps): one
-small atomic write at most every EVERY_S seconds and at the last unit, so it costs nothing next to
-the work it describes. A failed write (a full disk, a storage hiccup) is logged and skipped:
-progress is never worth a run. `Board`: training's per-step figures, written to this progress,
-TensorBoard and Ray's metrics at once. `GenerationProgress`: the driver's per-shard figures, logged
-and sent to Ray's metrics.
+small atomic write at the first unit, then at most every EVERY_S seconds and at the last, so it
+costs nothing next to the work it describes. A failed write (a full disk, a storage hiccup) is
+logged and skipped: progress is never worth a run. `Board`: training's per-step figures, written to
+this progress, TensorBoard and Ray's metrics at once. `GenerationProgress`: the driver's per-shard
+figures, logged and sent to Ray's metrics.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class ProgressFile:
 
     def update(self, done: int) -> None:
         self.rec.update(done=done, updated=time.time())
-        if done >= self.rec["total"] or time.time() - self.last >= EVERY_S:
+        # the first unit too: from then on a reader has a rate, and an ETA
+        first = done == self.rec["start_done"] + 1
+        if first or done >= self.rec["total"] or time.time() - self.last >= EVERY_S:
             self._write()
 
     def _write(self) -> None:
