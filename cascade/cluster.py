@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from cascade.validate import ConfigError, fail, number
+from cascade.validate import ConfigError, custom_resources, fail, number
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class ClusterConfig:
     # None: start a local Ray; "auto" or host:port joins a running cluster
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # local Ray only
+    # local Ray only: custom resources this node declares (pools: {inference: 1, training: 1})
+    resources: dict[str, float] = field(default_factory=dict)
     include_dashboard: bool = True
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8265
@@ -47,6 +49,7 @@ class ClusterConfig:
         number("cluster.dashboard_port", self.dashboard_port, 1, 65535)
         if self.num_cpus is not None:
             number("cluster.num_cpus", self.num_cpus, 1)
+        custom_resources("cluster.resources", self.resources, "cluster.num_cpus")
 
 
 def ensure_auth_token() -> None:
@@ -128,6 +131,18 @@ def cpus() -> int:
     return sum(_node_cpus())
 
 
+def totals() -> dict[str, float]:
+    """The alive nodes' resources (CPU, GPU, custom ones), all together."""
+    import ray
+
+    out: dict[str, float] = {}
+    for n in ray.nodes():
+        if n["Alive"]:
+            for k, v in n["Resources"].items():
+                out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def worker_cpus(workers: int, given: int | None = None) -> int:
     """CPUs (torch threads) per training worker: `given` (train.cpus_per_worker), else share_cpus
     over the alive nodes. From the nodes' totals, not from what is free this instant (an actor still
@@ -173,7 +188,8 @@ def start(c: ClusterConfig) -> None:
         # that died unstopped leaves behind.
         _pin_address()
         try:
-            ray.init(address="local", num_cpus=c.num_cpus, include_dashboard=c.include_dashboard,
+            ray.init(address="local", num_cpus=c.num_cpus, resources=dict(c.resources) or None,
+                     include_dashboard=c.include_dashboard,
                      dashboard_host=c.dashboard_host, dashboard_port=dashboard_port,
                      _metrics_export_port=metrics_port,
                      _system_config={"prestart_worker_first_driver": False}, **kw)

@@ -23,7 +23,8 @@ from cascade.cluster import ClusterConfig
 from cascade.config_models import ModelsConfig
 from cascade.config_release import ReleaseConfig, ServeConfig, TrackingConfig
 from cascade.config_train import TrainConfig
-from cascade.validate import DTYPES, ConfigError, check, fail, number, safe_name
+from cascade.validate import (DTYPES, ConfigError, check, custom_resources, fail, number,
+                              safe_name)
 
 __all__ = ["ConfigError", "Config", "compose", "check"]
 
@@ -154,6 +155,8 @@ class _Backend:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     num_cpus: float = 1.0  # Ray resources of one replica
     num_gpus: float = 0.0
+    # custom Ray resources of one replica (a pool's label: {inference: 1}); cascade/overlap.py
+    resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def options(self) -> Any:
@@ -166,6 +169,7 @@ class _Backend:
             fail(f"backend.dtype {self.dtype!r}: valid dtypes: {', '.join(DTYPES)}")
         for k in ("num_cpus", "num_gpus"):
             number(f"backend.{k}", getattr(self, k), 0)
+        custom_resources("backend.resources", self.resources, "backend.num_cpus, num_gpus")
         for name in generation.BACKENDS:
             # every section, so that a preset's settings for another engine hold too
             getattr(self, name).check(f"backend.{name}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from cascade.validate import fail, number
+from cascade.validate import custom_resources, fail, number
 
 
 @dataclass
@@ -41,6 +41,12 @@ class TrainConfig:
     # weights are bitwise reproducible for a fixed count; set it to pin a run's bytes across
     # machines of different sizes.
     cpus_per_worker: Optional[int] = None
+    # custom Ray resources of each worker (a pool's label: {training: 1}, declared by the nodes'
+    # `ray start --resources` or cluster.resources); CPUs and GPUs come from the settings above
+    resources: dict[str, float] = field(default_factory=dict)
+    # a stage's first phases train while its teachers answer its later phases' prompt sets, when the
+    # cluster holds both at once (cascade/overlap.py); false: one step after another
+    overlap: bool = True
     bf16: bool = True  # used only where the hardware supports it
     gradient_checkpointing: bool = False
     warmup_steps: int = 0
@@ -68,4 +74,5 @@ class TrainConfig:
                  f"({self.num_workers})")
         if self.strategy not in ("ddp", "fsdp"):
             fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
+        custom_resources("train.resources", self.resources, "train.cpus_per_worker, use_gpu")
         self.lora.check()

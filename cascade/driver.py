@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
-from cascade import cluster
+from cascade import cluster, overlap
 from cascade.config import Config
 from cascade.lease import Lease, LeaseLost
-from cascade.graph import Context, RunGraph, StageGraph, build_graph
+from cascade.graph import Context, RunGraph, StageGraph, Work, build_graph
 from cascade.preemption import Preemption
 from cascade.rundir import RunDir, Step
 from cascade.steps import execute
@@ -81,24 +82,29 @@ def run(cfg: Config) -> list[StageGraph]:
 def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
     """Each entry of the run's table in order (cascade.steps.execute skips what is committed), Ray
     started for the first that needs it (a gate reads committed figures only: a changed threshold
-    starts no cluster); a stage starts only when its teachers were promoted; the report rebuilt
-    after every stage."""
-    import stages
+    starts no cluster), the table then re-cut for the stages that overlap (cascade/overlap.py); a
+    stage starts only when its teachers were promoted; the report rebuilt after every stage."""
     from cascade import report, tracking
-    from stages import evaluate
     from stages.gate import require_promoted
 
-    rd, ctx, table = p.rd, Context(p, lease), p.work()
+    rd, ctx, table, i = p.rd, Context(p, lease), p.work(), 0
     try:
-        for i, w in enumerate(table):
+        while i < len(table):
+            w = table[i]
             if i == 0 or table[i - 1].stage is not w.stage:
                 require_promoted(p, w.stage)  # its teachers' gates, committed by now
             if ctx.stop is None and w.kind != "gate" and not all(map(rd.committed, w.steps)):
-                _start(ctx)
-            if w.kind == "train" and ctx.spare and not rd.committed(w.stage.eval):
-                ctx.before[w.stage.name] = evaluate.start_before(p.cfg, w.stage, rd)
-            execute(ctx, w, stages.load(w.kind))
-            if i + 1 == len(table) or table[i + 1].stage is not w.stage:
+                if lapped := _start(ctx):  # every entry before this one is committed, in both
+                    table = p.work(lapped)
+                    i = next(k for k, x in enumerate(table) if not all(map(rd.committed, x.steps)))
+                    continue
+            side = []
+            while w.kind == "train" and i + 1 + len(side) < len(table) \
+                    and table[i + 1 + len(side)].beside:
+                side.append(table[i + 1 + len(side)])
+            _execute(ctx, w, side)
+            i += 1 + len(side)
+            if i == len(table) or table[i].stage is not w.stage:
                 report.refresh(p)  # <run_dir>/report/, after every stage
                 tracking.sync(p)  # tracking.mlflow
     finally:
@@ -106,9 +112,65 @@ def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
             cluster.stop()
 
 
-def _start(ctx: Context) -> None:
+def _execute(ctx: Context, w: Work, side: list[Work]) -> None:
+    """Run `w`; the work listed beside it (its stage's later prompt sets: cascade/overlap.py) in a
+    thread meanwhile when `w` has steps to run, else after it. A failure of either is raised once
+    both have stopped; SIGTERM or a failure here stops the thread at its next answer."""
+    import threading
+
+    import stages
+    from stages import evaluate
+
+    rd = ctx.rd
+    # the held-out records of every phase are needed: not while later phases' answers are made
+    if w.kind == "train" and ctx.spare and not rd.committed(w.stage.eval) and not side \
+            and w.stage.name not in ctx.before:
+        ctx.before[w.stage.name] = evaluate.start_before(ctx.cfg, w.stage, rd)
+    if not side or all(map(rd.committed, w.steps)):
+        for x in [w, *side]:
+            execute(ctx, x, stages.load(x.kind))
+        return
+    errors: list[BaseException] = []
+
+    def beside() -> None:
+        try:
+            for x in side:
+                execute(ctx, x, stages.load(x.kind))
+        except BaseException as e:  # raised by the driver's thread, below
+            errors.append(e)
+
+    log.info("%s trains beside %s", w.steps[0].name, ", ".join(s.name for x in side
+                                                                 for s in x.steps))
+    thread = threading.Thread(target=beside, name="beside", daemon=True)
+    thread.start()
+    try:
+        execute(ctx, w, stages.load(w.kind))
+    except BaseException:
+        ctx.stop.halt()  # the thread stops at its next answer, saving what it has
+        raise
+    finally:
+        _join(thread, ctx)
+    if errors:
+        raise errors[0]
+
+
+def _join(thread: Any, ctx: Context) -> None:
+    """Wait for the thread; SIGTERM meanwhile (raised here) halts it first, then is raised."""
+    stopped: BaseException | None = None
+    while thread.is_alive():
+        try:
+            thread.join()
+        except BaseException as e:
+            ctx.stop.halt()
+            stopped = stopped or e
+    if stopped is not None:
+        raise stopped
+
+
+def _start(ctx: Context) -> set[str]:
     """Ray up (cascade/cluster.py), SIGTERM deferred to the pre-emption handler, staging cleaned;
-    the CPUs a training worker gets, and whether evaluation has CPUs of its own beside them."""
+    the CPUs a training worker gets, and whether evaluation has CPUs of its own beside them. Returns
+    the stages whose curriculum overlaps with their teachers' answers (cascade/overlap.py)."""
     p, cfg, rd = ctx.graph, ctx.cfg, ctx.rd
     ctx.stop = Preemption(rd)
     if cfg.cache_max_gb:
@@ -132,6 +194,11 @@ def _start(ctx: Context) -> None:
     for sp in p.stages:
         if not sp.trains:
             log.info("stage %s: teacher %s used as is", sp.name, sp.base_model)
+    lapped = overlap.stages(cfg, p.stages, cluster.totals(), ctx.cpus, ctx.spare)
+    if lapped:
+        log.info("stages %s: the first phases train while the teachers answer the other prompt "
+                 "sets (train.overlap)", sorted(lapped))
+    return lapped
 
 
 def _prepare(p: RunGraph) -> None:

@@ -99,6 +99,8 @@ class Work:
     steps: list[Step]
     teacher: Teacher | None = None  # generate: whose answers
     phase: PhaseGraph | None = None  # curate: which phase's dataset
+    # runs beside the train work before it when that one runs (cascade/overlap.py)
+    beside: bool = False
 
     def jobs(self, todo: list[Step]) -> list[GenJob]:
         """The stage's prompt sets to answer whose steps are among `todo` (generate)."""
@@ -122,11 +124,14 @@ class RunGraph:
     kernel: str
     stages: list[StageGraph]
 
-    def work(self) -> list[Work]:
+    def work(self, overlap: frozenset[str] | set[str] = frozenset()) -> list[Work]:
         """The run's table, in run order: what the driver runs and the planner costs. Per trained
         stage: each teacher's answers (one pool of replicas for its prompt sets), each phase's
-        dataset, the curriculum (one Ray Train job), the evaluation, the gate, the release. A
-        teacher's answers shared by stages are listed once."""
+        dataset, the curriculum (one Ray Train job), the evaluation, the gate, the release; a
+        teacher's answers shared by stages listed once. A stage in `overlap` (cascade/overlap.py):
+        its first set's answers and datasets, its leading phases, beside them the other sets'."""
+        from cascade.overlap import split
+
         out, seen = [], set()
 
         def add(kind: str, sp: StageGraph, steps: list[Step], **kw: Any) -> None:
@@ -135,11 +140,18 @@ class RunGraph:
             if steps:
                 out.append(Work(kind, sp, steps, **kw))
 
-        for sp in self.stages:
+        def answers(sp: StageGraph, data: set[str], beside: bool = False) -> None:
             for t in sp.teachers:
-                add("generate", sp, [j.step for j in sp.gen_jobs if j.teacher is t], teacher=t)
-            for ph in sp.phases:
-                add("curate", sp, [ph.dataset], phase=ph)
+                add("generate", sp, [j.step for j in sp.gen_jobs if j.teacher is t
+                                     and j.data in data], teacher=t, beside=beside)
+            for ph in (ph for ph in sp.phases if ph.data in data):
+                add("curate", sp, [ph.dataset], phase=ph, beside=beside)
+
+        for sp in self.stages:
+            if cut := split(sp) if sp.name in overlap else None:
+                answers(sp, {sp.phases[0].data})
+                add("train", sp, [ph.model for ph in sp.phases[: cut[0]]])
+            answers(sp, set(cut[1]) if cut else {ph.data for ph in sp.phases}, beside=bool(cut))
             add("train", sp, [ph.model for ph in sp.phases])
             add("evaluate", sp, [sp.eval] if sp.trains else [])
             add("gate", sp, [sp.gate] if sp.gate else [])
@@ -178,19 +190,6 @@ class Context:
     @property
     def rd(self) -> RunDir:
         return self.graph.rd
-
-
-def heldout(rd: RunDir, sp: StageGraph) -> list[dict]:
-    """A trained stage's held-out records (prompt messages, teachers' answer) from its committed
-    datasets, each prompt once: what evaluate scores, the release checks its GGUF files on, the
-    harness's cascade_probes task."""
-    records, seen = [], set()
-    for ph in sp.phases:
-        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
-            if r["id"] not in seen:
-                seen.add(r["id"])
-                records.append(r)
-    return records
 
 
 def needed_stages(cfg: Config) -> list[str]:
@@ -279,6 +278,7 @@ def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJo
     # a setting before phase kinds (now distill's option): keys stay as they were
     train_id["distill_weight"] = 0.0
     del train_id["seed"]  # train.seed: keyed below as the seed it resolves to (cfg.train_seed)
+    del train_id["resources"], train_id["overlap"]  # where and when it trains, not what
     phases, prev = [], base_key
     for i, ph in enumerate(cfg.curriculum):
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]

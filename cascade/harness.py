@@ -137,7 +137,8 @@ def main(cfg: Any) -> None:
     `cascade serve` runs (cascade/__main__.py composes the config); prints the results as one JSON
     line."""
     from cascade.config import ConfigError
-    from cascade.graph import heldout, build_graph
+    from cascade.graph import build_graph
+    from cascade.scoring import heldout
 
     if not cfg.release.harness:
         raise ConfigError("release.harness names no task (e.g. release.harness=[cascade_format])")

@@ -106,9 +106,42 @@ class Plan:
                 "tokens_per_s": round(rate, 1), "rate_source": source, "hours": seconds / 3600,
                 "gpu_hours": seconds / 3600 * units if gpus and not self.dev.cpu else 0.0}
 
+    def overlapped(self) -> dict[str, float]:
+        """Per stage whose first phases would train beside its teachers' answers to the other prompt
+        sets (cascade/overlap.py, with the resources planned for: this machine's CPUs, or the GPUs
+        planned and CPUs and custom resources not counted), the hours that saves: the shorter of
+        the two sides."""
+        import math
+        import os
+
+        from cascade import cluster, overlap
+
+        cfg, dev = self.cfg, self.dev
+        extra = {k: math.inf for k in (*cfg.train.resources, *cfg.backend.resources)}
+        totals = ({"CPU": float(cfg.cluster.num_cpus or os.cpu_count() or 1)} if dev.cpu
+                  else {"CPU": math.inf, "GPU": float(dev.count)})
+        totals |= extra | dict(cfg.cluster.resources)
+        cpus = (cfg.train.cpus_per_worker
+                or (cluster.share_cpus([int(totals["CPU"])], cfg.train.num_workers) if dev.cpu
+                    else 1))
+        spare = totals["CPU"] - cpus * cfg.train.num_workers >= cfg.eval.num_cpus
+        hours = {r["step"]: r["hours"] for r in self.rows}
+        out = {}
+        for sp in self.p.stages:
+            if sp.name not in overlap.stages(cfg, [sp], totals, cpus, spare):
+                continue
+            lead, rest = overlap.split(sp)
+            side = [j.step.name for j in sp.gen_jobs if j.data in rest] + [
+                ph.dataset.name for ph in sp.phases if ph.data in rest]
+            first = sum(hours.get(ph.model.name, 0.0) for ph in sp.phases[:lead])
+            if saved := min(first, sum(hours.get(n, 0.0) for n in side)):
+                out[sp.name] = saved
+        return out
+
     def totals(self) -> dict:
         work = [r["work"] for r in self.rows]
         return {"hours": sum(r["hours"] for r in self.rows),
+                "wall_hours": sum(r["hours"] for r in self.rows) - sum(self.overlapped().values()),
                 "gpu_hours": sum(r["gpu_hours"] for r in self.rows),
                 "generate_new_tokens_max": sum(w.get("max_new_tokens", 0) for w in work),
                 "train_token_slots": sum(w.get("token_slots", 0) for w in work)}
@@ -165,7 +198,9 @@ def render(b: Plan) -> str:
         lines.append(f"{r['step']:34} {r['model']:7} {_fmt(r['params']):>7} {r['units']:>5} "
                      f"{mem:34} {'yes' if r['fits'] else 'NO':4}  {work}{rate}")
     t = b.totals()
-    lines += ["", f"total: {duration(t['hours'] * 3600)} wall (steps one after another), "
+    lap = (f"{duration(t['wall_hours'] * 3600)} wall with the overlap of "
+           f"{', '.join(b.overlapped())} (train.overlap), " if t["wall_hours"] < t["hours"] else "")
+    lines += ["", f"total: {lap}{duration(t['hours'] * 3600)} wall (steps one after another), "
               f"{t['gpu_hours']:.1f} GPU-hours; <= {_fmt(t['generate_new_tokens_max'])} tokens to "
               f"generate, {_fmt(t['train_token_slots'])} to train"]
     lines += [f"does not fit: {p}" for p in b.problems]

@@ -34,7 +34,16 @@ class Preempted(BaseException):
 
 class Preemption:
     def __init__(self, rd: RunDir) -> None:
-        self.rd, self.requested, self._deferred = rd, False, False
+        self.rd, self.requested, self._deferred, self.halted = rd, False, False, False
+
+    def halt(self) -> None:
+        """The driver's thread failed: work running beside it (cascade/overlap.py) stops as it
+        would on SIGTERM, saving what it has."""
+        self.halted = True
+
+    def stopping(self) -> bool:
+        """Whether work in another thread than the driver's should stop (SIGTERM, or halt)."""
+        return self.requested or self.halted
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)

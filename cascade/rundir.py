@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +22,9 @@ from cascade.storage import (absolute, download, fsync_dir, is_object_store, nod
                              stable_hash, stray_pulls, write_synced)
 
 log = logging.getLogger(__name__)
+
+
+_MANIFEST = threading.RLock()  # the driver's threads' read-modify-writes of the manifest
 
 
 class RunDir(Layout, Commits):
@@ -181,7 +185,12 @@ class RunDir(Layout, Commits):
         return self.read_json(self.path("manifest.json")) or {"version": 1, "steps": {}}
 
     def mark(self, name: str, state: str, **fields: Any) -> None:
-        """Record a step's state; only the driver calls this (one writer)."""
+        """Record a step's state; only the driver calls this (one writer; its threads, when work
+        runs beside training, one at a time)."""
+        with _MANIFEST:
+            self._mark(name, state, **fields)
+
+    def _mark(self, name: str, state: str, **fields: Any) -> None:
         m = self.manifest()
         old = m["steps"].get(name, {})
         if old.get("state") == state and old.get("key") == fields.get("key"):

@@ -175,7 +175,6 @@ def text_agreement(tok: Any, records: list[dict], answers: list[list[int]]) -> t
 
 def heldout_records(cfg: Any, rd: Any, sp: Any) -> list[dict]:
     """The stage's held-out records the evaluation scores (eval.max_probes of them at most)."""
-    from cascade.graph import heldout
 
     records = heldout(rd, sp)
     return records[: cfg.eval.max_probes] if cfg.eval.max_probes else records
@@ -231,3 +230,16 @@ def _stamp(key: str, records: list[dict], kw: dict) -> str:
     import json
 
     return hashlib.sha256(json.dumps([key, records, kw], sort_keys=True).encode()).hexdigest()
+
+
+def heldout(rd: Any, sp: Any) -> list[dict]:
+    """A trained stage's held-out records (prompt messages, teachers' answer) from its committed
+    datasets, each prompt once: what evaluate scores, the release checks its GGUF files on, the
+    harness's cascade_probes task."""
+    records, seen = [], set()
+    for ph in sp.phases:
+        for r in rd.read_jsonl(rd.dataset_file(sp.name, ph.name, "heldout")):
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                records.append(r)
+    return records

@@ -174,3 +174,12 @@ def _check_curriculum(cfg: Any) -> None:
             fail(f"curriculum phase {p.name!r}: unknown data {p.data!r}; defined: "
                  f"{', '.join(cfg.data)}")
         p.check(f"curriculum phase {p.name!r}", cfg)
+
+
+def custom_resources(where: str, resources: dict, cpus_gpus: str) -> None:
+    """Custom Ray resources (a pool's label: {inference: 1}), each a positive amount; CPUs and GPUs
+    are refused here: `cpus_gpus` names the settings that give them."""
+    for k, v in resources.items():
+        if k in ("CPU", "GPU"):
+            fail(f"{where}.{k}: give CPUs and GPUs by {cpus_gpus}; {where} holds custom resources")
+        number(f"{where}.{k}", v, 0, lo_open=True)

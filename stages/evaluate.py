@@ -168,7 +168,7 @@ def harness_scores(cfg: Config, sp: StageGraph, rd: RunDir) -> dict | None:
     {"student": .., "teacher <stage>": ..}}; the release takes them); else None."""
     import ray
 
-    from cascade.graph import heldout
+    from cascade.scoring import heldout
     from cascade.harness import describe, evaluate, spec
 
     judged = spec(cfg)

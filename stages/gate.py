@@ -44,8 +44,9 @@ import json
 import logging
 from typing import Any
 
-from cascade.graph import Context, RunGraph, StageGraph, Work, heldout
+from cascade.graph import Context, RunGraph, StageGraph, Work
 from cascade.rundir import RunDir, Step
+from cascade.scoring import heldout
 from cascade.steps import Made
 
 log = logging.getLogger(__name__)

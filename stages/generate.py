@@ -40,13 +40,15 @@ log = logging.getLogger(__name__)
 
 def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
     """One teacher's answers to the prompt sets of `todo`, on one pool of replicas."""
-    return run_teacher(ctx.rd, ctx.cfg, w.stage.name, w.teacher, w.jobs(todo), ctx.graph.prompts)
+    return run_teacher(ctx.rd, ctx.cfg, w.stage.name, w.teacher, w.jobs(todo), ctx.graph.prompts,
+                       ctx.stop)
 
 
 def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs: list[GenJob],
-                prompts: dict[str, list[Prompt]]) -> dict[str, Made]:
+                prompts: dict[str, list[Prompt]], stop: Any = None) -> dict[str, Made]:
     """Generate the shards of `open_jobs` not yet whole on one pool of replicas; each job's record
-    to commit."""
+    to commit. `stop` (cascade.preemption.Preemption): when run beside training, in a thread no
+    signal reaches, its stopping() is asked at every answer."""
     # the replicas start (their processes import and load) while this process tokenizes the prompts
     from cascade.generation.pool import ReplicaPool
 
@@ -67,7 +69,7 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs
             for job in open_jobs
         }
         # no work: every shard was already whole (a run killed before its commit)
-        stats = (_generate(rd, cfg, stage, teacher, pool, t_start, work, prior, live) if work
+        stats = (_generate(rd, cfg, stage, teacher, pool, t_start, work, prior, live, stop) if work
                  else {"compute": {}})
         got = pool.loads()  # the teacher's replicas: counted once, on its first prompt set's step
     finally:
@@ -183,7 +185,7 @@ def _partial(rd: RunDir, job: GenJob, work: Shard) -> list[dict]:
 def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: ReplicaPool,
               t_start: float,
               work: list[Shard], prior: dict[int, list[dict]],
-              live: dict[str, ProgressFile]) -> dict[str, Any]:
+              live: dict[str, ProgressFile], stop: Any = None) -> dict[str, Any]:
     """Run the shards on the pool's fresh replicas (started at t_start); returns engine seconds per
     prompt set and the step's timing. On SIGTERM the answers already streamed in are written as
     partial shards."""
@@ -202,6 +204,10 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: Repli
             pool.submit(w)
         t_gen = time.time()
         for ev in pool.events():
+            if stop is not None and stop.stopping():  # in the driver's thread SIGTERM raised
+                if isinstance(ev, Answers):
+                    got[id(ev.work)] += ev.completions
+                raise Preempted()
             job, i = ev.work.tag
             if isinstance(ev, Answers):
                 got[id(ev.work)] += ev.completions

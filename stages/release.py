@@ -39,8 +39,9 @@ from cascade.card import model_card
 from cascade.config import Config
 from cascade.gguf import (EXACT_TYPES, FLOAT_TYPES, ReleaseError, compare_gguf, convert, file_name,
                           llama_cpp_mismatches, quantize, quiet_llama_cpp)
-from cascade.graph import Context, StageGraph, Work, heldout
+from cascade.graph import Context, StageGraph, Work
 from cascade.rundir import RunDir, Step
+from cascade.scoring import heldout
 from cascade.steps import Made
 from cascade.storage import local_model
 

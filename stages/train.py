@@ -81,9 +81,12 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
 def _scores(ctx: Context, sp: Any) -> list[dict]:
     """The evaluation's scores rank 0 makes where the models are (cascade/scoring.py): the last
     phase's fused model, and the base as the first phase loads it unless the driver scores it
-    while training runs (CPUs to spare: ctx.spare)."""
+    while training runs (CPUs to spare: ctx.spare); none while a later phase's dataset is not
+    committed (its held-out records are the evaluation's too)."""
     from cascade import scoring
 
+    if not all(map(ctx.rd.committed, (ph.dataset for ph in sp.phases))):
+        return []  # later phases' answers still being made (cascade/overlap.py): evaluate scores
     records, kw = scoring.heldout_records(ctx.cfg, ctx.rd, sp), scoring.settings(ctx.cfg)
     last = sp.phases[-1]
     out = [scoring.plan(ctx.rd, sp.name, "after", last.index, last.model.key, records, kw)]
@@ -198,7 +201,8 @@ def fit(job: TrainJob, rd: RunDir, name: str) -> None:
             train_loop_per_worker,
             train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                         resources_per_worker={"CPU": t.cpus_per_worker or 1}),
+                                         resources_per_worker={"CPU": t.cpus_per_worker or 1,
+                                                               **t.resources}),
             run_config=RunConfig(name=name, storage_path=storage_path,
                                  storage_filesystem=storage_fs,
                                  failure_config=FailureConfig(max_failures=t.max_failures)),

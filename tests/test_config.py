@@ -83,6 +83,8 @@ def test_teacher_must_be_below_its_student():
     ("+curriculum.0.options.weight=1",
      "options: weight not an option of kind 'sft' \\(its options: none\\)"),
     ("generation.shards_in_flight=0", "shards_in_flight must be > 0"),
+    ("+train.resources.GPU=1", "train.resources.GPU: give CPUs and GPUs by train.cpus_per_worker"),
+    ("+backend.resources.inference=0", r"backend.resources.inference must be in \(0, inf\]"),
     ("gate.max_harness_drop=0.1", "gate.max_harness_drop judges the release's harness tasks: name"),
     ("gate.max_harness_drop=-1", "gate.max_harness_drop must be >= 0"),
 ])

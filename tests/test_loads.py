@@ -82,7 +82,7 @@ def _scored_as_the_evaluation_would(run: Path) -> None:
     loading the models gets them too (to float rounding: its threads are not the worker's)."""
     from types import SimpleNamespace
 
-    from cascade.graph import heldout
+    from cascade.scoring import heldout
     from cascade.rundir import RunDir
     from cascade.scoring import score_records, settings
     from conftest import compose

@@ -79,7 +79,7 @@ class GenerationWorker:
 def spawn(name: str, backend: str, model: str, options: Any, common: dict[str, Any], *,
           num_cpus: float,
           num_gpus: float, max_restarts: int, tensor_parallel_size: int = 1,
-          shards_in_flight: int = 1) -> Any:
+          shards_in_flight: int = 1, resources: dict[str, float] | None = None) -> Any:
     """Start one named replica (restarted by Ray up to max_restarts times; the driver re-queues its
     shards).
 
@@ -88,7 +88,8 @@ def spawn(name: str, backend: str, model: str, options: Any, common: dict[str, A
 
     Replicas spread over nodes. With tensor_parallel_size > 1 a replica first reserves a placement
     group of that many {GPU: 1} bundles with STRICT_PACK (one node, never spanning two), runs inside
-    it, and the backend's workers (vLLM's Ray executor) are placed in the same group.
+    it, and the backend's workers (vLLM's Ray executor) are placed in the same group. `resources`:
+    its custom Ray resources (a pool's label; with tensor parallelism, in the group's first bundle).
     """
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -96,11 +97,13 @@ def spawn(name: str, backend: str, model: str, options: Any, common: dict[str, A
     opts: dict[str, Any] = dict(name=name, max_restarts=max_restarts, max_task_retries=0,
                                 max_concurrency=max(1, shards_in_flight) + 1)  # + 1: info() probes
     if tensor_parallel_size > 1:
-        pg = ray.util.placement_group([{"GPU": 1, "CPU": 1}] * tensor_parallel_size,
-                                      strategy="STRICT_PACK", name=f"{name}/pg")
+        bundles = [{"GPU": 1, "CPU": 1} for _ in range(tensor_parallel_size)]
+        bundles[0].update(resources or {})
+        pg = ray.util.placement_group(bundles, strategy="STRICT_PACK", name=f"{name}/pg")
         ray.get(pg.ready())
         opts.update(num_cpus=0, num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_capture_child_tasks=True))
     else:
-        opts.update(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD")
+        opts.update(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy="SPREAD",
+                    **({"resources": resources} if resources else {}))
     return cls.options(**opts).remote(name, backend, model, options, common)

@@ -77,7 +77,7 @@ class ReplicaPool:
         self.names, self.g, self.sampling, self.system = names, g, sampling, system
         tp = generation.load(b.name).tensor_parallel(b.options)
         self.replicas = [spawn(n, b.name, model, b.options, backend_kwargs, num_cpus=b.num_cpus,
-                               num_gpus=b.num_gpus,
+                               num_gpus=b.num_gpus, resources=dict(b.resources),
                                max_restarts=g.max_actor_restarts, tensor_parallel_size=tp,
                                shards_in_flight=g.shards_in_flight) for n in names]
         self.queue: collections.deque[Work] = collections.deque()
