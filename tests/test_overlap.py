@@ -98,6 +98,9 @@ def test_overlapped_run_sigtermed_beside_training_resumes_to_the_sequential_byte
     p0, comp = steps["4b/train/p0_ethics"], steps["generate/1b/composure"]
     assert p0["started"] < comp["time"] and comp["started"] < p0["time"], (p0, comp)
     assert all(s["state"] == "done" for s in steps.values())
+    # the phases in curriculum order, each from the one before
+    assert (steps["4b/train/p0_ethics"]["time"] < steps["4b/train/p1_composure"]["started"]
+            <= steps["4b/train/p1_composure"]["time"] < steps["4b/train/p2_ethics"]["time"])
     a, b = _sums(seq), _sums(lap)
     assert a.keys() == b.keys() and any(k.endswith(".safetensors") for k in a)
     assert [k for k in a if a[k] != b[k]] == []
