@@ -269,15 +269,16 @@ def test_failed_fusion_check_is_not_retried_and_commits_nothing(tiny_4b_run, tmp
     run = copy_run(tiny_4b_run, tmp_path / "run")
     p2 = run / "4b/train/02-p2_ethics"
     (p2 / "step.json").unlink()
+    # the damage once only (@): a retried phase would fuse cleanly and commit
     r = run_cli(*ARGS, f"run_dir={run}", "train.max_failures=2",
-                env={"CASCADE_FAILPOINT": "fuse:1!corrupt"})
+                env={"CASCADE_FAILPOINT": f"fuse:1@{tmp_path / 'damaged'}!corrupt"})
     assert r.returncode == 1, r.stdout[-4000:]
     assert "fusion check failed" in r.stdout and "of the logits' scale" in r.stdout, r.stdout[
         -4000:
     ]
-    # once by the worker, once by the driver: a retried phase would train and fail again
-    assert r.stdout.count("differs from base + adapter") == 2, r.stdout[-6000:]
-    assert not (p2 / "step.json").exists()
+    # the driver's line (the worker's, forwarded by Ray's log monitor, may not arrive before exit)
+    assert 1 <= r.stdout.count("differs from base + adapter") <= 2, r.stdout[-6000:]
+    assert (tmp_path / "damaged").exists() and not (p2 / "step.json").exists()
     assert manifest(run)["steps"]["4b/train/p2_ethics"]["state"] == "failed"
     from cascade.status import collect  # what `cascade status` shows: the phase failed, and why
 
