@@ -116,7 +116,8 @@ def measure(staging: str, cfg: Config, sp: StageGraph, rd: RunDir, before_ref: A
         "conditioning": {**_delta(COND_METRIC, len(records), before.get("conditioning"),
                                   after.get("conditioning")),
                          **paired_gain(before.get("conditioning_records"),
-                                       after.get("conditioning_records"))},
+                                       after.get("conditioning_records"),
+                                       [r.get("teacher") for r in records])},
         "self_ended": {"before": before["self_ended"], "after": after["self_ended"]},
         "reverse_kl": kl,
         "harness": harness_scores(cfg, sp, rd),  # the gate's harness tasks, when it judges them
@@ -188,16 +189,24 @@ def _num(x: float | None) -> float:
     return float("nan") if x is None else x
 
 
-def paired_gain(before: list[float] | None, after: list[float] | None) -> dict:
+def paired_gain(before: list[float] | None, after: list[float] | None,
+                teachers: list[str | None] | None = None) -> dict:
     """{record_gains: each held-out record's after - before, z: their mean over its standard
-    error (how many standard errors the gain stands above 0: the gate's confidence bound)}; {}
-    with fewer than two records' figures on either side."""
+    error (how many standard errors the gain stands above 0: the gate's confidence bound),
+    by_teacher: per teacher whose answers the records are, their count and mean gain (which
+    teacher's answers the student learnt, or lost, the questions of)}; {} with fewer than two
+    records' figures on either side."""
     if not before or not after or len(before) != len(after) or len(before) < 2:
         return {}
     gains = [a - b for a, b in zip(after, before, strict=True)]
     n, mean = len(gains), sum(gains) / len(gains)
     sd = math.sqrt(sum((g - mean) ** 2 for g in gains) / (n - 1))
-    return {"record_gains": gains, "z": mean / max(sd / math.sqrt(n), 1e-12)}
+    by: dict[str, list[float]] = {}
+    for t, g in zip(teachers or [], gains):
+        by.setdefault(str(t), []).append(g)
+    return {"record_gains": gains, "z": mean / max(sd / math.sqrt(n), 1e-12),
+            "by_teacher": {t: {"records": len(v), "gain": sum(v) / len(v)}
+                           for t, v in by.items()}}
 
 
 def _delta(metric: str, records: int, before: float | None, after: float | None) -> dict:

@@ -59,8 +59,8 @@ def test_conditioning_z_when_asked(z, threshold, verdict):
 
 
 def test_the_records_paired_gain():
-    """stages/evaluate.py paired_gain: each record's after - before, and their mean over its
-    standard error; nothing from fewer than two records."""
+    """stages/evaluate.py paired_gain: each record's after - before, their mean over its standard
+    error, the mean per teacher; nothing from fewer than two records."""
     from stages.evaluate import paired_gain
 
     got = paired_gain([0.1, 0.2, 0.3, 0.4], [0.3, 0.3, 0.6, 0.5])
@@ -69,6 +69,10 @@ def test_the_records_paired_gain():
     sd = (sum((g - 0.175) ** 2 for g in gains) / 3) ** 0.5
     assert got["z"] == pytest.approx(0.175 / (sd / 2))
     assert paired_gain([0.1], [0.2]) == {} and paired_gain(None, [0.1, 0.2]) == {}
+    # per teacher whose answers they are: which one's questions the student learnt, or lost
+    got = paired_gain([0.1, 0.2, 0.3, 0.4], [0.3, 0.3, 0.6, 0.5], ["12b", "1b", "12b", "1b"])
+    assert got["by_teacher"]["12b"] == {"records": 2, "gain": pytest.approx(0.25)}
+    assert got["by_teacher"]["1b"] == {"records": 2, "gain": pytest.approx(0.1)}
 
 
 def test_each_answer_after_other_prompts():
