@@ -115,21 +115,37 @@ def _run_steps(p: RunGraph, lease: tuple[int, str]) -> None:
 def _execute(ctx: Context, w: Work, side: list[Work]) -> None:
     """Run `w`; the work listed beside it (its stage's later prompt sets: cascade/overlap.py) in a
     thread meanwhile when `w` has steps to run, else after it. A failure of either is raised once
-    both have stopped; SIGTERM or a failure here stops the thread at its next answer."""
-    import threading
-
+    both have stopped; SIGTERM or a failure here stops the thread at its next answer. Replicas
+    kept up for the work beside (ctx.pools) are stopped at the end."""
     import stages
     from stages import evaluate
 
     rd = ctx.rd
     # the held-out records of every phase are needed: not while later phases' answers are made
-    if w.kind == "train" and ctx.spare and not rd.committed(w.stage.eval) and not side \
+    if w.kind == "train" and ctx.spare and not rd.committed(w.stage.eval) \
+            and all(rd.committed(ph.dataset) for ph in w.stage.phases) \
             and w.stage.name not in ctx.before:
         ctx.before[w.stage.name] = evaluate.start_before(ctx.cfg, w.stage, rd)
-    if not side or all(map(rd.committed, w.steps)):
-        for x in [w, *side]:
-            execute(ctx, x, stages.load(x.kind))
-        return
+    if not side:
+        return execute(ctx, w, stages.load(w.kind))
+    try:
+        if all(map(rd.committed, w.steps)):
+            for x in [w, *side]:
+                execute(ctx, x, stages.load(x.kind))
+        else:
+            _beside(ctx, w, side)
+    finally:
+        for pool in ctx.pools.values():  # replicas kept up for work that had none left to do
+            pool.shutdown()
+        ctx.pools.clear()
+
+
+def _beside(ctx: Context, w: Work, side: list[Work]) -> None:
+    """`w` in this thread, `side` in another; a failure of either raised once both stopped."""
+    import threading
+
+    import stages
+
     errors: list[BaseException] = []
 
     def beside() -> None:

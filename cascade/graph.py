@@ -91,16 +91,17 @@ class StageGraph:
 class Work:
     """One entry of the run's table: a step of kind `kind` (its module stages/<kind>.py declares
     `run`, what the driver calls, and `cost`, what the planner calls) for one stage, committing
-    `steps` in order, each by the run directory's step protocol (cascade.steps.execute). What
-    determines it: its steps' keys."""
+    `steps` in order by the step protocol (cascade.steps.execute); its steps' keys determine it."""
 
     kind: str  # generate, curate, train, evaluate, gate, release
     stage: StageGraph
     steps: list[Step]
     teacher: Teacher | None = None  # generate: whose answers
     phase: PhaseGraph | None = None  # curate: which phase's dataset
-    # runs beside the train work before it when that one runs (cascade/overlap.py)
+    # runs beside the train work before it when that one runs (cascade/overlap.py); generate: its
+    # replicas are kept up for the same teacher's work beside training (keep)
     beside: bool = False
+    keep: bool = False
 
     def jobs(self, todo: list[Step]) -> list[GenJob]:
         """The stage's prompt sets to answer whose steps are among `todo` (generate)."""
@@ -127,9 +128,8 @@ class RunGraph:
     def work(self, overlap: frozenset[str] | set[str] = frozenset()) -> list[Work]:
         """The run's table, in run order: what the driver runs and the planner costs. Per trained
         stage: each teacher's answers (one pool of replicas for its prompt sets), each phase's
-        dataset, the curriculum (one Ray Train job), the evaluation, the gate, the release; a
-        teacher's answers shared by stages listed once. A stage in `overlap` (cascade/overlap.py):
-        its first set's answers and datasets, its leading phases, beside them the other sets'."""
+        dataset, the curriculum (one Ray Train job), evaluation, gate, release; shared answers once.
+        Overlapped (cascade/overlap.py): the first set's, its phases, beside them the others'."""
         from cascade.overlap import split
 
         out, seen = [], set()
@@ -140,16 +140,17 @@ class RunGraph:
             if steps:
                 out.append(Work(kind, sp, steps, **kw))
 
-        def answers(sp: StageGraph, data: set[str], beside: bool = False) -> None:
-            for t in sp.teachers:
+        def answers(sp: StageGraph, data: set[str], lead: bool = False, beside: bool = False):
+            for t in sp.teachers[::-1] if beside else sp.teachers:  # the kept replicas' first
                 add("generate", sp, [j.step for j in sp.gen_jobs if j.teacher is t
-                                     and j.data in data], teacher=t, beside=beside)
+                                     and j.data in data], teacher=t, beside=beside,
+                    keep=lead and t is sp.teachers[-1])
             for ph in (ph for ph in sp.phases if ph.data in data):
                 add("curate", sp, [ph.dataset], phase=ph, beside=beside)
 
         for sp in self.stages:
             if cut := split(sp) if sp.name in overlap else None:
-                answers(sp, {sp.phases[0].data})
+                answers(sp, {sp.phases[0].data}, lead=True)
                 add("train", sp, [ph.model for ph in sp.phases[: cut[0]]])
             answers(sp, set(cut[1]) if cut else {ph.data for ph in sp.phases}, beside=bool(cut))
             add("train", sp, [ph.model for ph in sp.phases])
@@ -180,8 +181,9 @@ class Context:
     cpus: int = 1  # CPUs (torch threads) per training worker
     # evaluation has CPUs beside training's: the base student is scored while it trains
     spare: bool = False
-    # stage -> that score in flight (stages/evaluate.py)
+    # stage -> that score in flight (stages/evaluate.py); teacher -> its replicas kept up (keep)
     before: dict[str, Any] = field(default_factory=dict)
+    pools: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cfg(self) -> Config:
@@ -236,11 +238,9 @@ def _teachers(cfg: Config, stage: str, sp: StageGraph, done: dict[str, StageGrap
               kernel: str) -> list[Teacher]:
     spec = cfg.stages[stage]
     if spec.teachers:
-        return [
-            Teacher(t.stage, done[t.stage].final_model, done[t.stage].final_key, t.weight,
-                    revision=None if done[t.stage].trains else done[t.stage].revision)
-            for t in spec.teachers
-        ]
+        return [Teacher(t.stage, done[t.stage].final_model, done[t.stage].final_key, t.weight,
+                        revision=None if done[t.stage].trains else done[t.stage].revision)
+                for t in spec.teachers]
     if spec.build:  # context distillation: the base answers with the kernel in context
         return [Teacher(f"{stage}-base", sp.base_model, sp.base_key, 1.0, kernel, spec.revision)]
     return []

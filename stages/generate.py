@@ -39,24 +39,32 @@ log = logging.getLogger(__name__)
 
 
 def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
-    """One teacher's answers to the prompt sets of `todo`, on one pool of replicas."""
+    """One teacher's answers to the prompt sets of `todo`, on one pool of replicas (kept up in
+    ctx.pools for the same teacher's work beside training when the work says keep)."""
     return run_teacher(ctx.rd, ctx.cfg, w.stage.name, w.teacher, w.jobs(todo), ctx.graph.prompts,
-                       ctx.stop)
+                       ctx.stop, ctx.pools, w.keep)
 
 
 def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs: list[GenJob],
-                prompts: dict[str, list[Prompt]], stop: Any = None) -> dict[str, Made]:
-    """Generate the shards of `open_jobs` not yet whole on one pool of replicas; each job's record
-    to commit. `stop` (cascade.preemption.Preemption): when run beside training, in a thread no
-    signal reaches, its stopping() is asked at every answer."""
-    # the replicas start (their processes import and load) while this process tokenizes the prompts
-    from cascade.generation.pool import ReplicaPool
-
+                prompts: dict[str, list[Prompt]], stop: Any = None,
+                pools: dict[str, Any] | None = None, keep: bool = False) -> dict[str, Made]:
+    """Generate the shards of `open_jobs` not yet whole on one pool of replicas (the teacher's in
+    `pools`, else new); each job's record to commit. `stop` (cascade.preemption.Preemption): when
+    run beside training, in a thread no signal reaches, its stopping() is asked at every answer.
+    `keep`: the pool is left in `pools` for the next prompt sets (cascade/overlap.py)."""
     names = [f"gen/{stage}/{teacher.name}/{r}" for r in range(cfg.generation.replicas)]
     t_start = time.time()
-    pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend,
-                       cfg.generation, sampling(cfg), teacher.system)
-    log.info("replicas %s: %s backend, model %s", names, cfg.backend.name, teacher.model)
+    pool = (pools or {}).pop(teacher.name, None)
+    if pool is None:
+        # the replicas start (their processes import and load) while this process tokenizes
+        from cascade.generation.pool import ReplicaPool
+
+        pool = ReplicaPool(names, teacher.model, backend_kwargs(cfg, teacher), cfg.backend,
+                           cfg.generation, sampling(cfg), teacher.system)
+        log.info("replicas %s: %s backend, model %s", names, cfg.backend.name, teacher.model)
+    else:
+        log.info("replicas %s: kept up from the teacher's last prompt sets", names)
+    kept = False
     try:
         prompts, too_long = _fitting(cfg, teacher,
                                      {job.data: prompts[job.data] for job in open_jobs})
@@ -72,8 +80,11 @@ def run_teacher(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, open_jobs
         stats = (_generate(rd, cfg, stage, teacher, pool, t_start, work, prior, live, stop) if work
                  else {"compute": {}})
         got = pool.loads()  # the teacher's replicas: counted once, on its first prompt set's step
+        if keep and pools is not None:
+            pools[teacher.name], kept = pool, True
     finally:
-        pool.shutdown()
+        if not kept:
+            pool.shutdown()
     timing = {k: v for k, v in stats.items() if k != "compute"}
     return {
         job.step.name: _made(rd, job, len(prompts[job.data]), stats["compute"].get(job.data, 0.0),

@@ -87,6 +87,8 @@ def test_overlapped_run_sigtermed_beside_training_resumes_to_the_sequential_byte
     assert proc.wait(timeout=180) == 143
     log = (tmp_path / "a.log").read_text()
     assert "4b/train/p0_ethics trains beside generate/1b/composure, 4b/dataset/p1_composure" in log
+    # the teacher's replicas kept up from ethics for composure: one load of the teacher
+    assert "replicas ['gen/4b/1b/0']: kept up from the teacher's last prompt sets" in log
     assert "pre-empted (SIGTERM): what the run had is saved" in log
     steps = manifest(lap)["steps"]
     assert steps["4b/train/p0_ethics"]["state"] != "done", "the signal must land beside P0"
