@@ -4,9 +4,8 @@
 
 Each step's key is a hash of the config and the keys of its inputs, so a changed setting re-runs
 that step and those downstream, and a run with nothing to do ends before Ray starts. Stages are
-resolved like make: a stage's teachers (and theirs) are planned first. The driver, every step, the
-tests and the benchmarks share these types; nothing here imports a step or the driver.
-"""
+resolved like make: a stage's teachers (and theirs) first. The driver, the steps, the tests and the
+benchmarks share these types; nothing here imports a step or the driver."""
 
 from __future__ import annotations
 
@@ -141,10 +140,11 @@ class RunGraph:
                 out.append(Work(kind, sp, steps, **kw))
 
         def answers(sp: StageGraph, data: set[str], lead: bool = False, beside: bool = False):
-            for t in sp.teachers[::-1] if beside else sp.teachers:  # the kept replicas' first
-                add("generate", sp, [j.step for j in sp.gen_jobs if j.teacher is t
-                                     and j.data in data], teacher=t, beside=beside,
-                    keep=lead and t is sp.teachers[-1])
+            gens = [(t, [j.step for j in sp.gen_jobs if j.teacher is t and j.data in data
+                         and j.step.name not in seen]) for t in sp.teachers]
+            gens = [g for g in gens if g[1]][:: -1 if beside else 1]  # the kept replicas' first
+            for k, (t, steps) in enumerate(gens, 1):
+                add("generate", sp, steps, teacher=t, beside=beside, keep=lead and k == len(gens))
             for ph in (ph for ph in sp.phases if ph.data in data):
                 add("curate", sp, [ph.dataset], phase=ph, beside=beside)
 

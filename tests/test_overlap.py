@@ -44,6 +44,15 @@ def test_a_stage_overlaps_only_where_the_cluster_holds_both():
         ("generate", ["generate/1b/composure"], True),
         ("curate", ["4b/dataset/p1_composure"], True),
         ("train", ["4b/train/p1_composure", "4b/train/p2_ethics"], False)]
+    # the teacher's replicas kept up from ethics for composure
+    assert [w.keep for w in p.work({"4b"})][:5] == [True, False, False, False, False]
+    # up to 27b: each stage's new teacher (its others answered in earlier stages) keeps its replicas
+    p27 = build_graph(compose(["+stage=27b", "models=tiny", "run_dir=/tmp/cascade-overlap-plan"]),
+                      weights=False)
+    kept = [(w.stage.name, w.steps[0].name) for w in p27.work({"12b", "27b"}) if w.keep]
+    assert kept == [("12b", "generate/4b/ethics"), ("27b", "generate/12b/ethics")], kept
+    side = [w.steps[0].name for w in p27.work({"27b"}) if w.beside and w.kind == "generate"]
+    assert side == ["generate/12b/composure"]  # the 1b's and 4b's answered by lower stages
     # the same steps, the same keys, whichever the order
     assert ({s.name: s.key for w in p.work({"4b"}) for s in w.steps}
             == {s.name: s.key for s in p.steps()})
