@@ -25,7 +25,7 @@ from cascade import cluster, overlap
 from cascade.config import Config
 from cascade.lease import Lease, LeaseLost
 from cascade.graph import Context, RunGraph, StageGraph, Work, build_graph
-from cascade.preemption import Preemption
+from cascade.preemption import Preempted, Preemption
 from cascade.rundir import RunDir, Step
 from cascade.steps import execute
 
@@ -152,7 +152,10 @@ def _beside(ctx: Context, w: Work, side: list[Work]) -> None:
         try:
             for x in side:
                 execute(ctx, x, stages.load(x.kind))
-        except BaseException as e:  # raised by the driver's thread, below
+        except BaseException as e:  # raised by the driver's thread once training has ended
+            if not isinstance(e, Preempted):
+                log.error("%s failed beside training (raised when %s ends: what it trains is "
+                          "kept): %s: %s", x.steps[0].name, w.steps[0].name, type(e).__name__, e)
             errors.append(e)
 
     log.info("%s trains beside %s", w.steps[0].name, ", ".join(s.name for x in side

@@ -118,3 +118,49 @@ def test_overlapped_run_sigtermed_beside_training_resumes_to_the_sequential_byte
     ma, mb = (json.loads((d / "4b/eval/metrics.json").read_text()) for d in (seq, lap))
     for k in ("agreement", "text_agreement", "conditioning"):
         assert ma[k] == mb[k], k
+
+
+def test_a_failure_beside_training_is_raised_once_training_has_ended(monkeypatch, caplog):
+    """The driver's thread logic alone (cascade/driver.py `_beside`; the steps replaced by stand-ins,
+    the real run is the test above): the work beside fails at once, the training goes on to its end
+    (what it trains is kept), then the failure is raised; a failure of the training halts the work
+    beside at its next answer and is raised after it stopped."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from cascade import driver
+    from cascade.preemption import Preemption
+
+    def work(kind: str, name: str) -> SimpleNamespace:
+        return SimpleNamespace(kind=kind, steps=[SimpleNamespace(name=name)])
+
+    done: list[str] = []
+
+    def execute(ctx, w, step):
+        if w.kind == "generate":
+            raise RuntimeError("shard 3 failed 3 times")
+        time.sleep(0.5)
+        done.append(w.steps[0].name)
+
+    monkeypatch.setattr(driver, "execute", execute)
+    ctx = SimpleNamespace(stop=Preemption(None))
+    train = work("train", "4b/train/p0_ethics")
+    with pytest.raises(RuntimeError, match="shard 3 failed"):
+        driver._beside(ctx, train, [work("generate", "generate/1b/composure")])
+    assert done == ["4b/train/p0_ethics"]
+    assert "generate/1b/composure failed beside training" in caplog.text
+
+    def execute2(ctx, w, step):
+        if w.kind == "train":
+            raise ValueError("fusion check failed")
+        while not ctx.stop.stopping():  # an answer at a time, until told to stop
+            time.sleep(0.01)
+        done.append("saved")
+
+    monkeypatch.setattr(driver, "execute", execute2)
+    ctx = SimpleNamespace(stop=Preemption(None))
+    with pytest.raises(ValueError, match="fusion check failed"):
+        driver._beside(ctx, train, [work("generate", "generate/1b/composure")])
+    assert done[-1] == "saved" and ctx.stop.halted
+    assert not any(t.name == "beside" for t in threading.enumerate())  # joined
