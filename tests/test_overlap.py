@@ -121,10 +121,10 @@ def test_overlapped_run_sigtermed_beside_training_resumes_to_the_sequential_byte
 
 
 def test_a_failure_beside_training_is_raised_once_training_has_ended(monkeypatch, caplog):
-    """The driver's thread logic alone (cascade/driver.py `_beside`; the steps replaced by stand-ins,
-    the real run is the test above): the work beside fails at once, the training goes on to its end
-    (what it trains is kept), then the failure is raised; a failure of the training halts the work
-    beside at its next answer and is raised after it stopped."""
+    """The driver's thread logic alone (cascade/driver.py `_beside`; the steps replaced by stand-
+    ins; the real run: the test above): the work beside fails at once, the training goes on to its
+    end (what it trains is kept), then the failure is raised; a failure of the training halts the
+    work beside at its next answer and is raised after it stopped."""
     import threading
     import time
     from types import SimpleNamespace
