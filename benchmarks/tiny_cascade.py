@@ -26,6 +26,15 @@ model compute (stage_4b_overhead_share_floor).
 
 stage_<s>_loads: every weight load of the run by stage and model (cascade/loads.py): how many times
 each model was loaded, its bytes and seconds, by which kind of process.
+
+    .venv/bin/python benchmarks/tiny_cascade.py --overlap-only   # ~4 minutes: the part below only
+
+--overlap (or --overlap-only): the 4b run twice more on a local Ray declaring two pools (4 logical
+CPUs, custom resources `inference` and `training`, each replica and the training worker on its own,
+one torch thread each, docs/scaling.md): one step after another (train.overlap=false) and with P0
+trained beside the composure answers (train.overlap): both wall times, their ratio, the teacher's
+loads in each, and whether every committed answer, dataset and fused model is the same bytes. On a
+2-core machine the two sides share the cores: this measures the overlap's cost, not its gain.
 """
 
 from __future__ import annotations
@@ -122,6 +131,34 @@ def _attached(tmp: Path) -> dict:
                                 "127.0.0.1), cluster=multinode"}
 
 
+POOLS = ["cluster.num_cpus=4", "+cluster.resources.inference=1", "+cluster.resources.training=1",
+         "+backend.resources.inference=1", "+train.resources.training=1", "train.cpus_per_worker=1"]
+
+
+def _overlap(tmp: Path) -> dict:
+    """The tiny +stage=4b one step after another, then overlapped, on declared pools."""
+    from cascade.config import compose
+    from cascade.status import collect
+
+    out: dict = {"overlap_settings": " ".join(POOLS)}
+    files = {}
+    for name, flag in (("sequential", "false"), ("overlapped", "true")):
+        run, args = tmp / f"overlap-{name}", ["+stage=4b", *ARGS, *POOLS]
+        out[f"overlap_{name}_wall_s"] = round(
+            _cli(*args, f"train.overlap={flag}", f"run_dir={run}"), 1)
+        loads = collect(compose([*args, f"run_dir={run}"]))["loads"]
+        # the teacher's loads, by kind of process (generation, the evaluation's reverse KL)
+        out[f"overlap_{name}_teacher_loads"] = next(
+            (v["processes"] for m, v in loads.get("4b", {}).items() if m.endswith("/1b")), {})
+        files[name] = {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*"))
+                       if f.suffix in (".jsonl", ".safetensors", ".npz") and not any(
+                           s in str(f) for s in ("/progress/", "/_ckpt/", "/_work/", "/tmp/"))}
+    out["overlap_wall_ratio"] = round(out["overlap_overlapped_wall_s"]
+                                      / out["overlap_sequential_wall_s"], 3)
+    out["overlap_same_bytes"] = files["sequential"] == files["overlapped"]
+    return out
+
+
 def _compute_seconds(run: Path) -> dict[str, float]:
     gen = sum(json.loads(p.read_text())["summary"].get("compute_seconds", 0.0)
               for p in run.glob("generations/*/*/*/step.json"))
@@ -149,6 +186,10 @@ def main() -> None:
     preset_s = time.perf_counter() - t0
     out: dict[str, float | dict] = {"tiny_preset_build_s": round(preset_s, 1)}
     with tempfile.TemporaryDirectory() as tmp:
+        if "--overlap" in sys.argv or "--overlap-only" in sys.argv:
+            out.update(_overlap(Path(tmp)))
+            if "--overlap-only" in sys.argv:
+                return print(json.dumps(out))
         if "--attached" in sys.argv:  # first: a failure here costs the rest nothing
             try:
                 out.update(_attached(Path(tmp)))
