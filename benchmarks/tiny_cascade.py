@@ -176,6 +176,13 @@ def _threads(run: Path) -> list[int]:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--attached", action="store_true", help="+ the 4b run on an attached cluster")
+    ap.add_argument("--overlap", action="store_true", help="+ the 4b run sequential and overlapped")
+    ap.add_argument("--overlap-only", action="store_true", help="the overlap part alone")
+    opts = ap.parse_args()
     from cascade.config import compose
     from cascade.peakmem import PeakMemory
     from cascade.status import collect
@@ -186,11 +193,11 @@ def main() -> None:
     preset_s = time.perf_counter() - t0
     out: dict[str, float | dict] = {"tiny_preset_build_s": round(preset_s, 1)}
     with tempfile.TemporaryDirectory() as tmp:
-        if "--overlap" in sys.argv or "--overlap-only" in sys.argv:
+        if opts.overlap or opts.overlap_only:
             out.update(_overlap(Path(tmp)))
-            if "--overlap-only" in sys.argv:
+            if opts.overlap_only:
                 return print(json.dumps(out))
-        if "--attached" in sys.argv:  # first: a failure here costs the rest nothing
+        if opts.attached:  # first: a failure here costs the rest nothing
             try:
                 out.update(_attached(Path(tmp)))
             except subprocess.CalledProcessError as e:
