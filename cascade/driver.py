@@ -118,13 +118,12 @@ def _execute(ctx: Context, w: Work, side: list[Work]) -> None:
     both have stopped; SIGTERM or a failure here stops the thread at its next answer. Replicas
     kept up for the work beside (ctx.pools) are stopped at the end."""
     import stages
+    from cascade import scoring
     from stages import evaluate
 
     rd = ctx.rd
-    # the held-out records of every phase are needed: not while later phases' answers are made
     if w.kind == "train" and ctx.spare and not rd.committed(w.stage.eval) \
-            and all(rd.committed(ph.dataset) for ph in w.stage.phases) \
-            and w.stage.name not in ctx.before:
+            and scoring.heldout_ready(rd, w.stage) and w.stage.name not in ctx.before:
         ctx.before[w.stage.name] = evaluate.start_before(ctx.cfg, w.stage, rd)
     if not side:
         return execute(ctx, w, stages.load(w.kind))

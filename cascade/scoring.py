@@ -173,6 +173,12 @@ def text_agreement(tok: Any, records: list[dict], answers: list[list[int]]) -> t
     return sum(scores) / len(scores), ended / len(records)
 
 
+def heldout_ready(rd: Any, sp: Any) -> bool:
+    """Whether every phase's dataset, and so every held-out record, is committed (not while later
+    phases' answers are made beside training: cascade/overlap.py)."""
+    return all(rd.committed(ph.dataset) for ph in sp.phases)
+
+
 def heldout_records(cfg: Any, rd: Any, sp: Any) -> list[dict]:
     """The stage's held-out records the evaluation scores (eval.max_probes of them at most)."""
 

@@ -85,7 +85,7 @@ def _scores(ctx: Context, sp: Any) -> list[dict]:
     committed (its held-out records are the evaluation's too)."""
     from cascade import scoring
 
-    if not all(map(ctx.rd.committed, (ph.dataset for ph in sp.phases))):
+    if not scoring.heldout_ready(ctx.rd, sp):
         return []  # later phases' answers still being made (cascade/overlap.py): evaluate scores
     records, kw = scoring.heldout_records(ctx.cfg, ctx.rd, sp), scoring.settings(ctx.cfg)
     last = sp.phases[-1]
