@@ -9,6 +9,7 @@ same base without it.
     .venv/bin/python benchmarks/on_policy.py --real --real-iters 30    # half the 270M's steps
     .venv/bin/python benchmarks/on_policy.py --real --tune    # each recipe's lr chosen first
     .venv/bin/python benchmarks/on_policy.py --real --real-only --tune --real-iters 30  # no tiny
+    .venv/bin/python benchmarks/on_policy.py --tune --lr-schedule cosine  # both recipes decay lr
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
 chosen on the held-out probes; 1e-3 moved both recipes away on 12-03), batch 4, seed 42, in one run
@@ -30,10 +31,14 @@ training probes only (its held-out rows dropped, `limit` applied), every fifth o
 order) held out as the tuning split; each recipe trained at each lr of the preset's grid (TUNE_LRS;
 off-policy its steps, on-policy the steps its timing run fits in off-policy's time at the preset's
 lr) and scored on the tuning split; the lr with the lower reverse KL after is the one the comparison
-then runs with (a tie: the preset's). Every tuning run is printed and kept in the JSON line. """
+then runs with (a tie: the preset's). Every tuning run is printed and kept in the JSON line.
+
+--lr-schedule (train.lr_schedule: constant, the default, or cosine or linear down to 0 at each run's
+last step) applies to both recipes, tuning runs included. """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -42,6 +47,7 @@ from pathlib import Path
 
 PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: %s%s}"
 LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P0 lr
+SCHEDULE = "constant"  # train.lr_schedule of every run (--lr-schedule)
 TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
       "teacher_context: teacher}")
@@ -55,7 +61,7 @@ def _run(conf: Path, run: Path, preset: str, iters: int, on: bool, lr: str | Non
         f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n{ethics}")
     args = ["--config-dir", str(conf), "+stage=1b", f"models={preset}", "+local=bench",
             f"run_dir={run}", "cluster.include_dashboard=false", "train.batch_size=4",
-            "train.save_every=0", "release.enabled=false"]
+            "train.save_every=0", "release.enabled=false", f"train.lr_schedule={SCHEDULE}"]
     subprocess.run([sys.executable, "-m", "cascade", *args], check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
     m = json.loads((run / "1b/eval/metrics.json").read_text())
@@ -132,22 +138,29 @@ def compare(preset: str, iters: int, tuned: bool = False) -> dict:
 
 
 def main() -> None:
-    real = "--real" in sys.argv
-    iters = {"tiny": 600, "gemma3-270m": 60}
-    if "--real-iters" in sys.argv:  # off-policy's steps on the 270M (its time sets on-policy's)
-        iters["gemma3-270m"] = int(sys.argv[sys.argv.index("--real-iters") + 1])
+    global SCHEDULE
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--real", action="store_true", help="also models=gemma3-270m")
+    ap.add_argument("--real-only", action="store_true", help="with --real: not the tiny preset")
+    ap.add_argument("--real-iters", type=int, default=60, help="off-policy's steps on the 270M")
+    ap.add_argument("--tune", action="store_true", help="each recipe's lr chosen first")
+    ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"))
+    a = ap.parse_args()
+    real, SCHEDULE = a.real, a.lr_schedule
+    # off-policy's steps (the 270M's: --real-iters); their time sets on-policy's
+    iters = {"tiny": 600, "gemma3-270m": a.real_iters}
     out: dict = {"settings": {"stage": "1b (build: the kernel in the teacher's context)",
                               "phase": "p0_ethics",
-                              "lr": LR, "batch_size": 4, "seed": 42,
+                              "lr": LR, "lr_schedule": SCHEDULE, "batch_size": 4, "seed": 42,
                               "on_policy": ON.split("options: ")[1][:-1],
                               "off_policy_iters": iters,
                               "tune": {"lrs": TUNE_LRS, "split": "every 5th training probe"}
-                              if "--tune" in sys.argv else None}}
+                              if a.tune else None}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
-        if (preset != "tiny" and not real) or (preset == "tiny" and "--real-only" in sys.argv):
+        if (preset != "tiny" and not real) or (preset == "tiny" and a.real_only):
             out[f"{key}_reverse_kl_cut"] = out[f"{key}_on_vs_off"] = None
             continue
-        r = compare(preset, out["settings"]["off_policy_iters"][preset], "--tune" in sys.argv)
+        r = compare(preset, iters[preset], a.tune)
         print(json.dumps({preset: r}, indent=1), flush=True)
         out[preset] = r
         out[f"{key}_reverse_kl_cut"], out[f"{key}_on_vs_off"] = r["reverse_kl_cut"], r["on_vs_off"]

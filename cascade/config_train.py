@@ -4,6 +4,8 @@ without importing the whole."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,6 +52,10 @@ class TrainConfig:
     bf16: bool = True  # used only where the hardware supports it
     gradient_checkpointing: bool = False
     warmup_steps: int = 0
+    # the learning rate after warmup, over each phase's iters: constant, or decayed to
+    # min_lr_ratio x the phase's lr by a cosine or a straight line (TRL's lr_scheduler_type)
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     packing: bool = True  # minimum-slack packing of whole examples, block-diagonal attention
@@ -72,7 +78,39 @@ class TrainConfig:
         if self.batch_size % self.num_workers:
             fail(f"train.batch_size ({self.batch_size}) must be divisible by train.num_workers "
                  f"({self.num_workers})")
+        if self.lr_schedule not in SCHEDULES:
+            fail(f"train.lr_schedule {self.lr_schedule!r}: valid schedules: {', '.join(SCHEDULES)}")
+        number("train.min_lr_ratio", self.min_lr_ratio, 0, 1)
         if self.strategy not in ("ddp", "fsdp"):
             fail(f"train.strategy {self.strategy!r}: valid strategies: ddp, fsdp")
         custom_resources("train.resources", self.resources, "train.cpus_per_worker, use_gpu")
         self.lora.check()
+
+    def lr_factor(self, step: int, iters: int) -> float:
+        """The phase's lr multiplier at optimizer step `step` (0-based) of `iters`: a linear warmup
+        over warmup_steps, then lr_schedule."""
+        warm = max(1, self.warmup_steps)
+        if step < warm or self.lr_schedule == "constant":
+            return min(1.0, (step + 1) / warm)
+        done = min(1.0, (step + 1 - warm) / max(1, iters - warm))
+        shape = (0.5 * (1 + math.cos(math.pi * done)) if self.lr_schedule == "cosine"
+                 else 1 - done)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * shape
+
+    def identity(self) -> dict:
+        """What of this section determines what a phase trains (its key: cascade/graph.py)."""
+        # resources, recomputation and fault tolerance do not (so `+stage=27b`, which turns
+        # gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
+        out = dataclasses.asdict(dataclasses.replace(
+            self, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
+            keep_checkpoints=0, max_failures=0, gradient_checkpointing=False))
+        # a setting before phase kinds (now distill's option): keys stay as they were
+        out["distill_weight"] = 0.0
+        del out["seed"]  # train.seed: keyed as the seed it resolves to (Config.train_seed)
+        del out["resources"], out["overlap"]  # where and when it trains, not what
+        if self.lr_schedule == "constant":  # keys from before the schedules stay as they were
+            del out["lr_schedule"], out["min_lr_ratio"]
+        return out
+
+
+SCHEDULES = ("constant", "cosine", "linear")

@@ -270,15 +270,7 @@ def _gen_jobs(cfg: Config, rd: RunDir, teachers: list[Teacher],
 def _phases(cfg: Config, rd: RunDir, stage: str, base_key: str, jobs: list[GenJob],
             kernel: str) -> list[PhaseGraph]:
     g = cfg.generation
-    # resources, recomputation and fault tolerance do not change what is trained (so `+stage=27b`,
-    # which turns gradient checkpointing on, reuses the lower stages a `+stage=4b` run trained)
-    train_id = dataclasses.asdict(dataclasses.replace(
-        cfg.train, num_workers=1, use_gpu=False, cpus_per_worker=1, save_every=0,
-        keep_checkpoints=0, max_failures=0, gradient_checkpointing=False))
-    # a setting before phase kinds (now distill's option): keys stay as they were
-    train_id["distill_weight"] = 0.0
-    del train_id["seed"]  # train.seed: keyed below as the seed it resolves to (cfg.train_seed)
-    del train_id["resources"], train_id["overlap"]  # where and when it trains, not what
+    train_id = cfg.train.identity()
     phases, prev = [], base_key
     for i, ph in enumerate(cfg.curriculum):
         gens = [(j.teacher.name, j.teacher.weight, j.step.key) for j in jobs if j.data == ph.data]

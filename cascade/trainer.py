@@ -132,8 +132,8 @@ class PhaseTrainer:
         self.model = self._distribute(model)
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
                                      lr=ph.lr, weight_decay=self.t.weight_decay)
-        warm = max(1, self.t.warmup_steps)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / warm))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: self.t.lr_factor(s, ph.iters))
         self.ckpt = Checkpoints(rd, rd.checkpoints(job.stage, ph.index, ph.name, ph.model.key),
                                 self.t.keep_checkpoints, self.rank, self.t.strategy == "fsdp")
         # mid-phase resume: adapter, optimizer, scheduler, RNG, data position (checkpoints from

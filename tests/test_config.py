@@ -142,6 +142,8 @@ def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
     ("train.max_failures=-1", "train.max_failures must be >= 0"),
     ("train.weight_decay=nan", "train.weight_decay must be a finite number"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be > 0"),
+    ("train.lr_schedule=step", "train.lr_schedule 'step': valid schedules: constant, cosine"),
+    ("train.min_lr_ratio=2", "train.min_lr_ratio must be in [0, 1]"),
     ("generation.logprobs=-1", "generation.logprobs must be >= 0"),
     ("generation.top_p=0", "generation.top_p must be in (0, 1]"),
     ("generation.restart_timeout_s=-5", "generation.restart_timeout_s must be in (0, inf]"),
@@ -241,3 +243,30 @@ def test_training_threads_are_the_cpus_shared_out():
     assert compose(["+stage=4b", "models=tiny"]).train.cpus_per_worker is None
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         compose(["+stage=4b", "models=tiny", "train.cpus_per_worker=0"])
+
+
+def test_the_learning_rate_schedules():
+    """Warmup then constant (the default: the keys of runs from before the schedules), a cosine or
+    a line down to min_lr_ratio at the phase's last step; a schedule is part of what a phase
+    trains (its key)."""
+    from cascade.graph import build_graph
+
+    t = compose(["+stage=4b", "models=tiny"]).train
+    assert [t.lr_factor(s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    t.warmup_steps, t.lr_schedule, t.min_lr_ratio = 4, "cosine", 0.1
+    f = [t.lr_factor(s, 10) for s in range(10)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(f[3:], f[4:])) and f[6] == pytest.approx(0.55)
+    t.lr_schedule = "linear"
+    assert t.lr_factor(6, 10) == pytest.approx(0.55) and t.lr_factor(7, 10) == pytest.approx(0.4)
+    assert "lr_schedule" not in compose(["+stage=4b", "models=tiny"]).train.identity()
+
+    def keys(*extra: str) -> dict:
+        cfg = compose(["+stage=4b", "models=tiny", *extra])
+        return {s.name: s.key for s in build_graph(cfg, weights=False).steps()}
+
+    plain, cosine = keys(), keys("train.lr_schedule=cosine")
+    assert plain == keys("train.min_lr_ratio=0.5")  # unused by a constant lr: the same run
+    changed = {n for n in plain if plain[n] != cosine[n]}
+    assert changed and all("/train/" in n or "/eval" in n or "/gate" in n for n in changed)
+    assert not any("/generate/" in n or "/dataset/" in n for n in changed)
