@@ -21,7 +21,7 @@ from omegaconf import MISSING
 from cascade import generation, phases
 from cascade.cluster import ClusterConfig
 from cascade.config_models import ModelsConfig
-from cascade.config_release import ReleaseConfig, ServeConfig, TrackingConfig
+from cascade.config_release import EvalConfig, ReleaseConfig, ServeConfig, TrackingConfig
 from cascade.config_train import TrainConfig
 from cascade.validate import (DTYPES, ConfigError, check, custom_resources, fail, number,
                               safe_name)
@@ -176,35 +176,6 @@ class _Backend:
 
 
 BackendConfig = generation.with_sections("BackendConfig", _Backend)
-
-
-@dataclass
-class EvalConfig:
-    max_probes: Optional[int] = None  # held-out records scored for agreement; None: all
-    batch_size: int = 8
-    # the text-level measure: greedy answers of up to this many tokens to the held-out prompts,
-    # compared with the teachers' answers by ROUGE-L F1; 0: off
-    answer_tokens: int = 64
-    # the distribution-level measure: the teachers read the student's own greedy and sampled answers
-    # (above) and give the reverse KL(student || teacher) per token; costs one load of each teacher
-    # per stage
-    reverse_kl: bool = True
-    # the conditioning (what the teachers' held-out answers owe to their own prompts): each answer's
-    # log-likelihood after its prompt minus its mean after up to this many other held-out prompts
-    # (the next ones); more: a steadier figure, at one more scoring pass of the records each
-    other_prompts: int = 16
-    # Ray resources of an evaluation task (it loads the student, and its base, one at a time)
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-    def check(self) -> None:
-        for k in ("num_cpus", "num_gpus"):
-            number(f"eval.{k}", getattr(self, k), 0)
-        if self.max_probes is not None:
-            number("eval.max_probes", self.max_probes, 1)
-        number("eval.batch_size", self.batch_size, 1)
-        number("eval.answer_tokens", self.answer_tokens, 0)
-        number("eval.other_prompts", self.other_prompts, 1)
 
 
 @dataclass

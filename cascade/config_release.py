@@ -1,15 +1,58 @@
-"""The `release`, `serve` and `tracking` sections of the config's schema: what a trained stage ships
-(stages/release.py), how it is served (cascade/serve.py) and where its figures are shown
-(cascade/tracking.py). Part of Config (cascade/config.py)."""
+"""The `eval`, `release`, `serve` and `tracking` sections of the config's schema: how a trained
+stage is measured (stages/evaluate.py), what it ships (stages/release.py), how it is served
+(cascade/serve.py) and where its figures are shown (cascade/tracking.py). Part of Config
+(cascade/config.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
 from cascade import gguf
 from cascade.validate import env_name, fail, number, safe_name
+
+
+@dataclass
+class EvalConfig:
+    max_probes: Optional[int] = None  # held-out records scored for agreement; None: all
+    batch_size: int = 8
+    # the text-level measure: greedy answers of up to this many tokens to the held-out prompts,
+    # compared with the teachers' answers by ROUGE-L F1; 0: off
+    answer_tokens: int = 64
+    # the distribution-level measure: the teachers read the student's own greedy and sampled answers
+    # (above) and give the reverse KL(student || teacher) per token; costs one load of each teacher
+    # per stage
+    reverse_kl: bool = True
+    # sampled answers per held-out prompt for the reverse KL's sampled figure (the j-th seeded by
+    # seed + j): more, a steadier figure (on the tiny preset's 10 held-out probes, one sample's
+    # figure moves by ~10 % between two checkpoints a few steps apart)
+    samples: int = 1
+    # the conditioning (what the teachers' held-out answers owe to their own prompts): each answer's
+    # log-likelihood after its prompt minus its mean after up to this many other held-out prompts
+    # (the next ones); more: a steadier figure, at one more scoring pass of the records each
+    other_prompts: int = 16
+    # Ray resources of an evaluation task (it loads the student, and its base, one at a time)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def check(self) -> None:
+        for k in ("num_cpus", "num_gpus"):
+            number(f"eval.{k}", getattr(self, k), 0)
+        if self.max_probes is not None:
+            number("eval.max_probes", self.max_probes, 1)
+        number("eval.batch_size", self.batch_size, 1)
+        number("eval.answer_tokens", self.answer_tokens, 0)
+        number("eval.samples", self.samples, 1)
+        number("eval.other_prompts", self.other_prompts, 1)
+
+    def identity(self) -> dict:
+        """What of this section determines the figures (the eval step's key: cascade/graph.py)."""
+        out = dataclasses.asdict(self)
+        if self.samples == 1:  # keys from before the setting stay as they were
+            del out["samples"]
+        return out
 
 
 @dataclass

@@ -306,9 +306,10 @@ def plan(cfg: Config, rd: RunDir, prompts: dict[str, list[Prompt]], kernel: str,
         if sp.teachers:
             sp.gen_jobs = _gen_jobs(cfg, rd, sp.teachers, prompts)
             sp.phases = _phases(cfg, rd, stage, base_key, sp.gen_jobs, kernel)
+            harness = ([[list(cfg.release.harness), cfg.release.harness_limit]]
+                       if cfg.gate.max_harness_drop is not None else [])
             ekey = stable_hash("eval", base_key, sp.final_key, [p.dataset.key for p in sp.phases],
-                               cfg.eval, *([[list(cfg.release.harness), cfg.release.harness_limit]]
-                                           if cfg.gate.max_harness_drop is not None else []))
+                               cfg.eval.identity(), *harness)
             sp.eval = Step(f"{stage}/eval", ekey, rd.eval(stage),
                            (sp.final_model, *dict.fromkeys(p.dataset.path for p in sp.phases)))
             # the teachers' verdicts are part of the ledger (not of any other step's key)

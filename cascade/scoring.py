@@ -18,7 +18,7 @@ from cascade.metrics import rouge_l
 
 def score_records(model_path: str, revision: str | None, records: list[dict], *, max_len: int,
                   batch_size: int, trust: bool, answer_tokens: int = 0, seed: int = 0,
-                  divergence: bool = False, other_prompts: int = 1) -> dict:
+                  divergence: bool = False, other_prompts: int = 1, samples: int = 1) -> dict:
     """score_model of the model at `model_path`, loaded for it (in an evaluation task)."""
     import torch
     from transformers import AutoTokenizer
@@ -38,20 +38,21 @@ def score_records(model_path: str, revision: str | None, records: list[dict], *,
     model = load_model(model_path, revision, trust_remote_code=trust).to(device).eval()
     return {**score_model(model, tok, records, max_len=max_len, batch_size=batch_size,
                           answer_tokens=answer_tokens, seed=seed, divergence=divergence,
-                          other_prompts=other_prompts),
+                          other_prompts=other_prompts, samples=samples),
             "loads": loads.taken()}
 
 
 def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batch_size: int,
                 answer_tokens: int = 0, seed: int = 0, divergence: bool = False,
-                other_prompts: int = 1) -> dict:
+                other_prompts: int = 1, samples: int = 1) -> dict:
     """{loglik: mean log-likelihood per response token of the records' responses under the model;
     conditioning: that minus the same after up to `other_prompts` other records' prompts each
     (mismatched), and conditioning_records: each record's; rouge_l: mean ROUGE-L F1 of its greedy
     answers (answer_tokens at most) against them; self_ended: the share of those answers that
     ended by themselves; seconds: compute time; with `divergence`, answers and top: its greedy and
-    sampled answers (temperature 1, seeded) and its top-k at each of their tokens, for the
-    teachers to read (stages/evaluate.py teacher_divergence); vocab_hash}."""
+    sampled answers (temperature 1; `samples` rounds over the records, the j-th seeded by seed + j)
+    and its top-k at each of their tokens, for the teachers to read (stages/evaluate.py
+    teacher_divergence); vocab_hash}."""
     from cascade.chat import prompt_ids, vocab_hash
     from cascade.divergence import answer_top_k
 
@@ -67,14 +68,16 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
         model, tok, records, out["loglik"], own, other_prompts, args)
     if answer_tokens:
         kinds = ("greedy", "sampled") if divergence else ("greedy",)
-        answers = {how: answers_to(model, tok, records, answer_tokens, batch_size, device,
-                                   how == "sampled", seed)
+        answers = {how: [a for j in range(samples if how == "sampled" else 1)
+                         for a in answers_to(model, tok, records, answer_tokens, batch_size,
+                                             device, how == "sampled", seed + j)]
                    for how in kinds}
         out["rouge_l"], out["self_ended"] = text_agreement(tok, records, answers["greedy"])
     if answer_tokens and divergence:
         prompts = [prompt_ids(tok, r["messages"]) for r in records]
         out["answers"] = answers
-        out["top"] = {how: answer_top_k(model, tok, prompts, a) for how, a in answers.items()}
+        out["top"] = {how: answer_top_k(model, tok, prompts * (len(a) // len(prompts)), a)
+                      for how, a in answers.items()}
     return {**out, "seconds": time.perf_counter() - t0}
 
 
@@ -190,7 +193,8 @@ def settings(cfg: Any) -> dict:
     """score_model's settings, from the config."""
     return dict(max_len=cfg.train.max_seq_len, batch_size=cfg.eval.batch_size,
                 answer_tokens=cfg.eval.answer_tokens, seed=cfg.seed,
-                divergence=cfg.eval.reverse_kl, other_prompts=cfg.eval.other_prompts)
+                divergence=cfg.eval.reverse_kl, other_prompts=cfg.eval.other_prompts,
+                **({"samples": cfg.eval.samples} if cfg.eval.samples > 1 else {}))
 
 
 # -- a stage's scores, made in the training workers where the models already are -----------------

@@ -264,8 +264,10 @@ def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[
         model = load_model(path, revision, trust_remote_code=trust).to(device).eval()
         prompts = [prompt_ids(tok, r["messages"], system) for r in records]
         for i, s in enumerate(scores):
-            for how in ("greedy", "sampled"):
-                total, n = reverse_kl(model, tok, prompts, s["answers"][how], s["top"][how])
+            for how in ("greedy", "sampled"):  # `samples` sampled answers to each prompt
+                answers = s["answers"][how]
+                total, n = reverse_kl(model, tok, prompts * (len(answers) // len(prompts)),
+                                      answers, s["top"][how])
                 sums[i, how] = sums.get((i, how), 0.0) + weight * total / max(1, n)
         del model
     w = sum(t[2] for t in teachers)

@@ -153,6 +153,7 @@ def test_help_and_cfg_job_work_outside_the_repo(tmp_path):
      "backend.vllm.gpu_memory_utilization must be in (0, 1]"),
     ("cluster.dashboard_port=70000", "cluster.dashboard_port must be in [1, 65535]"),
     ("eval.batch_size=0", "eval.batch_size must be > 0"),
+    ("eval.samples=0", "eval.samples must be > 0"),
     ("seed=-1", "seed must be in [0, 4294967295]"),
     ("seed=18446744073709551616", "seed must be in [0, 4294967295]"),
     ("curriculum.0.name=../x", "curriculum phase '../x'.name '../x': use letters, digits"),

@@ -144,3 +144,30 @@ def test_two_tiny_models_differing_only_in_padding_are_at_zero_divergence(tmp_pa
     # at least ten times the bound above (0.0007 on the tiny preset built 2026-12-04, 1e-3 and more
     # before: how much mass the copied rows take depends on the preset's pretraining)
     assert generalized_jsd(log_s, log_t, 1.0).mean() > 1e-4
+
+
+def test_more_samples_per_prompt_in_the_evaluations_reverse_kl():
+    """eval.samples=3: the sampled answers are three seeded rounds over the records (the first the
+    one-sample run's), each with its top-k, and the teachers read them all."""
+    from transformers import AutoTokenizer
+
+    from cascade.config import compose
+    from cascade.modeling import load_model
+    from cascade.scoring import score_model
+    from cascade.tiny import preset_dir
+    from stages.evaluate import teacher_divergence
+
+    d = preset_dir(compose(["+stage=4b", "models=tiny"]))
+    tok, model = AutoTokenizer.from_pretrained(d / "4b"), load_model(d / "4b").eval()
+    records = [{"messages": [{"role": "user", "content": q}], "response": "Be kind."}
+               for q in ("What is kindness?", "Is it ever right to lie?")]
+    kw = dict(max_len=128, batch_size=2, answer_tokens=12, seed=5, divergence=True)
+    one, three = score_model(model, tok, records, **kw), score_model(model, tok, records,
+                                                                     **kw, samples=3)
+    assert len(three["answers"]["sampled"]) == 6 and len(three["top"]["sampled"]) == 6
+    assert three["answers"]["sampled"][:2] == one["answers"]["sampled"]
+    assert three["answers"]["sampled"][2:4] != three["answers"]["sampled"][:2]
+    assert three["answers"]["greedy"] == one["answers"]["greedy"]
+    kl = teacher_divergence([(str(d / "1b"), None, 1.0, None)], records, [one, three], False)
+    assert kl["greedy"]["before"] == pytest.approx(kl["greedy"]["after"])
+    assert kl["sampled"]["after"] > 0
