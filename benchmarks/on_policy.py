@@ -10,6 +10,7 @@ same base without it.
     .venv/bin/python benchmarks/on_policy.py --real --tune    # each recipe's lr chosen first
     .venv/bin/python benchmarks/on_policy.py --real --real-only --tune --real-iters 30  # no tiny
     .venv/bin/python benchmarks/on_policy.py --tune --lr-schedule cosine  # both recipes decay lr
+    .venv/bin/python benchmarks/on_policy.py --real --real-only --real-iters 30 --real-lr 1.0e-4
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
 chosen on the held-out probes; 1e-3 moved both recipes away on 12-03), batch 4, seed 42, in one run
@@ -149,11 +150,14 @@ def main() -> None:
     ap.add_argument("--real-only", action="store_true", help="with --real: not the tiny preset")
     ap.add_argument("--real-iters", type=int, default=60, help="off-policy's steps on the 270M")
     ap.add_argument("--tune", action="store_true", help="each recipe's lr chosen first")
+    ap.add_argument("--real-lr", default=LR["gemma3-270m"],
+                    help="both recipes' lr on the 270M without --tune (1.0e-4: --tune's choice)")
     ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"))
     ap.add_argument("--eval-samples", type=int, default=4,
                     help="sampled answers per held-out prompt for the reverse KL (eval.samples)")
     a = ap.parse_args()
     real, SCHEDULE, SAMPLES = a.real, a.lr_schedule, a.eval_samples
+    LR["gemma3-270m"] = a.real_lr
     # off-policy's steps (the 270M's: --real-iters); their time sets on-policy's
     iters = {"tiny": 600, "gemma3-270m": a.real_iters}
     out: dict = {"settings": {"stage": "1b (build: the kernel in the teacher's context)",
