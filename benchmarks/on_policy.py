@@ -10,6 +10,7 @@ same base without it.
     .venv/bin/python benchmarks/on_policy.py --real --tune    # each recipe's lr chosen first
     .venv/bin/python benchmarks/on_policy.py --real --real-only --tune --real-iters 30  # no tiny
     .venv/bin/python benchmarks/on_policy.py --tune --lr-schedule cosine  # both recipes decay lr
+    .venv/bin/python benchmarks/on_policy.py --tune --top-k 2048   # the tiny's whole vocabulary
     .venv/bin/python benchmarks/on_policy.py --real --real-only --real-iters 30 --real-lr 1.0e-4
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
@@ -37,6 +38,8 @@ then runs with (a tie: the preset's). Every tuning run is printed and kept in th
 The sampled reverse KL is read on --eval-samples (4) seeded samples per held-out prompt
 (eval.samples: one sample's figure moves by ~10 % between checkpoints a few steps apart on the tiny
 preset's 10 probes).
+--top-k sets on-policy's top_k (20, the kind's default): its loss compares the teacher's top k and
+the tail as one outcome; 2048 is the tiny preset's whole vocabulary (the exact reverse KL).
 --lr-schedule (train.lr_schedule: constant, the default, or cosine or linear down to 0 at each run's
 last step) applies to both recipes, tuning runs included. """
 
@@ -55,12 +58,13 @@ SCHEDULE = "constant"  # train.lr_schedule of every run (--lr-schedule)
 SAMPLES = 4  # eval.samples: sampled answers per held-out prompt for the reverse KL (--eval-samples)
 TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
-      "teacher_context: teacher}")
+      "teacher_context: teacher, top_k: %d}")
+TOP_K = 20  # of the teacher's distribution in on-policy's loss (--top-k; the kind's default)
 
 
 def _run(conf: Path, run: Path, preset: str, iters: int, on: bool, lr: str | None = None,
          data: Path | None = None) -> dict:
-    phase = PHASE % (iters, lr or LR[preset], ON if on else "")
+    phase = PHASE % (iters, lr or LR[preset], ON % TOP_K if on else "")
     ethics = f"data:\n  ethics: {{path: {data}, limit: null}}\n" if data else ""
     (conf / "local" / "bench.yaml").write_text(
         f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n{ethics}")
@@ -144,7 +148,7 @@ def compare(preset: str, iters: int, tuned: bool = False) -> dict:
 
 
 def main() -> None:
-    global SCHEDULE, SAMPLES
+    global SCHEDULE, SAMPLES, TOP_K
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real", action="store_true", help="also models=gemma3-270m")
     ap.add_argument("--real-only", action="store_true", help="with --real: not the tiny preset")
@@ -155,8 +159,10 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"))
     ap.add_argument("--eval-samples", type=int, default=4,
                     help="sampled answers per held-out prompt for the reverse KL (eval.samples)")
+    ap.add_argument("--top-k", type=int, default=20,
+                    help="on-policy's top_k: the teacher's top k and the tail in its loss")
     a = ap.parse_args()
-    real, SCHEDULE, SAMPLES = a.real, a.lr_schedule, a.eval_samples
+    real, SCHEDULE, SAMPLES, TOP_K = a.real, a.lr_schedule, a.eval_samples, a.top_k
     LR["gemma3-270m"] = a.real_lr
     # off-policy's steps (the 270M's: --real-iters); their time sets on-policy's
     iters = {"tiny": 600, "gemma3-270m": a.real_iters}
@@ -164,7 +170,7 @@ def main() -> None:
                               "phase": "p0_ethics",
                               "lr": LR, "lr_schedule": SCHEDULE, "eval_samples": SAMPLES,
                               "batch_size": 4, "seed": 42,
-                              "on_policy": ON.split("options: ")[1][:-1],
+                              "on_policy": (ON % TOP_K).split("options: ")[1][:-1],
                               "off_policy_iters": iters,
                               "tune": {"lrs": TUNE_LRS, "split": "every 5th training probe"}
                               if a.tune else None}}
