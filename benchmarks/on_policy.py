@@ -170,7 +170,7 @@ def main() -> None:
                               "phase": "p0_ethics",
                               "lr": LR, "lr_schedule": SCHEDULE, "eval_samples": SAMPLES,
                               "batch_size": 4, "seed": 42,
-                              "on_policy": (ON % TOP_K).split("options: ")[1][:-1],
+                              "on_policy": (ON % TOP_K).split("options: ")[1],
                               "off_policy_iters": iters,
                               "tune": {"lrs": TUNE_LRS, "split": "every 5th training probe"}
                               if a.tune else None}}
