@@ -76,7 +76,7 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
     if answer_tokens and divergence:
         prompts = [prompt_ids(tok, r["messages"]) for r in records]
         out["answers"] = answers
-        out["top"] = {how: answer_top_k(model, tok, prompts * (len(a) // len(prompts)), a)
+        out["top"] = {how: answer_top_k(model, tok, each_answer(prompts, a), a)
                       for how, a in answers.items()}
     return {**out, "seconds": time.perf_counter() - t0}
 
@@ -174,6 +174,12 @@ def text_agreement(tok: Any, records: list[dict], answers: list[list[int]]) -> t
         scores.append(rouge_l(tok.decode(a[:-1] if done else a, skip_special_tokens=True),
                               r["response"]))
     return sum(scores) / len(scores), ended / len(records)
+
+
+def each_answer(prompts: list, answers: list) -> list:
+    """The prompt of each answer: score_model's answers are rounds over the records' prompts
+    (eval.samples of them for the sampled ones, one for the greedy)."""
+    return prompts * (len(answers) // len(prompts))
 
 
 def heldout_ready(rd: Any, sp: Any) -> bool:

@@ -33,7 +33,7 @@ from cascade import loads
 from cascade.config import Config
 from cascade.graph import Context, StageGraph, Work
 from cascade.rundir import RunDir, Step
-from cascade.scoring import heldout_records, score_records, settings, taken
+from cascade.scoring import each_answer, heldout_records, score_records, settings, taken
 from cascade.steps import Made
 from cascade.storage import local_model
 
@@ -264,10 +264,10 @@ def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[
         model = load_model(path, revision, trust_remote_code=trust).to(device).eval()
         prompts = [prompt_ids(tok, r["messages"], system) for r in records]
         for i, s in enumerate(scores):
-            for how in ("greedy", "sampled"):  # `samples` sampled answers to each prompt
+            for how in ("greedy", "sampled"):
                 answers = s["answers"][how]
-                total, n = reverse_kl(model, tok, prompts * (len(answers) // len(prompts)),
-                                      answers, s["top"][how])
+                total, n = reverse_kl(model, tok, each_answer(prompts, answers), answers,
+                                      s["top"][how])
                 sums[i, how] = sums.get((i, how), 0.0) + weight * total / max(1, n)
         del model
     w = sum(t[2] for t in teachers)
