@@ -12,6 +12,7 @@ same base without it.
     .venv/bin/python benchmarks/on_policy.py --tune --lr-schedule cosine  # both recipes decay lr
     .venv/bin/python benchmarks/on_policy.py --tune --top-k 2048   # the tiny's whole vocabulary
     .venv/bin/python benchmarks/on_policy.py --real --real-only --real-iters 30 --real-lr 1.0e-4
+    .venv/bin/python benchmarks/on_policy.py --tune --samples-per-prompt 2   # 2 answers a prompt
 
 One phase on the ethics probes (the sandwich's P0), lr 1e-3 (the 270M: 5e-4, its preset's P0 lr, not
 chosen on the held-out probes; 1e-3 moved both recipes away on 12-03), batch 4, seed 42, in one run
@@ -38,6 +39,7 @@ then runs with (a tie: the preset's). Every tuning run is printed and kept in th
 The sampled reverse KL is read on --eval-samples (4) seeded samples per held-out prompt
 (eval.samples: one sample's figure moved by ~15 % between checkpoints 34 steps apart on the tiny
 preset's 10 probes).
+--samples-per-prompt sets on-policy's samples_per_prompt (1: one answer to each prompt a step).
 --top-k sets on-policy's top_k (20, the kind's default): its loss compares the teacher's top k and
 the tail as one outcome; 2048 is the tiny preset's whole vocabulary (the exact reverse KL).
 --lr-schedule (train.lr_schedule: constant, the default, or cosine or linear down to 0 at each run's
@@ -57,14 +59,15 @@ LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P
 SCHEDULE = "constant"  # train.lr_schedule of every run (--lr-schedule)
 SAMPLES = 4  # eval.samples: sampled answers per held-out prompt for the reverse KL (--eval-samples)
 TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
-ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: 1, max_new_tokens: 64, "
+ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: %d, max_new_tokens: 64, "
       "teacher_context: teacher, top_k: %d}")
 TOP_K = 20  # of the teacher's distribution in on-policy's loss (--top-k; the kind's default)
+SAMPLES_PER_PROMPT = 1  # the student's answers to each prompt a step (--samples-per-prompt)
 
 
 def _run(conf: Path, run: Path, preset: str, iters: int, on: bool, lr: str | None = None,
          data: Path | None = None) -> dict:
-    phase = PHASE % (iters, lr or LR[preset], ON % TOP_K if on else "")
+    phase = PHASE % (iters, lr or LR[preset], ON % (SAMPLES_PER_PROMPT, TOP_K) if on else "")
     ethics = f"data:\n  ethics: {{path: {data}, limit: null}}\n" if data else ""
     (conf / "local" / "bench.yaml").write_text(
         f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n{ethics}")
@@ -148,7 +151,7 @@ def compare(preset: str, iters: int, tuned: bool = False) -> dict:
 
 
 def main() -> None:
-    global SCHEDULE, SAMPLES, TOP_K
+    global SCHEDULE, SAMPLES, TOP_K, SAMPLES_PER_PROMPT
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real", action="store_true", help="also models=gemma3-270m")
     ap.add_argument("--real-only", action="store_true", help="with --real: not the tiny preset")
@@ -161,8 +164,11 @@ def main() -> None:
                     help="sampled answers per held-out prompt for the reverse KL (eval.samples)")
     ap.add_argument("--top-k", type=int, default=20,
                     help="on-policy's top_k: the teacher's top k and the tail in its loss")
+    ap.add_argument("--samples-per-prompt", type=int, default=1,
+                    help="on-policy's samples_per_prompt: the student's answers per prompt a step")
     a = ap.parse_args()
     real, SCHEDULE, SAMPLES, TOP_K = a.real, a.lr_schedule, a.eval_samples, a.top_k
+    SAMPLES_PER_PROMPT = a.samples_per_prompt
     LR["gemma3-270m"] = a.real_lr
     # off-policy's steps (the 270M's: --real-iters); their time sets on-policy's
     iters = {"tiny": 600, "gemma3-270m": a.real_iters}
@@ -170,7 +176,7 @@ def main() -> None:
                               "phase": "p0_ethics",
                               "lr": LR, "lr_schedule": SCHEDULE, "eval_samples": SAMPLES,
                               "batch_size": 4, "seed": 42,
-                              "on_policy": (ON % TOP_K).split("options: ")[1],
+                              "on_policy": (ON % (SAMPLES_PER_PROMPT, TOP_K)).split("options: ")[1],
                               "off_policy_iters": iters,
                               "tune": {"lrs": TUNE_LRS, "split": "every 5th training probe"}
                               if a.tune else None}}
