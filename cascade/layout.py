@@ -36,7 +36,8 @@
                                             mid-phase checkpoints, step-NNNNNN/
                                             (cascade/checkpoints.py); rollouts/: an on_policy
                                             phase's samples and teacher scores, one file per
-                                            micro-step and rank (cascade/phases/on_policy.py)
+                                            micro-step and rank (cascade/phases/on_policy.py),
+                                            from the oldest kept checkpoint's step on
       <stage>/train/_work/**                Ray Train's storage for the stage; tensorboard/<phase>/;
                                             failure.json: a failed fusion check, for the driver;
                                             before.json, after.json: the stage's base and its last

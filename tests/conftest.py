@@ -144,6 +144,17 @@ def shared_once(tmp_path_factory, name: str, build) -> Path:
     return base
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_preset() -> Path:
+    """The tiny preset, built before the first test on a machine whose user cache lacks it (~90 s on
+    2 cores; cascade.tiny.build_preset locks across processes), so that no test's limit pays for
+    it: on a fresh machine the first test to build it had timed out (tests/ci_plugin.py times a
+    test's call only, not its fixtures). Once built, a check that the directory is there."""
+    from cascade.tiny import build_preset
+
+    return build_preset(compose(["+stage=4b", "models=tiny"]))
+
+
 @pytest.fixture(scope="session")
 def tiny_4b_run(tmp_path_factory) -> Path:
     """One uninterrupted `+stage=4b models=tiny` run, shared read-only (copy it before changing it).

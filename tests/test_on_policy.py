@@ -93,9 +93,12 @@ def test_on_policy_phase_preempted_struck_and_killed_resumes_to_the_same_bytes(t
     st = run_cli("status", *ARGS, f"run_dir={ref}")
     said = "4b: reverse KL to its teachers on its own sampled answers"
     assert said in st.stdout, st.stdout[-2000:]
-    ckpt = next((ref / "4b/train/_ckpt").glob("02-p2_ethics-*"))  # the reference's own
+    # the reference's own rollouts: those from the oldest checkpoint kept (of steps 4 and 8, 2
+    # kept) on, those before it removed as the checkpoint at step 8 was saved
+    ckpt = next((ref / "4b/train/_ckpt").glob("02-p2_ethics-*"))
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-000004", "step-000008"]
     assert sorted(p.name for p in (ckpt / "rollouts").iterdir()) == [f"{i:06d}-000-0of1.safetensors"
-                                                                      for i in range(12)]
+                                                                      for i in range(4, 12)]
 
     # three faults in one run directory, each resumed from the right step (the rollouts of the
     # steps already taken read back, not sampled again), and the bytes in the end the reference's:

@@ -37,7 +37,8 @@ within one model pair.
   micro-step and rank, under the phase's checkpoint directory, named by what determines them: the
   phase's key, the step, the micro-batch, the rank and the world) before the optimizer step uses
   them; a resumed phase reads them instead of sampling again. Sampling is seeded by (seed, phase,
-  step, micro-batch, rank), so a file lost is made again alike.
+  step, micro-batch, rank), so a file lost is made again alike. Those of steps before the oldest
+  checkpoint kept are removed as each checkpoint is saved: no resume reads them again.
 - The student's and the teachers' vocabularies are compared up to the shared tokenizer's length:
   Gemma 3 4B+'s padded rows past it are dropped (the teachers must share the student's tokenizer:
   curation checks the hashes).
@@ -135,7 +136,7 @@ def batch(opts: Options, tr: Any, rows: list[list[dict]], step: int, micro: int)
     from cascade.chat import IGNORE_INDEX
 
     examples, n = [row[0] for row in rows], opts.samples_per_prompt
-    path = f"{tr.ckpt.dir}/rollouts/{step:06d}-{micro:03d}-{tr.rank}of{tr.world}.safetensors"
+    path = f"{tr.ckpt.rollouts}/{step:06d}-{micro:03d}-{tr.rank}of{tr.world}.safetensors"
     if tr.rd.exists(path):
         data = tr.rd.read_bytes(path)
     else:
