@@ -40,7 +40,7 @@ The sampled reverse KL is read on --eval-samples (4) seeded samples per held-out
 (eval.samples: one sample's figure moved by ~15 % between checkpoints 34 steps apart on the tiny
 preset's 10 probes).
 --samples-per-prompt sets on-policy's samples_per_prompt (1: one answer to each prompt a step).
---top-k sets on-policy's top_k (20, the kind's default): its loss compares the teacher's top k and
+--top-k sets on-policy's top_k (100, the kind's default): its loss compares the teacher's top k and
 the tail as one outcome; 2048 is the tiny preset's whole vocabulary (the exact reverse KL).
 --lr-schedule (train.lr_schedule: constant, the default, or cosine or linear down to 0 at each run's
 last step) applies to both recipes, tuning runs included. """
@@ -61,7 +61,7 @@ SAMPLES = 4  # eval.samples: sampled answers per held-out prompt for the reverse
 TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: %d, max_new_tokens: 64, "
       "teacher_context: teacher, top_k: %d}")
-TOP_K = 20  # of the teacher's distribution in on-policy's loss (--top-k; the kind's default)
+TOP_K = 100  # of the teacher's distribution in on-policy's loss (--top-k; the kind's default)
 SAMPLES_PER_PROMPT = 1  # the student's answers to each prompt a step (--samples-per-prompt)
 
 
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"))
     ap.add_argument("--eval-samples", type=int, default=4,
                     help="sampled answers per held-out prompt for the reverse KL (eval.samples)")
-    ap.add_argument("--top-k", type=int, default=20,
+    ap.add_argument("--top-k", type=int, default=TOP_K,
                     help="on-policy's top_k: the teacher's top k and the tail in its loss")
     ap.add_argument("--samples-per-prompt", type=int, default=1,
                     help="on-policy's samples_per_prompt: the student's answers per prompt a step")

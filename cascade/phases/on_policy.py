@@ -71,7 +71,7 @@ class Options:
     beta: float = 1.0  # 0: forward KL(teacher || student), 1: reverse KL(student || teacher)
     sft_weight: float = 0.0  # of the sft loss on the teachers' answers, beside the divergence's 1
     teacher_context: str = "teacher"  # what the teachers see before the prompt: see CONTEXTS
-    top_k: int = 20  # of each teacher's distribution, compared with the tail as one more outcome
+    top_k: int = 100  # of each teacher's distribution, compared with the tail as one more outcome
     max_new_tokens: int = 128  # of a student's sample (and never past train.max_seq_len)
     temperature: float = 1.0  # the student's sampling temperature
     teacher_temperature: float = 1.0  # 1 only (vLLM applies none to prompt log-probabilities)
