@@ -39,7 +39,10 @@ then runs with (a tie: the preset's). Every tuning run is printed and kept in th
 The sampled reverse KL is read on --eval-samples (4) seeded samples per held-out prompt
 (eval.samples: one sample's figure moved by ~15 % between checkpoints 34 steps apart on the tiny
 preset's 10 probes).
---samples-per-prompt sets on-policy's samples_per_prompt (1: one answer to each prompt a step).
+--samples-per-prompt sets on-policy's samples_per_prompt (1: one answer to each prompt a step);
+with --tune it is the default of those tried (TUNE_SPP: 1, 2, 4 answers a prompt, each at the
+on-policy lr chosen, timed by a 4-step run and given the steps that fit in off-policy's tuning time;
+the lowest reverse KL on the tuning split is the one the comparison runs with).
 --top-k sets on-policy's top_k (100, the kind's default): its loss compares the teacher's top k and
 the tail as one outcome; 2048 is the tiny preset's whole vocabulary (the exact reverse KL).
 --lr-schedule (train.lr_schedule: constant, the default, or cosine or linear down to 0 at each run's
@@ -59,6 +62,7 @@ LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P
 SCHEDULE = "constant"  # train.lr_schedule of every run (--lr-schedule)
 SAMPLES = 4  # eval.samples: sampled answers per held-out prompt for the reverse KL (--eval-samples)
 TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
+TUNE_SPP = (1, 2, 4)  # on-policy's samples_per_prompt tried by --tune, at its chosen lr
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: %d, max_new_tokens: 64, "
       "teacher_context: teacher, top_k: %d}")
 TOP_K = 100  # of the teacher's distribution in on-policy's loss (--top-k; the kind's default)
@@ -66,8 +70,9 @@ SAMPLES_PER_PROMPT = 1  # the student's answers to each prompt a step (--samples
 
 
 def _run(conf: Path, run: Path, preset: str, iters: int, on: bool, lr: str | None = None,
-         data: Path | None = None) -> dict:
-    phase = PHASE % (iters, lr or LR[preset], ON % (SAMPLES_PER_PROMPT, TOP_K) if on else "")
+         data: Path | None = None, spp: int | None = None) -> dict:
+    spp = spp or SAMPLES_PER_PROMPT
+    phase = PHASE % (iters, lr or LR[preset], ON % (spp, TOP_K) if on else "")
     ethics = f"data:\n  ethics: {{path: {data}, limit: null}}\n" if data else ""
     (conf / "local" / "bench.yaml").write_text(
         f"# @package _global_\nstages:\n  1b: {{build: true}}\ncurriculum:\n  - {phase}\n{ethics}")
@@ -81,6 +86,7 @@ def _run(conf: Path, run: Path, preset: str, iters: int, on: bool, lr: str | Non
     ph = json.loads((run / "1b/train/00-p0_ethics/step.json").read_text())["summary"]
     kl = m["reverse_kl"]["sampled"]
     return {"kind": "on_policy" if on else "sft", "iters": iters, "lr": lr or LR[preset],
+            **({"samples_per_prompt": spp} if on else {}),
             "train_seconds": round(ph["train_seconds"], 1),
             "reverse_kl_before": kl["before"], "reverse_kl_after": kl["after"],
             "reverse_kl_cut": kl["cut"],
@@ -108,8 +114,10 @@ def _tuning_split(preset: str, to: Path) -> Path:
 
 
 def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[dict]]:
-    """Each recipe's lr from TUNE_LRS, chosen on the tuning split: ({"sft": lr, "on_policy":
-    lr}, every run)."""
+    """Each recipe's lr from TUNE_LRS, then on-policy's samples_per_prompt from TUNE_SPP at its lr
+    (each timed by a 4-step run and given the steps that fit in off-policy's time at its lr),
+    chosen on the tuning split: ({"sft": lr, "on_policy": lr, "samples_per_prompt": n,
+    "on_policy_iters": its steps}, every run)."""
     conf, run = d / "tune-conf", d / "tune-run"
     (conf / "local").mkdir(parents=True)
     data = _tuning_split(preset, d / "tuning-split.jsonl")
@@ -122,7 +130,18 @@ def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[di
         mine = [r for r in runs if r["kind"] == ("on_policy" if on else "sft")]
         pick = min(mine, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
         best[pick["kind"]] = pick["lr"]
-    return best, runs
+    off_s = next(r["train_seconds"] for r in runs if r["kind"] == "sft" and r["lr"] == best["sft"])
+    spps = {SAMPLES_PER_PROMPT: next(r for r in runs if r["lr"] == best["on_policy"]
+                                     and r["kind"] == "on_policy")}
+    for n in (n for n in TUNE_SPP if n != SAMPLES_PER_PROMPT):
+        t = _run(conf, run, preset, 4, True, best["on_policy"], data, n)["train_seconds"]
+        r = _run(conf, run, preset, max(4, round(off_s / (t / 4))), True, best["on_policy"],
+                 data, n)
+        print(json.dumps({"tuning": preset, **r}), flush=True)
+        runs.append(spps.setdefault(n, r))
+    n, pick = min(spps.items(),
+                  key=lambda x: (x[1]["reverse_kl_after"], x[0] != SAMPLES_PER_PROMPT))
+    return {**best, "samples_per_prompt": n, "on_policy_iters": pick["iters"]}, runs
 
 
 def compare(preset: str, iters: int, tuned: bool = False) -> dict:
@@ -135,8 +154,10 @@ def compare(preset: str, iters: int, tuned: bool = False) -> dict:
         lrs, tuning = tune(preset, iters, steps, Path(d)) if tuned else ({}, [])
         if lrs.get("sft", LR[preset]) != LR[preset]:
             off = _run(conf, run, preset, iters, on=False, lr=lrs["sft"])
+        steps = lrs.get("on_policy_iters", steps)
         for _ in range(3):  # until its training time is within 10 % of off-policy's
-            on = _run(conf, run, preset, steps, on=True, lr=lrs.get("on_policy"))
+            on = _run(conf, run, preset, steps, on=True, lr=lrs.get("on_policy"),
+                      spp=lrs.get("samples_per_prompt"))
             tries.append({"iters": steps, "train_seconds": on["train_seconds"],
                           "reverse_kl_after": on["reverse_kl_after"]})
             ratio = on["train_seconds"] / off["train_seconds"]
@@ -178,7 +199,8 @@ def main() -> None:
                               "batch_size": 4, "seed": 42,
                               "on_policy": (ON % (SAMPLES_PER_PROMPT, TOP_K)).split("options: ")[1],
                               "off_policy_iters": iters,
-                              "tune": {"lrs": TUNE_LRS, "split": "every 5th training probe"}
+                              "tune": {"lrs": TUNE_LRS, "samples_per_prompt": TUNE_SPP,
+                                       "split": "every 5th training probe"}
                               if a.tune else None}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
         if (preset != "tiny" and not real) or (preset == "tiny" and a.real_only):
