@@ -41,8 +41,8 @@ The sampled reverse KL is read on --eval-samples (4) seeded samples per held-out
 preset's 10 probes).
 --samples-per-prompt sets on-policy's samples_per_prompt (1: one answer to each prompt a step);
 with --tune it is the default of those tried (TUNE_SPP: 1, 2, 4 answers a prompt, each at the
-on-policy lr chosen, timed by a 4-step run and given the steps that fit in off-policy's tuning time;
-the lowest reverse KL on the tuning split is the one the comparison runs with).
+on-policy lr chosen, timed by its own 4-step run and given the steps that fit in off-policy's time
+at its lr; the lowest reverse KL on the tuning split is the one the comparison runs with).
 --top-k sets on-policy's top_k (100, the kind's default): its loss compares the teacher's top k and
 the tail as one outcome; 2048 is the tiny preset's whole vocabulary (the exact reverse KL).
 --lr-schedule (train.lr_schedule: constant, the default, or cosine or linear down to 0 at each run's
@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PHASE = "{name: p0_ethics, data: ethics, iters: %d, lr: %s%s}"
 LR = {"tiny": "1.0e-3", "gemma3-270m": "5.0e-4"}  # the 270M: its preset's own P0 lr
@@ -115,7 +116,7 @@ def _tuning_split(preset: str, to: Path) -> Path:
 
 def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[dict]]:
     """Each recipe's lr from TUNE_LRS, then on-policy's samples_per_prompt from TUNE_SPP at its lr
-    (each timed by a 4-step run and given the steps that fit in off-policy's time at its lr),
+    (each timed by a 4-step run, then run at equal time with off-policy at its lr: equal_time),
     chosen on the tuning split: ({"sft": lr, "on_policy": lr, "samples_per_prompt": n,
     "on_policy_iters": its steps}, every run)."""
     conf, run = d / "tune-conf", d / "tune-run"
@@ -131,17 +132,31 @@ def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[di
         pick = min(mine, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
         best[pick["kind"]] = pick["lr"]
     off_s = next(r["train_seconds"] for r in runs if r["kind"] == "sft" and r["lr"] == best["sft"])
-    spps = {SAMPLES_PER_PROMPT: next(r for r in runs if r["lr"] == best["on_policy"]
-                                     and r["kind"] == "on_policy")}
-    for n in (n for n in TUNE_SPP if n != SAMPLES_PER_PROMPT):
+    spps: dict[int, dict] = {}
+    for n in TUNE_SPP:  # each timed alike (the lr's own run, its steps a guess, run again)
         t = _run(conf, run, preset, 4, True, best["on_policy"], data, n)["train_seconds"]
-        r = _run(conf, run, preset, max(4, round(off_s / (t / 4))), True, best["on_policy"],
-                 data, n)
-        print(json.dumps({"tuning": preset, **r}), flush=True)
+        r, tries, _ = equal_time(lambda i: _run(conf, run, preset, i, True, best["on_policy"],
+                                                data, n), max(4, round(off_s / (t / 4))), off_s)
+        print(json.dumps({"tuning": preset, **r, "tries": tries}), flush=True)
         runs.append(spps.setdefault(n, r))
     n, pick = min(spps.items(),
                   key=lambda x: (x[1]["reverse_kl_after"], x[0] != SAMPLES_PER_PROMPT))
     return {**best, "samples_per_prompt": n, "on_policy_iters": pick["iters"]}, runs
+
+
+def equal_time(run: Any, steps: int, seconds: float) -> tuple[dict, list[dict], float]:
+    """run(steps) again, its steps corrected, until its training time is within 10 % of `seconds`
+    (at most 3 runs): (the last run, each try, its time ratio)."""
+    tries: list[dict] = []
+    for _ in range(3):
+        r = run(steps)
+        tries.append({"iters": steps, "train_seconds": r["train_seconds"],
+                      "reverse_kl_after": r["reverse_kl_after"]})
+        ratio = r["train_seconds"] / seconds
+        if abs(ratio - 1) <= 0.10:
+            break
+        steps = max(4, round(steps / ratio))
+    return r, tries, ratio
 
 
 def compare(preset: str, iters: int, tuned: bool = False) -> dict:
@@ -150,20 +165,14 @@ def compare(preset: str, iters: int, tuned: bool = False) -> dict:
         (conf / "local").mkdir(parents=True)
         probe = _run(conf, run, preset, 4, on=True)  # the on-policy step's time, a first guess
         off = _run(conf, run, preset, iters, on=False)
-        steps, tries = max(4, round(off["train_seconds"] / (probe["train_seconds"] / 4))), []
+        steps = max(4, round(off["train_seconds"] / (probe["train_seconds"] / 4)))
         lrs, tuning = tune(preset, iters, steps, Path(d)) if tuned else ({}, [])
         if lrs.get("sft", LR[preset]) != LR[preset]:
             off = _run(conf, run, preset, iters, on=False, lr=lrs["sft"])
-        steps = lrs.get("on_policy_iters", steps)
-        for _ in range(3):  # until its training time is within 10 % of off-policy's
-            on = _run(conf, run, preset, steps, on=True, lr=lrs.get("on_policy"),
-                      spp=lrs.get("samples_per_prompt"))
-            tries.append({"iters": steps, "train_seconds": on["train_seconds"],
-                          "reverse_kl_after": on["reverse_kl_after"]})
-            ratio = on["train_seconds"] / off["train_seconds"]
-            if abs(ratio - 1) <= 0.10:
-                break
-            steps = max(4, round(steps / ratio))
+        on, tries, ratio = equal_time(
+            lambda n: _run(conf, run, preset, n, on=True, lr=lrs.get("on_policy"),
+                           spp=lrs.get("samples_per_prompt")),
+            lrs.get("on_policy_iters", steps), off["train_seconds"])
     return {"off_policy": off, "on_policy": on, "on_policy_timing_run": probe,
             "tuned_lr": lrs or None, "tuning_runs": tuning,
             "on_policy_tries": tries, "time_ratio": round(ratio, 3),
