@@ -32,9 +32,11 @@ settings.
 --tune chooses each recipe's learning rate first, never on the held-out probes: the preset's
 training probes only (its held-out rows dropped, `limit` applied), every fifth of them (by file
 order) held out as the tuning split; each recipe trained at each lr of the preset's grid (TUNE_LRS;
-off-policy its steps, on-policy the steps its timing run fits in off-policy's time at the preset's
-lr) and scored on the tuning split; the lr with the lower reverse KL after is the one the comparison
-then runs with (a tie: the preset's). Every tuning run is printed and kept in the JSON line.
+off-policy its steps, then on-policy at equal time with off-policy at its chosen lr, its steps
+corrected as above; before 2026-12-06 on-policy had the steps its timing run fitted in
+off-policy's time at the preset's lr) and scored on the tuning split; the lr with the lower
+reverse KL after is the one the comparison then runs with (a tie: the preset's). Every tuning
+run is printed and kept in the JSON line.
 
 The sampled reverse KL is read on --eval-samples (4) seeded samples per held-out prompt
 (eval.samples: one sample's figure moved by ~15 % between checkpoints 34 steps apart on the tiny
@@ -115,30 +117,34 @@ def _tuning_split(preset: str, to: Path) -> Path:
 
 
 def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[dict]]:
-    """Each recipe's lr from TUNE_LRS, then on-policy's samples_per_prompt from TUNE_SPP at its lr
-    (each timed by a 4-step run, then run at equal time with off-policy at its lr: equal_time),
+    """Each recipe's lr from TUNE_LRS, then on-policy's samples_per_prompt from TUNE_SPP at its lr,
+    every on-policy run at equal time with off-policy at its lr (equal_time: `on_iters` a guess),
     chosen on the tuning split: ({"sft": lr, "on_policy": lr, "samples_per_prompt": n,
     "on_policy_iters": its steps}, every run)."""
     conf, run = d / "tune-conf", d / "tune-run"
     (conf / "local").mkdir(parents=True)
     data = _tuning_split(preset, d / "tuning-split.jsonl")
-    runs, best = [], {}
-    for on in (False, True):
-        for lr in TUNE_LRS[preset]:
-            r = _run(conf, run, preset, on_iters if on else iters, on, lr, data)
-            print(json.dumps({"tuning": preset, **r}), flush=True)
-            runs.append(r)
-        mine = [r for r in runs if r["kind"] == ("on_policy" if on else "sft")]
-        pick = min(mine, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
-        best[pick["kind"]] = pick["lr"]
-    off_s = next(r["train_seconds"] for r in runs if r["kind"] == "sft" and r["lr"] == best["sft"])
-    spps: dict[int, dict] = {}
-    for n in TUNE_SPP:  # each timed alike (the lr's own run, its steps a guess, run again)
-        t = _run(conf, run, preset, 4, True, best["on_policy"], data, n)["train_seconds"]
-        r, tries, _ = equal_time(lambda i: _run(conf, run, preset, i, True, best["on_policy"],
-                                                data, n), max(4, round(off_s / (t / 4))), off_s)
+    runs, best, off_s = [], {}, 0.0
+
+    def on_run(lr: str, n: int, steps: int) -> dict:  # at equal time with off-policy's best
+        r, tries, _ = equal_time(lambda i: _run(conf, run, preset, i, True, lr, data, n), steps,
+                                 off_s)
         print(json.dumps({"tuning": preset, **r, "tries": tries}), flush=True)
-        runs.append(spps.setdefault(n, r))
+        runs.append(r)
+        return r
+
+    for lr in TUNE_LRS[preset]:
+        runs.append(_run(conf, run, preset, iters, False, lr, data))
+        print(json.dumps({"tuning": preset, **runs[-1]}), flush=True)
+    pick = min(runs, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
+    best["sft"], off_s = pick["lr"], pick["train_seconds"]
+    mine = [on_run(lr, SAMPLES_PER_PROMPT, on_iters) for lr in TUNE_LRS[preset]]
+    best["on_policy"] = min(mine, key=lambda r: (r["reverse_kl_after"],
+                                                 r["lr"] != LR[preset]))["lr"]
+    spps = {SAMPLES_PER_PROMPT: next(r for r in mine if r["lr"] == best["on_policy"])}
+    for n in (n for n in TUNE_SPP if n != SAMPLES_PER_PROMPT):  # each timed by 4 steps first
+        t = _run(conf, run, preset, 4, True, best["on_policy"], data, n)["train_seconds"]
+        spps[n] = on_run(best["on_policy"], n, max(4, round(off_s / (t / 4))))
     n, pick = min(spps.items(),
                   key=lambda x: (x[1]["reverse_kl_after"], x[0] != SAMPLES_PER_PROMPT))
     return {**best, "samples_per_prompt": n, "on_policy_iters": pick["iters"]}, runs
