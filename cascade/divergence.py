@@ -105,15 +105,8 @@ def position_top_k(model: Any, seq: list[int], start: int, k: int, vocab: int) -
     one forward (called under torch.no_grad())."""
     import torch
 
-    logits = answer_logits(model, torch.tensor([seq], device=model.device), start)
+    logits = model(input_ids=torch.tensor([seq], device=model.device)).logits[0, start - 1 : -1]
     return torch.log_softmax(logits[:, :vocab].float(), dim=-1).topk(min(k, vocab), dim=-1)
-
-
-def answer_logits(model: Any, x: Any, start: int) -> Any:
-    """The logits that predict x[0, start:], each from the tokens before it ([len - start, V]): the
-    output head applied to those positions only (logits_to_keep), not to the prompt's (the kernel's
-    ~170 tokens before each answer: the head is ~60 % of a Gemma 3 270M's compute a position)."""
-    return model(input_ids=x, logits_to_keep=x.shape[1] - start + 1).logits[0, :-1]
 
 
 def reverse_kl(teacher: Any, tok: Any, prompts: list[list[int]], answers: list[list[int]],
@@ -129,7 +122,7 @@ def reverse_kl(teacher: Any, tok: Any, prompts: list[list[int]], answers: list[l
             if not a:
                 continue
             x = torch.tensor([p + a], device=teacher.device)
-            logits = answer_logits(teacher, x, len(p))
+            logits = teacher(input_ids=x).logits[0, len(p) - 1 : -1]
             log_t, log_s = top_k_outcomes(logits, torch.tensor(s["ids"], device=x.device),
                                           torch.tensor(s["lp"], device=x.device), len(tok))
             total += float(generalized_jsd(log_s, log_t, 1.0).sum())
