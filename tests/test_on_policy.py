@@ -194,3 +194,41 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_ray(tmp_path):
     cfg = compose(["+stage=4b", "models=gemma3-270m", f"run_dir={tmp_path / 'run'}",
                    f"models.cache_dir={tmp_path / 'empty-cache'}", "curriculum.2.kind=on_policy"])
     assert build_graph(cfg).stages[-1].phases[-1].kind == "on_policy"
+
+
+def test_a_micro_batchs_samples_are_each_prompts_own_answers(tiny_preset):
+    """The hf engine samples every row of a micro-batch in one left-padded generate()
+    (on_policy_rollouts._sample): near temperature 0 each row is its own prompt's greedy answer
+    decoded alone, cut at its stop token or at its own prompt's limit, never a padded row's id."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cascade.chat import padded_ids, prompt_ids, stop_token_ids
+    from cascade.phases.on_policy import Options
+    from cascade.phases.on_policy_rollouts import _sample
+
+    path = tiny_preset / "4b"  # its embedding has padded rows past the tokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    questions = ["Is it right to lie to protect a friend?", "Hi",
+                 "What should I do when someone I love asks me to keep a secret that could hurt?"]
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in questions]
+    assert len({len(p) for p in prompts}) == 3  # the batch is padded
+    limits, stops, padded = [12, 5, 40], stop_token_ids(tok), padded_ids(model, tok) or []
+    torch.manual_seed(0)
+    with torch.no_grad():
+        got = _sample(Options(samples_per_prompt=2, temperature=1e-4),
+                      SimpleNamespace(tok=tok, device=torch.device("cpu")), model, prompts, limits)
+    assert len(got) == 6
+    for i, (p, limit) in enumerate(zip(prompts, limits)):
+        x = torch.tensor([p])
+        with torch.no_grad():
+            ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                 max_new_tokens=limit, eos_token_id=stops,
+                                 pad_token_id=tok.pad_token_id, suppress_tokens=padded or None)
+        ref = ref[0, len(p):].tolist()
+        ref = ref[: next((j + 1 for j, t in enumerate(ref) if t in stops), len(ref))]
+        assert got[2 * i] == got[2 * i + 1] == ref, (i, got[2 * i], ref)
+        assert 0 < len(ref) <= limit and not set(ref) & set(padded)

@@ -15,16 +15,16 @@ This is the seed's idea (the kernel seen by the teacher and not by the student) 
 student's own distribution: what TRL's GKD trainer, verl's and OpenRLHF's on-policy distillation do
 within one model pair.
 
-- `engine: hf` (the default): rollouts with transformers in the training worker (which already
-  holds the student), each teacher loaded once per phase into the worker (hf forward, temperature
-  1). `engine: vllm`: vLLM engines in the worker (backend.vllm's settings, each engine given
-  `engine_memory`), made once per phase: the student's base with LoRA on, sampling with the adapter
-  as it stands (saved at each optimizer step and loaded by the engine), and one per teacher,
-  scoring with prompt log-probabilities. vLLM normalizes those over the teacher's whole embedding
-  (Gemma 3 4B+'s 64 padded rows included, a negligible mass for a trained model; the hf engine
-  over the shared vocabulary), and padded ids in its top k are passed over. A teacher's
-  temperature other than 1 is refused: vLLM applies none to prompt log-probabilities, so no engine
-  could score at another one alike.
+- `engine: hf` (the default): rollouts with transformers in the training worker (which already holds
+  the student; a micro-batch's rows in one left-padded generate()), each teacher loaded once per
+  phase into the worker (hf forward, temperature 1). `engine: vllm`: vLLM engines in the worker
+  (backend.vllm's settings, each engine given `engine_memory`), made once per phase: the student's
+  base with LoRA on, sampling with the adapter as it stands (saved at each optimizer step and loaded
+  by the engine), and one per teacher, scoring with prompt log-probabilities. vLLM normalizes those
+  over the teacher's whole embedding (Gemma 3 4B+'s 64 padded rows included, a negligible mass for a
+  trained model; the hf engine over the shared vocabulary), and padded ids in its top k are passed
+  over. A teacher's temperature other than 1 is refused: vLLM applies none to prompt
+  log-probabilities, so no engine could score at another one alike.
 - `scorer: worker` (the default): the teachers score in each training worker, as `engine` says.
   `scorer: pool`: on the teachers' own replicas (the generation pool's backend and resources,
   `generation.replicas` per teacher, named `score/<stage>/<teacher>/<i>` on the dashboard), which
