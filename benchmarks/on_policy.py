@@ -35,8 +35,10 @@ order) held out as the tuning split; each recipe trained at each lr of the prese
 off-policy its steps, then on-policy at equal time with off-policy at its chosen lr, its steps
 corrected as above; before 2026-12-06 on-policy had the steps its timing run fitted in
 off-policy's time at the preset's lr) and scored on the tuning split; the lr with the lower
-reverse KL after is the one the comparison then runs with (a tie: the preset's). Every tuning
-run is printed and kept in the JSON line.
+reverse KL after is the one the comparison then runs with (a tie: the preset's). A best lr at
+the edge of those tried is followed past it (LADDER's next, at most WIDEN=2 more; since
+2026-12-06: the tiny grid's off-policy best had been its lowest, on-policy's its highest). Every
+tuning run is printed and kept in the JSON line.
 
 The sampled reverse KL is read on --eval-samples (4) seeded samples per held-out prompt
 (eval.samples: one sample's figure moved by ~15 % between checkpoints 34 steps apart on the tiny
@@ -66,6 +68,10 @@ SCHEDULE = "constant"  # train.lr_schedule of every run (--lr-schedule)
 SAMPLES = 4  # eval.samples: sampled answers per held-out prompt for the reverse KL (--eval-samples)
 TUNE_LRS = {"tiny": ("3.0e-3", "1.0e-3", "3.0e-4"), "gemma3-270m": ("5.0e-4", "1.0e-4")}
 TUNE_SPP = (1, 2, 4)  # on-policy's samples_per_prompt tried by --tune, at its chosen lr
+# where a recipe's best lr is the last of those tried in one direction, --tune tries the next of
+# this ladder past it, at most WIDEN times (a best at the grid's edge says the grid was too narrow)
+LADDER = ("1.0e-5", "3.0e-5", "1.0e-4", "3.0e-4", "1.0e-3", "3.0e-3", "1.0e-2", "3.0e-2")
+WIDEN = 2
 ON = (", kind: on_policy, options: {beta: 1.0, samples_per_prompt: %d, max_new_tokens: 64, "
       "teacher_context: teacher, top_k: %d}")
 TOP_K = 100  # of the teacher's distribution in on-policy's loss (--top-k; the kind's default)
@@ -133,14 +139,16 @@ def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[di
         runs.append(r)
         return r
 
-    for lr in TUNE_LRS[preset]:
+    def off_run(lr: str) -> dict:
         runs.append(_run(conf, run, preset, iters, False, lr, data))
         print(json.dumps({"tuning": preset, **runs[-1]}), flush=True)
-    pick = min(runs, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
+        return runs[-1]
+
+    pick = _best(widened([off_run(lr) for lr in TUNE_LRS[preset]], off_run), preset)
     best["sft"], off_s = pick["lr"], pick["train_seconds"]
-    mine = [on_run(lr, SAMPLES_PER_PROMPT, on_iters) for lr in TUNE_LRS[preset]]
-    best["on_policy"] = min(mine, key=lambda r: (r["reverse_kl_after"],
-                                                 r["lr"] != LR[preset]))["lr"]
+    mine = widened([on_run(lr, SAMPLES_PER_PROMPT, on_iters) for lr in TUNE_LRS[preset]],
+                   lambda lr: on_run(lr, SAMPLES_PER_PROMPT, on_iters))
+    best["on_policy"] = _best(mine, preset)["lr"]
     spps = {SAMPLES_PER_PROMPT: next(r for r in mine if r["lr"] == best["on_policy"])}
     for n in (n for n in TUNE_SPP if n != SAMPLES_PER_PROMPT):  # each timed by 4 steps first
         t = _run(conf, run, preset, 4, True, best["on_policy"], data, n)["train_seconds"]
@@ -148,6 +156,24 @@ def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[di
     n, pick = min(spps.items(),
                   key=lambda x: (x[1]["reverse_kl_after"], x[0] != SAMPLES_PER_PROMPT))
     return {**best, "samples_per_prompt": n, "on_policy_iters": pick["iters"]}, runs
+
+
+def _best(runs: list[dict], preset: str) -> dict:
+    """The lowest reverse KL after on the tuning split (a tie: the preset's lr)."""
+    return min(runs, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
+
+
+def widened(runs: list[dict], run_at: Any) -> list[dict]:
+    """runs, and run_at(lr) at the LADDER's next lr past the best while the best is the edge of
+    the lrs tried (at most WIDEN more)."""
+    for _ in range(WIDEN):
+        lrs = sorted({float(r["lr"]) for r in runs})
+        f = float(min(runs, key=lambda r: r["reverse_kl_after"])["lr"])
+        beyond = [x for x in LADDER if (float(x) > f if f == lrs[-1] else float(x) < f)]
+        if len(lrs) < 2 or lrs[0] < f < lrs[-1] or not beyond:
+            break
+        runs.append(run_at(beyond[0] if f == lrs[-1] else beyond[-1]))
+    return runs
 
 
 def equal_time(run: Any, steps: int, seconds: float) -> tuple[dict, list[dict], float]:
@@ -215,6 +241,7 @@ def main() -> None:
                               "on_policy": (ON % (SAMPLES_PER_PROMPT, TOP_K)).split("options: ")[1],
                               "off_policy_iters": iters,
                               "tune": {"lrs": TUNE_LRS, "samples_per_prompt": TUNE_SPP,
+                                       "widen": {"ladder": LADDER, "at_most": WIDEN},
                                        "split": "every 5th training probe"}
                               if a.tune else None}}
     for preset, key in (("tiny", "tiny"), ("gemma3-270m", "real")):
