@@ -144,10 +144,10 @@ def tune(preset: str, iters: int, on_iters: int, d: Path) -> tuple[dict, list[di
         print(json.dumps({"tuning": preset, **runs[-1]}), flush=True)
         return runs[-1]
 
-    pick = _best(widened([off_run(lr) for lr in TUNE_LRS[preset]], off_run), preset)
+    pick = _best(widened([off_run(lr) for lr in TUNE_LRS[preset]], off_run, preset), preset)
     best["sft"], off_s = pick["lr"], pick["train_seconds"]
     mine = widened([on_run(lr, SAMPLES_PER_PROMPT, on_iters) for lr in TUNE_LRS[preset]],
-                   lambda lr: on_run(lr, SAMPLES_PER_PROMPT, on_iters))
+                   lambda lr: on_run(lr, SAMPLES_PER_PROMPT, on_iters), preset)
     best["on_policy"] = _best(mine, preset)["lr"]
     spps = {SAMPLES_PER_PROMPT: next(r for r in mine if r["lr"] == best["on_policy"])}
     for n in (n for n in TUNE_SPP if n != SAMPLES_PER_PROMPT):  # each timed by 4 steps first
@@ -163,12 +163,12 @@ def _best(runs: list[dict], preset: str) -> dict:
     return min(runs, key=lambda r: (r["reverse_kl_after"], r["lr"] != LR[preset]))
 
 
-def widened(runs: list[dict], run_at: Any) -> list[dict]:
+def widened(runs: list[dict], run_at: Any, preset: str) -> list[dict]:
     """runs, and run_at(lr) at the LADDER's next lr past the best while the best is the edge of
     the lrs tried (at most WIDEN more)."""
     for _ in range(WIDEN):
         lrs = sorted({float(r["lr"]) for r in runs})
-        f = float(min(runs, key=lambda r: r["reverse_kl_after"])["lr"])
+        f = float(_best(runs, preset)["lr"])  # the pick tune() makes, its tie-break too
         beyond = [x for x in LADDER if (float(x) > f if f == lrs[-1] else float(x) < f)]
         if len(lrs) < 2 or lrs[0] < f < lrs[-1] or not beyond:
             break
