@@ -1,12 +1,12 @@
-"""How the suite runs: every test bounded, a hang read from its stacks; two at a time where the
-machine allows.
+"""How the suite runs: every test bounded, a hang read from its stacks; two at a time.
 
-- `pytest` runs one test at a time (pyproject's addopts); `pytest -n 2 --dist loadgroup`
-  (pytest-xdist) two at a time, for a machine with cores to spare: on this 2-core one it took 101
-  minutes against 65 (every test's training loop and engine wants both cores). Under xdist a test
-  marked `alone` (real multi-node clusters on this machine, whose node kills and timings another
-  test's load would disturb) runs with no other test running: a reader-writer lock across the
-  workers, with a turnstile so that a waiting `alone` test is not starved.
+- `pytest` runs two tests at a time (pyproject's addopts: pytest-xdist, `-n 2 --dist loadgroup`),
+  the longest first (tests/durations.json), with libgomp's threads waiting without spinning
+  (tests/conftest.py): two spinning runs side by side had taken longer than one after the other
+  (the suite 101 minutes against 65, 2026-12-03). A test marked `alone` (real multi-node clusters
+  on this machine, whose node kills and timings another test's load would disturb) runs with no
+  other test running: a reader-writer lock across the workers, with a turnstile so that a waiting
+  `alone` test is not starved. `-n 0` runs one at a time.
 - Every test has a limit: tests/durations.json holds each test's measured call time (written by
   `CASCADE_RECORD_DURATIONS=tests/durations.json pytest`), the limit is LIMIT(measured); a test not
   measured gets UNMEASURED_S; a `timeout` marker overrides. pytest-timeout times the test's call
@@ -43,6 +43,7 @@ import pytest
 
 DURATIONS = Path(__file__).with_name("durations.json")
 UNMEASURED_S = 1200
+UNORDERED_S = 30.0  # a test not measured, where the longest go first
 GRACE_S = 30
 KEEP = ("moto.server",)  # session fixtures' servers: shared by later tests, never reaped
 
@@ -100,6 +101,23 @@ def pytest_collection_modifyitems(config, items) -> None:
         if item.get_closest_marker("timeout") is None:
             t = measured.get(item.nodeid.split("@")[0])  # xdist's loadgroup adds "@<group>"
             item.add_marker(pytest.mark.timeout(UNMEASURED_S if t is None else LIMIT(t)))
+    _longest_first(items, measured)
+
+
+def _longest_first(items, measured: dict[str, float]) -> None:
+    """The longest work units first (a test, or an xdist_group's tests together, kept in their
+    order), so that two workers end close together instead of one running a long test alone at
+    the end; a test not measured counts as UNORDERED_S."""
+    def unit(item) -> str:
+        group = item.get_closest_marker("xdist_group")
+        return f"@{group.args[0]}" if group and group.args else item.nodeid
+
+    total: dict[str, float] = {}
+    for item in items:
+        t = measured.get(item.nodeid.split("@")[0], UNORDERED_S)
+        total[unit(item)] = total.get(unit(item), 0.0) + t
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-total[unit(item)], order[id(item)]))
 
 
 def _descendants() -> dict[int, psutil.Process]:

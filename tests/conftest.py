@@ -22,6 +22,11 @@ from store_proxy import StoreProxy  # noqa: F401 - the tests take it from here
 
 from cascade.config import compose  # noqa: F401 - the tests' way to build the real config
 
+# Two tests at a time on 2 cores (pyproject's addopts), each test's processes several torch thread
+# pools: libgomp's threads spin between parallel regions by default, and two runs' spinning threads
+# take the cores from each other's work (two tiny runs side by side 214 s with spinning, 126 s
+# without, 78-87 s alone; 2026-12-06). Every process a test starts inherits this.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 pytest_plugins = ["ci_plugin"]  # two tests at a time, limits, stacks of a hang: tests/ci_plugin.py
 ROOT = Path(__file__).resolve().parent.parent
 # Put first on a command line (a later override of the same key wins): no dashboard (it costs
