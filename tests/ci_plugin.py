@@ -96,15 +96,16 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    measured = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
-    for item in items:
+    data = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    measured = {item: data.get(item.nodeid.split("@")[0])  # xdist's loadgroup adds "@<group>"
+                for item in items}
+    for item, t in measured.items():
         if item.get_closest_marker("timeout") is None:
-            t = measured.get(item.nodeid.split("@")[0])  # xdist's loadgroup adds "@<group>"
             item.add_marker(pytest.mark.timeout(UNMEASURED_S if t is None else LIMIT(t)))
     _longest_first(items, measured)
 
 
-def _longest_first(items, measured: dict[str, float]) -> None:
+def _longest_first(items, measured: dict) -> None:
     """The longest work units first (a test, or an xdist_group's tests together, kept in their
     order), so that two workers end close together instead of one running a long test alone at
     the end; a test not measured counts as UNORDERED_S. xdist's scheduler hands out its
@@ -115,8 +116,8 @@ def _longest_first(items, measured: dict[str, float]) -> None:
 
     total: dict[str, float] = {}
     for item in items:
-        t = measured.get(item.nodeid.split("@")[0], UNORDERED_S)
-        total[unit(item)] = total.get(unit(item), 0.0) + t
+        t = measured[item]
+        total[unit(item)] = total.get(unit(item), 0.0) + (UNORDERED_S if t is None else t)
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (-total[unit(item)], order[id(item)]))
 
