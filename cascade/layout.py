@@ -41,8 +41,9 @@
       <stage>/train/_work/**                Ray Train's storage for the stage; tensorboard/<phase>/;
                                             failure.json: a failed fusion check, for the driver;
                                             before.json, after.json: the stage's base and its last
-                                            fused model scored where they were trained, for the
-                                            evaluation (cascade/scoring.py)
+                                            fused model scored where they were trained (after:
+                                            with the teachers' reverse KL), for the evaluation
+                                            (cascade/scoring.py)
       <stage>/eval/metrics.json, step.json  agreement before/after, loss per phase, curation counts
       <stage>/gate/verdict.json, step.json  the promotion gate's verdict (PROMOTE, HOLD, REJECT),
                                             its criteria and the ledger (stages/gate.py)

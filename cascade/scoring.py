@@ -1,7 +1,7 @@
 """A model's score on held-out records: the evaluation's measures of one student (stages/evaluate.py
 reads them before and after a stage's curriculum; training's rank 0 scores the stage's base and its
-last fused model where they already are, cascade/trainer.py). What each measure means:
-stages/evaluate.py.
+last fused model where they already are, cascade/trainer.py, and has the teachers read both
+students' answers there too). What each measure means: stages/evaluate.py.
 
     score_records(path, revision, records, max_len=..., batch_size=..., trust=False)  # loads it
     score_model(model, tok, records, max_len=..., batch_size=...)  # a model in memory
@@ -51,8 +51,8 @@ def score_model(model: Any, tok: Any, records: list[dict], *, max_len: int, batc
     answers (answer_tokens at most) against them; self_ended: the share of those answers that
     ended by themselves; seconds: compute time; with `divergence`, answers and top: its greedy and
     sampled answers (temperature 1; `samples` rounds over the records, the j-th seeded by seed + j)
-    and its top-k at each of their tokens, for the teachers to read (stages/evaluate.py
-    teacher_divergence); vocab_hash}."""
+    and its top-k at each of their tokens, for the teachers to read (teacher_divergence);
+    vocab_hash}."""
     from cascade.chat import prompt_ids, vocab_hash
     from cascade.divergence import answer_top_k
 
@@ -205,13 +205,19 @@ def settings(cfg: Any) -> dict:
 
 # -- a stage's scores, made in the training workers where the models already are -----------------
 def plan(rd: Any, stage: str, which: str, phase: int, key: str, records: list[dict],
-         kw: dict) -> dict:
+         kw: dict, teachers: list[tuple] | None = None, base_key: str = "",
+         trust: bool = False) -> dict:
     """What training's rank 0 needs to score a model of the stage as the evaluation would:
     `which` "before" (the stage's base as phase `phase`, the first, loaded it) or "after" (phase
     `phase`'s fused model, the stage's last, as its fusion check read it back); `key` the model's;
-    the held-out records, score_model's settings, where to write it."""
+    the held-out records, score_model's settings, where to write it. An "after" plan with
+    `teachers` (eval.reverse_kl) also has the teachers' divergence from both students made there
+    (teacher_divergence), when rank 0 scored the base (`base_key`) too and each teacher fits in
+    what its device has free: no evaluation task, its process and imports, then."""
     return {"which": which, "phase": phase, "records": records, "kw": kw,
-            "file": rd.stage_score(stage, which), "stamp": _stamp(key, records, kw)}
+            "file": rd.stage_score(stage, which), "stamp": _stamp(key, records, kw),
+            "teachers": teachers or [], "trust": trust,
+            "before": [rd.stage_score(stage, "before"), _stamp(base_key, records, kw)]}
 
 
 def in_worker(plans: list[dict], rd: Any, phase: int, which: str, model: Any, tok: Any,
@@ -227,10 +233,39 @@ def in_worker(plans: list[dict], rd: Any, phase: int, which: str, model: Any, to
             continue
         mode = model.training
         model.to(device).eval()
-        rd.write_json(spec["file"], {"stamp": spec["stamp"],
-                                     "score": score_model(model, tok, spec["records"],
-                                                          **spec["kw"])})
+        score = score_model(model, tok, spec["records"], **spec["kw"])
         model.train(mode)
+        _divergence_here(spec, rd, score, device)
+        rd.write_json(spec["file"], {"stamp": spec["stamp"], "score": score})
+
+
+def _divergence_here(spec: dict, rd: Any, score: dict, device: Any) -> None:
+    """An "after" plan's teachers' divergence (spec["teachers"]) from the base's score rank 0 made
+    and this one, into `score` with the teachers' loads; nothing when the base was scored
+    elsewhere (an evaluation task beside training) or a teacher does not fit."""
+    from cascade.storage import local_model
+
+    before = rd.read_json(spec["before"][0]) or {}
+    if not spec["teachers"] or "answers" not in score or before.get("stamp") != spec["before"][1]:
+        return
+    if not all(_fits(local_model(t[0]), device) for t in spec["teachers"]):
+        return
+    phase_loads = loads.taken()  # the phase's, not yet taken: put back after
+    score["divergence"] = teacher_divergence(spec["teachers"], spec["records"],
+                                             [before["score"], score], spec["trust"], device)
+    score["loads"] = loads.taken()
+    loads.add(phase_loads)
+
+
+def _fits(path: str, device: Any) -> bool:
+    """Whether the model at `path` (its weights' bytes, 1.5x) fits in what `device` has free."""
+    import psutil
+    import torch
+
+    need = 1.5 * loads.weight_bytes(path)
+    if torch.device(device).type == "cuda":
+        return need < torch.cuda.mem_get_info(device)[0]
+    return need < psutil.virtual_memory().available
 
 
 def taken(rd: Any, stage: str, which: str, key: str, records: list[dict],
@@ -259,3 +294,51 @@ def heldout(rd: Any, sp: Any) -> list[dict]:
                 seen.add(r["id"])
                 records.append(r)
     return records
+
+
+KL_METRIC = ("reverse KL(student || teacher) per token of the student's own answers to the "
+             "held-out prompts, the teacher with its context (nats; lower = closer), on the "
+             "student's top-32 and the tail")
+
+
+def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[dict],
+                       trust: bool, device: Any = None) -> dict | None:
+    """For each score (before, after) and its greedy and sampled answers: the reverse KL(student ||
+    teacher) per answer token, each teacher reading the answers after its own prompt (with its
+    context: the kernel when the root teacher is built), teachers weighted as in generation; `cut` =
+    1 - after / before. None without answers or teachers; {"skipped": why} when a teacher's
+    tokenizer is not the student's. Each teacher is loaded on `device` (default: the GPU if any),
+    one at a time; the caller names the process its loads are recorded under (cascade/loads.py)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cascade.chat import prompt_ids, vocab_hash
+    from cascade.divergence import reverse_kl
+    from cascade.modeling import load_model
+    from cascade.storage import local_model
+
+    if not records or not teachers or any("answers" not in s for s in scores):
+        return None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sums: dict[tuple[int, str], float] = {}
+    for path, revision, weight, system in teachers:
+        path = local_model(path)
+        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
+        if vocab_hash(tok) != scores[0]["vocab_hash"]:
+            return {"skipped": f"teacher {path}: its tokenizer is not the student's"}
+        model = load_model(path, revision, trust_remote_code=trust).to(device).eval()
+        prompts = [prompt_ids(tok, r["messages"], system) for r in records]
+        for i, s in enumerate(scores):
+            for how in ("greedy", "sampled"):
+                answers = s["answers"][how]
+                total, n = reverse_kl(model, tok, each_answer(prompts, answers), answers,
+                                      s["top"][how])
+                sums[i, how] = sums.get((i, how), 0.0) + weight * total / max(1, n)
+        del model
+    w = sum(t[2] for t in teachers)
+    out: dict[str, Any] = {"metric": KL_METRIC}
+    for how in ("greedy", "sampled"):
+        before, after = sums[0, how] / w, sums[1, how] / w
+        out[how] = {"before": before, "after": after,
+                    "cut": 1 - after / before if before > 0 else None}
+    return out

@@ -33,9 +33,8 @@ from cascade import loads
 from cascade.config import Config
 from cascade.graph import Context, StageGraph, Work
 from cascade.rundir import RunDir, Step
-from cascade.scoring import each_answer, heldout_records, score_records, settings, taken
+from cascade.scoring import heldout_records, score_records, settings, taken, teacher_divergence
 from cascade.steps import Made
-from cascade.storage import local_model
 
 log = logging.getLogger(__name__)
 METRIC = ("mean per-token log-likelihood of held-out teacher responses under the student "
@@ -45,9 +44,7 @@ TEXT_METRIC = ("ROUGE-L F1 of the student's greedy answers against the teachers'
 COND_METRIC = ("log-likelihood/token of the teachers' held-out answers after their own prompt "
                "minus their mean after other held-out prompts (nats: what the answers owe to "
                "their questions)")
-KL_METRIC = ("reverse KL(student || teacher) per token of the student's own answers to the "
-             "held-out prompts, the teacher with its context (nats; lower = closer), on the "
-             "student's top-32 and the tail")
+
 
 
 def start_before(cfg: Config, sp: StageGraph, rd: RunDir) -> Any:
@@ -68,7 +65,7 @@ def _score_kwargs(cfg: Config) -> dict:
     return {**settings(cfg), "trust": cfg.models.trust_remote_code}
 
 
-def _teachers(sp: StageGraph) -> list[tuple]:
+def teachers_of(sp: StageGraph) -> list[tuple]:
     """The stage's teachers as the evaluation's divergence reads them: (model, revision, weight,
     context)."""
     return [(t.model, t.revision, t.weight, t.system) for t in sp.teachers]
@@ -152,9 +149,10 @@ def _scores(cfg: Config, sp: StageGraph, records: list[dict], before_ref: Any,
     student's (`final`: its path, or its score), the teachers' divergence from both)."""
     import ray
 
-    teachers, kw = _teachers(sp), _score_kwargs(cfg)
-    if isinstance(before_ref, dict) and isinstance(final, dict) and "answers" not in final:
-        return _score_after(before_ref, final, records, [], **kw)  # no model to load: here
+    teachers, kw = teachers_of(sp), _score_kwargs(cfg)
+    if isinstance(before_ref, dict) and isinstance(final, dict) and (
+            "answers" not in final or "divergence" in final):  # no model to load: here
+        return _public(before_ref), _public(final), final.get("divergence")
     if before_ref is None:
         task = _task(_score_both, cfg, num_cpus).options(name=f"eval/{sp.name}")
         return ray.get(task.remote(sp.base_model, sp.revision, final, records, teachers, **kw))
@@ -227,6 +225,7 @@ def _score_after(before: dict, final: str | dict, records: list[dict], teachers:
     """(before, the trained student's score (`final`'s: its path, or the score itself), the
     teachers' divergence from both students' answers)."""
     after = final if isinstance(final, dict) else score_records(final, None, records, **kw)
+    loads.process = "eval"  # an evaluation task's (score_records may not have run in it)
     kl = teacher_divergence(teachers, records, [before, after], trust=kw["trust"])
     after["loads"] = after.get("loads", []) + loads.taken()  # the teachers'
     return _public(before), _public(after), kl
@@ -234,46 +233,4 @@ def _score_after(before: dict, final: str | dict, records: list[dict], teachers:
 
 def _public(score: dict) -> dict:
     """A score without the answers and top-k it carried for the teachers."""
-    return {k: v for k, v in score.items() if k not in ("answers", "top")}
-
-
-def teacher_divergence(teachers: list[tuple], records: list[dict], scores: list[dict],
-                       trust: bool) -> dict | None:
-    """For each score (before, after) and its greedy and sampled answers: the reverse KL(student ||
-    teacher) per answer token, each teacher reading the answers after its own prompt (with its
-    context: the kernel when the root teacher is built), teachers weighted as in generation; `cut` =
-    1 - after / before. None without answers or teachers; {"skipped": why} when a teacher's
-    tokenizer is not the student's."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from cascade.chat import prompt_ids, vocab_hash
-    from cascade.divergence import reverse_kl
-    from cascade.modeling import load_model
-
-    if not records or not teachers or any("answers" not in s for s in scores):
-        return None
-    loads.process = "eval"  # an evaluation task's (score_records may not have run in it)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sums: dict[tuple[int, str], float] = {}
-    for path, revision, weight, system in teachers:
-        path = local_model(path)
-        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust)
-        if vocab_hash(tok) != scores[0]["vocab_hash"]:
-            return {"skipped": f"teacher {path}: its tokenizer is not the student's"}
-        model = load_model(path, revision, trust_remote_code=trust).to(device).eval()
-        prompts = [prompt_ids(tok, r["messages"], system) for r in records]
-        for i, s in enumerate(scores):
-            for how in ("greedy", "sampled"):
-                answers = s["answers"][how]
-                total, n = reverse_kl(model, tok, each_answer(prompts, answers), answers,
-                                      s["top"][how])
-                sums[i, how] = sums.get((i, how), 0.0) + weight * total / max(1, n)
-        del model
-    w = sum(t[2] for t in teachers)
-    out: dict[str, Any] = {"metric": KL_METRIC}
-    for how in ("greedy", "sampled"):
-        before, after = sums[0, how] / w, sums[1, how] / w
-        out[how] = {"before": before, "after": after,
-                    "cut": 1 - after / before if before > 0 else None}
-    return out
+    return {k: v for k, v in score.items() if k not in ("answers", "top", "divergence")}

@@ -80,16 +80,19 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
 
 def _scores(ctx: Context, sp: Any) -> list[dict]:
     """The evaluation's scores rank 0 makes where the models are (cascade/scoring.py): the last
-    phase's fused model, and the base as the first phase loads it unless the driver scores it
-    while training runs (CPUs to spare: ctx.spare); none while a later phase's dataset is not
-    committed (its held-out records are the evaluation's too)."""
+    phase's fused model (and the teachers' divergence from both students, eval.reverse_kl), and
+    the base as the first phase loads it unless the driver scores it while training runs (CPUs to
+    spare: ctx.spare); none while a later phase's dataset is not committed (its held-out records
+    are the evaluation's too)."""
     from cascade import scoring
+    from stages.evaluate import teachers_of
 
     if not scoring.heldout_ready(ctx.rd, sp):
         return []  # later phases' answers still being made (cascade/overlap.py): evaluate scores
     records, kw = scoring.heldout_records(ctx.cfg, ctx.rd, sp), scoring.settings(ctx.cfg)
-    last = sp.phases[-1]
-    out = [scoring.plan(ctx.rd, sp.name, "after", last.index, last.model.key, records, kw)]
+    last, teachers = sp.phases[-1], teachers_of(sp) if kw["divergence"] else []
+    out = [scoring.plan(ctx.rd, sp.name, "after", last.index, last.model.key, records, kw,
+                        teachers, sp.base_key, ctx.cfg.models.trust_remote_code)]
     if not ctx.spare:
         out.append(scoring.plan(ctx.rd, sp.name, "before", sp.phases[0].index, sp.base_key,
                                 records, kw))

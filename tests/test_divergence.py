@@ -155,7 +155,7 @@ def test_more_samples_per_prompt_in_the_evaluations_reverse_kl():
     from cascade.modeling import load_model
     from cascade.scoring import score_model
     from cascade.tiny import preset_dir
-    from stages.evaluate import teacher_divergence
+    from cascade.scoring import teacher_divergence
 
     d = preset_dir(compose(["+stage=4b", "models=tiny"]))
     tok, model = AutoTokenizer.from_pretrained(d / "4b"), load_model(d / "4b").eval()

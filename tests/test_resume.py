@@ -108,3 +108,29 @@ def test_readme_command_as_typed_resumes_mid_phase(tmp_path):
     assert all(s["state"] == "done" for s in manifest(run)["steps"].values())
     # TensorBoard logs in the run directory too
     assert any((run / "4b/train/_work/tensorboard").iterdir())
+    _divergence_made_where_training_was(run)
+
+
+def _divergence_made_where_training_was(run: Path) -> None:
+    """The evaluation's reverse KL (on by default): training's rank 0 had the teacher read both
+    students' answers after the last phase (no evaluation task: the teacher's one load is the
+    training process's), and the figures are those an evaluation task computes from the same
+    scores (to float rounding: its threads are not the worker's)."""
+    from cascade.graph import build_graph
+    from cascade.rundir import RunDir
+    from cascade.scoring import heldout_records, teacher_divergence
+    from conftest import compose
+    from stages.evaluate import teachers_of
+
+    step = json.loads((run / "4b/eval/step.json").read_text())["summary"]
+    assert [r["process"] for r in step["loads"]] == ["train"], step["loads"]
+    kl = json.loads((run / "4b/eval/metrics.json").read_text())["reverse_kl"]
+    cfg = compose(["+stage=4b", "models=tiny", f"run_dir={run}"])
+    sp = next(s for s in build_graph(cfg).stages if s.name == "4b")
+    scores = [json.loads((run / f"4b/train/_work/{w}.json").read_text())["score"]
+              for w in ("before", "after")]
+    again = teacher_divergence(teachers_of(sp), heldout_records(cfg, RunDir(str(run)), sp),
+                               scores, False)
+    for how in ("greedy", "sampled"):
+        for w in ("before", "after"):
+            assert abs(again[how][w] - kl[how][w]) <= 1e-4 * max(1.0, abs(kl[how][w])), (how, w)
