@@ -46,7 +46,6 @@ COND_METRIC = ("log-likelihood/token of the teachers' held-out answers after the
                "their questions)")
 
 
-
 def start_before(cfg: Config, sp: StageGraph, rd: RunDir) -> Any:
     """Score the base student now, as a Ray task on eval.num_cpus CPUs (while the first phase trains
     on the CPUs training leaves free); run() collects it."""
