@@ -248,11 +248,12 @@ def _divergence_here(spec: dict, rd: Any, score: dict, device: Any) -> None:
     before = rd.read_json(spec["before"][0]) or {}
     if not spec["teachers"] or "answers" not in score or before.get("stamp") != spec["before"][1]:
         return
-    if not all(_fits(local_model(t[0]), device) for t in spec["teachers"]):
+    teachers = [(local_model(t[0]), *t[1:]) for t in spec["teachers"]]  # each pulled once
+    if not all(_fits(t[0], device) for t in teachers):
         return
     phase_loads = loads.taken()  # the phase's, not yet taken: put back after
-    score["divergence"] = teacher_divergence(spec["teachers"], spec["records"],
-                                             [before["score"], score], spec["trust"], device)
+    score["divergence"] = teacher_divergence(teachers, spec["records"], [before["score"], score],
+                                             spec["trust"], device)
     score["loads"] = loads.taken()
     loads.add(phase_loads)
 
