@@ -4,9 +4,10 @@
   the longest first (tests/durations.json), with libgomp's threads waiting without spinning
   (tests/conftest.py): two spinning runs side by side had taken longer than one after the other
   (the suite 101 minutes against 65, 2026-12-03). A test marked `alone` (real multi-node clusters
-  on this machine, whose node kills and timings another test's load would disturb) runs with no
-  other test running: a reader-writer lock across the workers, with a turnstile so that a waiting
-  `alone` test is not starved. `-n 0` runs one at a time.
+  on this machine, whose node kills and timings another test's load would disturb) runs its call
+  with no other test running (its fixtures, e.g. a one-node reference run, beside another test): a
+  reader-writer lock across the workers, with a turnstile so that a waiting `alone` test is not
+  starved. `-n 0` runs one at a time.
 - Every test has a limit: tests/durations.json holds each test's measured call time (written by
   `CASCADE_RECORD_DURATIONS=tests/durations.json pytest`), the limit is LIMIT(measured); a test not
   measured gets UNMEASURED_S; a `timeout` marker overrides. pytest-timeout times the test's call
@@ -45,6 +46,7 @@ DURATIONS = Path(__file__).with_name("durations.json")
 UNMEASURED_S = 1200
 UNORDERED_S = 30.0  # a test not measured, where the longest go first
 GRACE_S = 30
+DUMPS_S = 45  # all of a hung test's py-spy dumps (.ci/run keeps 150 s of CI's 90 minutes back)
 KEEP = ("moto.server",)  # session fixtures' servers: shared by later tests, never reaped
 
 
@@ -152,7 +154,7 @@ def kill_all(procs: list[psutil.Process]) -> None:
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
     if _gate is not None:
-        _gate.enter(alone=item.get_closest_marker("alone") is not None)
+        _gate.enter(alone=False)
     item._cascade_before = set(_descendants())
     try:
         yield
@@ -161,6 +163,22 @@ def pytest_runtest_protocol(item, nextitem):
             kill_all(_started_since(item._cascade_before))
         if _gate is not None:
             _gate.leave()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_call(item):
+    """An `alone` test's call (not its fixtures, which are runs like any other) has the machine to
+    itself; waiting for it is outside the test's limit (pytest-timeout times inside this)."""
+    alone = _gate is not None and item.get_closest_marker("alone") is not None
+    if alone:
+        _gate.leave()
+        _gate.enter(alone=True)
+    try:
+        yield
+    finally:
+        if alone:
+            _gate.leave()
+            _gate.enter(alone=False)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -188,10 +206,14 @@ def _dump(item, before: set[int]) -> str:
             continue
         order = 0 if " -m cascade" in what else 1 if what.startswith("ray::") else 2
         procs.append((order, p.pid, what))
+    end = time.monotonic() + DUMPS_S
     for _, pid, what in sorted(procs):
+        if time.monotonic() > end - 1:
+            parts.append(f"---- {len(procs)} processes in all: the rest not dumped ({DUMPS_S} s)")
+            break
         try:
             out = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True,
-                                 text=True, timeout=30)
+                                 text=True, timeout=min(30.0, end - time.monotonic()))
             text = _busy(out.stdout) if out.stdout else out.stderr
         except (OSError, subprocess.TimeoutExpired) as e:
             text = f"py-spy failed: {e!r}"

@@ -159,9 +159,9 @@ def test_root_teacher_built_by_kernel_context_distillation(tmp_path):
 def test_changed_config_reruns_only_what_it_determines(tiny_4b_run: Path, tmp_path):
     run = copy_run(tiny_4b_run, tmp_path / "run")
     # a student-only change (and two DDP workers): generations and datasets are reused, training
-    # re-runs
+    # re-runs (two steps a phase: what is re-run is the question here, not what it learns)
     r = run_cli(*FAST, "+stage=4b", "models=tiny", f"run_dir={run}", "train.lora.r=4",
-                "train.num_workers=2")
+                "train.num_workers=2", *(f"curriculum.{i}.iters=2" for i in range(3)))
     assert r.returncode == 0, r.stdout[-4000:]
     assert "[skip] generate/1b/ethics" in r.stdout and "[skip] 4b/dataset/p0_ethics" in r.stdout
     assert "[run ] 4b/eval" in r.stdout and "world_size=2" in r.stdout

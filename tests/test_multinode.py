@@ -74,7 +74,17 @@ def _kill_raylet(temp_dir: str) -> None:
     p.wait(30)
 
 
-def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path):
+@pytest.fixture(scope="module")
+def one_node(tiny_preset, tmp_path_factory) -> Path:
+    """The same job on one node (a local Ray, a local run directory): the bytes the two-node run
+    must end with. A fixture, so that it runs beside another test (`alone` holds only the call)."""
+    local = tmp_path_factory.mktemp("one-node") / "run"
+    r = run_cli(*ARGS, "cluster.num_cpus=2", f"run_dir={local}")
+    assert r.returncode == 0, r.stdout[-3000:]
+    return local
+
+
+def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, one_node, tmp_path):
     import fsspec
 
     token = secrets.token_hex(16)
@@ -190,10 +200,8 @@ def test_two_nodes_no_shared_disk_raylet_killed_twice(s3, tiny_4b_run, tmp_path)
         "the worker node pulled models into its cache"
     )
 
-    # the same job on one node (a local Ray, local run directory): the same bytes
-    local = tmp_path / "one-node"
-    r = run_cli(*ARGS, "cluster.num_cpus=2", f"run_dir={local}")
-    assert r.returncode == 0, r.stdout[-3000:]
+    # the same job on one node (the fixture): the same bytes
+    local = one_node
     for gen in ("ethics", "composure"):
         mine = sorted(local.glob(f"generations/1b/{gen}/*/shards/shard-?????.jsonl"))
         theirs = sorted(fs.glob(f"{root}/generations/1b/{gen}/*/shards/shard-?????.jsonl"))
