@@ -20,9 +20,11 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow,
 def test_4b_with_vllm_backend(tmp_path: Path):
     import time
 
-    # generation's checks, then P2 as on_policy on vLLM engines (training cut short: P0, P1 a step)
+    # generation's checks, then P2 as on_policy on vLLM engines (training cut short: P0, P1 a step);
+    # one training thread, as the scorer pool's run below has (tests/test_on_policy.py says why)
     t0, run = time.time(), tmp_path / "run"
     args = [*FAST, "+stage=4b", "models=tiny", "backend=vllm", "generation.logprobs=4",
+            "train.cpus_per_worker=1",
             *(f"curriculum.{i}.iters=1" for i in range(2)), "curriculum.2.kind=on_policy",
             "curriculum.2.iters=2", "+curriculum.2.options.engine=vllm",
             "+curriculum.2.options.max_new_tokens=16", "train.save_every=1"]
