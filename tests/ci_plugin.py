@@ -171,8 +171,10 @@ def pytest_runtest_call(item):
     itself; waiting for it is outside the test's limit (pytest-timeout times inside this)."""
     alone = _gate is not None and item.get_closest_marker("alone") is not None
     if alone:
+        t0 = time.monotonic()
         _gate.leave()
         _gate.enter(alone=True)
+        item._cascade_waited = time.monotonic() - t0  # not the test's time: taken off its report
     try:
         yield
     finally:
@@ -184,7 +186,10 @@ def pytest_runtest_call(item):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
-    if outcome.get_result().failed:
+    report = outcome.get_result()
+    if call.when == "call":
+        report.duration = max(0.0, report.duration - getattr(item, "_cascade_waited", 0.0))
+    if report.failed:
         item._cascade_failed = True
 
 
