@@ -106,15 +106,14 @@ class Plan:
                 "tokens_per_s": round(rate, 1), "rate_source": source, "hours": seconds / 3600,
                 "gpu_hours": seconds / 3600 * units if gpus and not self.dev.cpu else 0.0}
 
-    def overlapped(self) -> dict[str, float]:
-        """Per stage whose first phases would train beside its teachers' answers to the other prompt
-        sets (cascade/overlap.py, with the resources planned for: this machine's CPUs, or the GPUs
-        planned and CPUs and custom resources not counted), the hours that saves: the shorter of
-        the two sides."""
+    def shares(self) -> tuple[dict[str, float], int, bool]:
+        """(the resources planned for: this machine's CPUs, or the GPUs planned and CPUs and custom
+        resources not counted; the CPUs a training worker gets; whether the evaluation has CPUs of
+        its own beside the workers), as the driver finds them on its cluster (cascade/driver.py)."""
         import math
         import os
 
-        from cascade import cluster, overlap
+        from cascade import cluster
 
         cfg, dev = self.cfg, self.dev
         extra = {k: math.inf for k in (*cfg.train.resources, *cfg.backend.resources)}
@@ -124,7 +123,36 @@ class Plan:
         cpus = (cfg.train.cpus_per_worker
                 or (cluster.share_cpus([int(totals["CPU"])], cfg.train.num_workers) if dev.cpu
                     else 1))
-        spare = totals["CPU"] - cpus * cfg.train.num_workers >= cfg.eval.num_cpus
+        return totals, cpus, totals["CPU"] - cpus * cfg.train.num_workers >= cfg.eval.num_cpus
+
+    def divergence_in(self, sp: Any) -> str:
+        """Where stage `sp`'s teachers read its students' answers (eval.reverse_kl), as its run
+        decides (stages/train.py _scores, cascade/scoring.py): "training rank 0" when rank 0
+        scores both students (the evaluation has no CPUs of its own and the stage does not
+        overlap) and each teacher (1.5x its weights, one at a time) fits in what a training
+        worker leaves of its device; else "evaluation task", which loads them (and the students
+        rank 0 did not score) in a process of its own."""
+        from cascade import overlap
+        from cascade.costs import nbytes, train_memory
+        from cascade.devices import GB
+
+        cfg, dev, t = self.cfg, self.dev, self.cfg.train
+        totals, cpus, spare = self.shares()
+        if spare or overlap.stages(cfg, [sp], totals, cpus, spare):
+            return "evaluation task"
+        limit = dev.memory_gb * cfg.plan.headroom / (t.num_workers if dev.cpu else 1)
+        left = limit - train_memory(self.arch[sp.name], t, dev, limit)["total"]
+        need = max(1.5 * self.arch[x.name].params * nbytes("auto", dev) / GB for x in sp.teachers)
+        return "training rank 0" if need <= left else "evaluation task"
+
+    def overlapped(self) -> dict[str, float]:
+        """Per stage whose first phases would train beside its teachers' answers to the other prompt
+        sets (cascade/overlap.py, with the resources planned for: this machine's CPUs, or the GPUs
+        planned and CPUs and custom resources not counted), the hours that saves: the shorter of
+        the two sides."""
+        from cascade import overlap
+
+        cfg, (totals, cpus, spare) = self.cfg, self.shares()
         hours = {r["step"]: r["hours"] for r in self.rows}
         out = {}
         for sp in self.p.stages:

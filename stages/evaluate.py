@@ -83,9 +83,14 @@ def run(ctx: Context, w: Work, todo: list[Step]) -> dict[str, Made]:
 
 
 def cost(est: Any, w: Work, todo: list[Step]) -> list[dict]:
-    """Two models scored on the held-out prompts (the base student and the trained one)."""
+    """Two models scored on the held-out prompts (the base student and the trained one); with
+    eval.reverse_kl, each teacher loaded once to read their answers, and where (Plan.divergence_in:
+    training's rank 0, or the evaluation's own task when memory or CPUs say so)."""
     held = sum(1 for ph in est.cfg.curriculum for p in est.p.prompts[ph.data] if p.heldout)
-    work = {"heldout_prompts_at_most": held, "models_scored": 2}
+    work: dict = {"heldout_prompts_at_most": held, "models_scored": 2}
+    if est.cfg.eval.reverse_kl and w.stage.teachers:
+        work |= {"teacher_loads": len(w.stage.teachers),
+                 "teachers_read_in": est.divergence_in(w.stage)}
     units = 2 * math.ceil(est.cfg.eval.num_gpus)
     return [est.row(w.stage.eval.name, "evaluate", w.stage.name, est.arch[w.stage.name], units, {},
                     work, 0, "", 0.0)]

@@ -98,6 +98,25 @@ def test_the_planner_loads_no_ray_and_no_weights(tmp_path):
     assert r.returncode == 0 and r.stdout.split()[-2:] == ["[]", "33"], r.stdout + r.stderr[-2000:]
 
 
+def test_the_plan_says_where_the_teachers_read_the_students_answers(tmp_path):
+    """eval.reverse_kl: each teacher loaded once by the stage's evaluation, in training's rank 0
+    as a run on 2 CPUs does it (tests/test_resume.py checks the run), else in the evaluation's own
+    task: when it has CPUs of its own beside training, or a teacher does not fit beside a worker."""
+    from cascade.plan import make
+
+    def where(*over: str) -> dict:
+        b = make(compose(["+stage=12b", "models=tiny", f"run_dir={tmp_path}/run",
+                          "cluster.num_cpus=2", *over]))
+        return {r["step"]: (r["work"].get("teacher_loads"), r["work"].get("teachers_read_in"))
+                for r in b.rows if r["kind"] == "evaluate"}
+
+    assert where() == {"4b/eval": (1, "training rank 0"), "12b/eval": (2, "training rank 0")}
+    task = {"4b/eval": (1, "evaluation task"), "12b/eval": (2, "evaluation task")}
+    assert where("train.cpus_per_worker=1") == task  # a CPU left for the evaluation
+    assert where("plan.headroom=0.000001") == task  # memory
+    assert set(where("eval.reverse_kl=false").values()) == {(None, None)}
+
+
 @pytest.mark.slow
 def test_planned_counts_equal_what_the_tiny_run_reports(tiny_4b_run: Path, tmp_path):
     """Planned before a run (a fresh run directory, same config): prompts, samples and prompt tokens

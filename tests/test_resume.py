@@ -134,3 +134,10 @@ def _divergence_made_where_training_was(run: Path) -> None:
     for how in ("greedy", "sampled"):
         for w in ("before", "after"):
             assert abs(again[how][w] - kl[how][w]) <= 1e-4 * max(1.0, abs(kl[how][w])), (how, w)
+    from cascade.plan import make  # planned as the run went: the teacher loaded once, in rank 0
+
+    row = next(r for r in make(compose(["+stage=4b", "models=tiny",
+                                        f"run_dir={run.parent}/planned"])).rows
+               if r["step"] == "4b/eval")
+    assert (row["work"]["teacher_loads"], row["work"]["teachers_read_in"]) == (
+        1, "training rank 0"), row
