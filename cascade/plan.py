@@ -142,7 +142,8 @@ class Plan:
             return "evaluation task"
         limit = dev.memory_gb * cfg.plan.headroom / (t.num_workers if dev.cpu else 1)
         left = limit - train_memory(self.arch[sp.name], t, dev, limit)["total"]
-        need = max(1.5 * self.arch[x.name].params * nbytes("auto", dev) / GB for x in sp.teachers)
+        need = max(1.5 * self.arch[x.name.removesuffix("-base")].params * nbytes("auto", dev) / GB
+                   for x in sp.teachers)  # a built root's teacher: its base, "<stage>-base"
         return "training rank 0" if need <= left else "evaluation task"
 
     def overlapped(self) -> dict[str, float]:

@@ -115,6 +115,8 @@ def test_the_plan_says_where_the_teachers_read_the_students_answers(tmp_path):
     assert where("train.cpus_per_worker=1") == task  # a CPU left for the evaluation
     assert where("plan.headroom=0.000001") == task  # memory
     assert set(where("eval.reverse_kl=false").values()) == {(None, None)}
+    # a built root teacher's stage: its teacher is its base with the kernel in context
+    assert where("+root=build")["1b/eval"] == (1, "training rank 0")
 
 
 @pytest.mark.slow
