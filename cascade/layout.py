@@ -22,12 +22,15 @@
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.jsonl
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.logprobs.npz
       generations/<teacher>/<data>/<key>/shards/shard-NNNNN.partial.jsonl
+      generations/<teacher>/<data>/<key>/shards/shard-NNNNN.*.sha256
                                             a teacher's answers to one prompt set, content-addressed
                                             by key (teacher weights, template, sampling, prompts)
                                             and shared by stages; each shard file commits itself,
                                             step.json (counts, checksums) the set; .npz: top-k
                                             log-probs (cascade/logprobs.py); .partial: an unfinished
-                                            shard's answers so far (every second, and on SIGTERM)
+                                            shard's answers so far (every second, and on SIGTERM);
+                                            .sha256: each file's seal, written before it (a file
+                                            that does not match it is generated again)
       <stage>/dataset/<phase>/train.jsonl, heldout.jsonl, step.json
                                             a phase's curated dataset
       <stage>/train/<NN>-<phase>/*          the student fused after that phase: a plain HF model

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 _MANIFEST = threading.RLock()  # the driver's threads' read-modify-writes of the manifest
 
 
+def jsonl(records: list[dict]) -> bytes:
+    """Records as a JSONL file's bytes."""
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
 class RunDir(Layout, Commits):
     """All reads and writes of a run go through here. With verify, a committed step's files are
     checked against their recorded sha256 (once per step and invocation); otherwise against their
@@ -103,7 +108,39 @@ class RunDir(Layout, Commits):
         self.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def write_jsonl(self, path: str, records: list[dict]) -> None:
-        self.write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        self.write_bytes(path, jsonl(records))
+
+    # -- sealed files: files that commit themselves before a step.json records their sha256 ------
+    def write_sealed(self, path: str, data: bytes) -> None:
+        """Write `data` at path (atomically), its sha256 first at `<path>.sha256`: a bit flipped
+        since, or a write that never came, then reads as absent (read_sealed)."""
+        import hashlib
+
+        self.write_bytes(f"{path}.sha256", hashlib.sha256(data).hexdigest().encode())
+        self.write_bytes(path, data)
+
+    def read_sealed(self, path: str) -> bytes | None:
+        """The bytes at path, or None when there are none or they do not match their seal (logged).
+        A file with no seal is taken as it is (written before seals were)."""
+        import hashlib
+
+        try:
+            data = self.read_bytes(path)
+        except FileNotFoundError:
+            return None
+        try:
+            seal = self.read_bytes(f"{path}.sha256").decode().strip()
+        except FileNotFoundError:
+            return data
+        if hashlib.sha256(data).hexdigest() != seal:
+            log.warning("%s does not match its seal (%s.sha256)", path, path.rsplit("/", 1)[-1])
+            return None
+        return data
+
+    def remove_sealed(self, path: str) -> None:
+        for f in (path, f"{path}.sha256"):
+            if self.exists(f):
+                self.remove(f)
 
     def read_bytes(self, path: str) -> bytes:
         fs = self._fs(path)

@@ -27,7 +27,7 @@ from cascade.graph import Context, GenJob, Teacher, Work, backend_kwargs, prompt
 from cascade.preemption import Preempted
 from cascade.progress import GenerationProgress, ProgressFile
 from cascade.prompts import Prompt
-from cascade.rundir import RunDir, Step
+from cascade.rundir import RunDir, Step, jsonl
 from cascade.steps import Made
 
 if TYPE_CHECKING:
@@ -158,23 +158,22 @@ def _shard_sound(rd: RunDir, cfg: Config, job: GenJob, i: int, n_prompts: int) -
     path = _shard(rd, job, i)
     if not rd.exists(path):
         return False
+    data = rd.read_sealed(path)  # None: a bit flipped since it was written
     try:
-        n = len(rd.read_jsonl(path))
+        n = -1 if data is None else len([json.loads(x) for x in data.splitlines() if x.strip()])
     except (json.JSONDecodeError, UnicodeDecodeError):
         n = -1
     want = n_prompts * cfg.generation.n_samples
     npz = _shard(rd, job, i, "logprobs.npz")
-    if n == want and (not cfg.generation.logprobs or rd.exists(npz)):
+    if n == want and (not cfg.generation.logprobs or rd.read_sealed(npz) is not None):
         # a run stopped between committing the shard and removing its partial answers: they are
         # stale
-        if rd.exists(partial := _shard(rd, job, i, "partial.jsonl")):
-            rd.remove(partial)
+        rd.remove_sealed(_shard(rd, job, i, "partial.jsonl"))
         return True
     log.warning("shard %s is damaged (%s records of %d): generated again", path,
-                n if n >= 0 else "torn", want)
+                n if n >= 0 else "torn or altered", want)
     for f in (path, npz):
-        if rd.exists(f):
-            rd.remove(f)
+        rd.remove_sealed(f)
     return False
 
 
@@ -182,9 +181,14 @@ def _partial(rd: RunDir, job: GenJob, work: Shard) -> list[dict]:
     """The answers an earlier run saved for this shard (killed or pre-empted): kept, and not asked
     for again."""
     path = _shard(rd, job, work.tag[1], "partial.jsonl")
+    if not rd.exists(path):
+        return []
     try:
-        answers = [c for c in rd.read_jsonl(path) if c["prompt_id"] in work.pending]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
+        data = rd.read_sealed(path)
+        if data is None:
+            raise ValueError("altered")
+        answers = [c for c in map(json.loads, data.splitlines()) if c["prompt_id"] in work.pending]
+    except (ValueError, UnicodeDecodeError, KeyError):  # JSONDecodeError is a ValueError
         log.warning("partial shard %s is damaged: its answers are generated again", path)
         return []
     work.pending -= {c["prompt_id"] for c in answers}
@@ -245,7 +249,7 @@ def _generate(rd: RunDir, cfg: Config, stage: str, teacher: Teacher, pool: Repli
 def _write_partial(rd: RunDir, work: Shard, answers: list[dict]) -> None:
     """The answers of an unfinished shard so far (atomically): the next run keeps them and asks only
     for the rest."""
-    rd.write_jsonl(_shard(rd, work.tag[0], work.tag[1], "partial.jsonl"), answers)
+    rd.write_sealed(_shard(rd, work.tag[0], work.tag[1], "partial.jsonl"), jsonl(answers))
 
 
 def _records(cfg: Config, job: GenJob, info: dict, requests: list[Request],
@@ -266,11 +270,12 @@ def _records(cfg: Config, job: GenJob, info: dict, requests: list[Request],
 
 
 def _write_shard(rd: RunDir, job: GenJob, i: int, recs: list[dict], with_logprobs: bool) -> None:
+    """Each file sealed (its sha256 beside it, RunDir.write_sealed): until its set commits with
+    their checksums, the seals are what finds a bit flipped in a committed shard."""
     if with_logprobs:  # written first: the JSONL file is what commits the shard
-        rd.write_bytes(_shard(rd, job, i, "logprobs.npz"), logprobs.pack(recs, i))
-    rd.write_jsonl(_shard(rd, job, i), recs)
-    if rd.exists(partial := _shard(rd, job, i, "partial.jsonl")):
-        rd.remove(partial)
+        rd.write_sealed(_shard(rd, job, i, "logprobs.npz"), logprobs.pack(recs, i))
+    rd.write_sealed(_shard(rd, job, i), jsonl(recs))
+    rd.remove_sealed(_shard(rd, job, i, "partial.jsonl"))
 
 
 def _made(rd: RunDir, job: GenJob, n_prompts: int, compute_s: float, timing: dict) -> Made:

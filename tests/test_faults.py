@@ -96,6 +96,42 @@ def test_damaged_shard_is_generated_again_to_the_same_bytes(tiny_4b_run, tmp_pat
     assert "[skip] 4b/dataset/p0_ethics" in r.stdout
 
 
+def test_a_bit_flipped_in_a_shard_before_its_set_commits_is_generated_again(tiny_4b_run,
+                                                                            tmp_path):
+    """A shard commits itself before its set's step.json records its checksum (a run stopped
+    mid-generation): the seal written beside it finds a same-size change that still parses - an
+    answer's letter - and the shard is generated again to the same bytes; so is one whose partial
+    answers were altered."""
+    run = copy_run(tiny_4b_run, tmp_path / "run")
+    step = _one(run, "generations/1b/ethics/*/step.json")
+    step.unlink()  # the set as a run stopped while generating it left it
+    shards = step.parent / "shards"
+    one, two = shards / "shard-00001.jsonl", shards / "shard-00002.jsonl"
+    before = {f: f.read_bytes() for f in (one, two)}
+    flipped = bytearray(before[one])
+    at = before[one].index(b'"text": "') + len(b'"text": "')
+    at += next(i for i, c in enumerate(before[one][at:]) if chr(c).isalpha())
+    flipped[at] ^= 0x20  # a letter's case: the same size, still JSON
+    one.write_bytes(bytes(flipped))
+    # shard 2 unfinished, its answers so far saved with their seal, then one of them altered
+    partial = two.with_name("shard-00002.partial.jsonl")
+    answers = [{"prompt_id": json.loads(x)["prompt_id"], "sample": 0, "text": "x"}
+               for x in before[two].splitlines()[:2]]
+    from cascade.rundir import RunDir, jsonl
+
+    RunDir(str(run)).write_sealed(str(partial), jsonl(answers))
+    partial.write_bytes(partial.read_bytes().replace(b'"x"', b'"y"', 1))
+    for f in (two, two.with_name(two.name + ".sha256")):
+        f.unlink()
+    r = _rerun(run)
+    assert "shard-00001.jsonl does not match its seal" in r.stdout, r.stdout[-3000:]
+    assert "partial shard" in r.stdout and "is damaged" in r.stdout
+    assert ("generate 1b/ethics: shard 1 done" in r.stdout
+            and "generate 1b/ethics: shard 2 done" in r.stdout)
+    assert {f: f.read_bytes() for f in (one, two)} == before and not partial.exists()
+    assert "[skip] 4b/dataset/p0_ethics" in r.stdout  # the same answers: what was built stands
+
+
 # -- one writer ------------------------------------------------------------------------------------
 def test_second_driver_is_refused_then_takes_over_from_a_killed_one(tiny_4b_run, tmp_path):
     import socket
