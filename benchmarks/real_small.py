@@ -291,10 +291,19 @@ def _ratios(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--step"]:
-        print(json.dumps(step(sys.argv[2])))
-    elif sys.argv[1:2] == ["--generate"]:
-        print(json.dumps(generate(sys.argv[2])))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="parts 1, 3 and 4 only")
+    ap.add_argument("--cascade-only", action="store_true", help="parts 1, 2 and 5 only")
+    ap.add_argument("--as-typed", action="store_true", help="parts 1 and 5 only")
+    ap.add_argument("--step", help=argparse.SUPPRESS)  # part 3's child process
+    ap.add_argument("--generate", help=argparse.SUPPRESS)  # part 4's child process
+    ap.add_argument("overrides", nargs="*", help="part 2's overrides, e.g. backend=vllm")
+    a = ap.parse_args()
+    if a.step:
+        print(json.dumps(step(a.step)))
+    elif a.generate:
+        print(json.dumps(generate(a.generate)))
     else:
-        main("--quick" in sys.argv, "--cascade-only" in sys.argv,
-             [a for a in sys.argv[1:] if "=" in a], "--as-typed" in sys.argv)
+        main(a.quick, a.cascade_only, a.overrides, a.as_typed)
